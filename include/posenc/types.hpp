@@ -13,6 +13,7 @@
 #include <concepts>
 #include <cstddef>
 #include <cstdint>
+#include <ranges>
 #include <span>
 #include <type_traits>
 
@@ -83,6 +84,12 @@ class positions {
   positions() = default;
   /// Borrow an explicit list (KV cache slots, left padding, zigzag shards, packed sequences).
   positions(std::span<const position> list) : list_(list.data()), size_(static_cast<index_t>(list.size())) {}
+  /// Borrow any contiguous range of int64 (a `std::vector<std::int64_t>`, an array). Like a span,
+  /// the range must outlive this object.
+  template <std::ranges::contiguous_range R>
+    requires(std::same_as<std::ranges::range_value_t<R>, position> &&
+             !std::same_as<std::remove_cvref_t<R>, std::span<const position>> && std::ranges::sized_range<R>)
+  positions(const R& list) : positions(std::span<const position>(std::ranges::data(list), std::ranges::size(list))) {}
   /// The contiguous range `[start, start + count)`.
   static positions range(position start, index_t count) {
     POSENC_ASSERT(count >= 0, "positions::range: negative count");
