@@ -1,0 +1,96 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+/// \file attention/params.hpp
+/// `attention_params`, the runtime knobs shared by the naive reference and the blockwise kernel,
+/// and the masking rule both apply.
+
+#include <cmath>
+#include <optional>
+
+#include "posenc/detail/check.hpp"
+#include "posenc/types.hpp"
+
+namespace posenc {
+
+/// What the attention functions do with a rotation encoder.
+enum class rotation_mode {
+  in_kernel,        ///< rotate copies of q and k tiles with their positions; the inputs stay untouched
+  already_rotated,  ///< q and k were rotated by the caller (keys rotated once when cached): use as given
+};
+
+/// Runtime knobs of attention. Every field has a default:
+/// `posenc::attention({.heads = 32, .kv_heads = 8, .causal = true})`.
+///
+/// Masking compares positions (DESIGN.md §2): key j is visible to query i when
+/// - `causal`: `kpos[j] <= qpos[i]` (so a query block at the end of a longer KV cache is
+///   bottom-right aligned without special cases), and
+/// - `window_left >= 0`: `kpos[j] >= qpos[i] - window_left`, and
+/// - `window_right >= 0`: `kpos[j] <= qpos[i] + window_right` (moot under `causal`).
+/// This is FlashAttention's `window_size = (left, right)` convention; -1 means unbounded.
+struct attention_params {
+  index_t heads = 1;                 ///< query heads; q has `heads * head_dim` columns
+  index_t kv_heads = 0;              ///< key/value heads (0 = heads); heads must be a multiple (GQA/MQA)
+  std::optional<double> scale{};     ///< logit scale; default `1/sqrt(head_dim)`
+  bool causal = false;               ///< mask keys after the query's position
+  position window_left = -1;         ///< sliding window: keys at most this far behind the query; -1 = unbounded
+  position window_right = -1;        ///< keys at most this far ahead of the query; -1 = unbounded
+  rotation_mode rotation = rotation_mode::in_kernel;
+  index_t q_tile = 0;                ///< query rows per tile; 0 = the kernel's default
+  index_t k_tile = 0;                ///< key rows per tile; 0 = the kernel's default
+  int threads = 0;                   ///< worker threads; 0 = all available, 1 = the calling thread only
+};
+
+namespace detail {
+
+/// Validated shape of one attention call.
+struct attention_shape {
+  index_t n_q, n_kv, heads, kv_heads, head_dim, group;
+  double scale;
+  bool causal;
+  position left, right;
+};
+
+/// Checks the knobs (std::invalid_argument naming the field) and the shapes (POSENC_ASSERT).
+inline attention_shape check_attention(const attention_params& p, index_t q_rows, index_t q_cols, index_t k_rows,
+                                       index_t k_cols, index_t v_rows, index_t v_cols, index_t o_rows, index_t o_cols,
+                                       index_t n_qpos, index_t n_kpos) {
+  require(p.heads > 0, "attention_params.heads", p.heads, "must be positive");
+  const index_t kvh = p.kv_heads == 0 ? p.heads : p.kv_heads;
+  require(kvh > 0, "attention_params.kv_heads", p.kv_heads, "must be positive (or 0 for heads)");
+  require(p.heads % kvh == 0, "attention_params.kv_heads", p.kv_heads, "must divide heads");
+  require(p.window_left >= -1, "attention_params.window_left", p.window_left, "must be >= -1 (-1 = unbounded)");
+  require(p.window_right >= -1, "attention_params.window_right", p.window_right, "must be >= -1 (-1 = unbounded)");
+  require(p.q_tile >= 0, "attention_params.q_tile", p.q_tile, "must be >= 0 (0 = default)");
+  require(p.k_tile >= 0, "attention_params.k_tile", p.k_tile, "must be >= 0 (0 = default)");
+  require(p.threads >= 0, "attention_params.threads", p.threads, "must be >= 0 (0 = all)");
+  if (p.scale) require(std::isfinite(*p.scale), "attention_params.scale", *p.scale, "must be finite");
+  POSENC_ASSERT(q_cols % p.heads == 0, "attention: q must have heads * head_dim columns");
+  const index_t d = q_cols / p.heads;
+  POSENC_ASSERT(d > 0, "attention: head_dim must be positive");
+  POSENC_ASSERT(k_cols == kvh * d, "attention: k must have kv_heads * head_dim columns");
+  POSENC_ASSERT(v_cols == kvh * d, "attention: v must have kv_heads * head_dim columns");
+  POSENC_ASSERT(v_rows == k_rows, "attention: k and v must have the same number of rows");
+  POSENC_ASSERT(o_rows == q_rows && o_cols == q_cols, "attention: out must have the shape of q");
+  POSENC_ASSERT(n_qpos == q_rows, "attention: one query position per row of q");
+  POSENC_ASSERT(n_kpos == k_rows, "attention: one key position per row of k");
+  const double scale = p.scale ? *p.scale : 1.0 / std::sqrt(static_cast<double>(d));
+  return {q_rows, k_rows, p.heads, kvh, d, p.heads / kvh, scale, p.causal, p.window_left, p.window_right};
+}
+
+/// Key at `kp` is visible to the query at `qp`.
+inline bool visible(const attention_shape& s, position qp, position kp) {
+  if (s.causal && kp > qp) return false;
+  // Differences in double-free integer form; positions are far from the int64 limits in practice,
+  // but a window test must not overflow for extreme ones either.
+  if (s.left >= 0 && kp < qp && static_cast<unsigned long long>(qp) - static_cast<unsigned long long>(kp) >
+                                    static_cast<unsigned long long>(s.left))
+    return false;
+  if (s.right >= 0 && kp > qp && static_cast<unsigned long long>(kp) - static_cast<unsigned long long>(qp) >
+                                     static_cast<unsigned long long>(s.right))
+    return false;
+  return true;
+}
+
+}  // namespace detail
+}  // namespace posenc
