@@ -1,0 +1,302 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+/// \file attention/blockwise.hpp
+/// Blockwise attention: tiles of queries against tiles of keys with an online softmax, so memory
+/// is the inputs plus a fixed per-thread workspace, never O(n_q * n_kv) (DESIGN.md §5).
+///
+/// For a query tile, the kernel keeps per row a running max `m`, a running sum `l` and an
+/// unnormalised output `acc`. For each key tile with scaled logits `s`:
+///
+///     m' = max(m, max_j s_j),  a = exp(m - m'),  p_j = exp(s_j - m')
+///     l  = a l + sum_j p_j,    acc = a acc + sum_j p_j v_j,  m = m'
+///
+/// and at the end `out = acc / l`, `lse = m + log l`. Key tiles that the causal mask or the
+/// window hides completely are skipped without being read; tiles that are completely visible are
+/// not masked element by element.
+///
+/// Work items are (head, query tile) pairs, run in parallel with OpenMP when the includer
+/// compiles with it (CMake's posenc::posenc links OpenMP when found) and serially otherwise. Each
+/// item is computed the same way whichever thread runs it, so the result does not depend on the
+/// thread count.
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <limits>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+#include "posenc/attention/params.hpp"
+#include "posenc/attention/workspace.hpp"
+#include "posenc/concepts.hpp"
+#include "posenc/types.hpp"
+
+namespace posenc {
+
+namespace detail {
+
+inline constexpr index_t default_q_tile = 64;
+inline constexpr index_t default_k_tile = 128;
+
+/// Extra columns a score-bias encoder needs per query row (Shaw's relative terms), 0 otherwise.
+template <class E>
+index_t relative_columns(const E& enc) {
+  if constexpr (relative_key_value<E>) {
+    return enc.num_relative();
+  } else {
+    (void)enc;
+    return 0;
+  }
+}
+
+/// Offsets, in elements of C, of the per-thread tile buffers.
+struct tile_plan {
+  index_t bq, bk, d, r;
+  index_t q, k, v, s, acc, m, l, terms, w, per_thread;
+
+  tile_plan(index_t bq_, index_t bk_, index_t d_, index_t r_) : bq(bq_), bk(bk_), d(d_), r(r_) {
+    // Each buffer starts on a 64-byte boundary for float and double alike.
+    auto round = [](index_t n) { return (n + 15) / 16 * 16; };
+    index_t o = 0;
+    q = o, o += round(bq * d);
+    k = o, o += round(bk * d);
+    v = o, o += round(bk * d);
+    s = o, o += round(bq * bk);
+    acc = o, o += round(bq * d);
+    m = o, o += round(bq);
+    l = o, o += round(bq);
+    terms = o, o += round(bq * r);
+    w = o, o += round(bq * r);
+    per_thread = o;
+  }
+};
+
+inline int attention_threads(const attention_params& p) {
+#if defined(_OPENMP)
+  return p.threads > 0 ? p.threads : omp_get_max_threads();
+#else
+  (void)p;
+  return 1;
+#endif
+}
+
+inline index_t q_tile_of(const attention_params& p) { return p.q_tile > 0 ? p.q_tile : default_q_tile; }
+inline index_t k_tile_of(const attention_params& p) { return p.k_tile > 0 ? p.k_tile : default_k_tile; }
+
+struct position_bounds {
+  position lo, hi;
+};
+
+inline position_bounds bounds_of(positions p) {
+  if (p.is_range()) return {p.start(), p.start() + static_cast<position>(p.size()) - 1};
+  position lo = p[0], hi = p[0];
+  for (index_t i = 1; i < p.size(); ++i) lo = std::min(lo, p[i]), hi = std::max(hi, p[i]);
+  return {lo, hi};
+}
+
+/// Some key of `k` may be visible to some query of `q` (false: skip the tile).
+inline bool any_visible(const attention_shape& s, position_bounds q, position_bounds k) {
+  if (s.causal && k.lo > q.hi) return false;
+  if (s.left >= 0 && static_cast<double>(k.hi) < static_cast<double>(q.lo) - static_cast<double>(s.left)) return false;
+  if (s.right >= 0 && static_cast<double>(k.lo) > static_cast<double>(q.hi) + static_cast<double>(s.right))
+    return false;
+  return true;
+}
+
+/// Every key of `k` is visible to every query of `q` (true: no element masking).
+inline bool all_visible(const attention_shape& s, position_bounds q, position_bounds k) {
+  if (s.causal && k.hi > q.lo) return false;
+  if (s.left >= 0 && static_cast<double>(k.lo) < static_cast<double>(q.hi) - static_cast<double>(s.left)) return false;
+  if (s.right >= 0 && static_cast<double>(k.hi) > static_cast<double>(q.lo) + static_cast<double>(s.right))
+    return false;
+  return true;
+}
+
+}  // namespace detail
+
+/// Bytes of workspace `attention` uses for these parameters with storage type `S`: a fixed tile
+/// workspace per thread, independent of the sequence lengths. Benchmarks use it to count memory.
+template <storage_scalar S, positional_encoding E>
+std::size_t attention_workspace_bytes(const attention_params& p, index_t head_dim, const E& enc) {
+  const detail::tile_plan plan(detail::q_tile_of(p), detail::k_tile_of(p), head_dim, detail::relative_columns(enc));
+  return static_cast<std::size_t>(plan.per_thread) * sizeof(compute_t<S>) *
+         static_cast<std::size_t>(detail::attention_threads(p));
+}
+
+/// Blockwise softmax attention with any positional encoder; the same contract as
+/// `attention_reference` (see there for the formula, shapes, GQA and masking), computed tile by
+/// tile in `compute_t<S>` with memory linear in the sequence length.
+///
+/// \param ws  optional workspace reused across calls; without it the call allocates
+///            `attention_workspace_bytes` once (never per tile).
+/// Rotation encoders rotate copies of the query and key tiles with their positions when
+/// `p.rotation == rotation_mode::in_kernel`; pass `already_rotated` when the cache holds rotated
+/// keys. The encoder's `scalar_type` must be the compute type of the storage.
+template <class Q, class K, class V, class O, positional_encoding E, class L = std::nullptr_t>
+void attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, const E& enc, const attention_params& p,
+               L&& lse = nullptr, attention_workspace* ws = nullptr) {
+  static_assert(E::family != encoding_family::additive_input,
+                "posenc::attention: additive-input encoders (sinusoidal) act on token embeddings before the Q/K/V "
+                "projections; call enc.add_to(embeddings, positions) there and pass posenc::no_position here");
+  const auto qv = view_of(std::forward<Q>(q));
+  const auto kv = view_of(std::forward<K>(k));
+  const auto vv = view_of(std::forward<V>(v));
+  const auto ov = view_of(std::forward<O>(out));
+  using S = std::remove_const_t<std::remove_pointer_t<decltype(qv.data)>>;
+  using SO = std::remove_pointer_t<decltype(ov.data)>;
+  using C = compute_t<S>;
+  static_assert(!std::is_const_v<SO>, "posenc::attention: out must be writable");
+  static_assert(std::same_as<typename E::scalar_type, C> || E::family == encoding_family::none,
+                "posenc::attention: the encoder's scalar_type must be the compute type of q/k/v "
+                "(float for float, bf16 and fp16 storage; double for double)");
+
+  const auto sh = detail::check_attention(p, qv.rows, qv.cols, kv.rows, kv.cols, vv.rows, vv.cols, ov.rows, ov.cols,
+                                          qpos.size(), kpos.size());
+  constexpr bool want_lse = !std::is_null_pointer_v<std::remove_cvref_t<L>>;
+  auto lse_view = [&] {
+    if constexpr (want_lse) {
+      auto lv = view_of(lse);
+      POSENC_ASSERT(lv.rows == sh.n_q && lv.cols == sh.heads, "attention: lse must be [n_q, heads]");
+      return lv;
+    } else {
+      return 0;
+    }
+  }();
+  if (sh.n_q == 0) return;
+
+  const index_t d = sh.head_dim;
+  const detail::tile_plan plan(std::min(detail::q_tile_of(p), sh.n_q), detail::k_tile_of(p), d,
+                               detail::relative_columns(enc));
+  const int threads = detail::attention_threads(p);
+  attention_workspace local;
+  attention_workspace& w = ws ? *ws : local;
+  C* const base = reinterpret_cast<C*>(
+      w.reserve(static_cast<std::size_t>(plan.per_thread) * sizeof(C) * static_cast<std::size_t>(threads)));
+
+  const index_t q_tiles = (sh.n_q + plan.bq - 1) / plan.bq;
+  const index_t items = sh.heads * q_tiles;
+  constexpr C neg_inf = -std::numeric_limits<C>::infinity();
+  const C scale = static_cast<C>(sh.scale);
+
+  using tile = Eigen::Map<row_matrix<C>, Eigen::Aligned64>;
+
+  auto run_item = [&](index_t item, C* scratch) {
+    const index_t h = item / q_tiles;
+    const index_t i0 = (item % q_tiles) * plan.bq;
+    const index_t nq = std::min(plan.bq, sh.n_q - i0);
+    const index_t g = h / sh.group;
+    const positions qp = qpos.subset(i0, nq);
+    const auto qb = detail::bounds_of(qp);
+
+    tile qt(scratch + plan.q, nq, d);
+    tile acc(scratch + plan.acc, nq, d);
+    C* m = scratch + plan.m;
+    C* l = scratch + plan.l;
+    for (index_t i = 0; i < nq; ++i) {
+      const S* src = qv.row(i0 + i) + h * d;
+      for (index_t c = 0; c < d; ++c) qt(i, c) = static_cast<C>(src[c]);
+      m[i] = neg_inf;
+      l[i] = 0;
+    }
+    acc.setZero();
+    if constexpr (E::family == encoding_family::rotation) {
+      if (p.rotation == rotation_mode::in_kernel) enc.rotate(qt, qp);
+    }
+    [[maybe_unused]] tile terms(scratch + plan.terms, nq, plan.r);
+    [[maybe_unused]] tile wts(scratch + plan.w, nq, plan.r);
+    if constexpr (relative_key_value<E>) {
+      enc.query_terms(qt, terms);
+      wts.setZero();
+    }
+
+    for (index_t j0 = 0; j0 < sh.n_kv; j0 += plan.bk) {
+      const index_t nk = std::min(plan.bk, sh.n_kv - j0);
+      const positions kp = kpos.subset(j0, nk);
+      const auto kb = detail::bounds_of(kp);
+      if (!detail::any_visible(sh, qb, kb)) continue;
+      const bool full = detail::all_visible(sh, qb, kb);
+
+      tile kt(scratch + plan.k, nk, d);
+      tile vt(scratch + plan.v, nk, d);
+      for (index_t j = 0; j < nk; ++j) {
+        const S* ks = kv.row(j0 + j) + g * d;
+        const S* vs = vv.row(j0 + j) + g * d;
+        for (index_t c = 0; c < d; ++c) {
+          kt(j, c) = static_cast<C>(ks[c]);
+          vt(j, c) = static_cast<C>(vs[c]);
+        }
+      }
+      if constexpr (E::family == encoding_family::rotation) {
+        if (p.rotation == rotation_mode::in_kernel) enc.rotate(kt, kp);
+      }
+
+      tile s(scratch + plan.s, nq, nk);
+      s.noalias() = qt * kt.transpose();
+      if constexpr (relative_key_value<E>) enc.add_bias_tile(s, terms, qp, kp);
+      s *= scale;
+      if constexpr (position_bias<E>) enc.add_bias_tile(s, h, qp, kp);
+      if (!full) {
+        for (index_t i = 0; i < nq; ++i)
+          for (index_t j = 0; j < nk; ++j)
+            if (!detail::visible(sh, qp[i], kp[j])) s(i, j) = neg_inf;
+      }
+
+      for (index_t i = 0; i < nq; ++i) {
+        const C tile_max = s.row(i).maxCoeff();
+        const C m_new = std::max(m[i], tile_max);
+        if (m_new == neg_inf) {
+          s.row(i).setZero();  // nothing visible yet in this row
+          continue;
+        }
+        const C alpha = m[i] == neg_inf ? C(0) : std::exp(m[i] - m_new);
+        // exp(-inf - m_new) is 0 in exact arithmetic; a vectorised exp may clamp its input and
+        // return a tiny positive number instead, so masked entries are zeroed explicitly.
+        s.row(i) = (s.row(i).array() - m_new).exp().matrix();
+        if (!full) {
+          for (index_t j = 0; j < nk; ++j)
+            if (!detail::visible(sh, qp[i], kp[j])) s(i, j) = C(0);
+        }
+        l[i] = alpha * l[i] + s.row(i).sum();
+        if (alpha != C(1)) {
+          acc.row(i) *= alpha;
+          if constexpr (relative_key_value<E>) wts.row(i) *= alpha;
+        }
+        m[i] = m_new;
+      }
+      acc.noalias() += s * vt;
+      if constexpr (relative_key_value<E>) enc.accumulate_value_weights(s, qp, kp, wts);
+    }
+
+    if constexpr (relative_key_value<E>) enc.add_value_term(wts, acc);
+    for (index_t i = 0; i < nq; ++i) {
+      SO* dst = ov.row(i0 + i) + h * d;
+      if (l[i] == C(0)) {
+        for (index_t c = 0; c < d; ++c) dst[c] = SO(0);
+        if constexpr (want_lse) lse_view(i0 + i, h) = neg_inf;
+        continue;
+      }
+      const C inv = C(1) / l[i];
+      for (index_t c = 0; c < d; ++c) dst[c] = static_cast<SO>(acc(i, c) * inv);
+      if constexpr (want_lse)
+        lse_view(i0 + i, h) = static_cast<std::remove_reference_t<decltype(lse_view(0, 0))>>(m[i] + std::log(l[i]));
+    }
+  };
+
+#if defined(_OPENMP)
+  if (threads > 1 && items > 1) {
+#pragma omp parallel num_threads(threads)
+    {
+      C* scratch = base + static_cast<std::ptrdiff_t>(omp_get_thread_num()) * plan.per_thread;
+#pragma omp for schedule(dynamic, 1)
+      for (index_t item = 0; item < items; ++item) run_item(item, scratch);
+    }
+    return;
+  }
+#endif
+  for (index_t item = 0; item < items; ++item) run_item(item, base);
+}
+
+}  // namespace posenc

@@ -1,0 +1,204 @@
+// Blockwise attention against the double-precision naive reference.
+//
+// The bar: the blockwise float result is within 2x the error of the naive float path (plus a
+// tiny absolute term) of the double reference, for every tile size, length and mask.
+#include <catch2/catch.hpp>
+#include <cmath>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "posenc/attention/blockwise.hpp"
+#include "posenc/attention/reference.hpp"
+
+using posenc::index_t;
+using posenc::position;
+
+namespace {
+
+constexpr double absolute_slack = 1e-6;  // float outputs are O(1); this is ~8 ulp
+
+template <class T>
+posenc::row_matrix<T> random_matrix(index_t r, index_t c, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<double> n(0, 1);
+  posenc::row_matrix<T> m(r, c);
+  for (index_t i = 0; i < r; ++i)
+    for (index_t j = 0; j < c; ++j) m(i, j) = static_cast<T>(n(rng));
+  return m;
+}
+
+struct problem {
+  index_t heads = 2, kv_heads = 2, d = 16, n_q = 10, n_kv = 10;
+  position q0 = 0;  // first query position; keys start at 0
+};
+
+double max_abs_diff(const posenc::row_matrix<float>& a, const posenc::row_matrix<double>& b, index_t* where) {
+  double worst = 0;
+  for (index_t i = 0; i < a.size(); ++i) {
+    const double e = std::abs(static_cast<double>(a.data()[i]) - b.data()[i]);
+    if (e > worst || std::isnan(e)) worst = e, *where = i;
+  }
+  return worst;
+}
+
+// Runs reference<double>, reference<float> and blockwise<float> on the same inputs.
+template <class EF, class ED>
+void compare(const problem& pr, const posenc::attention_params& p, const EF& enc_f, const ED& enc_d,
+             const std::vector<position>* qpos_list = nullptr, const std::vector<position>* kpos_list = nullptr) {
+  const auto qf = random_matrix<float>(pr.n_q, pr.heads * pr.d, 11);
+  const auto kf = random_matrix<float>(pr.n_kv, pr.kv_heads * pr.d, 12);
+  const auto vf = random_matrix<float>(pr.n_kv, pr.kv_heads * pr.d, 13);
+  const posenc::row_matrix<double> qd = qf.cast<double>(), kd = kf.cast<double>(), vd = vf.cast<double>();
+  const posenc::positions qp = qpos_list ? posenc::positions(*qpos_list) : posenc::arange(pr.q0, pr.n_q);
+  const posenc::positions kp = kpos_list ? posenc::positions(*kpos_list) : posenc::arange(0, pr.n_kv);
+
+  posenc::row_matrix<double> ref(pr.n_q, pr.heads * pr.d), ref_lse(pr.n_q, pr.heads);
+  posenc::row_matrix<float> naive(pr.n_q, pr.heads * pr.d), naive_lse(pr.n_q, pr.heads);
+  posenc::row_matrix<float> block(pr.n_q, pr.heads * pr.d), block_lse(pr.n_q, pr.heads);
+  posenc::attention_reference(qd, kd, vd, ref, qp, kp, enc_d, p, ref_lse);
+  posenc::attention_reference(qf, kf, vf, naive, qp, kp, enc_f, p, naive_lse);
+  posenc::attention(qf, kf, vf, block, qp, kp, enc_f, p, block_lse);
+
+  index_t wn = -1, wb = -1, ln = -1, lb = -1;
+  const double en = max_abs_diff(naive, ref, &wn);
+  const double eb = max_abs_diff(block, ref, &wb);
+  // lse: -inf rows must match exactly; compare the finite ones.
+  for (index_t i = 0; i < ref_lse.size(); ++i) {
+    if (std::isinf(ref_lse.data()[i])) {
+      CHECK(block_lse.data()[i] == -std::numeric_limits<float>::infinity());
+      block_lse.data()[i] = naive_lse.data()[i] = 0;
+      ref_lse.data()[i] = 0;
+    }
+  }
+  const double len = max_abs_diff(naive_lse, ref_lse, &ln);
+  const double leb = max_abs_diff(block_lse, ref_lse, &lb);
+  INFO("heads " << pr.heads << "/" << pr.kv_heads << " d " << pr.d << " n_q " << pr.n_q << " n_kv " << pr.n_kv
+                << " q0 " << pr.q0 << " tiles " << p.q_tile << "x" << p.k_tile << " causal " << p.causal
+                << " window (" << p.window_left << ", " << p.window_right << ")");
+  INFO("out: naive error " << en << ", blockwise error " << eb << " at flat index " << wb);
+  CHECK(eb <= 2 * en + absolute_slack);
+  INFO("lse: naive error " << len << ", blockwise error " << leb << " at flat index " << lb);
+  CHECK(leb <= 2 * len + absolute_slack);
+}
+
+}  // namespace
+
+TEST_CASE("blockwise equals the reference for every tile size, length and mask", "[attention][blockwise]") {
+  const posenc::no_position<float> none_f;
+  const posenc::no_position<double> none_d;
+  for (index_t tile : {1, 7, 16, 64, 128}) {
+    for (index_t n : {index_t{1}, std::max<index_t>(tile - 1, 1), tile, tile + 1, index_t{1000}}) {
+      if (tile == 1 && n == 1000) continue;  // 10^6 single-element tiles add time, not coverage
+      problem pr{.heads = 2, .kv_heads = 1, .d = 16, .n_q = n, .n_kv = n};
+      for (int mask = 0; mask < 3; ++mask) {
+        posenc::attention_params p{.heads = 2, .kv_heads = 1, .q_tile = tile, .k_tile = tile};
+        if (mask == 1) p.causal = true;
+        if (mask == 2) p.causal = true, p.window_left = 37;
+        compare(pr, p, none_f, none_d);
+      }
+    }
+  }
+}
+
+TEST_CASE("blockwise: GQA, MQA, decode at the end of a cache, two-sided windows", "[attention][blockwise]") {
+  const posenc::no_position<float> none_f;
+  const posenc::no_position<double> none_d;
+  // GQA 8/2 and 8/1, prefill.
+  for (index_t kvh : {2, 1}) {
+    compare({.heads = 8, .kv_heads = kvh, .d = 32, .n_q = 70, .n_kv = 70},
+            {.heads = 8, .kv_heads = kvh, .causal = true, .q_tile = 16, .k_tile = 32}, none_f, none_d);
+  }
+  // Decode: 1..16 queries at positions 500.. against 516 cached keys, bottom-right aligned.
+  for (index_t nq : {1, 3, 16}) {
+    compare({.heads = 8, .kv_heads = 2, .d = 32, .n_q = nq, .n_kv = 516, .q0 = 516 - nq},
+            {.heads = 8, .kv_heads = 2, .causal = true}, none_f, none_d);
+  }
+  // Non-causal sliding window on both sides, with tiles that straddle its edges.
+  compare({.n_q = 200, .n_kv = 200}, {.heads = 2, .window_left = 20, .window_right = 5, .q_tile = 16, .k_tile = 16},
+          none_f, none_d);
+}
+
+TEST_CASE("blockwise: arbitrary position sets (zigzag shards, packed order)", "[attention][blockwise]") {
+  const posenc::no_position<float> none_f;
+  const posenc::no_position<double> none_d;
+  // A zigzag shard: chunks 1 and 6 of 8 chunks of 16 tokens; keys are the whole sequence.
+  std::vector<position> qp, kp;
+  for (position i = 16; i < 32; ++i) qp.push_back(i);
+  for (position i = 96; i < 112; ++i) qp.push_back(i);
+  for (position i = 0; i < 128; ++i) kp.push_back(i);
+  compare({.n_q = 32, .n_kv = 128}, {.heads = 2, .causal = true, .q_tile = 8, .k_tile = 16}, none_f, none_d, &qp,
+          &kp);
+  // Shuffled keys: tiles are no longer contiguous ranges, masking must still follow positions.
+  std::mt19937 rng(3);
+  std::shuffle(kp.begin(), kp.end(), rng);
+  compare({.n_q = 32, .n_kv = 128}, {.heads = 2, .causal = true, .window_left = 40, .q_tile = 8, .k_tile = 16},
+          none_f, none_d, &qp, &kp);
+}
+
+TEST_CASE("blockwise: strided views and thread counts give the same bits", "[attention][blockwise]") {
+  const index_t n = 300, d = 16, heads = 2;
+  auto buf = random_matrix<float>(n, 3 * heads * d + 5, 21);  // a fused QKV buffer with padding
+  auto q = buf.middleCols(0, heads * d);
+  auto k = buf.middleCols(heads * d, heads * d);
+  auto v = buf.middleCols(2 * heads * d, heads * d);
+  posenc::row_matrix<float> wide(n, heads * d + 3);
+  wide.setConstant(7.0f);
+  auto out = wide.middleCols(0, heads * d);
+  posenc::row_matrix<float> dense(n, heads * d);
+  const posenc::row_matrix<float> qc = q, kc = k, vc = v;
+  const auto pos = posenc::arange(0, n);
+  posenc::attention(q, k, v, out, pos, pos, posenc::no_position<float>{}, {.heads = heads, .causal = true, .threads = 1});
+  for (int t : {1, 2, 3}) {
+    posenc::attention(qc, kc, vc, dense, pos, pos, posenc::no_position<float>{},
+                      {.heads = heads, .causal = true, .threads = t});
+    CHECK(dense == posenc::row_matrix<float>(out));
+  }
+  CHECK((wide.rightCols(3).array() == 7.0f).all());  // padding untouched
+}
+
+TEST_CASE("blockwise: causal output ignores future keys and values", "[attention][blockwise]") {
+  const index_t n = 150, d = 16;
+  auto q = random_matrix<float>(n, d, 1);
+  auto k = random_matrix<float>(n, d, 2);
+  auto v = random_matrix<float>(n, d, 3);
+  posenc::row_matrix<float> a(n, d), b(n, d);
+  const auto pos = posenc::arange(0, n);
+  const posenc::attention_params p{.causal = true, .q_tile = 32, .k_tile = 32};
+  posenc::attention(q, k, v, a, pos, pos, posenc::no_position<float>{}, p);
+  // Change everything after row 80 wildly, including huge values.
+  k.bottomRows(n - 81).setConstant(1e30f);
+  v.bottomRows(n - 81).setConstant(-1e30f);
+  posenc::attention(q, k, v, b, pos, pos, posenc::no_position<float>{}, p);
+  CHECK(a.topRows(81) == b.topRows(81));
+}
+
+TEST_CASE("blockwise: fully masked rows give zeros and lse = -inf; n_q = 0 is a no-op", "[attention][blockwise]") {
+  auto q = random_matrix<float>(4, 8, 1);
+  auto k = random_matrix<float>(5, 8, 2);
+  posenc::row_matrix<float> out(4, 8), lse(4, 1);
+  std::vector<position> qp{0, 1, 100, 200}, kp{10, 11, 12, 13, 14};
+  posenc::attention(q, k, k, out, qp, kp, posenc::no_position<float>{}, {.causal = true, .k_tile = 2}, lse);
+  CHECK((out.topRows(2).array() == 0.0f).all());
+  CHECK(lse(0, 0) == -std::numeric_limits<float>::infinity());
+  CHECK(lse(1, 0) == -std::numeric_limits<float>::infinity());
+  CHECK(out.allFinite());
+  CHECK(std::isfinite(lse(2, 0)));
+  posenc::row_matrix<float> none_q(0, 8), none_out(0, 8);
+  CHECK_NOTHROW(posenc::attention(none_q, k, k, none_out, posenc::arange(0, 0), kp, posenc::no_position<float>{}, {}));
+}
+
+TEST_CASE("blockwise: workspace is sized by tiles, not by length, and reused", "[attention][blockwise]") {
+  const posenc::no_position<float> none;
+  const posenc::attention_params p{.heads = 8, .threads = 2};
+  const auto bytes = posenc::attention_workspace_bytes<float>(p, 128, none);
+  CHECK(bytes > 0);
+  CHECK(bytes < (4u << 20));  // a few tiles per thread
+  posenc::attention_workspace ws;
+  for (index_t n : {100, 1000}) {
+    auto q = random_matrix<float>(n, 8 * 16, 1);
+    posenc::row_matrix<float> out(n, 8 * 16);
+    posenc::attention(q, q, q, out, posenc::arange(0, n), posenc::arange(0, n), none, p, nullptr, &ws);
+  }
+  CHECK(ws.bytes() == posenc::attention_workspace_bytes<float>(p, 16, none));
+}
