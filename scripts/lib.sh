@@ -1,0 +1,32 @@
+# Shared by scripts/test and scripts/bench (sourced, not run).
+
+# The Debian packages posenc's scripts need: compilers, CMake, Eigen, Catch2, Google Benchmark,
+# and clang's sanitizer runtimes.
+POSENC_PACKAGES=(cmake make g++ clang libclang-rt-14-dev libeigen3-dev catch2 libbenchmark-dev)
+
+# posenc_ensure_packages PKG...: installs what is missing when run as root (apt-get update only
+# if something is missing); otherwise names the missing packages and exits 1.
+posenc_ensure_packages() {
+  local missing=() pkg
+  for pkg in "$@"; do
+    if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
+      missing+=("$pkg")
+    fi
+  done
+  [[ ${#missing[@]} -eq 0 ]] && return 0
+  if [[ $(id -u) -ne 0 ]]; then
+    echo "posenc: missing packages: ${missing[*]}" >&2
+    echo "posenc: install them with: sudo apt-get install ${missing[*]}" >&2
+    exit 1
+  fi
+  echo "posenc: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+}
+
+# posenc_now: seconds since the epoch, with fractions.
+posenc_now() { date +%s.%N; }
+
+# posenc_since START: seconds elapsed since START, one decimal.
+posenc_since() { awk -v a="$1" -v b="$(posenc_now)" 'BEGIN { printf "%.1f", b - a }'; }
