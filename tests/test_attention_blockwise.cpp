@@ -202,3 +202,22 @@ TEST_CASE("blockwise: workspace is sized by tiles, not by length, and reused", "
   }
   CHECK(ws.bytes() == posenc::attention_workspace_bytes<float>(p, 16, none));
 }
+
+TEST_CASE("blockwise: the portable and the run-time selected kernels agree", "[attention][blockwise]") {
+  // On a CPU with AVX-512 the default path runs the AVX-512 kernels; forcing the portable ones
+  // checks both against each other (and the reference tests above check the default one).
+  const index_t n = 333, heads = 4, d = 40;  // d not a multiple of the vector width
+  auto q = random_matrix<float>(n, heads * d, 31);
+  auto k = random_matrix<float>(n, 2 * d, 32);
+  auto v = random_matrix<float>(n, 2 * d, 33);
+  posenc::row_matrix<float> fast(n, heads * d), portable(n, heads * d), lf(n, heads), lp(n, heads);
+  const auto pos = posenc::arange(0, n);
+  const posenc::attention_params p{.heads = heads, .kv_heads = 2, .causal = true, .window_left = 100};
+  posenc::attention(q, k, v, fast, pos, pos, posenc::no_position<float>{}, p, lf);
+  posenc::detail::forced_kernels() = posenc::detail::kernel_choice::portable;
+  posenc::attention(q, k, v, portable, pos, pos, posenc::no_position<float>{}, p, lp);
+  posenc::detail::forced_kernels() = posenc::detail::kernel_choice::automatic;
+  INFO("kernels in use by default: " << posenc::detail::kernels_for<float>().name);
+  CHECK((fast - portable).cwiseAbs().maxCoeff() <= 1e-5f);
+  CHECK((lf - lp).cwiseAbs().maxCoeff() <= 1e-5f);
+}

@@ -32,6 +32,7 @@
 #include "posenc/attention/params.hpp"
 #include "posenc/attention/workspace.hpp"
 #include "posenc/concepts.hpp"
+#include "posenc/detail/attention_kernels.hpp"
 #include "posenc/types.hpp"
 
 namespace posenc {
@@ -52,27 +53,44 @@ index_t relative_columns(const E& enc) {
   }
 }
 
-/// Offsets, in elements of C, of the per-thread tile buffers.
+/// Offsets, in elements of the compute type, of the per-thread tile buffers (see
+/// detail/attention_kernels.hpp for their layouts).
 struct tile_plan {
   index_t bq, bk, d, r;
-  index_t q, k, v, s, acc, m, l, terms, w, per_thread;
+  index_t ldkt, dpad;  // key tile width rounded up to 32; head_dim rounded up to 16
+  index_t q, krows, kt, v, s, acc, m, l, alpha, terms, w, per_thread;
 
   tile_plan(index_t bq_, index_t bk_, index_t d_, index_t r_) : bq(bq_), bk(bk_), d(d_), r(r_) {
+    ldkt = (bk + 31) / 32 * 32;
+    dpad = (d + 15) / 16 * 16;
     // Each buffer starts on a 64-byte boundary for float and double alike.
     auto round = [](index_t n) { return (n + 15) / 16 * 16; };
     index_t o = 0;
     q = o, o += round(bq * d);
-    k = o, o += round(bk * d);
-    v = o, o += round(bk * d);
-    s = o, o += round(bq * bk);
-    acc = o, o += round(bq * d);
+    krows = o, o += round(bk * d);
+    kt = o, o += round(d * ldkt);
+    v = o, o += round(bk * dpad);
+    s = o, o += round(bq * ldkt);
+    acc = o, o += round(bq * dpad);
     m = o, o += round(bq);
     l = o, o += round(bq);
+    alpha = o, o += round(bq);
     terms = o, o += round(bq * r);
     w = o, o += round(bq * r);
     per_thread = o;
   }
 };
+
+/// Copies `n` rows of columns `[col, col + d)` of `src` into `dst` (row stride `ld`), converting
+/// to the compute type and multiplying by `factor`.
+template <class C, class S>
+void load_rows(strided_view<S> src, index_t row, index_t n, index_t col, index_t d, C factor, C* dst, index_t ld) {
+  for (index_t i = 0; i < n; ++i) {
+    const S* from = src.row(row + i) + col;
+    C* to = dst + i * ld;
+    for (index_t c = 0; c < d; ++c) to[c] = factor * static_cast<C>(from[c]);
+  }
+}
 
 inline int attention_threads(const attention_params& p) {
 #if defined(_OPENMP)
@@ -181,7 +199,15 @@ void attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, con
   constexpr C neg_inf = -std::numeric_limits<C>::infinity();
   const C scale = static_cast<C>(sh.scale);
 
-  using tile = Eigen::Map<row_matrix<C>, Eigen::Aligned64>;
+  const auto& kern = detail::kernels_for<C>();
+  constexpr bool rotate_tiles = E::family == encoding_family::rotation;
+  const bool rotating = rotate_tiles && p.rotation == rotation_mode::in_kernel;
+  // Keys and values are read in place when they already have the compute type, need no
+  // rotation, and (for values) may be read up to head_dim rounded up to 16 columns.
+  const bool keys_in_place = std::same_as<std::remove_const_t<std::remove_pointer_t<decltype(kv.data)>>, C> &&
+                             !rotating;
+  const bool values_in_place =
+      std::same_as<std::remove_const_t<std::remove_pointer_t<decltype(vv.data)>>, C> && d == plan.dpad;
 
   auto run_item = [&](index_t item, C* scratch) {
     const index_t h = item / q_tiles;
@@ -191,25 +217,24 @@ void attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, con
     const positions qp = qpos.subset(i0, nq);
     const auto qb = detail::bounds_of(qp);
 
-    tile qt(scratch + plan.q, nq, d);
-    tile acc(scratch + plan.acc, nq, d);
-    C* m = scratch + plan.m;
-    C* l = scratch + plan.l;
-    for (index_t i = 0; i < nq; ++i) {
-      const S* src = qv.row(i0 + i) + h * d;
-      for (index_t c = 0; c < d; ++c) qt(i, c) = static_cast<C>(src[c]);
-      m[i] = neg_inf;
-      l[i] = 0;
+    // The scale is folded into the query tile: rotation and Shaw's query terms are linear in q.
+    C* const qt = scratch + plan.q;
+    detail::load_rows(qv, i0, nq, h * d, d, scale, qt, d);
+    if constexpr (rotate_tiles) {
+      if (rotating) enc.rotate(strided_view<C>(qt, nq, d, d), qp);
     }
-    acc.setZero();
-    if constexpr (E::family == encoding_family::rotation) {
-      if (p.rotation == rotation_mode::in_kernel) enc.rotate(qt, qp);
-    }
-    [[maybe_unused]] tile terms(scratch + plan.terms, nq, plan.r);
-    [[maybe_unused]] tile wts(scratch + plan.w, nq, plan.r);
+    C* const acc = scratch + plan.acc;
+    C* const m = scratch + plan.m;
+    C* const l = scratch + plan.l;
+    C* const alpha = scratch + plan.alpha;
+    std::fill(acc, acc + nq * plan.dpad, C(0));
+    std::fill(m, m + nq, neg_inf);
+    std::fill(l, l + nq, C(0));
+    [[maybe_unused]] const strided_view<C> terms(scratch + plan.terms, nq, plan.r, plan.r);
+    [[maybe_unused]] const strided_view<C> wts(scratch + plan.w, nq, plan.r, plan.r);
     if constexpr (relative_key_value<E>) {
-      enc.query_terms(qt, terms);
-      wts.setZero();
+      enc.query_terms(strided_view<const C>(qt, nq, d, d), terms);
+      std::fill(wts.data, wts.data + nq * plan.r, C(0));
     }
 
     for (index_t j0 = 0; j0 < sh.n_kv; j0 += plan.bk) {
@@ -219,58 +244,58 @@ void attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, con
       if (!detail::any_visible(sh, qb, kb)) continue;
       const bool full = detail::all_visible(sh, qb, kb);
 
-      tile kt(scratch + plan.k, nk, d);
-      tile vt(scratch + plan.v, nk, d);
-      for (index_t j = 0; j < nk; ++j) {
-        const S* ks = kv.row(j0 + j) + g * d;
-        const S* vs = vv.row(j0 + j) + g * d;
-        for (index_t c = 0; c < d; ++c) {
-          kt(j, c) = static_cast<C>(ks[c]);
-          vt(j, c) = static_cast<C>(vs[c]);
+      const C* krows;
+      index_t ldk;
+      if (keys_in_place) {
+        krows = reinterpret_cast<const C*>(kv.row(j0) + g * d);
+        ldk = kv.stride;
+      } else {
+        C* buf = scratch + plan.krows;
+        detail::load_rows(kv, j0, nk, g * d, d, C(1), buf, d);
+        if constexpr (rotate_tiles) {
+          if (rotating) enc.rotate(strided_view<C>(buf, nk, d, d), kp);
         }
+        krows = buf;
+        ldk = d;
       }
-      if constexpr (E::family == encoding_family::rotation) {
-        if (p.rotation == rotation_mode::in_kernel) enc.rotate(kt, kp);
-      }
+      C* const kt = scratch + plan.kt;
+      kern.pack_kt(krows, ldk, nk, d, kt, plan.ldkt);
 
-      tile s(scratch + plan.s, nq, nk);
-      s.noalias() = qt * kt.transpose();
-      if constexpr (relative_key_value<E>) enc.add_bias_tile(s, terms, qp, kp);
-      s *= scale;
-      if constexpr (position_bias<E>) enc.add_bias_tile(s, h, qp, kp);
+      C* const s = scratch + plan.s;
+      kern.qk(qt, d, nq, d, kt, plan.ldkt, s);
+      const strided_view<C> sv(s, nq, nk, plan.ldkt);
+      if constexpr (relative_key_value<E>) enc.add_bias_tile(sv, strided_view<const C>(terms), qp, kp);
+      if constexpr (position_bias<E>) enc.add_bias_tile(sv, h, qp, kp);
       if (!full) {
         for (index_t i = 0; i < nq; ++i)
           for (index_t j = 0; j < nk; ++j)
-            if (!detail::visible(sh, qp[i], kp[j])) s(i, j) = neg_inf;
+            if (!detail::visible(sh, qp[i], kp[j])) sv(i, j) = neg_inf;
+      }
+      kern.softmax(s, plan.ldkt, nq, nk, m, l, alpha);
+      if constexpr (relative_key_value<E>) {
+        for (index_t i = 0; i < nq; ++i)
+          if (alpha[i] != C(1))
+            for (index_t r = 0; r < plan.r; ++r) wts(i, r) *= alpha[i];
+        enc.accumulate_value_weights(strided_view<const C>(sv), qp, kp, wts);
       }
 
-      for (index_t i = 0; i < nq; ++i) {
-        const C tile_max = s.row(i).maxCoeff();
-        const C m_new = std::max(m[i], tile_max);
-        if (m_new == neg_inf) {
-          s.row(i).setZero();  // nothing visible yet in this row
-          continue;
-        }
-        const C alpha = m[i] == neg_inf ? C(0) : std::exp(m[i] - m_new);
-        // exp(-inf - m_new) is 0 in exact arithmetic; a vectorised exp may clamp its input and
-        // return a tiny positive number instead, so masked entries are zeroed explicitly.
-        s.row(i) = (s.row(i).array() - m_new).exp().matrix();
-        if (!full) {
-          for (index_t j = 0; j < nk; ++j)
-            if (!detail::visible(sh, qp[i], kp[j])) s(i, j) = C(0);
-        }
-        l[i] = alpha * l[i] + s.row(i).sum();
-        if (alpha != C(1)) {
-          acc.row(i) *= alpha;
-          if constexpr (relative_key_value<E>) wts.row(i) *= alpha;
-        }
-        m[i] = m_new;
+      const C* vrows;
+      index_t ldv;
+      if (values_in_place) {
+        vrows = reinterpret_cast<const C*>(vv.row(j0) + g * d);
+        ldv = vv.stride;
+      } else {
+        C* buf = scratch + plan.v;
+        detail::load_rows(vv, j0, nk, g * d, d, C(1), buf, plan.dpad);
+        for (index_t j = 0; j < nk; ++j) std::fill(buf + j * plan.dpad + d, buf + (j + 1) * plan.dpad, C(0));
+        vrows = buf;
+        ldv = plan.dpad;
       }
-      acc.noalias() += s * vt;
-      if constexpr (relative_key_value<E>) enc.accumulate_value_weights(s, qp, kp, wts);
+      kern.pv(s, plan.ldkt, nq, nk, vrows, ldv, d, alpha, acc, plan.dpad);
     }
 
-    if constexpr (relative_key_value<E>) enc.add_value_term(wts, acc);
+    if constexpr (relative_key_value<E>)
+      enc.add_value_term(strided_view<const C>(wts), strided_view<C>(acc, nq, d, plan.dpad));
     for (index_t i = 0; i < nq; ++i) {
       SO* dst = ov.row(i0 + i) + h * d;
       if (l[i] == C(0)) {
@@ -279,7 +304,8 @@ void attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, con
         continue;
       }
       const C inv = C(1) / l[i];
-      for (index_t c = 0; c < d; ++c) dst[c] = static_cast<SO>(acc(i, c) * inv);
+      const C* arow = acc + i * plan.dpad;
+      for (index_t c = 0; c < d; ++c) dst[c] = static_cast<SO>(arow[c] * inv);
       if constexpr (want_lse)
         lse_view(i0 + i, h) = static_cast<std::remove_reference_t<decltype(lse_view(0, 0))>>(m[i] + std::log(l[i]));
     }

@@ -1,0 +1,379 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+/// \file detail/attention_kernels.hpp
+/// Internal: the four tile operations of blockwise attention, in a portable version and, on
+/// x86-64, an AVX-512 version chosen at run time.
+///
+/// A header-only library is compiled with its includer's flags, often the x86-64 baseline (SSE2)
+/// and never -ffast-math, so the fast path cannot come from the compiler: the AVX-512 functions
+/// carry `target` attributes, are selected by a CPU check once per process, and compute `exp`
+/// with their own polynomial that needs no fast-math.
+///
+/// Buffers (all row-major, of the compute type):
+/// - `kt`  `[d, ldkt]` the key tile transposed, `ldkt` a multiple of 32, columns past `nk` zero;
+/// - `s`   `[nq, ldkt]` logits, then probabilities;
+/// - `acc` `[nq, ldacc]` the unnormalised output, `ldacc` >= `d` rounded up to 16;
+/// - `v`   `[nk, ldv]` value rows, readable up to `d` rounded up to 16 columns.
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "posenc/types.hpp"
+
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__)) && \
+    !defined(POSENC_NO_SIMD)
+#define POSENC_HAVE_AVX512_KERNELS 1
+#include <immintrin.h>
+#else
+#define POSENC_HAVE_AVX512_KERNELS 0
+#endif
+
+namespace posenc::detail {
+
+/// The tile operations on compute type `C`, as function pointers so the choice is made once per
+/// process.
+template <class C>
+struct tile_kernels {
+  /// `kt[c][j] = k[j][c]` for `j < nk`, zero for `nk <= j < ldkt`.
+  void (*pack_kt)(const C* k, index_t ldk, index_t nk, index_t d, C* kt, index_t ldkt);
+  /// `s[i][j] = sum_c q[i][c] kt[c][j]` for `i < nq`, `j < ldkt`.
+  void (*qk)(const C* q, index_t ldq, index_t nq, index_t d, const C* kt, index_t ldkt, C* s);
+  /// Online-softmax step on rows of `s` (`nk` valid columns, masked ones `-inf`): updates the
+  /// running max `m` and sum `l`, writes `exp(s - m_new)` into `s` and the rescale factor of the
+  /// previous state into `alpha` (0 when the previous state was empty).
+  void (*softmax)(C* s, index_t lds, index_t nq, index_t nk, C* m, C* l, C* alpha);
+  /// `acc[i] = alpha[i] acc[i] + sum_j p[i][j] v[j]` over `nk` keys and `d` columns.
+  void (*pv)(const C* p, index_t ldp, index_t nq, index_t nk, const C* v, index_t ldv, index_t d,
+             const C* alpha, C* acc, index_t ldacc);
+  const char* name;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Portable versions: plain loops the compiler vectorises with whatever flags it has.
+
+template <class C>
+void pack_kt_portable(const C* k, index_t ldk, index_t nk, index_t d, C* kt, index_t ldkt) {
+  for (index_t c = 0; c < d; ++c) {
+    C* dst = kt + c * ldkt;
+    for (index_t j = 0; j < nk; ++j) dst[j] = k[j * ldk + c];
+    for (index_t j = nk; j < ldkt; ++j) dst[j] = C(0);
+  }
+}
+
+template <class C>
+void qk_portable(const C* q, index_t ldq, index_t nq, index_t d, const C* kt, index_t ldkt, C* s) {
+  for (index_t i = 0; i < nq; ++i) {
+    C* srow = s + i * ldkt;
+    for (index_t j = 0; j < ldkt; ++j) srow[j] = C(0);
+    for (index_t c = 0; c < d; ++c) {
+      const C a = q[i * ldq + c];
+      const C* krow = kt + c * ldkt;
+      for (index_t j = 0; j < ldkt; ++j) srow[j] += a * krow[j];
+    }
+  }
+}
+
+/// Shared by every version: the scalar part of the online-softmax update of one row, given the
+/// tile's row maximum. Returns the new max, or -inf when nothing is visible yet.
+template <class C>
+C softmax_row_begin(C tile_max, C& m, C& alpha) {
+  constexpr C neg_inf = -std::numeric_limits<C>::infinity();
+  const C m_new = std::max(m, tile_max);
+  alpha = m == neg_inf ? C(0) : std::exp(m - m_new);
+  if (m_new != neg_inf) m = m_new;
+  return m_new;
+}
+
+template <class C>
+void softmax_portable(C* s, index_t lds, index_t nq, index_t nk, C* m, C* l, C* alpha) {
+  constexpr C neg_inf = -std::numeric_limits<C>::infinity();
+  for (index_t i = 0; i < nq; ++i) {
+    C* row = s + i * lds;
+    C tile_max = neg_inf;
+    for (index_t j = 0; j < nk; ++j) tile_max = std::max(tile_max, row[j]);
+    const C m_new = softmax_row_begin(tile_max, m[i], alpha[i]);
+    if (m_new == neg_inf) {
+      for (index_t j = 0; j < nk; ++j) row[j] = C(0);
+      alpha[i] = C(1);
+      continue;
+    }
+    C sum = 0;
+    for (index_t j = 0; j < nk; ++j) {
+      // exp(-inf) is 0 here; written out so a masked entry is exactly 0 on every libm.
+      const C e = row[j] == neg_inf ? C(0) : std::exp(row[j] - m_new);
+      row[j] = e;
+      sum += e;
+    }
+    l[i] = alpha[i] * l[i] + sum;
+  }
+}
+
+template <class C>
+void pv_portable(const C* p, index_t ldp, index_t nq, index_t nk, const C* v, index_t ldv, index_t d,
+                        const C* alpha, C* acc, index_t ldacc) {
+  for (index_t i = 0; i < nq; ++i) {
+    C* arow = acc + i * ldacc;
+    const C a = alpha[i];
+    if (a != C(1))
+      for (index_t c = 0; c < d; ++c) arow[c] *= a;
+    for (index_t j = 0; j < nk; ++j) {
+      const C w = p[i * ldp + j];
+      if (w == C(0)) continue;
+      const C* vrow = v + j * ldv;
+      for (index_t c = 0; c < d; ++c) arow[c] += w * vrow[c];
+    }
+  }
+}
+
+template <class C>
+const tile_kernels<C>& portable_kernels() {
+  static const tile_kernels<C> k{pack_kt_portable<C>, qk_portable<C>, softmax_portable<C>, pv_portable<C>, "portable"};
+  return k;
+}
+
+#if POSENC_HAVE_AVX512_KERNELS
+
+// GCC 12 reports its own `_mm512_undefined_*` placeholders as uninitialised when the intrinsics
+// are used under a target attribute rather than -mavx512f; the values are never read.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#define POSENC_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,fma,bmi2")))
+
+/// exp(x) for x <= 0 (logits minus their running max), 16 lanes: 2^(x log2 e) split into an
+/// integer power, applied with scalef, and a degree-6 polynomial for 2^f on [-1/2, 1/2]
+/// (relative error about 1.5e-7). Inputs below -87.3 (including -inf) give exactly 0.
+POSENC_AVX512 inline __m512 exp_avx512(__m512 x) {
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  const __mmask16 live = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-126.0f), _CMP_GE_OQ);
+  const __m512 tc = _mm512_max_ps(t, _mm512_set1_ps(-126.0f));
+  const __m512 n = _mm512_roundscale_ps(tc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(tc, n);
+  // Taylor coefficients of 2^f = sum (f ln 2)^k / k!.
+  __m512 p = _mm512_set1_ps(1.540353039338161e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.333355814642844e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265069591007e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471805599453e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
+}
+
+POSENC_AVX512 inline __mmask16 tail_mask(index_t n) {
+  return n >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << n) - 1u);
+}
+
+POSENC_AVX512 inline void transpose16(__m512 r[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), e = _mm512_castps_pd(t[4 * i + 3]);
+    u[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));      // column 4k   of rows 4i..4i+3
+    u[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));  // column 4k+1
+    u[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, e));  // column 4k+2
+    u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, e));  // column 4k+3
+  }
+  __m512 v[16];
+  for (int h = 0; h < 2; ++h)
+    for (int m = 0; m < 4; ++m) {
+      v[8 * h + m] = _mm512_shuffle_f32x4(u[8 * h + m], u[8 * h + 4 + m], 0x88);
+      v[8 * h + 4 + m] = _mm512_shuffle_f32x4(u[8 * h + m], u[8 * h + 4 + m], 0xdd);
+    }
+  for (int c = 0; c < 8; ++c) {
+    r[c] = _mm512_shuffle_f32x4(v[c], v[8 + c], 0x88);
+    r[8 + c] = _mm512_shuffle_f32x4(v[c], v[8 + c], 0xdd);
+  }
+}
+
+POSENC_AVX512 inline void pack_kt_avx512(const float* k, index_t ldk, index_t nk, index_t d, float* kt,
+                                         index_t ldkt) {
+  const index_t nk16 = nk / 16 * 16, d16 = d / 16 * 16;
+  for (index_t j0 = 0; j0 < nk16; j0 += 16) {
+    for (index_t c0 = 0; c0 < d16; c0 += 16) {
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(k + (j0 + i) * ldk + c0);
+      transpose16(r);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_ps(kt + (c0 + i) * ldkt + j0, r[i]);
+    }
+    for (index_t c = d16; c < d; ++c)
+      for (index_t j = j0; j < j0 + 16; ++j) kt[c * ldkt + j] = k[j * ldk + c];
+  }
+  for (index_t c = 0; c < d; ++c) {
+    float* dst = kt + c * ldkt;
+    for (index_t j = nk16; j < nk; ++j) dst[j] = k[j * ldk + c];
+    for (index_t j = nk; j < ldkt; ++j) dst[j] = 0.0f;
+  }
+}
+
+/// R query rows against 32 keys: 2R accumulators, 2 loads and R broadcasts per FMA pair.
+template <int R>
+POSENC_AVX512 inline void qk_block_avx512(const float* q, index_t ldq, index_t d, const float* kt, index_t ldkt,
+                                          float* s) {
+  __m512 acc0[R], acc1[R];
+  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
+  for (index_t c = 0; c < d; ++c) {
+    const __m512 b0 = _mm512_loadu_ps(kt + c * ldkt);
+    const __m512 b1 = _mm512_loadu_ps(kt + c * ldkt + 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512 a = _mm512_set1_ps(q[r * ldq + c]);
+      acc0[r] = _mm512_fmadd_ps(a, b0, acc0[r]);
+      acc1[r] = _mm512_fmadd_ps(a, b1, acc1[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm512_storeu_ps(s + r * ldkt, acc0[r]);
+    _mm512_storeu_ps(s + r * ldkt + 16, acc1[r]);
+  }
+}
+
+POSENC_AVX512 inline void qk_avx512(const float* q, index_t ldq, index_t nq, index_t d, const float* kt, index_t ldkt,
+                                    float* s) {
+  for (index_t i0 = 0; i0 < nq; i0 += 8) {
+    const index_t rows = std::min<index_t>(8, nq - i0);
+    const float* qi = q + i0 * ldq;
+    float* si = s + i0 * ldkt;
+    for (index_t j0 = 0; j0 < ldkt; j0 += 32) {
+      switch (rows) {
+        case 8: qk_block_avx512<8>(qi, ldq, d, kt + j0, ldkt, si + j0); break;
+        case 7: qk_block_avx512<7>(qi, ldq, d, kt + j0, ldkt, si + j0); break;
+        case 6: qk_block_avx512<6>(qi, ldq, d, kt + j0, ldkt, si + j0); break;
+        case 5: qk_block_avx512<5>(qi, ldq, d, kt + j0, ldkt, si + j0); break;
+        case 4: qk_block_avx512<4>(qi, ldq, d, kt + j0, ldkt, si + j0); break;
+        case 3: qk_block_avx512<3>(qi, ldq, d, kt + j0, ldkt, si + j0); break;
+        case 2: qk_block_avx512<2>(qi, ldq, d, kt + j0, ldkt, si + j0); break;
+        default: qk_block_avx512<1>(qi, ldq, d, kt + j0, ldkt, si + j0); break;
+      }
+    }
+  }
+}
+
+POSENC_AVX512 inline void softmax_avx512(float* s, index_t lds, index_t nq, index_t nk, float* m, float* l,
+                                         float* alpha) {
+  constexpr float neg_inf = -std::numeric_limits<float>::infinity();
+  const __m512 vneg_inf = _mm512_set1_ps(neg_inf);
+  for (index_t i = 0; i < nq; ++i) {
+    float* row = s + i * lds;
+    __m512 mx = vneg_inf;
+    for (index_t j = 0; j < nk; j += 16)
+      mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(vneg_inf, tail_mask(nk - j), row + j));
+    const float m_new = softmax_row_begin<float>(_mm512_reduce_max_ps(mx), m[i], alpha[i]);
+    if (m_new == neg_inf) {
+      for (index_t j = 0; j < nk; j += 16) _mm512_mask_storeu_ps(row + j, tail_mask(nk - j), _mm512_setzero_ps());
+      alpha[i] = 1.0f;
+      continue;
+    }
+    const __m512 vm = _mm512_set1_ps(m_new);
+    __m512 sum = _mm512_setzero_ps();
+    for (index_t j = 0; j < nk; j += 16) {
+      const __mmask16 mk = tail_mask(nk - j);
+      const __m512 e = exp_avx512(_mm512_sub_ps(_mm512_mask_loadu_ps(vneg_inf, mk, row + j), vm));
+      _mm512_mask_storeu_ps(row + j, mk, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    l[i] = alpha[i] * l[i] + _mm512_reduce_add_ps(sum);
+  }
+}
+
+/// R rows of the accumulator, C vectors of 16 columns: R*C accumulators, C loads and R
+/// broadcasts per key.
+template <int R, int C>
+POSENC_AVX512 inline void pv_block_avx512(const float* p, index_t ldp, index_t nk, const float* v, index_t ldv,
+                                          const float* alpha, float* acc, index_t ldacc) {
+  __m512 a[R][C];
+  for (int r = 0; r < R; ++r) {
+    const __m512 al = _mm512_set1_ps(alpha[r]);
+    for (int c = 0; c < C; ++c) a[r][c] = _mm512_mul_ps(al, _mm512_loadu_ps(acc + r * ldacc + 16 * c));
+  }
+  for (index_t j = 0; j < nk; ++j) {
+    __m512 b[C];
+    for (int c = 0; c < C; ++c) b[c] = _mm512_loadu_ps(v + j * ldv + 16 * c);
+    for (int r = 0; r < R; ++r) {
+      const __m512 w = _mm512_set1_ps(p[r * ldp + j]);
+      for (int c = 0; c < C; ++c) a[r][c] = _mm512_fmadd_ps(w, b[c], a[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc + r * ldacc + 16 * c, a[r][c]);
+}
+
+template <int C>
+POSENC_AVX512 inline void pv_cols_avx512(const float* p, index_t ldp, index_t nq, index_t nk, const float* v,
+                                         index_t ldv, const float* alpha, float* acc, index_t ldacc) {
+  index_t i = 0;
+  for (; i + 6 <= nq; i += 6) pv_block_avx512<6, C>(p + i * ldp, ldp, nk, v, ldv, alpha + i, acc + i * ldacc, ldacc);
+  switch (nq - i) {
+    case 5: pv_block_avx512<5, C>(p + i * ldp, ldp, nk, v, ldv, alpha + i, acc + i * ldacc, ldacc); break;
+    case 4: pv_block_avx512<4, C>(p + i * ldp, ldp, nk, v, ldv, alpha + i, acc + i * ldacc, ldacc); break;
+    case 3: pv_block_avx512<3, C>(p + i * ldp, ldp, nk, v, ldv, alpha + i, acc + i * ldacc, ldacc); break;
+    case 2: pv_block_avx512<2, C>(p + i * ldp, ldp, nk, v, ldv, alpha + i, acc + i * ldacc, ldacc); break;
+    case 1: pv_block_avx512<1, C>(p + i * ldp, ldp, nk, v, ldv, alpha + i, acc + i * ldacc, ldacc); break;
+    default: break;
+  }
+}
+
+POSENC_AVX512 inline void pv_avx512(const float* p, index_t ldp, index_t nq, index_t nk, const float* v, index_t ldv,
+                                    index_t d, const float* alpha, float* acc, index_t ldacc) {
+  // Columns in blocks of 64 (4 vectors), then what is left in whole vectors: the buffers are
+  // readable and writable up to d rounded up to 16.
+  index_t c0 = 0;
+  for (; c0 + 64 <= d; c0 += 64) pv_cols_avx512<4>(p, ldp, nq, nk, v + c0, ldv, alpha, acc + c0, ldacc);
+  switch ((d - c0 + 15) / 16) {
+    case 3: pv_cols_avx512<3>(p, ldp, nq, nk, v + c0, ldv, alpha, acc + c0, ldacc); break;
+    case 2: pv_cols_avx512<2>(p, ldp, nq, nk, v + c0, ldv, alpha, acc + c0, ldacc); break;
+    case 1: pv_cols_avx512<1>(p, ldp, nq, nk, v + c0, ldv, alpha, acc + c0, ldacc); break;
+    default: break;
+  }
+}
+
+#undef POSENC_AVX512
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
+inline bool cpu_has_avx512() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  }();
+  return has;
+}
+
+inline const tile_kernels<float>& avx512_float_kernels() {
+  static const tile_kernels<float> k{pack_kt_avx512, qk_avx512, softmax_avx512, pv_avx512, "avx512"};
+  return k;
+}
+
+#endif  // POSENC_HAVE_AVX512_KERNELS
+
+/// Which kernels `attention` uses: "auto" picks the best the CPU runs; tests force "portable" to
+/// check that both agree.
+enum class kernel_choice { automatic, portable };
+
+inline kernel_choice& forced_kernels() {
+  static kernel_choice choice = kernel_choice::automatic;
+  return choice;
+}
+
+/// The kernels for compute type `C`: AVX-512 for float where the CPU has it, portable otherwise.
+template <class C>
+const tile_kernels<C>& kernels_for() {
+#if POSENC_HAVE_AVX512_KERNELS
+  if constexpr (std::same_as<C, float>) {
+    if (forced_kernels() == kernel_choice::automatic && cpu_has_avx512()) return avx512_float_kernels();
+  }
+#endif
+  return portable_kernels<C>();
+}
+
+}  // namespace posenc::detail
