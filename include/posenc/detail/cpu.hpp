@@ -1,0 +1,105 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+/// \file detail/cpu.hpp
+/// Internal: run-time choice of a SIMD code path.
+///
+/// posenc is header-only, so it is compiled with its includer's flags, often the x86-64 baseline
+/// (SSE2). Hot kernels therefore come in several versions: a portable one in plain C++, and x86
+/// versions compiled for AVX2 or AVX-512 through function-level target attributes
+/// (`POSENC_TARGET_AVX2`, `POSENC_TARGET_AVX512`). `simd_level_in_use()` picks one at run time
+/// from a CPU check, so one binary runs everywhere and uses what the machine has.
+///
+/// Every version of a kernel must give the same bits as the portable one: kernels are written
+/// without fused multiply-add (which rounds once instead of twice) and marked
+/// `POSENC_STRICT_FP` / `POSENC_STRICT_FP_BODY` so the compiler does not contract `a*b - c*d`
+/// into an FMA behind their back. (Only an explicit `-ffp-contract=fast` or `-ffast-math` from the
+/// user can still change the bits.) `set_simd_cap` lowers the level, so tests compare the paths
+/// and benchmarks measure each.
+///
+/// Define `POSENC_NO_SIMD_DISPATCH` to compile the portable paths only.
+
+#include <atomic>
+
+#if !defined(POSENC_NO_SIMD_DISPATCH) && (defined(__x86_64__) || defined(__i386__)) && \
+    (defined(__GNUC__) || defined(__clang__))
+#define POSENC_X86_DISPATCH 1
+#include <immintrin.h>
+/// Marks a function compiled for AVX2 + FMA (Haswell and later, Zen).
+#define POSENC_TARGET_AVX2 __attribute__((target("avx2,fma")))
+/// Marks a function compiled for AVX-512 F/VL/BW/DQ (Skylake-SP and later, Zen 4).
+#define POSENC_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")))
+#else
+#define POSENC_X86_DISPATCH 0
+#endif
+
+#if defined(__clang__)
+#define POSENC_STRICT_FP
+/// First statement of a kernel body: no FMA contraction in this function (clang).
+#define POSENC_STRICT_FP_BODY _Pragma("clang fp contract(off)")
+#elif defined(__GNUC__)
+/// Function attribute: no FMA contraction in this function (g++ contracts across statements
+/// under its default `-ffp-contract=fast` in GNU modes).
+#define POSENC_STRICT_FP __attribute__((optimize("fp-contract=off")))
+#define POSENC_STRICT_FP_BODY
+#else
+#define POSENC_STRICT_FP
+#define POSENC_STRICT_FP_BODY
+#endif
+
+namespace posenc::detail {
+
+/// Code paths, in increasing order of capability.
+enum class simd_level : int {
+  portable = 0,  ///< plain C++, any CPU
+  avx2 = 1,      ///< AVX2 + FMA
+  avx512 = 2,    ///< AVX-512 F, VL, BW, DQ
+};
+
+/// The best level this CPU (and operating system) supports and this build can target. Cached.
+inline simd_level detected_simd_level() noexcept {
+#if POSENC_X86_DISPATCH
+  static const simd_level level = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
+      return simd_level::avx512;
+    }
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return simd_level::avx2;
+    return simd_level::portable;
+  }();
+  return level;
+#else
+  return simd_level::portable;
+#endif
+}
+
+/// The highest level kernels may use; `set_simd_cap` lowers it (process-wide).
+inline std::atomic<int> simd_cap{static_cast<int>(simd_level::avx512)};
+
+/// Caps the level kernels use (tests force the portable path with `simd_level::portable`).
+/// Process-wide; affects calls that start after it returns.
+inline void set_simd_cap(simd_level cap) noexcept { simd_cap.store(static_cast<int>(cap), std::memory_order_relaxed); }
+
+/// The level kernels use now: the detected level, lowered to the cap.
+inline simd_level simd_level_in_use() noexcept {
+  const int detected = static_cast<int>(detected_simd_level());
+  const int cap = simd_cap.load(std::memory_order_relaxed);
+  return static_cast<simd_level>(detected < cap ? detected : cap);
+}
+
+/// Sets the cap for the lifetime of the object and restores the previous one after.
+class scoped_simd_cap {
+ public:
+  explicit scoped_simd_cap(simd_level cap) noexcept : previous_(simd_cap.load(std::memory_order_relaxed)) {
+    set_simd_cap(cap);
+  }
+  ~scoped_simd_cap() { simd_cap.store(previous_, std::memory_order_relaxed); }
+  scoped_simd_cap(const scoped_simd_cap&) = delete;
+  scoped_simd_cap& operator=(const scoped_simd_cap&) = delete;
+
+ private:
+  int previous_;
+};
+
+}  // namespace posenc::detail

@@ -1,0 +1,399 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+/// \file encoders/rope.hpp
+/// Rotary position embedding (Su et al. 2021, "RoFormer"), with the frequency policies of
+/// rope_scaling.hpp.
+///
+/// Queries and keys are rotated in place, pair by pair: pair `i` of a token at position `p` turns
+/// by the angle `p * inv_freq[i]`, and pair `(a, b)` becomes
+/// `(a cos - b sin, b cos + a sin) * magnitude`. Then `<R(m) q, R(n) k>` depends only on `m - n`.
+///
+///     half_split  (GPT-NeoX, LLaMA):  [x0 .. x(r/2-1) | x(r/2) .. x(r-1) | pass-through]
+///                                       c c c ..  -  s s s ..             (pair i = (i, i + r/2))
+///     interleaved (GPT-J, RoFormer):  [x0 x1 | x2 x3 | .. | pass-through]
+///                                       c s    c s                         (pair i = (2i, 2i + 1))
+///
+/// A matrix argument is `[tokens, heads * head_dim]`, row-major with any row stride (an engine's
+/// own buffer, or a column block of a fused QKV buffer); head `h` is the column block
+/// `[h * head_dim, (h + 1) * head_dim)`, and any number of heads is taken from the column count.
+///
+/// Numerics: positions are int64, never a float type. Each angle is `p * inv_freq[i]` with the
+/// table in long double, reduced modulo 2 pi with exact products and compensated sums, so cos and
+/// sin keep full float accuracy at any position below 2^52 (about 2^-64 relative error in the
+/// angle on x86, whose long double has 64 bits; about 2^-53 where long double is double).
+/// cos and sin are evaluated in double, multiplied by the magnitude, then rounded to `T`; the
+/// cached and the direct paths give the same bits. A negative position rotates by a negative
+/// angle (with magnitude 1, the inverse rotation).
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <concepts>
+#include <cstdint>
+#include <limits>
+#include <span>
+#include <string_view>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "posenc/concepts.hpp"
+#include "posenc/config.hpp"
+#include "posenc/detail/check.hpp"
+#include "posenc/detail/rope_kernels.hpp"
+#include "posenc/encoders/hf_config.hpp"
+#include "posenc/encoders/rope_scaling.hpp"
+#include "posenc/types.hpp"
+
+namespace posenc {
+
+template <class T>
+class rope;
+
+namespace detail {
+
+/// One pair's frequency in turns per position, `t = inv_freq / (2 pi)`, as the double-double
+/// `hi + lo`, with `hi` split into `a` (26 significant bits) and `b = hi - a` (at most 27), so
+/// that `p1 * a`, `p1 * b`, `p0 * a`, `p0 * b` are exact for positions split as
+/// `p = p1 + p0`, `p1` a multiple of 2^26 below 2^52 and `0 <= p0 < 2^26`.
+struct rope_turns {
+  double a = 0;
+  double b = 0;
+  double lo = 0;
+  double inv = 0;  ///< inv_freq rounded to double, for positions past 2^52
+};
+
+inline rope_turns make_rope_turns(long double inv) {
+  constexpr long double two_pi = 6.283185307179586476925286766559005768L;
+  const long double t = inv / two_pi;
+  const double hi = static_cast<double>(t);
+  const double lo = static_cast<double>(t - static_cast<long double>(hi));
+  const double a = std::bit_cast<double>(std::bit_cast<std::uint64_t>(hi) & ~((std::uint64_t{1} << 27) - 1));
+  return {a, hi - a, lo, static_cast<double>(inv)};
+}
+
+/// `x` minus its integer part (toward zero): exact, in (-1, 1). Needs `|x| < 2^63`.
+inline double drop_integer(double x) { return x - static_cast<double>(static_cast<std::int64_t>(x)); }
+
+/// Knuth's two-sum: `s + e == a + b` exactly.
+POSENC_STRICT_FP inline void two_sum(double a, double b, double& s, double& e) {
+  POSENC_STRICT_FP_BODY
+  s = a + b;
+  const double bb = s - a;
+  e = (a - (s - bb)) + (b - bb);
+}
+
+/// cos and sin of `p * inv_freq` for one pair. `exact` (all turns below 2^10) allows the exact
+/// reduction; past 2^52, or without it, the angle is the plain double product.
+POSENC_STRICT_FP inline void rope_cos_sin(position p, const rope_turns& t, bool exact, double& c, double& s) {
+  POSENC_STRICT_FP_BODY
+  constexpr position limit = position{1} << 52;
+  if (!exact || p >= limit || p <= -limit) {
+    const double angle = static_cast<double>(p) * t.inv;
+    c = std::cos(angle);
+    s = std::sin(angle);
+    return;
+  }
+  const position p1 = p & ~((position{1} << 26) - 1);
+  const double d1 = static_cast<double>(p1);
+  const double d0 = static_cast<double>(p - p1);
+  // The turns p * t, modulo 1, as sum + err: the four products are exact and so is dropping
+  // their integer parts; two_sum keeps the rounding errors of the additions.
+  double sum = 0, err = 0, e = 0;
+  two_sum(drop_integer(d1 * t.a), drop_integer(d1 * t.b), sum, err);
+  sum = drop_integer(sum);
+  two_sum(sum, drop_integer(d0 * t.a), sum, e);
+  err += e;
+  sum = drop_integer(sum);
+  two_sum(sum, drop_integer(d0 * t.b), sum, e);
+  err += e;
+  sum = drop_integer(sum);
+  two_sum(sum, drop_integer(static_cast<double>(p) * t.lo), sum, e);
+  err += e;
+  sum = drop_integer(sum);
+  // Quarter turns q, and the rest g in [-1/8, 1/8] turn (sum - q/4 is exact).
+  const auto q = static_cast<std::int64_t>(4 * sum + (sum >= 0 ? 0.5 : -0.5));
+  const double g = (sum - static_cast<double>(q) * 0.25) + err;
+  const double angle = g * 6.283185307179586;
+  const double cg = std::cos(angle);
+  const double sg = std::sin(angle);
+  switch (q & 3) {
+    case 0: c = cg, s = sg; break;
+    case 1: c = -sg, s = cg; break;
+    case 2: c = -cg, s = -sg; break;
+    default: c = sg, s = -cg; break;
+  }
+}
+
+/// FNV-1a over the bits of the values that determine a cos/sin table.
+inline std::uint64_t fingerprint_add(std::uint64_t h, std::uint64_t v) {
+  for (int i = 0; i < 8; ++i) {
+    h ^= (v >> (8 * i)) & 0xffu;
+    h *= 0x100000001b3ull;
+  }
+  return h;
+}
+
+}  // namespace detail
+
+/// Precomputed cos and sin (times the magnitude) of one `rope` for the positions
+/// `[start, start + count)`. Made by `rope::make_cache`; passed to `rope::rotate` for positions in
+/// that range, in any order. Owns `count * r` values of `T` (the same for both layouts:
+/// half-split keeps a cos and a sin table `[count, r/2]`, interleaved one `[count, r]` table with
+/// cos and sin of each pair side by side). Remembers which encoder made it, so rotating with a
+/// cache of other parameters (another base, policy, sequence length, layout or rotary dim) fails
+/// a `POSENC_ASSERT`. Immutable; safe to share across threads.
+template <class T>
+class rope_cache {
+ public:
+  /// An empty cache (no positions).
+  rope_cache() = default;
+
+  position start() const { return start_; }
+  index_t count() const { return count_; }
+  index_t rotary_dim() const { return rotary_dim_; }
+  rope_layout layout() const { return layout_; }
+  /// `p` is in `[start, start + count)`.
+  bool contains(position p) const { return p >= start_ && p - start_ < count_; }
+
+  /// `cos(p * inv_freq[pair]) * magnitude`, rounded to T. `p` must be in the range.
+  T cos(position p, index_t pair) const {
+    POSENC_ASSERT(contains(p) && pair >= 0 && pair < rotary_dim_ / 2, "rope_cache::cos: out of range");
+    const index_t i = static_cast<index_t>(p - start_);
+    return layout_ == rope_layout::half_split ? a_[idx(i * (rotary_dim_ / 2) + pair)] : a_[idx(i * rotary_dim_ + 2 * pair)];
+  }
+  /// `sin(p * inv_freq[pair]) * magnitude`, rounded to T. `p` must be in the range.
+  T sin(position p, index_t pair) const {
+    POSENC_ASSERT(contains(p) && pair >= 0 && pair < rotary_dim_ / 2, "rope_cache::sin: out of range");
+    const index_t i = static_cast<index_t>(p - start_);
+    return layout_ == rope_layout::half_split ? b_[idx(i * (rotary_dim_ / 2) + pair)]
+                                              : a_[idx(i * rotary_dim_ + 2 * pair + 1)];
+  }
+
+ private:
+  template <class>
+  friend class rope;
+  static std::size_t idx(index_t i) { return static_cast<std::size_t>(i); }
+
+  std::vector<T> a_;  // half: cos [count, r/2]; interleaved: [count, r] as c0 s0 c1 s1 ...
+  std::vector<T> b_;  // half: sin [count, r/2]; interleaved: empty
+  position start_ = 0;
+  index_t count_ = 0;
+  index_t rotary_dim_ = 0;
+  rope_layout layout_ = rope_layout::half_split;
+  std::uint64_t fingerprint_ = 0;
+};
+
+/// Rotary position embedding for arithmetic type `T` (float or double); a `rotation` encoder.
+///
+/// Construction validates the parameters (throwing `std::invalid_argument` that names the field:
+/// `rope_params.rotary_dim = 7: must be even`) and evaluates the policy's frequency table and
+/// magnitude once. After that the object is immutable: every method is const and safe to call
+/// from several threads. `rotate` allocates nothing; `make_cache` allocates the cache.
+///
+/// Matrix arguments: `[tokens, heads * head_dim]`, row-major, any row stride, storage `T`, or
+/// for `rope<float>` also `Eigen::bfloat16` / `Eigen::half` (computed in float, rounded once
+/// per element on store).
+template <class T>
+class rope {
+  static_assert(std::same_as<T, float> || std::same_as<T, double>, "posenc::rope<T>: T must be float or double");
+
+ public:
+  using scalar_type = T;
+  static constexpr encoding_family family = encoding_family::rotation;
+
+  /// Validates `p`, builds the frequency table (in long double) and the magnitude.
+  /// Throws `std::invalid_argument` naming the field: `head_dim <= 0`, odd `rotary_dim`,
+  /// `rotary_dim > head_dim`, `base <= 0`, a policy's factor `<= 0`, NTK exponents at
+  /// `rotary_dim = 2`, YaRN `beta_fast <= beta_slow`, Llama 3 `high_freq_factor <= low_freq_factor`,
+  /// a LongRoPE list of the wrong length, an `attention_factor <= 0`, ...
+  explicit rope(const rope_params& p) : p_(p) {
+    using detail::require;
+    require(p.head_dim > 0, "rope_params.head_dim", p.head_dim, "must be > 0");
+    require(p.rotary_dim >= 0, "rope_params.rotary_dim", p.rotary_dim, "must be >= 0 (0 means head_dim)");
+    r_ = p.rotary_dim == 0 ? p.head_dim : p.rotary_dim;
+    require(r_ % 2 == 0, "rope_params.rotary_dim", r_, "must be even");
+    require(r_ <= p.head_dim, "rope_params.rotary_dim", r_, "must be <= head_dim = " + std::to_string(p.head_dim));
+    require(p.layout == rope_layout::half_split || p.layout == rope_layout::interleaved, "rope_params.layout",
+            static_cast<int>(p.layout), "unknown layout");
+    require(std::isfinite(p.base) && p.base > 0, "rope_params.base", p.base, "must be finite and > 0");
+    if (p.attention_factor) {
+      require(std::isfinite(*p.attention_factor) && *p.attention_factor > 0, "rope_params.attention_factor",
+              *p.attention_factor, "must be finite and > 0");
+    }
+    detail::rope_frequencies f = detail::compute_frequencies(p.scaling, r_, p.base);
+    magnitude_ = p.attention_factor ? *p.attention_factor : f.magnitude;
+    inv_freq_.reserve(f.inv.size());
+    turns_.reserve(f.inv.size());
+    exact_ = true;
+    std::uint64_t h = 0xcbf29ce484222325ull;
+    h = detail::fingerprint_add(h, static_cast<std::uint64_t>(r_));
+    h = detail::fingerprint_add(h, static_cast<std::uint64_t>(p.layout));
+    h = detail::fingerprint_add(h, std::bit_cast<std::uint64_t>(magnitude_));
+    for (long double v : f.inv) {
+      const double d = static_cast<double>(v);
+      require(std::isfinite(d) && d > 0, "rope_params.base", p.base, "gives a frequency that is not finite and > 0");
+      inv_freq_.push_back(d);
+      turns_.push_back(detail::make_rope_turns(v));
+      const detail::rope_turns& t = turns_.back();
+      exact_ = exact_ && (t.a + t.b) < 1024.0;
+      h = detail::fingerprint_add(h, std::bit_cast<std::uint64_t>(t.a));
+      h = detail::fingerprint_add(h, std::bit_cast<std::uint64_t>(t.b));
+      h = detail::fingerprint_add(h, std::bit_cast<std::uint64_t>(t.lo));
+    }
+    fingerprint_ = h;
+  }
+
+  /// `p` with `p.scaling`, `p.attention_factor` and `p.base` taken from a Hugging Face style
+  /// `rope_scaling` dict where present (see `rope_params_from_config`). Throws
+  /// `std::invalid_argument` for an unknown type, a missing field or an out-of-range value.
+  rope(rope_params p, const config_map& hf_rope_scaling) : rope(rope_params_from_config(std::move(p), hf_rope_scaling)) {}
+
+  /// "rope", or "rope-" and the policy: "rope-linear", "rope-ntk", "rope-dynamic-ntk", "rope-yarn",
+  /// "rope-llama3", "rope-longrope".
+  std::string_view name() const {
+    constexpr std::string_view names[] = {"rope",       "rope-linear", "rope-ntk",     "rope-dynamic-ntk",
+                                          "rope-yarn", "rope-llama3", "rope-longrope"};
+    return names[p_.scaling.index()];
+  }
+
+  index_t head_dim() const { return p_.head_dim; }
+  /// The rotated dims per head, `r` (`rope_params::rotary_dim`, or `head_dim` when that was 0).
+  index_t rotary_dim() const { return r_; }
+  rope_layout layout() const { return p_.layout; }
+  double base() const { return p_.base; }
+  /// The parameters as given (`rotary_dim` may be 0).
+  const rope_params& params() const { return p_; }
+  /// The `r/2` inverse frequencies after the policy, rounded to double (the angles use a more
+  /// precise table).
+  std::span<const double> inv_freq() const { return inv_freq_; }
+  /// The factor that multiplies cos and sin (so attention logits get its square): the policy's,
+  /// or `attention_factor` when given.
+  double magnitude() const { return magnitude_; }
+
+  /// Rotates every head of `x` (`[tokens, heads * head_dim]`) in place: row `i` by position
+  /// `pos[i]`, computing each angle and its cos/sin in double (see the file comment).
+  /// Precondition (`POSENC_ASSERT`): `cols % head_dim == 0`, `pos.size() == rows`. No allocation.
+  template <matrix_argument M>
+  void rotate(M&& x, positions pos) const {
+    auto v = view_of(std::forward<M>(x));
+    using S = std::remove_pointer_t<decltype(v.data)>;
+    static_assert(!std::is_const_v<S>, "posenc::rope::rotate: x is rotated in place and must be mutable");
+    static_assert(storage_for<S, T>, "posenc::rope<T>::rotate: the storage type must compute in T "
+                                     "(float, bfloat16 or half for rope<float>; double for rope<double>)");
+    check_shape(v.rows, v.cols, pos);
+    const index_t heads = v.cols / p_.head_dim;
+    if (v.rows == 0 || heads == 0) return;
+    const bool inter = p_.layout == rope_layout::interleaved;
+    const auto kernel = detail::select_rope_kernel<S, T>(inter);
+    constexpr index_t chunk = 128;  // pairs per stack buffer
+    alignas(64) T a[2 * chunk];
+    alignas(64) T b[chunk];
+    const index_t half = r_ / 2;
+    for (index_t i = 0; i < v.rows; ++i) {
+      const position p = pos[i];
+      for (index_t k0 = 0; k0 < half; k0 += chunk) {
+        const index_t m = std::min(chunk, half - k0);
+        for (index_t k = 0; k < m; ++k) {
+          double c = 0, s = 0;
+          detail::rope_cos_sin(p, turns_[static_cast<std::size_t>(k0 + k)], exact_, c, s);
+          if (inter) {
+            a[2 * k] = static_cast<T>(c * magnitude_);
+            a[2 * k + 1] = static_cast<T>(s * magnitude_);
+          } else {
+            a[k] = static_cast<T>(c * magnitude_);
+            b[k] = static_cast<T>(s * magnitude_);
+          }
+        }
+        if (inter) {
+          kernel(v.row(i), heads, p_.head_dim, 2 * k0, 0, 2 * m, a, b);
+        } else {
+          kernel(v.row(i), heads, p_.head_dim, k0, half + k0, m, a, b);
+        }
+      }
+    }
+  }
+
+  /// The cos/sin table for positions `[start, start + count)` (see `rope_cache`); values equal
+  /// those `rotate(x, pos)` computes, bit for bit. Allocates `count * rotary_dim` values of `T`.
+  /// Precondition (`POSENC_ASSERT`): `count >= 0`, and `start + count` does not overflow.
+  rope_cache<T> make_cache(position start, index_t count) const {
+    POSENC_ASSERT(count >= 0, "rope::make_cache: negative count");
+    POSENC_ASSERT(start <= std::numeric_limits<position>::max() - static_cast<position>(count),
+                  "rope::make_cache: start + count overflows");
+    rope_cache<T> c;
+    c.start_ = start;
+    c.count_ = count;
+    c.rotary_dim_ = r_;
+    c.layout_ = p_.layout;
+    c.fingerprint_ = fingerprint_;
+    const index_t half = r_ / 2;
+    const bool inter = p_.layout == rope_layout::interleaved;
+    c.a_.resize(static_cast<std::size_t>(count * (inter ? r_ : half)));
+    if (!inter) c.b_.resize(static_cast<std::size_t>(count * half));
+    for (index_t i = 0; i < count; ++i) {
+      const position p = start + static_cast<position>(i);
+      for (index_t k = 0; k < half; ++k) {
+        double cv = 0, sv = 0;
+        detail::rope_cos_sin(p, turns_[static_cast<std::size_t>(k)], exact_, cv, sv);
+        if (inter) {
+          c.a_[static_cast<std::size_t>(i * r_ + 2 * k)] = static_cast<T>(cv * magnitude_);
+          c.a_[static_cast<std::size_t>(i * r_ + 2 * k + 1)] = static_cast<T>(sv * magnitude_);
+        } else {
+          c.a_[static_cast<std::size_t>(i * half + k)] = static_cast<T>(cv * magnitude_);
+          c.b_[static_cast<std::size_t>(i * half + k)] = static_cast<T>(sv * magnitude_);
+        }
+      }
+    }
+    return c;
+  }
+
+  /// Rotates every head of `x` in place like `rotate(x, pos)`, reading cos/sin from `cache`
+  /// (same bits). Preconditions (`POSENC_ASSERT`): as `rotate(x, pos)`, `cache` was made by an
+  /// encoder with the same parameters, and every position lies in the cache's range (in any
+  /// order). No allocation.
+  template <matrix_argument M>
+  void rotate(M&& x, positions pos, const rope_cache<T>& cache) const {
+    auto v = view_of(std::forward<M>(x));
+    using S = std::remove_pointer_t<decltype(v.data)>;
+    static_assert(!std::is_const_v<S>, "posenc::rope::rotate: x is rotated in place and must be mutable");
+    static_assert(storage_for<S, T>, "posenc::rope<T>::rotate: the storage type must compute in T "
+                                     "(float, bfloat16 or half for rope<float>; double for rope<double>)");
+    check_shape(v.rows, v.cols, pos);
+    POSENC_ASSERT(cache.fingerprint_ == fingerprint_ && cache.rotary_dim_ == r_ && cache.layout_ == p_.layout,
+                  "rope::rotate: the cache was made by a rope with other parameters");
+    const index_t heads = v.cols / p_.head_dim;
+    if (v.rows == 0 || heads == 0) return;
+    const bool inter = p_.layout == rope_layout::interleaved;
+    const auto kernel = detail::select_rope_kernel<S, T>(inter);
+    const index_t half = r_ / 2;
+    const index_t width = inter ? r_ : half;
+    for (index_t i = 0; i < v.rows; ++i) {
+      const position p = pos[i];
+      POSENC_ASSERT(cache.contains(p), "rope::rotate: position outside the cache's range");
+      const index_t at = static_cast<index_t>(p - cache.start_) * width;
+      if (inter) {
+        kernel(v.row(i), heads, p_.head_dim, 0, 0, r_, cache.a_.data() + at, nullptr);
+      } else {
+        kernel(v.row(i), heads, p_.head_dim, 0, half, half, cache.a_.data() + at, cache.b_.data() + at);
+      }
+    }
+  }
+
+ private:
+  void check_shape(index_t rows, index_t cols, const positions& pos) const {
+    POSENC_ASSERT(cols % p_.head_dim == 0, "rope::rotate: the column count must be a multiple of head_dim");
+    POSENC_ASSERT(pos.size() == rows, "rope::rotate: one position per row expected");
+  }
+
+  rope_params p_;
+  index_t r_ = 0;
+  double magnitude_ = 1.0;
+  bool exact_ = true;
+  std::uint64_t fingerprint_ = 0;
+  std::vector<double> inv_freq_;
+  std::vector<detail::rope_turns> turns_;
+};
+
+}  // namespace posenc
