@@ -92,7 +92,8 @@ struct t5_bias_params {
 ///
 /// `T` (float or double) is the type the table is stored in. The constructor copies the table (so
 /// the caller's buffer may go away) and precomputes a bucket lookup table over the distances below
-/// saturation (at most 4097 entries per side), so tiles cost a lookup, not a logarithm, per element.
+/// saturation (at most 4097 entries per side), so tiles cost a lookup, not a logarithm, per element;
+/// distances past saturation clamp onto the end entries, so list positions need no branch either.
 ///
 /// Immutable after construction; safe to share across threads. Only the constructor allocates.
 template <class T>
@@ -141,8 +142,10 @@ class t5_relative_bias {
     }
     saturation_ = thresholds_.empty() ? static_cast<position>(max_exact_) : thresholds_.back();
     reach_ = std::min<position>(saturation_, lookup_cap);
-    near_.resize(static_cast<std::size_t>(2 * reach_ + 1));
-    for (position r = -reach_; r <= reach_; ++r) near_[r + reach_] = static_cast<std::int32_t>(bucket_slow(r));
+    // One more entry on each side: when saturated, it stands for every farther distance too.
+    near_.resize(static_cast<std::size_t>(2 * reach_ + 3));
+    for (position r = -reach_ - 1; r <= reach_ + 1; ++r)
+      near_[r + reach_ + 1] = static_cast<std::int32_t>(bucket_slow(r));
   }
 
   /// "t5_relative_bias".
@@ -164,7 +167,7 @@ class t5_relative_bias {
 
   /// The bucket of `relative = kpos - qpos` under this encoder's parameters (lookup, no logarithm).
   index_t bucket(position relative) const {
-    if (relative >= -reach_ && relative <= reach_) return near_[relative + reach_];
+    if (relative >= -reach_ && relative <= reach_) return near_[relative + reach_ + 1];
     return far_bucket(relative);
   }
 
@@ -187,25 +190,30 @@ class t5_relative_bias {
     POSENC_ASSERT(t.rows == q.size() && t.cols == k.size(),
                   "t5_relative_bias::add_bias_tile: tile must be [q.size(), k.size()]");
     const T* bias_h = head_table(local_head);
-    const std::int32_t* near_mid = near_.data() + reach_;  // near_mid[r] for r in [-reach_, reach_]
+    const std::int32_t* near_mid = near_.data() + reach_ + 1;  // near_mid[r] for r in [-reach_-1, reach_+1]
+    const position lim = reach_ + 1;
     const index_t n = t.cols;
     const bool saturated = reach_ == saturation_;
     for (index_t i = 0; i < t.rows; ++i) {
       E* row = t.row(i);
       const position qi = q[i];
-      if (k.is_range() && saturated) {
+      if (!saturated) {
+        for (index_t j = 0; j < n; ++j) row[j] += static_cast<E>(bias_h[bucket(k[j] - qi)]);
+      } else if (k.is_range()) {
         // rel = r0 + j runs through three segments: all beyond -reach_ (one bucket), the lookup
         // window, all beyond +reach_ (one bucket).
         const position r0 = k.start() - qi;
         const index_t j1 = static_cast<index_t>(std::clamp<position>(-reach_ - r0, 0, n));
         const index_t j2 = static_cast<index_t>(std::clamp<position>(reach_ + 1 - r0, j1, n));
-        const E below = static_cast<E>(bias_h[far_bucket(-reach_ - 1)]);
-        const E above = static_cast<E>(bias_h[far_bucket(reach_ + 1)]);
+        const E below = static_cast<E>(bias_h[near_mid[-lim]]);
+        const E above = static_cast<E>(bias_h[near_mid[lim]]);
         for (index_t j = 0; j < j1; ++j) row[j] += below;
         for (index_t j = j1; j < j2; ++j) row[j] += static_cast<E>(bias_h[near_mid[r0 + j]]);
         for (index_t j = j2; j < n; ++j) row[j] += above;
       } else {
-        for (index_t j = 0; j < n; ++j) row[j] += static_cast<E>(bias_h[bucket(k[j] - qi)]);
+        // Every distance past saturation shares the end entries: a clamp, no branch.
+        for (index_t j = 0; j < n; ++j)
+          row[j] += static_cast<E>(bias_h[near_mid[std::clamp<position>(k[j] - qi, -lim, lim)]]);
       }
     }
   }
@@ -269,7 +277,7 @@ class t5_relative_bias {
   index_t max_exact_ = 0;
   std::vector<position> thresholds_;
   position saturation_ = 0;  // smallest distance in the last bucket of its half
-  position reach_ = 0;       // near_ covers rel in [-reach_, reach_]
+  position reach_ = 0;       // near_ covers rel in [-reach_ - 1, reach_ + 1]
   std::vector<std::int32_t> near_;
 };
 
