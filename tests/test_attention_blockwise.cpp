@@ -10,6 +10,9 @@
 
 #include "posenc/attention/blockwise.hpp"
 #include "posenc/attention/reference.hpp"
+#include "posenc/encoders/alibi.hpp"
+#include "posenc/encoders/shaw.hpp"
+#include "posenc/encoders/t5_bias.hpp"
 
 using posenc::index_t;
 using posenc::position;
@@ -220,4 +223,72 @@ TEST_CASE("blockwise: the portable and the run-time selected kernels agree", "[a
   INFO("kernels in use by default: " << posenc::detail::kernels_for<float>().name);
   CHECK((fast - portable).cwiseAbs().maxCoeff() <= 1e-5f);
   CHECK((lf - lp).cwiseAbs().maxCoeff() <= 1e-5f);
+}
+
+namespace {
+
+// The score-bias families in float and double, built from the same parameters and tables.
+struct bias_encoders {
+  posenc::alibi<float> alibi_f{{.num_heads = 8, .head_offset = 0}};
+  posenc::alibi<double> alibi_d{{.num_heads = 8, .head_offset = 0}};
+  posenc::row_matrix<double> t5_table = random_matrix<double>(32, 8, 41);
+  posenc::t5_relative_bias<float> t5_f{{.num_heads = 8, .num_buckets = 32, .max_distance = 128},
+                                       posenc::row_matrix<float>(t5_table.cast<float>())};
+  posenc::t5_relative_bias<double> t5_d{{.num_heads = 8, .num_buckets = 32, .max_distance = 128}, t5_table};
+  posenc::row_matrix<double> ak = random_matrix<double>(2 * 5 + 1, 16, 42), av = random_matrix<double>(2 * 5 + 1, 16, 43);
+  posenc::shaw_relative<float> shaw_f{{.head_dim = 16, .max_relative_position = 5},
+                                      posenc::row_matrix<float>(ak.cast<float>()),
+                                      posenc::row_matrix<float>(av.cast<float>())};
+  posenc::shaw_relative<double> shaw_d{{.head_dim = 16, .max_relative_position = 5}, ak, av};
+};
+
+}  // namespace
+
+TEST_CASE("blockwise equals the reference with ALiBi, T5 and Shaw, every tile size and mask",
+          "[attention][blockwise][bias]") {
+  const bias_encoders e;
+  for (index_t tile : {1, 7, 16, 64, 128}) {
+    for (index_t n : {std::max<index_t>(tile - 1, 1), tile + 1, index_t{300}}) {
+      if (tile == 1 && n == 300) continue;
+      for (int mask = 0; mask < 3; ++mask) {
+        posenc::attention_params p{.heads = 8, .kv_heads = 2, .q_tile = tile, .k_tile = tile};
+        if (mask == 1) p.causal = true;
+        if (mask == 2) p.window_left = 9, p.window_right = 4;
+        const problem pr{.heads = 8, .kv_heads = 2, .d = 16, .n_q = n, .n_kv = n};
+        compare(pr, p, e.alibi_f, e.alibi_d);
+        compare(pr, p, e.t5_f, e.t5_d);
+        compare(pr, p, e.shaw_f, e.shaw_d);
+      }
+    }
+  }
+}
+
+TEST_CASE("blockwise bias results are invariant to shifting all positions", "[attention][blockwise][bias]") {
+  const bias_encoders e;
+  const index_t n = 90, d = 16, heads = 8;
+  const auto q = random_matrix<float>(n, heads * d, 1);
+  const auto k = random_matrix<float>(n, 2 * d, 2);
+  const auto v = random_matrix<float>(n, 2 * d, 3);
+  const posenc::attention_params p{.heads = heads, .kv_heads = 2, .causal = true, .q_tile = 16, .k_tile = 32};
+  auto run = [&](const auto& enc, position shift) {
+    posenc::row_matrix<float> out(n, heads * d);
+    posenc::attention(q, k, v, out, posenc::arange(shift, n), posenc::arange(shift, n), enc, p);
+    return out;
+  };
+  for (position shift : {position{1000}, position{1} << 40, position{-77}}) {
+    INFO("shift " << shift);
+    CHECK(run(e.alibi_f, 0) == run(e.alibi_f, shift));
+    CHECK(run(e.t5_f, 0) == run(e.t5_f, shift));
+    CHECK(run(e.shaw_f, 0) == run(e.shaw_f, shift));
+  }
+}
+
+TEST_CASE("blockwise decode with ALiBi at the end of a long cache uses global positions", "[attention][blockwise][bias]") {
+  const bias_encoders e;
+  // 3 queries at positions 997..999 against 1000 cached keys, tiles far from the queries skipped
+  // by the window, the rest biased by global distance.
+  compare({.heads = 8, .kv_heads = 2, .d = 16, .n_q = 3, .n_kv = 1000, .q0 = 997},
+          {.heads = 8, .kv_heads = 2, .causal = true, .window_left = 300}, e.alibi_f, e.alibi_d);
+  compare({.heads = 8, .kv_heads = 2, .d = 16, .n_q = 3, .n_kv = 1000, .q0 = 997},
+          {.heads = 8, .kv_heads = 2, .causal = true}, e.shaw_f, e.shaw_d);
 }
