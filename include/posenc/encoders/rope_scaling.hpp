@@ -71,7 +71,7 @@ struct dynamic_ntk_scaling {
 /// `ramp_i = clamp((i - low) / (high - low), 0, 1)`, `inv_i = (inv_i / s) ramp_i + inv_i (1 - ramp_i)`.
 /// Magnitude: `0.1 ln s + 1` (1 for `s <= 1`); when both `mscale` and `mscale_all_dim` are set
 /// (non-zero), `(0.1 mscale ln s + 1) / (0.1 mscale_all_dim ln s + 1)` (DeepSeek-V2/V3), as HF does.
-/// Needs `base > 1`. HF `rope_type = "yarn"`.
+/// Needs `base > 1` and a non-empty range after clamping (`low <= high`). HF `rope_type = "yarn"`.
 struct yarn_scaling {
   double factor = 1.0;                    ///< `s > 0`
   position original_max_position = 4096;  ///< `L0 > 0`
@@ -380,6 +380,11 @@ POSENC_STRICT_FP inline rope_frequencies policy_table(const yarn_scaling& p, ind
   POSENC_STRICT_FP_BODY
   using real = long double;
   const yarn_correction c = yarn_correction_range(p, r, base);
+  // Clamping can leave high < low (an original length so short, or so long, for this base and
+  // rotary dim that every pair falls on one side); HF would then ramp backwards.
+  require(c.low <= c.high, "yarn_scaling.original_max_position", p.original_max_position,
+          "gives an empty YaRN correction range [" + to_text(c.low) + ", " + to_text(c.high) +
+              "] for base " + to_text(base) + " and rotary_dim " + std::to_string(r));
   const real low = c.low;
   const real high = c.low == c.high ? static_cast<real>(c.high) + 0.001L : static_cast<real>(c.high);
   rope_frequencies out{plain_table(base, r), yarn_magnitude(p)};
