@@ -1,8 +1,8 @@
 # Shared by scripts/test and scripts/bench (sourced, not run).
 
 # The Debian packages posenc's scripts need: compilers, CMake, Eigen, Catch2, Google Benchmark,
-# and clang's sanitizer runtimes.
-POSENC_PACKAGES=(cmake make g++ clang libclang-rt-14-dev libeigen3-dev catch2 libbenchmark-dev)
+# clang's sanitizer and OpenMP runtimes.
+POSENC_PACKAGES=(cmake make g++ clang libclang-rt-14-dev libomp-dev libeigen3-dev catch2 libbenchmark-dev)
 
 # posenc_ensure_packages PKG...: installs what is missing when run as root (apt-get update only
 # if something is missing); otherwise names the missing packages and exits 1.

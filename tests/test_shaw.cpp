@@ -285,8 +285,9 @@ TEST_CASE("shaw hot-path preconditions", "[shaw]") {
   const mat<float> t = mat<float>::Zero(5, 4);
   posenc::shaw_relative<float> enc({.head_dim = 4, .max_relative_position = 2}, t, t);
   const auto qp = posenc::arange(0, 3), kp = posenc::arange(0, 6);
-  mat<float> q(3, 4), q_bad(3, 5), g(3, 5), g_bad(3, 4), tile(3, 6), tile_bad(3, 7), w(3, 5), w_bad(2, 5),
-      out(3, 4), out_bad(3, 3);
+  auto z = [](posenc::index_t r, posenc::index_t c) { return mat<float>(mat<float>::Zero(r, c)); };
+  mat<float> q = z(3, 4), q_bad = z(3, 5), g = z(3, 5), g_bad = z(3, 4), tile = z(3, 6), tile_bad = z(3, 7),
+             w = z(3, 5), w_bad = z(2, 5), out = z(3, 4), out_bad = z(3, 3);
   CHECK_THROWS_AS(enc.query_terms(q_bad, g), posenc::assertion_error);
   CHECK_THROWS_AS(enc.query_terms(q, g_bad), posenc::assertion_error);
   CHECK_THROWS_AS(enc.add_bias_tile(tile_bad, g, qp, kp), posenc::assertion_error);
