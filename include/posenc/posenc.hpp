@@ -6,6 +6,20 @@
 /// Umbrella header: everything public in posenc. Projects that care about compile time may
 /// include the individual headers instead (each one compiles on its own).
 
-#include "posenc/concepts.hpp"
 #include "posenc/config.hpp"
 #include "posenc/types.hpp"
+#include "posenc/concepts.hpp"
+
+#include "posenc/encoders/sinusoidal.hpp"
+#include "posenc/encoders/rope_scaling.hpp"
+#include "posenc/encoders/hf_config.hpp"
+#include "posenc/encoders/rope.hpp"
+#include "posenc/encoders/alibi.hpp"
+#include "posenc/encoders/t5_bias.hpp"
+#include "posenc/encoders/shaw.hpp"
+
+#include "posenc/attention/params.hpp"
+#include "posenc/attention/workspace.hpp"
+#include "posenc/attention/reference.hpp"
+#include "posenc/attention/blockwise.hpp"
+#include "posenc/attention/merge.hpp"
