@@ -347,6 +347,15 @@ TEMPLATE_TEST_CASE("rope cache path equals the direct path bit for bit", "[rope]
     rope.rotate(c, posenc::arange(start + 10, 33));
     rope.rotate(d, posenc::arange(start + 10, 33), cache);
     CHECK(bitwise_equal(c, d));
+    // A rotary dim wider than one stack chunk (290 pairs), through both paths.
+    posenc::rope<T> wide({.head_dim = 600, .rotary_dim = 580, .layout = layout, .base = 1e6});
+    auto wide_cache = wide.make_cache(-7, 40);
+    const auto wide_pos = random_positions(5, -7, 32, 83);
+    auto e = random_matrix<T>(5, 2 * 600, 84);
+    auto f = e;
+    wide.rotate(e, posenc::positions(wide_pos));
+    wide.rotate(f, posenc::positions(wide_pos), wide_cache);
+    CHECK(bitwise_equal(e, f));
     // The cache's values are the magnitude times cos/sin of the reference angle.
     const ld inv0 = 1.0L;  // pair 0 is kept by YaRN (it turns fastest)
     const ld angle = ld(start + 5) * inv0;

@@ -6,14 +6,19 @@
 ///
 /// A row kernel rotates `heads` heads of `head_dim` elements starting at `row`:
 /// - half-split: pairs `(x[lo + k], x[hi + k])`, `k < n`, by `(c[k], s[k])`;
-/// - interleaved: elements `x[lo + j]`, `j < n` (even), where `(x[lo + 2i], x[lo + 2i + 1])` is a
-///   pair and `cs[2i] = cos`, `cs[2i + 1] = sin` (the second table is unused).
-/// Pair `(a, b)` becomes `(a cos - b sin, b cos + a sin)`, each product rounded, then the sum:
-/// all versions give the same bits (no FMA; see detail/cpu.hpp).
+/// - interleaved: elements `x[lo + j]`, `j < n` (even, `n <= k_rope_max_chunk`), where
+///   `(x[lo + 2i], x[lo + 2i + 1])` is a pair and `cs[2i] = cos`, `cs[2i + 1] = sin` (the second
+///   table is unused).
+/// Pair `(a, b)` becomes `(a cos - b sin, b cos + a sin)`, each product rounded, then the sum
+/// (`a cos + b (-sin)` is the same number): all versions give the same bits (no FMA; see
+/// detail/cpu.hpp).
 ///
-/// The x86 versions keep the cos/sin row in L1 across heads and stream the row once; the
-/// interleaved one duplicates cos and sin within registers (`moveldup`/`movehdup`) and swaps the
-/// pair's partners with an in-lane permute, so its table is no larger than the half-split one.
+/// The x86 versions keep the cos/sin row in L1 across heads and stream the row once. (Peeling a
+/// head so the stores are aligned was measured slower on Zen 4 than the split stores it avoids,
+/// for 16-byte aligned rows of 128-dim heads.) The interleaved one
+/// expands the packed row once per call into `[c c ...]` and `[-s s ...]`, so each head costs
+/// one in-lane swap, two products and a sum per vector; its table stays as small as the
+/// half-split one.
 
 #include <concepts>
 
@@ -21,6 +26,10 @@
 #include "posenc/types.hpp"
 
 namespace posenc::detail {
+
+/// The most elements an interleaved row kernel takes in one call (its expanded row lives on the
+/// stack).
+inline constexpr index_t k_rope_max_chunk = 256;
 
 /// A row kernel for storage `S` computing in `T` (see the file comment).
 template <class S, class T>
@@ -52,7 +61,7 @@ POSENC_STRICT_FP void rope_interleaved_portable(S* row, index_t heads, index_t h
     for (index_t j = 0; j < n; j += 2) {
       const T a = static_cast<T>(x[j]);
       const T b = static_cast<T>(x[j + 1]);
-      x[j] = static_cast<S>(a * cs[j] - b * cs[j + 1]);
+      x[j] = static_cast<S>(a * cs[j] + b * -cs[j + 1]);
       x[j + 1] = static_cast<S>(b * cs[j] + a * cs[j + 1]);
     }
   }
@@ -64,7 +73,7 @@ POSENC_STRICT_FP void rope_interleaved_portable(S* row, index_t heads, index_t h
 // (The AVX-512 shuffles use the zero-masked intrinsics with a full mask: the same instructions,
 // without g++ 12's false -Wmaybe-uninitialized on `_mm512_undefined_ps`.)
 // `swap` exchanges the two elements of every pair; `dup_even` / `dup_odd` broadcast the first /
-// second element of every pair; `addsub(p, q)` is `p - q` in even lanes and `p + q` in odd ones.
+// second element of every pair; `neg_even` flips the sign of the even lanes (exact).
 
 struct avx512_f32 {
   using scalar = float;
@@ -86,8 +95,8 @@ struct avx512_f32 {
   POSENC_TARGET_AVX512 POSENC_STRICT_FP static reg swap(reg a) { return _mm512_maskz_permute_ps(all, a, 0xB1); }
   POSENC_TARGET_AVX512 POSENC_STRICT_FP static reg dup_even(reg a) { return _mm512_maskz_moveldup_ps(all, a); }
   POSENC_TARGET_AVX512 POSENC_STRICT_FP static reg dup_odd(reg a) { return _mm512_maskz_movehdup_ps(all, a); }
-  POSENC_TARGET_AVX512 POSENC_STRICT_FP static reg addsub(reg p, reg q) {
-    return _mm512_mask_sub_ps(_mm512_add_ps(p, q), static_cast<__mmask16>(0x5555), p, q);
+  POSENC_TARGET_AVX512 POSENC_STRICT_FP static reg neg_even(reg a) {
+    return _mm512_xor_ps(a, _mm512_castsi512_ps(_mm512_set1_epi64(0x80000000ll)));
   }
 };
 
@@ -111,8 +120,8 @@ struct avx512_f64 {
   POSENC_TARGET_AVX512 POSENC_STRICT_FP static reg swap(reg a) { return _mm512_maskz_permute_pd(all, a, 0x55); }
   POSENC_TARGET_AVX512 POSENC_STRICT_FP static reg dup_even(reg a) { return _mm512_maskz_movedup_pd(all, a); }
   POSENC_TARGET_AVX512 POSENC_STRICT_FP static reg dup_odd(reg a) { return _mm512_maskz_permute_pd(all, a, 0xFF); }
-  POSENC_TARGET_AVX512 POSENC_STRICT_FP static reg addsub(reg p, reg q) {
-    return _mm512_mask_sub_pd(_mm512_add_pd(p, q), static_cast<__mmask8>(0x55), p, q);
+  POSENC_TARGET_AVX512 POSENC_STRICT_FP static reg neg_even(reg a) {
+    return _mm512_xor_pd(a, _mm512_castsi512_pd(_mm512_set_epi64(0, 1ll << 63, 0, 1ll << 63, 0, 1ll << 63, 0, 1ll << 63)));
   }
 };
 
@@ -129,7 +138,9 @@ struct avx2_f32 {
   POSENC_TARGET_AVX2 POSENC_STRICT_FP static reg swap(reg a) { return _mm256_permute_ps(a, 0xB1); }
   POSENC_TARGET_AVX2 POSENC_STRICT_FP static reg dup_even(reg a) { return _mm256_moveldup_ps(a); }
   POSENC_TARGET_AVX2 POSENC_STRICT_FP static reg dup_odd(reg a) { return _mm256_movehdup_ps(a); }
-  POSENC_TARGET_AVX2 POSENC_STRICT_FP static reg addsub(reg p, reg q) { return _mm256_addsub_ps(p, q); }
+  POSENC_TARGET_AVX2 POSENC_STRICT_FP static reg neg_even(reg a) {
+    return _mm256_xor_ps(a, _mm256_castsi256_ps(_mm256_set1_epi64x(0x80000000ll)));
+  }
 };
 
 struct avx2_f64 {
@@ -145,68 +156,93 @@ struct avx2_f64 {
   POSENC_TARGET_AVX2 POSENC_STRICT_FP static reg swap(reg a) { return _mm256_permute_pd(a, 0x5); }
   POSENC_TARGET_AVX2 POSENC_STRICT_FP static reg dup_even(reg a) { return _mm256_movedup_pd(a); }
   POSENC_TARGET_AVX2 POSENC_STRICT_FP static reg dup_odd(reg a) { return _mm256_permute_pd(a, 0xF); }
-  POSENC_TARGET_AVX2 POSENC_STRICT_FP static reg addsub(reg p, reg q) { return _mm256_addsub_pd(p, q); }
+  POSENC_TARGET_AVX2 POSENC_STRICT_FP static reg neg_even(reg a) {
+    return _mm256_xor_pd(a, _mm256_castsi256_pd(_mm256_set_epi64x(0, 1ll << 63, 0, 1ll << 63)));
+  }
 };
 
 // The kernels, once per instruction set (a target attribute cannot depend on a template
-// argument). The bodies are the same; the AVX2 tails fall back to scalar code.
+// argument). The bodies are the same; the AVX-512 heads and tails are masked, the AVX2 ones
+// scalar.
 
-#define POSENC_ROPE_HALF_BODY(V)                                                          \
-  using T = typename V::scalar;                                                           \
-  using reg = typename V::reg;                                                            \
-  constexpr index_t w = V::width;                                                         \
-  const index_t full = n - n % w;                                                         \
-  for (index_t h = 0; h < heads; ++h) {                                                   \
-    T* xl = row + h * head_dim + lo;                                                      \
-    T* xh = row + h * head_dim + hi;                                                      \
-    for (index_t k = 0; k < full; k += w) {                                               \
-      const reg a = V::load(xl + k), b = V::load(xh + k);                                 \
-      const reg cc = V::load(c + k), ss = V::load(s + k);                                 \
-      V::store(xl + k, V::sub(V::mul(a, cc), V::mul(b, ss)));                             \
-      V::store(xh + k, V::add(V::mul(b, cc), V::mul(a, ss)));                             \
-    }                                                                                     \
-    if constexpr (V::masked) {                                                            \
-      if (full < n) {                                                                     \
-        const index_t m = n - full;                                                       \
-        const reg a = V::load(xl + full, m), b = V::load(xh + full, m);                   \
-        const reg cc = V::load(c + full, m), ss = V::load(s + full, m);                   \
-        V::store(xl + full, V::sub(V::mul(a, cc), V::mul(b, ss)), m);                     \
-        V::store(xh + full, V::add(V::mul(b, cc), V::mul(a, ss)), m);                     \
-      }                                                                                   \
-    } else {                                                                              \
-      for (index_t k = full; k < n; ++k) {                                                \
-        const T a = xl[k], b = xh[k];                                                     \
-        xl[k] = a * c[k] - b * s[k];                                                      \
-        xh[k] = b * c[k] + a * s[k];                                                      \
-      }                                                                                   \
-    }                                                                                     \
+#define POSENC_ROPE_HALF_STEP(V, k, m)                                               \
+  {                                                                                 \
+    const reg a = V::load(xl + (k) m), b = V::load(xh + (k) m);                     \
+    const reg cc = V::load(c + (k) m), ss = V::load(s + (k) m);                     \
+    V::store(xl + (k), V::sub(V::mul(a, cc), V::mul(b, ss)) m);                     \
+    V::store(xh + (k), V::add(V::mul(b, cc), V::mul(a, ss)) m);                     \
   }
 
-#define POSENC_ROPE_INTERLEAVED_BODY(V)                                                   \
-  using T = typename V::scalar;                                                           \
-  using reg = typename V::reg;                                                            \
-  constexpr index_t w = V::width;                                                         \
-  const index_t full = n - n % w;                                                         \
-  for (index_t h = 0; h < heads; ++h) {                                                   \
-    T* x = row + h * head_dim + lo;                                                       \
-    for (index_t j = 0; j < full; j += w) {                                               \
-      const reg v = V::load(x + j), t = V::load(cs + j);                                  \
-      V::store(x + j, V::addsub(V::mul(v, V::dup_even(t)), V::mul(V::swap(v), V::dup_odd(t)))); \
-    }                                                                                     \
-    if constexpr (V::masked) {                                                            \
-      if (full < n) {                                                                     \
-        const index_t m = n - full;                                                       \
-        const reg v = V::load(x + full, m), t = V::load(cs + full, m);                    \
-        V::store(x + full, V::addsub(V::mul(v, V::dup_even(t)), V::mul(V::swap(v), V::dup_odd(t))), m); \
-      }                                                                                   \
-    } else {                                                                              \
-      for (index_t j = full; j < n; j += 2) {                                             \
-        const T a = x[j], b = x[j + 1];                                                   \
-        x[j] = a * cs[j] - b * cs[j + 1];                                                 \
-        x[j + 1] = b * cs[j] + a * cs[j + 1];                                             \
-      }                                                                                   \
-    }                                                                                     \
+// Scalar heads and tails are macros, not lambdas: g++'s optimize attribute (no FMA
+// contraction) does not reach into lambdas.
+#define POSENC_ROPE_HALF_SCALAR(k)                                                   \
+  {                                                                                 \
+    const T a = xl[k], b = xh[k];                                                   \
+    xl[k] = a * c[k] - b * s[k];                                                    \
+    xh[k] = b * c[k] + a * s[k];                                                    \
   }
+
+#define POSENC_ROPE_INTERLEAVED_SCALAR(j)                                            \
+  {                                                                                 \
+    const T a = x[j], b = x[(j) + 1];                                               \
+    x[j] = a * cc[j] + b * ss[j];                                                   \
+    x[(j) + 1] = b * cc[(j) + 1] + a * ss[(j) + 1];                                 \
+  }
+
+#define POSENC_ROPE_HALF_BODY(V)                                                     \
+  using T = typename V::scalar;                                                      \
+  using reg = typename V::reg;                                                       \
+  constexpr index_t w = V::width;                                                    \
+  for (index_t h = 0; h < heads; ++h) {                                              \
+    T* xl = row + h * head_dim + lo;                                                 \
+    T* xh = row + h * head_dim + hi;                                                 \
+    index_t k = 0;                                                                   \
+    for (; k + w <= n; k += w) POSENC_ROPE_HALF_STEP(V, k, )                         \
+    if constexpr (V::masked) {                                                       \
+      if (k < n) POSENC_ROPE_HALF_STEP(V, k, POSENC_COMMA n - k)                     \
+    } else {                                                                         \
+      for (; k < n; ++k) POSENC_ROPE_HALF_SCALAR(k)                                          \
+    }                                                                                \
+  }
+
+#define POSENC_ROPE_INTERLEAVED_STEP(V, j, m)                                        \
+  {                                                                                 \
+    const reg v = V::load(x + (j) m);                                               \
+    V::store(x + (j), V::add(V::mul(v, V::load(cc + (j) m)), V::mul(V::swap(v), V::load(ss + (j) m))) m); \
+  }
+
+#define POSENC_ROPE_INTERLEAVED_BODY(V)                                              \
+  using T = typename V::scalar;                                                      \
+  using reg = typename V::reg;                                                       \
+  constexpr index_t w = V::width;                                                    \
+  /* The row expanded once: cc = [c0 c0 c1 c1 ..], ss = [-s0 s0 -s1 s1 ..]. */        \
+  alignas(64) T cc[k_rope_max_chunk];                                                \
+  alignas(64) T ss[k_rope_max_chunk];                                                \
+  {                                                                                  \
+    index_t j = 0;                                                                   \
+    for (; j + w <= n; j += w) {                                                     \
+      const reg t = V::load(cs + j);                                                 \
+      V::store(cc + j, V::dup_even(t));                                              \
+      V::store(ss + j, V::neg_even(V::dup_odd(t)));                                  \
+    }                                                                                \
+    for (; j < n; j += 2) {                                                          \
+      cc[j] = cc[j + 1] = cs[j];                                                     \
+      ss[j] = -cs[j + 1];                                                            \
+      ss[j + 1] = cs[j + 1];                                                         \
+    }                                                                                \
+  }                                                                                  \
+  for (index_t h = 0; h < heads; ++h) {                                              \
+    T* x = row + h * head_dim + lo;                                                  \
+    index_t j = 0;                                                                   \
+    for (; j + w <= n; j += w) POSENC_ROPE_INTERLEAVED_STEP(V, j, )                  \
+    if constexpr (V::masked) {                                                       \
+      if (j < n) POSENC_ROPE_INTERLEAVED_STEP(V, j, POSENC_COMMA n - j)              \
+    } else {                                                                         \
+      for (; j < n; j += 2) POSENC_ROPE_INTERLEAVED_SCALAR(j)                                            \
+    }                                                                                \
+  }
+
+#define POSENC_COMMA ,
 
 template <class V>
 POSENC_TARGET_AVX512 POSENC_STRICT_FP void rope_half_avx512(typename V::scalar* row, index_t heads, index_t head_dim,
@@ -242,7 +278,12 @@ POSENC_TARGET_AVX2 POSENC_STRICT_FP void rope_interleaved_avx2(typename V::scala
   POSENC_ROPE_INTERLEAVED_BODY(V)
 }
 
+#undef POSENC_COMMA
+#undef POSENC_ROPE_HALF_SCALAR
+#undef POSENC_ROPE_INTERLEAVED_SCALAR
+#undef POSENC_ROPE_HALF_STEP
 #undef POSENC_ROPE_HALF_BODY
+#undef POSENC_ROPE_INTERLEAVED_STEP
 #undef POSENC_ROPE_INTERLEAVED_BODY
 
 #endif  // POSENC_X86_DISPATCH

@@ -18,10 +18,15 @@
 /// own buffer, or a column block of a fused QKV buffer); head `h` is the column block
 /// `[h * head_dim, (h + 1) * head_dim)`, and any number of heads is taken from the column count.
 ///
-/// Numerics: positions are int64, never a float type. Each angle is `p * inv_freq[i]` with the
-/// table in long double, reduced modulo 2 pi with exact products and compensated sums, so cos and
-/// sin keep full float accuracy at any position below 2^52 (about 2^-64 relative error in the
-/// angle on x86, whose long double has 64 bits; about 2^-53 where long double is double).
+/// Numerics: positions are int64, never a float type. Each angle is `p * inv_freq[i]`, taken
+/// modulo 2 pi without rounding the large product: the table of turns per position
+/// (`inv_freq / 2 pi`) is kept in long double precision as two doubles, the position is split so
+/// that every partial product is exact, and the fractional turns are summed with compensation.
+/// The angle's only error is the table's, a few 2^-64 of the angle where long double has 64 bits
+/// (x86; more on aarch64 Linux): 2e-10 rad at position 2^31, far below float's 6e-8, so float
+/// results keep full accuracy there (a float product is useless past 2^24, a double one loses
+/// a few float ulps at 2^31). Where long double is double (MSVC, Apple arm64) the table has
+/// 2^-53 relative precision: a few float ulps at 2^31. Past 2^52 the angle is the plain double product.
 /// cos and sin are evaluated in double, multiplied by the magnitude, then rounded to `T`; the
 /// cached and the direct paths give the same bits. A negative position rotates by a negative
 /// angle (with magnitude 1, the inverse rotation).
@@ -287,7 +292,7 @@ class rope {
     if (v.rows == 0 || heads == 0) return;
     const bool inter = p_.layout == rope_layout::interleaved;
     const auto kernel = detail::select_rope_kernel<S, T>(inter);
-    constexpr index_t chunk = 128;  // pairs per stack buffer
+    constexpr index_t chunk = detail::k_rope_max_chunk / 2;  // pairs per stack buffer
     alignas(64) T a[2 * chunk];
     alignas(64) T b[chunk];
     const index_t half = r_ / 2;
@@ -374,7 +379,10 @@ class rope {
       POSENC_ASSERT(cache.contains(p), "rope::rotate: position outside the cache's range");
       const index_t at = static_cast<index_t>(p - cache.start_) * width;
       if (inter) {
-        kernel(v.row(i), heads, p_.head_dim, 0, 0, r_, cache.a_.data() + at, nullptr);
+        for (index_t j0 = 0; j0 < r_; j0 += detail::k_rope_max_chunk) {
+          const index_t m = std::min(detail::k_rope_max_chunk, r_ - j0);
+          kernel(v.row(i), heads, p_.head_dim, j0, 0, m, cache.a_.data() + at + j0, nullptr);
+        }
       } else {
         kernel(v.row(i), heads, p_.head_dim, 0, half, half, cache.a_.data() + at, cache.b_.data() + at);
       }
