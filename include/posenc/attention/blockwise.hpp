@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <cstring>
 #include <limits>
 
 #if defined(_OPENMP)
@@ -39,7 +40,7 @@ namespace posenc {
 
 namespace detail {
 
-inline constexpr index_t default_q_tile = 64;
+inline constexpr index_t default_q_tile = 256;
 inline constexpr index_t default_k_tile = 128;
 
 /// Extra columns a score-bias encoder needs per query row (Shaw's relative terms), 0 otherwise.
@@ -85,6 +86,10 @@ struct tile_plan {
 /// to the compute type and multiplying by `factor`.
 template <class C, class S>
 void load_rows(strided_view<S> src, index_t row, index_t n, index_t col, index_t d, C factor, C* dst, index_t ld) {
+  if (std::same_as<std::remove_const_t<S>, C> && factor == C(1)) {
+    for (index_t i = 0; i < n; ++i) std::memcpy(dst + i * ld, src.row(row + i) + col, static_cast<std::size_t>(d) * sizeof(C));
+    return;
+  }
   for (index_t i = 0; i < n; ++i) {
     const S* from = src.row(row + i) + col;
     C* to = dst + i * ld;
@@ -206,8 +211,10 @@ void attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, con
   // rotation, and (for values) may be read up to head_dim rounded up to 16 columns.
   const bool keys_in_place = std::same_as<std::remove_const_t<std::remove_pointer_t<decltype(kv.data)>>, C> &&
                              !rotating;
-  const bool values_in_place =
-      std::same_as<std::remove_const_t<std::remove_pointer_t<decltype(vv.data)>>, C> && d == plan.dpad;
+  // Values are always copied into a dense tile: an engine's rows are often 4 KiB apart (kv_heads
+  // * head_dim floats), and rows at such a stride all fall into one L1 set, so reading them in
+  // place evicts each other on every pass of the PV kernel.
+  constexpr bool values_in_place = false;
 
   auto run_item = [&](index_t item, C* scratch) {
     const index_t h = item / q_tiles;
@@ -287,7 +294,8 @@ void attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, con
       } else {
         C* buf = scratch + plan.v;
         detail::load_rows(vv, j0, nk, g * d, d, C(1), buf, plan.dpad);
-        for (index_t j = 0; j < nk; ++j) std::fill(buf + j * plan.dpad + d, buf + (j + 1) * plan.dpad, C(0));
+        if (d != plan.dpad)
+          for (index_t j = 0; j < nk; ++j) std::fill(buf + j * plan.dpad + d, buf + (j + 1) * plan.dpad, C(0));
         vrows = buf;
         ldv = plan.dpad;
       }

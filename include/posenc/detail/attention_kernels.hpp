@@ -144,6 +144,9 @@ const tile_kernels<C>& portable_kernels() {
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 #define POSENC_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,fma,bmi2")))
+// The register blocks below must be unrolled completely, or their accumulator arrays live on the
+// stack and every FMA becomes a load and a store.
+#define POSENC_UNROLL _Pragma("GCC unroll 16")
 
 /// exp(x) for x <= 0 (logits minus their running max), 16 lanes: 2^(x log2 e) split into an
 /// integer power, applied with scalef, and a degree-6 polynomial for 2^f on [-1/2, 1/2]
@@ -169,12 +172,14 @@ POSENC_AVX512 inline __mmask16 tail_mask(index_t n) {
   return n >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << n) - 1u);
 }
 
-POSENC_AVX512 inline void transpose16(__m512 r[16]) {
+POSENC_AVX512 __attribute__((always_inline)) inline void transpose16(__m512 r[16]) {
   __m512 t[16], u[16];
+  POSENC_UNROLL
   for (int i = 0; i < 8; ++i) {
     t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
     t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
   }
+  POSENC_UNROLL
   for (int i = 0; i < 4; ++i) {
     const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
     const __m512d c = _mm512_castps_pd(t[4 * i + 2]), e = _mm512_castps_pd(t[4 * i + 3]);
@@ -184,11 +189,14 @@ POSENC_AVX512 inline void transpose16(__m512 r[16]) {
     u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, e));  // column 4k+3
   }
   __m512 v[16];
+  POSENC_UNROLL
   for (int h = 0; h < 2; ++h)
+    POSENC_UNROLL
     for (int m = 0; m < 4; ++m) {
       v[8 * h + m] = _mm512_shuffle_f32x4(u[8 * h + m], u[8 * h + 4 + m], 0x88);
       v[8 * h + 4 + m] = _mm512_shuffle_f32x4(u[8 * h + m], u[8 * h + 4 + m], 0xdd);
     }
+  POSENC_UNROLL
   for (int c = 0; c < 8; ++c) {
     r[c] = _mm512_shuffle_f32x4(v[c], v[8 + c], 0x88);
     r[8 + c] = _mm512_shuffle_f32x4(v[c], v[8 + c], 0xdd);
@@ -201,8 +209,10 @@ POSENC_AVX512 inline void pack_kt_avx512(const float* k, index_t ldk, index_t nk
   for (index_t j0 = 0; j0 < nk16; j0 += 16) {
     for (index_t c0 = 0; c0 < d16; c0 += 16) {
       __m512 r[16];
+      POSENC_UNROLL
       for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(k + (j0 + i) * ldk + c0);
       transpose16(r);
+      POSENC_UNROLL
       for (int i = 0; i < 16; ++i) _mm512_storeu_ps(kt + (c0 + i) * ldkt + j0, r[i]);
     }
     for (index_t c = d16; c < d; ++c)
@@ -220,16 +230,19 @@ template <int R>
 POSENC_AVX512 inline void qk_block_avx512(const float* q, index_t ldq, index_t d, const float* kt, index_t ldkt,
                                           float* s) {
   __m512 acc0[R], acc1[R];
+  POSENC_UNROLL
   for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
   for (index_t c = 0; c < d; ++c) {
     const __m512 b0 = _mm512_loadu_ps(kt + c * ldkt);
     const __m512 b1 = _mm512_loadu_ps(kt + c * ldkt + 16);
+    POSENC_UNROLL
     for (int r = 0; r < R; ++r) {
       const __m512 a = _mm512_set1_ps(q[r * ldq + c]);
       acc0[r] = _mm512_fmadd_ps(a, b0, acc0[r]);
       acc1[r] = _mm512_fmadd_ps(a, b1, acc1[r]);
     }
   }
+  POSENC_UNROLL
   for (int r = 0; r < R; ++r) {
     _mm512_storeu_ps(s + r * ldkt, acc0[r]);
     _mm512_storeu_ps(s + r * ldkt + 16, acc1[r]);
@@ -290,19 +303,26 @@ template <int R, int C>
 POSENC_AVX512 inline void pv_block_avx512(const float* p, index_t ldp, index_t nk, const float* v, index_t ldv,
                                           const float* alpha, float* acc, index_t ldacc) {
   __m512 a[R][C];
+  POSENC_UNROLL
   for (int r = 0; r < R; ++r) {
     const __m512 al = _mm512_set1_ps(alpha[r]);
+    POSENC_UNROLL
     for (int c = 0; c < C; ++c) a[r][c] = _mm512_mul_ps(al, _mm512_loadu_ps(acc + r * ldacc + 16 * c));
   }
   for (index_t j = 0; j < nk; ++j) {
     __m512 b[C];
+    POSENC_UNROLL
     for (int c = 0; c < C; ++c) b[c] = _mm512_loadu_ps(v + j * ldv + 16 * c);
+    POSENC_UNROLL
     for (int r = 0; r < R; ++r) {
       const __m512 w = _mm512_set1_ps(p[r * ldp + j]);
+      POSENC_UNROLL
       for (int c = 0; c < C; ++c) a[r][c] = _mm512_fmadd_ps(w, b[c], a[r][c]);
     }
   }
+  POSENC_UNROLL
   for (int r = 0; r < R; ++r)
+    POSENC_UNROLL
     for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc + r * ldacc + 16 * c, a[r][c]);
 }
 
@@ -336,6 +356,7 @@ POSENC_AVX512 inline void pv_avx512(const float* p, index_t ldp, index_t nq, ind
 }
 
 #undef POSENC_AVX512
+#undef POSENC_UNROLL
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic pop
 #endif
