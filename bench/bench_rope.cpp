@@ -12,8 +12,8 @@
 // same lines; SSE2, which is enough to saturate memory), the ceiling for any in-place kernel.
 //
 // Counters: GBps (bytes read + written per second), copy_GBps (the same-run memcpy), ratio
-// (GBps / copy_GBps), inplace_GBps (the same-run in-place stream), ratio_inplace. Arguments: tokens, layout (0 half-split, 1 interleaved), SIMD level
-// (0 portable, 1 AVX2, 2 AVX-512; capped to what the CPU has).
+// (GBps / copy_GBps), inplace_GBps (the same-run in-place stream), ratio_inplace. Arguments: tokens, layout (0
+// half-split, 1 interleaved), SIMD level (0 portable, 1 AVX2, 2 AVX-512; capped to what the CPU has).
 //
 // Build with the includer's usual flags (plain -O2, no -march): the AVX paths are chosen at run
 // time.
@@ -105,7 +105,8 @@ void run(benchmark::State& state, posenc::index_t tokens, Body&& body) {
   const int reps = std::max(2, static_cast<int>(iters));
   const double copy = copy_gbps(bytes, reps);
   const double inplace = inplace_gbps(bytes, reps);
-  state.counters["GBps"] = benchmark::Counter(2.0 * static_cast<double>(bytes) * iters / 1e9, benchmark::Counter::kIsRate);
+  state.counters["GBps"] =
+      benchmark::Counter(2.0 * static_cast<double>(bytes) * iters / 1e9, benchmark::Counter::kIsRate);
   state.counters["copy_GBps"] = copy;
   state.counters["ratio"] = gbps / copy;
   state.counters["inplace_GBps"] = inplace;
@@ -156,8 +157,8 @@ void BM_copy(benchmark::State& state) {
     std::memcpy(dst.data(), src.data(), bytes);
     benchmark::ClobberMemory();
   }
-  state.counters["GBps"] = benchmark::Counter(2.0 * static_cast<double>(bytes) * static_cast<double>(state.iterations()) / 1e9,
-                                              benchmark::Counter::kIsRate);
+  state.counters["GBps"] = benchmark::Counter(
+      2.0 * static_cast<double>(bytes) * static_cast<double>(state.iterations()) / 1e9, benchmark::Counter::kIsRate);
 }
 
 void sizes(benchmark::internal::Benchmark* b, bool all_levels) {
@@ -174,6 +175,7 @@ void sizes(benchmark::internal::Benchmark* b, bool all_levels) {
 
 }  // namespace
 
-BENCHMARK(BM_copy)->Arg(1024)->Arg(4096)->Arg(16384)->Arg(65536)->ArgName("tokens")->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_copy)->Arg(1024)->Arg(4096)->Arg(16384)->Arg(65536)->ArgName("tokens")->UseRealTime()->Unit(
+    benchmark::kMillisecond);
 BENCHMARK(BM_rope_cache)->Apply([](benchmark::internal::Benchmark* b) { sizes(b, true); });
 BENCHMARK(BM_rope_direct)->Apply([](benchmark::internal::Benchmark* b) { sizes(b, false); });

@@ -114,12 +114,11 @@ template <class A, class B>
 bool bitwise_equal(const A& a, const B& b) {
   if (a.rows() != b.rows() || a.cols() != b.cols()) return false;
   for (index_t i = 0; i < a.rows(); ++i)
-    for (index_t j = 0; j < a.cols(); ++j)
-      {
-        const typename A::Scalar va = a(i, j);
-        const typename A::Scalar vb = b(i, j);
-        if (std::memcmp(&va, &vb, sizeof va) != 0) return false;
-      }
+    for (index_t j = 0; j < a.cols(); ++j) {
+      const typename A::Scalar va = a(i, j);
+      const typename A::Scalar vb = b(i, j);
+      if (std::memcmp(&va, &vb, sizeof va) != 0) return false;
+    }
   return true;
 }
 
@@ -142,9 +141,9 @@ TEMPLATE_TEST_CASE("rope rotates every head like the long double reference", "[r
     index_t heads;
   };
   const config configs[] = {
-      {128, 0, rope_layout::half_split, 1e4, 3},   {128, 0, rope_layout::interleaved, 1e4, 2},
-      {12, 8, rope_layout::half_split, 500.0, 5},  {12, 8, rope_layout::interleaved, 500.0, 5},
-      {2, 0, rope_layout::half_split, 1e4, 7},     {34, 34, rope_layout::interleaved, 5e5, 1},
+      {128, 0, rope_layout::half_split, 1e4, 3},    {128, 0, rope_layout::interleaved, 1e4, 2},
+      {12, 8, rope_layout::half_split, 500.0, 5},   {12, 8, rope_layout::interleaved, 500.0, 5},
+      {2, 0, rope_layout::half_split, 1e4, 7},      {34, 34, rope_layout::interleaved, 5e5, 1},
       {300, 290, rope_layout::half_split, 1e6, 2},  // 145 pairs: more than one stack chunk
       {300, 290, rope_layout::interleaved, 1e6, 2},
   };
@@ -169,9 +168,9 @@ TEMPLATE_TEST_CASE("rope rotates every head like the long double reference", "[r
 
 TEMPLATE_TEST_CASE("rope keeps full accuracy at positions up to 2^31", "[rope][numerics]", float, double) {
   using T = TestType;
-  const std::vector<position> pos = {(1LL << 31),         (1LL << 31) - 1,  -(1LL << 31), (1LL << 30) + 12345,
-                                     (1LL << 24) + 1,     (1LL << 24) - 1,  16777217 * 3, 1000000007,
-                                     -(1LL << 29) - 77,   8191};
+  const std::vector<position> pos = {
+      (1LL << 31),     (1LL << 31) - 1, -(1LL << 31), (1LL << 30) + 12345, (1LL << 24) + 1,
+      (1LL << 24) - 1, 16777217 * 3,    1000000007,   -(1LL << 29) - 77,   8191};
   const index_t rows = static_cast<index_t>(pos.size());
   for (auto layout : {rope_layout::half_split, rope_layout::interleaved}) {
     // A Llama-style table, against the long double reference (exact to about 2^-63 relative).
@@ -324,7 +323,10 @@ TEMPLATE_TEST_CASE("rope properties: norms, relative positions, interpolation, l
 TEMPLATE_TEST_CASE("rope cache path equals the direct path bit for bit", "[rope][cache]", float, double) {
   using T = TestType;
   for (auto layout : {rope_layout::half_split, rope_layout::interleaved}) {
-    posenc::rope<T> rope({.head_dim = 40, .rotary_dim = 34, .layout = layout, .base = 1e4,
+    posenc::rope<T> rope({.head_dim = 40,
+                          .rotary_dim = 34,
+                          .layout = layout,
+                          .base = 1e4,
                           .scaling = posenc::yarn_scaling{.factor = 4, .original_max_position = 256}});
     const position start = (1LL << 31) - 300;
     auto cache = rope.make_cache(start, 600);
@@ -391,7 +393,7 @@ TEMPLATE_TEST_CASE("rope rotates strided views in place and leaves other columns
     for (std::size_t i = 0; i < buf.size(); ++i) buf[i] = static_cast<T>(std::sin(double(i)));
     const auto buf_before = buf;
     Eigen::Map<posenc::row_matrix<T>, Eigen::Unaligned, Eigen::OuterStride<>> map(buf.data(), 7, hd,
-                                                                                    Eigen::OuterStride<>(53));
+                                                                                  Eigen::OuterStride<>(53));
     rope.rotate(map, posenc::positions(small), cache);
     posenc::row_matrix<T> packed(7, hd);
     for (index_t i = 0; i < 7; ++i)
@@ -551,7 +553,8 @@ TEST_CASE("rope rejects invalid parameters, naming them", "[rope][errors]") {
   CHECK_THROWS_WITH(R({.head_dim = -4}), Contains("rope_params.head_dim"));
   CHECK_THROWS_WITH(R({.head_dim = 16, .rotary_dim = 7}), Contains("rope_params.rotary_dim = 7") && Contains("even"));
   CHECK_THROWS_WITH(R({.head_dim = 7}), Contains("rope_params.rotary_dim = 7"));
-  CHECK_THROWS_WITH(R({.head_dim = 16, .rotary_dim = 18}), Contains("rope_params.rotary_dim = 18") && Contains("head_dim"));
+  CHECK_THROWS_WITH(R({.head_dim = 16, .rotary_dim = 18}),
+                    Contains("rope_params.rotary_dim = 18") && Contains("head_dim"));
   CHECK_THROWS_WITH(R({.head_dim = 16, .rotary_dim = -2}), Contains("rope_params.rotary_dim"));
   CHECK_THROWS_WITH(R({.base = 0}), Contains("rope_params.base = 0"));
   CHECK_THROWS_WITH(R({.base = -1e4}), Contains("rope_params.base"));
@@ -577,8 +580,12 @@ TEST_CASE("rope shape bugs fail POSENC_ASSERT", "[rope][errors]") {
   // A cache from an encoder with other parameters: another base, layout, policy or sequence length.
   posenc::rope<float> other_base({.head_dim = 8, .base = 5e5});
   posenc::rope<float> other_layout({.head_dim = 8, .layout = rope_layout::interleaved});
-  posenc::rope<float> dyn_a({.head_dim = 8, .scaling = posenc::dynamic_ntk_scaling{.factor = 2, .original_max_position = 16, .sequence_length = 32}});
-  posenc::rope<float> dyn_b({.head_dim = 8, .scaling = posenc::dynamic_ntk_scaling{.factor = 2, .original_max_position = 16, .sequence_length = 64}});
+  posenc::rope<float> dyn_a(
+      {.head_dim = 8,
+       .scaling = posenc::dynamic_ntk_scaling{.factor = 2, .original_max_position = 16, .sequence_length = 32}});
+  posenc::rope<float> dyn_b(
+      {.head_dim = 8,
+       .scaling = posenc::dynamic_ntk_scaling{.factor = 2, .original_max_position = 16, .sequence_length = 64}});
   CHECK_THROWS_AS(other_base.rotate(x, posenc::arange(10, 3), cache), posenc::assertion_error);
   CHECK_THROWS_AS(other_layout.rotate(x, posenc::arange(10, 3), cache), posenc::assertion_error);
   CHECK_THROWS_AS(dyn_b.rotate(x, posenc::arange(10, 3), dyn_a.make_cache(10, 5)), posenc::assertion_error);

@@ -8,10 +8,10 @@
 
 #include "posenc/encoders/rope.hpp"
 
+using Catch::Matchers::Contains;
 using posenc::config_map;
 using posenc::index_t;
 using posenc::position;
-using Catch::Matchers::Contains;
 using ld = long double;
 
 namespace {
@@ -108,10 +108,10 @@ TEST_CASE("YaRN table ramps between the kept and the interpolated frequencies", 
   for (std::size_t i = 1; i < want_tiny.size(); ++i) want_tiny[i] /= 4;
   check_table(tiny.inv_freq(), want_tiny);
   // L0 = 4: c(1) = -1.16, high = -1 < low = 0: an empty range is an error.
-  CHECK_THROWS_WITH(posenc::rope<float>({.head_dim = 128,
-                                         .base = 1e4,
-                                         .scaling = posenc::yarn_scaling{.factor = 4, .original_max_position = 4}}),
-                    Contains("yarn_scaling.original_max_position = 4") && Contains("empty"));
+  CHECK_THROWS_WITH(
+      posenc::rope<float>(
+          {.head_dim = 128, .base = 1e4, .scaling = posenc::yarn_scaling{.factor = 4, .original_max_position = 4}}),
+      Contains("yarn_scaling.original_max_position = 4") && Contains("empty"));
 }
 
 TEST_CASE("Llama 3 table (r = 128, base 5e5, s = 8, low 1, high 4, L0 = 8192)", "[rope][llama3]") {
@@ -176,7 +176,9 @@ TEST_CASE("dynamic NTK base at s = 2, L0 = 4096, L = 8192", "[rope][ntk]") {
   // At or below L0 (and for an unset length) the table is the plain one.
   for (position len : {0LL, 100LL, 4096LL}) {
     posenc::rope<double> short_seq(
-        {.head_dim = r, .base = 1e4, .scaling = posenc::dynamic_ntk_scaling{.factor = 2, .original_max_position = 4096, .sequence_length = len}});
+        {.head_dim = r,
+         .base = 1e4,
+         .scaling = posenc::dynamic_ntk_scaling{.factor = 2, .original_max_position = 4096, .sequence_length = len}});
     check_table(short_seq.inv_freq(), plain_inv(1e4L, r));
   }
 }
@@ -186,7 +188,8 @@ TEST_CASE("NTK-aware and linear tables", "[rope][ntk][linear]") {
   const ld b = 1e4L * std::pow(4.0L, 64.0L / 62.0L);
   check_table(ntk.inv_freq(), plain_inv(b, 64));
   CHECK(posenc::ntk_aware_base({.alpha = 4}, 64, 1e4) == Approx(double(b)).epsilon(1e-15));
-  posenc::rope<double> lin({.head_dim = 64, .rotary_dim = 32, .base = 5e5, .scaling = posenc::linear_scaling{.factor = 4}});
+  posenc::rope<double> lin(
+      {.head_dim = 64, .rotary_dim = 32, .base = 5e5, .scaling = posenc::linear_scaling{.factor = 4}});
   auto want = plain_inv(5e5L, 32);
   for (auto& v : want) v /= 4;
   check_table(lin.inv_freq(), want);
@@ -202,8 +205,11 @@ TEST_CASE("LongRoPE picks its list explicitly and scales by sqrt(1 + ln s / ln L
     for (std::size_t i = 0; i < inv.size(); ++i) inv[i] /= f[i];
     return inv;
   };
-  posenc::longrope_scaling l{.short_factor = short_f, .long_factor = long_f, .original_max_position = 4096,
-                             .max_position = 131072, .sequence_length = 4096};
+  posenc::longrope_scaling l{.short_factor = short_f,
+                             .long_factor = long_f,
+                             .original_max_position = 4096,
+                             .max_position = 131072,
+                             .sequence_length = 4096};
   // s = 131072 / 4096 = 32; ln 32 / ln 4096 = 5/12, so the magnitude is sqrt(17/12) = 1.19023807...
   const double want_mag = std::sqrt(17.0 / 12.0);
   {
@@ -229,7 +235,8 @@ TEST_CASE("LongRoPE picks its list explicitly and scales by sqrt(1 + ln s / ln L
 
 TEST_CASE("the magnitude multiplies cos and sin; attention_factor overrides it", "[rope]") {
   posenc::rope<double> yarn({.head_dim = 4, .base = 1e4, .scaling = posenc::yarn_scaling{.factor = 16}});
-  posenc::rope<double> over({.head_dim = 4, .base = 1e4, .scaling = posenc::yarn_scaling{.factor = 16}, .attention_factor = 1.5});
+  posenc::rope<double> over(
+      {.head_dim = 4, .base = 1e4, .scaling = posenc::yarn_scaling{.factor = 16}, .attention_factor = 1.5});
   CHECK(over.magnitude() == 1.5);
   const ld mag = 0.1L * std::log(16.0L) + 1;
   posenc::row_matrix<double> x(1, 4);
@@ -278,10 +285,13 @@ TEST_CASE("Hugging Face rope_scaling dicts", "[rope][hf]") {
     CHECK_FALSE(y.truncate);
   }
   SECTION("llama3 (Llama 3.1 config), rope_theta and attention_factor") {
-    const config_map m = {{"rope_type", std::string("llama3")},       {"factor", 8.0},
-                          {"low_freq_factor", 1.0},                    {"high_freq_factor", 4.0},
+    const config_map m = {{"rope_type", std::string("llama3")},
+                          {"factor", 8.0},
+                          {"low_freq_factor", 1.0},
+                          {"high_freq_factor", 4.0},
                           {"original_max_position_embeddings", std::int64_t{8192}},
-                          {"rope_theta", 500000.0},                    {"attention_factor", 1.25}};
+                          {"rope_theta", 500000.0},
+                          {"attention_factor", 1.25}};
     posenc::rope<double> rope({.head_dim = 128}, m);
     CHECK(rope.base() == 500000.0);
     CHECK(rope.magnitude() == 1.25);
@@ -289,14 +299,22 @@ TEST_CASE("Hugging Face rope_scaling dicts", "[rope][hf]") {
     CHECK(std::equal(rope.inv_freq().begin(), rope.inv_freq().end(), direct.inv_freq().begin()));
   }
   SECTION("linear, ntk, dynamic, default") {
-    CHECK(std::get<posenc::linear_scaling>(posenc::rope_scaling_from_config({{"type", std::string("linear")}, {"factor", std::int64_t{2}}})).factor == 2);
-    CHECK(std::get<posenc::ntk_aware_scaling>(posenc::rope_scaling_from_config({{"rope_type", std::string("ntk")}, {"factor", 3.0}})).alpha == 3);
-    const auto d = std::get<posenc::dynamic_ntk_scaling>(posenc::rope_scaling_from_config(
-        {{"rope_type", std::string("dynamic")}, {"factor", 2.0}, {"max_position_embeddings", std::int64_t{4096}}, {"sequence_length", std::int64_t{8192}}}));
+    CHECK(std::get<posenc::linear_scaling>(
+              posenc::rope_scaling_from_config({{"type", std::string("linear")}, {"factor", std::int64_t{2}}}))
+              .factor == 2);
+    CHECK(std::get<posenc::ntk_aware_scaling>(
+              posenc::rope_scaling_from_config({{"rope_type", std::string("ntk")}, {"factor", 3.0}}))
+              .alpha == 3);
+    const auto d = std::get<posenc::dynamic_ntk_scaling>(
+        posenc::rope_scaling_from_config({{"rope_type", std::string("dynamic")},
+                                          {"factor", 2.0},
+                                          {"max_position_embeddings", std::int64_t{4096}},
+                                          {"sequence_length", std::int64_t{8192}}}));
     CHECK(d.factor == 2);
     CHECK(d.original_max_position == 4096);
     CHECK(d.sequence_length == 8192);
-    CHECK(std::holds_alternative<posenc::no_scaling>(posenc::rope_scaling_from_config({{"rope_type", std::string("default")}})));
+    CHECK(std::holds_alternative<posenc::no_scaling>(
+        posenc::rope_scaling_from_config({{"rope_type", std::string("default")}})));
   }
   SECTION("longrope, Phi-3 style") {
     const config_map m = {{"rope_type", std::string("longrope")},
@@ -314,7 +332,8 @@ TEST_CASE("Hugging Face rope_scaling dicts", "[rope][hf]") {
     CHECK(std::abs(rope.magnitude() - std::sqrt(17.0 / 12.0)) <= 1e-15);
     CHECK(rope.inv_freq()[3] == Approx(double(std::pow(1e4L, -6.0L / 8) / 8)).epsilon(1e-15));
     // The wrong list length shows up once the rotary dim is known.
-    CHECK_THROWS_WITH(posenc::rope<double>({.head_dim = 16, .base = 1e4}, m), Contains("longrope_scaling.short_factor"));
+    CHECK_THROWS_WITH(posenc::rope<double>({.head_dim = 16, .base = 1e4}, m),
+                      Contains("longrope_scaling.short_factor"));
   }
   SECTION("unknown type, missing and mistyped fields, out-of-range values") {
     auto from = [](const config_map& m) { return posenc::rope_scaling_from_config(m); };
@@ -322,49 +341,76 @@ TEST_CASE("Hugging Face rope_scaling dicts", "[rope][hf]") {
                       Contains("rope_scaling.rope_type") && Contains("su2") && Contains("unknown"));
     CHECK_THROWS_WITH(from({{"factor", 2.0}}), Contains("rope_scaling.rope_type"));
     CHECK_THROWS_WITH(from({{"rope_type", std::int64_t{3}}}), Contains("rope_scaling.rope_type"));
-    CHECK_THROWS_WITH(from({{"rope_type", std::string("yarn")}, {"original_max_position_embeddings", std::int64_t{4096}}}),
-                      Contains("rope_scaling.factor") && Contains("missing"));
+    CHECK_THROWS_WITH(
+        from({{"rope_type", std::string("yarn")}, {"original_max_position_embeddings", std::int64_t{4096}}}),
+        Contains("rope_scaling.factor") && Contains("missing"));
     CHECK_THROWS_WITH(from({{"rope_type", std::string("yarn")}, {"factor", 4.0}}),
                       Contains("rope_scaling.original_max_position_embeddings"));
-    CHECK_THROWS_WITH(from({{"rope_type", std::string("llama3")}, {"factor", 8.0}, {"high_freq_factor", 4.0},
+    CHECK_THROWS_WITH(from({{"rope_type", std::string("llama3")},
+                            {"factor", 8.0},
+                            {"high_freq_factor", 4.0},
                             {"original_max_position_embeddings", std::int64_t{8192}}}),
                       Contains("rope_scaling.low_freq_factor"));
-    CHECK_THROWS_WITH(from({{"rope_type", std::string("longrope")}, {"long_factor", std::vector<double>{1.0}},
+    CHECK_THROWS_WITH(from({{"rope_type", std::string("longrope")},
+                            {"long_factor", std::vector<double>{1.0}},
                             {"original_max_position_embeddings", std::int64_t{4096}}}),
                       Contains("rope_scaling.short_factor"));
     CHECK_THROWS_WITH(from({{"rope_type", std::string("linear")}, {"factor", std::string("8")}}),
                       Contains("rope_scaling.factor") && Contains("number"));
-    CHECK_THROWS_WITH(from({{"rope_type", std::string("linear")}, {"factor", -2.0}}), Contains("rope_scaling.factor = -2"));
-    CHECK_THROWS_WITH(from({{"rope_type", std::string("linear")}, {"factor", 0.0}}), Contains("rope_scaling.factor = 0"));
-    CHECK_THROWS_WITH(from({{"rope_type", std::string("yarn")}, {"factor", 4.0}, {"original_max_position_embeddings", std::int64_t{4096}},
-                            {"beta_fast", 1.0}, {"beta_slow", 2.0}}),
+    CHECK_THROWS_WITH(from({{"rope_type", std::string("linear")}, {"factor", -2.0}}),
+                      Contains("rope_scaling.factor = -2"));
+    CHECK_THROWS_WITH(from({{"rope_type", std::string("linear")}, {"factor", 0.0}}),
+                      Contains("rope_scaling.factor = 0"));
+    CHECK_THROWS_WITH(from({{"rope_type", std::string("yarn")},
+                            {"factor", 4.0},
+                            {"original_max_position_embeddings", std::int64_t{4096}},
+                            {"beta_fast", 1.0},
+                            {"beta_slow", 2.0}}),
                       Contains("rope_scaling.beta_fast = 1"));
-    CHECK_THROWS_WITH(from({{"rope_type", std::string("yarn")}, {"factor", 4.0}, {"original_max_position_embeddings", 4096.5}}),
-                      Contains("rope_scaling.original_max_position_embeddings") && Contains("whole"));
-    CHECK_THROWS_WITH(from({{"rope_type", std::string("yarn")}, {"factor", 4.0}, {"original_max_position_embeddings", std::int64_t{0}}}),
+    CHECK_THROWS_WITH(
+        from({{"rope_type", std::string("yarn")}, {"factor", 4.0}, {"original_max_position_embeddings", 4096.5}}),
+        Contains("rope_scaling.original_max_position_embeddings") && Contains("whole"));
+    CHECK_THROWS_WITH(from({{"rope_type", std::string("yarn")},
+                            {"factor", 4.0},
+                            {"original_max_position_embeddings", std::int64_t{0}}}),
                       Contains("rope_scaling.original_max_position_embeddings = 0"));
-    CHECK_THROWS_WITH(from({{"rope_type", std::string("yarn")}, {"factor", 4.0}, {"max_position_embeddings", std::int64_t{4096}},
+    CHECK_THROWS_WITH(from({{"rope_type", std::string("yarn")},
+                            {"factor", 4.0},
+                            {"max_position_embeddings", std::int64_t{4096}},
                             {"truncate", std::int64_t{1}}}),
                       Contains("rope_scaling.truncate"));
-    CHECK_THROWS_WITH(from({{"rope_type", std::string("yarn")}, {"factor", 4.0}, {"max_position_embeddings", std::int64_t{4096}},
+    CHECK_THROWS_WITH(from({{"rope_type", std::string("yarn")},
+                            {"factor", 4.0},
+                            {"max_position_embeddings", std::int64_t{4096}},
                             {"mscale", -1.0}}),
                       Contains("rope_scaling.mscale = -1"));
-    CHECK_THROWS_WITH(from({{"rope_type", std::string("llama3")}, {"factor", 8.0}, {"low_freq_factor", 4.0}, {"high_freq_factor", 4.0},
+    CHECK_THROWS_WITH(from({{"rope_type", std::string("llama3")},
+                            {"factor", 8.0},
+                            {"low_freq_factor", 4.0},
+                            {"high_freq_factor", 4.0},
                             {"original_max_position_embeddings", std::int64_t{8192}}}),
                       Contains("rope_scaling.high_freq_factor = 4"));
-    CHECK_THROWS_WITH(from({{"rope_type", std::string("longrope")}, {"short_factor", 1.0}, {"long_factor", std::vector<double>{1.0}},
+    CHECK_THROWS_WITH(from({{"rope_type", std::string("longrope")},
+                            {"short_factor", 1.0},
+                            {"long_factor", std::vector<double>{1.0}},
                             {"original_max_position_embeddings", std::int64_t{4096}}}),
                       Contains("rope_scaling.short_factor") && Contains("list"));
-    CHECK_THROWS_WITH(from({{"rope_type", std::string("longrope")}, {"short_factor", std::vector<double>{1.0, 0.0}},
-                            {"long_factor", std::vector<double>{1.0, 1.0}}, {"original_max_position_embeddings", std::int64_t{4096}}}),
+    CHECK_THROWS_WITH(from({{"rope_type", std::string("longrope")},
+                            {"short_factor", std::vector<double>{1.0, 0.0}},
+                            {"long_factor", std::vector<double>{1.0, 1.0}},
+                            {"original_max_position_embeddings", std::int64_t{4096}}}),
                       Contains("rope_scaling.short_factor[1] = 0"));
-    CHECK_THROWS_WITH(from({{"rope_type", std::string("longrope")}, {"short_factor", std::vector<double>{1.0}},
-                            {"long_factor", std::vector<double>{1.0}}, {"original_max_position_embeddings", std::int64_t{4096}},
-                            {"max_position_embeddings", std::int64_t{8192}}, {"factor", 4.0}}),
+    CHECK_THROWS_WITH(from({{"rope_type", std::string("longrope")},
+                            {"short_factor", std::vector<double>{1.0}},
+                            {"long_factor", std::vector<double>{1.0}},
+                            {"original_max_position_embeddings", std::int64_t{4096}},
+                            {"max_position_embeddings", std::int64_t{8192}},
+                            {"factor", 4.0}}),
                       Contains("rope_scaling.factor = 4") && Contains("disagrees"));
     CHECK_THROWS_WITH(from({{"rope_type", std::string("default")}, {"attention_factor", -1.0}}),
                       Contains("rope_scaling.attention_factor = -1"));
-    CHECK_THROWS_WITH(from({{"rope_type", std::string("default")}, {"rope_theta", 0.0}}), Contains("rope_scaling.rope_theta = 0"));
+    CHECK_THROWS_WITH(from({{"rope_type", std::string("default")}, {"rope_theta", 0.0}}),
+                      Contains("rope_scaling.rope_theta = 0"));
     CHECK_THROWS_AS(from({{"rope_type", std::string("nope")}}), std::invalid_argument);
   }
 }
@@ -391,7 +437,8 @@ TEST_CASE("frequency policies reject invalid parameters, naming them", "[rope][e
                     Contains("yarn_scaling.beta_fast = 0.5"));
   CHECK_THROWS_WITH(with(posenc::yarn_scaling{.factor = 4, .beta_fast = 32, .beta_slow = 0}),
                     Contains("yarn_scaling.beta_slow = 0"));
-  CHECK_THROWS_WITH(with(posenc::yarn_scaling{.factor = 4, .mscale_all_dim = -1}), Contains("yarn_scaling.mscale_all_dim = -1"));
+  CHECK_THROWS_WITH(with(posenc::yarn_scaling{.factor = 4, .mscale_all_dim = -1}),
+                    Contains("yarn_scaling.mscale_all_dim = -1"));
   CHECK_THROWS_WITH(R({.head_dim = 64, .base = 1.0, .scaling = posenc::yarn_scaling{.factor = 4}}),
                     Contains("rope_params.base = 1"));
   CHECK_THROWS_WITH(with(posenc::llama3_scaling{.factor = 8, .low_freq_factor = 4, .high_freq_factor = 4}),
@@ -409,7 +456,8 @@ TEST_CASE("frequency policies reject invalid parameters, naming them", "[rope][e
                     Contains("longrope_scaling.long_factor"));
   CHECK_THROWS_WITH(with(posenc::longrope_scaling{.short_factor = ok, .long_factor = bad}, 32),
                     Contains("longrope_scaling.long_factor[2] = 0"));
-  CHECK_THROWS_WITH(with(posenc::longrope_scaling{.short_factor = ok, .long_factor = ok, .original_max_position = 1}, 32),
-                    Contains("longrope_scaling.original_max_position = 1"));
+  CHECK_THROWS_WITH(
+      with(posenc::longrope_scaling{.short_factor = ok, .long_factor = ok, .original_max_position = 1}, 32),
+      Contains("longrope_scaling.original_max_position = 1"));
   CHECK_NOTHROW(with(posenc::longrope_scaling{.short_factor = ok, .long_factor = ok}, 32));
 }

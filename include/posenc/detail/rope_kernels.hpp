@@ -33,8 +33,8 @@ inline constexpr index_t k_rope_max_chunk = 256;
 
 /// A row kernel for storage `S` computing in `T` (see the file comment).
 template <class S, class T>
-using rope_row_kernel = void (*)(S* row, index_t heads, index_t head_dim, index_t lo, index_t hi, index_t n,
-                                 const T* a, const T* b);
+using rope_row_kernel = void (*)(S* row, index_t heads, index_t head_dim, index_t lo, index_t hi, index_t n, const T* a,
+                                 const T* b);
 
 template <class S, class T>
 POSENC_STRICT_FP void rope_half_portable(S* row, index_t heads, index_t head_dim, index_t lo, index_t hi, index_t n,
@@ -121,7 +121,8 @@ struct avx512_f64 {
   POSENC_TARGET_AVX512 POSENC_STRICT_FP static reg dup_even(reg a) { return _mm512_maskz_movedup_pd(all, a); }
   POSENC_TARGET_AVX512 POSENC_STRICT_FP static reg dup_odd(reg a) { return _mm512_maskz_permute_pd(all, a, 0xFF); }
   POSENC_TARGET_AVX512 POSENC_STRICT_FP static reg neg_even(reg a) {
-    return _mm512_xor_pd(a, _mm512_castsi512_pd(_mm512_set_epi64(0, 1ll << 63, 0, 1ll << 63, 0, 1ll << 63, 0, 1ll << 63)));
+    return _mm512_xor_pd(a,
+                         _mm512_castsi512_pd(_mm512_set_epi64(0, 1ll << 63, 0, 1ll << 63, 0, 1ll << 63, 0, 1ll << 63)));
   }
 };
 
@@ -162,84 +163,86 @@ struct avx2_f64 {
 };
 
 // The kernels, once per instruction set (a target attribute cannot depend on a template
-// argument). The bodies are the same; the AVX-512 heads and tails are masked, the AVX2 ones
-// scalar.
+// argument). The bodies are the same; the AVX-512 tails are masked, the AVX2 ones scalar.
 
-#define POSENC_ROPE_HALF_STEP(V, k, m)                                               \
-  {                                                                                 \
-    const reg a = V::load(xl + (k) m), b = V::load(xh + (k) m);                     \
-    const reg cc = V::load(c + (k) m), ss = V::load(s + (k) m);                     \
-    V::store(xl + (k), V::sub(V::mul(a, cc), V::mul(b, ss)) m);                     \
-    V::store(xh + (k), V::add(V::mul(b, cc), V::mul(a, ss)) m);                     \
+#define POSENC_ROPE_HALF_STEP(V, k, m)                          \
+  {                                                             \
+    const reg a = V::load(xl + (k)m), b = V::load(xh + (k)m);   \
+    const reg cc = V::load(c + (k)m), ss = V::load(s + (k)m);   \
+    V::store(xl + (k), V::sub(V::mul(a, cc), V::mul(b, ss)) m); \
+    V::store(xh + (k), V::add(V::mul(b, cc), V::mul(a, ss)) m); \
   }
 
-// Scalar heads and tails are macros, not lambdas: g++'s optimize attribute (no FMA
+// Scalar tails are macros, not lambdas: g++'s optimize attribute (no FMA
 // contraction) does not reach into lambdas.
-#define POSENC_ROPE_HALF_SCALAR(k)                                                   \
-  {                                                                                 \
-    const T a = xl[k], b = xh[k];                                                   \
-    xl[k] = a * c[k] - b * s[k];                                                    \
-    xh[k] = b * c[k] + a * s[k];                                                    \
+#define POSENC_ROPE_HALF_SCALAR(k) \
+  {                                \
+    const T a = xl[k], b = xh[k];  \
+    xl[k] = a * c[k] - b * s[k];   \
+    xh[k] = b * c[k] + a * s[k];   \
   }
 
-#define POSENC_ROPE_INTERLEAVED_SCALAR(j)                                            \
-  {                                                                                 \
-    const T a = x[j], b = x[(j) + 1];                                               \
-    x[j] = a * cc[j] + b * ss[j];                                                   \
-    x[(j) + 1] = b * cc[(j) + 1] + a * ss[(j) + 1];                                 \
+#define POSENC_ROPE_INTERLEAVED_SCALAR(j)           \
+  {                                                 \
+    const T a = x[j], b = x[(j) + 1];               \
+    x[j] = a * cc[j] + b * ss[j];                   \
+    x[(j) + 1] = b * cc[(j) + 1] + a * ss[(j) + 1]; \
   }
 
-#define POSENC_ROPE_HALF_BODY(V)                                                     \
-  using T = typename V::scalar;                                                      \
-  using reg = typename V::reg;                                                       \
-  constexpr index_t w = V::width;                                                    \
-  for (index_t h = 0; h < heads; ++h) {                                              \
-    T* xl = row + h * head_dim + lo;                                                 \
-    T* xh = row + h * head_dim + hi;                                                 \
-    index_t k = 0;                                                                   \
-    for (; k + w <= n; k += w) POSENC_ROPE_HALF_STEP(V, k, )                         \
-    if constexpr (V::masked) {                                                       \
-      if (k < n) POSENC_ROPE_HALF_STEP(V, k, POSENC_COMMA n - k)                     \
-    } else {                                                                         \
-      for (; k < n; ++k) POSENC_ROPE_HALF_SCALAR(k)                                          \
-    }                                                                                \
+#define POSENC_ROPE_HALF_BODY(V)                                 \
+  using T = typename V::scalar;                                  \
+  using reg = typename V::reg;                                   \
+  constexpr index_t w = V::width;                                \
+  for (index_t h = 0; h < heads; ++h) {                          \
+    T* xl = row + h * head_dim + lo;                             \
+    T* xh = row + h * head_dim + hi;                             \
+    index_t k = 0;                                               \
+    for (; k + w <= n; k += w) POSENC_ROPE_HALF_STEP(V, k, )     \
+    if constexpr (V::masked) {                                   \
+      if (k < n) POSENC_ROPE_HALF_STEP(V, k, POSENC_COMMA n - k) \
+    } else {                                                     \
+      for (; k < n; ++k) POSENC_ROPE_HALF_SCALAR(k)              \
+    }                                                            \
   }
 
-#define POSENC_ROPE_INTERLEAVED_STEP(V, j, m)                                        \
-  {                                                                                 \
-    const reg v = V::load(x + (j) m);                                               \
-    V::store(x + (j), V::add(V::mul(v, V::load(cc + (j) m)), V::mul(V::swap(v), V::load(ss + (j) m))) m); \
+#define POSENC_ROPE_INTERLEAVED_STEP(V, j, m)             \
+  {                                                       \
+    const reg v = V::load(x + (j)m);                      \
+    const reg p = V::mul(v, V::load(cc + (j)m));          \
+    const reg q = V::mul(V::swap(v), V::load(ss + (j)m)); \
+    V::store(x + (j), V::add(p, q) m);                    \
   }
 
-#define POSENC_ROPE_INTERLEAVED_BODY(V)                                              \
-  using T = typename V::scalar;                                                      \
-  using reg = typename V::reg;                                                       \
-  constexpr index_t w = V::width;                                                    \
-  /* The row expanded once: cc = [c0 c0 c1 c1 ..], ss = [-s0 s0 -s1 s1 ..]. */        \
-  alignas(64) T cc[k_rope_max_chunk];                                                \
-  alignas(64) T ss[k_rope_max_chunk];                                                \
-  {                                                                                  \
-    index_t j = 0;                                                                   \
-    for (; j + w <= n; j += w) {                                                     \
-      const reg t = V::load(cs + j);                                                 \
-      V::store(cc + j, V::dup_even(t));                                              \
-      V::store(ss + j, V::neg_even(V::dup_odd(t)));                                  \
-    }                                                                                \
-    for (; j < n; j += 2) {                                                          \
-      cc[j] = cc[j + 1] = cs[j];                                                     \
-      ss[j] = -cs[j + 1];                                                            \
-      ss[j + 1] = cs[j + 1];                                                         \
-    }                                                                                \
-  }                                                                                  \
-  for (index_t h = 0; h < heads; ++h) {                                              \
-    T* x = row + h * head_dim + lo;                                                  \
-    index_t j = 0;                                                                   \
-    for (; j + w <= n; j += w) POSENC_ROPE_INTERLEAVED_STEP(V, j, )                  \
-    if constexpr (V::masked) {                                                       \
-      if (j < n) POSENC_ROPE_INTERLEAVED_STEP(V, j, POSENC_COMMA n - j)              \
-    } else {                                                                         \
-      for (; j < n; j += 2) POSENC_ROPE_INTERLEAVED_SCALAR(j)                                            \
-    }                                                                                \
+#define POSENC_ROPE_INTERLEAVED_BODY(V)                                         \
+  using T = typename V::scalar;                                                 \
+  using reg = typename V::reg;                                                  \
+  constexpr index_t w = V::width;                                               \
+  /* The row expanded once: cc = [c0 c0 c1 c1 ..], ss = [-s0 s0 -s1 s1 ..]. */  \
+  POSENC_ASSERT(n <= k_rope_max_chunk && n % 2 == 0, "rope kernel: bad chunk"); \
+  alignas(64) T cc[k_rope_max_chunk];                                           \
+  alignas(64) T ss[k_rope_max_chunk];                                           \
+  {                                                                             \
+    index_t j = 0;                                                              \
+    for (; j + w <= n; j += w) {                                                \
+      const reg t = V::load(cs + j);                                            \
+      V::store(cc + j, V::dup_even(t));                                         \
+      V::store(ss + j, V::neg_even(V::dup_odd(t)));                             \
+    }                                                                           \
+    for (; j < n; j += 2) {                                                     \
+      cc[j] = cc[j + 1] = cs[j];                                                \
+      ss[j] = -cs[j + 1];                                                       \
+      ss[j + 1] = cs[j + 1];                                                    \
+    }                                                                           \
+  }                                                                             \
+  for (index_t h = 0; h < heads; ++h) {                                         \
+    T* x = row + h * head_dim + lo;                                             \
+    index_t j = 0;                                                              \
+    for (; j + w <= n; j += w) POSENC_ROPE_INTERLEAVED_STEP(V, j, )             \
+    if constexpr (V::masked) {                                                  \
+      if (j < n) POSENC_ROPE_INTERLEAVED_STEP(V, j, POSENC_COMMA n - j)         \
+    } else {                                                                    \
+      for (; j < n; j += 2) POSENC_ROPE_INTERLEAVED_SCALAR(j)                   \
+    }                                                                           \
   }
 
 #define POSENC_COMMA ,
@@ -270,8 +273,8 @@ POSENC_TARGET_AVX2 POSENC_STRICT_FP void rope_half_avx2(typename V::scalar* row,
 }
 
 template <class V>
-POSENC_TARGET_AVX2 POSENC_STRICT_FP void rope_interleaved_avx2(typename V::scalar* row, index_t heads,
-                                                               index_t head_dim, index_t lo, index_t /*hi*/, index_t n,
+POSENC_TARGET_AVX2 POSENC_STRICT_FP void rope_interleaved_avx2(typename V::scalar* row, index_t heads, index_t head_dim,
+                                                               index_t lo, index_t /*hi*/, index_t n,
                                                                const typename V::scalar* cs,
                                                                const typename V::scalar* /*unused*/) {
   POSENC_STRICT_FP_BODY

@@ -9,15 +9,19 @@
 /// one (posenc has no JSON dependency). Field names and defaults follow transformers'
 /// `modeling_rope_utils.py`:
 ///
-/// | `rope_type` (or `type`) | required                                  | optional |
-/// |-------------------------|-------------------------------------------|----------|
-/// | `default`               |                                           | |
-/// | `linear`                | `factor`                                  | |
-/// | `ntk`                   | `factor` (the NTK `alpha`)                | |
-/// | `dynamic`               | `factor`, `original_max_position_embeddings` or `max_position_embeddings` | `sequence_length` (posenc) |
-/// | `yarn`                  | `factor`, `original_max_position_embeddings` or `max_position_embeddings` | `beta_fast`, `beta_slow`, `mscale`, `mscale_all_dim`, `truncate` |
-/// | `llama3`                | `factor`, `low_freq_factor`, `high_freq_factor`, `original_max_position_embeddings` | |
-/// | `longrope`              | `short_factor`, `long_factor`, `original_max_position_embeddings` or `max_position_embeddings` | `factor`, `max_position_embeddings`, `sequence_length` (posenc), `choice` (posenc: `"per_length"`, `"fixed_long"`) |
+/// `rope_type` (or the older `type`), and the fields each type reads:
+/// - `default`: none.
+/// - `linear`: `factor`.
+/// - `ntk`: `factor` (the NTK `alpha`).
+/// - `dynamic`: `factor`; `original_max_position_embeddings`, else `max_position_embeddings`;
+///   optional `sequence_length` (posenc's; default 0, the plain table).
+/// - `yarn`: `factor`; `original_max_position_embeddings`, else `max_position_embeddings`;
+///   optional `beta_fast`, `beta_slow`, `mscale`, `mscale_all_dim`, `truncate`.
+/// - `llama3`: `factor`, `low_freq_factor`, `high_freq_factor`, `original_max_position_embeddings`.
+/// - `longrope`: `short_factor`, `long_factor`; `original_max_position_embeddings`, else
+///   `max_position_embeddings`; optional `factor`, `max_position_embeddings` (with an original
+///   length: the extended one), and posenc's `sequence_length` and `choice` (`"per_length"`,
+///   `"fixed_long"`).
 ///
 /// Every type also takes `attention_factor` (the magnitude, read by `rope_params_from_config`) and
 /// `rope_theta` (the base, likewise). Integers are accepted where numbers are expected. Fields a

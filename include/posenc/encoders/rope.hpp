@@ -124,10 +124,18 @@ POSENC_STRICT_FP inline void rope_cos_sin(position p, const rope_turns& t, bool 
   const double cg = std::cos(angle);
   const double sg = std::sin(angle);
   switch (q & 3) {
-    case 0: c = cg, s = sg; break;
-    case 1: c = -sg, s = cg; break;
-    case 2: c = -cg, s = -sg; break;
-    default: c = sg, s = -cg; break;
+    case 0:
+      c = cg, s = sg;
+      break;
+    case 1:
+      c = -sg, s = cg;
+      break;
+    case 2:
+      c = -cg, s = -sg;
+      break;
+    default:
+      c = sg, s = -cg;
+      break;
   }
 }
 
@@ -166,7 +174,8 @@ class rope_cache {
   T cos(position p, index_t pair) const {
     POSENC_ASSERT(contains(p) && pair >= 0 && pair < rotary_dim_ / 2, "rope_cache::cos: out of range");
     const index_t i = static_cast<index_t>(p - start_);
-    return layout_ == rope_layout::half_split ? a_[idx(i * (rotary_dim_ / 2) + pair)] : a_[idx(i * rotary_dim_ + 2 * pair)];
+    return layout_ == rope_layout::half_split ? a_[idx(i * (rotary_dim_ / 2) + pair)]
+                                              : a_[idx(i * rotary_dim_ + 2 * pair)];
   }
   /// `sin(p * inv_freq[pair]) * magnitude`, rounded to T. `p` must be in the range.
   T sin(position p, index_t pair) const {
@@ -253,12 +262,13 @@ class rope {
   /// `p` with `p.scaling`, `p.attention_factor` and `p.base` taken from a Hugging Face style
   /// `rope_scaling` dict where present (see `rope_params_from_config`). Throws
   /// `std::invalid_argument` for an unknown type, a missing field or an out-of-range value.
-  rope(rope_params p, const config_map& hf_rope_scaling) : rope(rope_params_from_config(std::move(p), hf_rope_scaling)) {}
+  rope(rope_params p, const config_map& hf_rope_scaling)
+      : rope(rope_params_from_config(std::move(p), hf_rope_scaling)) {}
 
   /// "rope", or "rope-" and the policy: "rope-linear", "rope-ntk", "rope-dynamic-ntk", "rope-yarn",
   /// "rope-llama3", "rope-longrope".
   std::string_view name() const {
-    constexpr std::string_view names[] = {"rope",       "rope-linear", "rope-ntk",     "rope-dynamic-ntk",
+    constexpr std::string_view names[] = {"rope",      "rope-linear", "rope-ntk",     "rope-dynamic-ntk",
                                           "rope-yarn", "rope-llama3", "rope-longrope"};
     return names[p_.scaling.index()];
   }
@@ -285,8 +295,9 @@ class rope {
     auto v = view_of(std::forward<M>(x));
     using S = std::remove_pointer_t<decltype(v.data)>;
     static_assert(!std::is_const_v<S>, "posenc::rope::rotate: x is rotated in place and must be mutable");
-    static_assert(storage_for<S, T>, "posenc::rope<T>::rotate: the storage type must compute in T "
-                                     "(float, bfloat16 or half for rope<float>; double for rope<double>)");
+    static_assert(storage_for<S, T>,
+                  "posenc::rope<T>::rotate: the storage type must compute in T "
+                  "(float, bfloat16 or half for rope<float>; double for rope<double>)");
     check_shape(v.rows, v.cols, pos);
     const index_t heads = v.cols / p_.head_dim;
     if (v.rows == 0 || heads == 0) return;
@@ -363,8 +374,9 @@ class rope {
     auto v = view_of(std::forward<M>(x));
     using S = std::remove_pointer_t<decltype(v.data)>;
     static_assert(!std::is_const_v<S>, "posenc::rope::rotate: x is rotated in place and must be mutable");
-    static_assert(storage_for<S, T>, "posenc::rope<T>::rotate: the storage type must compute in T "
-                                     "(float, bfloat16 or half for rope<float>; double for rope<double>)");
+    static_assert(storage_for<S, T>,
+                  "posenc::rope<T>::rotate: the storage type must compute in T "
+                  "(float, bfloat16 or half for rope<float>; double for rope<double>)");
     check_shape(v.rows, v.cols, pos);
     POSENC_ASSERT(cache.fingerprint_ == fingerprint_ && cache.rotary_dim_ == r_ && cache.layout_ == p_.layout,
                   "rope::rotate: the cache was made by a rope with other parameters");

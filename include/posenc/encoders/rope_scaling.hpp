@@ -58,9 +58,9 @@ struct ntk_aware_scaling {
 /// its table, and keys already rotated and cached with it go stale if the caller rebuilds the
 /// encoder for a longer sequence. HF `rope_type = "dynamic"`.
 struct dynamic_ntk_scaling {
-  double factor = 1.0;                     ///< `s > 0`
-  position original_max_position = 2048;   ///< `L0 > 0`, the trained context length
-  position sequence_length = 0;            ///< `L >= 0` the table is for; `L <= L0` (and 0) means the plain table
+  double factor = 1.0;                    ///< `s > 0`
+  position original_max_position = 2048;  ///< `L0 > 0`, the trained context length
+  position sequence_length = 0;           ///< `L >= 0` the table is for; `L <= L0` (and 0) means the plain table
 };
 
 /// YaRN (Peng et al. 2023): pairs that turn fewer than `beta_slow` times over `L0` tokens are
@@ -114,9 +114,9 @@ struct longrope_scaling {
   position original_max_position = 4096;  ///< `L0 > 1`
   position max_position = 0;              ///< extended context length; 0 = unset
   longrope_choice choice = longrope_choice::per_length;
-  position sequence_length = 0;           ///< the length the table is for (`per_length`); `>= 0`
-  double factor = 0;                      ///< the scale `s`, if given directly; 0 = unset. Must agree with
-                                          ///< `max_position / original_max_position` when both are set
+  position sequence_length = 0;  ///< the length the table is for (`per_length`); `>= 0`
+  double factor = 0;             ///< the scale `s`, if given directly; 0 = unset. Must agree with
+                                 ///< `max_position / original_max_position` when both are set
 };
 
 /// One frequency policy. `no_scaling` is plain RoPE.
@@ -126,8 +126,8 @@ using rope_scaling = std::variant<no_scaling, linear_scaling, ntk_aware_scaling,
 /// Which dimensions of a head form the rotated pairs (`r` = rotary dim, `c`/`s` = cos/sin of
 /// pair `i`'s angle):
 ///
-///     half_split:  pairs (i, i + r/2)    GPT-NeoX, LLaMA     x * [c0 c1 .. | c0 c1 ..] + rot(x) * [s0 s1 .. | s0 s1 ..]
-///     interleaved: pairs (2i, 2i + 1)    GPT-J, RoFormer     x * [c0 c0 c1 c1 ..]     + rot(x) * [s0 s0 s1 s1 ..]
+///     half_split  (GPT-NeoX, LLaMA): pairs (i, i + r/2)  cos [c0 c1 .. | c0 c1 ..]  sin [s0 s1 .. | s0 s1 ..]
+///     interleaved (GPT-J, RoFormer): pairs (2i, 2i + 1)  cos [c0 c0 c1 c1 ..]       sin [s0 s0 s1 s1 ..]
 ///
 /// The two agree after permuting the head's first `r` dimensions (interleaved dim `2i` is
 /// half-split dim `i`, `2i + 1` is `i + r/2`).
@@ -258,9 +258,10 @@ POSENC_STRICT_FP inline yarn_correction yarn_correction_range(const yarn_scaling
   detail::require(std::isfinite(base) && base > 1, "rope_params.base", base, "YaRN needs a finite base > 1");
   const double r = double(rotary_dim);
   const double pi = 3.14159265358979323846;
-  auto corr = [&](double n) { return r * std::log(double(s.original_max_position) / (n * 2 * pi)) / (2 * std::log(base)); };
-  double low = corr(s.beta_fast);
-  double high = corr(s.beta_slow);
+  const double l0 = double(s.original_max_position);
+  const double log_base = std::log(base);
+  double low = r * std::log(l0 / (s.beta_fast * 2 * pi)) / (2 * log_base);
+  double high = r * std::log(l0 / (s.beta_slow * 2 * pi)) / (2 * log_base);
   if (s.truncate) {
     low = std::floor(low);
     high = std::ceil(high);
@@ -301,11 +302,13 @@ POSENC_STRICT_FP inline double longrope_magnitude(const longrope_scaling& s) {
 POSENC_STRICT_FP inline double dynamic_ntk_base(const dynamic_ntk_scaling& s, index_t rotary_dim, double base) {
   POSENC_STRICT_FP_BODY
   detail::validate_policy(s, {});
-  detail::require(rotary_dim > 2, "rope_params.rotary_dim", rotary_dim, "dynamic NTK's exponent r/(r-2) needs rotary_dim > 2");
+  detail::require(rotary_dim > 2, "rope_params.rotary_dim", rotary_dim,
+                  "dynamic NTK's exponent r/(r-2) needs rotary_dim > 2");
   if (s.sequence_length <= s.original_max_position) return base;
   const long double r = static_cast<long double>(rotary_dim);
   const long double f = s.factor;
-  const long double ratio = f * static_cast<long double>(s.sequence_length) / static_cast<long double>(s.original_max_position) - (f - 1);
+  const long double ratio =
+      f * static_cast<long double>(s.sequence_length) / static_cast<long double>(s.original_max_position) - (f - 1);
   return static_cast<double>(base * std::pow(ratio, r / (r - 2)));
 }
 
@@ -313,7 +316,8 @@ POSENC_STRICT_FP inline double dynamic_ntk_base(const dynamic_ntk_scaling& s, in
 POSENC_STRICT_FP inline double ntk_aware_base(const ntk_aware_scaling& s, index_t rotary_dim, double base) {
   POSENC_STRICT_FP_BODY
   detail::validate_policy(s, {});
-  detail::require(rotary_dim > 2, "rope_params.rotary_dim", rotary_dim, "NTK-aware exponent r/(r-2) needs rotary_dim > 2");
+  detail::require(rotary_dim > 2, "rope_params.rotary_dim", rotary_dim,
+                  "NTK-aware exponent r/(r-2) needs rotary_dim > 2");
   const long double r = static_cast<long double>(rotary_dim);
   return static_cast<double>(base * std::pow(static_cast<long double>(s.alpha), r / (r - 2)));
 }
@@ -383,8 +387,8 @@ POSENC_STRICT_FP inline rope_frequencies policy_table(const yarn_scaling& p, ind
   // Clamping can leave high < low (an original length so short, or so long, for this base and
   // rotary dim that every pair falls on one side); HF would then ramp backwards.
   require(c.low <= c.high, "yarn_scaling.original_max_position", p.original_max_position,
-          "gives an empty YaRN correction range [" + to_text(c.low) + ", " + to_text(c.high) +
-              "] for base " + to_text(base) + " and rotary_dim " + std::to_string(r));
+          "gives an empty YaRN correction range [" + to_text(c.low) + ", " + to_text(c.high) + "] for base " +
+              to_text(base) + " and rotary_dim " + std::to_string(r));
   const real low = c.low;
   const real high = c.low == c.high ? static_cast<real>(c.high) + 0.001L : static_cast<real>(c.high);
   rope_frequencies out{plain_table(base, r), yarn_magnitude(p)};
@@ -412,7 +416,7 @@ POSENC_STRICT_FP inline rope_frequencies policy_table(const llama3_scaling& p, i
     } else if (!(w < l0 / hi)) {
       const real t = (l0 / w - lo) / (hi - lo);
       v = (1 - t) * v / s + t * v;  // between: blend
-    }  // short wavelength: keep
+    }                               // short wavelength: keep
   }
   return out;
 }
@@ -420,9 +424,11 @@ POSENC_STRICT_FP inline rope_frequencies policy_table(const llama3_scaling& p, i
 POSENC_STRICT_FP inline rope_frequencies policy_table(const longrope_scaling& p, index_t r, double base) {
   POSENC_STRICT_FP_BODY
   const auto want = static_cast<std::size_t>(r / 2);
-  require(p.short_factor.size() == want, "longrope_scaling.short_factor", std::to_string(p.short_factor.size()) + " entries",
+  require(p.short_factor.size() == want, "longrope_scaling.short_factor",
+          std::to_string(p.short_factor.size()) + " entries",
           "must have rotary_dim/2 = " + std::to_string(want) + " entries");
-  require(p.long_factor.size() == want, "longrope_scaling.long_factor", std::to_string(p.long_factor.size()) + " entries",
+  require(p.long_factor.size() == want, "longrope_scaling.long_factor",
+          std::to_string(p.long_factor.size()) + " entries",
           "must have rotary_dim/2 = " + std::to_string(want) + " entries");
   const bool use_long = p.choice == longrope_choice::fixed_long || p.sequence_length > p.original_max_position;
   const auto& f = use_long ? p.long_factor : p.short_factor;
