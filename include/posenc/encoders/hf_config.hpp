@@ -59,10 +59,15 @@ inline std::string config_text(const config_value& v) {
   return std::visit(
       [](const auto& x) -> std::string {
         using X = std::remove_cvref_t<decltype(x)>;
+        // Built with append: g++ 12 at -O3 warns (-Wrestrict, a false positive) on
+        // `"literal" + std::string` here.
+        std::string out;
         if constexpr (std::same_as<X, std::string>) {
-          return "\"" + x + "\"";
+          out.append(1, '"').append(x).append(1, '"');
+          return out;
         } else if constexpr (std::same_as<X, std::vector<double>>) {
-          return "[" + std::to_string(x.size()) + " numbers]";
+          out.append(1, '[').append(std::to_string(x.size())).append(" numbers]");
+          return out;
         } else {
           return to_text(x);
         }
