@@ -592,6 +592,18 @@ TEST_CASE("rope shape bugs fail POSENC_ASSERT", "[rope][errors]") {
   CHECK_NOTHROW(dyn_a.rotate(x, posenc::arange(10, 3), dyn_a.make_cache(10, 5)));
   CHECK_THROWS_AS(rope.make_cache(0, -1), posenc::assertion_error);
   CHECK_THROWS_AS(rope.make_cache(std::numeric_limits<position>::max() - 2, 5), posenc::assertion_error);
+  // Far outside on either side, without overflowing the range arithmetic.
+  auto negative = rope.make_cache(-5, 10);
+  const std::vector<position> extremes = {std::numeric_limits<position>::max(), std::numeric_limits<position>::min(),
+                                          -6, 5};
+  for (position p : extremes) {
+    INFO("position " << p);
+    CHECK_FALSE(negative.contains(p));
+    CHECK_THROWS_AS(rope.rotate(x.topRows(1), posenc::positions(std::span<const position>(&p, 1)), negative),
+                    posenc::assertion_error);
+  }
+  CHECK(negative.contains(-5));
+  CHECK(negative.contains(4));
   CHECK_THROWS_AS(cache.cos(9, 0), posenc::assertion_error);
   CHECK_THROWS_AS(cache.sin(10, 4), posenc::assertion_error);
 }

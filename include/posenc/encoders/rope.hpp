@@ -168,7 +168,11 @@ class rope_cache {
   index_t rotary_dim() const { return rotary_dim_; }
   rope_layout layout() const { return layout_; }
   /// `p` is in `[start, start + count)`.
-  bool contains(position p) const { return p >= start_ && p - start_ < count_; }
+  bool contains(position p) const {
+    // p - start in unsigned arithmetic: exact when p >= start, where the signed one may overflow.
+    return p >= start_ &&
+           static_cast<std::uint64_t>(p) - static_cast<std::uint64_t>(start_) < static_cast<std::uint64_t>(count_);
+  }
 
   /// `cos(p * inv_freq[pair]) * magnitude`, rounded to T. `p` must be in the range.
   T cos(position p, index_t pair) const {
