@@ -11,6 +11,7 @@
 #include "posenc/attention/blockwise.hpp"
 #include "posenc/attention/reference.hpp"
 #include "posenc/encoders/alibi.hpp"
+#include "posenc/encoders/rope.hpp"
 #include "posenc/encoders/shaw.hpp"
 #include "posenc/encoders/t5_bias.hpp"
 
@@ -291,4 +292,63 @@ TEST_CASE("blockwise decode with ALiBi at the end of a long cache uses global po
           {.heads = 8, .kv_heads = 2, .causal = true, .window_left = 300}, e.alibi_f, e.alibi_d);
   compare({.heads = 8, .kv_heads = 2, .d = 16, .n_q = 3, .n_kv = 1000, .q0 = 997},
           {.heads = 8, .kv_heads = 2, .causal = true}, e.shaw_f, e.shaw_d);
+}
+
+TEST_CASE("blockwise equals the reference with RoPE rotated inside the kernel", "[attention][blockwise][rope]") {
+  const posenc::rope_params variants[] = {
+      {.head_dim = 16},
+      {.head_dim = 16, .layout = posenc::rope_layout::interleaved},
+      {.head_dim = 16, .rotary_dim = 8, .base = 500000.0},
+      {.head_dim = 16, .scaling = posenc::yarn_scaling{.factor = 4.0, .original_max_position = 64}},
+  };
+  for (const auto& rp : variants) {
+    const posenc::rope<float> rf(rp);
+    const posenc::rope<double> rd(rp);
+    for (index_t tile : {7, 64}) {
+      const problem pr{.heads = 4, .kv_heads = 2, .d = 16, .n_q = 150, .n_kv = 150};
+      compare(pr, {.heads = 4, .kv_heads = 2, .causal = true, .q_tile = tile, .k_tile = tile}, rf, rd);
+      compare(pr, {.heads = 4, .kv_heads = 2, .window_left = 20, .q_tile = tile, .k_tile = tile}, rf, rd);
+    }
+    // Decode at far positions: the angles come from global positions.
+    compare({.heads = 4, .kv_heads = 2, .d = 16, .n_q = 2, .n_kv = 300, .q0 = (position{1} << 31) - 2},
+            {.heads = 4, .kv_heads = 2, .causal = true}, rf, rd);
+  }
+}
+
+TEST_CASE("blockwise with RoPE: rotating inside the kernel equals attending to rotated inputs",
+          "[attention][blockwise][rope]") {
+  const index_t n = 200, heads = 4, d = 32;
+  const posenc::rope<float> rope({.head_dim = d, .base = 10000.0});
+  auto q = random_matrix<float>(n, heads * d, 51);
+  auto k = random_matrix<float>(n, heads * d, 52);
+  const auto v = random_matrix<float>(n, heads * d, 53);
+  const auto pos = posenc::arange(17, n);
+  posenc::row_matrix<float> inside(n, heads * d), outside(n, heads * d);
+  posenc::attention(q, k, v, inside, pos, pos, rope, {.heads = heads, .causal = true});
+  rope.rotate(q, pos);
+  rope.rotate(k, pos);
+  posenc::attention(q, k, v, outside, pos, pos, rope,
+                    {.heads = heads, .causal = true, .rotation = posenc::rotation_mode::already_rotated});
+  CHECK((inside - outside).cwiseAbs().maxCoeff() <= 1e-5f);
+}
+
+TEMPLATE_TEST_CASE("blockwise on bf16 and fp16 storage accumulates in float", "[attention][blockwise]",
+                   Eigen::bfloat16, Eigen::half) {
+  using S = TestType;
+  const index_t n = 130, heads = 2, d = 32;
+  const auto qf = random_matrix<float>(n, heads * d, 61), kf = random_matrix<float>(n, heads * d, 62),
+             vf = random_matrix<float>(n, heads * d, 63);
+  const posenc::row_matrix<S> q = qf.cast<S>(), k = kf.cast<S>(), v = vf.cast<S>();
+  // The float path on exactly the values the low-precision storage holds.
+  const posenc::row_matrix<float> qr = q.template cast<float>(), kr = k.template cast<float>(),
+                                  vr = v.template cast<float>();
+  posenc::row_matrix<S> out(n, heads * d);
+  posenc::row_matrix<float> ref(n, heads * d);
+  const auto pos = posenc::arange(0, n);
+  const posenc::alibi<float> alibi({.num_heads = heads});
+  posenc::attention(q, k, v, out, pos, pos, alibi, {.heads = heads, .causal = true});
+  posenc::attention(qr, kr, vr, ref, pos, pos, alibi, {.heads = heads, .causal = true});
+  // One rounding of each output to the storage type (|out| < 4).
+  const double ulp = std::same_as<S, Eigen::bfloat16> ? 4.0 / 128 : 4.0 / 1024;
+  CHECK((out.template cast<float>() - ref).cwiseAbs().maxCoeff() <= ulp);
 }
