@@ -10,6 +10,9 @@
 #include "ceilings.hpp"
 #include "posenc/attention/blockwise.hpp"
 #include "posenc/attention/reference.hpp"
+#include "posenc/encoders/alibi.hpp"
+#include "posenc/encoders/rope.hpp"
+#include "posenc/encoders/t5_bias.hpp"
 
 namespace {
 
@@ -59,9 +62,47 @@ void prefill_args(benchmark::internal::Benchmark* b, long max_n) {
   b->Unit(benchmark::kMillisecond)->UseRealTime();
 }
 
+enum class encoder { none, rope_in_kernel, alibi, t5 };
+
+// The cost of each encoder family inside the kernel: same shapes as attention/blockwise, one
+// encoder per run. Arguments: n, head_dim, causal, encoder.
+void attention_encoders(benchmark::State& state) {
+  const index_t n = state.range(0), d = state.range(1), heads = 8;
+  const bool causal = state.range(2) != 0;
+  const auto which = static_cast<encoder>(state.range(3));
+  const auto q = random_matrix(n, heads * d, 1), k = random_matrix(n, heads * d, 2), v = random_matrix(n, heads * d, 3);
+  posenc::row_matrix<float> out(n, heads * d);
+  const posenc::attention_params p{.heads = heads, .causal = causal};
+  const auto pos = posenc::arange(0, n);
+  posenc::attention_workspace ws;
+  const posenc::rope<float> rope({.head_dim = d});
+  const posenc::alibi<float> alibi({.num_heads = heads});
+  const posenc::t5_relative_bias<float> t5({.num_heads = heads}, random_matrix(32, heads, 4));
+  for (auto _ : state) {
+    switch (which) {
+      case encoder::none: posenc::attention(q, k, v, out, pos, pos, posenc::no_position<float>{}, p, nullptr, &ws); break;
+      case encoder::rope_in_kernel: posenc::attention(q, k, v, out, pos, pos, rope, p, nullptr, &ws); break;
+      case encoder::alibi: posenc::attention(q, k, v, out, pos, pos, alibi, p, nullptr, &ws); break;
+      case encoder::t5: posenc::attention(q, k, v, out, pos, pos, t5, p, nullptr, &ws); break;
+    }
+    benchmark::DoNotOptimize(out.data());
+  }
+  const double flop = 4.0 * static_cast<double>(n) * static_cast<double>(n) * static_cast<double>(d) * heads *
+                      (causal ? 0.5 : 1.0);
+  state.counters["FLOPS"] = benchmark::Counter(flop * static_cast<double>(state.iterations()),
+                                               benchmark::Counter::kIsRate);
+}
+
 }  // namespace
 
 BENCHMARK(posenc_bench::fma_peak)->UseRealTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(posenc_bench::copy_bandwidth)->Arg(256L << 20)->UseRealTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(attention_prefill<path::blockwise>)->Name("attention/blockwise")->Apply([](auto* b) { prefill_args(b, 16384); });
 BENCHMARK(attention_prefill<path::naive>)->Name("attention/naive")->Apply([](auto* b) { prefill_args(b, 4096); });
+BENCHMARK(attention_encoders)
+    ->Name("attention/encoder")
+    ->ArgNames({"n", "d", "causal", "enc"})
+    ->Apply([](auto* b) {
+      for (long e = 0; e < 4; ++e) b->Args({4096, 128, 1, e});
+      b->Unit(benchmark::kMillisecond)->UseRealTime();
+    });

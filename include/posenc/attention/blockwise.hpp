@@ -25,6 +25,7 @@
 #include <cstddef>
 #include <cstring>
 #include <limits>
+#include <optional>
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -43,6 +44,22 @@ namespace detail {
 inline constexpr index_t default_q_tile = 256;
 inline constexpr index_t default_k_tile = 128;
 
+/// A rotation encoder that offers a bounded-memory tile rotator (RoPE): the kernel rotates every
+/// key tile once per query tile, too often for per-element double cos/sin.
+template <class E>
+concept has_tile_rotator = requires(const E& e) { e.tile_rotator(); };
+
+/// Scratch values per thread of the encoder's tile rotator, 0 without one.
+template <class E>
+index_t rotator_scratch(const E& enc) {
+  if constexpr (has_tile_rotator<E>) {
+    return 4 * (enc.rotary_dim() / 2);
+  } else {
+    (void)enc;
+    return 0;
+  }
+}
+
 /// Extra columns a score-bias encoder needs per query row (Shaw's relative terms), 0 otherwise.
 template <class E>
 index_t relative_columns(const E& enc) {
@@ -57,11 +74,12 @@ index_t relative_columns(const E& enc) {
 /// Offsets, in elements of the compute type, of the per-thread tile buffers (see
 /// detail/attention_kernels.hpp for their layouts).
 struct tile_plan {
-  index_t bq, bk, d, r;
+  index_t bq, bk, d, r, nrot;
   index_t ldkt, dpad;  // key tile width rounded up to 32; head_dim rounded up to 16
-  index_t q, krows, kt, v, s, acc, m, l, alpha, terms, w, per_thread;
+  index_t q, krows, kt, v, s, acc, m, l, alpha, terms, w, rot, per_thread;
 
-  tile_plan(index_t bq_, index_t bk_, index_t d_, index_t r_) : bq(bq_), bk(bk_), d(d_), r(r_) {
+  tile_plan(index_t bq_, index_t bk_, index_t d_, index_t r_, index_t nrot_)
+      : bq(bq_), bk(bk_), d(d_), r(r_), nrot(nrot_) {
     ldkt = (bk + 31) / 32 * 32;
     dpad = (d + 15) / 16 * 16;
     // Each buffer starts on a 64-byte boundary for float and double alike.
@@ -78,6 +96,7 @@ struct tile_plan {
     alpha = o, o += round(bq);
     terms = o, o += round(bq * r);
     w = o, o += round(bq * r);
+    rot = o, o += round(nrot);
     per_thread = o;
   }
 };
@@ -144,7 +163,8 @@ inline bool all_visible(const attention_shape& s, position_bounds q, position_bo
 /// workspace per thread, independent of the sequence lengths. Benchmarks use it to count memory.
 template <storage_scalar S, positional_encoding E>
 std::size_t attention_workspace_bytes(const attention_params& p, index_t head_dim, const E& enc) {
-  const detail::tile_plan plan(detail::q_tile_of(p), detail::k_tile_of(p), head_dim, detail::relative_columns(enc));
+  const detail::tile_plan plan(detail::q_tile_of(p), detail::k_tile_of(p), head_dim, detail::relative_columns(enc),
+                               detail::rotator_scratch(enc));
   return static_cast<std::size_t>(plan.per_thread) * sizeof(compute_t<S>) *
          static_cast<std::size_t>(detail::attention_threads(p));
 }
@@ -192,7 +212,7 @@ void attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, con
 
   const index_t d = sh.head_dim;
   const detail::tile_plan plan(std::min(detail::q_tile_of(p), sh.n_q), detail::k_tile_of(p), d,
-                               detail::relative_columns(enc));
+                               detail::relative_columns(enc), detail::rotator_scratch(enc));
   const int threads = detail::attention_threads(p);
   attention_workspace local;
   attention_workspace& w = ws ? *ws : local;
@@ -216,6 +236,24 @@ void attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, con
   // place evicts each other on every pass of the PV kernel.
   constexpr bool values_in_place = false;
 
+  // The rotator's table is made once per call and shared, read-only, by every thread.
+  const auto rotator = [&] {
+    if constexpr (detail::has_tile_rotator<E>) {
+      return rotating ? std::optional(enc.tile_rotator()) : std::nullopt;
+    } else {
+      return 0;
+    }
+  }();
+  auto rotate_tile = [&](C* tile, index_t rows, positions tp, C* scratch) {
+    if constexpr (detail::has_tile_rotator<E>) {
+      rotator->rotate(strided_view<C>(tile, rows, d, d), tp, scratch + plan.rot);
+    } else if constexpr (rotate_tiles) {
+      enc.rotate(strided_view<C>(tile, rows, d, d), tp);
+    } else {
+      (void)tile, (void)rows, (void)tp, (void)scratch;
+    }
+  };
+
   auto run_item = [&](index_t item, C* scratch) {
     const index_t h = item / q_tiles;
     const index_t i0 = (item % q_tiles) * plan.bq;
@@ -227,9 +265,7 @@ void attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, con
     // The scale is folded into the query tile: rotation and Shaw's query terms are linear in q.
     C* const qt = scratch + plan.q;
     detail::load_rows(qv, i0, nq, h * d, d, scale, qt, d);
-    if constexpr (rotate_tiles) {
-      if (rotating) enc.rotate(strided_view<C>(qt, nq, d, d), qp);
-    }
+    if (rotating) rotate_tile(qt, nq, qp, scratch);
     C* const acc = scratch + plan.acc;
     C* const m = scratch + plan.m;
     C* const l = scratch + plan.l;
@@ -259,9 +295,7 @@ void attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, con
       } else {
         C* buf = scratch + plan.krows;
         detail::load_rows(kv, j0, nk, g * d, d, C(1), buf, d);
-        if constexpr (rotate_tiles) {
-          if (rotating) enc.rotate(strided_view<C>(buf, nk, d, d), kp);
-        }
+        if (rotating) rotate_tile(buf, nk, kp, scratch);
         krows = buf;
         ldk = d;
       }

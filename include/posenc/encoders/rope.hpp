@@ -55,6 +55,8 @@ namespace posenc {
 
 template <class T>
 class rope;
+template <class T>
+class rope_tile_rotator;
 
 namespace detail {
 
@@ -405,6 +407,21 @@ class rope {
     }
   }
 
+  /// cos and sin of every pair's angle at position `p`, on the unit circle (without the
+  /// magnitude): `c[k]`, `s[k]` for `k < rotary_dim / 2`, in double, reduced exactly like `rotate`.
+  void unit_cos_sin(position p, double* c, double* s) const { unit_cos_sin(p, 0, r_ / 2, c, s); }
+
+  /// The same for pairs `[first, first + count)` only, into `c[0..count)`, `s[0..count)`.
+  void unit_cos_sin(position p, index_t first, index_t count, double* c, double* s) const {
+    POSENC_ASSERT(first >= 0 && count >= 0 && first + count <= r_ / 2, "rope::unit_cos_sin: pair range out of bounds");
+    for (index_t k = 0; k < count; ++k)
+      detail::rope_cos_sin(p, turns_[static_cast<std::size_t>(first + k)], exact_, c[k], s[k]);
+  }
+
+  /// A rotator for many small tiles at arbitrary positions with bounded memory (an attention
+  /// kernel's key tiles); see `rope_tile_rotator`. Allocates its table.
+  rope_tile_rotator<T> tile_rotator() const { return rope_tile_rotator<T>(*this); }
+
  private:
   void check_shape(index_t rows, index_t cols, const positions& pos) const {
     POSENC_ASSERT(cols % p_.head_dim == 0, "rope::rotate: the column count must be a multiple of head_dim");
@@ -418,6 +435,107 @@ class rope {
   std::uint64_t fingerprint_ = 0;
   std::vector<double> inv_freq_;
   std::vector<detail::rope_turns> turns_;
+};
+
+/// Rotates single-head tiles (`[rows, head_dim]`, one position per row) the way `rope::rotate`
+/// does, with memory that does not grow with the positions' range: an attention kernel rotates
+/// each key tile once per query tile, so the cos/sin must be cheap, and a cache of every position
+/// would grow with the sequence.
+///
+/// Each position splits as `p = hi + lo` with `lo = p mod 256`; `cos/sin(lo theta)` come from a
+/// table made once (256 rows of `rotary_dim` values, magnitude included) and `cos/sin(hi theta)`
+/// are computed exactly in double when `hi` changes (once per 256 consecutive positions), then
+///
+///     cos(p theta) = cos(hi theta) cos(lo theta) - sin(hi theta) sin(lo theta)
+///     sin(p theta) = sin(hi theta) cos(lo theta) + cos(hi theta) sin(lo theta)
+///
+/// in `T`. Each factor is rounded once from an exact value, so the result is within a few ulp
+/// of `rope::rotate`'s, not bit-identical. Immutable; one object may serve all threads, each
+/// passing its own `scratch` of `scratch_size()` values. It refers to the `rope` that made it,
+/// which must outlive it.
+template <class T>
+class rope_tile_rotator {
+ public:
+  static constexpr position block = 256;
+
+  explicit rope_tile_rotator(const rope<T>& r)
+      : head_dim_(r.head_dim()), half_(r.rotary_dim() / 2), layout_(r.layout()) {
+    const double mag = r.magnitude();
+    table_.resize(static_cast<std::size_t>(block * 2 * half_));
+    std::vector<double> c(static_cast<std::size_t>(half_)), s(static_cast<std::size_t>(half_));
+    for (position t = 0; t < block; ++t) {
+      r.unit_cos_sin(t, c.data(), s.data());
+      T* row = table_.data() + t * 2 * half_;
+      for (index_t k = 0; k < half_; ++k) {
+        row[k] = static_cast<T>(c[static_cast<std::size_t>(k)] * mag);
+        row[half_ + k] = static_cast<T>(s[static_cast<std::size_t>(k)] * mag);
+      }
+    }
+    rope_ = &r;
+  }
+
+  /// Values of `T` the caller provides as `scratch` to `rotate`.
+  index_t scratch_size() const { return 4 * half_; }
+
+  /// Rotates row `i` of `x` (`[rows, head_dim]`, any row stride) by position `pos[i]`.
+  /// `scratch` holds `scratch_size()` values and must stay with one thread. No allocation.
+  void rotate(strided_view<T> x, positions pos, T* scratch) const {
+    POSENC_ASSERT(x.cols == head_dim_, "rope_tile_rotator::rotate: x must be [rows, head_dim]");
+    POSENC_ASSERT(pos.size() == x.rows, "rope_tile_rotator::rotate: one position per row expected");
+    T* hc = scratch;
+    T* hs = hc + half_;
+    T* c = hs + half_;
+    T* s = c + half_;
+    bool have = false;
+    position cached_hi = 0;
+    const bool inter = layout_ == rope_layout::interleaved;
+    for (index_t i = 0; i < x.rows; ++i) {
+      const position p = pos[i];
+      const position hi = p & ~(block - 1);  // floor to a multiple of 256, negatives included
+      const index_t lo = static_cast<index_t>(p - hi);
+      if (!have || hi != cached_hi) {
+        for (index_t k0 = 0; k0 < half_; k0 += chunk) {
+          const index_t m = std::min(chunk, half_ - k0);
+          double bc[chunk], bs[chunk];
+          rope_->unit_cos_sin(hi, k0, m, bc, bs);
+          for (index_t k = 0; k < m; ++k) {
+            hc[k0 + k] = static_cast<T>(bc[k]);
+            hs[k0 + k] = static_cast<T>(bs[k]);
+          }
+        }
+        cached_hi = hi;
+        have = true;
+      }
+      const T* lc = table_.data() + lo * 2 * half_;
+      const T* ls = lc + half_;
+      for (index_t k = 0; k < half_; ++k) {
+        c[k] = hc[k] * lc[k] - hs[k] * ls[k];
+        s[k] = hs[k] * lc[k] + hc[k] * ls[k];
+      }
+      T* row = x.row(i);
+      if (inter) {
+        for (index_t k = 0; k < half_; ++k) {
+          const T a = row[2 * k], b = row[2 * k + 1];
+          row[2 * k] = a * c[k] - b * s[k];
+          row[2 * k + 1] = b * c[k] + a * s[k];
+        }
+      } else {
+        T* second = row + half_;
+        for (index_t k = 0; k < half_; ++k) {
+          const T a = row[k], b = second[k];
+          row[k] = a * c[k] - b * s[k];
+          second[k] = b * c[k] + a * s[k];
+        }
+      }
+    }
+  }
+
+ private:
+  static constexpr index_t chunk = 32;
+  index_t head_dim_, half_;
+  rope_layout layout_;
+  std::vector<T> table_;  // [block, 2 * half]: cos then sin, magnitude included
+  const rope<T>* rope_ = nullptr;
 };
 
 }  // namespace posenc
