@@ -234,3 +234,20 @@ TEST_CASE("alibi hot-path preconditions", "[alibi]") {
   CHECK_THROWS_AS(a.slope(-1), posenc::assertion_error);
   CHECK_NOTHROW(a.add_bias_tile(tile, 3, posenc::arange(0, 3), posenc::arange(0, 5)));
 }
+
+TEST_CASE("alibi: the vector and the portable tile paths give the same bits", "[alibi]") {
+  for (auto form : {posenc::alibi_form::causal, posenc::alibi_form::symmetric}) {
+    const posenc::alibi<float> enc({.num_heads = 12, .form = form});
+    for (posenc::index_t n : {1, 7, 8, 9, 130}) {
+      posenc::row_matrix<float> fast = posenc::row_matrix<float>::Constant(5, n, 0.25f);
+      posenc::row_matrix<float> portable = fast;
+      const auto q = posenc::arange(1000, 5), k = posenc::arange(990, n);
+      enc.add_bias_tile(fast, 7, q, k);
+      {
+        const posenc::detail::scoped_simd_cap cap(posenc::detail::simd_level::portable);
+        enc.add_bias_tile(portable, 7, q, k);
+      }
+      CHECK(fast == portable);
+    }
+  }
+}

@@ -218,9 +218,10 @@ TEST_CASE("blockwise: the portable and the run-time selected kernels agree", "[a
   const auto pos = posenc::arange(0, n);
   const posenc::attention_params p{.heads = heads, .kv_heads = 2, .causal = true, .window_left = 100};
   posenc::attention(q, k, v, fast, pos, pos, posenc::no_position<float>{}, p, lf);
-  posenc::detail::forced_kernels() = posenc::detail::kernel_choice::portable;
-  posenc::attention(q, k, v, portable, pos, pos, posenc::no_position<float>{}, p, lp);
-  posenc::detail::forced_kernels() = posenc::detail::kernel_choice::automatic;
+  {
+    const posenc::detail::scoped_simd_cap cap(posenc::detail::simd_level::portable);
+    posenc::attention(q, k, v, portable, pos, pos, posenc::no_position<float>{}, p, lp);
+  }
   INFO("kernels in use by default: " << posenc::detail::kernels_for<float>().name);
   CHECK((fast - portable).cwiseAbs().maxCoeff() <= 1e-5f);
   CHECK((lf - lp).cwiseAbs().maxCoeff() <= 1e-5f);

@@ -23,8 +23,9 @@
 
 #include "posenc/types.hpp"
 
-#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__)) && \
-    !defined(POSENC_NO_SIMD)
+#include "posenc/detail/cpu.hpp"
+
+#if POSENC_X86_DISPATCH
 #define POSENC_HAVE_AVX512_KERNELS 1
 #include <immintrin.h>
 #else
@@ -143,7 +144,7 @@ const tile_kernels<C>& portable_kernels() {
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
-#define POSENC_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,fma,bmi2")))
+#define POSENC_AVX512 POSENC_TARGET_AVX512
 // The register blocks below must be unrolled completely, or their accumulator arrays live on the
 // stack and every FMA becomes a load and a store.
 #define POSENC_UNROLL _Pragma("GCC unroll 16")
@@ -361,15 +362,6 @@ POSENC_AVX512 inline void pv_avx512(const float* p, index_t ldp, index_t nq, ind
 #pragma GCC diagnostic pop
 #endif
 
-inline bool cpu_has_avx512() {
-  static const bool has = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
-  }();
-  return has;
-}
-
 inline const tile_kernels<float>& avx512_float_kernels() {
   static const tile_kernels<float> k{pack_kt_avx512, qk_avx512, softmax_avx512, pv_avx512, "avx512"};
   return k;
@@ -377,21 +369,13 @@ inline const tile_kernels<float>& avx512_float_kernels() {
 
 #endif  // POSENC_HAVE_AVX512_KERNELS
 
-/// Which kernels `attention` uses: "auto" picks the best the CPU runs; tests force "portable" to
-/// check that both agree.
-enum class kernel_choice { automatic, portable };
-
-inline kernel_choice& forced_kernels() {
-  static kernel_choice choice = kernel_choice::automatic;
-  return choice;
-}
-
-/// The kernels for compute type `C`: AVX-512 for float where the CPU has it, portable otherwise.
+/// The kernels for compute type `C`: AVX-512 for float where the CPU has it and the process-wide
+/// cap allows it (`detail::scoped_simd_cap`), portable otherwise.
 template <class C>
 const tile_kernels<C>& kernels_for() {
 #if POSENC_HAVE_AVX512_KERNELS
   if constexpr (std::same_as<C, float>) {
-    if (forced_kernels() == kernel_choice::automatic && cpu_has_avx512()) return avx512_float_kernels();
+    if (simd_level_in_use() == simd_level::avx512) return avx512_float_kernels();
   }
 #endif
   return portable_kernels<C>();
