@@ -93,6 +93,26 @@ void attention_encoders(benchmark::State& state) {
                                                benchmark::Counter::kIsRate);
 }
 
+// Decode: `n_q` queries at the end of a KV cache of `n_kv` tokens, 8 heads sharing 2 kv heads,
+// d = 128. Memory bound: reports the bytes of K and V read per second, to compare with the
+// same-run copy bandwidth. Arguments: n_kv, n_q.
+void attention_decode(benchmark::State& state) {
+  const index_t n_kv = state.range(0), n_q = state.range(1), heads = 8, kv_heads = 2, d = 128;
+  const auto q = random_matrix(n_q, heads * d, 1), k = random_matrix(n_kv, kv_heads * d, 2),
+             v = random_matrix(n_kv, kv_heads * d, 3);
+  posenc::row_matrix<float> out(n_q, heads * d);
+  const posenc::attention_params p{.heads = heads, .kv_heads = kv_heads, .causal = true};
+  posenc::attention_workspace ws;
+  for (auto _ : state) {
+    posenc::attention(q, k, v, out, posenc::arange(n_kv - n_q, n_q), posenc::arange(0, n_kv),
+                      posenc::no_position<float>{}, p, nullptr, &ws);
+    benchmark::DoNotOptimize(out.data());
+  }
+  const double bytes = 2.0 * static_cast<double>(n_kv) * kv_heads * d * sizeof(float);
+  state.counters["kv_bytes_per_second"] =
+      benchmark::Counter(bytes * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
+}
+
 }  // namespace
 
 BENCHMARK(posenc_bench::fma_peak)->UseRealTime()->Unit(benchmark::kMillisecond);
@@ -106,3 +126,12 @@ BENCHMARK(attention_encoders)
       for (long e = 0; e < 4; ++e) b->Args({4096, 128, 1, e});
       b->Unit(benchmark::kMillisecond)->UseRealTime();
     });
+BENCHMARK(attention_decode)
+    ->Name("attention/decode")
+    ->ArgNames({"n_kv", "n_q"})
+    ->Args({32768, 1})
+    ->Args({65536, 1})
+    ->Args({131072, 1})
+    ->Args({131072, 16})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();

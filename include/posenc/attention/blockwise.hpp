@@ -15,7 +15,8 @@
 /// window hides completely are skipped without being read; tiles that are completely visible are
 /// not masked element by element.
 ///
-/// Work items are (head, query tile) pairs, run in parallel with OpenMP when the includer
+/// Work items are (kv head, query tile) pairs, the query heads of a GQA group stacked into one
+/// tile so that each key/value tile is read once for the group; they run in parallel with OpenMP when the includer
 /// compiles with it (CMake's posenc::posenc links OpenMP when found) and serially otherwise. Each
 /// item is computed the same way whichever thread runs it, so the result does not depend on the
 /// thread count.
@@ -43,6 +44,9 @@ namespace detail {
 
 inline constexpr index_t default_q_tile = 256;
 inline constexpr index_t default_k_tile = 128;
+/// At most this many rows per tile (decode: a few tokens times the GQA group) use the in-place
+/// key and value paths.
+inline constexpr index_t few_query_rows = 8;
 
 /// A rotation encoder that offers a bounded-memory tile rotator (RoPE): the kernel rotates every
 /// key tile once per query tile, too often for per-element double cos/sin.
@@ -126,6 +130,13 @@ inline int attention_threads(const attention_params& p) {
 }
 
 inline index_t q_tile_of(const attention_params& p) { return p.q_tile > 0 ? p.q_tile : default_q_tile; }
+
+/// Query tokens per work item. The query heads that share a kv head are stacked into one tile
+/// (GQA/MQA), so each key and value tile is read once for all of them: a tile holds
+/// `tokens * group` rows, about `q_tile`.
+inline index_t tokens_per_item(const attention_params& p, index_t group) {
+  return std::max<index_t>(1, q_tile_of(p) / group);
+}
 inline index_t k_tile_of(const attention_params& p) { return p.k_tile > 0 ? p.k_tile : default_k_tile; }
 
 struct position_bounds {
@@ -163,8 +174,9 @@ inline bool all_visible(const attention_shape& s, position_bounds q, position_bo
 /// workspace per thread, independent of the sequence lengths. Benchmarks use it to count memory.
 template <storage_scalar S, positional_encoding E>
 std::size_t attention_workspace_bytes(const attention_params& p, index_t head_dim, const E& enc) {
-  const detail::tile_plan plan(detail::q_tile_of(p), detail::k_tile_of(p), head_dim, detail::relative_columns(enc),
-                               detail::rotator_scratch(enc));
+  const index_t group = p.kv_heads > 0 && p.heads % p.kv_heads == 0 ? p.heads / p.kv_heads : 1;
+  const detail::tile_plan plan(detail::tokens_per_item(p, group) * group, detail::k_tile_of(p), head_dim,
+                               detail::relative_columns(enc), detail::rotator_scratch(enc));
   return static_cast<std::size_t>(plan.per_thread) * sizeof(compute_t<S>) *
          static_cast<std::size_t>(detail::attention_threads(p));
 }
@@ -211,16 +223,18 @@ void attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, con
   if (sh.n_q == 0) return;
 
   const index_t d = sh.head_dim;
-  const detail::tile_plan plan(std::min(detail::q_tile_of(p), sh.n_q), detail::k_tile_of(p), d,
-                               detail::relative_columns(enc), detail::rotator_scratch(enc));
+  const index_t group = sh.group;
+  const index_t tq = std::min(detail::tokens_per_item(p, group), sh.n_q);
+  const detail::tile_plan plan(tq * group, detail::k_tile_of(p), d, detail::relative_columns(enc),
+                               detail::rotator_scratch(enc));
   const int threads = detail::attention_threads(p);
   attention_workspace local;
   attention_workspace& w = ws ? *ws : local;
   C* const base = reinterpret_cast<C*>(
       w.reserve(static_cast<std::size_t>(plan.per_thread) * sizeof(C) * static_cast<std::size_t>(threads)));
 
-  const index_t q_tiles = (sh.n_q + plan.bq - 1) / plan.bq;
-  const index_t items = sh.heads * q_tiles;
+  const index_t q_tiles = (sh.n_q + tq - 1) / tq;
+  const index_t items = sh.kv_heads * q_tiles;
   constexpr C neg_inf = -std::numeric_limits<C>::infinity();
   const C scale = static_cast<C>(sh.scale);
 
@@ -231,10 +245,14 @@ void attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, con
   // rotation, and (for values) may be read up to head_dim rounded up to 16 columns.
   const bool keys_in_place = std::same_as<std::remove_const_t<std::remove_pointer_t<decltype(kv.data)>>, C> &&
                              !rotating;
-  // Values are always copied into a dense tile: an engine's rows are often 4 KiB apart (kv_heads
-  // * head_dim floats), and rows at such a stride all fall into one L1 set, so reading them in
-  // place evicts each other on every pass of the PV kernel.
-  constexpr bool values_in_place = false;
+  // With a few query rows (decode) the kernel is bound by reading K and V once: keys are then
+  // multiplied in place without the transposed tile, and values read in place. With many rows,
+  // values are copied into a dense tile: an engine's rows are often 4 KiB apart (kv_heads *
+  // head_dim floats), and rows at such a stride fall into one L1 set, so reading them in place
+  // evicts each other on every pass of the PV kernel.
+  const bool few_rows = plan.bq <= detail::few_query_rows;
+  const bool values_in_place =
+      few_rows && std::same_as<std::remove_const_t<std::remove_pointer_t<decltype(vv.data)>>, C> && d == plan.dpad;
 
   // The rotator's table is made once per call and shared, read-only, by every thread.
   const auto rotator = [&] {
@@ -254,30 +272,35 @@ void attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, con
     }
   };
 
+  // A work item: kv head g and tokens [i0, i0 + nq); tile row r holds query head
+  // g * group + r / nq at token i0 + r % nq (head-major, so each head's rows are contiguous).
   auto run_item = [&](index_t item, C* scratch) {
-    const index_t h = item / q_tiles;
-    const index_t i0 = (item % q_tiles) * plan.bq;
-    const index_t nq = std::min(plan.bq, sh.n_q - i0);
-    const index_t g = h / sh.group;
+    const index_t g = item / q_tiles;
+    const index_t i0 = (item % q_tiles) * tq;
+    const index_t nq = std::min(tq, sh.n_q - i0);
+    const index_t rows = nq * group;
     const positions qp = qpos.subset(i0, nq);
     const auto qb = detail::bounds_of(qp);
+    auto head_rows = [&](const auto& view, index_t hh) { return view.middle_rows(hh * nq, nq); };
 
     // The scale is folded into the query tile: rotation and Shaw's query terms are linear in q.
     C* const qt = scratch + plan.q;
-    detail::load_rows(qv, i0, nq, h * d, d, scale, qt, d);
-    if (rotating) rotate_tile(qt, nq, qp, scratch);
+    for (index_t hh = 0; hh < group; ++hh) {
+      detail::load_rows(qv, i0, nq, (g * group + hh) * d, d, scale, qt + hh * nq * d, d);
+      if (rotating) rotate_tile(qt + hh * nq * d, nq, qp, scratch);
+    }
     C* const acc = scratch + plan.acc;
     C* const m = scratch + plan.m;
     C* const l = scratch + plan.l;
     C* const alpha = scratch + plan.alpha;
-    std::fill(acc, acc + nq * plan.dpad, C(0));
-    std::fill(m, m + nq, neg_inf);
-    std::fill(l, l + nq, C(0));
-    [[maybe_unused]] const strided_view<C> terms(scratch + plan.terms, nq, plan.r, plan.r);
-    [[maybe_unused]] const strided_view<C> wts(scratch + plan.w, nq, plan.r, plan.r);
+    std::fill(acc, acc + rows * plan.dpad, C(0));
+    std::fill(m, m + rows, neg_inf);
+    std::fill(l, l + rows, C(0));
+    [[maybe_unused]] const strided_view<C> terms(scratch + plan.terms, rows, plan.r, plan.r);
+    [[maybe_unused]] const strided_view<C> wts(scratch + plan.w, rows, plan.r, plan.r);
     if constexpr (relative_key_value<E>) {
-      enc.query_terms(strided_view<const C>(qt, nq, d, d), terms);
-      std::fill(wts.data, wts.data + nq * plan.r, C(0));
+      enc.query_terms(strided_view<const C>(qt, rows, d, d), terms);
+      std::fill(wts.data, wts.data + rows * plan.r, C(0));
     }
 
     for (index_t j0 = 0; j0 < sh.n_kv; j0 += plan.bk) {
@@ -299,25 +322,34 @@ void attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, con
         krows = buf;
         ldk = d;
       }
-      C* const kt = scratch + plan.kt;
-      kern.pack_kt(krows, ldk, nk, d, kt, plan.ldkt);
-
       C* const s = scratch + plan.s;
-      kern.qk(qt, d, nq, d, kt, plan.ldkt, s);
-      const strided_view<C> sv(s, nq, nk, plan.ldkt);
-      if constexpr (relative_key_value<E>) enc.add_bias_tile(sv, strided_view<const C>(terms), qp, kp);
-      if constexpr (position_bias<E>) enc.add_bias_tile(sv, h, qp, kp);
-      if (!full) {
-        for (index_t i = 0; i < nq; ++i)
-          for (index_t j = 0; j < nk; ++j)
-            if (!detail::visible(sh, qp[i], kp[j])) sv(i, j) = neg_inf;
+      if (few_rows) {
+        kern.qk_rows(qt, d, rows, d, krows, ldk, nk, s, plan.ldkt);
+      } else {
+        C* const kt = scratch + plan.kt;
+        kern.pack_kt(krows, ldk, nk, d, kt, plan.ldkt);
+        kern.qk(qt, d, rows, d, kt, plan.ldkt, s);
       }
-      kern.softmax(s, plan.ldkt, nq, nk, m, l, alpha);
+      const strided_view<C> sv(s, rows, nk, plan.ldkt);
+      for (index_t hh = 0; hh < group; ++hh) {
+        if constexpr (relative_key_value<E>)
+          enc.add_bias_tile(head_rows(sv, hh), strided_view<const C>(head_rows(terms, hh)), qp, kp);
+        if constexpr (position_bias<E>) enc.add_bias_tile(head_rows(sv, hh), g * group + hh, qp, kp);
+      }
+      if (!full) {
+        for (index_t r = 0; r < rows; ++r) {
+          const position qr = qp[r % nq];
+          for (index_t j = 0; j < nk; ++j)
+            if (!detail::visible(sh, qr, kp[j])) sv(r, j) = neg_inf;
+        }
+      }
+      kern.softmax(s, plan.ldkt, rows, nk, m, l, alpha);
       if constexpr (relative_key_value<E>) {
-        for (index_t i = 0; i < nq; ++i)
-          if (alpha[i] != C(1))
-            for (index_t r = 0; r < plan.r; ++r) wts(i, r) *= alpha[i];
-        enc.accumulate_value_weights(strided_view<const C>(sv), qp, kp, wts);
+        for (index_t r = 0; r < rows; ++r)
+          if (alpha[r] != C(1))
+            for (index_t c = 0; c < plan.r; ++c) wts(r, c) *= alpha[r];
+        for (index_t hh = 0; hh < group; ++hh)
+          enc.accumulate_value_weights(strided_view<const C>(head_rows(sv, hh)), qp, kp, head_rows(wts, hh));
       }
 
       const C* vrows;
@@ -333,23 +365,25 @@ void attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, con
         vrows = buf;
         ldv = plan.dpad;
       }
-      kern.pv(s, plan.ldkt, nq, nk, vrows, ldv, d, alpha, acc, plan.dpad);
+      kern.pv(s, plan.ldkt, rows, nk, vrows, ldv, d, alpha, acc, plan.dpad);
     }
 
     if constexpr (relative_key_value<E>)
-      enc.add_value_term(strided_view<const C>(wts), strided_view<C>(acc, nq, d, plan.dpad));
-    for (index_t i = 0; i < nq; ++i) {
-      SO* dst = ov.row(i0 + i) + h * d;
-      if (l[i] == C(0)) {
+      enc.add_value_term(strided_view<const C>(wts), strided_view<C>(acc, rows, d, plan.dpad));
+    for (index_t r = 0; r < rows; ++r) {
+      const index_t i = i0 + r % nq;
+      const index_t h = g * group + r / nq;
+      SO* dst = ov.row(i) + h * d;
+      if (l[r] == C(0)) {
         for (index_t c = 0; c < d; ++c) dst[c] = SO(0);
-        if constexpr (want_lse) lse_view(i0 + i, h) = neg_inf;
+        if constexpr (want_lse) lse_view(i, h) = neg_inf;
         continue;
       }
-      const C inv = C(1) / l[i];
-      const C* arow = acc + i * plan.dpad;
+      const C inv = C(1) / l[r];
+      const C* arow = acc + r * plan.dpad;
       for (index_t c = 0; c < d; ++c) dst[c] = static_cast<SO>(arow[c] * inv);
       if constexpr (want_lse)
-        lse_view(i0 + i, h) = static_cast<std::remove_reference_t<decltype(lse_view(0, 0))>>(m[i] + std::log(l[i]));
+        lse_view(i, h) = static_cast<std::remove_reference_t<decltype(lse_view(0, 0))>>(m[r] + std::log(l[r]));
     }
   };
 

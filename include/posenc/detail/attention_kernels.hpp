@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 
@@ -42,6 +43,10 @@ struct tile_kernels {
   void (*pack_kt)(const C* k, index_t ldk, index_t nk, index_t d, C* kt, index_t ldkt);
   /// `s[i][j] = sum_c q[i][c] kt[c][j]` for `i < nq`, `j < ldkt`.
   void (*qk)(const C* q, index_t ldq, index_t nq, index_t d, const C* kt, index_t ldkt, C* s);
+  /// `s[i][j] = sum_c q[i][c] k[j][c]` for `i < nq`, `j < nk`, reading the key rows in place (row
+  /// stride `ldk`): for a few query rows (decode) transposing the key tile costs more than it saves.
+  void (*qk_rows)(const C* q, index_t ldq, index_t nq, index_t d, const C* k, index_t ldk, index_t nk, C* s,
+                  index_t lds);
   /// Online-softmax step on rows of `s` (`nk` valid columns, masked ones `-inf`): updates the
   /// running max `m` and sum `l`, writes `exp(s - m_new)` into `s` and the rescale factor of the
   /// previous state into `alpha` (0 when the previous state was empty).
@@ -75,6 +80,17 @@ void qk_portable(const C* q, index_t ldq, index_t nq, index_t d, const C* kt, in
       for (index_t j = 0; j < ldkt; ++j) srow[j] += a * krow[j];
     }
   }
+}
+
+template <class C>
+void qk_rows_portable(const C* q, index_t ldq, index_t nq, index_t d, const C* k, index_t ldk, index_t nk, C* s,
+                      index_t lds) {
+  for (index_t i = 0; i < nq; ++i)
+    for (index_t j = 0; j < nk; ++j) {
+      C dot = 0;
+      for (index_t c = 0; c < d; ++c) dot += q[i * ldq + c] * k[j * ldk + c];
+      s[i * lds + j] = dot;
+    }
 }
 
 /// Shared by every version: the scalar part of the online-softmax update of one row, given the
@@ -131,7 +147,8 @@ void pv_portable(const C* p, index_t ldp, index_t nq, index_t nk, const C* v, in
 
 template <class C>
 const tile_kernels<C>& portable_kernels() {
-  static const tile_kernels<C> k{pack_kt_portable<C>, qk_portable<C>, softmax_portable<C>, pv_portable<C>, "portable"};
+  static const tile_kernels<C> k{pack_kt_portable<C>, qk_portable<C>,  qk_rows_portable<C>,
+                                 softmax_portable<C>, pv_portable<C>, "portable"};
   return k;
 }
 
@@ -167,6 +184,16 @@ POSENC_AVX512 inline __m512 exp_avx512(__m512 x) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471805599453e-1f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
   return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
+}
+
+/// How far ahead the few-row (decode) kernels prefetch key and value rows.
+inline constexpr index_t prefetch_rows = 8;
+
+/// Prefetches `p + ahead` elements. The address is formed as an integer: it may lie past the end
+/// of the array (a prefetch never faults), where pointer arithmetic would be undefined.
+inline void prefetch_ahead(const float* p, index_t ahead) {
+  const auto address = reinterpret_cast<std::uintptr_t>(p) + static_cast<std::uintptr_t>(ahead) * sizeof(float);
+  _mm_prefetch(reinterpret_cast<const char*>(address), _MM_HINT_T0);
 }
 
 POSENC_AVX512 inline __mmask16 tail_mask(index_t n) {
@@ -271,6 +298,54 @@ POSENC_AVX512 inline void qk_avx512(const float* q, index_t ldq, index_t nq, ind
   }
 }
 
+/// Up to 8 query rows against keys read in place: each key row is loaded once (in 16-column
+/// vectors) and multiplied into every query row; one horizontal sum per (row, key).
+template <int R>
+POSENC_AVX512 inline void qk_rows_block_avx512(const float* q, index_t ldq, index_t d, const float* k, index_t ldk,
+                                               index_t nk, float* s, index_t lds) {
+  const index_t d16 = d / 16 * 16;
+  const __mmask16 tail = tail_mask(d - d16);
+  for (index_t j = 0; j < nk; ++j) {
+    const float* kr = k + j * ldk;
+    // Decode streams K from memory: ask for the row a few keys ahead (a prefetch never faults).
+    for (index_t c = 0; c < d; c += 16) prefetch_ahead(kr + c, prefetch_rows * ldk);
+    __m512 acc[R];
+    POSENC_UNROLL
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    for (index_t c = 0; c < d16; c += 16) {
+      const __m512 kv = _mm512_loadu_ps(kr + c);
+      POSENC_UNROLL
+      for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(q + r * ldq + c), kv, acc[r]);
+    }
+    if (d16 < d) {
+      const __m512 kv = _mm512_maskz_loadu_ps(tail, kr + d16);
+      POSENC_UNROLL
+      for (int r = 0; r < R; ++r)
+        acc[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, q + r * ldq + d16), kv, acc[r]);
+    }
+    POSENC_UNROLL
+    for (int r = 0; r < R; ++r) s[r * lds + j] = _mm512_reduce_add_ps(acc[r]);
+  }
+}
+
+POSENC_AVX512 inline void qk_rows_avx512(const float* q, index_t ldq, index_t nq, index_t d, const float* k,
+                                         index_t ldk, index_t nk, float* s, index_t lds) {
+  for (index_t i0 = 0; i0 < nq; i0 += 8) {
+    const float* qi = q + i0 * ldq;
+    float* si = s + i0 * lds;
+    switch (std::min<index_t>(8, nq - i0)) {
+      case 8: qk_rows_block_avx512<8>(qi, ldq, d, k, ldk, nk, si, lds); break;
+      case 7: qk_rows_block_avx512<7>(qi, ldq, d, k, ldk, nk, si, lds); break;
+      case 6: qk_rows_block_avx512<6>(qi, ldq, d, k, ldk, nk, si, lds); break;
+      case 5: qk_rows_block_avx512<5>(qi, ldq, d, k, ldk, nk, si, lds); break;
+      case 4: qk_rows_block_avx512<4>(qi, ldq, d, k, ldk, nk, si, lds); break;
+      case 3: qk_rows_block_avx512<3>(qi, ldq, d, k, ldk, nk, si, lds); break;
+      case 2: qk_rows_block_avx512<2>(qi, ldq, d, k, ldk, nk, si, lds); break;
+      default: qk_rows_block_avx512<1>(qi, ldq, d, k, ldk, nk, si, lds); break;
+    }
+  }
+}
+
 POSENC_AVX512 inline void softmax_avx512(float* s, index_t lds, index_t nq, index_t nk, float* m, float* l,
                                          float* alpha) {
   constexpr float neg_inf = -std::numeric_limits<float>::infinity();
@@ -311,6 +386,12 @@ POSENC_AVX512 inline void pv_block_avx512(const float* p, index_t ldp, index_t n
     for (int c = 0; c < C; ++c) a[r][c] = _mm512_mul_ps(al, _mm512_loadu_ps(acc + r * ldacc + 16 * c));
   }
   for (index_t j = 0; j < nk; ++j) {
+    if constexpr (R <= 4) {
+      // Few rows (decode): V streams from memory, fetch a few rows ahead.
+      POSENC_UNROLL
+      for (int c = 0; c < C; ++c)
+        prefetch_ahead(v + j * ldv + 16 * c, prefetch_rows * ldv);
+    }
     __m512 b[C];
     POSENC_UNROLL
     for (int c = 0; c < C; ++c) b[c] = _mm512_loadu_ps(v + j * ldv + 16 * c);
@@ -363,7 +444,7 @@ POSENC_AVX512 inline void pv_avx512(const float* p, index_t ldp, index_t nq, ind
 #endif
 
 inline const tile_kernels<float>& avx512_float_kernels() {
-  static const tile_kernels<float> k{pack_kt_avx512, qk_avx512, softmax_avx512, pv_avx512, "avx512"};
+  static const tile_kernels<float> k{pack_kt_avx512, qk_avx512, qk_rows_avx512, softmax_avx512, pv_avx512, "avx512"};
   return k;
 }
 
