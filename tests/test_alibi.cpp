@@ -1,5 +1,7 @@
 // ALiBi: the slope rule for any head count, global heads, and bias tiles against the formula.
 #include <catch2/catch.hpp>
+
+#include "support.hpp"
 #include <cmath>
 #include <limits>
 #include <random>
@@ -14,12 +16,6 @@ static_assert(posenc::position_bias<posenc::alibi<float>>);
 static_assert(posenc::position_bias<posenc::alibi<double>>);
 static_assert(!posenc::relative_key_value<posenc::alibi<float>>);
 
-// The call throws std::invalid_argument whose message names the parameter.
-#define CHECK_INVALID(expr, text)                    \
-  do {                                               \
-    CHECK_THROWS_AS(expr, std::invalid_argument);    \
-    CHECK_THROWS_WITH(expr, Catch::Contains(text));  \
-  } while (false)
 
 namespace {
 

@@ -3,6 +3,8 @@
 // The bar: the blockwise float result is within 2x the error of the naive float path (plus a
 // tiny absolute term) of the double reference, for every tile size, length and mask.
 #include <catch2/catch.hpp>
+
+#include "support.hpp"
 #include <cmath>
 #include <limits>
 #include <random>
@@ -23,13 +25,8 @@ namespace {
 constexpr double absolute_slack = 1e-6;  // float outputs are O(1); this is ~8 ulp
 
 template <class T>
-posenc::row_matrix<T> random_matrix(index_t r, index_t c, unsigned seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<double> n(0, 1);
-  posenc::row_matrix<T> m(r, c);
-  for (index_t i = 0; i < r; ++i)
-    for (index_t j = 0; j < c; ++j) m(i, j) = static_cast<T>(n(rng));
-  return m;
+posenc::row_matrix<T> random_matrix(index_t r, index_t c, unsigned seed, double amp = 1.0) {
+  return posenc_test::random_normal<T>(r, c, seed, amp);
 }
 
 struct problem {

@@ -1,5 +1,7 @@
 // The naive attention oracle against a long double formula, and the log-sum-exp merge.
 #include <catch2/catch.hpp>
+
+#include "support.hpp"
 #include <cmath>
 #include <limits>
 #include <random>
@@ -18,12 +20,7 @@ constexpr double eps = std::numeric_limits<T>::epsilon();
 
 template <class T>
 posenc::row_matrix<T> random_matrix(index_t r, index_t c, unsigned seed, double amp = 1.0) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<double> n(0, amp);
-  posenc::row_matrix<T> m(r, c);
-  for (index_t i = 0; i < r; ++i)
-    for (index_t j = 0; j < c; ++j) m(i, j) = static_cast<T>(n(rng));
-  return m;
+  return posenc_test::random_normal<T>(r, c, seed, amp);
 }
 
 struct formula_result {

@@ -1,6 +1,8 @@
 // Shaw et al. relative keys and values: the four blockwise steps, composed by an online softmax over
 // any key-tile split, reproduce the formula computed directly.
 #include <catch2/catch.hpp>
+
+#include "support.hpp"
 #include <cmath>
 #include <limits>
 #include <random>
@@ -17,12 +19,6 @@ static_assert(posenc::relative_key_value<posenc::shaw_relative<float>>);
 static_assert(posenc::relative_key_value<posenc::shaw_relative<double>>);
 static_assert(!posenc::position_bias<posenc::shaw_relative<float>>);
 
-// The call throws std::invalid_argument whose message names the parameter.
-#define CHECK_INVALID(expr, text)                    \
-  do {                                               \
-    CHECK_THROWS_AS(expr, std::invalid_argument);    \
-    CHECK_THROWS_WITH(expr, Catch::Contains(text));  \
-  } while (false)
 
 namespace {
 

@@ -1,5 +1,7 @@
 // T5 bucketed relative bias: the bucket formula in both modes, the learned table, bias tiles.
 #include <catch2/catch.hpp>
+
+#include "support.hpp"
 #include <cmath>
 #include <limits>
 #include <map>
@@ -14,12 +16,6 @@ using posenc::position;
 static_assert(posenc::position_bias<posenc::t5_relative_bias<float>>);
 static_assert(posenc::position_bias<posenc::t5_relative_bias<double>>);
 
-// The call throws std::invalid_argument whose message names the parameter.
-#define CHECK_INVALID(expr, text)                    \
-  do {                                               \
-    CHECK_THROWS_AS(expr, std::invalid_argument);    \
-    CHECK_THROWS_WITH(expr, Catch::Contains(text));  \
-  } while (false)
 
 namespace {
 
