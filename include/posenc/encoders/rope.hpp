@@ -298,13 +298,8 @@ class rope {
   /// Precondition (`POSENC_ASSERT`): `cols % head_dim == 0`, `pos.size() == rows`. No allocation.
   template <matrix_argument M>
   void rotate(M&& x, positions pos) const {
-    auto v = view_of(std::forward<M>(x));
+    const auto v = checked_view(std::forward<M>(x), pos);
     using S = std::remove_pointer_t<decltype(v.data)>;
-    static_assert(!std::is_const_v<S>, "posenc::rope::rotate: x is rotated in place and must be mutable");
-    static_assert(storage_for<S, T>,
-                  "posenc::rope<T>::rotate: the storage type must compute in T "
-                  "(float, bfloat16 or half for rope<float>; double for rope<double>)");
-    check_shape(v.rows, v.cols, pos);
     const index_t heads = v.cols / p_.head_dim;
     if (v.rows == 0 || heads == 0) return;
     const bool inter = p_.layout == rope_layout::interleaved;
@@ -377,13 +372,8 @@ class rope {
   /// order). No allocation.
   template <matrix_argument M>
   void rotate(M&& x, positions pos, const rope_cache<T>& cache) const {
-    auto v = view_of(std::forward<M>(x));
+    const auto v = checked_view(std::forward<M>(x), pos);
     using S = std::remove_pointer_t<decltype(v.data)>;
-    static_assert(!std::is_const_v<S>, "posenc::rope::rotate: x is rotated in place and must be mutable");
-    static_assert(storage_for<S, T>,
-                  "posenc::rope<T>::rotate: the storage type must compute in T "
-                  "(float, bfloat16 or half for rope<float>; double for rope<double>)");
-    check_shape(v.rows, v.cols, pos);
     POSENC_ASSERT(cache.fingerprint_ == fingerprint_ && cache.rotary_dim_ == r_ && cache.layout_ == p_.layout,
                   "rope::rotate: the cache was made by a rope with other parameters");
     const index_t heads = v.cols / p_.head_dim;
@@ -423,6 +413,19 @@ class rope {
   rope_tile_rotator<T> tile_rotator() const { return rope_tile_rotator<T>(*this); }
 
  private:
+  /// `x` as a view, after the compile-time checks of its storage and the shape checks.
+  template <matrix_argument M>
+  auto checked_view(M&& x, const positions& pos) const {
+    auto v = view_of(std::forward<M>(x));
+    using S = std::remove_pointer_t<decltype(v.data)>;
+    static_assert(!std::is_const_v<S>, "posenc::rope::rotate: x is rotated in place and must be mutable");
+    static_assert(storage_for<S, T>,
+                  "posenc::rope<T>::rotate: the storage type must compute in T "
+                  "(float, bfloat16 or half for rope<float>; double for rope<double>)");
+    check_shape(v.rows, v.cols, pos);
+    return v;
+  }
+
   void check_shape(index_t rows, index_t cols, const positions& pos) const {
     POSENC_ASSERT(cols % p_.head_dim == 0, "rope::rotate: the column count must be a multiple of head_dim");
     POSENC_ASSERT(pos.size() == rows, "rope::rotate: one position per row expected");
