@@ -1,0 +1,34 @@
+// The Eigen SGEMM ceiling: the two products of attention (S = Q K^T and O = P V, per head) as
+// Eigen matrix products, compiled for this CPU (-march=native, see bench/CMakeLists.txt) so the
+// ceiling is Eigen's best on this machine, not the portable build's. FLOP counted: 4 n^2 d per
+// head, as in bench_attention; scripts/bench runs both in one session.
+#include <benchmark/benchmark.h>
+
+#include <Eigen/Core>
+
+namespace {
+
+void eigen_sgemm_attention_shapes(benchmark::State& state) {
+  const Eigen::Index n = state.range(0), d = state.range(1);
+  using mat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  const mat q = mat::Random(n, d), k = mat::Random(n, d), v = mat::Random(n, d);
+  mat s(n, n), o(n, d);
+  for (auto _ : state) {
+    s.noalias() = q * k.transpose();
+    o.noalias() = s * v;
+    benchmark::DoNotOptimize(o.data());
+  }
+  state.counters["FLOPS"] = benchmark::Counter(4.0 * static_cast<double>(n) * static_cast<double>(n) *
+                                                   static_cast<double>(d) * static_cast<double>(state.iterations()),
+                                               benchmark::Counter::kIsRate);
+}
+
+}  // namespace
+
+BENCHMARK(eigen_sgemm_attention_shapes)
+    ->Name("ceiling/eigen_sgemm")
+    ->ArgNames({"n", "d"})
+    ->Args({4096, 64})
+    ->Args({4096, 128})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
