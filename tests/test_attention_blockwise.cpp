@@ -350,3 +350,40 @@ TEMPLATE_TEST_CASE("blockwise on bf16 and fp16 storage accumulates in float", "[
   const double ulp = std::same_as<S, Eigen::bfloat16> ? 4.0 / 128 : 4.0 / 1024;
   CHECK((out.template cast<float>() - ref).cwiseAbs().maxCoeff() <= ulp);
 }
+
+TEST_CASE("blockwise decode over a long cache: key chunks merged, every encoder", "[attention][blockwise][decode]") {
+  // Long enough for the decode path (several key chunks, all kv heads in one work item).
+  const index_t n_kv = 20000;
+  const bias_encoders e;
+  const posenc::rope<float> rf({.head_dim = 16});
+  const posenc::rope<double> rd({.head_dim = 16});
+  for (index_t nq : {1, 2}) {
+    // At the end of the cache, and in its middle (later chunks hidden by the causal mask).
+    for (position q0 : {n_kv - nq, position{9000}}) {
+      const problem pr{.heads = 8, .kv_heads = 2, .d = 16, .n_q = nq, .n_kv = n_kv, .q0 = q0};
+      const posenc::attention_params p{.heads = 8, .kv_heads = 2, .causal = true};
+      compare(pr, p, posenc::no_position<float>{}, posenc::no_position<double>{});
+      compare(pr, p, e.alibi_f, e.alibi_d);
+      compare(pr, p, rf, rd);
+    }
+  }
+  // MQA and a window that hides the first chunks.
+  compare({.heads = 8, .kv_heads = 1, .d = 16, .n_q = 1, .n_kv = n_kv, .q0 = n_kv - 1},
+          {.heads = 8, .kv_heads = 1, .causal = true, .window_left = 5000}, e.t5_f, e.t5_d);
+}
+
+TEST_CASE("blockwise decode gives the same bits for any thread count", "[attention][blockwise][decode]") {
+  const index_t n_kv = 20000, heads = 8, kvh = 2, d = 32;
+  const auto q = random_matrix<float>(1, heads * d, 71);
+  const auto k = random_matrix<float>(n_kv, kvh * d, 72);
+  const auto v = random_matrix<float>(n_kv, kvh * d, 73);
+  posenc::row_matrix<float> a(1, heads * d), b(1, heads * d);
+  const auto qp = posenc::arange(n_kv - 1, 1), kp = posenc::arange(0, n_kv);
+  posenc::attention(q, k, v, a, qp, kp, posenc::no_position<float>{},
+                    {.heads = heads, .kv_heads = kvh, .causal = true, .threads = 1});
+  for (int t : {2, 3}) {
+    posenc::attention(q, k, v, b, qp, kp, posenc::no_position<float>{},
+                      {.heads = heads, .kv_heads = kvh, .causal = true, .threads = t});
+    CHECK(a == b);
+  }
+}

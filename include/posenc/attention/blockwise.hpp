@@ -47,6 +47,13 @@ inline constexpr index_t default_k_tile = 128;
 /// At most this many rows per tile (decode: a few tokens times the GQA group) use the in-place
 /// key and value paths.
 inline constexpr index_t few_query_rows = 8;
+/// Decode (at most this many query tokens, few rows per tile) splits the keys into at most
+/// `max_key_chunks` chunks of at least `min_key_chunk` keys, merged by log-sum-exp, and carries
+/// every kv head in one work item: both cores then stream whole rows of K and V, where one kv
+/// head per core would read half of every row each.
+inline constexpr index_t decode_max_tokens = 16;
+inline constexpr index_t max_key_chunks = 16;
+inline constexpr index_t min_key_chunk = 4096;
 
 /// A rotation encoder that offers a bounded-memory tile rotator (RoPE): the kernel rotates every
 /// key tile once per query tile, too often for per-element double cos/sin.
@@ -78,28 +85,29 @@ index_t relative_columns(const E& enc) {
 /// Offsets, in elements of the compute type, of the per-thread tile buffers (see
 /// detail/attention_kernels.hpp for their layouts).
 struct tile_plan {
-  index_t bq, bk, d, r, nrot;
+  index_t bq, bk, d, r, nrot, sets;
   index_t ldkt, dpad;  // key tile width rounded up to 32; head_dim rounded up to 16
   index_t q, krows, kt, v, s, acc, m, l, alpha, terms, w, rot, per_thread;
 
-  tile_plan(index_t bq_, index_t bk_, index_t d_, index_t r_, index_t nrot_)
-      : bq(bq_), bk(bk_), d(d_), r(r_), nrot(nrot_) {
+  /// `sets`: kv heads a work item carries at once (the query state is held for each).
+  tile_plan(index_t bq_, index_t bk_, index_t d_, index_t r_, index_t nrot_, index_t sets_ = 1)
+      : bq(bq_), bk(bk_), d(d_), r(r_), nrot(nrot_), sets(sets_) {
     ldkt = (bk + 31) / 32 * 32;
     dpad = (d + 15) / 16 * 16;
     // Each buffer starts on a 64-byte boundary for float and double alike.
     auto round = [](index_t n) { return (n + 15) / 16 * 16; };
     index_t o = 0;
-    q = o, o += round(bq * d);
+    q = o, o += sets * round(bq * d);
     krows = o, o += round(bk * d);
     kt = o, o += round(d * ldkt);
     v = o, o += round(bk * dpad);
     s = o, o += round(bq * ldkt);
-    acc = o, o += round(bq * dpad);
-    m = o, o += round(bq);
-    l = o, o += round(bq);
+    acc = o, o += sets * round(bq * dpad);
+    m = o, o += sets * round(bq);
+    l = o, o += sets * round(bq);
     alpha = o, o += round(bq);
-    terms = o, o += round(bq * r);
-    w = o, o += round(bq * r);
+    terms = o, o += sets * round(bq * r);
+    w = o, o += sets * round(bq * r);
     rot = o, o += round(nrot);
     per_thread = o;
   }
@@ -225,16 +233,33 @@ void attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, con
   const index_t d = sh.head_dim;
   const index_t group = sh.group;
   const index_t tq = std::min(detail::tokens_per_item(p, group), sh.n_q);
+  // Decode: all kv heads in one work item and the keys split into chunks (see decode_max_tokens).
+  const bool decode = !relative_key_value<E> && sh.n_q <= detail::decode_max_tokens &&
+                      tq * group <= detail::few_query_rows && sh.n_kv >= 2 * detail::min_key_chunk;
+  const index_t sets = decode ? sh.kv_heads : 1;
   const detail::tile_plan plan(tq * group, detail::k_tile_of(p), d, detail::relative_columns(enc),
-                               detail::rotator_scratch(enc));
+                               detail::rotator_scratch(enc), sets);
+  const index_t chunks =
+      decode ? std::min(detail::max_key_chunks, sh.n_kv / detail::min_key_chunk) : index_t{1};
+  // Chunk boundaries on key-tile boundaries, the same for every thread count.
+  const index_t chunk_keys = ((sh.n_kv + chunks - 1) / chunks + plan.bk - 1) / plan.bk * plan.bk;
+  const index_t q_tiles = (sh.n_q + tq - 1) / tq;
+  const index_t head_sets = sh.kv_heads / sets;
+  const index_t items = head_sets * q_tiles * chunks;
+  // Partial results of the chunks, merged at the end: per item and kv head, the unnormalised
+  // output rows, their running max and sum.
+  const index_t partial_stride = plan.bq * (plan.dpad + 2);
+  const index_t partial_size = chunks > 1 ? items * sets * partial_stride : 0;
+
   const int threads = detail::attention_threads(p);
   attention_workspace local;
   attention_workspace& w = ws ? *ws : local;
-  C* const base = reinterpret_cast<C*>(
-      w.reserve(static_cast<std::size_t>(plan.per_thread) * sizeof(C) * static_cast<std::size_t>(threads)));
+  C* const base = reinterpret_cast<C*>(w.reserve(
+      (static_cast<std::size_t>(plan.per_thread) * static_cast<std::size_t>(threads) +
+       static_cast<std::size_t>(partial_size)) *
+      sizeof(C)));
+  C* const partials = base + static_cast<std::ptrdiff_t>(plan.per_thread) * threads;
 
-  const index_t q_tiles = (sh.n_q + tq - 1) / tq;
-  const index_t items = sh.kv_heads * q_tiles;
   constexpr C neg_inf = -std::numeric_limits<C>::infinity();
   const C scale = static_cast<C>(sh.scale);
 
@@ -272,118 +297,153 @@ void attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, con
     }
   };
 
-  // A work item: kv head g and tokens [i0, i0 + nq); tile row r holds query head
-  // g * group + r / nq at token i0 + r % nq (head-major, so each head's rows are contiguous).
+  // Writes output row r of kv head g (unnormalised accumulator `a`, max `mr`, sum `lr`).
+  auto finish_row = [&](index_t g, index_t i0, index_t nq, index_t r, const C* a, C mr, C lr) {
+    const index_t i = i0 + r % nq;
+    const index_t h = g * group + r / nq;
+    SO* dst = ov.row(i) + h * d;
+    if (lr == C(0)) {
+      for (index_t c = 0; c < d; ++c) dst[c] = SO(0);
+      if constexpr (want_lse) lse_view(i, h) = neg_inf;
+      return;
+    }
+    const C inv = C(1) / lr;
+    for (index_t c = 0; c < d; ++c) dst[c] = static_cast<SO>(a[c] * inv);
+    if constexpr (want_lse)
+      lse_view(i, h) = static_cast<std::remove_reference_t<decltype(lse_view(0, 0))>>(mr + std::log(lr));
+  };
+
+  // A work item: kv heads [g0, g0 + sets), tokens [i0, i0 + nq), keys of chunk `chunk`. Tile row r
+  // of kv head g holds query head g * group + r / nq at token i0 + r % nq (head-major, so each
+  // head's rows are contiguous). The kv heads of an item take turns on each key tile, so the
+  // item reads whole rows of K and V.
   auto run_item = [&](index_t item, C* scratch) {
-    const index_t g = item / q_tiles;
-    const index_t i0 = (item % q_tiles) * tq;
+    const index_t chunk = item % chunks;
+    const index_t qt_index = (item / chunks) % q_tiles;
+    const index_t g0 = (item / chunks / q_tiles) * sets;
+    const index_t i0 = qt_index * tq;
     const index_t nq = std::min(tq, sh.n_q - i0);
     const index_t rows = nq * group;
     const positions qp = qpos.subset(i0, nq);
     const auto qb = detail::bounds_of(qp);
     auto head_rows = [&](const auto& view, index_t hh) { return view.middle_rows(hh * nq, nq); };
+    auto at = [&](index_t offset, index_t per_set, index_t set) {
+      return scratch + offset + set * ((per_set + 15) / 16 * 16);
+    };
 
     // The scale is folded into the query tile: rotation and Shaw's query terms are linear in q.
-    C* const qt = scratch + plan.q;
-    for (index_t hh = 0; hh < group; ++hh) {
-      detail::load_rows(qv, i0, nq, (g * group + hh) * d, d, scale, qt + hh * nq * d, d);
-      if (rotating) rotate_tile(qt + hh * nq * d, nq, qp, scratch);
+    for (index_t gs = 0; gs < sets; ++gs) {
+      const index_t g = g0 + gs;
+      C* const qt = at(plan.q, plan.bq * d, gs);
+      for (index_t hh = 0; hh < group; ++hh) {
+        detail::load_rows(qv, i0, nq, (g * group + hh) * d, d, scale, qt + hh * nq * d, d);
+        if (rotating) rotate_tile(qt + hh * nq * d, nq, qp, scratch);
+      }
+      std::fill(at(plan.acc, plan.bq * plan.dpad, gs), at(plan.acc, plan.bq * plan.dpad, gs) + rows * plan.dpad, C(0));
+      std::fill(at(plan.m, plan.bq, gs), at(plan.m, plan.bq, gs) + rows, neg_inf);
+      std::fill(at(plan.l, plan.bq, gs), at(plan.l, plan.bq, gs) + rows, C(0));
+      if constexpr (relative_key_value<E>) {
+        const strided_view<C> terms(at(plan.terms, plan.bq * plan.r, gs), rows, plan.r, plan.r);
+        enc.query_terms(strided_view<const C>(qt, rows, d, d), terms);
+        std::fill(at(plan.w, plan.bq * plan.r, gs), at(plan.w, plan.bq * plan.r, gs) + rows * plan.r, C(0));
+      }
     }
-    C* const acc = scratch + plan.acc;
-    C* const m = scratch + plan.m;
-    C* const l = scratch + plan.l;
     C* const alpha = scratch + plan.alpha;
-    std::fill(acc, acc + rows * plan.dpad, C(0));
-    std::fill(m, m + rows, neg_inf);
-    std::fill(l, l + rows, C(0));
-    [[maybe_unused]] const strided_view<C> terms(scratch + plan.terms, rows, plan.r, plan.r);
-    [[maybe_unused]] const strided_view<C> wts(scratch + plan.w, rows, plan.r, plan.r);
-    if constexpr (relative_key_value<E>) {
-      enc.query_terms(strided_view<const C>(qt, rows, d, d), terms);
-      std::fill(wts.data, wts.data + rows * plan.r, C(0));
-    }
 
-    for (index_t j0 = 0; j0 < sh.n_kv; j0 += plan.bk) {
-      const index_t nk = std::min(plan.bk, sh.n_kv - j0);
+    const index_t k_begin = chunk * chunk_keys;
+    const index_t k_end = std::min(sh.n_kv, k_begin + chunk_keys);
+    for (index_t j0 = k_begin; j0 < k_end; j0 += plan.bk) {
+      const index_t nk = std::min(plan.bk, k_end - j0);
       const positions kp = kpos.subset(j0, nk);
       const auto kb = detail::bounds_of(kp);
       if (!detail::any_visible(sh, qb, kb)) continue;
       const bool full = detail::all_visible(sh, qb, kb);
 
-      const C* krows;
-      index_t ldk;
-      if (keys_in_place) {
-        krows = reinterpret_cast<const C*>(kv.row(j0) + g * d);
-        ldk = kv.stride;
-      } else {
-        C* buf = scratch + plan.krows;
-        detail::load_rows(kv, j0, nk, g * d, d, C(1), buf, d);
-        if (rotating) rotate_tile(buf, nk, kp, scratch);
-        krows = buf;
-        ldk = d;
-      }
-      C* const s = scratch + plan.s;
-      if (few_rows) {
-        kern.qk_rows(qt, d, rows, d, krows, ldk, nk, s, plan.ldkt);
-      } else {
-        C* const kt = scratch + plan.kt;
-        kern.pack_kt(krows, ldk, nk, d, kt, plan.ldkt);
-        kern.qk(qt, d, rows, d, kt, plan.ldkt, s);
-      }
-      const strided_view<C> sv(s, rows, nk, plan.ldkt);
-      for (index_t hh = 0; hh < group; ++hh) {
-        if constexpr (relative_key_value<E>)
-          enc.add_bias_tile(head_rows(sv, hh), strided_view<const C>(head_rows(terms, hh)), qp, kp);
-        if constexpr (position_bias<E>) enc.add_bias_tile(head_rows(sv, hh), g * group + hh, qp, kp);
-      }
-      if (!full) {
-        for (index_t r = 0; r < rows; ++r) {
-          const position qr = qp[r % nq];
-          for (index_t j = 0; j < nk; ++j)
-            if (!detail::visible(sh, qr, kp[j])) sv(r, j) = neg_inf;
-        }
-      }
-      kern.softmax(s, plan.ldkt, rows, nk, m, l, alpha);
-      if constexpr (relative_key_value<E>) {
-        for (index_t r = 0; r < rows; ++r)
-          if (alpha[r] != C(1))
-            for (index_t c = 0; c < plan.r; ++c) wts(r, c) *= alpha[r];
-        for (index_t hh = 0; hh < group; ++hh)
-          enc.accumulate_value_weights(strided_view<const C>(head_rows(sv, hh)), qp, kp, head_rows(wts, hh));
-      }
+      for (index_t gs = 0; gs < sets; ++gs) {
+        const index_t g = g0 + gs;
+        C* const qt = at(plan.q, plan.bq * d, gs);
+        C* const acc = at(plan.acc, plan.bq * plan.dpad, gs);
+        C* const m = at(plan.m, plan.bq, gs);
+        C* const l = at(plan.l, plan.bq, gs);
+        [[maybe_unused]] const strided_view<C> terms(at(plan.terms, plan.bq * plan.r, gs), rows, plan.r, plan.r);
+        [[maybe_unused]] const strided_view<C> wts(at(plan.w, plan.bq * plan.r, gs), rows, plan.r, plan.r);
 
-      const C* vrows;
-      index_t ldv;
-      if (values_in_place) {
-        vrows = reinterpret_cast<const C*>(vv.row(j0) + g * d);
-        ldv = vv.stride;
-      } else {
-        C* buf = scratch + plan.v;
-        detail::load_rows(vv, j0, nk, g * d, d, C(1), buf, plan.dpad);
-        if (d != plan.dpad)
-          for (index_t j = 0; j < nk; ++j) std::fill(buf + j * plan.dpad + d, buf + (j + 1) * plan.dpad, C(0));
-        vrows = buf;
-        ldv = plan.dpad;
+        const C* krows;
+        index_t ldk;
+        if (keys_in_place) {
+          krows = reinterpret_cast<const C*>(kv.row(j0) + g * d);
+          ldk = kv.stride;
+        } else {
+          C* buf = scratch + plan.krows;
+          detail::load_rows(kv, j0, nk, g * d, d, C(1), buf, d);
+          if (rotating) rotate_tile(buf, nk, kp, scratch);
+          krows = buf;
+          ldk = d;
+        }
+        C* const s = scratch + plan.s;
+        if (few_rows) {
+          kern.qk_rows(qt, d, rows, d, krows, ldk, nk, s, plan.ldkt);
+        } else {
+          C* const kt = scratch + plan.kt;
+          kern.pack_kt(krows, ldk, nk, d, kt, plan.ldkt);
+          kern.qk(qt, d, rows, d, kt, plan.ldkt, s);
+        }
+        const strided_view<C> sv(s, rows, nk, plan.ldkt);
+        for (index_t hh = 0; hh < group; ++hh) {
+          if constexpr (relative_key_value<E>)
+            enc.add_bias_tile(head_rows(sv, hh), strided_view<const C>(head_rows(terms, hh)), qp, kp);
+          if constexpr (position_bias<E>) enc.add_bias_tile(head_rows(sv, hh), g * group + hh, qp, kp);
+        }
+        if (!full) {
+          for (index_t r = 0; r < rows; ++r) {
+            const position qr = qp[r % nq];
+            for (index_t j = 0; j < nk; ++j)
+              if (!detail::visible(sh, qr, kp[j])) sv(r, j) = neg_inf;
+          }
+        }
+        kern.softmax(s, plan.ldkt, rows, nk, m, l, alpha);
+        if constexpr (relative_key_value<E>) {
+          for (index_t r = 0; r < rows; ++r)
+            if (alpha[r] != C(1))
+              for (index_t c = 0; c < plan.r; ++c) wts(r, c) *= alpha[r];
+          for (index_t hh = 0; hh < group; ++hh)
+            enc.accumulate_value_weights(strided_view<const C>(head_rows(sv, hh)), qp, kp, head_rows(wts, hh));
+        }
+
+        const C* vrows;
+        index_t ldv;
+        if (values_in_place) {
+          vrows = reinterpret_cast<const C*>(vv.row(j0) + g * d);
+          ldv = vv.stride;
+        } else {
+          C* buf = scratch + plan.v;
+          detail::load_rows(vv, j0, nk, g * d, d, C(1), buf, plan.dpad);
+          if (d != plan.dpad)
+            for (index_t j = 0; j < nk; ++j) std::fill(buf + j * plan.dpad + d, buf + (j + 1) * plan.dpad, C(0));
+          vrows = buf;
+          ldv = plan.dpad;
+        }
+        kern.pv(s, plan.ldkt, rows, nk, vrows, ldv, d, alpha, acc, plan.dpad);
       }
-      kern.pv(s, plan.ldkt, rows, nk, vrows, ldv, d, alpha, acc, plan.dpad);
     }
 
-    if constexpr (relative_key_value<E>)
-      enc.add_value_term(strided_view<const C>(wts), strided_view<C>(acc, rows, d, plan.dpad));
-    for (index_t r = 0; r < rows; ++r) {
-      const index_t i = i0 + r % nq;
-      const index_t h = g * group + r / nq;
-      SO* dst = ov.row(i) + h * d;
-      if (l[r] == C(0)) {
-        for (index_t c = 0; c < d; ++c) dst[c] = SO(0);
-        if constexpr (want_lse) lse_view(i, h) = neg_inf;
+    for (index_t gs = 0; gs < sets; ++gs) {
+      const index_t g = g0 + gs;
+      C* const acc = at(plan.acc, plan.bq * plan.dpad, gs);
+      const C* const m = at(plan.m, plan.bq, gs);
+      const C* const l = at(plan.l, plan.bq, gs);
+      if constexpr (relative_key_value<E>)
+        enc.add_value_term(strided_view<const C>(at(plan.w, plan.bq * plan.r, gs), rows, plan.r, plan.r),
+                           strided_view<C>(acc, rows, d, plan.dpad));
+      if (chunks > 1) {
+        // Keep the chunk's state; the merge below finishes the rows.
+        C* part = partials + (item * sets + gs) * partial_stride;
+        std::copy(acc, acc + rows * plan.dpad, part);
+        std::copy(m, m + rows, part + plan.bq * plan.dpad);
+        std::copy(l, l + rows, part + plan.bq * plan.dpad + plan.bq);
         continue;
       }
-      const C inv = C(1) / l[r];
-      const C* arow = acc + r * plan.dpad;
-      for (index_t c = 0; c < d; ++c) dst[c] = static_cast<SO>(arow[c] * inv);
-      if constexpr (want_lse)
-        lse_view(i, h) = static_cast<std::remove_reference_t<decltype(lse_view(0, 0))>>(m[r] + std::log(l[r]));
+      for (index_t r = 0; r < rows; ++r) finish_row(g, i0, nq, r, acc + r * plan.dpad, m[r], l[r]);
     }
   };
 
@@ -395,10 +455,49 @@ void attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, con
 #pragma omp for schedule(dynamic, 1)
       for (index_t item = 0; item < items; ++item) run_item(item, scratch);
     }
-    return;
-  }
+  } else
 #endif
-  for (index_t item = 0; item < items; ++item) run_item(item, base);
+  {
+    for (index_t item = 0; item < items; ++item) run_item(item, base);
+  }
+  if (chunks == 1) return;
+
+  // Merge the chunks of each (head set, query tile) in chunk order: the same arithmetic for any
+  // thread count. Rescaled like the online softmax: m = max, acc and l scaled to it.
+  for (index_t unit = 0; unit < head_sets * q_tiles; ++unit) {
+    const index_t i0 = (unit % q_tiles) * tq;
+    const index_t nq = std::min(tq, sh.n_q - i0);
+    const index_t rows = nq * group;
+    for (index_t gs = 0; gs < sets; ++gs) {
+      const index_t g = (unit / q_tiles) * sets + gs;
+      C* first = partials + (unit * chunks * sets + gs) * partial_stride;
+      for (index_t c = 1; c < chunks; ++c) {
+        const C* part = partials + ((unit * chunks + c) * sets + gs) * partial_stride;
+        for (index_t r = 0; r < rows; ++r) {
+          C& m0 = first[plan.bq * plan.dpad + r];
+          C& l0 = first[plan.bq * plan.dpad + plan.bq + r];
+          const C m1 = part[plan.bq * plan.dpad + r];
+          const C l1 = part[plan.bq * plan.dpad + plan.bq + r];
+          if (l1 == C(0)) continue;
+          C* a0 = first + r * plan.dpad;
+          const C* a1 = part + r * plan.dpad;
+          if (l0 == C(0)) {
+            std::copy(a1, a1 + d, a0);
+            m0 = m1, l0 = l1;
+            continue;
+          }
+          const C mx = std::max(m0, m1);
+          const C s0 = std::exp(m0 - mx), s1 = std::exp(m1 - mx);
+          for (index_t col = 0; col < d; ++col) a0[col] = s0 * a0[col] + s1 * a1[col];
+          l0 = s0 * l0 + s1 * l1;
+          m0 = mx;
+        }
+      }
+      for (index_t r = 0; r < rows; ++r)
+        finish_row(g, i0, nq, r, first + r * plan.dpad, first[plan.bq * plan.dpad + r],
+                   first[plan.bq * plan.dpad + plan.bq + r]);
+    }
+  }
 }
 
 }  // namespace posenc

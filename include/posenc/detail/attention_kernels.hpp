@@ -187,7 +187,7 @@ POSENC_AVX512 inline __m512 exp_avx512(__m512 x) {
 }
 
 /// How far ahead the few-row (decode) kernels prefetch key and value rows.
-inline constexpr index_t prefetch_rows = 8;
+inline constexpr index_t prefetch_rows = 16;
 
 /// Prefetches `p + ahead` elements. The address is formed as an integer: it may lie past the end
 /// of the array (a prefetch never faults), where pointer arithmetic would be undefined.
@@ -308,7 +308,9 @@ POSENC_AVX512 inline void qk_rows_block_avx512(const float* q, index_t ldq, inde
   for (index_t j = 0; j < nk; ++j) {
     const float* kr = k + j * ldk;
     // Decode streams K from memory: ask for the row a few keys ahead (a prefetch never faults).
-    for (index_t c = 0; c < d; c += 16) prefetch_ahead(kr + c, prefetch_rows * ldk);
+    // The whole row stride, not only this head's part: the other kv heads' parts of the row are
+    // read next by the same work item (decode carries every kv head).
+    for (index_t c = 0; c < ldk; c += 16) prefetch_ahead(kr + c, prefetch_rows * ldk);
     __m512 acc[R];
     POSENC_UNROLL
     for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
