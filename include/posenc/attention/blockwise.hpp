@@ -180,6 +180,9 @@ inline bool all_visible(const attention_shape& s, position_bounds q, position_bo
 
 /// Bytes of workspace `attention` uses for these parameters with storage type `S`: a fixed tile
 /// workspace per thread, independent of the sequence lengths. Benchmarks use it to count memory.
+/// A decode call (at most 16 query tokens against at least 8192 keys) holds every kv head's state
+/// in one tile workspace and adds the partial results of at most 16 key chunks, a few kilobytes
+/// per kv head more; neither grows with the number of keys.
 template <storage_scalar S, positional_encoding E>
 std::size_t attention_workspace_bytes(const attention_params& p, index_t head_dim, const E& enc) {
   const index_t group = p.kv_heads > 0 && p.heads % p.kv_heads == 0 ? p.heads / p.kv_heads : 1;
