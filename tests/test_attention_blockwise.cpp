@@ -349,6 +349,11 @@ TEMPLATE_TEST_CASE("blockwise on bf16 and fp16 storage accumulates in float", "[
   // One rounding of each output to the storage type (|out| < 4).
   const double ulp = std::same_as<S, Eigen::bfloat16> ? 4.0 / 128 : 4.0 / 1024;
   CHECK((out.template cast<float>() - ref).cwiseAbs().maxCoeff() <= ulp);
+  // RoPE rotated inside the kernel straight from the low-precision keys.
+  const posenc::rope<float> rope({.head_dim = d});
+  posenc::attention(q, k, v, out, pos, pos, rope, {.heads = heads, .causal = true});
+  posenc::attention(qr, kr, vr, ref, pos, pos, rope, {.heads = heads, .causal = true});
+  CHECK((out.template cast<float>() - ref).cwiseAbs().maxCoeff() <= ulp);
 }
 
 TEST_CASE("blockwise decode over a long cache: key chunks merged, every encoder", "[attention][blockwise][decode]") {

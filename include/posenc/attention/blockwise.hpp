@@ -378,8 +378,19 @@ void attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, con
           ldk = kv.stride;
         } else {
           C* buf = scratch + plan.krows;
-          detail::load_rows(kv, j0, nk, g * d, d, C(1), buf, d);
-          if (rotating) rotate_tile(buf, nk, kp, scratch);
+          if constexpr (detail::has_tile_rotator<E>) {
+            if (rotating) {
+              // Load and rotate in one pass.
+              using SK = std::remove_const_t<std::remove_pointer_t<decltype(kv.data)>>;
+              rotator->rotate(strided_view<const SK>(kv.row(j0) + g * d, nk, d, kv.stride),
+                              strided_view<C>(buf, nk, d, d), kp, scratch + plan.rot);
+            } else {
+              detail::load_rows(kv, j0, nk, g * d, d, C(1), buf, d);
+            }
+          } else {
+            detail::load_rows(kv, j0, nk, g * d, d, C(1), buf, d);
+            if (rotating) rotate_tile(buf, nk, kp, scratch);
+          }
           krows = buf;
           ldk = d;
         }

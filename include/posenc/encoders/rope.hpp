@@ -440,6 +440,36 @@ class rope {
   std::vector<detail::rope_turns> turns_;
 };
 
+namespace detail {
+#if POSENC_X86_DISPATCH
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+/// One half-split row of `rope_tile_rotator`, 16 pairs at a time: the angle addition and the
+/// rotation with the scalar code's operations (no fused multiply-add).
+POSENC_TARGET_AVX512 inline void rope_tile_row_avx512(const float* from, float* to, const float* hc, const float* hs,
+                                                      const float* lc, index_t half) {
+  const float* ls = lc + half;
+  for (index_t k = 0; k < half; k += 16) {
+    const index_t left = half - k;
+    const __mmask16 m = left >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
+    const __m512 vhc = _mm512_maskz_loadu_ps(m, hc + k), vhs = _mm512_maskz_loadu_ps(m, hs + k);
+    const __m512 vlc = _mm512_maskz_loadu_ps(m, lc + k), vls = _mm512_maskz_loadu_ps(m, ls + k);
+    const __m512 c = _mm512_sub_ps(_mm512_mul_ps(vhc, vlc), _mm512_mul_ps(vhs, vls));
+    const __m512 s = _mm512_add_ps(_mm512_mul_ps(vhs, vlc), _mm512_mul_ps(vhc, vls));
+    const __m512 a = _mm512_maskz_loadu_ps(m, from + k), b = _mm512_maskz_loadu_ps(m, from + half + k);
+    _mm512_mask_storeu_ps(to + k, m, _mm512_sub_ps(_mm512_mul_ps(a, c), _mm512_mul_ps(b, s)));
+    _mm512_mask_storeu_ps(to + half + k, m, _mm512_add_ps(_mm512_mul_ps(b, c), _mm512_mul_ps(a, s)));
+  }
+}
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+#endif
+}  // namespace detail
+
 /// Rotates single-head tiles (`[rows, head_dim]`, one position per row) the way `rope::rotate`
 /// does, with memory that does not grow with the positions' range: an attention kernel rotates
 /// each key tile once per query tile, so the cos/sin must be cheap, and a cache of every position
@@ -483,8 +513,18 @@ class rope_tile_rotator {
   /// Rotates row `i` of `x` (`[rows, head_dim]`, any row stride) by position `pos[i]`.
   /// `scratch` holds `scratch_size()` values and must stay with one thread. No allocation.
   void rotate(strided_view<T> x, positions pos, T* scratch) const {
-    POSENC_ASSERT(x.cols == head_dim_, "rope_tile_rotator::rotate: x must be [rows, head_dim]");
-    POSENC_ASSERT(pos.size() == x.rows, "rope_tile_rotator::rotate: one position per row expected");
+    rotate(strided_view<const T>(x), x, pos, scratch);
+  }
+
+  /// Writes row `i` of `src` rotated by `pos[i]` into row `i` of `dst` (both `[rows, head_dim]`;
+  /// `src` of any storage type that computes in `T`; the two may be the same rows): an attention
+  /// kernel loads and rotates a key tile in one pass. No allocation.
+  template <class S>
+  void rotate(strided_view<const S> src, strided_view<T> dst, positions pos, T* scratch) const {
+    static_assert(storage_for<S, T>, "rope_tile_rotator::rotate: the source must compute in T");
+    POSENC_ASSERT(src.cols == head_dim_ && dst.cols == head_dim_ && src.rows == dst.rows,
+                  "rope_tile_rotator::rotate: src and dst must be [rows, head_dim]");
+    POSENC_ASSERT(pos.size() == dst.rows, "rope_tile_rotator::rotate: one position per row expected");
     T* hc = scratch;
     T* hs = hc + half_;
     T* c = hs + half_;
@@ -492,7 +532,8 @@ class rope_tile_rotator {
     bool have = false;
     position cached_hi = 0;
     const bool inter = layout_ == rope_layout::interleaved;
-    for (index_t i = 0; i < x.rows; ++i) {
+    const index_t r = 2 * half_;
+    for (index_t i = 0; i < dst.rows; ++i) {
       const position p = pos[i];
       const position hi = p & ~(block - 1);  // floor to a multiple of 256, negatives included
       const index_t lo = static_cast<index_t>(p - hi);
@@ -510,26 +551,36 @@ class rope_tile_rotator {
         have = true;
       }
       const T* lc = table_.data() + lo * 2 * half_;
+      const S* from = src.row(i);
+      T* to = dst.row(i);
+#if POSENC_X86_DISPATCH
+      if constexpr (std::same_as<T, float> && std::same_as<S, float>) {
+        if (!inter && detail::simd_level_in_use() == detail::simd_level::avx512) {
+          detail::rope_tile_row_avx512(from, to, hc, hs, lc, half_);
+          for (index_t k = r; k < head_dim_; ++k) to[k] = from[k];
+          continue;
+        }
+      }
+#endif
       const T* ls = lc + half_;
       for (index_t k = 0; k < half_; ++k) {
         c[k] = hc[k] * lc[k] - hs[k] * ls[k];
         s[k] = hs[k] * lc[k] + hc[k] * ls[k];
       }
-      T* row = x.row(i);
       if (inter) {
         for (index_t k = 0; k < half_; ++k) {
-          const T a = row[2 * k], b = row[2 * k + 1];
-          row[2 * k] = a * c[k] - b * s[k];
-          row[2 * k + 1] = b * c[k] + a * s[k];
+          const T a = static_cast<T>(from[2 * k]), b = static_cast<T>(from[2 * k + 1]);
+          to[2 * k] = a * c[k] - b * s[k];
+          to[2 * k + 1] = b * c[k] + a * s[k];
         }
       } else {
-        T* second = row + half_;
         for (index_t k = 0; k < half_; ++k) {
-          const T a = row[k], b = second[k];
-          row[k] = a * c[k] - b * s[k];
-          second[k] = b * c[k] + a * s[k];
+          const T a = static_cast<T>(from[k]), b = static_cast<T>(from[half_ + k]);
+          to[k] = a * c[k] - b * s[k];
+          to[half_ + k] = b * c[k] + a * s[k];
         }
       }
+      for (index_t k = r; k < head_dim_; ++k) to[k] = static_cast<T>(from[k]);
     }
   }
 
