@@ -8,6 +8,8 @@
 #include <cstring>
 #include <vector>
 
+#include "posenc/detail/cpu.hpp"
+
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
@@ -27,12 +29,7 @@ inline int max_threads() {
 }
 
 #if defined(__x86_64__)
-// GCC 12 reports its own `_mm*_undefined_*` placeholders as uninitialised under a target attribute.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
+POSENC_SIMD_WARNINGS_OFF
 // Twelve independent chains of 16-lane fused multiply-adds: enough to cover the FMA latency on
 // every current x86 core (4 cycles x up to 2 issues per cycle). The chains start from distinct
 // values so the compiler cannot merge them; x < 1 keeps them finite.
@@ -62,9 +59,7 @@ __attribute__((target("avx512f,fma"))) inline float fma_chains_avx512(long iters
                                  _mm512_add_ps(_mm512_add_ps(a4, a5), _mm512_add_ps(a6, a7)));
   return _mm512_reduce_add_ps(_mm512_add_ps(s, _mm512_add_ps(_mm512_add_ps(a8, a9), _mm512_add_ps(a10, a11))));
 }
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
+POSENC_SIMD_WARNINGS_ON
 #endif
 
 /// FMA peak of all threads, in FLOP/s (2 per lane per FMA).

@@ -147,20 +147,14 @@ void pv_portable(const C* p, index_t ldp, index_t nq, index_t nk, const C* v, in
 
 template <class C>
 const tile_kernels<C>& portable_kernels() {
-  static const tile_kernels<C> k{pack_kt_portable<C>, qk_portable<C>,  qk_rows_portable<C>,
+  static const tile_kernels<C> k{pack_kt_portable<C>, qk_portable<C>, qk_rows_portable<C>,
                                  softmax_portable<C>, pv_portable<C>, "portable"};
   return k;
 }
 
 #if POSENC_HAVE_AVX512_KERNELS
 
-// GCC 12 reports its own `_mm512_undefined_*` placeholders as uninitialised when the intrinsics
-// are used under a target attribute rather than -mavx512f; the values are never read.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
+POSENC_SIMD_WARNINGS_OFF
 #define POSENC_AVX512 POSENC_TARGET_AVX512
 // The register blocks below must be unrolled completely, or their accumulator arrays live on the
 // stack and every FMA becomes a load and a store.
@@ -441,9 +435,7 @@ POSENC_AVX512 inline void pv_avx512(const float* p, index_t ldp, index_t nq, ind
 
 #undef POSENC_AVX512
 #undef POSENC_UNROLL
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
+POSENC_SIMD_WARNINGS_ON
 
 inline const tile_kernels<float>& avx512_float_kernels() {
   static const tile_kernels<float> k{pack_kt_avx512, qk_avx512, qk_rows_avx512, softmax_avx512, pv_avx512, "avx512"};

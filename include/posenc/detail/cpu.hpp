@@ -33,6 +33,19 @@
 #define POSENC_X86_DISPATCH 0
 #endif
 
+// GCC 12 reports its own `_mm*_undefined_*` placeholders as uninitialised when intrinsics are
+// used under a target attribute rather than -m flags; the values are never read. Kernels that
+// use intrinsics sit between these two macros.
+#if defined(__GNUC__) && !defined(__clang__)
+#define POSENC_SIMD_WARNINGS_OFF                                   \
+  _Pragma("GCC diagnostic push") _Pragma("GCC diagnostic ignored \"-Wuninitialized\"") \
+      _Pragma("GCC diagnostic ignored \"-Wmaybe-uninitialized\"")
+#define POSENC_SIMD_WARNINGS_ON _Pragma("GCC diagnostic pop")
+#else
+#define POSENC_SIMD_WARNINGS_OFF
+#define POSENC_SIMD_WARNINGS_ON
+#endif
+
 #if defined(__clang__)
 #define POSENC_STRICT_FP
 /// First statement of a kernel body: no FMA contraction in this function (clang).

@@ -40,11 +40,7 @@ namespace posenc {
 
 namespace detail {
 #if POSENC_X86_DISPATCH
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
+POSENC_SIMD_WARNINGS_OFF
 /// `row[j] += float(neg_slope * (d0 - j))` (or of `|d0 - j|`), 8 lanes of double at a time: the
 /// same operations and roundings as the scalar loop, so the same bits, at the speed an attention
 /// kernel needs (the bias is added to every logit).
@@ -64,9 +60,7 @@ POSENC_TARGET_AVX512 inline void alibi_row_avx512(float* row, index_t n, double 
     j = _mm512_add_pd(j, step);
   }
 }
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
+POSENC_SIMD_WARNINGS_ON
 #endif
 }  // namespace detail
 

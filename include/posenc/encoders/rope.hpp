@@ -442,11 +442,7 @@ class rope {
 
 namespace detail {
 #if POSENC_X86_DISPATCH
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
+POSENC_SIMD_WARNINGS_OFF
 /// One half-split row of `rope_tile_rotator`, 16 pairs at a time: the angle addition and the
 /// rotation with the scalar code's operations (no fused multiply-add).
 POSENC_TARGET_AVX512 inline void rope_tile_row_avx512(const float* from, float* to, const float* hc, const float* hs,
@@ -464,9 +460,7 @@ POSENC_TARGET_AVX512 inline void rope_tile_row_avx512(const float* from, float* 
     _mm512_mask_storeu_ps(to + half + k, m, _mm512_add_ps(_mm512_mul_ps(b, c), _mm512_mul_ps(a, s)));
   }
 }
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
+POSENC_SIMD_WARNINGS_ON
 #endif
 }  // namespace detail
 
