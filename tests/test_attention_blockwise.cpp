@@ -392,3 +392,25 @@ TEST_CASE("blockwise decode gives the same bits for any thread count", "[attenti
     CHECK(a == b);
   }
 }
+
+TEST_CASE("blockwise rejects bad head counts, tiles and shapes", "[attention][blockwise][errors]") {
+  using Catch::Matchers::Contains;
+  auto q = random_matrix<float>(4, 8, 1);
+  auto k = random_matrix<float>(4, 8, 2);
+  posenc::row_matrix<float> out(4, 8), lse(4, 2);
+  const auto pos = posenc::arange(0, 4);
+  const posenc::no_position<float> none;
+  CHECK_THROWS_WITH(posenc::attention(q, k, k, out, pos, pos, none, {.heads = 0}), Contains("attention_params.heads = 0"));
+  CHECK_THROWS_WITH(posenc::attention(q, k, k, out, pos, pos, none, {.heads = 2, .kv_heads = 3}),
+                    Contains("attention_params.kv_heads = 3"));
+  CHECK_THROWS_WITH(posenc::attention(q, k, k, out, pos, pos, none, {.heads = 2, .q_tile = -1}),
+                    Contains("attention_params.q_tile = -1"));
+  CHECK_THROWS_WITH(posenc::attention(q, k, k, out, pos, pos, none, {.heads = 2, .threads = -2}),
+                    Contains("attention_params.threads = -2"));
+  CHECK_THROWS_AS(posenc::attention(q, k, k, out, pos, pos, none, {.heads = 3}), posenc::assertion_error);
+  CHECK_THROWS_AS(posenc::attention(q, k, k, out, posenc::arange(0, 3), pos, none, {.heads = 2}),
+                  posenc::assertion_error);
+  posenc::row_matrix<float> bad_lse(4, 1);
+  CHECK_THROWS_AS(posenc::attention(q, k, k, out, pos, pos, none, {.heads = 2}, bad_lse), posenc::assertion_error);
+  CHECK_NOTHROW(posenc::attention(q, k, k, out, pos, pos, none, {.heads = 2}, lse));
+}
