@@ -222,15 +222,7 @@ void attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, con
   const auto sh = detail::check_attention(p, qv.rows, qv.cols, kv.rows, kv.cols, vv.rows, vv.cols, ov.rows, ov.cols,
                                           qpos.size(), kpos.size());
   constexpr bool want_lse = !std::is_null_pointer_v<std::remove_cvref_t<L>>;
-  auto lse_view = [&] {
-    if constexpr (want_lse) {
-      auto lv = view_of(lse);
-      POSENC_ASSERT(lv.rows == sh.n_q && lv.cols == sh.heads, "attention: lse must be [n_q, heads]");
-      return lv;
-    } else {
-      return 0;
-    }
-  }();
+  [[maybe_unused]] auto lse_view = detail::lse_view_of(std::forward<L>(lse), sh);
   if (sh.n_q == 0) return;
 
   const index_t d = sh.head_dim;
@@ -290,13 +282,23 @@ void attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, con
       return 0;
     }
   }();
-  auto rotate_tile = [&](C* tile, index_t rows, positions tp, C* scratch) {
+  // Rows [row, row + n) of columns [col, col + d) of `src` into the dense tile `dst` (stride d),
+  // times `factor`, rotated by `tp` when the encoder rotates inside the kernel. Unscaled tiles
+  // with a tile rotator are loaded and rotated in one pass.
+  auto load_tile = [&](auto src, index_t row, index_t n, index_t col, positions tp, C factor, C* dst, C* scratch) {
+    using SS = std::remove_const_t<std::remove_pointer_t<decltype(src.data)>>;
+    const strided_view<C> tile(dst, n, d, d);
     if constexpr (detail::has_tile_rotator<E>) {
-      rotator->rotate(strided_view<C>(tile, rows, d, d), tp, scratch + plan.rot);
+      if (rotating && factor == C(1)) {
+        rotator->rotate(strided_view<const SS>(src.row(row) + col, n, d, src.stride), tile, tp, scratch + plan.rot);
+        return;
+      }
+    }
+    detail::load_rows(src, row, n, col, d, factor, dst, d);
+    if constexpr (detail::has_tile_rotator<E>) {
+      if (rotating) rotator->rotate(tile, tp, scratch + plan.rot);
     } else if constexpr (rotate_tiles) {
-      enc.rotate(strided_view<C>(tile, rows, d, d), tp);
-    } else {
-      (void)tile, (void)rows, (void)tp, (void)scratch;
+      if (rotating) enc.rotate(tile, tp);
     }
   };
 
@@ -339,8 +341,7 @@ void attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, con
       const index_t g = g0 + gs;
       C* const qt = at(plan.q, plan.bq * d, gs);
       for (index_t hh = 0; hh < group; ++hh) {
-        detail::load_rows(qv, i0, nq, (g * group + hh) * d, d, scale, qt + hh * nq * d, d);
-        if (rotating) rotate_tile(qt + hh * nq * d, nq, qp, scratch);
+        load_tile(qv, i0, nq, (g * group + hh) * d, qp, scale, qt + hh * nq * d, scratch);
       }
       std::fill(at(plan.acc, plan.bq * plan.dpad, gs), at(plan.acc, plan.bq * plan.dpad, gs) + rows * plan.dpad, C(0));
       std::fill(at(plan.m, plan.bq, gs), at(plan.m, plan.bq, gs) + rows, neg_inf);
@@ -378,19 +379,7 @@ void attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, con
           ldk = kv.stride;
         } else {
           C* buf = scratch + plan.krows;
-          if constexpr (detail::has_tile_rotator<E>) {
-            if (rotating) {
-              // Load and rotate in one pass.
-              using SK = std::remove_const_t<std::remove_pointer_t<decltype(kv.data)>>;
-              rotator->rotate(strided_view<const SK>(kv.row(j0) + g * d, nk, d, kv.stride),
-                              strided_view<C>(buf, nk, d, d), kp, scratch + plan.rot);
-            } else {
-              detail::load_rows(kv, j0, nk, g * d, d, C(1), buf, d);
-            }
-          } else {
-            detail::load_rows(kv, j0, nk, g * d, d, C(1), buf, d);
-            if (rotating) rotate_tile(buf, nk, kp, scratch);
-          }
+          load_tile(kv, j0, nk, g * d, kp, C(1), buf, scratch);
           krows = buf;
           ldk = d;
         }

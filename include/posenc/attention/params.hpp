@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <optional>
+#include <type_traits>
 
 #include "posenc/detail/check.hpp"
 #include "posenc/types.hpp"
@@ -76,6 +77,22 @@ inline attention_shape check_attention(const attention_params& p, index_t q_rows
   POSENC_ASSERT(n_kpos == k_rows, "attention: one key position per row of k");
   const double scale = p.scale ? *p.scale : 1.0 / std::sqrt(static_cast<double>(d));
   return {q_rows, k_rows, p.heads, kvh, d, p.heads / kvh, scale, p.causal, p.window_left, p.window_right};
+}
+
+/// The optional `[n_q, heads]` log-sum-exp argument as a view (checked once), or 0 when the
+/// caller passed `nullptr`.
+template <class L>
+auto lse_view_of(L&& lse, const attention_shape& sh) {
+  if constexpr (std::is_null_pointer_v<std::remove_cvref_t<L>>) {
+    return 0;
+  } else {
+    auto lv = view_of(std::forward<L>(lse));
+    static_assert(std::same_as<std::remove_pointer_t<decltype(lv.data)>, float> ||
+                      std::same_as<std::remove_pointer_t<decltype(lv.data)>, double>,
+                  "posenc::attention: lse must be a writable float or double matrix");
+    POSENC_ASSERT(lv.rows == sh.n_q && lv.cols == sh.heads, "attention: lse must be [n_q, heads]");
+    return lv;
+  }
 }
 
 /// Key at `kp` is visible to the query at `qp`.

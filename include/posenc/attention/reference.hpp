@@ -50,12 +50,9 @@ void attention_reference(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions
   const auto sh = detail::check_attention(p, qv.rows, qv.cols, kv.rows, kv.cols, vv.rows, vv.cols, ov.rows, ov.cols,
                                           qpos.size(), kpos.size());
   constexpr bool want_lse = !std::is_null_pointer_v<std::remove_cvref_t<L>>;
+  [[maybe_unused]] auto lse_view = detail::lse_view_of(std::forward<L>(lse), sh);
   auto set_lse = [&](index_t i, index_t h, C value) {
-    if constexpr (want_lse) {
-      auto lv = view_of(lse);
-      POSENC_ASSERT(lv.rows == sh.n_q && lv.cols == sh.heads, "attention: lse must be [n_q, heads]");
-      lv(i, h) = static_cast<std::remove_reference_t<decltype(lv(i, h))>>(value);
-    }
+    if constexpr (want_lse) lse_view(i, h) = static_cast<std::remove_reference_t<decltype(lse_view(i, h))>>(value);
   };
   const index_t d = sh.head_dim;
   constexpr C neg_inf = -std::numeric_limits<C>::infinity();
