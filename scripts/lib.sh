@@ -1,8 +1,13 @@
 # Shared by scripts/test and scripts/bench (sourced, not run).
 
 # The Debian packages posenc's scripts need: compilers, CMake, Eigen, Catch2, Google Benchmark,
-# clang's sanitizer and OpenMP runtimes.
-POSENC_PACKAGES=(cmake make g++ clang libclang-rt-14-dev libomp-dev libeigen3-dev catch2 libbenchmark-dev)
+# clang's sanitizer, fuzzer and OpenMP runtimes, Open MPI (ring attention), and for the Python
+# module, its tests and the plots: pybind11, NumPy, pytest, PyTorch (the tests' reference) and
+# Matplotlib.
+POSENC_PACKAGES=(cmake make g++ clang libclang-rt-14-dev libomp-dev libeigen3-dev catch2 libbenchmark-dev
+                 openmpi-bin libopenmpi-dev
+                 python3 python3-dev pybind11-dev python3-pybind11 python3-numpy python3-pytest python3-torch
+                 python3-matplotlib)
 
 # posenc_ensure_packages PKG...: installs what is missing when run as root (apt-get update only
 # if something is missing); otherwise names the missing packages and exits 1.
