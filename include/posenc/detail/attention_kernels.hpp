@@ -2,13 +2,15 @@
 #pragma once
 
 /// \file detail/attention_kernels.hpp
-/// Internal: the four tile operations of blockwise attention, in a portable version and, on
-/// x86-64, an AVX-512 version chosen at run time.
+/// Internal: the tile operations of blockwise attention, in a portable version and, on x86-64,
+/// AVX-512 and AVX2 versions chosen at run time.
 ///
 /// A header-only library is compiled with its includer's flags, often the x86-64 baseline (SSE2)
 /// and never -ffast-math, so the fast path cannot come from the compiler: the AVX-512 functions
 /// carry `target` attributes, are selected by a CPU check once per process, and compute `exp`
-/// with their own polynomial that needs no fast-math.
+/// with their own polynomial that needs no fast-math. The AVX2 versions have the same structure
+/// with 8 lanes and 16 registers: smaller register blocks (6 query rows by 16 keys for QK^T,
+/// 6 rows by 16 columns for PV) and 8x8 transposes.
 ///
 /// Buffers (all row-major, of the compute type):
 /// - `kt`  `[d, ldkt]` the key tile transposed, `ldkt` a multiple of 32, columns past `nk` zero;
@@ -27,10 +29,10 @@
 #include "posenc/detail/cpu.hpp"
 
 #if POSENC_X86_DISPATCH
-#define POSENC_HAVE_AVX512_KERNELS 1
+#define POSENC_HAVE_X86_KERNELS 1
 #include <immintrin.h>
 #else
-#define POSENC_HAVE_AVX512_KERNELS 0
+#define POSENC_HAVE_X86_KERNELS 0
 #endif
 
 namespace posenc::detail {
@@ -152,7 +154,23 @@ const tile_kernels<C>& portable_kernels() {
   return k;
 }
 
-#if POSENC_HAVE_AVX512_KERNELS
+#if POSENC_HAVE_X86_KERNELS
+
+/// How far ahead the few-row (decode) kernels prefetch key and value rows.
+inline constexpr index_t prefetch_rows = 16;
+
+/// Prefetches `p + ahead` elements. The address is formed as an integer: it may lie past the end
+/// of the array (a prefetch never faults), where pointer arithmetic would be undefined.
+inline void prefetch_ahead(const float* p, index_t ahead) {
+  const auto address = reinterpret_cast<std::uintptr_t>(p) + static_cast<std::uintptr_t>(ahead) * sizeof(float);
+  _mm_prefetch(reinterpret_cast<const char*>(address), _MM_HINT_T0);
+}
+
+/// Degree-6 Taylor coefficients of 2^f = sum (f ln 2)^k / k!, highest first, shared by the
+/// AVX-512 and AVX2 exp (relative error about 1.5e-7 on [-1/2, 1/2]).
+inline constexpr float exp2_poly[7] = {1.540353039338161e-4f, 1.333355814642844e-3f, 9.618129107628477e-3f,
+                                       5.550410866482158e-2f, 2.402265069591007e-1f, 6.931471805599453e-1f,
+                                       1.0f};
 
 POSENC_SIMD_WARNINGS_OFF
 #define POSENC_AVX512 POSENC_TARGET_AVX512
@@ -169,25 +187,10 @@ POSENC_AVX512 inline __m512 exp_avx512(__m512 x) {
   const __m512 tc = _mm512_max_ps(t, _mm512_set1_ps(-126.0f));
   const __m512 n = _mm512_roundscale_ps(tc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(tc, n);
-  // Taylor coefficients of 2^f = sum (f ln 2)^k / k!.
-  __m512 p = _mm512_set1_ps(1.540353039338161e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.333355814642844e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618129107628477e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550410866482158e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402265069591007e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471805599453e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  __m512 p = _mm512_set1_ps(exp2_poly[0]);
+  POSENC_UNROLL
+  for (int k = 1; k < 7; ++k) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(exp2_poly[k]));
   return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
-}
-
-/// How far ahead the few-row (decode) kernels prefetch key and value rows.
-inline constexpr index_t prefetch_rows = 16;
-
-/// Prefetches `p + ahead` elements. The address is formed as an integer: it may lie past the end
-/// of the array (a prefetch never faults), where pointer arithmetic would be undefined.
-inline void prefetch_ahead(const float* p, index_t ahead) {
-  const auto address = reinterpret_cast<std::uintptr_t>(p) + static_cast<std::uintptr_t>(ahead) * sizeof(float);
-  _mm_prefetch(reinterpret_cast<const char*>(address), _MM_HINT_T0);
 }
 
 POSENC_AVX512 inline __mmask16 tail_mask(index_t n) {
@@ -434,23 +437,281 @@ POSENC_AVX512 inline void pv_avx512(const float* p, index_t ldp, index_t nq, ind
 }
 
 #undef POSENC_AVX512
-#undef POSENC_UNROLL
-POSENC_SIMD_WARNINGS_ON
 
 inline const tile_kernels<float>& avx512_float_kernels() {
   static const tile_kernels<float> k{pack_kt_avx512, qk_avx512, qk_rows_avx512, softmax_avx512, pv_avx512, "avx512"};
   return k;
 }
 
-#endif  // POSENC_HAVE_AVX512_KERNELS
+// ---------------------------------------------------------------------------------------------
+// AVX2 + FMA: 8 lanes, 16 registers.
+#define POSENC_AVX2 POSENC_TARGET_AVX2
 
-/// The kernels for compute type `C`: AVX-512 for float where the CPU has it and the process-wide
-/// cap allows it (`detail::scoped_simd_cap`), portable otherwise.
+/// exp(x) for x <= 0, 8 lanes: as `exp_avx512`, with 2^n built in the exponent bits (n is in
+/// [-126, 0], so 2^n is a normal float). Inputs below -87.3 (including -inf) give exactly 0.
+POSENC_AVX2 inline __m256 exp_avx2(__m256 x) {
+  const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
+  const __m256 live = _mm256_cmp_ps(t, _mm256_set1_ps(-126.0f), _CMP_GE_OQ);
+  const __m256 tc = _mm256_max_ps(t, _mm256_set1_ps(-126.0f));
+  const __m256 n = _mm256_round_ps(tc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(tc, n);
+  __m256 p = _mm256_set1_ps(exp2_poly[0]);
+  POSENC_UNROLL
+  for (int k = 1; k < 7; ++k) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(exp2_poly[k]));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(live, _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
+}
+
+/// Lanes `[0, min(n, 8))` set, as a mask for `_mm256_maskload_ps` / `_mm256_maskstore_ps`.
+POSENC_AVX2 inline __m256i tail_mask_avx2(index_t n) {
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<index_t>(n, 8))), lanes);
+}
+
+POSENC_AVX2 inline float reduce_add_avx2(__m256 x) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+POSENC_AVX2 inline float reduce_max_avx2(__m256 x) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+POSENC_AVX2 __attribute__((always_inline)) inline void transpose8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  POSENC_UNROLL
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  POSENC_UNROLL
+  for (int i = 0; i < 2; ++i) {
+    u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xee);
+    u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xee);
+  }
+  POSENC_UNROLL
+  for (int c = 0; c < 4; ++c) {
+    r[c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x20);
+    r[4 + c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x31);
+  }
+}
+
+POSENC_AVX2 inline void pack_kt_avx2(const float* k, index_t ldk, index_t nk, index_t d, float* kt, index_t ldkt) {
+  const index_t nk8 = nk / 8 * 8, d8 = d / 8 * 8;
+  for (index_t j0 = 0; j0 < nk8; j0 += 8) {
+    for (index_t c0 = 0; c0 < d8; c0 += 8) {
+      __m256 r[8];
+      POSENC_UNROLL
+      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(k + (j0 + i) * ldk + c0);
+      transpose8(r);
+      POSENC_UNROLL
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(kt + (c0 + i) * ldkt + j0, r[i]);
+    }
+    for (index_t c = d8; c < d; ++c)
+      for (index_t j = j0; j < j0 + 8; ++j) kt[c * ldkt + j] = k[j * ldk + c];
+  }
+  for (index_t c = 0; c < d; ++c) {
+    float* dst = kt + c * ldkt;
+    for (index_t j = nk8; j < nk; ++j) dst[j] = k[j * ldk + c];
+    for (index_t j = nk; j < ldkt; ++j) dst[j] = 0.0f;
+  }
+}
+
+/// R query rows against 16 keys: 2R accumulators (at most 12 of the 16 registers).
+template <int R>
+POSENC_AVX2 inline void qk_block_avx2(const float* q, index_t ldq, index_t d, const float* kt, index_t ldkt,
+                                      float* s) {
+  __m256 acc0[R], acc1[R];
+  POSENC_UNROLL
+  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps();
+  for (index_t c = 0; c < d; ++c) {
+    const __m256 b0 = _mm256_loadu_ps(kt + c * ldkt);
+    const __m256 b1 = _mm256_loadu_ps(kt + c * ldkt + 8);
+    POSENC_UNROLL
+    for (int r = 0; r < R; ++r) {
+      const __m256 a = _mm256_broadcast_ss(q + r * ldq + c);
+      acc0[r] = _mm256_fmadd_ps(a, b0, acc0[r]);
+      acc1[r] = _mm256_fmadd_ps(a, b1, acc1[r]);
+    }
+  }
+  POSENC_UNROLL
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(s + r * ldkt, acc0[r]);
+    _mm256_storeu_ps(s + r * ldkt + 8, acc1[r]);
+  }
+}
+
+POSENC_AVX2 inline void qk_avx2(const float* q, index_t ldq, index_t nq, index_t d, const float* kt, index_t ldkt,
+                                float* s) {
+  for (index_t i0 = 0; i0 < nq; i0 += 6) {
+    const float* qi = q + i0 * ldq;
+    float* si = s + i0 * ldkt;
+    const index_t rows = std::min<index_t>(6, nq - i0);
+    for (index_t j0 = 0; j0 < ldkt; j0 += 16) {
+      switch (rows) {
+        case 6: qk_block_avx2<6>(qi, ldq, d, kt + j0, ldkt, si + j0); break;
+        case 5: qk_block_avx2<5>(qi, ldq, d, kt + j0, ldkt, si + j0); break;
+        case 4: qk_block_avx2<4>(qi, ldq, d, kt + j0, ldkt, si + j0); break;
+        case 3: qk_block_avx2<3>(qi, ldq, d, kt + j0, ldkt, si + j0); break;
+        case 2: qk_block_avx2<2>(qi, ldq, d, kt + j0, ldkt, si + j0); break;
+        default: qk_block_avx2<1>(qi, ldq, d, kt + j0, ldkt, si + j0); break;
+      }
+    }
+  }
+}
+
+/// Up to 8 query rows against keys read in place (decode), as `qk_rows_block_avx512`.
+template <int R>
+POSENC_AVX2 inline void qk_rows_block_avx2(const float* q, index_t ldq, index_t d, const float* k, index_t ldk,
+                                           index_t nk, float* s, index_t lds) {
+  const index_t d8 = d / 8 * 8;
+  const __m256i tail = tail_mask_avx2(d - d8);
+  for (index_t j = 0; j < nk; ++j) {
+    const float* kr = k + j * ldk;
+    for (index_t c = 0; c < ldk; c += 16) prefetch_ahead(kr + c, prefetch_rows * ldk);
+    __m256 acc[R];
+    POSENC_UNROLL
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    for (index_t c = 0; c < d8; c += 8) {
+      const __m256 kv = _mm256_loadu_ps(kr + c);
+      POSENC_UNROLL
+      for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * ldq + c), kv, acc[r]);
+    }
+    if (d8 < d) {
+      const __m256 kv = _mm256_maskload_ps(kr + d8, tail);
+      POSENC_UNROLL
+      for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(_mm256_maskload_ps(q + r * ldq + d8, tail), kv, acc[r]);
+    }
+    POSENC_UNROLL
+    for (int r = 0; r < R; ++r) s[r * lds + j] = reduce_add_avx2(acc[r]);
+  }
+}
+
+POSENC_AVX2 inline void qk_rows_avx2(const float* q, index_t ldq, index_t nq, index_t d, const float* k, index_t ldk,
+                                     index_t nk, float* s, index_t lds) {
+  for (index_t i0 = 0; i0 < nq; i0 += 8) {
+    const float* qi = q + i0 * ldq;
+    float* si = s + i0 * lds;
+    switch (std::min<index_t>(8, nq - i0)) {
+      case 8: qk_rows_block_avx2<8>(qi, ldq, d, k, ldk, nk, si, lds); break;
+      case 7: qk_rows_block_avx2<7>(qi, ldq, d, k, ldk, nk, si, lds); break;
+      case 6: qk_rows_block_avx2<6>(qi, ldq, d, k, ldk, nk, si, lds); break;
+      case 5: qk_rows_block_avx2<5>(qi, ldq, d, k, ldk, nk, si, lds); break;
+      case 4: qk_rows_block_avx2<4>(qi, ldq, d, k, ldk, nk, si, lds); break;
+      case 3: qk_rows_block_avx2<3>(qi, ldq, d, k, ldk, nk, si, lds); break;
+      case 2: qk_rows_block_avx2<2>(qi, ldq, d, k, ldk, nk, si, lds); break;
+      default: qk_rows_block_avx2<1>(qi, ldq, d, k, ldk, nk, si, lds); break;
+    }
+  }
+}
+
+POSENC_AVX2 inline void softmax_avx2(float* s, index_t lds, index_t nq, index_t nk, float* m, float* l,
+                                     float* alpha) {
+  constexpr float neg_inf = -std::numeric_limits<float>::infinity();
+  const __m256 vneg_inf = _mm256_set1_ps(neg_inf);
+  for (index_t i = 0; i < nq; ++i) {
+    float* row = s + i * lds;
+    __m256 mx = vneg_inf;
+    for (index_t j = 0; j < nk; j += 8) {
+      const __m256i mk = tail_mask_avx2(nk - j);
+      mx = _mm256_max_ps(mx, _mm256_blendv_ps(vneg_inf, _mm256_maskload_ps(row + j, mk), _mm256_castsi256_ps(mk)));
+    }
+    const float m_new = softmax_row_begin<float>(reduce_max_avx2(mx), m[i], alpha[i]);
+    if (m_new == neg_inf) {
+      for (index_t j = 0; j < nk; ++j) row[j] = 0.0f;
+      alpha[i] = 1.0f;
+      continue;
+    }
+    const __m256 vm = _mm256_set1_ps(m_new);
+    __m256 sum = _mm256_setzero_ps();
+    for (index_t j = 0; j < nk; j += 8) {
+      const __m256i mk = tail_mask_avx2(nk - j);
+      const __m256 x = _mm256_blendv_ps(vneg_inf, _mm256_maskload_ps(row + j, mk), _mm256_castsi256_ps(mk));
+      const __m256 e = exp_avx2(_mm256_sub_ps(x, vm));
+      _mm256_maskstore_ps(row + j, mk, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    l[i] = alpha[i] * l[i] + reduce_add_avx2(sum);
+  }
+}
+
+/// R rows of the accumulator by 16 columns (two vectors): 2R accumulators.
+template <int R>
+POSENC_AVX2 inline void pv_block_avx2(const float* p, index_t ldp, index_t nk, const float* v, index_t ldv,
+                                      const float* alpha, float* acc, index_t ldacc) {
+  __m256 a0[R], a1[R];
+  POSENC_UNROLL
+  for (int r = 0; r < R; ++r) {
+    const __m256 al = _mm256_set1_ps(alpha[r]);
+    a0[r] = _mm256_mul_ps(al, _mm256_loadu_ps(acc + r * ldacc));
+    a1[r] = _mm256_mul_ps(al, _mm256_loadu_ps(acc + r * ldacc + 8));
+  }
+  for (index_t j = 0; j < nk; ++j) {
+    if constexpr (R <= 4) prefetch_ahead(v + j * ldv, prefetch_rows * ldv);  // decode streams V
+    const __m256 b0 = _mm256_loadu_ps(v + j * ldv);
+    const __m256 b1 = _mm256_loadu_ps(v + j * ldv + 8);
+    POSENC_UNROLL
+    for (int r = 0; r < R; ++r) {
+      const __m256 w = _mm256_broadcast_ss(p + r * ldp + j);
+      a0[r] = _mm256_fmadd_ps(w, b0, a0[r]);
+      a1[r] = _mm256_fmadd_ps(w, b1, a1[r]);
+    }
+  }
+  POSENC_UNROLL
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(acc + r * ldacc, a0[r]);
+    _mm256_storeu_ps(acc + r * ldacc + 8, a1[r]);
+  }
+}
+
+POSENC_AVX2 inline void pv_avx2(const float* p, index_t ldp, index_t nq, index_t nk, const float* v, index_t ldv,
+                                index_t d, const float* alpha, float* acc, index_t ldacc) {
+  // Whole 16-column blocks: the buffers are readable and writable up to d rounded up to 16.
+  for (index_t c0 = 0; c0 < d; c0 += 16) {
+    index_t i = 0;
+    for (; i + 6 <= nq; i += 6) pv_block_avx2<6>(p + i * ldp, ldp, nk, v + c0, ldv, alpha + i, acc + i * ldacc + c0, ldacc);
+    const float* pi = p + i * ldp;
+    float* ai = acc + i * ldacc + c0;
+    switch (nq - i) {
+      case 5: pv_block_avx2<5>(pi, ldp, nk, v + c0, ldv, alpha + i, ai, ldacc); break;
+      case 4: pv_block_avx2<4>(pi, ldp, nk, v + c0, ldv, alpha + i, ai, ldacc); break;
+      case 3: pv_block_avx2<3>(pi, ldp, nk, v + c0, ldv, alpha + i, ai, ldacc); break;
+      case 2: pv_block_avx2<2>(pi, ldp, nk, v + c0, ldv, alpha + i, ai, ldacc); break;
+      case 1: pv_block_avx2<1>(pi, ldp, nk, v + c0, ldv, alpha + i, ai, ldacc); break;
+      default: break;
+    }
+  }
+}
+
+#undef POSENC_AVX2
+#undef POSENC_UNROLL
+POSENC_SIMD_WARNINGS_ON
+
+inline const tile_kernels<float>& avx2_float_kernels() {
+  static const tile_kernels<float> k{pack_kt_avx2, qk_avx2, qk_rows_avx2, softmax_avx2, pv_avx2, "avx2"};
+  return k;
+}
+
+#endif  // POSENC_HAVE_X86_KERNELS
+
+/// The kernels for compute type `C`: for float, AVX-512 or AVX2 where the CPU has it and the
+/// process-wide cap allows it (`detail::scoped_simd_cap`); portable otherwise.
 template <class C>
 const tile_kernels<C>& kernels_for() {
-#if POSENC_HAVE_AVX512_KERNELS
+#if POSENC_HAVE_X86_KERNELS
   if constexpr (std::same_as<C, float>) {
-    if (simd_level_in_use() == simd_level::avx512) return avx512_float_kernels();
+    switch (simd_level_in_use()) {
+      case simd_level::avx512: return avx512_float_kernels();
+      case simd_level::avx2: return avx2_float_kernels();
+      default: break;
+    }
   }
 #endif
   return portable_kernels<C>();
