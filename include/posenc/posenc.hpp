@@ -23,3 +23,7 @@
 #include "posenc/attention/reference.hpp"
 #include "posenc/attention/blockwise.hpp"
 #include "posenc/attention/merge.hpp"
+
+// Ring attention's schedule and simulator. The MPI driver, posenc/distributed/mpi_ring.hpp, needs
+// <mpi.h> and is included on its own.
+#include "posenc/distributed/ring.hpp"

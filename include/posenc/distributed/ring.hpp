@@ -1,0 +1,425 @@
+// SPDX-License-Identifier: Apache-2.0
+#pragma once
+
+/// \file distributed/ring.hpp
+/// Ring attention (DESIGN.md §6): the schedule both drivers share, the sequence layouts, helpers
+/// to shard a sequence and gather the result, and an in-process driver (a simulator of P devices,
+/// for tests and for users without MPI). The MPI driver is in `distributed/mpi_ring.hpp`.
+///
+/// Each of P devices holds a query shard and a key/value shard with their global positions.
+/// Keys, values and positions travel around the ring, packed into one message: at step `s`
+/// device `r` holds the message that device `(r - s) mod P` packed, attends its queries to it
+/// with the blockwise kernel and merges the partial result into its accumulator by log-sum-exp
+/// (`merge_partial`); after P steps every query has seen every key. Masks and biases come from the
+/// global positions inside the kernel; a rotation (RoPE) is applied once, with global positions,
+/// to the local queries and to the keys as they are packed, and the kernel is told
+/// `rotation_mode::already_rotated`.
+///
+/// A device's work on one message is fixed by the message and the device's queries alone
+/// (`detail::ring_worker::attend`): the keys are cut into pieces (at breaks in their positions,
+/// then into `ring_options::key_chunks` parts), the queries into runs of consecutive positions,
+/// and each (query run, key piece) pair that the mask does not hide entirely is one attention
+/// call followed by one merge, in a fixed order. The simulator and the MPI driver run that same
+/// function on byte-identical messages, so they agree bit for bit; the MPI driver polls its
+/// transfers between key pieces, which is how the next message moves while this one is computed.
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <new>
+#include <span>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "posenc/attention/blockwise.hpp"
+#include "posenc/attention/merge.hpp"
+#include "posenc/attention/params.hpp"
+#include "posenc/attention/workspace.hpp"
+#include "posenc/concepts.hpp"
+#include "posenc/detail/check.hpp"
+#include "posenc/types.hpp"
+
+namespace posenc {
+
+/// How a sequence of `n` tokens (positions `0 .. n-1`) is split over the P devices of a ring.
+enum class ring_layout {
+  contiguous,  ///< device r holds `[r n / P, (r + 1) n / P)`: balanced for full attention
+  zigzag,      ///< 2P chunks `[c n / 2P, (c + 1) n / 2P)`; device r holds chunks r and 2P-1-r: balanced for causal
+};
+
+/// Runtime knobs of ring attention. Every field has a default.
+struct ring_options {
+  /// Each step's keys are cut into about this many pieces (besides the cuts at breaks in their
+  /// positions); the MPI driver advances its transfers between pieces, so more pieces overlap
+  /// communication better at the cost of one extra merge of the queries' outputs per piece.
+  /// Part of the schedule: the simulator and the MPI driver must use the same value to agree bit
+  /// for bit. >= 1.
+  index_t key_chunks = 4;
+};
+
+/// The global positions device `rank` of `ranks` holds in `layout` for a sequence of `n` tokens
+/// at positions `0 .. n-1`, in increasing order. Shards differ in size by at most one token
+/// (contiguous) or two (zigzag); a shard is empty when `n` is small. Throws
+/// `std::invalid_argument` for `n < 0`, `ranks < 1` or `rank` outside `[0, ranks)`. Allocates the
+/// returned list.
+inline std::vector<position> ring_shard_positions(index_t n, int ranks, int rank, ring_layout layout) {
+  detail::require(n >= 0, "ring n", n, "must be non-negative");
+  detail::require(ranks >= 1, "ring ranks", ranks, "must be positive");
+  detail::require(rank >= 0 && rank < ranks, "ring rank", rank,
+                  "must be in [0, ranks) (ranks = " + detail::to_text(ranks) + ")");
+  detail::require(layout == ring_layout::contiguous || layout == ring_layout::zigzag, "ring_layout",
+                  static_cast<int>(layout), "unknown layout");
+  std::vector<position> out;
+  auto append = [&](index_t part, index_t parts) {
+    const index_t lo = part * n / parts, hi = (part + 1) * n / parts;
+    for (index_t i = lo; i < hi; ++i) out.push_back(static_cast<position>(i));
+  };
+  if (layout == ring_layout::contiguous) {
+    append(rank, ranks);
+  } else {
+    append(rank, 2 * index_t{ranks});
+    append(2 * index_t{ranks} - 1 - rank, 2 * index_t{ranks});
+  }
+  return out;
+}
+
+/// Copies the rows of `full` (`[n, cols]`, row `i` the token at position `i`) at `pos` into a new
+/// `[pos.size(), cols]` matrix: a device's shard of a sequence. Precondition (`POSENC_ASSERT`):
+/// every position is a row of `full`. Allocates the result.
+template <matrix_argument M>
+auto ring_take_rows(M&& full, positions pos) {
+  const auto f = view_of(std::forward<M>(full));
+  using S = std::remove_const_t<std::remove_pointer_t<decltype(f.data)>>;
+  row_matrix<S> shard(pos.size(), f.cols);
+  for (index_t i = 0; i < pos.size(); ++i) {
+    POSENC_ASSERT(pos[i] >= 0 && pos[i] < f.rows, "ring_take_rows: position outside the sequence");
+    std::copy(f.row(pos[i]), f.row(pos[i]) + f.cols, shard.data() + i * f.cols);
+  }
+  return shard;
+}
+
+/// Writes row `i` of `shard` (`[pos.size(), cols]`) to row `pos[i]` of `full` (`[n, cols]`): the
+/// inverse of `ring_take_rows`, for gathering a device's output. Does not allocate.
+template <matrix_argument M, matrix_argument F>
+void ring_put_rows(M&& shard, positions pos, F&& full) {
+  const auto s = view_of(std::forward<M>(shard));
+  const auto f = view_of(std::forward<F>(full));
+  POSENC_ASSERT(s.rows == pos.size(), "ring_put_rows: one position per shard row");
+  POSENC_ASSERT(s.cols == f.cols, "ring_put_rows: shard and sequence differ in columns");
+  for (index_t i = 0; i < s.rows; ++i) {
+    POSENC_ASSERT(pos[i] >= 0 && pos[i] < f.rows, "ring_put_rows: position outside the sequence");
+    std::copy(s.row(i), s.row(i) + s.cols, f.row(pos[i]));
+  }
+}
+
+namespace detail {
+
+/// Rows `[row, row + count)` of a shard.
+struct ring_piece {
+  index_t row, count;
+};
+
+/// A run of positions longer than this many breaks is not cut at its breaks: positions with no
+/// structure (a shuffled or packed list) would otherwise give one attention call per token.
+inline constexpr index_t ring_max_runs = 16;
+
+/// The shard's rows cut where positions stop increasing by one (at most `ring_max_runs` runs,
+/// otherwise one run). A zigzag shard has two runs, so a causal mask skips whole calls.
+inline std::vector<ring_piece> ring_runs(positions pos) {
+  std::vector<ring_piece> runs;
+  index_t start = 0;
+  for (index_t i = 1; i <= pos.size(); ++i) {
+    if (i == pos.size() || pos[i] != pos[i - 1] + 1) {
+      runs.push_back({start, i - start});
+      start = i;
+      if (static_cast<index_t>(runs.size()) > ring_max_runs) return {{0, pos.size()}};
+    }
+  }
+  return runs;
+}
+
+/// The key pieces of a message: its runs, each cut into pieces of at most
+/// `ceil(rows / key_chunks)` rows rounded up to the kernel's key tile.
+inline std::vector<ring_piece> ring_key_pieces(positions kpos, index_t key_chunks, index_t k_tile) {
+  const index_t rows = kpos.size();
+  const index_t per = std::max<index_t>(1, ((rows + key_chunks - 1) / key_chunks + k_tile - 1) / k_tile * k_tile);
+  std::vector<ring_piece> pieces;
+  for (const ring_piece r : ring_runs(kpos))
+    for (index_t j = 0; j < r.count; j += per) pieces.push_back({r.row + j, std::min(per, r.count - j)});
+  return pieces;
+}
+
+/// Smallest and largest position of a non-empty set.
+inline std::pair<position, position> ring_bounds(positions p) {
+  position lo = p[0], hi = p[0];
+  for (index_t i = 1; i < p.size(); ++i) lo = std::min(lo, p[i]), hi = std::max(hi, p[i]);
+  return {lo, hi};
+}
+
+/// Some key in `[k.first, k.second]` may be visible to some query in `[q.first, q.second]`.
+inline bool ring_may_see(const attention_params& p, std::pair<position, position> q, std::pair<position, position> k) {
+  if (p.causal && k.first > q.second) return false;
+  if (p.window_left >= 0 && static_cast<double>(k.second) < static_cast<double>(q.first) - static_cast<double>(p.window_left))
+    return false;
+  if (p.window_right >= 0 &&
+      static_cast<double>(k.first) > static_cast<double>(q.second) + static_cast<double>(p.window_right))
+    return false;
+  return true;
+}
+
+inline constexpr std::size_t ring_align = 64;
+inline constexpr std::size_t ring_round(std::size_t n) { return (n + ring_align - 1) / ring_align * ring_align; }
+
+/// The one message a device sends per step: its keys, values and their global positions.
+///
+///     [int64 rows, int64 k_cols, int64 v_cols, pad to 64]
+///     [rows x int64 positions, pad to 64]
+///     [rows x k_cols keys of S, pad to 64] [rows x v_cols values of S, pad to 64]
+///
+/// Every part starts 64-byte aligned and the whole message is a multiple of 64 bytes, so it
+/// travels as a count of 64-byte blocks.
+template <class S>
+struct ring_message {
+  static std::size_t bytes(index_t rows, index_t k_cols, index_t v_cols) {
+    const auto r = static_cast<std::size_t>(rows);
+    return ring_align + ring_round(r * sizeof(position)) + ring_round(r * static_cast<std::size_t>(k_cols) * sizeof(S)) +
+           ring_round(r * static_cast<std::size_t>(v_cols) * sizeof(S));
+  }
+
+  /// A view of a message in `buf` (64-byte aligned).
+  explicit ring_message(std::byte* buf) : base(buf) {
+    std::int64_t h[3];
+    std::memcpy(h, buf, sizeof h);
+    rows = h[0], k_cols = h[1], v_cols = h[2];
+  }
+
+  std::byte* base;
+  index_t rows = 0, k_cols = 0, v_cols = 0;
+
+  std::size_t bytes() const { return bytes(rows, k_cols, v_cols); }
+  position* pos() const { return reinterpret_cast<position*>(base + ring_align); }
+  S* k() const {
+    return reinterpret_cast<S*>(base + ring_align + ring_round(static_cast<std::size_t>(rows) * sizeof(position)));
+  }
+  S* v() const {
+    return reinterpret_cast<S*>(reinterpret_cast<std::byte*>(k()) +
+                                ring_round(static_cast<std::size_t>(rows * k_cols) * sizeof(S)));
+  }
+  positions kpos() const { return std::span<const position>(pos(), static_cast<std::size_t>(rows)); }
+  strided_view<const S> keys() const { return {k(), rows, k_cols, k_cols}; }
+  strided_view<const S> values() const { return {v(), rows, v_cols, v_cols}; }
+
+  /// Packs `k`, `v` and `kpos` into `buf` (at least `bytes(rows, ...)` bytes, 64-byte aligned)
+  /// and rotates the packed keys by their positions when `enc` is a rotation applied here.
+  template <class SK, class SV, class E>
+  static ring_message pack(std::byte* buf, strided_view<SK> k, strided_view<SV> v, positions kpos, const E& enc,
+                           const attention_params& p) {
+    POSENC_ASSERT(k.rows == kpos.size() && v.rows == k.rows, "ring attention: k, v and kpos differ in rows");
+    const std::int64_t h[3] = {k.rows, k.cols, v.cols};
+    std::memset(buf, 0, ring_align);
+    std::memcpy(buf, h, sizeof h);
+    ring_message m(buf);
+    // The padding travels too: zero it so a message's bytes depend on its contents alone.
+    std::memset(buf + ring_align, 0, m.bytes() - ring_align);
+    for (index_t i = 0; i < k.rows; ++i) {
+      m.pos()[i] = kpos[i];
+      std::copy(k.row(i), k.row(i) + k.cols, m.k() + i * k.cols);
+      std::copy(v.row(i), v.row(i) + v.cols, m.v() + i * v.cols);
+    }
+    if constexpr (E::family == encoding_family::rotation) {
+      if (p.rotation == rotation_mode::in_kernel && m.rows > 0)
+        enc.rotate(strided_view<S>(m.k(), m.rows, m.k_cols, m.k_cols), m.kpos());
+    }
+    return m;
+  }
+};
+
+/// A 64-byte aligned byte buffer.
+class ring_buffer {
+ public:
+  explicit ring_buffer(std::size_t n) : p_(static_cast<std::byte*>(::operator new(n, std::align_val_t{ring_align}))) {}
+  std::byte* get() const { return p_.get(); }
+
+ private:
+  struct deleter {
+    void operator()(std::byte* p) const { ::operator delete(p, std::align_val_t{ring_align}); }
+  };
+  std::unique_ptr<std::byte[], deleter> p_;
+};
+
+/// One device's side of the schedule: its queries (rotated once when the encoder rotates), their
+/// positions, and the log-sum-exp accumulator. `attend` is the per-step function that both
+/// drivers call; `finish` writes the output.
+template <storage_scalar S, positional_encoding E>
+class ring_worker {
+ public:
+  using C = compute_t<S>;
+
+  /// Copies the query shard `q` (`[n_q, heads * d]`) and its positions, and rotates the copy when
+  /// the encoder rotates and `p.rotation` is `in_kernel`. Allocates O(n_q * heads * d).
+  template <class SQ>
+  ring_worker(strided_view<SQ> q, positions qpos, const E& enc, const attention_params& p, const ring_options& o)
+      : enc_(enc), p_(p), o_(o), q_(q.rows, q.cols), qpos_(static_cast<std::size_t>(qpos.size())) {
+    require(o.key_chunks >= 1, "ring_options.key_chunks", o.key_chunks, "must be positive");
+    POSENC_ASSERT(qpos.size() == q.rows, "ring attention: one query position per row of q");
+    POSENC_ASSERT(p.heads > 0 && q.cols % p.heads == 0, "ring attention: q must have heads * head_dim columns");
+    for (index_t i = 0; i < q.rows; ++i) {
+      std::copy(q.row(i), q.row(i) + q.cols, q_.data() + i * q.cols);
+      qpos_[static_cast<std::size_t>(i)] = qpos[i];
+    }
+    if constexpr (E::family == encoding_family::rotation) {
+      if (p.rotation == rotation_mode::in_kernel && q.rows > 0) enc.rotate(q_, positions(qpos_));
+      p_.rotation = rotation_mode::already_rotated;
+    }
+    runs_ = ring_runs(positions(qpos_));
+    acc_ = row_matrix<C>::Zero(q.rows, q.cols);
+    lse_ = row_matrix<C>::Constant(q.rows, p.heads, -std::numeric_limits<C>::infinity());
+    index_t widest = 0;
+    for (const ring_piece r : runs_) widest = std::max(widest, r.count);
+    part_.resize(widest, q.cols);
+    part_lse_.resize(widest, p.heads);
+  }
+
+  /// Attends the queries to the message's keys and merges the result into the accumulator:
+  /// for each key piece in order, for each query run in order, one attention call and one merge
+  /// (skipped when the mask hides the whole pair). Calls `between()` after each key piece.
+  template <class F>
+  void attend(const ring_message<S>& m, F&& between) {
+    const positions kpos = m.kpos();
+    const positions qpos(qpos_);
+    for (const ring_piece kp : ring_key_pieces(kpos, o_.key_chunks, k_tile_of(p_))) {
+      const positions kp_pos = kpos.subset(kp.row, kp.count);
+      const auto kb = ring_bounds(kp_pos);
+      for (const ring_piece qr : runs_) {
+        const positions qr_pos = qpos.subset(qr.row, qr.count);
+        if (!ring_may_see(p_, ring_bounds(qr_pos), kb)) continue;
+        auto part = part_.topRows(qr.count);
+        auto part_lse = part_lse_.topRows(qr.count);
+        posenc::attention(q_.middleRows(qr.row, qr.count), m.keys().middle_rows(kp.row, kp.count),
+                          m.values().middle_rows(kp.row, kp.count), part, qr_pos, kp_pos, enc_, p_, part_lse, &ws_);
+        merge_partial(acc_.middleRows(qr.row, qr.count), lse_.middleRows(qr.row, qr.count), part, part_lse);
+      }
+      between();
+    }
+  }
+
+  /// Writes the merged output (`[n_q, heads * d]`, any storage type) and, unless `nullptr`, the
+  /// log-sum-exp (`[n_q, heads]`).
+  template <class SO, class L = std::nullptr_t>
+  void finish(strided_view<SO> out, L&& lse = nullptr) const {
+    POSENC_ASSERT(out.rows == acc_.rows() && out.cols == acc_.cols(), "ring attention: out must have the shape of q");
+    for (index_t i = 0; i < out.rows; ++i)
+      for (index_t c = 0; c < out.cols; ++c) out(i, c) = static_cast<SO>(acc_(i, c));
+    if constexpr (!std::is_null_pointer_v<std::remove_cvref_t<L>>) {
+      auto lv = view_of(std::forward<L>(lse));
+      POSENC_ASSERT(lv.rows == lse_.rows() && lv.cols == lse_.cols(), "ring attention: lse must be [n_q, heads]");
+      for (index_t i = 0; i < lv.rows; ++i)
+        for (index_t h = 0; h < lv.cols; ++h) lv(i, h) = static_cast<std::remove_reference_t<decltype(lv(i, h))>>(lse_(i, h));
+    }
+  }
+
+  /// Bytes this worker holds: the query copy, the accumulator and one partial result (the
+  /// kernel's workspace is counted by `attention_workspace_bytes`).
+  std::size_t bytes() const {
+    return static_cast<std::size_t>(q_.size()) * sizeof(S) +
+           static_cast<std::size_t>(acc_.size() + lse_.size() + part_.size() + part_lse_.size()) * sizeof(C) +
+           qpos_.size() * sizeof(position) + ws_.bytes();
+  }
+
+ private:
+  const E& enc_;
+  attention_params p_;
+  ring_options o_;
+  row_matrix<S> q_;
+  std::vector<position> qpos_;
+  std::vector<ring_piece> runs_;
+  row_matrix<C> acc_, lse_, part_, part_lse_;
+  attention_workspace ws_;
+};
+
+}  // namespace detail
+
+/// One virtual device of the ring simulator: its query shard, its key/value shard, their global
+/// positions, and where its output goes.
+///
+/// `q`, `out`: `[n_q, heads * d]`; `k`, `v`: `[n_kv, kv_heads * d]`, row-major, any row stride;
+/// `qpos`/`kpos` one position per row. Shards may be empty and of any sizes.
+template <storage_scalar S, storage_scalar SO = S>
+struct ring_device {
+  strided_view<const S> q, k, v;
+  positions qpos, kpos;
+  strided_view<SO> out;
+};
+
+/// Ring attention of P devices simulated in one process: the schedule of the MPI driver
+/// (`mpi_ring::attention`), step by step, with the same results bit for bit for the same devices
+/// and `ring_options`. The devices' outputs together equal `attention` over all queries and keys
+/// within float rounding (the merges reassociate the softmax sums).
+///
+/// Rotation encoders rotate copies of each device's queries and keys once with their global
+/// positions (unless `p.rotation` is `already_rotated`); score biases and masks use the global
+/// positions inside the kernel. Allocates, per device, its message (keys, values, positions), a
+/// copy of its queries and an output accumulator: about the inputs' size once more.
+template <storage_scalar S, storage_scalar SO, positional_encoding E>
+void ring_attention_simulate(std::span<const ring_device<S, SO>> devices, const E& enc, const attention_params& p,
+                             const ring_options& o = {}) {
+  const auto P = static_cast<index_t>(devices.size());
+  std::vector<detail::ring_buffer> buffers;
+  std::vector<detail::ring_message<S>> messages;
+  std::vector<detail::ring_worker<S, E>> workers;
+  buffers.reserve(static_cast<std::size_t>(P));
+  messages.reserve(static_cast<std::size_t>(P));
+  workers.reserve(static_cast<std::size_t>(P));
+  for (const auto& d : devices) {
+    buffers.emplace_back(detail::ring_message<S>::bytes(d.k.rows, d.k.cols, d.v.cols));
+    messages.push_back(detail::ring_message<S>::pack(buffers.back().get(), d.k, d.v, d.kpos, enc, p));
+    workers.emplace_back(d.q, d.qpos, enc, p, o);
+  }
+  for (index_t s = 0; s < P; ++s)
+    for (index_t r = 0; r < P; ++r) workers[r].attend(messages[(r - s + P) % P], [] {});
+  for (index_t r = 0; r < P; ++r) workers[r].finish(devices[r].out);
+}
+
+/// Ring attention over a whole sequence (positions `0 .. n-1`) simulated with `ranks` devices in
+/// `layout`: shards q, k and v, runs `ring_attention_simulate` and gathers the output into `out`.
+/// Shapes as for `attention` with `n_q == n_kv == n`. Throws `std::invalid_argument` for
+/// `ranks < 1`. Allocates the shards (the inputs' size) besides the simulator's memory.
+template <matrix_argument Q, matrix_argument K, matrix_argument V, matrix_argument O, positional_encoding E>
+void ring_attention_simulate(Q&& q, K&& k, V&& v, O&& out, int ranks, ring_layout layout, const E& enc,
+                             const attention_params& p, const ring_options& o = {}) {
+  const auto qv = view_of(std::forward<Q>(q));
+  const auto kv = view_of(std::forward<K>(k));
+  const auto vv = view_of(std::forward<V>(v));
+  const auto ov = view_of(std::forward<O>(out));
+  using S = std::remove_const_t<std::remove_pointer_t<decltype(qv.data)>>;
+  using SO = std::remove_pointer_t<decltype(ov.data)>;
+  static_assert(!std::is_const_v<SO>, "posenc::ring_attention_simulate: out must be writable");
+  POSENC_ASSERT(kv.rows == qv.rows && vv.rows == qv.rows && ov.rows == qv.rows,
+                "ring_attention_simulate: q, k, v and out must have one row per token");
+  detail::require(ranks >= 1, "ring ranks", ranks, "must be positive");
+  std::vector<std::vector<position>> pos;
+  std::vector<row_matrix<S>> qs, ks, vs;
+  std::vector<row_matrix<SO>> os;
+  for (int r = 0; r < ranks; ++r) {
+    pos.push_back(ring_shard_positions(qv.rows, ranks, r, layout));
+    const positions pr(pos.back());
+    qs.push_back(ring_take_rows(qv, pr));
+    ks.push_back(ring_take_rows(kv, pr));
+    vs.push_back(ring_take_rows(vv, pr));
+    os.emplace_back(pr.size(), ov.cols);
+  }
+  std::vector<ring_device<S, SO>> devices;
+  for (int r = 0; r < ranks; ++r) {
+    const positions pr(pos[static_cast<std::size_t>(r)]);
+    devices.push_back({view_of(std::as_const(qs[r])), view_of(std::as_const(ks[r])), view_of(std::as_const(vs[r])), pr,
+                       pr, view_of(os[r])});
+  }
+  ring_attention_simulate(std::span<const ring_device<S, SO>>(devices), enc, p, o);
+  for (int r = 0; r < ranks; ++r) ring_put_rows(os[r], positions(pos[static_cast<std::size_t>(r)]), ov);
+}
+
+}  // namespace posenc
