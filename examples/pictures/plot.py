@@ -1,0 +1,130 @@
+#!/usr/bin/env python3
+"""Draws the picture examples' CSV files as PNG (matplotlib, Agg backend, no display needed).
+
+Usage: plot.py NAME FOLDER   reads FOLDER/NAME.csv (written by the example NAME), writes FOLDER/NAME.png.
+Exits non-zero when the CSV is missing or malformed, or the PNG could not be written."""
+
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+DPI = 100
+LABELS = {"rope": "RoPE (no scaling)", "linear": "position interpolation", "ntk": "NTK-aware",
+          "yarn": "YaRN", "llama3": "Llama 3", "none": "no encoding", "t5": "T5 bias"}
+
+
+def read(folder, name):
+    data = np.genfromtxt(os.path.join(folder, name + ".csv"), delimiter=",", names=True)
+    if data.size == 0:
+        raise ValueError(f"{name}.csv has no rows")
+    return data
+
+
+def log_binned_mean(x, y, bins=80):
+    """Mean of y over log-spaced bins of x >= 1 (each integer below 16 its own bin), to show the trend
+    of a curve that oscillates faster than the figure can resolve."""
+    edges = np.unique(np.concatenate([np.arange(1, 16), np.geomspace(16, x.max() + 1, bins)]).astype(int))
+    idx = np.digitize(x, edges)
+    keep = [i for i in range(1, len(edges)) if np.any(idx == i)]
+    return np.array([x[idx == i].mean() for i in keep]), np.array([y[idx == i].mean() for i in keep])
+
+
+def rope_decay(folder):
+    d = read(folder, "rope_decay")
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    near = d["distance"] <= 256
+    a.plot(d["distance"][near], d["rope"][near], color="C0")
+    a.set(title="RoPE long-term decay (d = 128, base 1e4)", xlabel="relative distance",
+          ylabel="relative upper bound  (1/(d/2)) sum |S_j|")
+    for i, col in enumerate(["rope", "linear", "ntk", "yarn", "llama3"]):
+        b.plot(*log_binned_mean(d["distance"], d[col]), label=LABELS[col], color=f"C{i}", lw=1.2)
+    b.axvline(2048, color="gray", ls=":", lw=1)
+    b.text(2048, 31, "L0 = 2048 ", color="gray", va="top", ha="right")
+    b.set(title="tables extended 4x from L0 = 2048 (mean over log bins)", xlabel="relative distance",
+          xscale="log", ylabel="relative upper bound")
+    b.set_xlim(1, 8192)
+    b.legend(fontsize=8)
+    return fig
+
+
+def interpolation(folder):
+    d = read(folder, "interpolation")
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    x = d["distance"]
+    a.fill_between(x, d["seen_min"], d["seen_max"], color="gray", alpha=0.25, label="range seen for r < L0")
+    a.plot(x, d["extrapolated"], color="C3", label="extrapolated (plain table)")
+    a.plot(x, d["interpolated"], color="C0", label="interpolated (table / 4)")
+    a.axvline(2048, color="gray", ls=":", lw=1)
+    a.set(title="slow pairs' part of one random pair's logit", xlabel="relative distance r",
+          ylabel="logit part  q . R(r) k")
+    a.legend(fontsize=8, loc="lower left")
+    b.plot(x, d["slow_outside_extrapolated"], color="C3", label="slow pairs' part, extrapolated")
+    b.plot(x, d["slow_outside_interpolated"], color="C0", label="slow pairs' part, interpolated")
+    b.plot(x, d["outside_extrapolated"], color="C3", lw=0.5, alpha=0.7, label="whole logit, extrapolated")
+    b.plot(x, d["outside_interpolated"], color="C0", lw=0.5, alpha=0.7, label="whole logit, interpolated")
+    b.axvline(2048, color="gray", ls=":", lw=1)
+    b.set(title="256 random unit pairs (d = 128, L0 = 2048)", xlabel="relative distance r",
+          ylabel="fraction outside their range for r < L0")
+    b.legend(fontsize=8, loc="upper left")
+    return fig
+
+
+def needle(folder):
+    d = read(folder, "needle")
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    x = d["position"]
+    heads = [c for c in d.dtype.names if c.startswith("alibi_h")]
+    for i, col in enumerate(heads):
+        ax.plot(x, d[col], color=plt.cm.Greens(0.35 + 0.65 * i / max(len(heads) - 1, 1)), lw=0.9,
+                label=f"ALiBi, head {col[7:]} (slope 2^-{int(col[7:]) + 1})" if i in (0, len(heads) - 1) else None)
+    ax.plot(x, d["none"], color="k", label=LABELS["none"])
+    ax.plot(x, d["rope"], color="C0", label="RoPE (base 1e4)")
+    ax.plot(x, d["t5"], color="C1", label="T5 bias (illustrative table, -0.25 per bucket)")
+    ax.set(yscale="log", xlabel="needle position p (query at the last position)",
+           ylabel="attention weight on the needle", title="needle among random keys: recency of each encoding")
+    ax.set_ylim(1e-6, 1.5)
+    ax.legend(fontsize=8, loc="lower right")
+    return fig
+
+
+def ring_memory(folder):
+    d = read(folder, "ring_memory")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    budgets = [c for c in d.dtype.names if c.startswith("max_tokens_")]
+    for i, col in enumerate(budgets):
+        ax.plot(d["processes"], d[col], marker="o", color=f"C{i}", label=f"{col[11:]} per process")
+    ax.set(xscale="log", yscale="log", xlabel="processes P", ylabel="longest context (tokens)",
+           title="ring attention: longest context within a per-process memory budget")
+    ax.set_xticks(d["processes"])
+    ax.set_xticklabels([str(int(p)) for p in d["processes"]])
+    ax.legend(fontsize=8)
+    return fig
+
+
+PICTURES = {"rope_decay": rope_decay, "interpolation": interpolation, "needle": needle, "ring_memory": ring_memory}
+
+
+def main(argv):
+    if len(argv) != 3 or argv[1] not in PICTURES:
+        print(__doc__, file=sys.stderr)
+        print("pictures: " + ", ".join(PICTURES), file=sys.stderr)
+        return 2
+    name, folder = argv[1], argv[2]
+    fig = PICTURES[name](folder)
+    fig.tight_layout()
+    path = os.path.join(folder, name + ".png")
+    fig.savefig(path, dpi=DPI)
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        print(f"plot.py: {path} was not written", file=sys.stderr)
+        return 1
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
