@@ -42,7 +42,11 @@ namespace posenc {
 
 namespace detail {
 
-inline constexpr index_t default_q_tile = 256;
+inline constexpr index_t default_q_tile = 512;
+/// Query rows per strip of a tile: the strip's logits against a key tile (48 x 128 floats, 24 KiB)
+/// stay in L1 from QK^T through the softmax to PV. A multiple of the AVX-512 and AVX2 register
+/// blocks (8 and 6 rows).
+inline constexpr index_t strip_rows = 48;
 inline constexpr index_t default_k_tile = 128;
 /// At most this many rows per tile (decode: a few tokens times the GQA group) use the in-place
 /// key and value paths.
@@ -87,6 +91,7 @@ index_t relative_columns(const E& enc) {
 struct tile_plan {
   index_t bq, bk, d, r, nrot, sets;
   index_t ldkt, dpad;  // key tile width rounded up to 32; head_dim rounded up to 16
+  index_t strip;       // query rows per strip: QK^T, softmax and PV of a strip share one logit block
   index_t q, krows, kt, v, s, acc, m, l, alpha, terms, w, rot, per_thread;
 
   /// `sets`: kv heads a work item carries at once (the query state is held for each).
@@ -94,6 +99,7 @@ struct tile_plan {
       : bq(bq_), bk(bk_), d(d_), r(r_), nrot(nrot_), sets(sets_) {
     ldkt = (bk + 31) / 32 * 32;
     dpad = (d + 15) / 16 * 16;
+    strip = std::min(bq, strip_rows);
     // Each buffer starts on a 64-byte boundary for float and double alike.
     auto round = [](index_t n) { return (n + 15) / 16 * 16; };
     index_t o = 0;
@@ -101,7 +107,7 @@ struct tile_plan {
     krows = o, o += round(bk * d);
     kt = o, o += round(d * ldkt);
     v = o, o += round(bk * dpad);
-    s = o, o += round(bq * ldkt);
+    s = o, o += round(strip * ldkt);
     acc = o, o += sets * round(bq * dpad);
     m = o, o += sets * round(bq);
     l = o, o += sets * round(bq);
@@ -144,6 +150,19 @@ inline index_t q_tile_of(const attention_params& p) { return p.q_tile > 0 ? p.q_
 /// `tokens * group` rows, about `q_tile`.
 inline index_t tokens_per_item(const attention_params& p, index_t group) {
   return std::max<index_t>(1, q_tile_of(p) / group);
+}
+/// Query tokens per work item for `n_q` tokens: `tokens_per_item`, made smaller with the default
+/// tile size when there would be fewer than two items per thread (short prompts, few heads), so
+/// every core gets work. Smaller tiles change no result: each row's arithmetic is the same in any
+/// tile.
+inline index_t balanced_tokens(const attention_params& p, index_t group, index_t n_q, index_t kv_heads, int threads) {
+  index_t tq = std::min(tokens_per_item(p, group), n_q);
+  if (p.q_tile == 0 && n_q > 0) {
+    const index_t want_tiles = (2 * threads + kv_heads - 1) / kv_heads;
+    const index_t floor_tokens = std::max<index_t>(1, strip_rows / group);
+    tq = std::min(tq, std::max(floor_tokens, (n_q + want_tiles - 1) / want_tiles));
+  }
+  return tq;
 }
 inline index_t k_tile_of(const attention_params& p) { return p.k_tile > 0 ? p.k_tile : default_k_tile; }
 
@@ -227,7 +246,8 @@ void attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, con
 
   const index_t d = sh.head_dim;
   const index_t group = sh.group;
-  const index_t tq = std::min(detail::tokens_per_item(p, group), sh.n_q);
+  const int threads = detail::attention_threads(p);
+  const index_t tq = detail::balanced_tokens(p, group, sh.n_q, sh.kv_heads, threads);
   // Decode: all kv heads in one work item and the keys split into chunks (see decode_max_tokens).
   const bool decode = !relative_key_value<E> && sh.n_q <= detail::decode_max_tokens &&
                       tq * group <= detail::few_query_rows && sh.n_kv >= 2 * detail::min_key_chunk;
@@ -246,7 +266,6 @@ void attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, con
   const index_t partial_stride = plan.bq * (plan.dpad + 2);
   const index_t partial_size = chunks > 1 ? items * sets * partial_stride : 0;
 
-  const int threads = detail::attention_threads(p);
   attention_workspace local;
   attention_workspace& w = ws ? *ws : local;
   C* const base = reinterpret_cast<C*>(w.reserve(
@@ -331,7 +350,6 @@ void attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, con
     const index_t rows = nq * group;
     const positions qp = qpos.subset(i0, nq);
     const auto qb = detail::bounds_of(qp);
-    auto head_rows = [&](const auto& view, index_t hh) { return view.middle_rows(hh * nq, nq); };
     auto at = [&](index_t offset, index_t per_set, index_t set) {
       return scratch + offset + set * ((per_set + 15) / 16 * 16);
     };
@@ -383,36 +401,7 @@ void attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, con
           krows = buf;
           ldk = d;
         }
-        C* const s = scratch + plan.s;
-        if (few_rows) {
-          kern.qk_rows(qt, d, rows, d, krows, ldk, nk, s, plan.ldkt);
-        } else {
-          C* const kt = scratch + plan.kt;
-          kern.pack_kt(krows, ldk, nk, d, kt, plan.ldkt);
-          kern.qk(qt, d, rows, d, kt, plan.ldkt, s);
-        }
-        const strided_view<C> sv(s, rows, nk, plan.ldkt);
-        for (index_t hh = 0; hh < group; ++hh) {
-          if constexpr (relative_key_value<E>)
-            enc.add_bias_tile(head_rows(sv, hh), strided_view<const C>(head_rows(terms, hh)), qp, kp);
-          if constexpr (position_bias<E>) enc.add_bias_tile(head_rows(sv, hh), g * group + hh, qp, kp);
-        }
-        if (!full) {
-          for (index_t r = 0; r < rows; ++r) {
-            const position qr = qp[r % nq];
-            for (index_t j = 0; j < nk; ++j)
-              if (!detail::visible(sh, qr, kp[j])) sv(r, j) = neg_inf;
-          }
-        }
-        kern.softmax(s, plan.ldkt, rows, nk, m, l, alpha);
-        if constexpr (relative_key_value<E>) {
-          for (index_t r = 0; r < rows; ++r)
-            if (alpha[r] != C(1))
-              for (index_t c = 0; c < plan.r; ++c) wts(r, c) *= alpha[r];
-          for (index_t hh = 0; hh < group; ++hh)
-            enc.accumulate_value_weights(strided_view<const C>(head_rows(sv, hh)), qp, kp, head_rows(wts, hh));
-        }
-
+        if (!few_rows) kern.pack_kt(krows, ldk, nk, d, scratch + plan.kt, plan.ldkt);
         const C* vrows;
         index_t ldv;
         if (values_in_place) {
@@ -426,7 +415,54 @@ void attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, con
           vrows = buf;
           ldv = plan.dpad;
         }
-        kern.pv(s, plan.ldkt, rows, nk, vrows, ldv, d, alpha, acc, plan.dpad);
+
+        // The tile's rows in strips whose logits stay in L1 from QK^T through PV.
+        for (index_t r0 = 0; r0 < rows; r0 += plan.strip) {
+          const index_t nr = std::min(plan.strip, rows - r0);
+          C* const s = scratch + plan.s;
+          if (few_rows) {
+            kern.qk_rows(qt + r0 * d, d, nr, d, krows, ldk, nk, s, plan.ldkt);
+          } else {
+            kern.qk(qt + r0 * d, d, nr, d, scratch + plan.kt, plan.ldkt, s);
+          }
+          const strided_view<C> sv(s, nr, nk, plan.ldkt);
+          // The strip's rows of each query head (tile row r is head r / nq, token r % nq).
+          auto for_each_head = [&](auto&& f) {
+            for (index_t hh = r0 / nq; hh * nq < r0 + nr; ++hh) {
+              const index_t a = std::max(r0, hh * nq), b = std::min(r0 + nr, (hh + 1) * nq);
+              f(hh, a - r0, b - a, qp.subset(a - hh * nq, b - a));
+            }
+          };
+          if constexpr (relative_key_value<E>) {
+            for_each_head([&](index_t, index_t at_row, index_t n, positions hp) {
+              enc.add_bias_tile(sv.middle_rows(at_row, n), strided_view<const C>(terms.middle_rows(r0 + at_row, n)),
+                                hp, kp);
+            });
+          }
+          if constexpr (position_bias<E>) {
+            for_each_head([&](index_t hh, index_t at_row, index_t n, positions hp) {
+              enc.add_bias_tile(sv.middle_rows(at_row, n), g * group + hh, hp, kp);
+            });
+          }
+          if (!full) {
+            for (index_t r = 0; r < nr; ++r) {
+              const position qr = qp[(r0 + r) % nq];
+              for (index_t j = 0; j < nk; ++j)
+                if (!detail::visible(sh, qr, kp[j])) sv(r, j) = neg_inf;
+            }
+          }
+          kern.softmax(s, plan.ldkt, nr, nk, m + r0, l + r0, alpha + r0);
+          if constexpr (relative_key_value<E>) {
+            for (index_t r = r0; r < r0 + nr; ++r)
+              if (alpha[r] != C(1))
+                for (index_t c = 0; c < plan.r; ++c) wts(r, c) *= alpha[r];
+            for_each_head([&](index_t, index_t at_row, index_t n, positions hp) {
+              enc.accumulate_value_weights(strided_view<const C>(sv.middle_rows(at_row, n)), hp, kp,
+                                           wts.middle_rows(r0 + at_row, n));
+            });
+          }
+          kern.pv(s, plan.ldkt, nr, nk, vrows, ldv, d, alpha + r0, acc + r0 * plan.dpad, plan.dpad);
+        }
       }
     }
 
