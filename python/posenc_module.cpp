@@ -59,8 +59,8 @@ py::array float_array(py::handle obj, const std::string& where, const char* arg,
   } else if (a.dtype().is(py::dtype::of<double>())) {
     kind = elem::f64;
   } else {
-    type_error(where, std::string(arg) + " must have dtype float32 or float64, got " +
-                          dtype_name(a) + " (convert with .astype(numpy.float32))");
+    type_error(where, std::string(arg) + " must have dtype float32 or float64, got " + dtype_name(a) +
+                          " (convert with .astype(numpy.float32))");
   }
   return a;
 }
@@ -102,8 +102,7 @@ matrix_arg<S> matrix_of(const py::array& a, const std::string& where, const char
   const py::ssize_t nd = a.ndim();
   if (nd != 2 && !(allow_3d && nd == 3))
     value_error(where, std::string(arg) + " must be " +
-                           (allow_3d ? "2-D [tokens, heads * head_dim] or 3-D [tokens, heads, head_dim]"
-                                     : "2-D") +
+                           (allow_3d ? "2-D [tokens, heads * head_dim] or 3-D [tokens, heads, head_dim]" : "2-D") +
                            ", got shape " + shape_text(a));
   const py::ssize_t rows = a.shape(0);
   const py::ssize_t inner = a.shape(nd - 1);
@@ -153,7 +152,8 @@ class position_arg {
       count_ = a.shape(0);
     } else if (PyRange_Check(obj.ptr())) {
       const auto step = obj.attr("step").cast<std::int64_t>();
-      if (step != 1) value_error(where, std::string(arg) + " must be a range with step 1, got step " + std::to_string(step));
+      if (step != 1)
+        value_error(where, std::string(arg) + " must be a range with step 1, got step " + std::to_string(step));
       start_ = obj.attr("start").cast<position>();
       count_ = static_cast<index_t>(py::len(obj));
     } else if (py::isinstance<py::list>(obj) || py::isinstance<py::tuple>(obj)) {
@@ -274,8 +274,10 @@ posenc::rope_scaling scaling_of(py::handle obj) {
   if (py::isinstance<posenc::yarn_scaling>(obj)) return obj.cast<posenc::yarn_scaling>();
   if (py::isinstance<posenc::llama3_scaling>(obj)) return obj.cast<posenc::llama3_scaling>();
   if (py::isinstance<posenc::longrope_scaling>(obj)) return obj.cast<posenc::longrope_scaling>();
-  type_error("Rope", "scaling must be None or one of LinearScaling, NtkAwareScaling, DynamicNtkScaling, "
-                     "YarnScaling, Llama3Scaling, LongRopeScaling, got " + type_name(obj));
+  type_error("Rope",
+             "scaling must be None or one of LinearScaling, NtkAwareScaling, DynamicNtkScaling, "
+             "YarnScaling, Llama3Scaling, LongRopeScaling, got " +
+                 type_name(obj));
 }
 
 template <class E>
@@ -291,15 +293,15 @@ E enum_of(const std::string& s, std::initializer_list<std::pair<const char*, E>>
 
 py_rope make_rope(index_t head_dim, index_t rotary_dim, double base, const std::string& layout, py::handle scaling,
                   std::optional<py::dict> rope_scaling, std::optional<double> attention_factor) {
-  posenc::rope_params p{.head_dim = head_dim,
-                        .rotary_dim = rotary_dim,
-                        .layout = enum_of<posenc::rope_layout>(
-                            layout, {{"half_split", posenc::rope_layout::half_split},
-                                     {"interleaved", posenc::rope_layout::interleaved}},
-                            "Rope", "layout"),
-                        .base = base,
-                        .scaling = scaling_of(scaling),
-                        .attention_factor = attention_factor};
+  posenc::rope_params p{
+      .head_dim = head_dim,
+      .rotary_dim = rotary_dim,
+      .layout = enum_of<posenc::rope_layout>(
+          layout, {{"half_split", posenc::rope_layout::half_split}, {"interleaved", posenc::rope_layout::interleaved}},
+          "Rope", "layout"),
+      .base = base,
+      .scaling = scaling_of(scaling),
+      .attention_factor = attention_factor};
   if (rope_scaling) {
     if (!scaling.is_none()) value_error("Rope", "give scaling or rope_scaling, not both");
     const auto cfg = config_of(*rope_scaling);
@@ -327,8 +329,8 @@ template <class T>
 void rope_rotate(const py_rope& r, const py::array& a, py::handle pos) {
   auto m = matrix_of<T>(a, "Rope.rotate", "x", true);
   if (m.head_dim3 && m.head_dim3 != r.f.head_dim())
-    value_error("Rope.rotate", "x has head_dim " + std::to_string(m.head_dim3) + " (its last axis) but the encoder has head_dim " +
-                                   std::to_string(r.f.head_dim()));
+    value_error("Rope.rotate", "x has head_dim " + std::to_string(m.head_dim3) +
+                                   " (its last axis) but the encoder has head_dim " + std::to_string(r.f.head_dim()));
   if (m.view.cols % r.f.head_dim() != 0)
     value_error("Rope.rotate", "x has " + std::to_string(m.view.cols) + " columns, not a multiple of head_dim " +
                                    std::to_string(r.f.head_dim()));
@@ -341,7 +343,8 @@ template <class T>
 void sinusoidal_add(const py_sinusoidal& s, const py::array& a, py::handle pos) {
   auto m = matrix_of<T>(a, "Sinusoidal.add_to", "x", false);
   if (m.view.cols != s.f.dim())
-    value_error("Sinusoidal.add_to", "x has " + std::to_string(m.view.cols) + " columns but dim is " + std::to_string(s.f.dim()));
+    value_error("Sinusoidal.add_to",
+                "x has " + std::to_string(m.view.cols) + " columns but dim is " + std::to_string(s.f.dim()));
   position_arg p(pos, m.view.rows, "Sinusoidal.add_to", "positions");
   py::gil_scoped_release unlocked;
   s.get<T>().add_to(m.view, p.get());
@@ -361,7 +364,8 @@ template <class T, class Enc>
 py::array bias_tile(const Enc& e, index_t head, py::handle qpos, py::handle kpos, index_t num_heads,
                     index_t head_offset, const std::string& where) {
   if (head < 0 || head + head_offset >= num_heads)
-    value_error(where, "head = " + std::to_string(head) + ": must be in [0, " + std::to_string(num_heads - head_offset) + ")");
+    value_error(where,
+                "head = " + std::to_string(head) + ": must be in [0, " + std::to_string(num_heads - head_offset) + ")");
   auto qp = free_positions(qpos, where, "qpos");
   auto kp = free_positions(kpos, where, "kpos");
   auto out = new_array<T>({qp.size(), kp.size()});
@@ -413,8 +417,9 @@ py::object attention_typed(const py::array& qa, const py::array& ka, const py::a
   if (d == 0) value_error(w, "q has head_dim 0");
   for (auto [m, name] : {std::pair{&k, "k"}, std::pair{&v, "v"}}) {
     if (m->view.cols != hk * d)
-      value_error(w, std::string(name) + " has " + std::to_string(m->view.cols) + " columns but kv_heads * head_dim = " +
-                         std::to_string(hk) + " * " + std::to_string(d) + " = " + std::to_string(hk * d) + " are needed");
+      value_error(w, std::string(name) + " has " + std::to_string(m->view.cols) +
+                         " columns but kv_heads * head_dim = " + std::to_string(hk) + " * " + std::to_string(d) +
+                         " = " + std::to_string(hk * d) + " are needed");
   }
   if (v.view.rows != k.view.rows)
     value_error(w, "v has " + std::to_string(v.view.rows) + " rows but k has " + std::to_string(k.view.rows));
@@ -448,7 +453,8 @@ py::object attention_typed(const py::array& qa, const py::array& ka, const py::a
   } else if (py::isinstance<py_rope>(encoding)) {
     const auto& r = encoding.cast<const py_rope&>().get<T>();
     if (r.head_dim() != d)
-      value_error(w, "the Rope has head_dim " + std::to_string(r.head_dim()) + " but q has head_dim " + std::to_string(d));
+      value_error(w,
+                  "the Rope has head_dim " + std::to_string(r.head_dim()) + " but q has head_dim " + std::to_string(d));
     run_attention<T>(q, k, v, o.view, qp, kp, r, kn, lse);
   } else if (py::isinstance<py_alibi>(encoding)) {
     const auto& a = encoding.cast<const py_alibi&>().get<T>();
@@ -469,8 +475,9 @@ py::object attention_typed(const py::array& qa, const py::array& ka, const py::a
                          std::to_string(d));
     run_attention<T>(q, k, v, o.view, qp, kp, s, kn, lse);
   } else if (py::isinstance<py_sinusoidal>(encoding)) {
-    type_error(w, "Sinusoidal is an additive-input encoding: add it to the token embeddings before the Q/K/V "
-                  "projections (Sinusoidal.add_to) and pass encoding=None here");
+    type_error(w,
+               "Sinusoidal is an additive-input encoding: add it to the token embeddings before the Q/K/V "
+               "projections (Sinusoidal.add_to) and pass encoding=None here");
   } else {
     type_error(w, "encoding must be None, Rope, Alibi, T5Bias or ShawRelative, got " + type_name(encoding));
   }
@@ -493,10 +500,10 @@ py::object attention(py::handle q, py::handle k, py::handle v, py::handle qpos, 
   kn.p.causal = causal;
   kn.p.window_left = window.first;
   kn.p.window_right = window.second;
-  kn.p.rotation = enum_of<posenc::rotation_mode>(rotation,
-                                                 {{"in_kernel", posenc::rotation_mode::in_kernel},
-                                                  {"already_rotated", posenc::rotation_mode::already_rotated}},
-                                                 "attention", "rotation");
+  kn.p.rotation = enum_of<posenc::rotation_mode>(
+      rotation,
+      {{"in_kernel", posenc::rotation_mode::in_kernel}, {"already_rotated", posenc::rotation_mode::already_rotated}},
+      "attention", "rotation");
   kn.p.threads = threads;
   kn.p.q_tile = q_tile;
   kn.p.k_tile = k_tile;
@@ -526,14 +533,15 @@ PYBIND11_MODULE(posenc, m) {
   static py::exception<posenc::assertion_error> assertion(m, "AssertionError", PyExc_ValueError);
 
   // Frequency policies (DESIGN.md §4), keyword arguments with the C++ aggregates' names and defaults.
-  py::class_<posenc::linear_scaling>(m, "LinearScaling", "Position interpolation (Chen et al. 2023): inv_freq / factor.")
+  py::class_<posenc::linear_scaling>(m, "LinearScaling",
+                                     "Position interpolation (Chen et al. 2023): inv_freq / factor.")
       .def(py::init([](double factor) { return posenc::linear_scaling{factor}; }), py::kw_only(), "factor"_a = 1.0)
       .def_readonly("factor", &posenc::linear_scaling::factor);
   py::class_<posenc::ntk_aware_scaling>(m, "NtkAwareScaling", "NTK-aware: base * alpha^(r/(r-2)).")
       .def(py::init([](double alpha) { return posenc::ntk_aware_scaling{alpha}; }), py::kw_only(), "alpha"_a = 1.0)
       .def_readonly("alpha", &posenc::ntk_aware_scaling::alpha);
-  py::class_<posenc::dynamic_ntk_scaling>(m, "DynamicNtkScaling",
-                                          "Dynamic NTK: base * (s L / L0 - (s - 1))^(r/(r-2)) for L = sequence_length > L0.")
+  py::class_<posenc::dynamic_ntk_scaling>(
+      m, "DynamicNtkScaling", "Dynamic NTK: base * (s L / L0 - (s - 1))^(r/(r-2)) for L = sequence_length > L0.")
       .def(py::init([](double factor, position original_max_position, position sequence_length) {
              return posenc::dynamic_ntk_scaling{factor, original_max_position, sequence_length};
            }),
@@ -541,16 +549,19 @@ PYBIND11_MODULE(posenc, m) {
       .def_readonly("factor", &posenc::dynamic_ntk_scaling::factor)
       .def_readonly("original_max_position", &posenc::dynamic_ntk_scaling::original_max_position)
       .def_readonly("sequence_length", &posenc::dynamic_ntk_scaling::sequence_length);
-  py::class_<posenc::yarn_scaling>(m, "YarnScaling", "YaRN (Peng et al. 2023): ramp between inv and inv / factor; magnitude 0.1 ln s + 1.")
+  py::class_<posenc::yarn_scaling>(
+      m, "YarnScaling", "YaRN (Peng et al. 2023): ramp between inv and inv / factor; magnitude 0.1 ln s + 1.")
       .def(py::init([](double factor, position original_max_position, double beta_fast, double beta_slow, double mscale,
                        double mscale_all_dim, bool truncate) {
-             return posenc::yarn_scaling{factor, original_max_position, beta_fast, beta_slow, mscale, mscale_all_dim, truncate};
+             return posenc::yarn_scaling{factor, original_max_position, beta_fast, beta_slow,
+                                         mscale, mscale_all_dim,        truncate};
            }),
            py::kw_only(), "factor"_a = 1.0, "original_max_position"_a = 4096, "beta_fast"_a = 32.0, "beta_slow"_a = 1.0,
            "mscale"_a = 0.0, "mscale_all_dim"_a = 0.0, "truncate"_a = true)
       .def_readonly("factor", &posenc::yarn_scaling::factor)
       .def_readonly("original_max_position", &posenc::yarn_scaling::original_max_position);
-  py::class_<posenc::llama3_scaling>(m, "Llama3Scaling", "Llama 3.1: keep, divide or blend each frequency by its wavelength.")
+  py::class_<posenc::llama3_scaling>(m, "Llama3Scaling",
+                                     "Llama 3.1: keep, divide or blend each frequency by its wavelength.")
       .def(py::init([](double factor, double low_freq_factor, double high_freq_factor, position original_max_position) {
              return posenc::llama3_scaling{factor, low_freq_factor, high_freq_factor, original_max_position};
            }),
@@ -558,19 +569,25 @@ PYBIND11_MODULE(posenc, m) {
            "original_max_position"_a = 8192)
       .def_readonly("factor", &posenc::llama3_scaling::factor)
       .def_readonly("original_max_position", &posenc::llama3_scaling::original_max_position);
-  py::class_<posenc::longrope_scaling>(m, "LongRopeScaling", "LongRoPE (Phi-3): 1 / (f_i base^(2i/r)) with short or long factors.")
-      .def(py::init([](std::vector<double> short_factor, std::vector<double> long_factor, position original_max_position,
-                       position max_position, const std::string& choice, position sequence_length, double factor) {
-             return posenc::longrope_scaling{
-                 std::move(short_factor), std::move(long_factor), original_max_position, max_position,
-                 enum_of<posenc::longrope_choice>(choice,
-                                                  {{"per_length", posenc::longrope_choice::per_length},
-                                                   {"fixed_long", posenc::longrope_choice::fixed_long}},
-                                                  "LongRopeScaling", "choice"),
-                 sequence_length, factor};
-           }),
-           py::kw_only(), "short_factor"_a, "long_factor"_a, "original_max_position"_a = 4096, "max_position"_a = 0,
-           "choice"_a = "per_length", "sequence_length"_a = 0, "factor"_a = 0.0);
+  py::class_<posenc::longrope_scaling>(m, "LongRopeScaling",
+                                       "LongRoPE (Phi-3): 1 / (f_i base^(2i/r)) with short or long factors.")
+      .def(
+          py::init([](std::vector<double> short_factor, std::vector<double> long_factor, position original_max_position,
+                      position max_position, const std::string& choice, position sequence_length, double factor) {
+            return posenc::longrope_scaling{
+                std::move(short_factor),
+                std::move(long_factor),
+                original_max_position,
+                max_position,
+                enum_of<posenc::longrope_choice>(choice,
+                                                 {{"per_length", posenc::longrope_choice::per_length},
+                                                  {"fixed_long", posenc::longrope_choice::fixed_long}},
+                                                 "LongRopeScaling", "choice"),
+                sequence_length,
+                factor};
+          }),
+          py::kw_only(), "short_factor"_a, "long_factor"_a, "original_max_position"_a = 4096, "max_position"_a = 0,
+          "choice"_a = "per_length", "sequence_length"_a = 0, "factor"_a = 0.0);
 
   py::class_<py_rope>(m, "Rope",
                       "Rotary position embedding (Su et al. 2021) with an optional frequency policy.\n\n"
@@ -606,37 +623,41 @@ PYBIND11_MODULE(posenc, m) {
             for (index_t i = 0; i < p.size(); ++i) r.d.unit_cos_sin(pp[i], c.mutable_data(i, 0), s.mutable_data(i, 0));
             return py::make_tuple(c, s);
           },
-          "positions"_a, "(cos, sin), each [len(positions), rotary_dim / 2] float64: cos and sin of position * inv_freq "
+          "positions"_a,
+          "(cos, sin), each [len(positions), rotary_dim / 2] float64: cos and sin of position * inv_freq "
           "(without the magnitude).")
       .def_property_readonly("head_dim", [](const py_rope& r) { return r.f.head_dim(); })
       .def_property_readonly("rotary_dim", [](const py_rope& r) { return r.f.rotary_dim(); })
       .def_property_readonly("base", [](const py_rope& r) { return r.f.base(); })
-      .def_property_readonly("layout", [](const py_rope& r) {
-        return r.f.layout() == posenc::rope_layout::half_split ? "half_split" : "interleaved";
-      })
-      .def_property_readonly("inv_freq", [](const py_rope& r) { return to_numpy(r.d.inv_freq()); },
-                             "The rotary_dim / 2 inverse frequencies after the scaling policy (float64 copy).")
-      .def_property_readonly("magnitude", [](const py_rope& r) { return r.f.magnitude(); },
-                             "The factor multiplying cos and sin (YaRN's 0.1 ln s + 1, ...).")
+      .def_property_readonly("layout",
+                             [](const py_rope& r) {
+                               return r.f.layout() == posenc::rope_layout::half_split ? "half_split" : "interleaved";
+                             })
+      .def_property_readonly(
+          "inv_freq", [](const py_rope& r) { return to_numpy(r.d.inv_freq()); },
+          "The rotary_dim / 2 inverse frequencies after the scaling policy (float64 copy).")
+      .def_property_readonly(
+          "magnitude", [](const py_rope& r) { return r.f.magnitude(); },
+          "The factor multiplying cos and sin (YaRN's 0.1 ln s + 1, ...).")
       .def_property_readonly("name", [](const py_rope& r) { return std::string(r.f.name()); });
 
   py::class_<py_sinusoidal>(m, "Sinusoidal",
                             "Sinusoidal absolute position encoding (Vaswani et al. 2017), added to token embeddings.")
       .def(py::init([](index_t dim, double base, const std::string& layout, bool shifted_denominator,
                        position position_offset) {
-             const posenc::sinusoidal_params p{
-                 .dim = dim,
-                 .base = base,
-                 .layout = enum_of<posenc::sinusoidal_layout>(
-                     layout, {{"interleaved", posenc::sinusoidal_layout::interleaved},
-                              {"concatenated", posenc::sinusoidal_layout::concatenated}},
-                     "Sinusoidal", "layout"),
-                 .shifted_denominator = shifted_denominator,
-                 .position_offset = position_offset};
+             const posenc::sinusoidal_params p{.dim = dim,
+                                               .base = base,
+                                               .layout = enum_of<posenc::sinusoidal_layout>(
+                                                   layout,
+                                                   {{"interleaved", posenc::sinusoidal_layout::interleaved},
+                                                    {"concatenated", posenc::sinusoidal_layout::concatenated}},
+                                                   "Sinusoidal", "layout"),
+                                               .shifted_denominator = shifted_denominator,
+                                               .position_offset = position_offset};
              return py_sinusoidal{posenc::sinusoidal<float>(p), posenc::sinusoidal<double>(p)};
            }),
-           py::kw_only(), "dim"_a = 512, "base"_a = 10000.0, "layout"_a = "interleaved", "shifted_denominator"_a = false,
-           "position_offset"_a = 0)
+           py::kw_only(), "dim"_a = 512, "base"_a = 10000.0, "layout"_a = "interleaved",
+           "shifted_denominator"_a = false, "position_offset"_a = 0)
       .def(
           "add_to",
           [](const py_sinusoidal& s, py::handle x, py::handle positions) {
@@ -654,7 +675,7 @@ PYBIND11_MODULE(posenc, m) {
           [](const py_sinusoidal& s, py::handle positions, py::handle dt) {
             auto p = free_positions(positions, "Sinusoidal.table", "positions");
             return parse_dtype(dt, "Sinusoidal.table") == elem::f32 ? sinusoidal_table<float>(s, p)
-                                                                      : sinusoidal_table<double>(s, p);
+                                                                    : sinusoidal_table<double>(s, p);
           },
           "positions"_a, "dtype"_a = "float32", "A new [len(positions), dim] array of PE[positions[i]].")
       .def_property_readonly("dim", [](const py_sinusoidal& s) { return s.f.dim(); })
@@ -672,11 +693,15 @@ PYBIND11_MODULE(posenc, m) {
              return py_alibi{posenc::alibi<float>(p), posenc::alibi<double>(p)};
            }),
            py::kw_only(), "num_heads"_a = 8, "head_offset"_a = 0, "form"_a = "causal", "max_bias"_a = 8.0)
-      .def_property_readonly("slopes", [](const py_alibi& a) {
-        return to_numpy(posenc::alibi<double>::slopes(a.d.params().num_heads, a.d.params().max_bias));
-      }, "The slopes of all num_heads global heads (float64).")
-      .def("bias", [](const py_alibi& a, index_t head, position q, position k) { return a.d.bias(head, q, k); },
-           "head"_a, "qpos"_a, "kpos"_a)
+      .def_property_readonly(
+          "slopes",
+          [](const py_alibi& a) {
+            return to_numpy(posenc::alibi<double>::slopes(a.d.params().num_heads, a.d.params().max_bias));
+          },
+          "The slopes of all num_heads global heads (float64).")
+      .def(
+          "bias", [](const py_alibi& a, index_t head, position q, position k) { return a.d.bias(head, q, k); },
+          "head"_a, "qpos"_a, "kpos"_a)
       .def(
           "bias_tile",
           [](const py_alibi& a, index_t head, py::handle qpos, py::handle kpos, py::handle dt) {
@@ -685,7 +710,8 @@ PYBIND11_MODULE(posenc, m) {
                        ? bias_tile<float>(a, head, qpos, kpos, p.num_heads, p.head_offset, "Alibi.bias_tile")
                        : bias_tile<double>(a, head, qpos, kpos, p.num_heads, p.head_offset, "Alibi.bias_tile");
           },
-          "head"_a, "qpos"_a, "kpos"_a, "dtype"_a = "float32", "A new [len(qpos), len(kpos)] array of biases of local head `head`.");
+          "head"_a, "qpos"_a, "kpos"_a, "dtype"_a = "float32",
+          "A new [len(qpos), len(kpos)] array of biases of local head `head`.");
 
   py::class_<py_t5>(m, "T5Bias", "T5 bucketed relative position bias with a learned [num_buckets, num_heads] table.")
       .def(py::init([](py::handle table, position max_distance, bool bidirectional, index_t head_offset) {
@@ -700,10 +726,12 @@ PYBIND11_MODULE(posenc, m) {
            }),
            "table"_a, py::kw_only(), "max_distance"_a = 128, "bidirectional"_a = true, "head_offset"_a = 0,
            "table: [num_buckets, num_heads] float32/float64 (copied).")
-      .def("bucket", [](const py_t5& t, position relative) { return t.d.bucket(relative); }, "relative"_a,
-           "The bucket of relative = kpos - qpos.")
-      .def("bias", [](const py_t5& t, index_t head, position q, position k) { return t.d.bias(head, q, k); },
-           "head"_a, "qpos"_a, "kpos"_a)
+      .def(
+          "bucket", [](const py_t5& t, position relative) { return t.d.bucket(relative); }, "relative"_a,
+          "The bucket of relative = kpos - qpos.")
+      .def(
+          "bias", [](const py_t5& t, index_t head, position q, position k) { return t.d.bias(head, q, k); }, "head"_a,
+          "qpos"_a, "kpos"_a)
       .def(
           "bias_tile",
           [](const py_t5& t, index_t head, py::handle qpos, py::handle kpos, py::handle dt) {
@@ -712,7 +740,8 @@ PYBIND11_MODULE(posenc, m) {
                        ? bias_tile<float>(t, head, qpos, kpos, p.num_heads, p.head_offset, "T5Bias.bias_tile")
                        : bias_tile<double>(t, head, qpos, kpos, p.num_heads, p.head_offset, "T5Bias.bias_tile");
           },
-          "head"_a, "qpos"_a, "kpos"_a, "dtype"_a = "float32", "A new [len(qpos), len(kpos)] array of biases of local head `head`.");
+          "head"_a, "qpos"_a, "kpos"_a, "dtype"_a = "float32",
+          "A new [len(qpos), len(kpos)] array of biases of local head `head`.");
 
   py::class_<py_shaw>(m, "ShawRelative",
                       "Shaw et al. 2018 relative keys and values: tables [2K + 1, head_dim], row r = distance r - K.")

@@ -29,7 +29,7 @@ namespace {
 
 using posenc::index_t;
 constexpr index_t head_dim = 128;
-constexpr index_t trained = 2048;                   // L0: distances 0 .. L0-1 were seen
+constexpr index_t trained = 2048;                     // L0: distances 0 .. L0-1 were seen
 constexpr index_t distances = 4 * (trained - 1) + 1;  // r = 0 .. 4 (L0 - 1)
 constexpr int pairs = 256;
 
@@ -130,9 +130,10 @@ int main(int argc, char** argv) try {
     return m;
   };
   std::printf("%d of %d pairs turn less than once within L0 = %td\n", slow, int(head_dim / 2), trained);
-  std::printf("pairs outside their training range at 3 L0 .. 4 L0: whole logit extrapolated %.3f, interpolated "
-              "%.3f; slow part extrapolated %.3f, interpolated %.3f\n",
-              far_mean(whole_e), far_mean(whole_i), far_mean(slow_e), far_mean(slow_i));
+  std::printf(
+      "pairs outside their training range at 3 L0 .. 4 L0: whole logit extrapolated %.3f, interpolated "
+      "%.3f; slow part extrapolated %.3f, interpolated %.3f\n",
+      far_mean(whole_e), far_mean(whole_i), far_mean(slow_e), far_mean(slow_i));
   return far_mean(slow_e) > 0.25 && far_mean(slow_i) < 0.01 && far_mean(whole_e) > 5 * far_mean(whole_i) ? 0 : 1;
 } catch (const std::exception& e) {
   std::fprintf(stderr, "interpolation: %s\n", e.what());

@@ -50,9 +50,8 @@ int main(int argc, char** argv) try {
   constexpr index_t buckets = 32;
   posenc::row_matrix<float> table(buckets, 1);
   for (index_t b = 0; b < buckets; ++b) table(b, 0) = -0.25f * static_cast<float>(b);
-  const posenc::t5_relative_bias<float> t5({.num_heads = 1, .num_buckets = buckets, .max_distance = 128,
-                                            .bidirectional = false},
-                                           table);
+  const posenc::t5_relative_bias<float> t5(
+      {.num_heads = 1, .num_buckets = buckets, .max_distance = 128, .bidirectional = false}, table);
 
   std::mt19937 rng(7);
   std::normal_distribution<float> normal;
@@ -76,7 +75,8 @@ int main(int argc, char** argv) try {
       m[1] += needle_weight(q, keys, p, 1, rope)[0] / draws;
       m[2] += needle_weight(q, keys, p, 1, t5)[0] / draws;
       const auto a = needle_weight(q8, keys8, p, alibi_heads, alibi);
-      for (index_t h = 0; h < alibi_heads; ++h) m[static_cast<std::size_t>(3 + h)] += a[static_cast<std::size_t>(h)] / draws;
+      for (index_t h = 0; h < alibi_heads; ++h)
+        m[static_cast<std::size_t>(3 + h)] += a[static_cast<std::size_t>(h)] / draws;
       keys.row(p) = saved;
       for (index_t h = 0; h < alibi_heads; ++h) keys8.block(p, h * head_dim, 1, head_dim) = saved;
     }
@@ -94,14 +94,14 @@ int main(int argc, char** argv) try {
 
   const auto& first = mean.front();
   const auto& last = mean.back();
-  std::printf("needle weight at p = %td / at p = %td: none %.3g / %.3g, RoPE %.3g / %.3g, T5 %.3g / %.3g, "
-              "ALiBi head 0 %.3g / %.3g, head 7 %.3g / %.3g\n",
-              step - 1, n - 1, first[0], last[0], first[1], last[1], first[2], last[2], first[3], last[3], first[10],
-              last[10]);
+  std::printf(
+      "needle weight at p = %td / at p = %td: none %.3g / %.3g, RoPE %.3g / %.3g, T5 %.3g / %.3g, "
+      "ALiBi head 0 %.3g / %.3g, head 7 %.3g / %.3g\n",
+      step - 1, n - 1, first[0], last[0], first[1], last[1], first[2], last[2], first[3], last[3], first[10], last[10]);
   // Without an encoding the weight does not depend on the position (up to the draws' noise); every
   // encoding favours the near needle.
-  const bool ok = std::abs(first[0] - last[0]) < 0.25 * last[0] && last[1] > 10 * first[1] &&
-                  last[2] > first[2] && last[3] > 10 * first[3];
+  const bool ok = std::abs(first[0] - last[0]) < 0.25 * last[0] && last[1] > 10 * first[1] && last[2] > first[2] &&
+                  last[3] > 10 * first[3];
   return ok ? 0 : 1;
 } catch (const std::exception& e) {
   std::fprintf(stderr, "needle: %s\n", e.what());

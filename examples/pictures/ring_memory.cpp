@@ -63,7 +63,7 @@ int main(int argc, char** argv) try {
   pictures::csv measured(dir / "ring_memory_measured.csv",
                          {"processes", "tokens", "tokens_per_process", "peak_bytes_per_process", "fit_bytes"});
   pictures::csv out(dir / "ring_memory.csv", {"processes", "fixed_bytes", "bytes_per_token", "max_tokens_1GiB",
-                                             "max_tokens_4GiB", "max_tokens_16GiB"});
+                                              "max_tokens_4GiB", "max_tokens_16GiB"});
   // The MPI driver's second message buffer: keys, values and a position per token of its shard.
   const double message_per_token = double(2 * kv_heads * head_dim * sizeof(bf16) + sizeof(posenc::position));
   const double gib = 1024.0 * 1024.0 * 1024.0;
@@ -86,12 +86,15 @@ int main(int argc, char** argv) try {
       measured.row({double(pt.ranks), double(pt.tokens), x, pt.per_device, fit});
     }
     std::vector<double> row = {double(ranks), a, b + message_per_token};
-    for (double budget : {1.0, 4.0, 16.0}) row.push_back(std::floor((budget * gib - a) / (b + message_per_token)) * ranks);
+    for (double budget : {1.0, 4.0, 16.0})
+      row.push_back(std::floor((budget * gib - a) / (b + message_per_token)) * ranks);
     out.row(row);
     if (ranks == 1) tokens_16gib_p1 = row.back();
     if (ranks == 8) tokens_16gib_p8 = row.back();
-    std::printf("P = %d: per device %.0f bytes + %.0f bytes per token of its shard (+ %.0f for an MPI rank's "
-                "receive buffer)\n", ranks, a, b, message_per_token);
+    std::printf(
+        "P = %d: per device %.0f bytes + %.0f bytes per token of its shard (+ %.0f for an MPI rank's "
+        "receive buffer)\n",
+        ranks, a, b, message_per_token);
   }
   measured.finish();
   out.finish();

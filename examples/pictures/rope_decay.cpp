@@ -55,8 +55,8 @@ int main(int argc, char** argv) try {
       with(posenc::linear_scaling{.factor = factor}),
       with(posenc::ntk_aware_scaling{.alpha = factor}),
       with(posenc::yarn_scaling{.factor = factor, .original_max_position = trained}),
-      with(posenc::llama3_scaling{.factor = factor, .low_freq_factor = 1, .high_freq_factor = 4,
-                                  .original_max_position = trained}),
+      with(posenc::llama3_scaling{
+          .factor = factor, .low_freq_factor = 1, .high_freq_factor = 4, .original_max_position = trained}),
   };
   pictures::csv out(dir / "rope_decay.csv", {"distance", "rope", "linear", "ntk", "yarn", "llama3"});
   for (posenc::position r = 0; r <= max_distance; ++r) {

@@ -23,7 +23,10 @@ def test_sinusoidal_matches_torch(rng, dtype, layout, shifted):
     freq = 10000.0 ** (-i / (dim // 2 - (1 if shifted else 0)))
     angle = (torch.tensor(pos, dtype=torch.float64)[:, None] + offset) * freq[None, :]
     sin, cos = torch.sin(angle), torch.cos(angle)
-    want = torch.stack([sin, cos], dim=-1).reshape(len(pos), dim) if layout == "interleaved" else torch.cat([sin, cos], 1)
+    if layout == "interleaved":
+        want = torch.stack([sin, cos], dim=-1).reshape(len(pos), dim)
+    else:
+        want = torch.cat([sin, cos], dim=1)
     got = s.table(pos, dtype=dtype)
     assert got.dtype == dtype
     atol = angle_error(pos[:-1] + offset, 1.0, 1.0)

@@ -65,7 +65,8 @@ def test_parameter_errors_name_the_field():
     with pytest.raises(ValueError, match=r"rope_scaling"):
         posenc.Rope(head_dim=D, rope_scaling={"rope_type": "nonsense"})
     with pytest.raises(ValueError, match=r"not both"):
-        posenc.Rope(head_dim=D, scaling=posenc.LinearScaling(factor=2), rope_scaling={"rope_type": "linear", "factor": 2})
+        posenc.Rope(head_dim=D, scaling=posenc.LinearScaling(factor=2),
+                    rope_scaling={"rope_type": "linear", "factor": 2})
     with pytest.raises(ValueError, match=r"layout = 'diagonal'"):
         posenc.Rope(head_dim=D, layout="diagonal")
     with pytest.raises(TypeError, match=r"scaling must be None or one of"):
