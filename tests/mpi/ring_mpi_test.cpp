@@ -1,0 +1,146 @@
+// The MPI ring against the simulator and single-process attention, run by ctest under
+// `mpirun -np P` for P = 1..4 (tests/mpi/CMakeLists.txt).
+//
+// For each configuration every rank builds the same sequence, takes its shard, runs the MPI ring,
+// and checks:
+//   - its output shard equals the simulator's rows for the same P, layout and options, bit for
+//     bit (and the log-sum-exp too);
+//   - the output gathered on rank 0 equals single-process blockwise attention within the float
+//     tolerance.
+// Configurations: both layouts, causal and full, no encoding / RoPE / ALiBi / T5 / Shaw, lengths
+// that P does not divide, and lengths shorter than the ring (empty shards).
+// SPDX-License-Identifier: Apache-2.0
+#include <mpi.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "posenc/attention/blockwise.hpp"
+#include "posenc/distributed/mpi_ring.hpp"
+#include "posenc/distributed/ring.hpp"
+#include "posenc/encoders/alibi.hpp"
+#include "posenc/encoders/rope.hpp"
+#include "posenc/encoders/shaw.hpp"
+#include "posenc/encoders/t5_bias.hpp"
+
+namespace {
+
+using posenc::index_t;
+using posenc::position;
+using posenc::ring_layout;
+
+constexpr index_t heads = 4, kv_heads = 2, head_dim = 16;
+// The ring and the single-process kernel both compute in float; the ring reassociates the softmax
+// sums through its merges. Outputs are O(1).
+constexpr double tolerance_ulps = 64;
+
+template <class T>
+posenc::row_matrix<T> random_rows(index_t rows, index_t cols, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<double> normal;
+  posenc::row_matrix<T> m(rows, cols);
+  for (index_t i = 0; i < m.size(); ++i) m.data()[i] = static_cast<T>(normal(rng));
+  return m;
+}
+
+int failures = 0;
+
+void fail(int rank, const char* what, const char* name, index_t n, ring_layout layout, bool causal, double detail) {
+  ++failures;
+  std::fprintf(stderr, "FAILED on rank %d: %s (%s, n %td, %s, causal %d): %g\n", rank, what, name, n,
+               layout == ring_layout::zigzag ? "zigzag" : "contiguous", causal ? 1 : 0, detail);
+}
+
+template <class T, class E>
+void check(const posenc::mpi_ring& ring, const char* name, const E& enc, index_t n, ring_layout layout, bool causal,
+           index_t key_chunks) {
+  const int P = ring.size(), rank = ring.rank();
+  const posenc::attention_params p{.heads = heads, .kv_heads = kv_heads, .causal = causal, .k_tile = 16, .threads = 1};
+  const posenc::ring_options o{.key_chunks = key_chunks};
+  const auto q = random_rows<T>(n, heads * head_dim, 1), k = random_rows<T>(n, kv_heads * head_dim, 2),
+             v = random_rows<T>(n, kv_heads * head_dim, 3);
+
+  // This rank's shard through the MPI ring.
+  const auto pos = ring.shard_positions(n, layout);
+  const auto mq = posenc::ring_take_rows(q, pos), mk = posenc::ring_take_rows(k, pos), mv = posenc::ring_take_rows(v, pos);
+  posenc::row_matrix<T> out(mq.rows(), mq.cols()), lse(mq.rows(), heads);
+  ring.attention(mq, mk, mv, out, pos, pos, enc, p, o, lse);
+
+  // Every device of the same ring, simulated.
+  std::vector<std::vector<position>> all_pos;
+  std::vector<posenc::row_matrix<T>> qs, ks, vs, outs, lses;
+  for (int r = 0; r < P; ++r) {
+    all_pos.push_back(posenc::ring_shard_positions(n, P, r, layout));
+    qs.push_back(posenc::ring_take_rows(q, all_pos.back()));
+    ks.push_back(posenc::ring_take_rows(k, all_pos.back()));
+    vs.push_back(posenc::ring_take_rows(v, all_pos.back()));
+    outs.emplace_back(qs.back().rows(), qs.back().cols());
+  }
+  std::vector<posenc::ring_device<T>> devices;
+  for (int r = 0; r < P; ++r)
+    devices.push_back({posenc::view_of(qs[r]), posenc::view_of(ks[r]), posenc::view_of(vs[r]), all_pos[r], all_pos[r],
+                       posenc::view_of(outs[r])});
+  posenc::ring_attention_simulate(std::span<const posenc::ring_device<T>>(devices), enc, p, o);
+  const auto& sim = outs[static_cast<std::size_t>(rank)];
+  if (out.size() > 0 && std::memcmp(sim.data(), out.data(), static_cast<std::size_t>(out.size()) * sizeof(T)) != 0)
+    fail(rank, "MPI output differs from the simulator's", name, n, layout, causal, (sim - out).cwiseAbs().maxCoeff());
+
+  // The log-sum-exp against a single-process pass over this rank's queries.
+  posenc::row_matrix<T> single_lse(mq.rows(), heads), single_shard(mq.rows(), mq.cols());
+  posenc::attention(mq, k, v, single_shard, pos, posenc::arange(0, n), enc, p, single_lse);
+  double lse_err = 0;
+  for (index_t i = 0; i < lse.size(); ++i)
+    lse_err = std::max(lse_err, std::abs(static_cast<double>(lse.data()[i]) - single_lse.data()[i]));
+  if (!(lse_err <= tolerance_ulps * std::numeric_limits<T>::epsilon() * 10))
+    fail(rank, "log-sum-exp differs from single-process attention", name, n, layout, causal, lse_err);
+
+  // The gathered output against single-process attention.
+  posenc::row_matrix<T> full(rank == 0 ? n : 0, heads * head_dim);
+  ring.gather(out, pos, full);
+  if (rank == 0) {
+    posenc::row_matrix<T> single(n, heads * head_dim);
+    posenc::attention(q, k, v, single, posenc::arange(0, n), posenc::arange(0, n), enc, p);
+    const double scale = std::max<double>(1.0, single.cwiseAbs().maxCoeff());
+    const double err = (full - single).cwiseAbs().maxCoeff();
+    if (!(err <= tolerance_ulps * std::numeric_limits<T>::epsilon() * scale))
+      fail(rank, "gathered output differs from single-process attention", name, n, layout, causal, err);
+  }
+}
+
+template <class T>
+void check_all(const posenc::mpi_ring& ring, index_t n, ring_layout layout, bool causal) {
+  check<T>(ring, "none", posenc::no_position<T>{}, n, layout, causal, 4);
+  check<T>(ring, "rope", posenc::rope<T>({.head_dim = head_dim}), n, layout, causal, 3);
+  check<T>(ring, "alibi", posenc::alibi<T>({.num_heads = heads}), n, layout, causal, 4);
+  const auto table = random_rows<T>(16, heads, 4);
+  check<T>(ring, "t5", posenc::t5_relative_bias<T>({.num_heads = heads, .num_buckets = 16, .max_distance = 50}, table),
+           n, layout, causal, 2);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  MPI_Init(&argc, &argv);
+  int total = 0, rank = 0, size = 0;
+  {
+    const posenc::mpi_ring ring;
+    rank = ring.rank();
+    size = ring.size();
+    for (const index_t n : {index_t{3}, index_t{37}, index_t{301}})
+      for (const ring_layout layout : {ring_layout::contiguous, ring_layout::zigzag})
+        for (const bool causal : {true, false}) check_all<float>(ring, n, layout, causal);
+    check<double>(ring, "none", posenc::no_position<double>{}, 101, ring_layout::zigzag, true, 4);
+    const auto ak = random_rows<float>(9, head_dim, 5), av = random_rows<float>(9, head_dim, 6);
+    check<float>(ring, "shaw", posenc::shaw_relative<float>({.head_dim = head_dim, .max_relative_position = 4}, ak, av),
+                 101, ring_layout::zigzag, true, 4);
+    MPI_Allreduce(&failures, &total, 1, MPI_INT, MPI_SUM, ring.comm());
+  }
+  if (rank == 0) std::printf("ring_mpi_test: %d ranks, %d failures\n", size, total);
+  MPI_Finalize();
+  return total == 0 ? 0 : 1;
+}
