@@ -83,7 +83,7 @@ int main(int argc, char** argv) try {
   }
 
   std::vector<std::string> columns = {"position", "none", "rope", "t5"};
-  for (index_t h = 0; h < alibi_heads; ++h) columns.push_back("alibi_h" + std::to_string(h));
+  for (index_t h = 0; h < alibi_heads; ++h) columns.push_back(pictures::numbered("alibi_h", h));
   pictures::csv out(dir / "needle.csv", columns);
   for (index_t i = 0; i < points; ++i) {
     std::vector<double> row = {static_cast<double>((i + 1) * step - 1)};

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Draws the picture examples' CSV files as PNG (matplotlib, Agg backend, no display needed).
 
-Usage: plot.py NAME FOLDER   reads FOLDER/NAME.csv (written by the example NAME), writes FOLDER/NAME.png.
+Usage: plot.py NAME FOLDER   reads FOLDER/NAME.csv (written by the example NAME), writes FOLDER/NAME.png
+                             (encoders: one CSV and one PNG per encoder family).
 Exits non-zero when the CSV is missing or malformed, or the PNG could not be written."""
 
 import os
@@ -117,7 +118,49 @@ def ring_memory(folder):
     return fig
 
 
-PICTURES = {"rope_decay": rope_decay, "interpolation": interpolation, "needle": needle, "ring_memory": ring_memory}
+def encoders(folder):
+    """One figure per encoder family (docs/): returns {png name: figure}."""
+    figs = {}
+    s = read(folder, "sinusoidal")
+    table = np.array([list(row)[1:] for row in s])
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    im = ax.imshow(table.T, aspect="auto", cmap="RdBu_r", vmin=-1, vmax=1, origin="lower")
+    ax.set(title="sinusoidal PE[pos, i], dim 64, concatenated: sines, then cosines", xlabel="position",
+           ylabel="dimension i")
+    fig.colorbar(im, ax=ax)
+    figs["sinusoidal"] = fig
+
+    a = read(folder, "alibi")
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    heads = [c for c in a.dtype.names if c.startswith("h")]
+    for i, col in enumerate(heads):
+        ax.plot(a["distance"], a[col], color=plt.cm.viridis(i / (len(heads) - 1)), label=f"head {col[1:]}")
+    ax.set(title="ALiBi bias, 8 heads: slopes 1/2, 1/4, ..., 1/256", xlabel="qpos - kpos", ylabel="bias")
+    ax.legend(fontsize=7, ncol=2)
+    figs["alibi"] = fig
+
+    t = read(folder, "t5_bias")
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    ax.step(t["relative"], t["bidirectional"], where="mid", label="bidirectional (encoder)")
+    ax.step(t["relative"], t["causal"], where="mid", label="causal (decoder)")
+    for x in (-128, 128):
+        ax.axvline(x, color="gray", ls=":", lw=1)
+    ax.set(title="T5 buckets: 32 buckets, max distance 128", xlabel="kpos - qpos", ylabel="bucket")
+    ax.legend(fontsize=8)
+    figs["t5_bias"] = fig
+
+    sh = read(folder, "shaw")
+    index = np.array([list(row)[1:] for row in sh])
+    fig, ax = plt.subplots(figsize=(5, 4.2))
+    im = ax.imshow(index, cmap="coolwarm", origin="upper")
+    ax.set(title="Shaw: table row clip(j - i, -K, K) + K, K = 4", xlabel="key j", ylabel="query i")
+    fig.colorbar(im, ax=ax)
+    figs["shaw"] = fig
+    return figs
+
+
+PICTURES = {"rope_decay": rope_decay, "interpolation": interpolation, "needle": needle, "ring_memory": ring_memory,
+            "encoders": encoders}
 
 
 def main(argv):
@@ -126,14 +169,18 @@ def main(argv):
         print("pictures: " + ", ".join(PICTURES), file=sys.stderr)
         return 2
     name, folder = argv[1], argv[2]
-    fig = PICTURES[name](folder)
-    fig.tight_layout()
-    path = os.path.join(folder, name + ".png")
-    fig.savefig(path, dpi=DPI)
-    if not os.path.isfile(path) or os.path.getsize(path) == 0:
-        print(f"plot.py: {path} was not written", file=sys.stderr)
-        return 1
-    print(f"wrote {path}")
+    figs = PICTURES[name](folder)
+    if not isinstance(figs, dict):
+        figs = {name: figs}
+    for png, fig in figs.items():
+        fig.tight_layout()
+        path = os.path.join(folder, png + ".png")
+        fig.savefig(path, dpi=DPI)
+        plt.close(fig)
+        if not os.path.isfile(path) or os.path.getsize(path) == 0:
+            print(f"plot.py: {path} was not written", file=sys.stderr)
+            return 1
+        print(f"wrote {path}")
     return 0
 
 
