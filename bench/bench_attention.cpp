@@ -1,137 +1,192 @@
-// Blockwise attention against the naive materialising baseline and the machine's ceilings (FMA
-// peak, an Eigen SGEMM of the attention shapes compiled for this CPU, memory copy bandwidth), all
-// in the same run so ratios between them are meaningful on a noisy machine.
+// Blockwise attention against the naive materialising baseline (posenc::attention_reference),
+// with the machine's ceilings (FMA peak, memory copy bandwidth) in the same executable; the Eigen
+// SGEMM ceiling is bench_eigen_ceiling. scripts/bench runs every point and turns the JSON into
+// the report (bench/report.py; docs/benchmarks.md explains the figures).
 //
-// FLOP counted per head: 4 n_q n_kv d for full attention (QK^T and PV), half that for causal.
+// Groups (the label of each point says group, path, encoder, mask and shape):
+//   attention/blockwise, attention/naive   prefill, 8 heads, d = 128, full and causal
+//   attention/encoder/<enc>/<path>         causal prefill with each encoder inside the kernel
+//   attention/window/<path>                causal sliding window (Mistral's 4096)
+//   attention/gqa/<path>                   causal prefill, 8 query heads sharing 2 kv heads
+//   attention/decode, attention/decode_naive  n_q queries at the end of an n_kv-token cache
+//   attention/workspace/<reused|per_call>  the same call with and without a reused workspace
+//
+// FLOP counted: 4 d per visible (query, key) pair and head (q.k and p.v), so causal is about half
+// of full and the naive path is credited with the same useful work although it computes every
+// score. Memory: Google Benchmark's MemoryManager reports the kernel's own heap allocations
+// ("max_bytes_used"); naive points whose memory would pass POSENC_BENCH_MEM_LIMIT_GIB (default 8)
+// are skipped with "skipped: would need X GiB". POSENC_BENCH_MODE (quick, default, full) sets
+// the sizes.
 #include <benchmark/benchmark.h>
 
-#include <random>
+#include <string>
+#include <vector>
 
 #include "ceilings.hpp"
-#include "posenc/attention/blockwise.hpp"
-#include "posenc/attention/reference.hpp"
-#include "posenc/encoders/alibi.hpp"
-#include "posenc/encoders/rope.hpp"
-#include "posenc/encoders/t5_bias.hpp"
+#include "common.hpp"
+#include "memory_manager.hpp"
 
 namespace {
 
-using posenc::index_t;
-
-posenc::row_matrix<float> random_matrix(index_t r, index_t c, unsigned seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> n(0, 1);
-  posenc::row_matrix<float> m(r, c);
-  for (index_t i = 0; i < m.size(); ++i) m.data()[i] = n(rng);
-  return m;
-}
+using posenc_bench::encoder;
+using posenc_bench::index_t;
+using posenc_bench::shape;
 
 enum class path { blockwise, naive };
 
-// Arguments: n, head_dim, causal.
-template <path P>
-void attention_prefill(benchmark::State& state) {
-  const index_t n = state.range(0), d = state.range(1), heads = 8;
-  const bool causal = state.range(2) != 0;
-  const auto q = random_matrix(n, heads * d, 1), k = random_matrix(n, heads * d, 2), v = random_matrix(n, heads * d, 3);
-  posenc::row_matrix<float> out(n, heads * d);
-  const posenc::attention_params p{.heads = heads, .causal = causal};
-  const auto pos = posenc::arange(0, n);
-  posenc::attention_workspace ws;
-  for (auto _ : state) {
-    if constexpr (P == path::blockwise) {
-      posenc::attention(q, k, v, out, pos, pos, posenc::no_position<float>{}, p, nullptr, &ws);
-    } else {
-      posenc::attention_reference(q, k, v, out, pos, pos, posenc::no_position<float>{}, p);
-    }
-    benchmark::DoNotOptimize(out.data());
+enum class workspace_use { reused, per_call };
+
+std::vector<long> powers_of_two(long lo, long hi) {
+  std::vector<long> v;
+  for (long n = lo; n <= hi; n *= 2) v.push_back(n);
+  return v;
+}
+
+std::string label(const char* group, path p, encoder e, const shape& s) {
+  const char* mask = s.window >= 0 ? "window" : s.causal ? "causal" : "full";
+  return std::string("group=") + group + " path=" + (p == path::naive ? "naive" : "blockwise") +
+         " enc=" + std::string(posenc_bench::name_of(e)) + " mask=" + mask + " n_q=" + std::to_string(s.n_q) +
+         " n_kv=" + std::to_string(s.n_kv) + " heads=" + std::to_string(s.heads) +
+         " kv_heads=" + std::to_string(s.kv_heads) + " d=" + std::to_string(s.d) +
+         " window=" + std::to_string(s.window);
+}
+
+// One attention call per iteration on random inputs of shape `s`.
+void run_attention(benchmark::State& state, const char* group, path p, encoder e, shape s,
+                   workspace_use wu = workspace_use::reused) {
+  state.SetLabel(label(group, p, e, s));
+  const double need = posenc_bench::input_bytes(s) + (p == path::naive ? posenc_bench::naive_kernel_bytes(s) : 0.0);
+  if (p == path::naive && need > posenc_bench::memory_limit()) {
+    state.SkipWithError(posenc_bench::skip_message(need).c_str());
+    return;
   }
-  const double flop = 4.0 * static_cast<double>(n) * static_cast<double>(n) * static_cast<double>(d) * heads *
-                      (causal ? 0.5 : 1.0);
-  state.counters["FLOPS"] = benchmark::Counter(flop * static_cast<double>(state.iterations()),
-                                               benchmark::Counter::kIsRate);
+  const auto q = posenc_bench::random_matrix(s.n_q, s.heads * s.d, 1);
+  const auto k = posenc_bench::random_matrix(s.n_kv, s.kv_heads * s.d, 2);
+  const auto v = posenc_bench::random_matrix(s.n_kv, s.kv_heads * s.d, 3);
+  posenc::row_matrix<float> out(s.n_q, s.heads * s.d);
+  const auto prm = s.params();
+  double workspace = 0;
+  posenc_bench::with_encoder(e, s.heads, s.d, s.n_kv, [&](const auto& enc) {
+    posenc::attention_workspace ws;
+    posenc::attention_workspace* wsp = wu == workspace_use::reused ? &ws : nullptr;
+    if (p == path::blockwise) workspace = static_cast<double>(posenc::attention_workspace_bytes<float>(prm, s.d, enc));
+    posenc_bench::kernel_begins();
+    for (auto _ : state) {
+      if (p == path::blockwise) {
+        posenc::attention(q, k, v, out, s.qpos(), s.kpos(), enc, prm, nullptr, wsp);
+      } else {
+        posenc::attention_reference(q, k, v, out, s.qpos(), s.kpos(), enc, prm);
+      }
+      benchmark::DoNotOptimize(out.data());
+      benchmark::ClobberMemory();
+    }
+  });
+  const double iters = static_cast<double>(state.iterations());
+  state.counters["FLOPS"] = benchmark::Counter(posenc_bench::attention_flop(s) * iters, benchmark::Counter::kIsRate);
   state.counters["tokens_per_second"] =
-      benchmark::Counter(static_cast<double>(n * state.iterations()), benchmark::Counter::kIsRate);
-  state.counters["workspace_bytes"] = static_cast<double>(ws.bytes());
+      benchmark::Counter(static_cast<double>(s.n_q) * iters, benchmark::Counter::kIsRate);
+  // Decode streams the cache: the K and V bytes it must read, for the copy-bandwidth ceiling.
+  const double kv_bytes = 2.0 * static_cast<double>(s.n_kv * s.kv_heads * s.d) * sizeof(float);
+  state.counters["bytes_per_second"] = benchmark::Counter(kv_bytes * iters, benchmark::Counter::kIsRate);
+  state.counters["workspace_bytes"] = workspace;
+  state.counters["input_bytes"] = posenc_bench::input_bytes(s);
 }
 
-void prefill_args(benchmark::internal::Benchmark* b, long max_n) {
-  for (long d : {64L, 128L})
+template <class... Args>
+void add(const std::string& name, Args... args) {
+  benchmark::RegisterBenchmark(name.c_str(), [=](benchmark::State& st) { run_attention(st, args...); })
+      ->Unit(benchmark::kMillisecond)
+      ->UseRealTime();
+}
+
+const char* path_name(path p) { return p == path::naive ? "naive" : "blockwise"; }
+
+shape prefill(long n, long d, bool causal, index_t heads = 8, index_t kv_heads = 8) {
+  return {.n_q = n, .n_kv = n, .heads = heads, .kv_heads = kv_heads, .d = d, .causal = causal};
+}
+
+// Sizes per mode: posenc_bench::by_mode(quick, default, full). The naive path is timed over
+// fewer sizes (its time grows as n^2 with a scalar exp per score); its memory is probed up to the
+// limit by probe_memory.
+bool register_all() {
+  using posenc_bench::by_mode;
+  benchmark::RegisterBenchmark("posenc_bench::fma_peak", posenc_bench::fma_peak)
+      ->UseRealTime()
+      ->Unit(benchmark::kMillisecond);
+  benchmark::RegisterBenchmark("posenc_bench::copy_bandwidth", posenc_bench::copy_bandwidth)
+      ->Arg(256L << 20)
+      ->Arg(512L << 10)
+      ->UseRealTime()
+      ->Unit(benchmark::kMillisecond);
+
+  // Prefill, no encoder: names attention/<path>/<n>/<d>/<causal> as before.
+  for (long d : by_mode(0, 0, 1) ? std::vector<long>{128, 64} : std::vector<long>{128})
     for (long causal : {0L, 1L})
-      for (long n = 1024; n <= max_n; n *= 2) b->Args({n, d, causal});
-  b->Unit(benchmark::kMillisecond)->UseRealTime();
-}
+      for (path p : {path::blockwise, path::naive}) {
+        const long hi = p == path::naive ? by_mode(1024, 8192, 16384)
+                                         : causal ? by_mode(2048, 16384, 131072) : by_mode(2048, 16384, 65536);
+        for (long n : powers_of_two(1024, hi))
+          add(std::string("attention/") + path_name(p) + "/" + std::to_string(n) + "/" + std::to_string(d) + "/" +
+                  std::to_string(causal),
+              "prefill", p, encoder::none, prefill(n, d, causal != 0));
+      }
 
-enum class encoder { none, rope_in_kernel, alibi, t5 };
-
-// The cost of each encoder family inside the kernel: same shapes as attention/blockwise, one
-// encoder per run. Arguments: n, head_dim, causal, encoder.
-void attention_encoders(benchmark::State& state) {
-  const index_t n = state.range(0), d = state.range(1), heads = 8;
-  const bool causal = state.range(2) != 0;
-  const auto which = static_cast<encoder>(state.range(3));
-  const auto q = random_matrix(n, heads * d, 1), k = random_matrix(n, heads * d, 2), v = random_matrix(n, heads * d, 3);
-  posenc::row_matrix<float> out(n, heads * d);
-  const posenc::attention_params p{.heads = heads, .causal = causal};
-  const auto pos = posenc::arange(0, n);
-  posenc::attention_workspace ws;
-  const posenc::rope<float> rope({.head_dim = d});
-  const posenc::alibi<float> alibi({.num_heads = heads});
-  const posenc::t5_relative_bias<float> t5({.num_heads = heads}, random_matrix(32, heads, 4));
-  for (auto _ : state) {
-    switch (which) {
-      case encoder::none: posenc::attention(q, k, v, out, pos, pos, posenc::no_position<float>{}, p, nullptr, &ws); break;
-      case encoder::rope_in_kernel: posenc::attention(q, k, v, out, pos, pos, rope, p, nullptr, &ws); break;
-      case encoder::alibi: posenc::attention(q, k, v, out, pos, pos, alibi, p, nullptr, &ws); break;
-      case encoder::t5: posenc::attention(q, k, v, out, pos, pos, t5, p, nullptr, &ws); break;
+  // Every encoder inside a causal prefill.
+  for (int e = 0; e < static_cast<int>(encoder::count); ++e)
+    for (path p : {path::blockwise, path::naive}) {
+      const long hi = p == path::naive ? by_mode(512, 4096, 8192) : by_mode(512, 8192, 32768);
+      for (long n : powers_of_two(by_mode(512, 1024, 1024), hi))
+        add(std::string("attention/encoder/") + std::string(posenc_bench::name_of(static_cast<encoder>(e))) + "/" +
+                path_name(p) + "/" + std::to_string(n),
+            "encoder", p, static_cast<encoder>(e), prefill(n, 128, true));
     }
-    benchmark::DoNotOptimize(out.data());
+
+  // Sliding window: causal, keys at most `window` positions back.
+  const long window = by_mode(512, 4096, 4096);
+  for (path p : {path::blockwise, path::naive}) {
+    const long hi = p == path::naive ? by_mode(1024, 8192, 16384) : by_mode(2048, 32768, 131072);
+    for (long n : powers_of_two(by_mode(1024, 4096, 4096), hi)) {
+      shape s = prefill(n, 128, true);
+      s.window = window;
+      add(std::string("attention/window/") + path_name(p) + "/" + std::to_string(n) + "/" + std::to_string(window),
+          "window", p, encoder::none, s);
+    }
   }
-  const double flop = 4.0 * static_cast<double>(n) * static_cast<double>(n) * static_cast<double>(d) * heads *
-                      (causal ? 0.5 : 1.0);
-  state.counters["FLOPS"] = benchmark::Counter(flop * static_cast<double>(state.iterations()),
-                                               benchmark::Counter::kIsRate);
+
+  // GQA: 8 query heads, 2 kv heads.
+  for (path p : {path::blockwise, path::naive}) {
+    const long hi = p == path::naive ? by_mode(1024, 4096, 8192) : by_mode(2048, 16384, 65536);
+    for (long n : powers_of_two(1024, hi))
+      add(std::string("attention/gqa/") + path_name(p) + "/" + std::to_string(n) + "/8/2", "gqa", p, encoder::none,
+          prefill(n, 128, true, 8, 2));
+  }
+
+  // Decode against a long cache (GQA 8/2, d = 128): memory bound, K and V read once.
+  const long max_kv = by_mode(16384, 131072, 1L << 20);
+  for (path p : {path::blockwise, path::naive}) {
+    std::vector<std::pair<long, long>> points;
+    // The naive path at every other size: each call copies every head's keys and values.
+    for (long n_kv : powers_of_two(4096, max_kv))
+      if (p == path::blockwise || (n_kv / 4096) % 3 == 1) points.emplace_back(n_kv, 1);
+    points.emplace_back(max_kv, 16);
+    for (auto [n_kv, n_q] : points) {
+      const shape s{.n_q = n_q, .n_kv = n_kv, .heads = 8, .kv_heads = 2, .d = 128, .causal = true};
+      add(std::string(p == path::naive ? "attention/decode_naive" : "attention/decode") + "/n_kv:" +
+              std::to_string(n_kv) + "/n_q:" + std::to_string(n_q),
+          "decode", p, encoder::none, s);
+    }
+  }
+
+  // The workspace reused across calls (an engine's steady state) or allocated by each call.
+  for (long n : powers_of_two(1024, by_mode(1024, 4096, 16384)))
+    for (workspace_use wu : {workspace_use::reused, workspace_use::per_call})
+      add(std::string("attention/workspace/") + (wu == workspace_use::reused ? "reused/" : "per_call/") +
+              std::to_string(n),
+          wu == workspace_use::reused ? "workspace_reused" : "workspace_per_call", path::blockwise, encoder::none,
+          prefill(n, 128, true), wu);
+  return true;
 }
 
-// Decode: `n_q` queries at the end of a KV cache of `n_kv` tokens, 8 heads sharing 2 kv heads,
-// d = 128. Memory bound: reports the bytes of K and V read per second, to compare with the
-// same-run copy bandwidth. Arguments: n_kv, n_q.
-void attention_decode(benchmark::State& state) {
-  const index_t n_kv = state.range(0), n_q = state.range(1), heads = 8, kv_heads = 2, d = 128;
-  const auto q = random_matrix(n_q, heads * d, 1), k = random_matrix(n_kv, kv_heads * d, 2),
-             v = random_matrix(n_kv, kv_heads * d, 3);
-  posenc::row_matrix<float> out(n_q, heads * d);
-  const posenc::attention_params p{.heads = heads, .kv_heads = kv_heads, .causal = true};
-  posenc::attention_workspace ws;
-  for (auto _ : state) {
-    posenc::attention(q, k, v, out, posenc::arange(n_kv - n_q, n_q), posenc::arange(0, n_kv),
-                      posenc::no_position<float>{}, p, nullptr, &ws);
-    benchmark::DoNotOptimize(out.data());
-  }
-  const double bytes = 2.0 * static_cast<double>(n_kv) * kv_heads * d * sizeof(float);
-  state.counters["kv_bytes_per_second"] =
-      benchmark::Counter(bytes * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
-}
+const bool registered = register_all();
 
 }  // namespace
-
-BENCHMARK(posenc_bench::fma_peak)->UseRealTime()->Unit(benchmark::kMillisecond);
-BENCHMARK(posenc_bench::copy_bandwidth)->Arg(256L << 20)->UseRealTime()->Unit(benchmark::kMillisecond);
-BENCHMARK(attention_prefill<path::blockwise>)->Name("attention/blockwise")->Apply([](auto* b) { prefill_args(b, 16384); });
-BENCHMARK(attention_prefill<path::naive>)->Name("attention/naive")->Apply([](auto* b) { prefill_args(b, 4096); });
-BENCHMARK(attention_encoders)
-    ->Name("attention/encoder")
-    ->ArgNames({"n", "d", "causal", "enc"})
-    ->Apply([](auto* b) {
-      for (long e = 0; e < 4; ++e) b->Args({4096, 128, 1, e});
-      b->Unit(benchmark::kMillisecond)->UseRealTime();
-    });
-BENCHMARK(attention_decode)
-    ->Name("attention/decode")
-    ->ArgNames({"n_kv", "n_q"})
-    ->Args({32768, 1})
-    ->Args({65536, 1})
-    ->Args({131072, 1})
-    ->Args({131072, 16})
-    ->Unit(benchmark::kMillisecond)
-    ->UseRealTime();

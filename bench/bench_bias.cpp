@@ -2,6 +2,7 @@
 // per-tile steps, with contiguous position ranges and with explicit position lists.
 #include <benchmark/benchmark.h>
 
+#include <cstddef>
 #include <numeric>
 #include <random>
 #include <vector>
@@ -9,6 +10,7 @@
 #include "posenc/encoders/alibi.hpp"
 #include "posenc/encoders/shaw.hpp"
 #include "posenc/encoders/t5_bias.hpp"
+#include "run_settings.hpp"
 
 namespace {
 
@@ -39,9 +41,13 @@ struct tile_positions {
   }
 };
 
-void set_rate(benchmark::State& state, index_t n) {
-  state.counters["elements"] =
-      benchmark::Counter(static_cast<double>(n * n) * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
+// Elements biased per second, and the bytes of the tile read and written (`element_bytes` each way)
+// per second: the tiles fit in cache, so the report compares them with the cache copy bandwidth.
+void set_rate(benchmark::State& state, index_t n, std::size_t element_bytes) {
+  const double elements = static_cast<double>(n * n) * static_cast<double>(state.iterations());
+  state.counters["elements"] = benchmark::Counter(elements, benchmark::Counter::kIsRate);
+  state.counters["bytes_per_second"] =
+      benchmark::Counter(2.0 * static_cast<double>(element_bytes) * elements, benchmark::Counter::kIsRate);
 }
 
 template <class E>
@@ -55,7 +61,7 @@ void BM_alibi_tile(benchmark::State& state) {
     benchmark::DoNotOptimize(tile.data());
     benchmark::ClobberMemory();
   }
-  set_rate(state, n);
+  set_rate(state, n, sizeof(E));
 }
 
 template <class E>
@@ -73,7 +79,7 @@ void BM_t5_tile(benchmark::State& state) {
     benchmark::DoNotOptimize(tile.data());
     benchmark::ClobberMemory();
   }
-  set_rate(state, n);
+  set_rate(state, n, sizeof(E));
 }
 
 // Shaw's per-key-tile work: the query-term bias (step 2) plus the value weights (step 3).
@@ -93,14 +99,17 @@ void BM_shaw_tile_steps(benchmark::State& state) {
     benchmark::DoNotOptimize(w.data());
     benchmark::ClobberMemory();
   }
-  set_rate(state, n);
+  set_rate(state, n, sizeof(float));
 }
 
 // Arguments: tile side, then 0 for range positions or 1 for explicit lists.
+// The quick run (POSENC_BENCH_MODE=quick) checks the kernel's tile size only.
 void tile_args(benchmark::internal::Benchmark* b) {
   b->ArgNames({"tile", "lists"});
+  const bool quick = posenc_bench::mode() == posenc_bench::run_mode::quick;
   for (int lists : {0, 1})
-    for (int n : {64, 128, 256}) b->Args({n, lists});
+    for (int n : {64, 128, 256})
+      if (!quick || n == 128) b->Args({n, lists});
 }
 
 }  // namespace

@@ -6,6 +6,8 @@
 
 #include <Eigen/Core>
 
+#include "run_settings.hpp"
+
 namespace {
 
 void eigen_sgemm_attention_shapes(benchmark::State& state) {
@@ -25,10 +27,15 @@ void eigen_sgemm_attention_shapes(benchmark::State& state) {
 
 }  // namespace
 
+// The attention benchmarks' shapes (d = 128; 64 too for the full run's d = 64 prefill), at the
+// sequence lengths of POSENC_BENCH_MODE (bench/run_settings.hpp); the report compares each
+// attention point with the SGEMM of its head_dim at the nearest measured n.
 BENCHMARK(eigen_sgemm_attention_shapes)
     ->Name("ceiling/eigen_sgemm")
     ->ArgNames({"n", "d"})
-    ->Args({4096, 64})
-    ->Args({4096, 128})
+    ->Apply([](benchmark::internal::Benchmark* b) {
+      for (long d : {128L, 64L})
+        for (long n = 1024; n <= posenc_bench::by_mode(4096, 16384, 16384); n *= 4) b->Args({n, d});
+    })
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();

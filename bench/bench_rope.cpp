@@ -29,6 +29,7 @@
 #endif
 
 #include "posenc/encoders/rope.hpp"
+#include "run_settings.hpp"
 
 namespace {
 
@@ -161,8 +162,19 @@ void BM_copy(benchmark::State& state) {
       2.0 * static_cast<double>(bytes) * static_cast<double>(state.iterations()) / 1e9, benchmark::Counter::kIsRate);
 }
 
+// Tokens per POSENC_BENCH_MODE (bench/run_settings.hpp): quick checks one size at the best SIMD
+// level; the default and full runs compare all levels.
+std::vector<long> token_counts() {
+  switch (posenc_bench::mode()) {
+    case posenc_bench::run_mode::quick: return {4096};
+    case posenc_bench::run_mode::full: return {1024, 4096, 16384, 65536, 262144};
+    default: return {1024, 16384, 65536};
+  }
+}
+
 void sizes(benchmark::internal::Benchmark* b, bool all_levels) {
-  for (long tokens : {1024L, 4096L, 16384L, 65536L})
+  all_levels = all_levels && posenc_bench::mode() != posenc_bench::run_mode::quick;
+  for (long tokens : token_counts())
     for (long layout : {0L, 1L}) {
       if (all_levels) {
         for (long level : {2L, 1L, 0L}) b->Args({tokens, layout, level});
@@ -175,7 +187,12 @@ void sizes(benchmark::internal::Benchmark* b, bool all_levels) {
 
 }  // namespace
 
-BENCHMARK(BM_copy)->Arg(1024)->Arg(4096)->Arg(16384)->Arg(65536)->ArgName("tokens")->UseRealTime()->Unit(
-    benchmark::kMillisecond);
+BENCHMARK(BM_copy)
+    ->Apply([](benchmark::internal::Benchmark* b) {
+      for (long t : token_counts()) b->Arg(t);
+    })
+    ->ArgName("tokens")
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_rope_cache)->Apply([](benchmark::internal::Benchmark* b) { sizes(b, true); });
 BENCHMARK(BM_rope_direct)->Apply([](benchmark::internal::Benchmark* b) { sizes(b, false); });

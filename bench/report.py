@@ -1,0 +1,903 @@
+#!/usr/bin/env python3
+"""Turns a results folder written by bench/run.py into results.csv, report.md and PNG plots.
+
+    python3 bench/report.py bench/results/<date>-<host>
+
+Every figure is shown next to its ratio to the ceiling measured in the same run: GFLOP/s to the
+FMA peak and to Eigen's SGEMM of the same head_dim, bytes per second to the copy bandwidth.
+docs/benchmarks.md explains each figure and ceiling. Prints the headline ratios on stdout.
+"""
+
+import csv
+import glob
+import json
+import math
+import os
+import re
+import sys
+
+KIB, MIB, GIB = 1024.0, 1024.0 ** 2, 1024.0 ** 3
+TIME_UNITS = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}
+
+CSV_COLUMNS = ["group", "name", "path", "encoder", "mask", "n_q", "n_kv", "heads", "kv_heads", "d", "window",
+               "variant", "status", "time_s", "iterations", "tokens_per_s", "gflops", "ratio_fma", "ratio_sgemm",
+               "gb_per_s", "ratio_copy", "ratio_cache_copy", "kernel_peak_bytes", "allocs_per_iter",
+               "workspace_bytes", "input_bytes", "rss_peak_bytes", "rss_growth_bytes", "source"]
+
+FLOP_FORMULA = ("FLOP per call = 4 · d · heads · (visible query-key pairs): 2d for q·k and 2d for p·v per pair. "
+                "Full: 4·n_q·n_kv·d·heads. Causal (n_q = n_kv = n): 4·d·heads·n(n+1)/2, about half. "
+                "Sliding window w (causal): 4·d·heads·Σ_i min(i+1, w+1). GQA counts query heads. "
+                "The naive path is credited with the same useful FLOP although it computes every score.")
+
+
+# ---------------------------------------------------------------- formatting
+
+def fmt(x, digits=3):
+    """A number with `digits` significant digits, no exponent for ordinary sizes."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return ""
+    if x == 0:
+        return "0"
+    mag = int(math.floor(math.log10(abs(x))))
+    if mag >= 6 or mag <= -4:
+        return f"{x:.{digits - 1}e}"
+    decimals = max(0, digits - 1 - mag)
+    return f"{x:.{decimals}f}"
+
+
+def fmt_ratio(x):
+    return "" if x is None else f"{x:.2f}"
+
+
+def fmt_bytes(b):
+    if b is None:
+        return ""
+    b = float(b)
+    for unit, size in (("GiB", GIB), ("MiB", MIB), ("KiB", KIB)):
+        if abs(b) >= size:
+            return f"{fmt(b / size)} {unit}"
+    return f"{int(b)} B"
+
+
+def fmt_n(n):
+    n = int(n)
+    if n >= 1 << 20 and n % (1 << 20) == 0:
+        return f"{n >> 20}M"
+    if n >= 1024 and n % 1024 == 0:
+        return f"{n >> 10}k"
+    return str(n)
+
+
+def fmt_time(s):
+    if s is None:
+        return ""
+    if s >= 1:
+        return f"{fmt(s)} s"
+    if s >= 1e-3:
+        return f"{fmt(s * 1e3)} ms"
+    return f"{fmt(s * 1e6)} µs"
+
+
+def md_table(header, rows):
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def slope(points):
+    """Least-squares slope of log(y) against log(x)."""
+    pts = [(math.log(x), math.log(y)) for x, y in points if x > 0 and y and y > 0]
+    if len(pts) < 2:
+        return None
+    mx = sum(p[0] for p in pts) / len(pts)
+    my = sum(p[1] for p in pts) / len(pts)
+    sxx = sum((p[0] - mx) ** 2 for p in pts)
+    return None if sxx == 0 else sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx
+
+
+# ---------------------------------------------------------------- loading
+
+def load_json(path, default=None):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return default
+
+
+def parse_label(label):
+    out = {}
+    for tok in (label or "").split():
+        if "=" in tok:
+            k, v = tok.split("=", 1)
+            out[k] = int(v) if re.fullmatch(r"-?\d+", v) else v
+    return out
+
+
+def name_args(name):
+    """'BM_rope_cache/tokens:1024/layout:0/simd:2/real_time' -> {'tokens': 1024, ...}."""
+    return {k: int(v) for k, v in re.findall(r"([a-z_]+):(-?\d+)", name)}
+
+
+class Results:
+    def __init__(self, folder):
+        self.folder = folder
+        self.meta = load_json(os.path.join(folder, "meta.json"), {})
+        self.gb = {}
+        for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
+            data = load_json(path)
+            if isinstance(data, dict) and "benchmarks" in data and not os.path.basename(path).startswith("ring_"):
+                self.gb[os.path.splitext(os.path.basename(path))[0]] = data["benchmarks"]
+        self.probes = []
+        try:
+            with open(os.path.join(folder, "probe_memory.jsonl")) as f:
+                self.probes = [json.loads(line) for line in f if line.strip()]
+        except OSError:
+            pass
+        self.ring = self.load_ring()
+        self.steps = load_json(os.path.join(folder, "steps.json"), [])
+        self.ceilings()
+        self.rows = self.build_rows()
+
+    # ---- ceilings ----
+
+    def find(self, source, prefix):
+        return [b for b in self.gb.get(source, []) if b["name"].startswith(prefix) and not b.get("error_occurred")]
+
+    def ceilings(self):
+        def first(source, prefix, key):
+            bs = self.find(source, prefix)
+            return bs[0].get(key) if bs else None
+
+        self.fma_start = first("bench_attention", "posenc_bench::fma_peak", "FLOPS")
+        self.fma_end = first("ceilings_end", "posenc_bench::fma_peak", "FLOPS")
+        self.copy_start = first("bench_attention", "posenc_bench::copy_bandwidth/268435456", "bytes_per_second")
+        self.copy_end = first("ceilings_end", "posenc_bench::copy_bandwidth/268435456", "bytes_per_second")
+        self.cache_start = first("bench_attention", "posenc_bench::copy_bandwidth/524288", "bytes_per_second")
+        self.cache_end = first("ceilings_end", "posenc_bench::copy_bandwidth/524288", "bytes_per_second")
+        # The ceiling is the best the machine showed in this run.
+        self.fma = max(filter(None, [self.fma_start, self.fma_end]), default=None)
+        self.copy = max(filter(None, [self.copy_start, self.copy_end]), default=None)
+        self.cache_copy = max(filter(None, [self.cache_start, self.cache_end]), default=None)
+        self.sgemm = {}
+        for b in self.find("bench_eigen_ceiling", "ceiling/eigen_sgemm"):
+            a = name_args(b["name"])
+            self.sgemm[(a["n"], a["d"])] = b["FLOPS"]
+
+    def sgemm_for(self, n, d):
+        """Eigen SGEMM FLOP/s of head_dim d at the measured n nearest to n (in log scale)."""
+        cands = [(abs(math.log(k[0] / n)), v) for k, v in self.sgemm.items() if k[1] == d]
+        return min(cands)[1] if cands else None
+
+    def sgemm_best(self, d):
+        vals = [v for k, v in self.sgemm.items() if k[1] == d]
+        return max(vals) if vals else None
+
+    # ---- rows ----
+
+    def base_row(self, b, source):
+        unit = TIME_UNITS.get(b.get("time_unit", "ns"), 1e-9)
+        err = b.get("error_occurred")
+        row = {"name": b["name"].removesuffix("/real_time"), "source": source,
+               "status": b.get("error_message", "error") if err else "ok"}
+        if not err:
+            row["time_s"] = b.get("real_time", 0) * unit
+            row["iterations"] = b.get("iterations")
+            row["kernel_peak_bytes"] = b.get("max_bytes_used")
+            row["allocs_per_iter"] = b.get("allocs_per_iter")
+        return row
+
+    def rate_ratios(self, row, b, copy_ref=None):
+        if b.get("FLOPS"):
+            row["gflops"] = b["FLOPS"] / 1e9
+            row["ratio_fma"] = b["FLOPS"] / self.fma if self.fma else None
+        bps = b.get("bytes_per_second")
+        if bps:
+            row["gb_per_s"] = bps / 1e9
+            ref = copy_ref if copy_ref is not None else self.copy
+            row["ratio_copy"] = bps / ref if ref else None
+
+    def build_rows(self):
+        rows = []
+        for b in self.gb.get("bench_attention", []):
+            if b["name"].startswith("posenc_bench::"):
+                continue
+            row = self.base_row(b, "bench_attention")
+            lab = parse_label(b.get("label"))
+            row.update({k: lab.get(k) for k in ("group", "path", "mask", "n_q", "n_kv", "heads", "kv_heads", "d",
+                                                 "window")})
+            row["encoder"] = lab.get("enc")
+            if row["status"] == "ok":
+                self.rate_ratios(row, b)
+                row["tokens_per_s"] = b.get("tokens_per_second")
+                row["workspace_bytes"] = b.get("workspace_bytes")
+                row["input_bytes"] = b.get("input_bytes")
+                if row["group"] != "decode" and row.get("gflops"):
+                    sg = self.sgemm_for(row["n_kv"], row["d"])
+                    row["ratio_sgemm"] = b["FLOPS"] / sg if sg else None
+                if row["group"] != "decode":  # prefill is not bandwidth bound: no GB/s column
+                    row.pop("gb_per_s", None)
+                    row.pop("ratio_copy", None)
+            rows.append(row)
+        for b in self.gb.get("bench_encoders", []):
+            row = self.base_row(b, "bench_encoders")
+            lab = parse_label(b.get("label"))
+            row.update({"group": "encoder_apply", "encoder": lab.get("enc"), "variant": lab.get("variant"),
+                        "n_q": lab.get("tokens")})
+            if row["status"] == "ok":
+                self.rate_ratios(row, b)
+                row["tokens_per_s"] = b.get("tokens_per_second")
+            rows.append(row)
+        for b in self.gb.get("bench_rope", []):
+            row = self.base_row(b, "bench_rope")
+            a = name_args(b["name"])
+            kind = b["name"].split("/")[0].removeprefix("BM_")
+            row.update({"group": "rope_kernel", "encoder": "rope" if kind != "copy" else "memcpy", "variant": kind,
+                        "n_q": a.get("tokens"), "mask": None})
+            if "layout" in a:
+                row["variant"] += f" {('half-split', 'interleaved')[a['layout']]} simd{a.get('simd', '')}"
+            if row["status"] == "ok" and b.get("GBps"):
+                row["gb_per_s"] = b["GBps"]
+                row["ratio_copy"] = b["GBps"] * 1e9 / self.copy if self.copy else None
+            rows.append(row)
+        for b in self.gb.get("bench_bias", []):
+            row = self.base_row(b, "bench_bias")
+            a = name_args(b["name"])
+            enc = re.sub(r"^BM_|_tile(_steps)?", "", b["name"].split("/")[0])
+            row.update({"group": "bias_tile", "encoder": enc, "n_q": a.get("tile"), "n_kv": a.get("tile"),
+                        "variant": "position lists" if a.get("lists") else "position ranges"})
+            if row["status"] == "ok" and b.get("bytes_per_second"):
+                row["gb_per_s"] = b["bytes_per_second"] / 1e9
+                row["ratio_cache_copy"] = b["bytes_per_second"] / self.cache_copy if self.cache_copy else None
+            rows.append(row)
+        for p in self.probes:
+            ok = p.get("status") == "ok"
+            rows.append({
+                "group": "memory_probe", "name": f"probe/{p['path']}/{p['encoder']}/{p['n']}", "path": p["path"],
+                "encoder": p["encoder"], "mask": "causal" if p.get("causal") else "full", "n_q": p["n"],
+                "n_kv": p["n"], "heads": p.get("heads"), "kv_heads": p.get("heads"), "d": p.get("d"),
+                "status": p.get("status"), "time_s": p.get("seconds") if ok else None,
+                "kernel_peak_bytes": p.get("heap_peak_bytes") if ok else None,
+                "allocs_per_iter": p.get("allocations") if ok else None,
+                "workspace_bytes": p.get("workspace_bytes") if ok else None, "input_bytes": p.get("input_bytes"),
+                "rss_peak_bytes": p.get("rss_peak_bytes") if ok else None,
+                "rss_growth_bytes": p["rss_peak_bytes"] - p["rss_start_bytes"] if ok else None,
+                "source": "probe_memory"})
+        for rec in self.ring:
+            row = {"group": "ring", "name": f"ring/P{rec.get('_P')}", "source": "ring_bench", "status": "ok",
+                   "path": "ring", "variant": f"P={rec.get('_P')}"}
+            if rec.get("_peak") is not None:
+                row["rss_peak_bytes"] = rec["_peak"]
+            rows.append(row)
+        return rows
+
+    def select(self, **kw):
+        return [r for r in self.rows if all(r.get(k) == v for k, v in kw.items())]
+
+    # ---- ring (records from bench/mpi's ring_bench; the format is that program's) ----
+
+    def load_ring(self):
+        recs = []
+        for path in sorted(glob.glob(os.path.join(self.folder, "ring_P*.json"))):
+            m = re.search(r"ring_P(\d+)\.json$", path)
+            data = load_json(path)
+            if data is None:
+                continue
+            items = data if isinstance(data, list) else data.get("records") or data.get("benchmarks") or [data]
+            for item in items:
+                if not isinstance(item, dict):
+                    continue
+                flat = {}
+                for k, v in item.items():
+                    if isinstance(v, dict):
+                        flat.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+                    else:
+                        flat[k] = v
+                p = next((flat[k] for k in ("P", "ranks", "np", "world_size", "processes") if k in flat), None)
+                flat["_P"] = p if p is not None else int(m.group(1))
+                peak = None
+                for k, v in flat.items():
+                    if re.search(r"peak|max_rss|maxrss", k, re.I) and not k.startswith("_"):
+                        vals = v if isinstance(v, list) else [v]
+                        nums = [x for x in vals if isinstance(x, (int, float))]
+                        if nums:
+                            peak = max(nums) * (1024 if re.search(r"kib|_kb$", k, re.I) else 1)
+                            break
+                flat["_peak"] = peak
+                recs.append(flat)
+        return recs
+
+
+# ---------------------------------------------------------------- plots
+
+def plots(res, folder):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    made = []
+    enc_names = ["none", "rope", "rope_linear", "rope_ntk", "rope_dynamic_ntk", "rope_yarn", "rope_llama3",
+                 "rope_longrope", "alibi", "t5", "shaw", "sinusoidal"]
+    # RoPE's policies in shades from blue to green (they share one kernel), the biases in warm colours.
+    ropes = [e for e in enc_names if e.startswith("rope")]
+    enc_color = {e: plt.get_cmap("winter")(i / (len(ropes) - 1)) for i, e in enumerate(ropes)}
+    enc_color.update({"none": "black", "alibi": "tab:red", "t5": "tab:orange", "shaw": "tab:brown",
+                      "sinusoidal": "tab:pink"})
+
+    def n_axis(ax, label="sequence length n (tokens)"):
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt_n(v) if v >= 1 else ""))
+        ax.set_xlabel(label)
+        ax.grid(True, which="major", alpha=0.3)
+
+    def bytes_axis(ax):
+        """Log2 axis in KiB/MiB/GiB; call after plotting (the label step follows the range)."""
+        ax.set_yscale("log", base=2)
+        lo, hi = ax.get_ylim()
+        octaves = math.log2(hi / lo) if lo > 0 else 30
+        step = 1 if octaves <= 10 else 2 if octaves <= 22 else 4
+        ax.yaxis.set_major_locator(LogLocator(base=2, numticks=60))
+        ax.yaxis.set_major_formatter(FuncFormatter(
+            lambda v, _: fmt_bytes(v).replace(".00", "") if v > 0 and round(math.log2(v)) % step == 0 else ""))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+
+    def rate_axis(ax, label):
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=30))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: fmt(v, 2)))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_ylabel(label)
+
+    def hline(ax, y, text, color, style):
+        if not y:
+            return
+        ax.axhline(y, color=color, linestyle=style, linewidth=1.3)
+        ax.annotate(text, xy=(0.01, y), xycoords=("axes fraction", "data"), xytext=(0, 3),
+                    textcoords="offset points", color=color, fontsize=8, va="bottom")
+
+    def series(rows, xkey, ykey):
+        pts = sorted((r[xkey], r[ykey]) for r in rows if r.get(ykey) is not None and r.get(xkey))
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    def skip_marks(ax, skipped, y_of, label_once=True):
+        done = False
+        for r in skipped:
+            m = re.search(r"would need ([\d.e+]+) GiB", r["status"] or "")
+            if not m:
+                continue
+            y = y_of(r, float(m.group(1)))
+            ax.plot([r["n_kv"]], [y], marker="x", color="red", markersize=9, mew=2, linestyle="none")
+            if label_once and not done:
+                ax.annotate(f"naive skipped at n={fmt_n(r['n_kv'])}:\n{r['status'].removeprefix('skipped: ')}",
+                            xy=(r["n_kv"], y), xytext=(-10, -28), textcoords="offset points", ha="right",
+                            fontsize=8, color="red")
+                done = True
+
+    # ---- throughput ----
+    fig, axes = plt.subplots(1, 2, figsize=(15, 6.2))
+    ax = axes[0]
+    variants = [("prefill", "full", "full", "tab:blue"), ("prefill", "causal", "causal", "tab:orange"),
+                ("window", "window", "causal, window", "tab:green"), ("gqa", "causal", "causal GQA 8/2", "tab:purple")]
+    any_line = False
+    for group, mask, text, color in variants:
+        for path, style, marker in (("blockwise", "-", "o"), ("naive", "--", "s")):
+            rows = [r for r in res.select(group=group, path=path, mask=mask, status="ok") if r.get("d") == 128]
+            xs, ys = series(rows, "n_kv", "gflops")
+            if xs:
+                wtxt = f" {fmt_n(rows[0]['window'])}" if group == "window" else ""
+                ax.plot(xs, ys, linestyle=style, marker=marker, color=color, markersize=4,
+                        label=f"{path}, {text}{wtxt}")
+                any_line = True
+                if path == "naive":
+                    ax.annotate(f"naive stops\n(n={fmt_n(xs[-1])})" if group == "prefill" and mask == "full" else "",
+                                xy=(xs[-1], ys[-1]), xytext=(6, -4), textcoords="offset points", fontsize=7,
+                                color=color)
+    hline(ax, res.fma and res.fma / 1e9, f"FMA peak {fmt(res.fma / 1e9 if res.fma else 0)} GFLOP/s", "black", "-.")
+    sg = res.sgemm_best(128)
+    hline(ax, sg and sg / 1e9, f"Eigen SGEMM d=128 (built for this CPU) {fmt(sg / 1e9 if sg else 0)} GFLOP/s",
+          "dimgray", ":")
+    n_axis(ax)
+    rate_axis(ax, "GFLOP/s (useful work, see report)")
+    ax.set_title("Attention prefill, 8 heads, d = 128: blockwise (solid) vs naive (dashed)")
+    if any_line:
+        ax.legend(fontsize=7, loc="lower left", ncol=2)
+    skip_marks(ax, [r for r in res.rows if r.get("group") in ("prefill",) and r.get("path") == "naive"
+                    and (r.get("status") or "").startswith("skipped")], lambda r, g: res.fma / 1e9 * 0.8
+               if res.fma else 1)
+
+    ax = axes[1]
+    for enc in enc_names:
+        for path, style, marker in (("blockwise", "-", "o"), ("naive", "--", "s")):
+            xs, ys = series(res.select(group="encoder", path=path, encoder=enc, status="ok"), "n_kv", "gflops")
+            if xs:
+                ax.plot(xs, ys, linestyle=style, marker=marker, markersize=3.5, color=enc_color[enc],
+                        label=enc if path == "blockwise" else None, linewidth=1.2)
+    hline(ax, res.fma and res.fma / 1e9, "FMA peak", "black", "-.")
+    hline(ax, sg and sg / 1e9, "Eigen SGEMM d=128", "dimgray", ":")
+    n_axis(ax)
+    rate_axis(ax, "GFLOP/s")
+    ax.set_title("Encoders inside causal prefill (8 heads, d = 128)\nblockwise solid, naive dashed")
+    ax.legend(fontsize=7, loc="lower left", ncol=3, title="encoder (rotation inside the kernel)", title_fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "throughput.png"), dpi=110)
+    plt.close(fig)
+    made.append("throughput.png")
+
+    # ---- memory ----
+    fig, axes = plt.subplots(1, 2, figsize=(15, 6.5))
+    ax = axes[0]
+    probes = res.select(group="memory_probe")
+    limit = (res.meta.get("mem_limit_gib") or 8) * GIB
+    first_pts = {}
+    for enc in enc_names:
+        for path, style, marker in (("blockwise", "-", "o"), ("naive", "--", "s")):
+            xs, ys = series([r for r in probes if r["encoder"] == enc and r["path"] == path and r["status"] == "ok"],
+                            "n_kv", "rss_growth_bytes")
+            if xs:
+                ax.plot(xs, ys, linestyle=style, marker=marker, markersize=4, color=enc_color[enc],
+                        label=f"{path}, {enc}")
+                first_pts.setdefault(path, (xs[0], ys[0]))
+    # Slope guides through the first points.
+    xs_all = sorted({r["n_kv"] for r in probes})
+    if xs_all:
+        for path, k, text in (("blockwise", 1, "slope 1 (linear)"), ("naive", 2, "slope 2 (quadratic)")):
+            if path in first_pts:
+                x0, y0 = first_pts[path]
+                gx = [x for x in xs_all if x >= x0]
+                gy = [y0 * (x / x0) ** k * (0.5 if k == 1 else 2.0) for x in gx]
+                ax.plot(gx, gy, color="gray", linestyle=":", linewidth=1)
+                ax.annotate(text, xy=(gx[-1], gy[-1]), xytext=(-4, 4), textcoords="offset points", ha="right",
+                            fontsize=8, color="gray")
+    hline(ax, limit, f"limit {fmt(limit / GIB)} GiB (--mem-limit)", "red", "--")
+    skip_marks(ax, [r for r in probes if r["path"] == "naive" and (r["status"] or "").startswith("skipped")],
+               lambda r, g: g * GIB)
+    n_axis(ax)
+    bytes_axis(ax)
+    shape = res.meta.get("probe_shape", {})
+    ax.set_ylabel("peak RSS of a fresh process minus its RSS at start")
+    ax.set_title(f"Peak resident memory, one process per point ({shape.get('heads', 1)} head, "
+                 f"d = {shape.get('d', 128)}, causal)\nblockwise solid, naive dashed")
+    if first_pts:
+        ax.legend(fontsize=7, loc="lower right", ncol=2)
+
+    ax = axes[1]
+    any_line = False
+    for enc in enc_names:
+        for path, style, marker in (("blockwise", "-", "o"), ("naive", "--", "s")):
+            rows = [r for r in res.rows if r.get("group") in ("encoder",) and r.get("encoder") == enc
+                    and r.get("path") == path and r.get("status") == "ok"]
+            xs, ys = series(rows, "n_kv", "kernel_peak_bytes")
+            if xs:
+                ax.plot(xs, ys, linestyle=style, marker=marker, markersize=4, color=enc_color[enc],
+                        label=enc if path == "blockwise" else None)
+                any_line = True
+    n_axis(ax)
+    bytes_axis(ax)
+    ax.set_ylabel("peak of the kernel's own heap allocations")
+    ax.set_title("The kernel's own heap peak (Google Benchmark MemoryManager)\ncausal prefill, 8 heads, d = 128: "
+                 "blockwise solid, naive dashed")
+    if any_line:
+        ax.legend(fontsize=7, loc="upper left", ncol=3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "memory.png"), dpi=110)
+    plt.close(fig)
+    made.append("memory.png")
+
+    # ---- bandwidth-bound kernels ----
+    fig, axes = plt.subplots(1, 2, figsize=(15, 5.8))
+    ax = axes[0]
+    for n_q, color in ((1, "tab:blue"), (16, "tab:orange")):
+        for path, style, marker in (("blockwise", "-", "o"), ("naive", "--", "s")):
+            rows = [r for r in res.select(group="decode", path=path, status="ok") if r.get("n_q") == n_q]
+            xs, ys = series(rows, "n_kv", "gb_per_s")
+            if xs:
+                ax.plot(xs, ys, linestyle=style, marker=marker, markersize=5, color=color,
+                        label=f"{path}, {n_q} quer{'y' if n_q == 1 else 'ies'}")
+    hline(ax, res.copy and res.copy / 1e9, f"copy bandwidth {fmt(res.copy / 1e9 if res.copy else 0)} GB/s", "black",
+          "-.")
+    n_axis(ax, "tokens in the KV cache (n_kv)")
+    rate_axis(ax, "GB/s of K and V read")
+    ax.set_title("Decode against a KV cache (GQA 8/2, d = 128)")
+    ax.legend(fontsize=8, loc="lower left")
+
+    ax = axes[1]
+    for enc in enc_names:
+        for variant, style, marker in (("cache", "-", "o"), ("direct", "--", "s"), ("add_to", "-", "D")):
+            rows = [r for r in res.select(group="encoder_apply", encoder=enc, status="ok") if r["variant"] == variant]
+            xs, ys = series(rows, "n_q", "gb_per_s")
+            if xs:
+                ax.plot(xs, ys, linestyle=style, marker=marker, markersize=4, color=enc_color.get(enc, "gray"),
+                        label=f"{enc} ({variant})")
+    hline(ax, res.copy and res.copy / 1e9, "copy bandwidth", "black", "-.")
+    n_axis(ax, "tokens")
+    rate_axis(ax, "GB/s read + written")
+    ax.set_title("Encoders on their own: sinusoidal add, RoPE rotate per policy\n(cos/sin cache solid, direct angles dashed)")
+    ax.legend(fontsize=7, loc="lower left", ncol=2)
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "bandwidth.png"), dpi=110)
+    plt.close(fig)
+    made.append("bandwidth.png")
+
+    # ---- ring ----
+    ring = [r for r in res.ring if r.get("_peak")]
+    if ring:
+        fig, ax = plt.subplots(figsize=(7, 5))
+        pts = sorted((r["_P"], r["_peak"]) for r in ring)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({p[0] for p in pts}))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: str(int(v))))
+        bytes_axis(ax)
+        ax.set_xlabel("processes P")
+        ax.set_ylabel("peak memory per process")
+        ax.set_title("Ring attention (simulated on one machine): per-process peak at a fixed total length")
+        ax.grid(True, alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(os.path.join(folder, "ring.png"), dpi=110)
+        plt.close(fig)
+        made.append("ring.png")
+    return made
+
+
+# ---------------------------------------------------------------- report
+
+def headline(res):
+    lines = []
+
+    def best(rows, key):
+        rows = [r for r in rows if r.get(key) is not None]
+        return max(rows, key=lambda r: r["n_kv"] or 0) if rows else None
+
+    for mask in ("causal", "full"):
+        r = best([r for r in res.select(group="prefill", path="blockwise", mask=mask, status="ok") if r["d"] == 128],
+                 "gflops")
+        if r:
+            lines.append(f"Blockwise {mask} prefill, n = {fmt_n(r['n_kv'])} (8 heads, d = 128): {fmt(r['gflops'])} "
+                         f"GFLOP/s = {fmt_ratio(r['ratio_fma'])} of the FMA peak, {fmt_ratio(r.get('ratio_sgemm'))}x "
+                         f"Eigen SGEMM built for this CPU")
+    naive = best([r for r in res.select(group="prefill", path="naive", mask="causal", status="ok") if r["d"] == 128],
+                 "gflops")
+    if naive:
+        blk = [r for r in res.select(group="prefill", path="blockwise", mask="causal", status="ok")
+               if r["d"] == 128 and r["n_kv"] == naive["n_kv"]]
+        speed = f"; blockwise is {fmt(blk[0]['gflops'] / naive['gflops'], 2)}x faster there" if blk else ""
+        lines.append(f"Naive causal prefill, n = {fmt_n(naive['n_kv'])}: {fmt(naive['gflops'])} GFLOP/s = "
+                     f"{fmt_ratio(naive['ratio_fma'])} of the FMA peak{speed}")
+    enc_rows = res.select(group="encoder", path="blockwise", status="ok")
+    if enc_rows:
+        n = max(r["n_kv"] for r in enc_rows)
+        at = {r["encoder"]: r for r in enc_rows if r["n_kv"] == n}
+        if "none" in at:
+            costs = ", ".join(f"{e} {100 * (at[e]['time_s'] / at['none']['time_s'] - 1):+.0f}%"
+                              for e in ("rope", "rope_llama3", "alibi", "t5", "shaw") if e in at)
+            lines.append(f"Encoders inside causal blockwise prefill at n = {fmt_n(n)}, time against none: {costs}")
+    for group, text in (("window", "Sliding-window (causal)"), ("gqa", "GQA 8/2 causal")):
+        r = best(res.select(group=group, path="blockwise", status="ok"), "gflops")
+        if r:
+            extra = f", window {fmt_n(r['window'])}" if group == "window" else ""
+            lines.append(f"{text} prefill, n = {fmt_n(r['n_kv'])}{extra}: {fmt(r['gflops'])} GFLOP/s = "
+                         f"{fmt_ratio(r['ratio_fma'])} of the FMA peak")
+    dec = best([r for r in res.select(group="decode", path="blockwise", status="ok") if r["n_q"] == 1], "gb_per_s")
+    if dec:
+        lines.append(f"Decode, 1 query against {fmt_n(dec['n_kv'])} cached tokens (GQA 8/2, d = 128): "
+                     f"{fmt(dec['gb_per_s'])} GB/s of K and V = {fmt_ratio(dec['ratio_copy'])} of the copy bandwidth")
+    rope = [r for r in res.select(group="encoder_apply", encoder="rope", variant="cache", status="ok")]
+    if rope:
+        r = max(rope, key=lambda r: r["n_q"])
+        lines.append(f"RoPE rotate with a cos/sin cache, {fmt_n(r['n_q'])} tokens x 32 heads x 128: "
+                     f"{fmt(r['gb_per_s'])} GB/s = {fmt_ratio(r['ratio_copy'])}x the copy bandwidth")
+    probes = res.select(group="memory_probe", encoder="none")
+    if probes:
+        parts = []
+        for path in ("blockwise", "naive"):
+            ok = sorted((r["n_kv"], r["rss_growth_bytes"]) for r in probes if r["path"] == path and r["status"] == "ok")
+            s = slope(ok[-4:])
+            if s is not None:
+                parts.append(f"{path} slope {s:.2f} (to {fmt_bytes(ok[-1][1])} at n = {fmt_n(ok[-1][0])})")
+        skipped = sorted((r["n_kv"], r["status"]) for r in probes if r["path"] == "naive"
+                         and (r["status"] or "").startswith("skipped"))
+        if skipped:
+            parts.append(f"naive skipped from n = {fmt_n(skipped[0][0])} ({skipped[0][1].removeprefix('skipped: ')})")
+        lines.append("Peak RSS of a fresh process against n (log-log): " + "; ".join(parts))
+    ring = [r for r in res.ring if r.get("_peak")]
+    if ring:
+        lines.append("Ring attention, per-process peak against P: " +
+                     ", ".join(f"P={r['_P']}: {fmt_bytes(r['_peak'])}" for r in sorted(ring, key=lambda r: r["_P"])))
+    return lines
+
+
+def machine_section(res):
+    m = res.meta
+    env = m.get("env", {})
+    env_text = ", ".join(f"`{k}={v}`" if v is not None else f"`{k}` unset" for k, v in env.items()) or "none"
+    rows = [
+        ("CPU", f"{m.get('cpu_model', '?')}, {m.get('cpus', '?')} logical CPUs"
+                f"{', ' + str(m['threads_per_core']) + ' thread(s) per core' if m.get('threads_per_core') else ''}"
+                f"{', hypervisor ' + m['hypervisor'] if m.get('hypervisor') else ''}"),
+        ("CPU flags (SIMD)", " ".join(m.get("cpu_flags", [])) or "?"),
+        ("caches", ", ".join(f"{k} {v}" for k, v in m.get("caches", {}).items()) or "?"),
+        ("memory", f"{m.get('memory_gib', '?')} GiB"),
+        ("kernel, governor", f"Linux {m.get('kernel', '?')}, {m.get('governor') or 'no cpufreq governor exposed'}"),
+        ("compiler", m.get("compiler", "?")),
+        ("build", f"{m.get('build_type', '?')}, flags `{m.get('compile_flags', '')}`"),
+        ("OpenMP", m.get("openmp", "?")),
+        ("Eigen", m.get("eigen", "?")),
+        ("Google Benchmark", m.get("google_benchmark", "?")),
+        ("environment", env_text),
+        ("commit", f"`{m.get('commit', '?')}`"),
+        ("run", f"{m.get('date', '?')} on {m.get('host', '?')}, mode `{m.get('mode', '?')}`, "
+                f"{fmt(m.get('run_seconds', 0) / 60, 2)} min after the build, min time per point "
+                f"{m.get('min_time_s', '?')} s, memory limit {m.get('mem_limit_gib', '?')} GiB"
+                f"{', filter `' + m['filter'] + '`' if m.get('filter') else ''}"),
+        ("load average", f"{' '.join(m.get('load_average_start', []))} at start, "
+                         f"{' '.join(m.get('load_average_end', []))} at end"),
+    ]
+    return md_table(["", ""], [(f"**{a}**", b) for a, b in rows])
+
+
+def ceilings_section(res):
+    def drift(a, b):
+        return f"{100 * (b / a - 1):+.0f}%" if a and b else ""
+
+    rows = [
+        ("FMA peak, all cores (AVX-512, 12 chains)", "GFLOP/s", res.fma_start, res.fma_end, 1e9),
+        ("copy bandwidth, 256 MiB (DRAM), read + write", "GB/s", res.copy_start, res.copy_end, 1e9),
+        ("copy bandwidth, 512 KiB (cache), read + write", "GB/s", res.cache_start, res.cache_end, 1e9),
+    ]
+    table = [(name, f"{fmt(a / s) if a else ''} {unit}", f"{fmt(b / s) if b else ''} {unit}", drift(a, b))
+             for name, unit, a, b, s in rows]
+    for (n, d), v in sorted(res.sgemm.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        table.append((f"Eigen SGEMM, S = QK^T and O = PV, n = {fmt_n(n)}, d = {d} (-march=native)",
+                      f"{fmt(v / 1e9)} GFLOP/s", "", ""))
+    text = md_table(["ceiling", "start of run", "end of run", "drift"], table)
+    spread = [abs(a / b - 1) for _, _, a, b, _ in rows if a and b]
+    if spread and max(spread) > 0.10:
+        text += ("\n\n**The ceilings moved by more than 10% during the run: the machine was not quiet, so "
+                 "ratios are approximate.**")
+    text += ("\n\nRatios use the higher of the two measurements. The Eigen SGEMM ratio of an attention point "
+             "uses the SGEMM of its head_dim at the nearest measured n.")
+    return text
+
+
+def prefill_section(res):
+    rows = []
+    for group in ("prefill", "window", "gqa"):
+        for r in sorted(res.select(group=group), key=lambda r: (r["d"] or 0, r["mask"] or "", r["n_kv"] or 0,
+                                                                 r["path"] or "")):
+            what = {"prefill": r["mask"], "window": f"causal, window {fmt_n(r['window'] or 0)}",
+                    "gqa": f"causal, GQA {r['heads']}/{r['kv_heads']}"}[group]
+            rows.append((what, r["d"], fmt_n(r["n_kv"]), r["path"], fmt_time(r.get("time_s")),
+                         fmt(r.get("tokens_per_s")), fmt(r.get("gflops")), fmt_ratio(r.get("ratio_fma")),
+                         fmt_ratio(r.get("ratio_sgemm")), fmt_bytes(r.get("kernel_peak_bytes")),
+                         "" if r["status"] == "ok" else r["status"]))
+    return md_table(["attention", "d", "n", "path", "time", "tokens/s", "GFLOP/s", "x FMA peak", "x Eigen SGEMM",
+                     "kernel heap peak", "status"], rows)
+
+
+def encoder_section(res):
+    rows = res.select(group="encoder")
+    if not rows:
+        return "_No encoder points in this run._"
+    ns = sorted({r["n_kv"] for r in rows})
+    encs = []
+    for r in rows:
+        if r["encoder"] not in encs:
+            encs.append(r["encoder"])
+    out = []
+    for path in ("blockwise", "naive"):
+        table = []
+        for e in encs:
+            cells = []
+            for n in ns:
+                hit = [r for r in rows if r["encoder"] == e and r["path"] == path and r["n_kv"] == n]
+                if not hit:
+                    cells.append("")
+                elif hit[0]["status"] != "ok":
+                    cells.append(hit[0]["status"])
+                else:
+                    cells.append(f"{fmt(hit[0]['gflops'])} ({fmt_ratio(hit[0]['ratio_fma'])})")
+            if any(cells):
+                table.append([e] + cells)
+        if table:
+            out.append(f"**{path}** — GFLOP/s (ratio to the FMA peak):\n\n" +
+                       md_table(["encoder"] + [f"n = {fmt_n(n)}" for n in ns], table))
+    return "\n\n".join(out)
+
+
+def decode_section(res):
+    rows = []
+    for r in sorted(res.select(group="decode"), key=lambda r: (r["n_q"], r["n_kv"], r["path"])):
+        rows.append((fmt_n(r["n_kv"]), r["n_q"], r["path"], fmt_time(r.get("time_s")), fmt(r.get("gb_per_s")),
+                     fmt_ratio(r.get("ratio_copy")), fmt(r.get("tokens_per_s")),
+                     fmt_bytes(r.get("kernel_peak_bytes")), "" if r["status"] == "ok" else r["status"]))
+    return md_table(["n_kv", "n_q", "path", "time", "GB/s of K+V", "x copy bandwidth", "tokens/s",
+                     "kernel heap peak", "status"], rows)
+
+
+def workspace_section(res):
+    rows = []
+    for r in sorted(res.rows, key=lambda r: (r.get("n_kv") or 0, r.get("group") or "")):
+        if r.get("group") in ("workspace_reused", "workspace_per_call"):
+            rows.append((fmt_n(r["n_kv"]), "reused" if r["group"] == "workspace_reused" else "allocated per call",
+                         fmt_time(r.get("time_s")), fmt(r.get("gflops")), fmt_ratio(r.get("ratio_fma")),
+                         fmt(r.get("allocs_per_iter"), 2), fmt_bytes(r.get("kernel_peak_bytes")),
+                         fmt_bytes(r.get("workspace_bytes"))))
+    return md_table(["n", "workspace", "time", "GFLOP/s", "x FMA peak", "allocations per call",
+                     "kernel heap peak", "attention_workspace_bytes"], rows)
+
+
+def apply_section(res):
+    rows = []
+    for r in res.select(group="encoder_apply"):
+        rows.append((r["encoder"], r["variant"], fmt_n(r["n_q"]), fmt_time(r.get("time_s")), fmt(r.get("gb_per_s")),
+                     fmt_ratio(r.get("ratio_copy")), fmt(r.get("tokens_per_s")),
+                     fmt_bytes(r.get("kernel_peak_bytes")), "" if r["status"] == "ok" else r["status"]))
+    return md_table(["encoder", "variant", "tokens", "time", "GB/s", "x copy bandwidth", "tokens/s",
+                     "kernel heap peak", "status"], rows)
+
+
+def rope_section(res):
+    rows = []
+    for b in res.gb.get("bench_rope", []):
+        if b.get("error_occurred"):
+            continue
+        a = name_args(b["name"])
+        kind = b["name"].split("/")[0].removeprefix("BM_")
+        layout = ("half-split", "interleaved")[a["layout"]] if "layout" in a else ""
+        simd = ("portable", "AVX2", "AVX-512")[a["simd"]] if "simd" in a else ""
+        rows.append((kind, fmt_n(a.get("tokens", 0)), layout, simd, fmt(b.get("GBps")), fmt_ratio(b.get("ratio")),
+                     fmt_ratio(b.get("ratio_inplace")),
+                     fmt_ratio(b["GBps"] * 1e9 / res.copy) if res.copy and b.get("GBps") else ""))
+    return md_table(["kernel", "tokens", "layout", "SIMD", "GB/s", "x memcpy (same point)",
+                     "x in-place stream (same point)", "x copy bandwidth (ceiling)"], rows)
+
+
+def bias_section(res):
+    rows = []
+    for r in res.select(group="bias_tile"):
+        b = next(x for x in res.gb["bench_bias"] if x["name"].removesuffix("/real_time") == r["name"])
+        rows.append((r["encoder"], r["n_q"], r["variant"], fmt(b.get("elements", 0) / 1e9) if b.get("elements") else "",
+                     fmt(r.get("gb_per_s")), fmt_ratio(r.get("ratio_cache_copy"))))
+    return md_table(["bias", "tile side", "positions", "G elements/s", "GB/s (tile read + written)",
+                     "x cache copy bandwidth"], rows)
+
+
+def memory_section(res):
+    probes = res.select(group="memory_probe")
+    if not probes:
+        return "_No memory probes in this run._"
+    ns = sorted({r["n_kv"] for r in probes})
+    cols = []
+    for r in probes:
+        key = (r["path"], r["encoder"])
+        if key not in cols:
+            cols.append(key)
+    table = []
+    for n in ns:
+        cells = [fmt_n(n)]
+        for path, enc in cols:
+            hit = [r for r in probes if r["n_kv"] == n and r["path"] == path and r["encoder"] == enc]
+            if not hit:
+                cells.append("")
+            elif hit[0]["status"] != "ok":
+                cells.append(hit[0]["status"])
+            else:
+                cells.append(fmt_bytes(hit[0]["rss_growth_bytes"]))
+        table.append(cells)
+    slopes = ["slope (last 4 points)"]
+    for path, enc in cols:
+        pts = sorted((r["n_kv"], r["rss_growth_bytes"]) for r in probes
+                     if r["path"] == path and r["encoder"] == enc and r["status"] == "ok")
+        s = slope(pts[-4:])
+        slopes.append("" if s is None else f"**{s:.2f}**")
+    table.append(slopes)
+    shape = res.meta.get("probe_shape", {})
+    text = (f"One process per point: {shape.get('heads', 1)} head, d = {shape.get('d', 128)}, causal prefill, "
+            "no workspace passed (the call allocates its own). Each cell is the peak resident set of the process "
+            "(getrusage `ru_maxrss`) minus its resident set at start, so the inputs q, k, v and out "
+            f"(4 · n · d · 4 bytes) are included. Naive points whose memory would pass the limit "
+            f"({res.meta.get('mem_limit_gib', 8)} GiB) are not run.\n\n")
+    text += md_table(["n"] + [f"{p}, {e}" for p, e in cols], table)
+    heap = []
+    for path in ("blockwise", "naive"):
+        pts = sorted((r["n_kv"], r["kernel_peak_bytes"]) for r in probes
+                     if r["path"] == path and r["encoder"] == "none" and r["status"] == "ok")
+        if pts:
+            heap.append(f"{path}: " + ", ".join(f"{fmt_n(n)} → {fmt_bytes(b)}" for n, b in pts))
+    if heap:
+        text += ("\n\nThe call's own heap allocations in the same processes (encoder none): " + "; ".join(heap) + ".")
+    return text
+
+
+def ring_section(res):
+    note = res.meta.get("ring", "not run")
+    if not res.ring:
+        return f"_Ring attention: {note}._"
+    keys = []
+    for r in res.ring:
+        for k in r:
+            if not k.startswith("_") and k not in keys:
+                keys.append(k)
+    keys = keys[:12]
+    rows = []
+    for r in sorted(res.ring, key=lambda r: r["_P"]):
+        rows.append([r["_P"]] + [fmt(v) if isinstance(v, float) else
+                                 (fmt_bytes(v) if isinstance(v, int) and re.search(r"bytes|rss|peak", k) else
+                                  str(v) if not isinstance(v, list) else ", ".join(map(str, v[:8])))
+                                 for k, v in ((k, r.get(k, "")) for k in keys)])
+    return f"{note}.\n\n" + md_table(["P"] + keys, rows) + ("\n\n![ring](ring.png)" if any(
+        r.get("_peak") for r in res.ring) else "")
+
+
+def failures_section(res):
+    bad = [s for s in res.steps if s.get("rc") not in (0, None)]
+    if not bad:
+        return ""
+    return "## Failed steps\n\n" + md_table(["step", "exit", "command"], [
+        (f"{s['exe']} {s['name']}", s["rc"], "`" + " ".join(s["argv"][-6:]) + "`") for s in bad]) + "\n"
+
+
+def write_csv(res, folder):
+    with open(os.path.join(folder, "results.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in res.rows:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_COLUMNS})
+
+
+def main():
+    if len(sys.argv) != 2:
+        sys.exit("usage: bench/report.py RESULTS_FOLDER")
+    folder = sys.argv[1]
+    res = Results(folder)
+    write_csv(res, folder)
+    try:
+        pngs = plots(res, folder)
+    except ImportError as e:
+        print(f"bench/report.py: no plots ({e}); install python3-matplotlib", file=sys.stderr)
+        pngs = []
+    head = headline(res)
+    m = res.meta
+    parts = [
+        f"# posenc benchmark report: {m.get('date', '?')}, {m.get('host', '?')}, mode {m.get('mode', '?')}",
+        f"Commit `{m.get('commit', '?')}`. Every point and its ratios are in [results.csv](results.csv); the raw "
+        "Google Benchmark JSON of each executable is beside it. How to read this report, the ceilings and the "
+        "formulas: [docs/benchmarks.md](../../../docs/benchmarks.md).",
+        "## Headline\n\n" + ("\n".join(f"- {h}" for h in head) if head else "_Nothing measured._"),
+        "## Plots\n\n" + "\n\n".join(f"![{p}]({p})" for p in pngs if p != "ring.png"),
+        "## Machine\n\n" + machine_section(res),
+        "## Ceilings, measured in this run\n\n" + ceilings_section(res),
+        "## How the figures are computed\n\n"
+        f"- GFLOP/s: {FLOP_FORMULA}\n"
+        "- tokens/s: query tokens per second (n_q / time).\n"
+        "- Decode GB/s: the K and V bytes the call must read, 2 · n_kv · kv_heads · d · 4, per second; encoders on "
+        "their own: the matrix read and written once, 2 · rows · cols · 4 bytes. Both are divided by the DRAM copy "
+        "bandwidth; in-place kernels can pass it, because memcpy also reads every destination line before "
+        "writing it.\n"
+        "- Kernel heap peak: Google Benchmark's MemoryManager runs each point once more and reports the highest "
+        "heap use above what was held when the timed loop started (the inputs), so it counts the kernel's own "
+        "allocations: the blockwise workspace, the naive scores and copies, OpenMP's and Eigen's buffers.\n"
+        "- Peak RSS: a fresh process per size (bench/probe_memory.cpp), see the memory section.\n"
+        "- Time is wall time per call (Google Benchmark real time), with all cores (OpenMP) unless stated.",
+        "## Attention prefill: full, causal, sliding window, GQA (8 heads)\n\n" + prefill_section(res),
+        "## Encoders inside causal prefill (8 heads, d = 128)\n\n" + encoder_section(res),
+        "## Decode against a KV cache (GQA 8/2, d = 128)\n\n" + decode_section(res),
+        "## Workspace reused or allocated per call (causal prefill, 8 heads, d = 128)\n\n" + workspace_section(res),
+        "## Encoders on their own (bandwidth bound)\n\n" + apply_section(res),
+        "## RoPE kernels by layout and SIMD level (bench_rope)\n\n" + rope_section(res),
+        "## Bias tiles (bench_bias)\n\n" + bias_section(res),
+        "## Peak memory against sequence length\n\n" + memory_section(res),
+        "## Ring attention (P = 1, 2, 4)\n\n" + ring_section(res),
+        failures_section(res),
+    ]
+    with open(os.path.join(folder, "report.md"), "w") as f:
+        f.write("\n\n".join(p for p in parts if p).rstrip() + "\n")
+    print("Headline:")
+    for h in head:
+        print(f"- {h}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
