@@ -523,15 +523,24 @@ def plots(res, folder):
     ring = [r for r in res.ring if r.get("_peak")]
     if ring:
         fig, ax = plt.subplots(figsize=(7, 5))
-        pts = sorted((r["_P"], r["_peak"]) for r in ring)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
+        per_p = {}
+        for r in ring:  # records per rank or per run: the largest per P
+            per_p[r["_P"]] = max(per_p.get(r["_P"], 0), r["_peak"])
+        pts = sorted(per_p.items())
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label="measured (largest rank)")
+        p0, y0 = pts[0]
+        ax.plot([p[0] for p in pts], [y0 * p0 / p[0] for p in pts], color="gray", linestyle=":",
+                label="1/P from the first point")
+        ax.legend(fontsize=8)
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted({p[0] for p in pts}))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: str(int(v))))
         bytes_axis(ax)
         ax.set_xlabel("processes P")
         ax.set_ylabel("peak memory per process")
-        ax.set_title("Ring attention (simulated on one machine): per-process peak at a fixed total length")
+        total = next((r[k] for r in ring for k in r if re.search(r"total|seq", k) and isinstance(r[k], int)), None)
+        ax.set_title("Ring attention, P processes on one machine:\nper-process peak memory at a fixed total length"
+                     + (f" ({fmt_n(total)} tokens)" if total else ""))
         ax.grid(True, alpha=0.3)
         fig.tight_layout()
         fig.savefig(os.path.join(folder, "ring.png"), dpi=110)
@@ -820,12 +829,14 @@ def ring_section(res):
             if not k.startswith("_") and k not in keys:
                 keys.append(k)
     keys = keys[:12]
-    rows = []
-    for r in sorted(res.ring, key=lambda r: r["_P"]):
-        rows.append([r["_P"]] + [fmt(v) if isinstance(v, float) else
-                                 (fmt_bytes(v) if isinstance(v, int) and re.search(r"bytes|rss|peak", k) else
-                                  str(v) if not isinstance(v, list) else ", ".join(map(str, v[:8])))
-                                 for k, v in ((k, r.get(k, "")) for k in keys)])
+    def cell(k, v):
+        if isinstance(v, list):
+            return ", ".join(cell(k, x) for x in v[:8]) + (", ..." if len(v) > 8 else "")
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and re.search(r"bytes|rss|peak", k, re.I):
+            return fmt_bytes(v)
+        return fmt(v) if isinstance(v, float) else str(v)
+
+    rows = [[r["_P"]] + [cell(k, r.get(k, "")) for k in keys] for r in sorted(res.ring, key=lambda r: r["_P"])]
     return f"{note}.\n\n" + md_table(["P"] + keys, rows) + ("\n\n![ring](ring.png)" if any(
         r.get("_peak") for r in res.ring) else "")
 

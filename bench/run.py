@@ -176,7 +176,8 @@ class Runner:
         probe_lines = []
         for i, step in enumerate(self.steps, 1):
             elapsed = fmt_duration(time.time() - self.start)
-            print(f"[{i}/{total} {elapsed}] {step['exe']} {step['name']}", file=sys.stderr, flush=True)
+            shown = step["name"].removesuffix("/real_time")
+            print(f"[{i}/{total} {elapsed}] {step['exe']} {shown}", file=sys.stderr, flush=True)
             env = dict(self.env, **MPI_ENV) if step["kind"] == "ring" else self.env
             if "raw" in step:
                 os.makedirs(os.path.dirname(step["raw"]), exist_ok=True)
