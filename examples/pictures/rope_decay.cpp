@@ -23,7 +23,7 @@ namespace {
 constexpr posenc::index_t head_dim = 128;
 constexpr double base = 1e4;
 constexpr posenc::position trained = 2048;  // L0
-constexpr double factor = 4;                // extend to 4 L0
+constexpr int factor = 4;                   // extend to 4 L0
 constexpr posenc::position max_distance = factor * trained;
 
 /// RoFormer's relative upper bound at distance r for the encoder's frequency table.
