@@ -375,6 +375,26 @@ py::array bias_tile(const Enc& e, index_t head, py::handle qpos, py::handle kpos
   return out;
 }
 
+/// Adds `bias(head, qpos, kpos)` and `bias_tile(head, qpos, kpos, dtype)` to the class of a
+/// position-bias encoder (ALiBi, T5).
+template <class W>
+void def_bias_methods(py::class_<W>& c, const std::string& name) {
+  const std::string where = name + ".bias_tile";
+  c.def(
+       "bias", [](const W& w, index_t head, position q, position k) { return w.d.bias(head, q, k); }, "head"_a,
+       "qpos"_a, "kpos"_a, "The bias (float64) of local head `head` for a query at qpos and a key at kpos.")
+      .def(
+          "bias_tile",
+          [where](const W& w, index_t head, py::handle qpos, py::handle kpos, py::handle dt) {
+            const auto& p = w.d.params();
+            return parse_dtype(dt, where) == elem::f32
+                       ? bias_tile<float>(w, head, qpos, kpos, p.num_heads, p.head_offset, where)
+                       : bias_tile<double>(w, head, qpos, kpos, p.num_heads, p.head_offset, where);
+          },
+          "head"_a, "qpos"_a, "kpos"_a, "dtype"_a = "float32",
+          "A new [len(qpos), len(kpos)] array of the biases of local head `head`.");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Attention
 
@@ -382,6 +402,21 @@ struct attention_knobs {
   posenc::attention_params p;
   bool want_lse = false;
 };
+
+/// The encoder's head_dim must be the one of q.
+void check_head_dim(index_t enc, index_t d, const char* encoder) {
+  if (enc != d)
+    value_error("attention", std::string("the ") + encoder + " has head_dim " + std::to_string(enc) +
+                                 " but q has head_dim " + std::to_string(d));
+}
+
+/// A score-bias encoder must cover `heads` global heads from its head_offset.
+template <class P>
+void check_heads(const P& p, index_t heads, const char* what) {
+  if (p.head_offset + heads > p.num_heads)
+    value_error("attention", std::string("the ") + what + " for " + std::to_string(p.num_heads - p.head_offset) +
+                                 " heads (num_heads - head_offset) but heads = " + std::to_string(heads));
+}
 
 template <class T, class Enc>
 void run_attention(const matrix_arg<const T>& q, const matrix_arg<const T>& k, const matrix_arg<const T>& v,
@@ -452,27 +487,19 @@ py::object attention_typed(const py::array& qa, const py::array& ka, const py::a
     run_attention<T>(q, k, v, o.view, qp, kp, posenc::no_position<T>{}, kn, lse);
   } else if (py::isinstance<py_rope>(encoding)) {
     const auto& r = encoding.cast<const py_rope&>().get<T>();
-    if (r.head_dim() != d)
-      value_error(w,
-                  "the Rope has head_dim " + std::to_string(r.head_dim()) + " but q has head_dim " + std::to_string(d));
+    check_head_dim(r.head_dim(), d, "Rope");
     run_attention<T>(q, k, v, o.view, qp, kp, r, kn, lse);
   } else if (py::isinstance<py_alibi>(encoding)) {
     const auto& a = encoding.cast<const py_alibi&>().get<T>();
-    if (a.params().head_offset + h > a.params().num_heads)
-      value_error(w, "the Alibi has slopes for " + std::to_string(a.params().num_heads - a.params().head_offset) +
-                         " heads (num_heads - head_offset) but heads = " + std::to_string(h));
+    check_heads(a.params(), h, "Alibi has slopes");
     run_attention<T>(q, k, v, o.view, qp, kp, a, kn, lse);
   } else if (py::isinstance<py_t5>(encoding)) {
     const auto& t = encoding.cast<const py_t5&>().get<T>();
-    if (t.params().head_offset + h > t.params().num_heads)
-      value_error(w, "the T5Bias has a table for " + std::to_string(t.params().num_heads - t.params().head_offset) +
-                         " heads (num_heads - head_offset) but heads = " + std::to_string(h));
+    check_heads(t.params(), h, "T5Bias has a table");
     run_attention<T>(q, k, v, o.view, qp, kp, t, kn, lse);
   } else if (py::isinstance<py_shaw>(encoding)) {
     const auto& s = encoding.cast<const py_shaw&>().get<T>();
-    if (s.head_dim() != d)
-      value_error(w, "the ShawRelative has head_dim " + std::to_string(s.head_dim()) + " but q has head_dim " +
-                         std::to_string(d));
+    check_head_dim(s.head_dim(), d, "ShawRelative");
     run_attention<T>(q, k, v, o.view, qp, kp, s, kn, lse);
   } else if (py::isinstance<py_sinusoidal>(encoding)) {
     type_error(w,
@@ -681,7 +708,9 @@ PYBIND11_MODULE(posenc, m) {
       .def_property_readonly("dim", [](const py_sinusoidal& s) { return s.f.dim(); })
       .def_property_readonly("frequencies", [](const py_sinusoidal& s) { return to_numpy(s.d.frequencies()); });
 
-  py::class_<py_alibi>(m, "Alibi", "ALiBi (Press et al. 2022): bias -slope_h * (qpos - kpos), or * |qpos - kpos|.")
+  py::class_<py_alibi> alibi_class(m, "Alibi",
+                                   "ALiBi (Press et al. 2022): bias -slope_h * (qpos - kpos), or * |qpos - kpos|.");
+  alibi_class
       .def(py::init([](index_t num_heads, index_t head_offset, const std::string& form, double max_bias) {
              const posenc::alibi_params p{
                  .num_heads = num_heads,
@@ -698,22 +727,12 @@ PYBIND11_MODULE(posenc, m) {
           [](const py_alibi& a) {
             return to_numpy(posenc::alibi<double>::slopes(a.d.params().num_heads, a.d.params().max_bias));
           },
-          "The slopes of all num_heads global heads (float64).")
-      .def(
-          "bias", [](const py_alibi& a, index_t head, position q, position k) { return a.d.bias(head, q, k); },
-          "head"_a, "qpos"_a, "kpos"_a)
-      .def(
-          "bias_tile",
-          [](const py_alibi& a, index_t head, py::handle qpos, py::handle kpos, py::handle dt) {
-            const auto& p = a.d.params();
-            return parse_dtype(dt, "Alibi.bias_tile") == elem::f32
-                       ? bias_tile<float>(a, head, qpos, kpos, p.num_heads, p.head_offset, "Alibi.bias_tile")
-                       : bias_tile<double>(a, head, qpos, kpos, p.num_heads, p.head_offset, "Alibi.bias_tile");
-          },
-          "head"_a, "qpos"_a, "kpos"_a, "dtype"_a = "float32",
-          "A new [len(qpos), len(kpos)] array of biases of local head `head`.");
+          "The slopes of all num_heads global heads (float64).");
+  def_bias_methods(alibi_class, "Alibi");
 
-  py::class_<py_t5>(m, "T5Bias", "T5 bucketed relative position bias with a learned [num_buckets, num_heads] table.")
+  py::class_<py_t5> t5_class(m, "T5Bias",
+                             "T5 bucketed relative position bias with a learned [num_buckets, num_heads] table.");
+  t5_class
       .def(py::init([](py::handle table, position max_distance, bool bidirectional, index_t head_offset) {
              const auto t = table_of(table, "T5Bias", "table");
              const posenc::t5_bias_params p{.num_heads = t.cols(),
@@ -728,20 +747,8 @@ PYBIND11_MODULE(posenc, m) {
            "table: [num_buckets, num_heads] float32/float64 (copied).")
       .def(
           "bucket", [](const py_t5& t, position relative) { return t.d.bucket(relative); }, "relative"_a,
-          "The bucket of relative = kpos - qpos.")
-      .def(
-          "bias", [](const py_t5& t, index_t head, position q, position k) { return t.d.bias(head, q, k); }, "head"_a,
-          "qpos"_a, "kpos"_a)
-      .def(
-          "bias_tile",
-          [](const py_t5& t, index_t head, py::handle qpos, py::handle kpos, py::handle dt) {
-            const auto& p = t.d.params();
-            return parse_dtype(dt, "T5Bias.bias_tile") == elem::f32
-                       ? bias_tile<float>(t, head, qpos, kpos, p.num_heads, p.head_offset, "T5Bias.bias_tile")
-                       : bias_tile<double>(t, head, qpos, kpos, p.num_heads, p.head_offset, "T5Bias.bias_tile");
-          },
-          "head"_a, "qpos"_a, "kpos"_a, "dtype"_a = "float32",
-          "A new [len(qpos), len(kpos)] array of biases of local head `head`.");
+          "The bucket of relative = kpos - qpos.");
+  def_bias_methods(t5_class, "T5Bias");
 
   py::class_<py_shaw>(m, "ShawRelative",
                       "Shaw et al. 2018 relative keys and values: tables [2K + 1, head_dim], row r = distance r - K.")
