@@ -223,6 +223,40 @@ TEST_CASE("ring devices may hold queries without keys and keys without queries",
   CHECK(err <= ring_tolerance_ulps * eps<double>);
 }
 
+TEST_CASE("ring devices with scattered positions (a round-robin split)", "[ring]") {
+  // Device r holds the tokens at positions r, r + P, r + 2P, ...: no runs of consecutive positions,
+  // so each device's queries and keys are attended as one set, masked position by position.
+  const index_t n = 200;
+  const int P = 3;
+  const inputs in(n);
+  const posenc::no_position<double> none;
+  for (const posenc::attention_params& p :
+       {posenc::attention_params{.heads = heads, .kv_heads = kv_heads, .causal = true, .k_tile = 16},
+        posenc::attention_params{.heads = heads, .kv_heads = kv_heads, .window_left = 30, .window_right = 10}}) {
+    posenc::row_matrix<double> ref(n, heads * head_dim), out(n, heads * head_dim);
+    posenc::attention_reference(in.q, in.k, in.v, ref, posenc::arange(0, n), posenc::arange(0, n), none, p);
+    std::vector<std::vector<position>> pos(P);
+    for (index_t i = 0; i < n; ++i) pos[static_cast<std::size_t>(i % P)].push_back(i);
+    std::vector<posenc::row_matrix<double>> qs, ks, vs, outs;
+    std::vector<posenc::ring_device<double>> devices;
+    for (int r = 0; r < P; ++r) {
+      qs.push_back(posenc::ring_take_rows(in.q, pos[r]));
+      ks.push_back(posenc::ring_take_rows(in.k, pos[r]));
+      vs.push_back(posenc::ring_take_rows(in.v, pos[r]));
+      outs.emplace_back(qs.back().rows(), qs.back().cols());
+    }
+    for (int r = 0; r < P; ++r)
+      devices.push_back({posenc::view_of(qs[r]), posenc::view_of(ks[r]), posenc::view_of(vs[r]), pos[r], pos[r],
+                         posenc::view_of(outs[r])});
+    posenc::ring_attention_simulate(std::span<const posenc::ring_device<double>>(devices), none, p);
+    for (int r = 0; r < P; ++r) posenc::ring_put_rows(outs[r], pos[r], out);
+    index_t where = -1;
+    const double err = max_error(out, ref, &where);
+    INFO("causal " << p.causal << ": error " << err << " at flat index " << where);
+    CHECK(err <= ring_tolerance_ulps * eps<double>);
+  }
+}
+
 TEST_CASE("one device and one key piece: the ring is the blockwise kernel, bit for bit", "[ring]") {
   // Merging a partial result into the empty accumulator is exact (weights 0 and 1), so with one
   // attention call per row the ring's output must be the kernel's to the last bit.

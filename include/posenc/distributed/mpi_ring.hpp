@@ -10,9 +10,12 @@
 /// Each step a rank sends the message it holds (keys, values and their global positions, one
 /// message) to rank `r + 1` and receives the next one from rank `r - 1` with `MPI_Isend` /
 /// `MPI_Irecv` into the second of two buffers, while it computes on the first. Open MPI's
-/// shared-memory transport moves data only inside MPI calls, so the driver calls `MPI_Test`
-/// between the key pieces of a step (`ring_options::key_chunks`): that is what lets the transfer
-/// overlap the compute. The result equals `ring_attention_simulate` with the same shards and
+/// shared-memory transport moves data only inside MPI calls, a few 32 KiB fragments per call, so
+/// the driver calls `MPI_Testall` between the attention calls of a step (one per query run and
+/// key piece, `ring_options::key_chunks`): that is what lets the transfer overlap the compute.
+/// Open MPI moves a large message in fewer calls with deeper pipelines
+/// (`--mca pml_ob1_send_pipeline_depth 64 --mca pml_ob1_recv_pipeline_depth 64`, see
+/// docs/ring_attention.md). The result equals `ring_attention_simulate` with the same shards and
 /// options, bit for bit.
 
 #include <mpi.h>
@@ -34,6 +37,7 @@ struct ring_stats {
   double compute_s = 0;           ///< wall time in attention calls and merges
   double compute_cpu_s = 0;       ///< processor time of the process in attention calls and merges (`std::clock`)
   double wait_s = 0;              ///< wall time blocked on transfers after a step's compute: transfer time not hidden
+  int transfers_hidden = 0;       ///< steps whose transfer had completed when their compute ended (of `steps - 1`)
   std::size_t message_bytes = 0;  ///< size of each of the two message buffers (the largest shard's message)
   std::size_t bytes = 0;          ///< memory the call allocated: both buffers, the query copy, accumulator, partials
 };
@@ -127,6 +131,9 @@ class mpi_ring {
       });
       st.compute_cpu_s += static_cast<double>(std::clock() - c0) / CLOCKS_PER_SEC;
       const double t1 = MPI_Wtime();
+      int done = 0;
+      MPI_Testall(2, req, &done, MPI_STATUSES_IGNORE);
+      if (done && s + 1 < size_) ++st.transfers_hidden;
       MPI_Waitall(2, req, MPI_STATUSES_IGNORE);
       st.compute_s += t1 - t0;
       st.wait_s += MPI_Wtime() - t1;
