@@ -257,7 +257,7 @@ TEST_CASE("ring devices with scattered positions (a round-robin split)", "[ring]
   }
 }
 
-TEST_CASE("one device and one key piece: the ring is the blockwise kernel, bit for bit", "[ring]") {
+TEST_CASE("one device and one query block: the ring is the blockwise kernel, bit for bit", "[ring]") {
   // Merging a partial result into the empty accumulator is exact (weights 0 and 1), so with one
   // attention call per row the ring's output must be the kernel's to the last bit.
   const index_t n = 300;
@@ -266,7 +266,7 @@ TEST_CASE("one device and one key piece: the ring is the blockwise kernel, bit f
   const posenc::rope<float> rope({.head_dim = head_dim});
   const posenc::attention_params p{.heads = heads, .kv_heads = kv_heads, .causal = true};
   posenc::row_matrix<float> ring(n, heads * head_dim), kernel(n, heads * head_dim);
-  posenc::ring_attention_simulate(q, k, v, ring, 1, ring_layout::contiguous, rope, p, {.key_chunks = 1});
+  posenc::ring_attention_simulate(q, k, v, ring, 1, ring_layout::contiguous, rope, p, {.query_blocks = 1});
   posenc::row_matrix<float> qr = q, kr = k;
   rope.rotate(qr, posenc::arange(0, n));
   rope.rotate(kr, posenc::arange(0, n));
@@ -285,8 +285,8 @@ TEST_CASE("ring: invalid options and shapes", "[ring]") {
   const posenc::no_position<float> none;
   const posenc::attention_params p{.heads = heads, .kv_heads = kv_heads};
   CHECK_INVALID(posenc::ring_attention_simulate(q, k, v, out, 0, ring_layout::zigzag, none, p), "ring ranks");
-  CHECK_INVALID(posenc::ring_attention_simulate(q, k, v, out, 2, ring_layout::zigzag, none, p, {.key_chunks = 0}),
-                "ring_options.key_chunks");
+  CHECK_INVALID(posenc::ring_attention_simulate(q, k, v, out, 2, ring_layout::zigzag, none, p, {.query_blocks = 0}),
+                "ring_options.query_blocks");
   CHECK_THROWS_AS(posenc::ring_attention_simulate(q, k, v, short_out, 2, ring_layout::zigzag, none, p),
                   posenc::assertion_error);
   CHECK_THROWS_AS(posenc::ring_attention_simulate(q, k, v, out, 2, ring_layout::zigzag, none,

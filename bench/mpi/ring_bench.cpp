@@ -9,7 +9,7 @@
 //                 before the run (MPI's own), and the bytes the ring and the shards hold. It must
 //                 fall as 1/P. Measured first: ru_maxrss never goes down.
 //   ring_step     fixed tokens per rank (causal, zigzag): wall time per ring step, slowest rank;
-//                 with key_chunks = 4 (MPI_Test between key pieces) and key_chunks = 1 (no test
+//                 with query_blocks = 16, 4 (MPI_Test between query blocks) and 1 (no test
 //                 until the step's compute is done), each with the share of transfer time hidden
 //                 behind compute: 1 - (time blocked on the transfer after compute) / (time the
 //                 same ring pass takes with no compute).
@@ -82,7 +82,7 @@ struct run_result {
 };
 
 // One ring pass over a causal sequence of n tokens with RoPE.
-run_result run(const posenc::mpi_ring& ring, index_t n, ring_layout layout, index_t key_chunks) {
+run_result run(const posenc::mpi_ring& ring, index_t n, ring_layout layout, index_t query_blocks) {
   const posenc::rope<float> rope({.head_dim = head_dim, .base = 5e5});
   const posenc::attention_params p{.heads = heads, .kv_heads = kv_heads, .causal = true, .threads = 1};
   const auto pos = ring.shard_positions(n, layout);
@@ -90,7 +90,7 @@ run_result run(const posenc::mpi_ring& ring, index_t n, ring_layout layout, inde
              v = rows_at(pos, kv_heads * head_dim, 2);
   posenc::row_matrix<float> out(q.rows(), q.cols());
   MPI_Barrier(ring.comm());
-  const auto st = ring.attention(q, k, v, out, pos, pos, rope, p, {.key_chunks = key_chunks});
+  const auto st = ring.attention(q, k, v, out, pos, pos, rope, p, {.query_blocks = query_blocks});
   const double shards = static_cast<double>(q.size() + k.size() + v.size() + out.size()) * sizeof(float);
   return {st, shards};
 }
@@ -161,7 +161,7 @@ int main(int argc, char** argv) {
     // Memory at a fixed total length; first, because ru_maxrss only grows.
     {
       const double before = peak_rss_bytes();
-      const auto r = run(ring, n_memory, ring_layout::zigzag, 4);
+      const auto r = run(ring, n_memory, ring_layout::zigzag, 16);
       const double peak = peak_rss_bytes();
       const auto rss = over_ranks(ring, peak), above = over_ranks(ring, peak - before),
                  held = over_ranks(ring, static_cast<double>(r.stats.bytes) + r.shard_bytes);
@@ -182,7 +182,7 @@ int main(int argc, char** argv) {
       const double transfer = transfer_time(ring, r.stats.message_bytes);
       const double hidden = transfer > 0 ? std::clamp(1.0 - wait.max / transfer, 0.0, 1.0) : 1.0;
       const double done = P > 1 ? over_ranks(ring, r.stats.transfers_hidden).min / (P - 1) : 1.0;
-      json.record(common("ring_step", ring_layout::zigzag, n) + ", " + field("key_chunks", static_cast<double>(chunks)) +
+      json.record(common("ring_step", ring_layout::zigzag, n) + ", " + field("query_blocks", static_cast<double>(chunks)) +
                   ", " + field("step_time_s", step.max) + ", " + field("compute_s_slowest", compute.max) + ", " +
                   field("compute_s_fastest", compute.min) + ", " + field("message_bytes", static_cast<double>(r.stats.message_bytes)) +
                   ", " + field("transfer_s", transfer) + ", " + field("wait_s", wait.max) + ", " +
@@ -191,7 +191,7 @@ int main(int argc, char** argv) {
 
     // Balance of causal work: zigzag against contiguous at the same total length.
     for (const ring_layout layout : {ring_layout::zigzag, ring_layout::contiguous}) {
-      const auto r = run(ring, n_balance, layout, 4);
+      const auto r = run(ring, n_balance, layout, 16);
       const auto compute = over_ranks(ring, r.stats.compute_cpu_s);
       json.record(common("ring_balance", layout, n_balance) + ", " + field("compute_s_slowest", compute.max) + ", " +
                   field("compute_s_fastest", compute.min) + ", " +

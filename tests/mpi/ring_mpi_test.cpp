@@ -58,10 +58,10 @@ void fail(int rank, const char* what, const char* name, index_t n, ring_layout l
 
 template <class T, class E>
 void check(const posenc::mpi_ring& ring, const char* name, const E& enc, index_t n, ring_layout layout, bool causal,
-           index_t key_chunks) {
+           index_t query_blocks) {
   const int P = ring.size(), rank = ring.rank();
   const posenc::attention_params p{.heads = heads, .kv_heads = kv_heads, .causal = causal, .k_tile = 16, .threads = 1};
-  const posenc::ring_options o{.key_chunks = key_chunks};
+  const posenc::ring_options o{.query_blocks = query_blocks};
   const auto q = random_rows<T>(n, heads * head_dim, 1), k = random_rows<T>(n, kv_heads * head_dim, 2),
              v = random_rows<T>(n, kv_heads * head_dim, 3);
 

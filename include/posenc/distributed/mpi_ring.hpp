@@ -11,8 +11,8 @@
 /// message) to rank `r + 1` and receives the next one from rank `r - 1` with `MPI_Isend` /
 /// `MPI_Irecv` into the second of two buffers, while it computes on the first. Open MPI's
 /// shared-memory transport moves data only inside MPI calls, a few 32 KiB fragments per call, so
-/// the driver calls `MPI_Testall` between the attention calls of a step (one per query run and
-/// key piece, `ring_options::key_chunks`): that is what lets the transfer overlap the compute.
+/// the driver calls `MPI_Testall` between the query blocks of a step (`ring_options::query_blocks`):
+/// that is what lets the transfer overlap the compute.
 /// Open MPI moves a large message in fewer calls with deeper pipelines
 /// (`--mca pml_ob1_send_pipeline_depth 64 --mca pml_ob1_recv_pipeline_depth 64`, see
 /// docs/ring_attention.md). The result equals `ring_attention_simulate` with the same shards and

@@ -16,12 +16,13 @@
 /// `rotation_mode::already_rotated`.
 ///
 /// A device's work on one message is fixed by the message and the device's queries alone
-/// (`detail::ring_worker::attend`): the keys are cut into pieces (at breaks in their positions,
-/// then into `ring_options::key_chunks` parts), the queries into runs of consecutive positions,
-/// and each (query run, key piece) pair is one attention call, on the rows of the run that the
-/// mask lets see some key of the piece, followed by one merge, in a fixed order. The simulator and the MPI driver run that same
-/// function on byte-identical messages, so they agree bit for bit; the MPI driver polls its
-/// transfers between those calls, which is how the next message moves while this one is computed.
+/// (`detail::ring_worker::attend`): the queries are cut into blocks (at breaks in their
+/// positions, then into about `ring_options::query_blocks` parts), the keys into runs of
+/// consecutive positions, and each (query block, key run) pair is one attention call, on the rows
+/// of the block that the mask lets see some key of the run, followed by one merge, in a fixed
+/// order. The simulator and the MPI driver run that same function on byte-identical messages, so
+/// they agree bit for bit; the MPI driver polls its transfers between query blocks, which is how
+/// the next message moves while this one is computed.
 
 #include <algorithm>
 #include <cstddef>
@@ -53,15 +54,14 @@ enum class ring_layout {
 
 /// Runtime knobs of ring attention. Every field has a default.
 struct ring_options {
-  /// Each step's keys are cut into about this many pieces (besides the cuts at breaks in their
-  /// positions). The MPI driver advances its transfers between the attention calls on pieces, so
-  /// more pieces hide more of the transfer; each piece costs a pass over the queries it reaches
-  /// (loading them, one log-sum-exp merge). Measured on 2 cores with 2048 tokens per rank: 16
-  /// pieces hid the whole transfer and cost 20-40% more compute, 4 pieces cost about 15%; over
-  /// shared memory a step's transfer was about 5% of its compute, so few pieces win there, and
-  /// more pay off where the link is slow. Part of the schedule: the simulator and the MPI driver
-  /// must use the same value to agree bit for bit. >= 1.
-  index_t key_chunks = 4;
+  /// Each device's queries are cut into about this many blocks (besides the cuts at breaks in
+  /// their positions, and no smaller than 64 rows); each step attends block by block, and the MPI
+  /// driver advances its transfers between blocks, so more blocks hide more of the transfer (Open
+  /// MPI over shared memory moves a few fragments per call). Every query still meets each key
+  /// once per step, so blocks cost only the kernel's per-call overhead; a block narrower than the
+  /// kernel's query tile leaves a multi-threaded rank fewer work items. Part of the schedule: the
+  /// simulator and the MPI driver must use the same value to agree bit for bit. >= 1.
+  index_t query_blocks = 16;
 };
 
 /// The global positions device `rank` of `ranks` holds in `layout` for a sequence of `n` tokens
@@ -152,15 +152,18 @@ inline bool ring_runs_consecutive(positions pos) {
   return true;
 }
 
-/// The key pieces of a message: its runs, each cut into pieces of at most
-/// `ceil(rows / key_chunks)` rows rounded up to the kernel's key tile.
-inline std::vector<ring_piece> ring_key_pieces(positions kpos, index_t key_chunks, index_t k_tile) {
-  const index_t rows = kpos.size();
-  const index_t per = std::max<index_t>(1, ((rows + key_chunks - 1) / key_chunks + k_tile - 1) / k_tile * k_tile);
-  std::vector<ring_piece> pieces;
-  for (const ring_piece r : ring_runs(kpos))
-    for (index_t j = 0; j < r.count; j += per) pieces.push_back({r.row + j, std::min(per, r.count - j)});
-  return pieces;
+/// Smallest query block: narrower blocks would pay the kernel's per-call cost for little work.
+inline constexpr index_t ring_min_block = 64;
+
+/// The query blocks of a device: its runs, each cut into blocks of
+/// `max(ceil(rows / blocks), ring_min_block)` rows (the last block of a run may be shorter).
+inline std::vector<ring_piece> ring_query_blocks(positions qpos, index_t blocks) {
+  const index_t rows = qpos.size();
+  const index_t per = std::max(ring_min_block, (rows + blocks - 1) / blocks);
+  std::vector<ring_piece> out;
+  for (const ring_piece r : ring_runs(qpos))
+    for (index_t j = 0; j < r.count; j += per) out.push_back({r.row + j, std::min(per, r.count - j)});
+  return out;
 }
 
 /// Smallest and largest position of a non-empty set.
@@ -288,7 +291,7 @@ class ring_worker {
   template <class SQ>
   ring_worker(strided_view<SQ> q, positions qpos, const E& enc, const attention_params& p, const ring_options& o)
       : enc_(enc), p_(p), o_(o), q_(q.rows, q.cols), qpos_(static_cast<std::size_t>(qpos.size())) {
-    require(o.key_chunks >= 1, "ring_options.key_chunks", o.key_chunks, "must be positive");
+    require(o.query_blocks >= 1, "ring_options.query_blocks", o.query_blocks, "must be positive");
     POSENC_ASSERT(qpos.size() == q.rows, "ring attention: one query position per row of q");
     POSENC_ASSERT(p.heads > 0 && q.cols % p.heads == 0, "ring attention: q must have heads * head_dim columns");
     for (index_t i = 0; i < q.rows; ++i) {
@@ -299,38 +302,39 @@ class ring_worker {
       if (p.rotation == rotation_mode::in_kernel && q.rows > 0) enc.rotate(q_, positions(qpos_));
       p_.rotation = rotation_mode::already_rotated;
     }
-    runs_ = ring_runs(positions(qpos_));
-    runs_consecutive_ = runs_.size() != 1 || ring_runs_consecutive(positions(qpos_));
+    blocks_ = ring_query_blocks(positions(qpos_), o.query_blocks);
+    consecutive_ = ring_runs(positions(qpos_)).size() != 1 || ring_runs_consecutive(positions(qpos_));
     acc_ = row_matrix<C>::Zero(q.rows, q.cols);
     lse_ = row_matrix<C>::Constant(q.rows, p.heads, -std::numeric_limits<C>::infinity());
     index_t widest = 0;
-    for (const ring_piece r : runs_) widest = std::max(widest, r.count);
+    for (const ring_piece r : blocks_) widest = std::max(widest, r.count);
     part_.resize(widest, q.cols);
     part_lse_.resize(widest, p.heads);
   }
 
   /// Attends the queries to the message's keys and merges the result into the accumulator:
-  /// for each key piece in order, for each query run in order, one attention call and one merge
-  /// on the run's rows that may see the piece (none: no call). Calls `between()` after each call.
+  /// for each query block in order, for each key run in order, one attention call and one merge
+  /// on the block's rows that may see the run (none: no call). Calls `between()` after each block.
   template <class F>
   void attend(const ring_message<S>& m, F&& between) {
     const positions kpos = m.kpos();
     const positions qpos(qpos_);
-    for (const ring_piece kp : ring_key_pieces(kpos, o_.key_chunks, k_tile_of(p_))) {
-      const positions kp_pos = kpos.subset(kp.row, kp.count);
-      const auto kb = ring_bounds(kp_pos);
-      for (const ring_piece run : runs_) {
-        const ring_piece vis = ring_visible_rows(p_, qpos.subset(run.row, run.count), runs_consecutive_, kb);
+    const std::vector<ring_piece> key_runs = ring_runs(kpos);
+    for (const ring_piece block : blocks_) {
+      for (const ring_piece kr : key_runs) {
+        const positions kr_pos = kpos.subset(kr.row, kr.count);
+        const ring_piece vis =
+            ring_visible_rows(p_, qpos.subset(block.row, block.count), consecutive_, ring_bounds(kr_pos));
         if (vis.count == 0) continue;
-        const ring_piece qr{run.row + vis.row, vis.count};
+        const ring_piece qr{block.row + vis.row, vis.count};
         auto part = part_.topRows(qr.count);
         auto part_lse = part_lse_.topRows(qr.count);
-        posenc::attention(q_.middleRows(qr.row, qr.count), m.keys().middle_rows(kp.row, kp.count),
-                          m.values().middle_rows(kp.row, kp.count), part, qpos.subset(qr.row, qr.count), kp_pos,
+        posenc::attention(q_.middleRows(qr.row, qr.count), m.keys().middle_rows(kr.row, kr.count),
+                          m.values().middle_rows(kr.row, kr.count), part, qpos.subset(qr.row, qr.count), kr_pos,
                           enc_, p_, part_lse, &ws_);
         merge_partial(acc_.middleRows(qr.row, qr.count), lse_.middleRows(qr.row, qr.count), part, part_lse);
-        between();
       }
+      between();
     }
   }
 
@@ -363,8 +367,8 @@ class ring_worker {
   ring_options o_;
   row_matrix<S> q_;
   std::vector<position> qpos_;
-  std::vector<ring_piece> runs_;
-  bool runs_consecutive_ = true;
+  std::vector<ring_piece> blocks_;
+  bool consecutive_ = true;  // every query block holds consecutive positions
   row_matrix<C> acc_, lse_, part_, part_lse_;
   attention_workspace ws_;
 };
