@@ -18,7 +18,6 @@
 #include <cstring>
 #include <limits>
 #include <random>
-#include <vector>
 
 #include "posenc/attention/blockwise.hpp"
 #include "posenc/distributed/mpi_ring.hpp"
@@ -71,22 +70,10 @@ void check(const posenc::mpi_ring& ring, const char* name, const E& enc, index_t
   posenc::row_matrix<T> out(mq.rows(), mq.cols()), lse(mq.rows(), heads);
   ring.attention(mq, mk, mv, out, pos, pos, enc, p, o, lse);
 
-  // Every device of the same ring, simulated.
-  std::vector<std::vector<position>> all_pos;
-  std::vector<posenc::row_matrix<T>> qs, ks, vs, outs, lses;
-  for (int r = 0; r < P; ++r) {
-    all_pos.push_back(posenc::ring_shard_positions(n, P, r, layout));
-    qs.push_back(posenc::ring_take_rows(q, all_pos.back()));
-    ks.push_back(posenc::ring_take_rows(k, all_pos.back()));
-    vs.push_back(posenc::ring_take_rows(v, all_pos.back()));
-    outs.emplace_back(qs.back().rows(), qs.back().cols());
-  }
-  std::vector<posenc::ring_device<T>> devices;
-  for (int r = 0; r < P; ++r)
-    devices.push_back({posenc::view_of(qs[r]), posenc::view_of(ks[r]), posenc::view_of(vs[r]), all_pos[r], all_pos[r],
-                       posenc::view_of(outs[r])});
-  posenc::ring_attention_simulate(std::span<const posenc::ring_device<T>>(devices), enc, p, o);
-  const auto& sim = outs[static_cast<std::size_t>(rank)];
+  // Every device of the same ring, simulated; this rank's rows of it.
+  posenc::row_matrix<T> simulated(n, heads * head_dim);
+  posenc::ring_attention_simulate(q, k, v, simulated, P, layout, enc, p, o);
+  const auto sim = posenc::ring_take_rows(simulated, pos);
   if (out.size() > 0 && std::memcmp(sim.data(), out.data(), static_cast<std::size_t>(out.size()) * sizeof(T)) != 0)
     fail(rank, "MPI output differs from the simulator's", name, n, layout, causal, (sim - out).cwiseAbs().maxCoeff());
 
