@@ -187,6 +187,31 @@ TEST_CASE("ring at n = 4096: causal RoPE and full ALiBi", "[ring]") {
                     posenc::alibi<double>(ap), {3}, {ring_layout::contiguous});
 }
 
+TEST_CASE("ring on a tensor-parallel shard of heads keeps ALiBi's global slopes", "[ring]") {
+  // Heads 2..3 of a 4-head model, each with its own kv head, over a 3-device ring: the shard's
+  // encoder has num_heads = 4 and head_offset = 2, and its output must equal those heads' columns
+  // of the whole model's reference (slopes 1/8 and 1/16, not the 2-head slopes 1/2 and 1/4).
+  const index_t n = 150, all_heads = 4;
+  const auto q = posenc_test::random_normal<double>(n, all_heads * head_dim, 31);
+  const auto k = posenc_test::random_normal<double>(n, all_heads * head_dim, 32);
+  const auto v = posenc_test::random_normal<double>(n, all_heads * head_dim, 33);
+  posenc::row_matrix<double> ref(n, all_heads * head_dim);
+  posenc::attention_reference(q, k, v, ref, posenc::arange(0, n), posenc::arange(0, n),
+                              posenc::alibi<double>({.num_heads = all_heads}), {.heads = all_heads, .causal = true});
+  const posenc::row_matrix<float> qs = q.rightCols(2 * head_dim).cast<float>(),
+                                  ks = k.rightCols(2 * head_dim).cast<float>(),
+                                  vs = v.rightCols(2 * head_dim).cast<float>();
+  posenc::row_matrix<float> out(n, 2 * head_dim);
+  posenc::ring_attention_simulate(qs, ks, vs, out, 3, ring_layout::zigzag,
+                                  posenc::alibi<float>({.num_heads = all_heads, .head_offset = 2}),
+                                  {.heads = 2, .causal = true});
+  const posenc::row_matrix<double> want = ref.rightCols(2 * head_dim);
+  index_t where = -1;
+  const double err = max_error(out, want, &where);
+  INFO("error " << err << " at flat index " << where);
+  CHECK(err <= ring_tolerance_ulps * eps<float> * std::max(1.0, want.cwiseAbs().maxCoeff()));
+}
+
 TEST_CASE("ring with empty shards and more devices than tokens", "[ring]") {
   for (const index_t n : {1, 3, 5}) {
     const inputs in(n);
