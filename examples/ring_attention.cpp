@@ -84,8 +84,8 @@ int main(int argc, char** argv) {
   {
     const posenc::mpi_ring ring;
     rank = ring.rank();
-    err = std::max(err, run(ring, posenc::rope<float>({.head_dim = head_dim, .base = 5e5}),
-                            posenc::ring_layout::zigzag, true));
+    err = std::max(
+        err, run(ring, posenc::rope<float>({.head_dim = head_dim, .base = 5e5}), posenc::ring_layout::zigzag, true));
     err = std::max(err, run(ring, posenc::alibi<float>({.num_heads = heads, .form = posenc::alibi_form::symmetric}),
                             posenc::ring_layout::contiguous, false));
   }

@@ -2,10 +2,8 @@
 // zigzag layout, and the ring's output against the double-precision naive reference over the
 // whole sequence, for P = 1..4 devices, both layouts, full and causal masks, every encoder
 // family, uneven and empty shards.
-#include <catch2/catch.hpp>
-
-#include "support.hpp"
 #include <algorithm>
+#include <catch2/catch.hpp>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -18,6 +16,7 @@
 #include "posenc/encoders/rope.hpp"
 #include "posenc/encoders/shaw.hpp"
 #include "posenc/encoders/t5_bias.hpp"
+#include "support.hpp"
 
 using posenc::index_t;
 using posenc::position;
@@ -80,8 +79,8 @@ struct inputs {
 
 // The ring over the whole sequence with each P and layout against the double reference.
 template <class T, class ET, class ED>
-void check_ring(const char* name, const inputs& in, const posenc::attention_params& p, const ET& enc_t,
-                const ED& enc_d, std::initializer_list<int> ranks, std::initializer_list<ring_layout> layouts) {
+void check_ring(const char* name, const inputs& in, const posenc::attention_params& p, const ET& enc_t, const ED& enc_d,
+                std::initializer_list<int> ranks, std::initializer_list<ring_layout> layouts) {
   const index_t n = in.q.rows();
   posenc::row_matrix<double> ref(n, heads * head_dim);
   posenc::attention_reference(in.q, in.k, in.v, ref, posenc::arange(0, n), posenc::arange(0, n), enc_d, p);
@@ -237,7 +236,8 @@ TEST_CASE("ring devices may hold queries without keys and keys without queries",
   const std::vector<position> none_pos;
   using device = posenc::ring_device<double>;
   const std::vector<device> devices{
-      {posenc::view_of(in.q), posenc::view_of(empty_kv), posenc::view_of(empty_kv), all, none_pos, posenc::view_of(out)},
+      {posenc::view_of(in.q), posenc::view_of(empty_kv), posenc::view_of(empty_kv), all, none_pos,
+       posenc::view_of(out)},
       {posenc::view_of(empty_q), posenc::view_of(in.k), posenc::view_of(in.v), none_pos, all, posenc::view_of(no_out)},
       {posenc::view_of(empty_q), posenc::view_of(empty_kv), posenc::view_of(empty_kv), none_pos, none_pos,
        posenc::view_of(no_out2)}};
@@ -314,7 +314,7 @@ TEST_CASE("ring: invalid options and shapes", "[ring]") {
                 "ring_options.query_blocks");
   CHECK_THROWS_AS(posenc::ring_attention_simulate(q, k, v, short_out, 2, ring_layout::zigzag, none, p),
                   posenc::assertion_error);
-  CHECK_THROWS_AS(posenc::ring_attention_simulate(q, k, v, out, 2, ring_layout::zigzag, none,
-                                                  posenc::attention_params{.heads = 3}),
-                  posenc::assertion_error);
+  CHECK_THROWS_AS(
+      posenc::ring_attention_simulate(q, k, v, out, 2, ring_layout::zigzag, none, posenc::attention_params{.heads = 3}),
+      posenc::assertion_error);
 }

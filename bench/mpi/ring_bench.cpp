@@ -42,8 +42,8 @@ constexpr index_t heads = 8, kv_heads = 8, head_dim = 64;
 
 // A uniform value in [-1, 1) from (position, column, matrix): splitmix64.
 float hashed(position pos, index_t col, std::uint64_t which) {
-  std::uint64_t z = static_cast<std::uint64_t>(pos) * 0x9E3779B97F4A7C15ull + static_cast<std::uint64_t>(col) * 0xBF58476D1CE4E5B9ull +
-                    which * 0x94D049BB133111EBull;
+  std::uint64_t z = static_cast<std::uint64_t>(pos) * 0x9E3779B97F4A7C15ull +
+                    static_cast<std::uint64_t>(col) * 0xBF58476D1CE4E5B9ull + which * 0x94D049BB133111EBull;
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
   z ^= z >> 31;
@@ -153,9 +153,8 @@ int main(int argc, char** argv) {
     json_out json;
     auto common = [&](const char* name, ring_layout layout, index_t n) {
       return field("name", name) + ", " + field("P", P) + ", " + field("layout", layout_name(layout)) + ", " +
-             field("n_total", static_cast<double>(n)) + ", " +
-             field("tokens_per_rank", static_cast<double>(n) / P) + ", " + field("heads", heads) + ", " +
-             field("kv_heads", kv_heads) + ", " + field("head_dim", head_dim);
+             field("n_total", static_cast<double>(n)) + ", " + field("tokens_per_rank", static_cast<double>(n) / P) +
+             ", " + field("heads", heads) + ", " + field("kv_heads", kv_heads) + ", " + field("head_dim", head_dim);
     };
 
     // Memory at a fixed total length; first, because ru_maxrss only grows.
@@ -168,8 +167,8 @@ int main(int argc, char** argv) {
       json.record(common("ring_memory", ring_layout::zigzag, n_memory) + ", " + field("peak_rss_bytes_max", rss.max) +
                   ", " + field("peak_rss_bytes_min", rss.min) + ", " +
                   field("rss_above_baseline_bytes_max", above.max) + ", " +
-                  field("rss_above_baseline_bytes_min", above.min) + ", " + field("ring_bytes_max", held.max) +
-                  ", " + field("ring_bytes_min", held.min));
+                  field("rss_above_baseline_bytes_min", above.min) + ", " + field("ring_bytes_max", held.max) + ", " +
+                  field("ring_bytes_min", held.min));
     }
 
     // Step time at a fixed number of tokens per rank, and the transfer time hidden.
@@ -182,10 +181,11 @@ int main(int argc, char** argv) {
       const double transfer = transfer_time(ring, r.stats.message_bytes);
       const double hidden = transfer > 0 ? std::clamp(1.0 - wait.max / transfer, 0.0, 1.0) : 1.0;
       const double done = P > 1 ? over_ranks(ring, r.stats.transfers_hidden).min / (P - 1) : 1.0;
-      json.record(common("ring_step", ring_layout::zigzag, n) + ", " + field("query_blocks", static_cast<double>(chunks)) +
-                  ", " + field("step_time_s", step.max) + ", " + field("compute_s_slowest", compute.max) + ", " +
-                  field("compute_s_fastest", compute.min) + ", " + field("message_bytes", static_cast<double>(r.stats.message_bytes)) +
-                  ", " + field("transfer_s", transfer) + ", " + field("wait_s", wait.max) + ", " +
+      json.record(common("ring_step", ring_layout::zigzag, n) + ", " +
+                  field("query_blocks", static_cast<double>(chunks)) + ", " + field("step_time_s", step.max) + ", " +
+                  field("compute_s_slowest", compute.max) + ", " + field("compute_s_fastest", compute.min) + ", " +
+                  field("message_bytes", static_cast<double>(r.stats.message_bytes)) + ", " +
+                  field("transfer_s", transfer) + ", " + field("wait_s", wait.max) + ", " +
                   field("transfer_hidden_share", hidden) + ", " + field("transfers_done_during_compute", done));
     }
 

@@ -66,7 +66,8 @@ void check(const posenc::mpi_ring& ring, const char* name, const E& enc, index_t
 
   // This rank's shard through the MPI ring.
   const auto pos = ring.shard_positions(n, layout);
-  const auto mq = posenc::ring_take_rows(q, pos), mk = posenc::ring_take_rows(k, pos), mv = posenc::ring_take_rows(v, pos);
+  const auto mq = posenc::ring_take_rows(q, pos), mk = posenc::ring_take_rows(k, pos),
+             mv = posenc::ring_take_rows(v, pos);
   posenc::row_matrix<T> out(mq.rows(), mq.cols()), lse(mq.rows(), heads);
   ring.attention(mq, mk, mv, out, pos, pos, enc, p, o, lse);
 

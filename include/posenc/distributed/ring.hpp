@@ -193,8 +193,8 @@ inline ring_piece ring_visible_rows(const attention_params& p, positions qpos, b
     return b > a ? ring_piece{static_cast<index_t>(a), static_cast<index_t>(b - a)} : ring_piece{0, 0};
   }
   const auto q = ring_bounds(qpos);
-  const bool any = static_cast<double>(q.second) >= lo && static_cast<double>(q.first) <= hi &&
-                   !(p.causal && k.first > q.second);
+  const bool any =
+      static_cast<double>(q.second) >= lo && static_cast<double>(q.first) <= hi && !(p.causal && k.first > q.second);
   return any ? ring_piece{0, n} : ring_piece{0, 0};
 }
 
@@ -213,7 +213,8 @@ template <class S>
 struct ring_message {
   static std::size_t bytes(index_t rows, index_t k_cols, index_t v_cols) {
     const auto r = static_cast<std::size_t>(rows);
-    return ring_align + ring_round(r * sizeof(position)) + ring_round(r * static_cast<std::size_t>(k_cols) * sizeof(S)) +
+    return ring_align + ring_round(r * sizeof(position)) +
+           ring_round(r * static_cast<std::size_t>(k_cols) * sizeof(S)) +
            ring_round(r * static_cast<std::size_t>(v_cols) * sizeof(S));
   }
 
@@ -268,12 +269,12 @@ struct ring_message {
 /// A 64-byte aligned byte buffer.
 class ring_buffer {
  public:
-  explicit ring_buffer(std::size_t n) : p_(static_cast<std::byte*>(::operator new(n, std::align_val_t{ring_align}))) {}
+  explicit ring_buffer(std::size_t n) : p_(static_cast<std::byte*>(::operator new (n, std::align_val_t{ring_align}))) {}
   std::byte* get() const { return p_.get(); }
 
  private:
   struct deleter {
-    void operator()(std::byte* p) const { ::operator delete(p, std::align_val_t{ring_align}); }
+    void operator()(std::byte* p) const { ::operator delete (p, std::align_val_t{ring_align}); }
   };
   std::unique_ptr<std::byte[], deleter> p_;
 };
@@ -330,8 +331,8 @@ class ring_worker {
         auto part = part_.topRows(qr.count);
         auto part_lse = part_lse_.topRows(qr.count);
         posenc::attention(q_.middleRows(qr.row, qr.count), m.keys().middle_rows(kr.row, kr.count),
-                          m.values().middle_rows(kr.row, kr.count), part, qpos.subset(qr.row, qr.count), kr_pos,
-                          enc_, p_, part_lse, &ws_);
+                          m.values().middle_rows(kr.row, kr.count), part, qpos.subset(qr.row, qr.count), kr_pos, enc_,
+                          p_, part_lse, &ws_);
         merge_partial(acc_.middleRows(qr.row, qr.count), lse_.middleRows(qr.row, qr.count), part, part_lse);
       }
       between();
@@ -349,7 +350,8 @@ class ring_worker {
       auto lv = view_of(std::forward<L>(lse));
       POSENC_ASSERT(lv.rows == lse_.rows() && lv.cols == lse_.cols(), "ring attention: lse must be [n_q, heads]");
       for (index_t i = 0; i < lv.rows; ++i)
-        for (index_t h = 0; h < lv.cols; ++h) lv(i, h) = static_cast<std::remove_reference_t<decltype(lv(i, h))>>(lse_(i, h));
+        for (index_t h = 0; h < lv.cols; ++h)
+          lv(i, h) = static_cast<std::remove_reference_t<decltype(lv(i, h))>>(lse_(i, h));
     }
   }
 
