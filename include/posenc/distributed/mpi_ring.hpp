@@ -38,7 +38,7 @@ struct ring_stats {
   double compute_cpu_s = 0;       ///< processor time of the process in attention calls and merges (`std::clock`)
   double wait_s = 0;              ///< wall time blocked on transfers after a step's compute: transfer time not hidden
   int transfers_hidden = 0;       ///< steps whose transfer had completed when their compute ended (of `steps - 1`)
-  std::size_t message_bytes = 0;  ///< size of each of the two message buffers (the largest shard's message)
+  std::size_t message_bytes = 0;  ///< size of each message buffer (the largest shard's message; one buffer when P = 1)
   std::size_t bytes = 0;          ///< memory the call allocated: both buffers, the query copy, accumulator, partials
 };
 
@@ -107,7 +107,9 @@ class mpi_ring {
     ring_stats st;
     st.steps = size_;
     st.message_bytes = msg::bytes(shape[0], kv.cols, vv.cols);
-    const detail::ring_buffer buf[2] = {detail::ring_buffer(st.message_bytes), detail::ring_buffer(st.message_bytes)};
+    // A ring of one never receives: no second buffer.
+    const std::size_t second = size_ > 1 ? st.message_bytes : 0;
+    const detail::ring_buffer buf[2] = {detail::ring_buffer(st.message_bytes), detail::ring_buffer(second)};
     msg::pack(buf[0].get(), kv, vv, kpos, enc, p);
 
     // Messages are whole 64-byte blocks, so counts stay far below INT_MAX.
@@ -140,7 +142,7 @@ class mpi_ring {
     }
     MPI_Type_free(&block);
     worker.finish(ov, std::forward<L>(lse));
-    st.bytes = 2 * st.message_bytes + worker.bytes();
+    st.bytes = st.message_bytes + second + worker.bytes();
     st.total_s = MPI_Wtime() - start;
     return st;
   }
