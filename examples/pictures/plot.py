@@ -99,10 +99,13 @@ def ring_memory(folder):
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for i, p in enumerate(d["processes"]):
         sel = m["processes"] == p
-        a.plot(m["tokens_per_process"][sel], m["peak_bytes_per_process"][sel] / 2**20, "o", color=f"C{i}",
-               label=f"P = {int(p)} (measured)")
-        a.plot(m["tokens_per_process"][sel], m["fit_bytes"][sel] / 2**20, "-", color=f"C{i}", lw=0.8)
-    a.set(title="measured peak heap per process, one causal layer\n(32 q / 8 kv heads, d = 128, bf16, RoPE)",
+        a.plot(m["tokens_per_process"][sel], m["peak_bytes_per_process"][sel] / 2**20, "o", color=f"C{i}", ms=10 - 2 * i,
+               label=f"P = {int(p)}, n = 256, 512, 1024")
+    order = np.argsort(m["tokens_per_process"])
+    a.plot(m["tokens_per_process"][order], m["fit_bytes"][order] / 2**20, "-", color="gray", lw=0.8,
+           label="a + b n / P (fit, n / P >= 128)")
+    a.set(title="measured peak heap per simulated process, one causal layer\n"
+                "(32 q / 8 kv heads, d = 128, bf16, RoPE, zigzag)",
           xlabel="tokens per process (n / P)", ylabel="MiB", xscale="log", yscale="log")
     a.legend(fontsize=8)
     budgets = [c for c in d.dtype.names if c.startswith("max_tokens_")]
