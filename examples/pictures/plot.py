@@ -99,8 +99,8 @@ def ring_memory(folder):
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for i, p in enumerate(d["processes"]):
         sel = m["processes"] == p
-        a.plot(m["tokens_per_process"][sel], m["peak_bytes_per_process"][sel] / 2**20, "o", color=f"C{i}", ms=10 - 2 * i,
-               label=f"P = {int(p)}, n = 256, 512, 1024")
+        a.plot(m["tokens_per_process"][sel], m["peak_bytes_per_process"][sel] / 2**20, "o", color=f"C{i}",
+               ms=10 - 2 * i, label=f"P = {int(p)}, n = 256, 512, 1024")
     order = np.argsort(m["tokens_per_process"])
     a.plot(m["tokens_per_process"][order], m["fit_bytes"][order] / 2**20, "-", color="gray", lw=0.8,
            label="a + b n / P (fit, n / P >= 128)")
