@@ -134,7 +134,7 @@ bool register_all() {
   // Every encoder inside a causal prefill.
   for (int e = 0; e < static_cast<int>(encoder::count); ++e)
     for (path p : {path::blockwise, path::naive}) {
-      const long hi = p == path::naive ? by_mode(512, 4096, 8192) : by_mode(512, 8192, 32768);
+      const long hi = p == path::naive ? by_mode(512, 2048, 8192) : by_mode(512, 8192, 32768);
       for (long n : powers_of_two(by_mode(512, 1024, 1024), hi))
         add(std::string("attention/encoder/") + std::string(posenc_bench::name_of(static_cast<encoder>(e))) + "/" +
                 path_name(p) + "/" + std::to_string(n),

@@ -264,11 +264,14 @@ class Results:
                 "rss_growth_bytes": p["rss_peak_bytes"] - p["rss_start_bytes"] if ok else None,
                 "source": "probe_memory"})
         for rec in self.ring:
-            row = {"group": "ring", "name": f"ring/P{rec.get('_P')}", "source": "ring_bench", "status": "ok",
-                   "path": "ring", "variant": f"P={rec.get('_P')}"}
-            if rec.get("_peak") is not None:
-                row["rss_peak_bytes"] = rec["_peak"]
-            rows.append(row)
+            rows.append({
+                "group": "ring", "name": f"ring/{rec.get('name', 'record')}/P{rec['_P']}", "source": "ring_bench",
+                "status": "ok", "path": "ring", "heads": rec.get("heads"), "kv_heads": rec.get("kv_heads"),
+                "d": rec.get("head_dim"), "n_q": rec.get("n_total"), "n_kv": rec.get("n_total"),
+                "variant": " ".join(f"{k}={rec[k]}" for k in ("P", "layout", "query_blocks") if k in rec),
+                "time_s": rec.get("step_time_s"), "rss_peak_bytes": rec.get("peak_rss_bytes_max"),
+                "rss_growth_bytes": rec.get("rss_above_baseline_bytes_max"),
+                "kernel_peak_bytes": rec.get("ring_bytes_max")})
         return rows
 
     def select(self, **kw):
@@ -277,13 +280,14 @@ class Results:
     # ---- ring (records from bench/mpi's ring_bench; the format is that program's) ----
 
     def load_ring(self):
+        """Every record of ring_P<P>.json (a JSON array, or {"records": [...]}), flattened one level,
+        with `_P` the ring size (the record's own `P`, else the file name's)."""
         recs = []
         for path in sorted(glob.glob(os.path.join(self.folder, "ring_P*.json"))):
-            m = re.search(r"ring_P(\d+)\.json$", path)
             data = load_json(path)
             if data is None:
                 continue
-            items = data if isinstance(data, list) else data.get("records") or data.get("benchmarks") or [data]
+            items = data if isinstance(data, list) else data.get("records") or [data]
             for item in items:
                 if not isinstance(item, dict):
                     continue
@@ -292,20 +296,21 @@ class Results:
                     if isinstance(v, dict):
                         flat.update({f"{k}.{kk}": vv for kk, vv in v.items()})
                     else:
-                        flat[k] = v
-                p = next((flat[k] for k in ("P", "ranks", "np", "world_size", "processes") if k in flat), None)
-                flat["_P"] = p if p is not None else int(m.group(1))
-                peak = None
-                for k, v in flat.items():
-                    if re.search(r"peak|max_rss|maxrss", k, re.I) and not k.startswith("_"):
-                        vals = v if isinstance(v, list) else [v]
-                        nums = [x for x in vals if isinstance(x, (int, float))]
-                        if nums:
-                            peak = max(nums) * (1024 if re.search(r"kib|_kb$", k, re.I) else 1)
-                            break
-                flat["_peak"] = peak
+                        flat[k] = int(v) if isinstance(v, float) and v.is_integer() and abs(v) < 2 ** 53 else v
+                flat["_P"] = int(flat.get("P", re.search(r"ring_P(\d+)\.json$", path).group(1)))
                 recs.append(flat)
         return recs
+
+    def ring_memory(self):
+        """{measure: {P: bytes}} from the ring_memory records (per-rank figures, largest rank)."""
+        out = {}
+        for r in self.ring:
+            if r.get("name", "ring_memory") != "ring_memory":
+                continue
+            for k, v in r.items():
+                if isinstance(v, (int, float)) and re.search(r"bytes", k) and not k.endswith("_min"):
+                    out.setdefault(k, {})[r["_P"]] = max(v, out.get(k, {}).get(r["_P"], 0))
+        return out
 
 
 # ---------------------------------------------------------------- plots
@@ -317,6 +322,10 @@ def plots(res, folder):
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     made = []
+
+    def legend(ax, **kw):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(**kw)
     enc_names = ["none", "rope", "rope_linear", "rope_ntk", "rope_dynamic_ntk", "rope_yarn", "rope_llama3",
                  "rope_longrope", "alibi", "t5", "shaw", "sinusoidal"]
     # RoPE's policies in shades from blue to green (they share one kernel), the biases in warm colours.
@@ -339,7 +348,7 @@ def plots(res, folder):
         step = 1 if octaves <= 10 else 2 if octaves <= 22 else 4
         ax.yaxis.set_major_locator(LogLocator(base=2, numticks=60))
         ax.yaxis.set_major_formatter(FuncFormatter(
-            lambda v, _: fmt_bytes(v).replace(".00", "") if v > 0 and round(math.log2(v)) % step == 0 else ""))
+            lambda v, _: re.sub(r"\.0+ ", " ", fmt_bytes(v)) if v > 0 and round(math.log2(v)) % step == 0 else ""))
         ax.yaxis.set_minor_formatter(NullFormatter())
 
     def rate_axis(ax, label):
@@ -370,8 +379,8 @@ def plots(res, folder):
             ax.plot([r["n_kv"]], [y], marker="x", color="red", markersize=9, mew=2, linestyle="none")
             if label_once and not done:
                 ax.annotate(f"naive skipped at n={fmt_n(r['n_kv'])}:\n{r['status'].removeprefix('skipped: ')}",
-                            xy=(r["n_kv"], y), xytext=(-10, -28), textcoords="offset points", ha="right",
-                            fontsize=8, color="red")
+                            xy=(r["n_kv"], y), xytext=(-12, 0), textcoords="offset points", ha="right",
+                            va="center", fontsize=8, color="red")
                 done = True
 
     # ---- throughput ----
@@ -401,7 +410,7 @@ def plots(res, folder):
     rate_axis(ax, "GFLOP/s (useful work, see report)")
     ax.set_title("Attention prefill, 8 heads, d = 128: blockwise (solid) vs naive (dashed)")
     if any_line:
-        ax.legend(fontsize=7, loc="lower left", ncol=2)
+        legend(ax, fontsize=7, loc="lower left", ncol=2)
     skip_marks(ax, [r for r in res.rows if r.get("group") in ("prefill",) and r.get("path") == "naive"
                     and (r.get("status") or "").startswith("skipped")], lambda r, g: res.fma / 1e9 * 0.8
                if res.fma else 1)
@@ -418,7 +427,7 @@ def plots(res, folder):
     n_axis(ax)
     rate_axis(ax, "GFLOP/s")
     ax.set_title("Encoders inside causal prefill (8 heads, d = 128)\nblockwise solid, naive dashed")
-    ax.legend(fontsize=7, loc="lower left", ncol=3, title="encoder (rotation inside the kernel)", title_fontsize=7)
+    legend(ax, fontsize=7, loc="lower left", ncol=3, title="encoder (rotation inside the kernel)", title_fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(folder, "throughput.png"), dpi=110)
     plt.close(fig)
@@ -449,7 +458,7 @@ def plots(res, folder):
                 ax.plot(gx, gy, color="gray", linestyle=":", linewidth=1)
                 ax.annotate(text, xy=(gx[-1], gy[-1]), xytext=(-4, 4), textcoords="offset points", ha="right",
                             fontsize=8, color="gray")
-    hline(ax, limit, f"limit {fmt(limit / GIB)} GiB (--mem-limit)", "red", "--")
+    hline(ax, limit, f"limit {limit / GIB:g} GiB (--mem-limit)", "red", "--")
     skip_marks(ax, [r for r in probes if r["path"] == "naive" and (r["status"] or "").startswith("skipped")],
                lambda r, g: g * GIB)
     n_axis(ax)
@@ -457,17 +466,19 @@ def plots(res, folder):
     shape = res.meta.get("probe_shape", {})
     ax.set_ylabel("peak RSS of a fresh process minus its RSS at start")
     ax.set_title(f"Peak resident memory, one process per point ({shape.get('heads', 1)} head, "
-                 f"d = {shape.get('d', 128)}, causal)\nblockwise solid, naive dashed")
+                 f"d = {shape.get('d', 128)}, causal)\nblockwise solid, naive dashed; the encoders' lines coincide")
     if first_pts:
-        ax.legend(fontsize=7, loc="lower right", ncol=2)
+        legend(ax, fontsize=7, loc="lower right", ncol=2)
 
     ax = axes[1]
     any_line = False
     for enc in enc_names:
         for path, style, marker in (("blockwise", "-", "o"), ("naive", "--", "s")):
-            rows = [r for r in res.rows if r.get("group") in ("encoder",) and r.get("encoder") == enc
-                    and r.get("path") == path and r.get("status") == "ok"]
-            xs, ys = series(rows, "n_kv", "kernel_peak_bytes")
+            # The encoder group, and for "none" the causal prefill group too (its naive path goes further).
+            rows = [r for r in res.rows if r.get("encoder") == enc and r.get("path") == path
+                    and r.get("status") == "ok" and (r.get("group") == "encoder" or (
+                        r.get("group") == "prefill" and r.get("mask") == "causal" and r.get("d") == 128))]
+            xs, ys = series(list({r["n_kv"]: r for r in rows}.values()), "n_kv", "kernel_peak_bytes")
             if xs:
                 ax.plot(xs, ys, linestyle=style, marker=marker, markersize=4, color=enc_color[enc],
                         label=enc if path == "blockwise" else None)
@@ -478,7 +489,7 @@ def plots(res, folder):
     ax.set_title("The kernel's own heap peak (Google Benchmark MemoryManager)\ncausal prefill, 8 heads, d = 128: "
                  "blockwise solid, naive dashed")
     if any_line:
-        ax.legend(fontsize=7, loc="upper left", ncol=3)
+        legend(ax, fontsize=7, loc="upper left", ncol=3)
     fig.tight_layout()
     fig.savefig(os.path.join(folder, "memory.png"), dpi=110)
     plt.close(fig)
@@ -499,7 +510,7 @@ def plots(res, folder):
     n_axis(ax, "tokens in the KV cache (n_kv)")
     rate_axis(ax, "GB/s of K and V read")
     ax.set_title("Decode against a KV cache (GQA 8/2, d = 128)")
-    ax.legend(fontsize=8, loc="lower left")
+    legend(ax, fontsize=8, loc="lower left")
 
     ax = axes[1]
     for enc in enc_names:
@@ -513,35 +524,37 @@ def plots(res, folder):
     n_axis(ax, "tokens")
     rate_axis(ax, "GB/s read + written")
     ax.set_title("Encoders on their own: sinusoidal add, RoPE rotate per policy\n(cos/sin cache solid, direct angles dashed)")
-    ax.legend(fontsize=7, loc="lower left", ncol=2)
+    legend(ax, fontsize=7, loc="lower left", ncol=2)
     fig.tight_layout()
     fig.savefig(os.path.join(folder, "bandwidth.png"), dpi=110)
     plt.close(fig)
     made.append("bandwidth.png")
 
     # ---- ring ----
-    ring = [r for r in res.ring if r.get("_peak")]
-    if ring:
-        fig, ax = plt.subplots(figsize=(7, 5))
-        per_p = {}
-        for r in ring:  # records per rank or per run: the largest per P
-            per_p[r["_P"]] = max(per_p.get(r["_P"], 0), r["_peak"])
-        pts = sorted(per_p.items())
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label="measured (largest rank)")
-        p0, y0 = pts[0]
-        ax.plot([p[0] for p in pts], [y0 * p0 / p[0] for p in pts], color="gray", linestyle=":",
-                label="1/P from the first point")
-        ax.legend(fontsize=8)
+    mem = res.ring_memory()
+    if mem:
+        fig, ax = plt.subplots(figsize=(8, 5.5))
+        text = {"peak_rss_bytes_max": "peak RSS (ru_maxrss)",
+                "rss_above_baseline_bytes_max": "peak RSS above the rank's RSS before the run",
+                "ring_bytes_max": "held by the ring: shards, buffers, accumulators"}
+        ps = sorted({p for v in mem.values() for p in v})
+        for k, per_p in mem.items():
+            pts = sorted(per_p.items())
+            ax.plot([p for p, _ in pts], [y for _, y in pts], marker="o", label=text.get(k, k))
+        ref = mem.get("ring_bytes_max") or next(iter(mem.values()))
+        p0, y0 = min(ref.items())
+        ax.plot(ps, [y0 * p0 / p for p in ps], color="gray", linestyle=":", label="1/P")
         ax.set_xscale("log", base=2)
-        ax.set_xticks(sorted({p[0] for p in pts}))
+        ax.set_xticks(ps)
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: str(int(v))))
         bytes_axis(ax)
         ax.set_xlabel("processes P")
-        ax.set_ylabel("peak memory per process")
-        total = next((r[k] for r in ring for k in r if re.search(r"total|seq", k) and isinstance(r[k], int)), None)
-        ax.set_title("Ring attention, P processes on one machine:\nper-process peak memory at a fixed total length"
-                     + (f" ({fmt_n(total)} tokens)" if total else ""))
+        ax.set_ylabel("per process (largest rank)")
+        total = next((r.get("n_total") for r in res.ring if r.get("name") == "ring_memory"), None)
+        ax.set_title("Ring attention, P MPI processes on one machine: memory per process\nat a fixed total "
+                     "length" + (f" ({fmt_n(total)} tokens, causal, zigzag)" if total else ""))
         ax.grid(True, alpha=0.3)
+        legend(ax, fontsize=8)
         fig.tight_layout()
         fig.savefig(os.path.join(folder, "ring.png"), dpi=110)
         plt.close(fig)
@@ -609,10 +622,24 @@ def headline(res):
         if skipped:
             parts.append(f"naive skipped from n = {fmt_n(skipped[0][0])} ({skipped[0][1].removeprefix('skipped: ')})")
         lines.append("Peak RSS of a fresh process against n (log-log): " + "; ".join(parts))
-    ring = [r for r in res.ring if r.get("_peak")]
-    if ring:
-        lines.append("Ring attention, per-process peak against P: " +
-                     ", ".join(f"P={r['_P']}: {fmt_bytes(r['_peak'])}" for r in sorted(ring, key=lambda r: r["_P"])))
+    mem = res.ring_memory()
+    key = next((k for k in ("rss_above_baseline_bytes_max", "ring_bytes_max", "peak_rss_bytes_max") if k in mem), None)
+    if key:
+        total = next((r.get("n_total") for r in res.ring if r.get("name") == "ring_memory"), None)
+        what = {"rss_above_baseline_bytes_max": "peak RSS above its RSS before the run",
+                "ring_bytes_max": "bytes the ring holds", "peak_rss_bytes_max": "peak RSS"}[key]
+        lines.append(f"Ring attention{' at n = ' + fmt_n(total) if total else ''}, per-process {what} (largest rank) "
+                     "against P: " + ", ".join(f"P={p}: {fmt_bytes(b)}" for p, b in sorted(mem[key].items())))
+    hidden = [r for r in res.ring if r.get("name") == "ring_step" and r.get("query_blocks") == 16 and r["_P"] > 1]
+    if hidden:
+        lines.append("Ring transfer hidden behind compute (query_blocks = 16): " +
+                     ", ".join(f"P={r['_P']}: {fmt_ratio(r.get('transfer_hidden_share'))}"
+                               for r in sorted(hidden, key=lambda r: r["_P"])))
+    bal = {(r["_P"], r.get("layout")): r.get("compute_ratio") for r in res.ring if r.get("name") == "ring_balance"}
+    if bal:
+        pmax = max(p for p, _ in bal)
+        lines.append(f"Causal work balance at P={pmax}, slowest/fastest rank compute: zigzag "
+                     f"{fmt_ratio(bal.get((pmax, 'zigzag')))}, contiguous {fmt_ratio(bal.get((pmax, 'contiguous')))}")
     return lines
 
 
@@ -823,22 +850,34 @@ def ring_section(res):
     note = res.meta.get("ring", "not run")
     if not res.ring:
         return f"_Ring attention: {note}._"
-    keys = []
-    for r in res.ring:
-        for k in r:
-            if not k.startswith("_") and k not in keys:
-                keys.append(k)
-    keys = keys[:12]
+
     def cell(k, v):
         if isinstance(v, list):
             return ", ".join(cell(k, x) for x in v[:8]) + (", ..." if len(v) > 8 else "")
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and re.search(r"bytes|rss|peak", k, re.I):
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and re.search(r"bytes|rss", k, re.I):
             return fmt_bytes(v)
         return fmt(v) if isinstance(v, float) else str(v)
 
-    rows = [[r["_P"]] + [cell(k, r.get(k, "")) for k in keys] for r in sorted(res.ring, key=lambda r: r["_P"])]
-    return f"{note}.\n\n" + md_table(["P"] + keys, rows) + ("\n\n![ring](ring.png)" if any(
-        r.get("_peak") for r in res.ring) else "")
+    parts = [f"{note}.", "The records of bench/mpi/ring_bench.cpp (its header says what each measures), one "
+             "table per kind; per-rank figures are the largest (`_max`) and smallest (`_min`) rank."]
+    names = []
+    for r in res.ring:
+        if r.get("name") not in names:
+            names.append(r.get("name"))
+    for name in names:
+        recs = sorted((r for r in res.ring if r.get("name") == name), key=lambda r: r["_P"])
+        keys = []
+        for r in recs:
+            for k in r:
+                if not k.startswith("_") and k not in keys and k not in ("name", "heads", "kv_heads", "head_dim"):
+                    keys.append(k)
+        shape = recs[0]
+        parts.append(f"**{name or 'records'}** (heads {shape.get('heads', '?')}/{shape.get('kv_heads', '?')}, "
+                     f"d = {shape.get('head_dim', '?')}):\n\n" +
+                     md_table(keys, [[cell(k, r.get(k, "")) for k in keys] for r in recs]))
+    if res.ring_memory():
+        parts.append("![ring](ring.png)")
+    return "\n\n".join(parts)
 
 
 def failures_section(res):
