@@ -80,6 +80,7 @@ void run_attention(benchmark::State& state, const char* group, path p, encoder e
       benchmark::DoNotOptimize(out.data());
       benchmark::ClobberMemory();
     }
+    posenc_bench::kernel_ends();
   });
   const double iters = static_cast<double>(state.iterations());
   state.counters["FLOPS"] = benchmark::Counter(posenc_bench::attention_flop(s) * iters, benchmark::Counter::kIsRate);

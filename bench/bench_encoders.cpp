@@ -46,6 +46,7 @@ void sinusoidal_add(benchmark::State& state, index_t tokens) {
     benchmark::DoNotOptimize(x.data());
     benchmark::ClobberMemory();
   }
+  posenc_bench::kernel_ends();
   set_bytes(state, tokens, dim);
 }
 
@@ -68,6 +69,7 @@ void rope_rotate(benchmark::State& state, encoder e, bool cached, index_t tokens
     benchmark::DoNotOptimize(x.data());
     benchmark::ClobberMemory();
   }
+  posenc_bench::kernel_ends();
   set_bytes(state, tokens, heads * d);
 }
 

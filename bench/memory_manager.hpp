@@ -1,7 +1,8 @@
 // Google Benchmark's MemoryManager on top of bench/alloc_counter.hpp: after timing a point, the
 // library runs it once more between Start() and Stop() and reports "max_bytes_used" and
-// "allocs_per_iter" in its JSON. A benchmark calls kernel_begins() right before its timed loop,
-// so the figures count the kernel's own allocations, not the inputs the benchmark set up.
+// "allocs_per_iter" in its JSON. A benchmark calls kernel_begins() right before its timed loop
+// and kernel_ends() right after it, so the figures count the kernel's own allocations, not the
+// inputs the benchmark set up nor the bookkeeping after the loop.
 // Include in exactly one translation unit per executable (it includes alloc_counter.hpp).
 #pragma once
 
@@ -15,22 +16,36 @@ namespace posenc_bench {
 
 namespace detail {
 inline std::int64_t heap_base = 0;
-}
+struct heap_figures {
+  std::int64_t allocs = 0, allocated = 0, peak = 0;
+};
+inline heap_figures at_end{};
+inline bool ended = false;
+}  // namespace detail
 
 /// Marks the start of the kernel's part of a benchmark: the heap held now is the inputs'.
 inline void kernel_begins() {
   detail::heap_base = heap::current();
   heap::reset();
+  detail::ended = false;
+}
+
+/// Marks the end of the timed loop: what the benchmark and the library allocate afterwards (its
+/// counters, its results) is not the kernel's.
+inline void kernel_ends() {
+  detail::at_end = {heap::allocations(), heap::allocated(), heap::peak()};
+  detail::ended = true;
 }
 
 class kernel_memory final : public benchmark::MemoryManager {
  public:
   void Start() override { kernel_begins(); }
   void Stop(Result& r) override {
-    r.num_allocs = heap::allocations();
-    r.max_bytes_used = heap::peak() - detail::heap_base;
-    r.total_allocated_bytes = heap::allocated();
-    r.net_heap_growth = heap::current() - detail::heap_base;
+    const detail::heap_figures f =
+        detail::ended ? detail::at_end : detail::heap_figures{heap::allocations(), heap::allocated(), heap::peak()};
+    r.num_allocs = f.allocs;
+    r.max_bytes_used = f.peak - detail::heap_base;
+    r.total_allocated_bytes = f.allocated;
   }
   // Google Benchmark 1.7 still declares the pointer form pure virtual.
   void Stop(Result* r) override { Stop(*r); }

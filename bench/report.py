@@ -323,6 +323,12 @@ def plots(res, folder):
 
     made = []
 
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(os.path.join(folder, name), dpi=110)
+        plt.close(fig)
+        made.append(name)
+
     def legend(ax, **kw):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(**kw)
@@ -428,10 +434,7 @@ def plots(res, folder):
     rate_axis(ax, "GFLOP/s")
     ax.set_title("Encoders inside causal prefill (8 heads, d = 128)\nblockwise solid, naive dashed")
     legend(ax, fontsize=7, loc="lower left", ncol=3, title="encoder (rotation inside the kernel)", title_fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(folder, "throughput.png"), dpi=110)
-    plt.close(fig)
-    made.append("throughput.png")
+    save(fig, "throughput.png")
 
     # ---- memory ----
     fig, axes = plt.subplots(1, 2, figsize=(15, 6.5))
@@ -490,10 +493,7 @@ def plots(res, folder):
                  "blockwise solid, naive dashed")
     if any_line:
         legend(ax, fontsize=7, loc="upper left", ncol=3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(folder, "memory.png"), dpi=110)
-    plt.close(fig)
-    made.append("memory.png")
+    save(fig, "memory.png")
 
     # ---- bandwidth-bound kernels ----
     fig, axes = plt.subplots(1, 2, figsize=(15, 5.8))
@@ -525,10 +525,7 @@ def plots(res, folder):
     rate_axis(ax, "GB/s read + written")
     ax.set_title("Encoders on their own: sinusoidal add, RoPE rotate per policy\n(cos/sin cache solid, direct angles dashed)")
     legend(ax, fontsize=7, loc="lower left", ncol=2)
-    fig.tight_layout()
-    fig.savefig(os.path.join(folder, "bandwidth.png"), dpi=110)
-    plt.close(fig)
-    made.append("bandwidth.png")
+    save(fig, "bandwidth.png")
 
     # ---- ring ----
     mem = res.ring_memory()
@@ -555,10 +552,7 @@ def plots(res, folder):
                      "length" + (f" ({fmt_n(total)} tokens, causal, zigzag)" if total else ""))
         ax.grid(True, alpha=0.3)
         legend(ax, fontsize=8)
-        fig.tight_layout()
-        fig.savefig(os.path.join(folder, "ring.png"), dpi=110)
-        plt.close(fig)
-        made.append("ring.png")
+        save(fig, "ring.png")
     return made
 
 
