@@ -120,7 +120,7 @@ class alibi {
     detail::require(std::isfinite(max_bias) && max_bias > 0, "alibi_params.max_bias", max_bias,
                     "must be positive and finite");
     index_t c = 1;
-    while (c * 2 <= num_heads) c *= 2;  // largest power of two <= num_heads
+    while (c <= num_heads / 2) c *= 2;  // largest power of two <= num_heads (c * 2 could overflow)
     std::vector<double> s(static_cast<std::size_t>(num_heads));
     // Exponents -max_bias * m / c are exact for max_bias = 8 and c a power of two, so the common
     // slopes (1/2 ... 1/256) come out exact.

@@ -54,6 +54,23 @@ namespace detail {
 
 inline std::string config_field(std::string_view key) { return "rope_scaling." + std::string(key); }
 
+/// `s` in double quotes for an error message, bytes outside printable ASCII written as `\xNN`
+/// (a NUL would otherwise cut the message short, and a control byte garble a log).
+inline std::string config_quoted(std::string_view s) {
+  std::string out(1, '"');
+  for (const char ch : s) {
+    const auto u = static_cast<unsigned char>(ch);
+    if (u >= 0x20 && u < 0x7f && ch != '\\') {
+      out.append(1, ch);
+    } else {
+      constexpr char hex[] = "0123456789abcdef";
+      out.append("\\x").append(1, hex[u >> 4]).append(1, hex[u & 15]);
+    }
+  }
+  out.append(1, '"');
+  return out;
+}
+
 /// The value as text, for error messages.
 inline std::string config_text(const config_value& v) {
   return std::visit(
@@ -63,8 +80,7 @@ inline std::string config_text(const config_value& v) {
         // `"literal" + std::string` here.
         std::string out;
         if constexpr (std::same_as<X, std::string>) {
-          out.append(1, '"').append(x).append(1, '"');
-          return out;
+          return config_quoted(x);
         } else if constexpr (std::same_as<X, std::vector<double>>) {
           out.append(1, '[').append(std::to_string(x.size())).append(" numbers]");
           return out;
@@ -224,7 +240,7 @@ inline rope_scaling rope_scaling_from_config(const config_map& m) {
     }
     out = std::move(l);
   } else {
-    invalid(config_field(type_key), "\"" + type + "\"",
+    invalid(config_field(type_key), config_quoted(type),
             "unknown type (known: default, linear, ntk, dynamic, yarn, llama3, longrope)");
   }
   validate_policy(out, field_namer{.hf = true});

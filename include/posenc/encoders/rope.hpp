@@ -244,6 +244,9 @@ class rope {
     }
     detail::rope_frequencies f = detail::compute_frequencies(p.scaling, r_, p.base);
     magnitude_ = p.attention_factor ? *p.attention_factor : f.magnitude;
+    // YaRN's (0.1 mscale ln s + 1) / (0.1 mscale_all_dim ln s + 1) overflows for huge mscales.
+    require(std::isfinite(magnitude_) && magnitude_ > 0, "rope_params.scaling", scaling_name(p.scaling),
+            "gives a magnitude of " + detail::to_text(magnitude_) + ", not finite and > 0");
     inv_freq_.reserve(f.inv.size());
     turns_.reserve(f.inv.size());
     exact_ = true;
@@ -254,6 +257,9 @@ class rope {
     for (long double v : f.inv) {
       const double d = static_cast<double>(v);
       require(std::isfinite(d) && d > 0, "rope_params.base", p.base, "gives a frequency that is not finite and > 0");
+      // Every int64 position must give a finite angle (|p| <= 2^63), or cos/sin would be NaN.
+      require(d <= std::numeric_limits<double>::max() / 0x1p64, "rope_params.base", p.base,
+              "gives a frequency of " + detail::to_text(d) + " rad per position, too large for a finite angle");
       inv_freq_.push_back(d);
       turns_.push_back(detail::make_rope_turns(v));
       const detail::rope_turns& t = turns_.back();

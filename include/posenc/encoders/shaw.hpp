@@ -50,6 +50,7 @@
 
 #include <algorithm>
 #include <concepts>
+#include <limits>
 #include <string_view>
 #include <type_traits>
 #include <utility>
@@ -92,6 +93,9 @@ class shaw_relative {
     detail::require(p.head_dim > 0, "shaw_params.head_dim", p.head_dim, "must be positive");
     detail::require(p.max_relative_position >= 0, "shaw_params.max_relative_position", p.max_relative_position,
                     "must be non-negative");
+    detail::require(p.max_relative_position <= (std::numeric_limits<index_t>::max() - 1) / 2,
+                    "shaw_params.max_relative_position", p.max_relative_position,
+                    "must be at most (2^63 - 2) / 2, so that the 2K + 1 table rows can be counted");
     ak_ = copy_table(view_of(std::forward<MK>(aK)), "shaw aK");
     av_ = copy_table(view_of(std::forward<MV>(aV)), "shaw aV");
   }

@@ -14,6 +14,7 @@
 /// options here, so a table matches the model it came from.
 
 #include <cmath>
+#include <limits>
 #include <span>
 #include <string_view>
 #include <vector>
@@ -63,7 +64,14 @@ class sinusoidal {
     const index_t half = p.dim / 2;
     const double denom = static_cast<double>(p.shifted_denominator ? half - 1 : half);
     freq_.resize(static_cast<std::size_t>(half));
-    for (index_t i = 0; i < half; ++i) freq_[static_cast<std::size_t>(i)] = std::pow(p.base, -static_cast<double>(i) / denom);
+    for (index_t i = 0; i < half; ++i) {
+      const double f = std::pow(p.base, -static_cast<double>(i) / denom);
+      // A base far below 1 (1e-300) gives frequencies so large that angles `(pos + offset) f`
+      // (|pos + offset| <= 2^64) overflow, and their sines would be NaN.
+      detail::require(f <= std::numeric_limits<double>::max() / 0x1p64, "sinusoidal_params.base", p.base,
+                      "gives a frequency too large for a finite angle (base^(-i/D) with base far below 1)");
+      freq_[static_cast<std::size_t>(i)] = f;
+    }
   }
 
   static constexpr std::string_view name() { return "sinusoidal"; }

@@ -161,7 +161,7 @@ class t5_relative_bias {
     validate(num_buckets, max_distance, bidirectional);
     const index_t half = bidirectional ? num_buckets / 2 : num_buckets;
     const index_t offset = bidirectional && relative > 0 ? half : 0;
-    const position d = bidirectional ? (relative < 0 ? -relative : relative) : std::max<position>(-relative, 0);
+    const position d = bidirectional ? distance(relative) : (relative < 0 ? distance(relative) : 0);
     return offset + in_half(d, half, half / 2, max_distance);
   }
 
@@ -234,6 +234,13 @@ class t5_relative_bias {
                     "must exceed max_exact (" + detail::to_text(max_exact) + ")");
   }
 
+  // |relative|, with INT64_MIN taken as INT64_MAX (negating it would overflow; both lie past any
+  // max_distance, so they share the last bucket of their side).
+  static position distance(position relative) {
+    if (relative >= 0) return relative;
+    return relative == std::numeric_limits<position>::min() ? std::numeric_limits<position>::max() : -relative;
+  }
+
   // Bucket within one half for a distance d >= 0.
   static index_t in_half(position d, index_t half, index_t max_exact, position max_distance) {
     if (d < max_exact) return static_cast<index_t>(d);
@@ -259,7 +266,7 @@ class t5_relative_bias {
   // Bucket for |relative| > reach_, from the thresholds (no logarithm).
   index_t far_bucket(position relative) const {
     const index_t offset = params_.bidirectional && relative > 0 ? half_ : 0;
-    const position d = params_.bidirectional ? (relative < 0 ? -relative : relative) : std::max<position>(-relative, 0);
+    const position d = params_.bidirectional ? distance(relative) : (relative < 0 ? distance(relative) : 0);
     if (d < max_exact_) return offset + static_cast<index_t>(d);
     const auto above = std::upper_bound(thresholds_.begin(), thresholds_.end(), d) - thresholds_.begin();
     return offset + max_exact_ + static_cast<index_t>(above);
