@@ -439,6 +439,15 @@ TEST_CASE("fuzz regressions: parameters that overflowed or produced NaN are refu
   CHECK(posenc::rope<float>({.head_dim = 8, .base = 1e-3}).magnitude() == 1.0);
 }
 
+TEST_CASE("a position range that would run past INT64_MAX is a caller bug", "[edges][positions]") {
+  constexpr position hi = std::numeric_limits<position>::max();
+  CHECK(posenc::arange(hi, 1)[0] == hi);
+  CHECK(posenc::arange(hi - 9, 10)[9] == hi);
+  CHECK(posenc::arange(hi, 0).empty());
+  CHECK_THROWS_AS(posenc::arange(hi - 9, 11), posenc::assertion_error);
+  CHECK_THROWS_AS(posenc::arange(hi, 2), posenc::assertion_error);
+}
+
 TEST_CASE("fuzz regression: T5 buckets of the int64 extremes", "[edges][fuzz][t5]") {
   constexpr position lo = std::numeric_limits<position>::min(), hi = std::numeric_limits<position>::max();
   // -INT64_MIN overflowed (UB); both extremes lie past max_distance, in the last bucket of their side.

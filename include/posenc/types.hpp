@@ -13,6 +13,7 @@
 #include <concepts>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <ranges>
 #include <span>
 #include <type_traits>
@@ -93,6 +94,8 @@ class positions {
   /// The contiguous range `[start, start + count)`.
   static positions range(position start, index_t count) {
     POSENC_ASSERT(count >= 0, "positions::range: negative count");
+    POSENC_ASSERT(count == 0 || start <= std::numeric_limits<position>::max() - static_cast<position>(count - 1),
+                  "positions::range: the last position start + count - 1 overflows int64");
     positions p;
     p.start_ = start;
     p.size_ = count;
