@@ -78,6 +78,11 @@ def fmt_time(s):
     return f"{fmt(s * 1e6)} µs"
 
 
+def status_cell(r):
+    """Empty for a point that ran, else why it did not (`skipped: would need X GiB`, an error)."""
+    return "" if r["status"] == "ok" else r["status"]
+
+
 def md_table(header, rows):
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
@@ -700,7 +705,7 @@ def prefill_section(res):
             rows.append((what, r["d"], fmt_n(r["n_kv"]), r["path"], fmt_time(r.get("time_s")),
                          fmt(r.get("tokens_per_s")), fmt(r.get("gflops")), fmt_ratio(r.get("ratio_fma")),
                          fmt_ratio(r.get("ratio_sgemm")), fmt_bytes(r.get("kernel_peak_bytes")),
-                         "" if r["status"] == "ok" else r["status"]))
+                         status_cell(r)))
     return md_table(["attention", "d", "n", "path", "time", "tokens/s", "GFLOP/s", "x FMA peak", "x Eigen SGEMM",
                      "kernel heap peak", "status"], rows)
 
@@ -740,7 +745,7 @@ def decode_section(res):
     for r in sorted(res.select(group="decode"), key=lambda r: (r["n_q"], r["n_kv"], r["path"])):
         rows.append((fmt_n(r["n_kv"]), r["n_q"], r["path"], fmt_time(r.get("time_s")), fmt(r.get("gb_per_s")),
                      fmt_ratio(r.get("ratio_copy")), fmt(r.get("tokens_per_s")),
-                     fmt_bytes(r.get("kernel_peak_bytes")), "" if r["status"] == "ok" else r["status"]))
+                     fmt_bytes(r.get("kernel_peak_bytes")), status_cell(r)))
     return md_table(["n_kv", "n_q", "path", "time", "GB/s of K+V", "x copy bandwidth", "tokens/s",
                      "kernel heap peak", "status"], rows)
 
@@ -762,7 +767,7 @@ def apply_section(res):
     for r in res.select(group="encoder_apply"):
         rows.append((r["encoder"], r["variant"], fmt_n(r["n_q"]), fmt_time(r.get("time_s")), fmt(r.get("gb_per_s")),
                      fmt_ratio(r.get("ratio_copy")), fmt(r.get("tokens_per_s")),
-                     fmt_bytes(r.get("kernel_peak_bytes")), "" if r["status"] == "ok" else r["status"]))
+                     fmt_bytes(r.get("kernel_peak_bytes")), status_cell(r)))
     return md_table(["encoder", "variant", "tokens", "time", "GB/s", "x copy bandwidth", "tokens/s",
                      "kernel heap peak", "status"], rows)
 
