@@ -227,7 +227,7 @@ TEMPLATE_TEST_CASE("NaN or Inf in q, k or v: no crash, and rows that never read 
   non_finite_inputs<TestType>(false);
 }
 
-// Fuzzer finding 4 (attention kernels and reference): what a row that reads a NaN or Inf gets
+// Finding 4 (attention kernels and reference; found by the test above): what a row that reads a NaN or Inf gets
 // depends on the path. A NaN logit is dropped by `std::max` (so a NaN query row looks fully
 // masked: zeros, lse = -inf, in every path, the reference included), and the AVX-512 exp maps NaN
 // to 0, so a NaN key is ignored by float attention on AVX-512 but poisons the row (NaN) on the
