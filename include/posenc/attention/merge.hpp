@@ -44,6 +44,12 @@ void merge_partial(OA&& out_a, LA&& lse_a, OB&& out_b, LB&& lse_b) {
     for (index_t h = 0; h < heads; ++h) {
       const C a = static_cast<C>(la(i, h));
       const C b = static_cast<C>(lb(i, h));
+      if (std::isnan(a) || std::isnan(b)) {
+        // A NaN partial (its rows saw a NaN) makes the merged row NaN, as in one call.
+        for (index_t c = 0; c < d; ++c) oa(i, h * d + c) = static_cast<S>(std::numeric_limits<C>::quiet_NaN());
+        la(i, h) = static_cast<L>(std::numeric_limits<C>::quiet_NaN());
+        continue;
+      }
       const C m = std::max(a, b);
       if (m == -std::numeric_limits<C>::infinity()) {
         for (index_t c = 0; c < d; ++c) oa(i, h * d + c) = S(0);

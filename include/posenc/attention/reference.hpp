@@ -102,8 +102,11 @@ void attention_reference(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions
         m = std::max(m, scores(i, j));
       }
       if (m == neg_inf) {
-        scores.row(i).setZero();
-        set_lse(i, h, neg_inf);
+        // Nothing visible, or (the maximum skips NaN) only NaN and masked logits: NaN policy of
+        // docs/numerics.md, a NaN the row sees makes the row NaN.
+        const bool nan_seen = scores.row(i).array().isNaN().any();
+        scores.row(i).setConstant(nan_seen ? std::numeric_limits<C>::quiet_NaN() : C(0));
+        set_lse(i, h, nan_seen ? std::numeric_limits<C>::quiet_NaN() : neg_inf);
         continue;
       }
       C l = 0;

@@ -106,6 +106,15 @@ C softmax_row_begin(C tile_max, C& m, C& alpha) {
   return m_new;
 }
 
+/// The row's visible logits hold a NaN. Called only for a row whose tile maximum is -inf: the
+/// maximum skips NaN, so a row of NaN and masked logits would otherwise look fully masked.
+template <class C>
+bool has_nan(const C* row, index_t n) {
+  for (index_t j = 0; j < n; ++j)
+    if (std::isnan(row[j])) return true;
+  return false;
+}
+
 template <class C>
 void softmax_portable(C* s, index_t lds, index_t nq, index_t nk, C* m, C* l, C* alpha) {
   constexpr C neg_inf = -std::numeric_limits<C>::infinity();
@@ -115,6 +124,8 @@ void softmax_portable(C* s, index_t lds, index_t nq, index_t nk, C* m, C* l, C* 
     for (index_t j = 0; j < nk; ++j) tile_max = std::max(tile_max, row[j]);
     const C m_new = softmax_row_begin(tile_max, m[i], alpha[i]);
     if (m_new == neg_inf) {
+      // NaN policy (docs/numerics.md): a NaN the row sees makes its sum, and so its output, NaN.
+      if (has_nan(row, nk)) l[i] = std::numeric_limits<C>::quiet_NaN();
       for (index_t j = 0; j < nk; ++j) row[j] = C(0);
       alpha[i] = C(1);
       continue;
@@ -180,11 +191,13 @@ POSENC_SIMD_WARNINGS_OFF
 
 /// exp(x) for x <= 0 (logits minus their running max), 16 lanes: 2^(x log2 e) split into an
 /// integer power, applied with scalef, and a degree-6 polynomial for 2^f on [-1/2, 1/2]
-/// (relative error about 1.5e-7). Inputs below -87.3 (including -inf) give exactly 0.
+/// (relative error about 1.5e-7). Inputs below -87.3 (including -inf) give exactly 0; NaN gives NaN.
 POSENC_AVX512 inline __m512 exp_avx512(__m512 x) {
   const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-  const __mmask16 live = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-126.0f), _CMP_GE_OQ);
-  const __m512 tc = _mm512_max_ps(t, _mm512_set1_ps(-126.0f));
+  // NaN stays NaN: it counts as live (not less than -126, unordered) and max_ps returns its
+  // second operand when either is NaN.
+  const __mmask16 live = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-126.0f), _CMP_NLT_UQ);
+  const __m512 tc = _mm512_max_ps(_mm512_set1_ps(-126.0f), t);
   const __m512 n = _mm512_roundscale_ps(tc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(tc, n);
   __m512 p = _mm512_set1_ps(exp2_poly[0]);
@@ -356,6 +369,7 @@ POSENC_AVX512 inline void softmax_avx512(float* s, index_t lds, index_t nq, inde
       mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(vneg_inf, tail_mask(nk - j), row + j));
     const float m_new = softmax_row_begin<float>(_mm512_reduce_max_ps(mx), m[i], alpha[i]);
     if (m_new == neg_inf) {
+      if (has_nan(row, nk)) l[i] = std::numeric_limits<float>::quiet_NaN();
       for (index_t j = 0; j < nk; j += 16) _mm512_mask_storeu_ps(row + j, tail_mask(nk - j), _mm512_setzero_ps());
       alpha[i] = 1.0f;
       continue;
@@ -429,6 +443,7 @@ POSENC_AVX512 inline void pv_avx512(const float* p, index_t ldp, index_t nq, ind
   index_t c0 = 0;
   for (; c0 + 64 <= d; c0 += 64) pv_cols_avx512<4>(p, ldp, nq, nk, v + c0, ldv, alpha, acc + c0, ldacc);
   switch ((d - c0 + 15) / 16) {
+    case 4: pv_cols_avx512<4>(p, ldp, nq, nk, v + c0, ldv, alpha, acc + c0, ldacc); break;
     case 3: pv_cols_avx512<3>(p, ldp, nq, nk, v + c0, ldv, alpha, acc + c0, ldacc); break;
     case 2: pv_cols_avx512<2>(p, ldp, nq, nk, v + c0, ldv, alpha, acc + c0, ldacc); break;
     case 1: pv_cols_avx512<1>(p, ldp, nq, nk, v + c0, ldv, alpha, acc + c0, ldacc); break;
@@ -448,11 +463,12 @@ inline const tile_kernels<float>& avx512_float_kernels() {
 #define POSENC_AVX2 POSENC_TARGET_AVX2
 
 /// exp(x) for x <= 0, 8 lanes: as `exp_avx512`, with 2^n built in the exponent bits (n is in
-/// [-126, 0], so 2^n is a normal float). Inputs below -87.3 (including -inf) give exactly 0.
+/// [-126, 0], so 2^n is a normal float). Inputs below -87.3 (including -inf) give exactly 0;
+/// NaN gives NaN.
 POSENC_AVX2 inline __m256 exp_avx2(__m256 x) {
   const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
-  const __m256 live = _mm256_cmp_ps(t, _mm256_set1_ps(-126.0f), _CMP_GE_OQ);
-  const __m256 tc = _mm256_max_ps(t, _mm256_set1_ps(-126.0f));
+  const __m256 live = _mm256_cmp_ps(t, _mm256_set1_ps(-126.0f), _CMP_NLT_UQ);  // NaN stays NaN, as above
+  const __m256 tc = _mm256_max_ps(_mm256_set1_ps(-126.0f), t);
   const __m256 n = _mm256_round_ps(tc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 f = _mm256_sub_ps(tc, n);
   __m256 p = _mm256_set1_ps(exp2_poly[0]);
@@ -625,6 +641,7 @@ POSENC_AVX2 inline void softmax_avx2(float* s, index_t lds, index_t nq, index_t 
     }
     const float m_new = softmax_row_begin<float>(reduce_max_avx2(mx), m[i], alpha[i]);
     if (m_new == neg_inf) {
+      if (has_nan(row, nk)) l[i] = std::numeric_limits<float>::quiet_NaN();
       for (index_t j = 0; j < nk; ++j) row[j] = 0.0f;
       alpha[i] = 1.0f;
       continue;
