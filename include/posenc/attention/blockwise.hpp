@@ -27,6 +27,7 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <string>
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -83,6 +84,28 @@ index_t relative_columns(const E& enc) {
   } else {
     (void)enc;
     return 0;
+  }
+}
+
+/// Checks that the encoder fits the call, before any work item runs (an exception thrown inside
+/// the OpenMP region would terminate the program): a per-head encoder (ALiBi, T5) must cover
+/// local heads 0..heads-1 from its `head_offset`, and an encoder that acts on head vectors (RoPE
+/// rotated in the kernel, Shaw) must have the call's head_dim. Throws `std::invalid_argument`.
+template <class E>
+void check_encoder_fits(const E& enc, const attention_shape& sh, bool rotating) {
+  if constexpr (requires { enc.params().num_heads; enc.params().head_offset; }) {
+    const auto& ep = enc.params();
+    if (sh.heads > ep.num_heads - ep.head_offset)
+      invalid("attention_params.heads", sh.heads,
+              "more heads than the encoder " + std::string(enc.name()) + " covers (num_heads = " +
+                  to_text(ep.num_heads) + ", head_offset = " + to_text(ep.head_offset) + ")");
+  }
+  if constexpr (requires { enc.head_dim(); }) {
+    if ((rotating || relative_key_value<E>) && enc.head_dim() != sh.head_dim)
+      invalid("attention head_dim (q columns / heads)", sh.head_dim,
+              "the encoder " + std::string(enc.name()) + " has head_dim = " + to_text(enc.head_dim()));
+  } else {
+    (void)rotating;
   }
 }
 
@@ -177,21 +200,20 @@ inline position_bounds bounds_of(positions p) {
   return {lo, hi};
 }
 
-/// Some key of `k` may be visible to some query of `q` (false: skip the tile).
+/// Some key of `k` may be visible to some query of `q` (false: skip the tile). Integer
+/// comparisons like `visible`: a tile test in double would skip visible keys beyond 2^53.
 inline bool any_visible(const attention_shape& s, position_bounds q, position_bounds k) {
   if (s.causal && k.lo > q.hi) return false;
-  if (s.left >= 0 && static_cast<double>(k.hi) < static_cast<double>(q.lo) - static_cast<double>(s.left)) return false;
-  if (s.right >= 0 && static_cast<double>(k.lo) > static_cast<double>(q.hi) + static_cast<double>(s.right))
-    return false;
+  if (s.left >= 0 && gap_exceeds(q.lo, k.hi, s.left)) return false;
+  if (s.right >= 0 && gap_exceeds(k.lo, q.hi, s.right)) return false;
   return true;
 }
 
 /// Every key of `k` is visible to every query of `q` (true: no element masking).
 inline bool all_visible(const attention_shape& s, position_bounds q, position_bounds k) {
   if (s.causal && k.hi > q.lo) return false;
-  if (s.left >= 0 && static_cast<double>(k.lo) < static_cast<double>(q.hi) - static_cast<double>(s.left)) return false;
-  if (s.right >= 0 && static_cast<double>(k.hi) > static_cast<double>(q.lo) + static_cast<double>(s.right))
-    return false;
+  if (s.left >= 0 && gap_exceeds(q.hi, k.lo, s.left)) return false;
+  if (s.right >= 0 && gap_exceeds(k.hi, q.lo, s.right)) return false;
   return true;
 }
 
@@ -242,6 +264,7 @@ void attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, con
                                           qpos.size(), kpos.size());
   constexpr bool want_lse = !std::is_null_pointer_v<std::remove_cvref_t<L>>;
   [[maybe_unused]] auto lse_view = detail::lse_view_of(std::forward<L>(lse), sh);
+  detail::check_encoder_fits(enc, sh, E::family == encoding_family::rotation && p.rotation == rotation_mode::in_kernel);
   if (sh.n_q == 0) return;
 
   const index_t d = sh.head_dim;

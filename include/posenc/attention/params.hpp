@@ -95,17 +95,18 @@ auto lse_view_of(L&& lse, const attention_shape& sh) {
   }
 }
 
+/// `hi - lo > limit` for any int64 positions, without overflow (the difference of two int64
+/// values fits in uint64 when it is positive) and without rounding (a double loses the last bits
+/// of positions beyond 2^53).
+inline bool gap_exceeds(position hi, position lo, position limit) {
+  return hi > lo && static_cast<std::uint64_t>(hi) - static_cast<std::uint64_t>(lo) > static_cast<std::uint64_t>(limit);
+}
+
 /// Key at `kp` is visible to the query at `qp`.
 inline bool visible(const attention_shape& s, position qp, position kp) {
   if (s.causal && kp > qp) return false;
-  // Differences in double-free integer form; positions are far from the int64 limits in practice,
-  // but a window test must not overflow for extreme ones either.
-  if (s.left >= 0 && kp < qp && static_cast<unsigned long long>(qp) - static_cast<unsigned long long>(kp) >
-                                    static_cast<unsigned long long>(s.left))
-    return false;
-  if (s.right >= 0 && kp > qp && static_cast<unsigned long long>(kp) - static_cast<unsigned long long>(qp) >
-                                     static_cast<unsigned long long>(s.right))
-    return false;
+  if (s.left >= 0 && gap_exceeds(qp, kp, s.left)) return false;
+  if (s.right >= 0 && gap_exceeds(kp, qp, s.right)) return false;
   return true;
 }
 
