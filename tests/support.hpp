@@ -3,6 +3,7 @@
 
 #include <catch2/catch.hpp>
 
+#include <cmath>
 #include <random>
 #include <stdexcept>
 
@@ -26,6 +27,18 @@ posenc::row_matrix<T> random_normal(posenc::index_t rows, posenc::index_t cols, 
   for (posenc::index_t i = 0; i < rows; ++i)
     for (posenc::index_t j = 0; j < cols; ++j) m(i, j) = static_cast<T>(n(rng));
   return m;
+}
+
+/// The largest |got - ref| over two matrices of one shape, and in `*where` the flat index of that
+/// element; a NaN difference counts as the largest.
+template <class T>
+double max_abs_diff(const posenc::row_matrix<T>& got, const posenc::row_matrix<double>& ref, posenc::index_t* where) {
+  double worst = 0;
+  for (posenc::index_t i = 0; i < got.size(); ++i) {
+    const double e = std::abs(static_cast<double>(got.data()[i]) - ref.data()[i]);
+    if (e > worst || std::isnan(e)) worst = e, *where = i;
+  }
+  return worst;
 }
 
 }  // namespace posenc_test

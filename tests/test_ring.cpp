@@ -41,16 +41,6 @@ index_t chunk_of(index_t i, index_t n, index_t chunks) {
   return -1;
 }
 
-template <class T>
-double max_error(const posenc::row_matrix<T>& got, const posenc::row_matrix<double>& ref, index_t* where) {
-  double worst = 0;
-  for (index_t i = 0; i < got.size(); ++i) {
-    const double e = std::abs(static_cast<double>(got.data()[i]) - ref.data()[i]);
-    if (e > worst || std::isnan(e)) worst = e, *where = i;
-  }
-  return worst;
-}
-
 // The encoders of every family, for T and for the double reference, handed to `f(name, enc_t, enc_d)`.
 template <class T, class F>
 void for_each_encoder(F&& f) {
@@ -91,7 +81,7 @@ void check_ring(const char* name, const inputs& in, const posenc::attention_para
       posenc::row_matrix<T> out = posenc::row_matrix<T>::Constant(n, heads * head_dim, T(123));
       posenc::ring_attention_simulate(q, k, v, out, P, layout, enc_t, p);
       index_t where = -1;
-      const double err = max_error(out, ref, &where);
+      const double err = posenc_test::max_abs_diff(out, ref, &where);
       INFO(name << ": n " << n << " P " << P << " layout " << (layout == ring_layout::zigzag ? "zigzag" : "contiguous")
                 << " causal " << p.causal << " window " << p.window_left << ": error " << err << " at row "
                 << where / (heads * head_dim) << " col " << where % (heads * head_dim) << ", tolerance " << tol);
@@ -206,7 +196,7 @@ TEST_CASE("ring on a tensor-parallel shard of heads keeps ALiBi's global slopes"
                                   {.heads = 2, .causal = true});
   const posenc::row_matrix<double> want = ref.rightCols(2 * head_dim);
   index_t where = -1;
-  const double err = max_error(out, want, &where);
+  const double err = posenc_test::max_abs_diff(out, want, &where);
   INFO("error " << err << " at flat index " << where);
   CHECK(err <= ring_tolerance_ulps * eps<float> * std::max(1.0, want.cwiseAbs().maxCoeff()));
 }
@@ -243,7 +233,7 @@ TEST_CASE("ring devices may hold queries without keys and keys without queries",
        posenc::view_of(no_out2)}};
   posenc::ring_attention_simulate(std::span<const device>(devices), none, p);
   index_t where = -1;
-  const double err = max_error(out, ref, &where);
+  const double err = posenc_test::max_abs_diff(out, ref, &where);
   INFO("error " << err << " at flat index " << where);
   CHECK(err <= ring_tolerance_ulps * eps<double>);
 }
@@ -276,7 +266,7 @@ TEST_CASE("ring devices with scattered positions (a round-robin split)", "[ring]
     posenc::ring_attention_simulate(std::span<const posenc::ring_device<double>>(devices), none, p);
     for (int r = 0; r < P; ++r) posenc::ring_put_rows(outs[r], pos[r], out);
     index_t where = -1;
-    const double err = max_error(out, ref, &where);
+    const double err = posenc_test::max_abs_diff(out, ref, &where);
     INFO("causal " << p.causal << ": error " << err << " at flat index " << where);
     CHECK(err <= ring_tolerance_ulps * eps<double>);
   }

@@ -46,19 +46,22 @@ bool exact_integer(position d, position me, position md, index_t N, index_t n) {
   return true;
 }
 
+// The bucket range of a relative position (both halves of the buckets, or one half and a
+// direction when bidirectional) and the distance bucketed within it: DESIGN.md §4.
+struct relative_split {
+  index_t m, start;
+  position d;
+};
+relative_split split_relative(position rel, const config& c) {
+  if (c.bidirectional) return {c.buckets / 2, rel > 0 ? c.buckets / 2 : 0, rel < 0 ? -rel : rel};
+  return {c.buckets, 0, rel < 0 ? -rel : 0};
+}
+
 // DESIGN.md §4: the floor of the real value, evaluated with long double logarithms; where the
 // value is within 1e-12 of an integer, whether it is exactly that integer is decided by prime
 // factorisation (a rounded logarithm may land on either side of an exact integer).
 index_t ref_bucket(position rel, const config& c) {
-  index_t m = c.buckets, start = 0;
-  position d;
-  if (c.bidirectional) {
-    m /= 2;
-    start = rel > 0 ? m : 0;
-    d = rel < 0 ? -rel : rel;
-  } else {
-    d = rel < 0 ? -rel : 0;
-  }
+  const auto [m, start, d] = split_relative(rel, c);
   const index_t max_exact = m / 2;
   if (d < max_exact) return start + static_cast<index_t>(d);
   const long double me = static_cast<long double>(max_exact);
@@ -76,15 +79,7 @@ index_t ref_bucket(position rel, const config& c) {
 // The same formula evaluated the way the PyTorch reference does it: float32 log of the float32
 // quotient, divided by a double log rounded to float32, truncated toward zero.
 index_t float32_bucket(position rel, const config& c) {
-  index_t m = c.buckets, start = 0;
-  position d;
-  if (c.bidirectional) {
-    m /= 2;
-    start = rel > 0 ? m : 0;
-    d = rel < 0 ? -rel : rel;
-  } else {
-    d = rel < 0 ? -rel : 0;
-  }
+  const auto [m, start, d] = split_relative(rel, c);
   const index_t max_exact = m / 2;
   if (d < max_exact) return start + static_cast<index_t>(d);
   const float num = std::log(static_cast<float>(d) / static_cast<float>(max_exact));

@@ -23,7 +23,7 @@
 #include <random>
 #include <vector>
 
-#include "heap_counter.hpp"
+#include "alloc_counter.hpp"  // bench/: counts every byte malloc hands out
 #include "picture_common.hpp"
 #include "posenc/distributed/ring.hpp"
 #include "posenc/posenc.hpp"
@@ -48,7 +48,8 @@ point measure(int ranks, index_t n, const posenc::rope<float>& rope) {
   for (auto* m : {&q, &k, &v})
     for (index_t i = 0; i < m->size(); ++i) m->data()[i] = bf16(normal(rng));
   const posenc::attention_params p{.heads = heads, .kv_heads = kv_heads, .causal = true, .threads = 1};
-  heap::reset_peak();
+  namespace heap = posenc_bench::heap;
+  heap::reset();
   const std::int64_t before = heap::current();
   posenc::ring_attention_simulate(q, k, v, out, ranks, posenc::ring_layout::zigzag, rope, p);
   const double used = static_cast<double>(heap::peak() - before);
