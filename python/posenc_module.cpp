@@ -559,7 +559,7 @@ PYBIND11_MODULE(posenc, m) {
                           std::to_string(POSENC_VERSION_PATCH);
   static py::exception<posenc::assertion_error> assertion(m, "AssertionError", PyExc_ValueError);
 
-  // Frequency policies (DESIGN.md §4), keyword arguments with the C++ aggregates' names and defaults.
+  // Frequency policies (docs/rope_scaling.md), keyword arguments with the C++ aggregates' names and defaults.
   py::class_<posenc::linear_scaling>(m, "LinearScaling",
                                      "Position interpolation (Chen et al. 2023): inv_freq / factor.")
       .def(py::init([](double factor) { return posenc::linear_scaling{factor}; }), py::kw_only(), "factor"_a = 1.0)

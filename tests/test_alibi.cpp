@@ -28,7 +28,7 @@ long double tile_tol(long double ref) {
   return 2 * eps<E> * std::max<long double>(std::fabs(ref), 1);
 }
 
-// Hand-derived slopes as exponents of two (DESIGN.md §4 rule, written out, not computed by a rule).
+// Hand-derived slopes as exponents of two (the paper's rule, written out, not computed by a rule).
 const std::vector<long double> exp_1 = {-8};
 const std::vector<long double> exp_8 = {-1, -2, -3, -4, -5, -6, -7, -8};
 const std::vector<long double> exp_12 = {-1, -2, -3, -4, -5, -6, -7, -8, -0.5, -1.5, -2.5, -3.5};

@@ -1,4 +1,4 @@
-// Numerical extremes and degenerate shapes across the library (issue 6): positions near 2^31 and
+// Numerical extremes and degenerate shapes across the library: positions near 2^31 and
 // negative, logits of magnitude 1e4, NaN and Inf inputs (docs/numerics.md states the policy),
 // head_dim from 1 to 512, n = 0, a single key, every row masked; and the regression tests of
 // what the fuzzers (tests/fuzz) found.

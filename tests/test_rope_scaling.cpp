@@ -1,4 +1,4 @@
-// RoPE frequency policies: exact values pinned by DESIGN.md §4 and HF transformers, tables
+// RoPE frequency policies: exact values pinned by the published formulas and HF transformers, tables
 // against formulas written here, the Hugging Face rope_scaling parser, and bad parameters.
 #include <catch2/catch.hpp>
 #include <cmath>

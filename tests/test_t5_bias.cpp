@@ -47,7 +47,7 @@ bool exact_integer(position d, position me, position md, index_t N, index_t n) {
 }
 
 // The bucket range of a relative position (both halves of the buckets, or one half and a
-// direction when bidirectional) and the distance bucketed within it: DESIGN.md §4.
+// direction when bidirectional) and the distance bucketed within it (docs/t5_bias.md).
 struct relative_split {
   index_t m, start;
   position d;
@@ -57,7 +57,7 @@ relative_split split_relative(position rel, const config& c) {
   return {c.buckets, 0, rel < 0 ? -rel : 0};
 }
 
-// DESIGN.md §4: the floor of the real value, evaluated with long double logarithms; where the
+// The bucket formula: the floor of the real value, evaluated with long double logarithms; where the
 // value is within 1e-12 of an integer, whether it is exactly that integer is decided by prime
 // factorisation (a rounded logarithm may land on either side of an exact integer).
 index_t ref_bucket(position rel, const config& c) {

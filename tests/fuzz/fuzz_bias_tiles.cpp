@@ -1,6 +1,6 @@
 // libFuzzer target: score-bias tiles (ALiBi, T5 buckets, Shaw relative keys and value weights)
 // with arbitrary parameters, tile shapes, strides, heads and positions (ranges and lists),
-// against the formulas of DESIGN.md §4 evaluated here independently, element by element.
+// against the formulas (docs/alibi.md, t5_bias.md, shaw.md) evaluated here independently, element by element.
 //
 // A finding: a crash or sanitizer report; an element that differs from the formula (ALiBi: the
 // correctly rounded `-slope (q - k)`; T5: the table entry of the formula's bucket, either

@@ -53,7 +53,7 @@ def test_alibi_slopes_and_tiles_match_torch(dtype, heads):
 
 
 def test_alibi_head_offset_uses_global_slopes():
-    """A shard of heads 4..7 of 8 keeps the global slopes (DESIGN.md section 5 pitfall)."""
+    """A shard of heads 4..7 of 8 keeps the global slopes, as a tensor-parallel shard must."""
     shard = posenc.Alibi(num_heads=8, head_offset=4)
     assert shard.bias(0, 10, 0) == -ref.alibi_slopes(8)[4].item() * 10
 

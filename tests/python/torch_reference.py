@@ -1,5 +1,5 @@
-"""PyTorch references for the Python tests, written from the formulas (DESIGN.md section 4 and the
-papers), never by calling posenc. Everything is computed in float64 on the CPU."""
+"""PyTorch references for the Python tests, written from the formulas (the encoder pages in
+docs/ and the papers), never by calling posenc. Everything is computed in float64 on the CPU."""
 
 import math
 

@@ -3,7 +3,7 @@
 
 /// \file attention/blockwise.hpp
 /// Blockwise attention: tiles of queries against tiles of keys with an online softmax, so memory
-/// is the inputs plus a fixed per-thread workspace, never O(n_q * n_kv) (DESIGN.md §5).
+/// is the inputs plus a fixed per-thread workspace, never O(n_q * n_kv).
 ///
 /// For a query tile, the kernel keeps per row a running max `m`, a running sum `l` and an
 /// unnormalised output `acc`. For each key tile with scaled logits `s`:

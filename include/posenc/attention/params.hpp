@@ -23,7 +23,7 @@ enum class rotation_mode {
 /// Runtime knobs of attention. Every field has a default:
 /// `posenc::attention({.heads = 32, .kv_heads = 8, .causal = true})`.
 ///
-/// Masking compares positions (DESIGN.md §2): key j is visible to query i when
+/// Masking compares positions: key j is visible to query i when
 /// - `causal`: `kpos[j] <= qpos[i]` (so a query block at the end of a longer KV cache is
 ///   bottom-right aligned without special cases), and
 /// - `window_left >= 0`: `kpos[j] >= qpos[i] - window_left`, and

@@ -2,7 +2,7 @@
 #pragma once
 
 /// \file distributed/mpi_ring.hpp
-/// Ring attention across MPI ranks (DESIGN.md §6): the schedule of `distributed/ring.hpp`, with
+/// Ring attention across MPI ranks (docs/ring_attention.md): the schedule of `distributed/ring.hpp`, with
 /// each rank one device of the ring. Includes <mpi.h>: a program that includes this header links
 /// MPI itself (CMake: `find_package(MPI COMPONENTS CXX)` and `MPI::MPI_CXX`); the rest of posenc
 /// never needs MPI.

@@ -2,7 +2,7 @@
 #pragma once
 
 /// \file distributed/ring.hpp
-/// Ring attention (DESIGN.md §6): the schedule both drivers share, the sequence layouts, helpers
+/// Ring attention (docs/ring_attention.md): the schedule both drivers share, the sequence layouts, helpers
 /// to shard a sequence and gather the result, and an in-process driver (a simulator of P devices,
 /// for tests and for users without MPI). The MPI driver is in `distributed/mpi_ring.hpp`.
 ///

@@ -18,7 +18,7 @@
 /// | `longrope_scaling`    | `1 / (f_i base^(2i/r))`, short or long factor list         | `sqrt(1 + ln s / ln L0)`    |
 ///
 /// The formulas follow the Hugging Face transformers conventions (`modeling_rope_utils.py`);
-/// DESIGN.md §4 states them. Tables are evaluated in `long double`, so angles stay accurate for
+/// docs/rope_scaling.md states them. Tables are evaluated in `long double`, so angles stay accurate for
 /// positions far past 2^24 (see `rope`).
 
 #include <algorithm>
