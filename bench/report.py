@@ -570,13 +570,22 @@ def headline(res):
         rows = [r for r in rows if r.get(key) is not None]
         return max(rows, key=lambda r: r["n_kv"] or 0) if rows else None
 
-    for mask in ("causal", "full"):
-        r = best([r for r in res.select(group="prefill", path="blockwise", mask=mask, status="ok") if r["d"] == 128],
-                 "gflops")
-        if r:
-            lines.append(f"Blockwise {mask} prefill, n = {fmt_n(r['n_kv'])} (8 heads, d = 128): {fmt(r['gflops'])} "
-                         f"GFLOP/s = {fmt_ratio(r['ratio_fma'])} of the FMA peak, {fmt_ratio(r.get('ratio_sgemm'))}x "
-                         f"Eigen SGEMM built for this CPU")
+    for d in (128, 64):
+        for mask in ("causal", "full"):
+            r = best([r for r in res.select(group="prefill", path="blockwise", mask=mask, status="ok") if r["d"] == d],
+                     "gflops")
+            if r:
+                lines.append(f"Blockwise {mask} prefill, n = {fmt_n(r['n_kv'])} (8 heads, d = {d}): {fmt(r['gflops'])} "
+                             f"GFLOP/s = {fmt_ratio(r['ratio_fma'])} of the FMA peak, "
+                             f"{fmt_ratio(r.get('ratio_sgemm'))}x Eigen SGEMM built for this CPU")
+        full = {r["n_kv"]: r for r in res.select(group="prefill", path="blockwise", mask="full", status="ok")
+                if r["d"] == d}
+        pairs = [(r["n_kv"], r["time_s"] / full[r["n_kv"]]["time_s"])
+                 for r in res.select(group="prefill", path="blockwise", mask="causal", status="ok")
+                 if r["d"] == d and r["n_kv"] in full and r["n_kv"] >= 4096]
+        if pairs:
+            lines.append(f"Causal time over full time, blockwise, d = {d}: "
+                         + ", ".join(f"{fmt(q, 2)} at n = {fmt_n(n)}" for n, q in sorted(pairs)))
     naive = best([r for r in res.select(group="prefill", path="naive", mask="causal", status="ok") if r["d"] == 128],
                  "gflops")
     if naive:
