@@ -839,7 +839,7 @@ def memory_section(res):
     shape = res.meta.get("probe_shape", {})
     text = (f"One process per point: {shape.get('heads', 1)} head, d = {shape.get('d', 128)}, causal prefill, "
             "no workspace passed (the call allocates its own). Each cell is the peak resident set of the process "
-            "(getrusage `ru_maxrss`) minus its resident set at start, so the inputs q, k, v and out "
+            "(VmHWM of /proc/self/status) minus its resident set at start, so the inputs q, k, v and out "
             f"(4 · n · d · 4 bytes) are included. Naive points whose memory would pass the limit "
             f"({res.meta.get('mem_limit_gib', 8)} GiB) are not run.\n\n")
     text += md_table(["n"] + [f"{p}, {e}" for p, e in cols], table)
