@@ -179,6 +179,35 @@ TEST_CASE("sliding windows at positions past 2^53 mask exactly (fuzzer finding 1
   }
 }
 
+TEST_CASE("masks at the int64 extremes: windows whose bounds overflow, queries far from their keys",
+          "[edges][positions]") {
+  // Key ranges are masked by an interval computed with overflow checks; these cases put each
+  // bound past INT64_MAX or INT64_MIN. The reference tests every key on its own.
+  constexpr position big = std::numeric_limits<position>::max(), small = std::numeric_limits<position>::min();
+  const index_t n = 16, d = 4;
+  const auto q = posenc_test::random_normal<double>(2, d, 29), k = posenc_test::random_normal<double>(n, d, 30),
+             v = posenc_test::random_normal<double>(n, d, 31);
+  struct mask_case {
+    position q0, k0, left, right;
+    bool causal;
+  };
+  for (const mask_case& c : {mask_case{10, 0, 2, big, false}, mask_case{10, 0, big, 3, false},
+                             mask_case{big - 1, small, 5, -1, true}, mask_case{small, big - n, -1, 4, false},
+                             mask_case{small + 3, small, 2, 2, false}, mask_case{big - 3, big - n, big, big, true}}) {
+    INFO("queries from " << c.q0 << ", keys from " << c.k0 << ", window (" << c.left << ", " << c.right << ")"
+                         << (c.causal ? ", causal" : ""));
+    const posenc::attention_params p{.heads = 1, .causal = c.causal, .window_left = c.left, .window_right = c.right,
+                                     .k_tile = 8, .threads = 1};
+    mat<double> out(2, d), ref(2, d), lse(2, 1), ref_lse(2, 1);
+    posenc::attention(q, k, v, out, posenc::arange(c.q0, 2), posenc::arange(c.k0, n), posenc::no_position<double>{}, p,
+                      lse);
+    posenc::attention_reference(q, k, v, ref, posenc::arange(c.q0, 2), posenc::arange(c.k0, n),
+                                posenc::no_position<double>{}, p, ref_lse);
+    check_close(out, ref, 1e-12, "output");
+    for (index_t i = 0; i < 2; ++i) CHECK((lse(i, 0) == ref_lse(i, 0) || std::abs(lse(i, 0) - ref_lse(i, 0)) < 1e-12));
+  }
+}
+
 TEST_CASE("an encoder that does not fit the call is an error before any thread starts (fuzzer finding 3)",
           "[edges][errors]") {
   using Catch::Matchers::Contains;

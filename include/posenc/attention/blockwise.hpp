@@ -442,6 +442,13 @@ void attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, con
         // The tile's rows in strips whose logits stay in L1 from QK^T through PV.
         for (index_t r0 = 0; r0 < rows; r0 += plan.strip) {
           const index_t nr = std::min(plan.strip, rows - r0);
+          if (!full) {
+            // A strip that sees none of the tile's keys (above the diagonal of a causal tile,
+            // outside a window) skips it: its rows' state is unchanged, as if the tile were skipped.
+            detail::position_bounds sb{qp[r0 % nq], qp[r0 % nq]};
+            for (index_t r = r0 + 1; r < r0 + nr; ++r) sb.lo = std::min(sb.lo, qp[r % nq]), sb.hi = std::max(sb.hi, qp[r % nq]);
+            if (!detail::any_visible(sh, sb, kb)) continue;
+          }
           C* const s = scratch + plan.s;
           if (few_rows) {
             kern.qk_rows(qt + r0 * d, d, nr, d, krows, ldk, nk, s, plan.ldkt);
@@ -468,11 +475,7 @@ void attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, con
             });
           }
           if (!full) {
-            for (index_t r = 0; r < nr; ++r) {
-              const position qr = qp[(r0 + r) % nq];
-              for (index_t j = 0; j < nk; ++j)
-                if (!detail::visible(sh, qr, kp[j])) sv(r, j) = neg_inf;
-            }
+            for (index_t r = 0; r < nr; ++r) detail::mask_row(sh, qp[(r0 + r) % nq], kp, sv.row(r));
           }
           kern.softmax(s, plan.ldkt, nr, nk, m + r0, l + r0, alpha + r0);
           if constexpr (relative_key_value<E>) {

@@ -5,7 +5,9 @@
 /// `attention_params`, the runtime knobs shared by the naive reference and the blockwise kernel,
 /// and the masking rule both apply.
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <optional>
 #include <type_traits>
 
@@ -108,6 +110,34 @@ inline bool visible(const attention_shape& s, position qp, position kp) {
   if (s.left >= 0 && gap_exceeds(qp, kp, s.left)) return false;
   if (s.right >= 0 && gap_exceeds(kp, qp, s.right)) return false;
   return true;
+}
+
+/// Sets the logits of the keys in `kp` that the query at `qp` does not see to -inf (`row[j]` for
+/// key `kp[j]`). For a key range the visible keys are one interval, found with overflow-checked
+/// integer arithmetic and masked with two fills; a list is tested key by key.
+template <class C>
+void mask_row(const attention_shape& s, position qp, positions kp, C* row) {
+  constexpr C neg_inf = -std::numeric_limits<C>::infinity();
+  const index_t n = kp.size();
+#if defined(__GNUC__) || defined(__clang__)
+  position off;  // key j is at j - off relative to the query
+  if (kp.is_range() && !__builtin_sub_overflow(qp, kp.start(), &off)) {
+    // Visible: j in [lo, hi]. A bound that overflows int64 lies beyond every key, so it drops out.
+    position lo = 0, hi = static_cast<position>(n) - 1, b;
+    if (s.causal) hi = std::min(hi, off);
+    if (s.left >= 0 && !__builtin_sub_overflow(off, s.left, &b)) lo = std::max(lo, b);
+    if (s.right >= 0 && !__builtin_add_overflow(off, s.right, &b)) hi = std::min(hi, b);
+    if (lo > hi) {
+      std::fill(row, row + n, neg_inf);
+      return;
+    }
+    std::fill(row, row + lo, neg_inf);  // lo and hi are in [0, n - 1] here
+    std::fill(row + hi + 1, row + n, neg_inf);
+    return;
+  }
+#endif
+  for (index_t j = 0; j < n; ++j)
+    if (!visible(s, qp, kp[j])) row[j] = neg_inf;
 }
 
 }  // namespace detail
