@@ -194,7 +194,7 @@ struct position_bounds {
 };
 
 inline position_bounds bounds_of(positions p) {
-  if (p.is_range()) return {p.start(), p.start() + static_cast<position>(p.size()) - 1};
+  if (p.is_range()) return {p.start(), p.start() + (static_cast<position>(p.size()) - 1)};  // ends at INT64_MAX at most
   position lo = p[0], hi = p[0];
   for (index_t i = 1; i < p.size(); ++i) lo = std::min(lo, p[i]), hi = std::max(hi, p[i]);
   return {lo, hi};
