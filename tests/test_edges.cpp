@@ -51,12 +51,8 @@ template <class A>
 void check_close(const mat<A>& a, const mat<double>& b, double tol, const std::string& what) {
   REQUIRE(a.rows() == b.rows());
   REQUIRE(a.cols() == b.cols());
-  double worst = 0;
   index_t at = 0;
-  for (index_t i = 0; i < b.size(); ++i) {
-    const double e = std::abs(static_cast<double>(a.data()[i]) - b.data()[i]);
-    if (!(e <= worst)) worst = e, at = i;
-  }
+  const double worst = posenc_test::max_abs_diff(a, b, &at);
   INFO(what << ": worst element (" << (b.cols() ? at / b.cols() : 0) << ", " << (b.cols() ? at % b.cols() : 0)
             << ") got " << (a.size() ? double(a.data()[at]) : 0.0) << ", want " << (b.size() ? b.data()[at] : 0.0)
             << ", tolerance " << tol);

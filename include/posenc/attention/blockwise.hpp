@@ -200,6 +200,17 @@ inline position_bounds bounds_of(positions p) {
   return {lo, hi};
 }
 
+/// Bounds of the query positions of tile rows [r0, r0 + nr), where row r holds token r % nq of
+/// the tile's positions `qp` (bounds `all`): one or two contiguous spans of tokens, or all of them.
+inline position_bounds strip_bounds(positions qp, position_bounds all, index_t r0, index_t nr) {
+  const index_t nq = qp.size();
+  if (nr >= nq) return all;
+  const index_t t0 = r0 % nq, t1 = (r0 + nr - 1) % nq;
+  if (t0 <= t1) return bounds_of(qp.subset(t0, nr));
+  const position_bounds a = bounds_of(qp.subset(t0, nq - t0)), b = bounds_of(qp.subset(0, t1 + 1));
+  return {std::min(a.lo, b.lo), std::max(a.hi, b.hi)};
+}
+
 /// Some key of `k` may be visible to some query of `q` (false: skip the tile). Integer
 /// comparisons like `visible`: a tile test in double would skip visible keys beyond 2^53.
 inline bool any_visible(const attention_shape& s, position_bounds q, position_bounds k) {
@@ -442,13 +453,9 @@ void attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, con
         // The tile's rows in strips whose logits stay in L1 from QK^T through PV.
         for (index_t r0 = 0; r0 < rows; r0 += plan.strip) {
           const index_t nr = std::min(plan.strip, rows - r0);
-          if (!full) {
-            // A strip that sees none of the tile's keys (above the diagonal of a causal tile,
-            // outside a window) skips it: its rows' state is unchanged, as if the tile were skipped.
-            detail::position_bounds sb{qp[r0 % nq], qp[r0 % nq]};
-            for (index_t r = r0 + 1; r < r0 + nr; ++r) sb.lo = std::min(sb.lo, qp[r % nq]), sb.hi = std::max(sb.hi, qp[r % nq]);
-            if (!detail::any_visible(sh, sb, kb)) continue;
-          }
+          // A strip that sees none of the tile's keys (above the diagonal of a causal tile,
+          // outside a window) skips it: its rows' state is unchanged, as if the tile were skipped.
+          if (!full && !detail::any_visible(sh, detail::strip_bounds(qp, qb, r0, nr), kb)) continue;
           C* const s = scratch + plan.s;
           if (few_rows) {
             kern.qk_rows(qt + r0 * d, d, nr, d, krows, ldk, nk, s, plan.ldkt);

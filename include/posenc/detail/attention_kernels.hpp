@@ -106,13 +106,15 @@ C softmax_row_begin(C tile_max, C& m, C& alpha) {
   return m_new;
 }
 
-/// The row's visible logits hold a NaN. Called only for a row whose tile maximum is -inf: the
-/// maximum skips NaN, so a row of NaN and masked logits would otherwise look fully masked.
+/// Shared by every version: a row whose tile maximum is -inf sees no key of the tile. Its
+/// weights become 0 and its state is kept (alpha = 1). The maximum skips NaN, so a row of NaN and
+/// masked logits also lands here: by the NaN policy (docs/numerics.md) its sum, and so its
+/// output, becomes NaN.
 template <class C>
-bool has_nan(const C* row, index_t n) {
-  for (index_t j = 0; j < n; ++j)
-    if (std::isnan(row[j])) return true;
-  return false;
+void softmax_row_empty(C* row, index_t nk, C& l, C& alpha) {
+  if (std::any_of(row, row + nk, [](C x) { return std::isnan(x); })) l = std::numeric_limits<C>::quiet_NaN();
+  std::fill(row, row + nk, C(0));
+  alpha = C(1);
 }
 
 template <class C>
@@ -124,10 +126,7 @@ void softmax_portable(C* s, index_t lds, index_t nq, index_t nk, C* m, C* l, C* 
     for (index_t j = 0; j < nk; ++j) tile_max = std::max(tile_max, row[j]);
     const C m_new = softmax_row_begin(tile_max, m[i], alpha[i]);
     if (m_new == neg_inf) {
-      // NaN policy (docs/numerics.md): a NaN the row sees makes its sum, and so its output, NaN.
-      if (has_nan(row, nk)) l[i] = std::numeric_limits<C>::quiet_NaN();
-      for (index_t j = 0; j < nk; ++j) row[j] = C(0);
-      alpha[i] = C(1);
+      softmax_row_empty(row, nk, l[i], alpha[i]);
       continue;
     }
     C sum = 0;
@@ -369,9 +368,7 @@ POSENC_AVX512 inline void softmax_avx512(float* s, index_t lds, index_t nq, inde
       mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(vneg_inf, tail_mask(nk - j), row + j));
     const float m_new = softmax_row_begin<float>(_mm512_reduce_max_ps(mx), m[i], alpha[i]);
     if (m_new == neg_inf) {
-      if (has_nan(row, nk)) l[i] = std::numeric_limits<float>::quiet_NaN();
-      for (index_t j = 0; j < nk; j += 16) _mm512_mask_storeu_ps(row + j, tail_mask(nk - j), _mm512_setzero_ps());
-      alpha[i] = 1.0f;
+      softmax_row_empty(row, nk, l[i], alpha[i]);
       continue;
     }
     const __m512 vm = _mm512_set1_ps(m_new);
@@ -641,9 +638,7 @@ POSENC_AVX2 inline void softmax_avx2(float* s, index_t lds, index_t nq, index_t 
     }
     const float m_new = softmax_row_begin<float>(reduce_max_avx2(mx), m[i], alpha[i]);
     if (m_new == neg_inf) {
-      if (has_nan(row, nk)) l[i] = std::numeric_limits<float>::quiet_NaN();
-      for (index_t j = 0; j < nk; ++j) row[j] = 0.0f;
-      alpha[i] = 1.0f;
+      softmax_row_empty(row, nk, l[i], alpha[i]);
       continue;
     }
     const __m256 vm = _mm256_set1_ps(m_new);
