@@ -8,8 +8,7 @@
 // library (std::invalid_argument, "posenc: rope_params.base = -1: ...") become ValueError too.
 // The GIL is released while rotating, encoding and attending.
 
-// Shape bugs that slip past the checks here raise posenc.AssertionError instead of aborting.
-#define POSENC_ASSERT_THROWS 1
+// Shape bugs that slip past the checks here raise posenc.PreconditionError (a ValueError).
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -557,7 +556,7 @@ PYBIND11_MODULE(posenc, m) {
       "an int64 array or a list of ints.";
   m.attr("__version__") = std::to_string(POSENC_VERSION_MAJOR) + "." + std::to_string(POSENC_VERSION_MINOR) + "." +
                           std::to_string(POSENC_VERSION_PATCH);
-  static py::exception<posenc::assertion_error> assertion(m, "AssertionError", PyExc_ValueError);
+  py::register_exception<posenc::precondition_error>(m, "PreconditionError", PyExc_ValueError);
 
   // Frequency policies (docs/rope_scaling.md), keyword arguments with the C++ aggregates' names and defaults.
   py::class_<posenc::linear_scaling>(m, "LinearScaling",

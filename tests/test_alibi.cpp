@@ -222,12 +222,12 @@ TEST_CASE("alibi rejects invalid parameters, naming them", "[alibi]") {
 TEST_CASE("alibi hot-path preconditions", "[alibi]") {
   posenc::alibi<double> a({.num_heads = 8, .head_offset = 4});
   posenc::row_matrix<float> tile(3, 5);
-  CHECK_THROWS_AS(a.add_bias_tile(tile, 0, posenc::arange(0, 4), posenc::arange(0, 5)), posenc::assertion_error);
-  CHECK_THROWS_AS(a.add_bias_tile(tile, 0, posenc::arange(0, 3), posenc::arange(0, 6)), posenc::assertion_error);
-  CHECK_THROWS_AS(a.add_bias_tile(tile, 4, posenc::arange(0, 3), posenc::arange(0, 5)), posenc::assertion_error);
-  CHECK_THROWS_AS(a.add_bias_tile(tile, -1, posenc::arange(0, 3), posenc::arange(0, 5)), posenc::assertion_error);
-  CHECK_THROWS_AS(a.bias(4, 0, 0), posenc::assertion_error);
-  CHECK_THROWS_AS(a.slope(-1), posenc::assertion_error);
+  CHECK_THROWS_AS(a.add_bias_tile(tile, 0, posenc::arange(0, 4), posenc::arange(0, 5)), posenc::precondition_error);
+  CHECK_THROWS_AS(a.add_bias_tile(tile, 0, posenc::arange(0, 3), posenc::arange(0, 6)), posenc::precondition_error);
+  CHECK_THROWS_AS(a.add_bias_tile(tile, 4, posenc::arange(0, 3), posenc::arange(0, 5)), posenc::precondition_error);
+  CHECK_THROWS_AS(a.add_bias_tile(tile, -1, posenc::arange(0, 3), posenc::arange(0, 5)), posenc::precondition_error);
+  CHECK_THROWS_AS(a.bias(4, 0, 0), posenc::precondition_error);
+  CHECK_THROWS_AS(a.slope(-1), posenc::precondition_error);
   CHECK_NOTHROW(a.add_bias_tile(tile, 3, posenc::arange(0, 3), posenc::arange(0, 5)));
 }
 

@@ -403,10 +403,10 @@ TEST_CASE("blockwise rejects bad head counts, tiles and shapes", "[attention][bl
                     Contains("attention_params.q_tile = -1"));
   CHECK_THROWS_WITH(posenc::attention(q, k, k, out, pos, pos, none, {.heads = 2, .threads = -2}),
                     Contains("attention_params.threads = -2"));
-  CHECK_THROWS_AS(posenc::attention(q, k, k, out, pos, pos, none, {.heads = 3}), posenc::assertion_error);
+  CHECK_THROWS_AS(posenc::attention(q, k, k, out, pos, pos, none, {.heads = 3}), posenc::precondition_error);
   CHECK_THROWS_AS(posenc::attention(q, k, k, out, posenc::arange(0, 3), pos, none, {.heads = 2}),
-                  posenc::assertion_error);
+                  posenc::precondition_error);
   posenc::row_matrix<float> bad_lse(4, 1);
-  CHECK_THROWS_AS(posenc::attention(q, k, k, out, pos, pos, none, {.heads = 2}, bad_lse), posenc::assertion_error);
+  CHECK_THROWS_AS(posenc::attention(q, k, k, out, pos, pos, none, {.heads = 2}, bad_lse), posenc::precondition_error);
   CHECK_NOTHROW(posenc::attention(q, k, k, out, pos, pos, none, {.heads = 2}, lse));
 }

@@ -202,9 +202,9 @@ TEST_CASE("attention rejects bad head counts and shapes", "[attention][errors]")
                     Contains("attention_params.kv_heads = 3"));
   CHECK_THROWS_WITH(posenc::attention_reference(q, k, k, out, pos, pos, none, {.heads = 2, .window_left = -2}),
                     Contains("attention_params.window_left = -2"));
-  CHECK_THROWS_AS(posenc::attention_reference(q, k, k, out, pos, pos, none, {.heads = 3}), posenc::assertion_error);
+  CHECK_THROWS_AS(posenc::attention_reference(q, k, k, out, pos, pos, none, {.heads = 3}), posenc::precondition_error);
   CHECK_THROWS_AS(posenc::attention_reference(q, k, k, out, posenc::arange(0, 1), pos, none, {.heads = 2}),
-                  posenc::assertion_error);
+                  posenc::precondition_error);
   auto k4 = random_matrix<float>(2, 4, 3);
-  CHECK_THROWS_AS(posenc::attention_reference(q, k4, k4, out, pos, pos, none, {.heads = 2}), posenc::assertion_error);
+  CHECK_THROWS_AS(posenc::attention_reference(q, k4, k4, out, pos, pos, none, {.heads = 2}), posenc::precondition_error);
 }

@@ -303,8 +303,8 @@ TEST_CASE("ring: invalid options and shapes", "[ring]") {
   CHECK_INVALID(posenc::ring_attention_simulate(q, k, v, out, 2, ring_layout::zigzag, none, p, {.query_blocks = 0}),
                 "ring_options.query_blocks");
   CHECK_THROWS_AS(posenc::ring_attention_simulate(q, k, v, short_out, 2, ring_layout::zigzag, none, p),
-                  posenc::assertion_error);
+                  posenc::precondition_error);
   CHECK_THROWS_AS(
       posenc::ring_attention_simulate(q, k, v, out, 2, ring_layout::zigzag, none, posenc::attention_params{.heads = 3}),
-      posenc::assertion_error);
+      posenc::precondition_error);
 }

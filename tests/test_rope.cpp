@@ -567,16 +567,16 @@ TEST_CASE("rope shape bugs fail POSENC_ASSERT", "[rope][errors]") {
   posenc::rope<float> rope({.head_dim = 8});
   posenc::row_matrix<float> x = posenc::row_matrix<float>::Zero(3, 24);
   posenc::row_matrix<float> bad_cols = posenc::row_matrix<float>::Zero(3, 20);
-  CHECK_THROWS_AS(rope.rotate(bad_cols, posenc::arange(0, 3)), posenc::assertion_error);
-  CHECK_THROWS_AS(rope.rotate(x, posenc::arange(0, 2)), posenc::assertion_error);
-  CHECK_THROWS_AS(rope.rotate(x, posenc::arange(0, 4)), posenc::assertion_error);
+  CHECK_THROWS_AS(rope.rotate(bad_cols, posenc::arange(0, 3)), posenc::precondition_error);
+  CHECK_THROWS_AS(rope.rotate(x, posenc::arange(0, 2)), posenc::precondition_error);
+  CHECK_THROWS_AS(rope.rotate(x, posenc::arange(0, 4)), posenc::precondition_error);
   auto cache = rope.make_cache(10, 5);
-  CHECK_THROWS_AS(rope.rotate(x, posenc::arange(9, 3), cache), posenc::assertion_error);
-  CHECK_THROWS_AS(rope.rotate(x, posenc::arange(13, 3), cache), posenc::assertion_error);
+  CHECK_THROWS_AS(rope.rotate(x, posenc::arange(9, 3), cache), posenc::precondition_error);
+  CHECK_THROWS_AS(rope.rotate(x, posenc::arange(13, 3), cache), posenc::precondition_error);
   const std::vector<position> outside = {10, 14, 15};
-  CHECK_THROWS_AS(rope.rotate(x, posenc::positions(outside), cache), posenc::assertion_error);
+  CHECK_THROWS_AS(rope.rotate(x, posenc::positions(outside), cache), posenc::precondition_error);
   CHECK_NOTHROW(rope.rotate(x, posenc::arange(12, 3), cache));
-  CHECK_THROWS_AS(rope.rotate(bad_cols, posenc::arange(10, 3), cache), posenc::assertion_error);
+  CHECK_THROWS_AS(rope.rotate(bad_cols, posenc::arange(10, 3), cache), posenc::precondition_error);
   // A cache from an encoder with other parameters: another base, layout, policy or sequence length.
   posenc::rope<float> other_base({.head_dim = 8, .base = 5e5});
   posenc::rope<float> other_layout({.head_dim = 8, .layout = rope_layout::interleaved});
@@ -586,12 +586,12 @@ TEST_CASE("rope shape bugs fail POSENC_ASSERT", "[rope][errors]") {
   posenc::rope<float> dyn_b(
       {.head_dim = 8,
        .scaling = posenc::dynamic_ntk_scaling{.factor = 2, .original_max_position = 16, .sequence_length = 64}});
-  CHECK_THROWS_AS(other_base.rotate(x, posenc::arange(10, 3), cache), posenc::assertion_error);
-  CHECK_THROWS_AS(other_layout.rotate(x, posenc::arange(10, 3), cache), posenc::assertion_error);
-  CHECK_THROWS_AS(dyn_b.rotate(x, posenc::arange(10, 3), dyn_a.make_cache(10, 5)), posenc::assertion_error);
+  CHECK_THROWS_AS(other_base.rotate(x, posenc::arange(10, 3), cache), posenc::precondition_error);
+  CHECK_THROWS_AS(other_layout.rotate(x, posenc::arange(10, 3), cache), posenc::precondition_error);
+  CHECK_THROWS_AS(dyn_b.rotate(x, posenc::arange(10, 3), dyn_a.make_cache(10, 5)), posenc::precondition_error);
   CHECK_NOTHROW(dyn_a.rotate(x, posenc::arange(10, 3), dyn_a.make_cache(10, 5)));
-  CHECK_THROWS_AS(rope.make_cache(0, -1), posenc::assertion_error);
-  CHECK_THROWS_AS(rope.make_cache(std::numeric_limits<position>::max() - 2, 5), posenc::assertion_error);
+  CHECK_THROWS_AS(rope.make_cache(0, -1), posenc::precondition_error);
+  CHECK_THROWS_AS(rope.make_cache(std::numeric_limits<position>::max() - 2, 5), posenc::precondition_error);
   // Far outside on either side, without overflowing the range arithmetic.
   auto negative = rope.make_cache(-5, 10);
   const std::vector<position> extremes = {std::numeric_limits<position>::max(), std::numeric_limits<position>::min(),
@@ -600,10 +600,10 @@ TEST_CASE("rope shape bugs fail POSENC_ASSERT", "[rope][errors]") {
     INFO("position " << p);
     CHECK_FALSE(negative.contains(p));
     CHECK_THROWS_AS(rope.rotate(x.topRows(1), posenc::positions(std::span<const position>(&p, 1)), negative),
-                    posenc::assertion_error);
+                    posenc::precondition_error);
   }
   CHECK(negative.contains(-5));
   CHECK(negative.contains(4));
-  CHECK_THROWS_AS(cache.cos(9, 0), posenc::assertion_error);
-  CHECK_THROWS_AS(cache.sin(10, 4), posenc::assertion_error);
+  CHECK_THROWS_AS(cache.cos(9, 0), posenc::precondition_error);
+  CHECK_THROWS_AS(cache.sin(10, 4), posenc::precondition_error);
 }

@@ -284,12 +284,12 @@ TEST_CASE("shaw hot-path preconditions", "[shaw]") {
   auto z = [](posenc::index_t r, posenc::index_t c) { return mat<float>(mat<float>::Zero(r, c)); };
   mat<float> q = z(3, 4), q_bad = z(3, 5), g = z(3, 5), g_bad = z(3, 4), tile = z(3, 6), tile_bad = z(3, 7),
              w = z(3, 5), w_bad = z(2, 5), out = z(3, 4), out_bad = z(3, 3);
-  CHECK_THROWS_AS(enc.query_terms(q_bad, g), posenc::assertion_error);
-  CHECK_THROWS_AS(enc.query_terms(q, g_bad), posenc::assertion_error);
-  CHECK_THROWS_AS(enc.add_bias_tile(tile_bad, g, qp, kp), posenc::assertion_error);
-  CHECK_THROWS_AS(enc.add_bias_tile(tile, g_bad, qp, kp), posenc::assertion_error);
-  CHECK_THROWS_AS(enc.accumulate_value_weights(tile, qp, kp, w_bad), posenc::assertion_error);
-  CHECK_THROWS_AS(enc.accumulate_value_weights(tile_bad, qp, kp, w), posenc::assertion_error);
-  CHECK_THROWS_AS(enc.add_value_term(w, out_bad), posenc::assertion_error);
-  CHECK_THROWS_AS(enc.add_value_term(g_bad, out), posenc::assertion_error);
+  CHECK_THROWS_AS(enc.query_terms(q_bad, g), posenc::precondition_error);
+  CHECK_THROWS_AS(enc.query_terms(q, g_bad), posenc::precondition_error);
+  CHECK_THROWS_AS(enc.add_bias_tile(tile_bad, g, qp, kp), posenc::precondition_error);
+  CHECK_THROWS_AS(enc.add_bias_tile(tile, g_bad, qp, kp), posenc::precondition_error);
+  CHECK_THROWS_AS(enc.accumulate_value_weights(tile, qp, kp, w_bad), posenc::precondition_error);
+  CHECK_THROWS_AS(enc.accumulate_value_weights(tile_bad, qp, kp, w), posenc::precondition_error);
+  CHECK_THROWS_AS(enc.add_value_term(w, out_bad), posenc::precondition_error);
+  CHECK_THROWS_AS(enc.add_value_term(g_bad, out), posenc::precondition_error);
 }

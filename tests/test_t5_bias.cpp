@@ -346,9 +346,9 @@ TEST_CASE("t5 rejects invalid parameters, naming them", "[t5]") {
 TEST_CASE("t5 hot-path preconditions", "[t5]") {
   posenc::t5_relative_bias<float> enc({.num_heads = 8, .head_offset = 6}, zeros<float>(32, 8));
   posenc::row_matrix<float> tile(3, 5);
-  CHECK_THROWS_AS(enc.add_bias_tile(tile, 0, posenc::arange(0, 2), posenc::arange(0, 5)), posenc::assertion_error);
-  CHECK_THROWS_AS(enc.add_bias_tile(tile, 0, posenc::arange(0, 3), posenc::arange(0, 4)), posenc::assertion_error);
-  CHECK_THROWS_AS(enc.add_bias_tile(tile, 2, posenc::arange(0, 3), posenc::arange(0, 5)), posenc::assertion_error);
-  CHECK_THROWS_AS(enc.bias(-1, 0, 0), posenc::assertion_error);
+  CHECK_THROWS_AS(enc.add_bias_tile(tile, 0, posenc::arange(0, 2), posenc::arange(0, 5)), posenc::precondition_error);
+  CHECK_THROWS_AS(enc.add_bias_tile(tile, 0, posenc::arange(0, 3), posenc::arange(0, 4)), posenc::precondition_error);
+  CHECK_THROWS_AS(enc.add_bias_tile(tile, 2, posenc::arange(0, 3), posenc::arange(0, 5)), posenc::precondition_error);
+  CHECK_THROWS_AS(enc.bias(-1, 0, 0), posenc::precondition_error);
   CHECK_NOTHROW(enc.add_bias_tile(tile, 1, posenc::arange(0, 3), posenc::arange(0, 5)));
 }

@@ -46,9 +46,9 @@ TEST_CASE("strided_view slices keep the stride", "[types]") {
   CHECK(r.rows == 3);
   auto c = v.middle_cols(1, 2);
   CHECK(&c(1, 1) == &buf[8 + 2]);
-  CHECK_THROWS_AS(v.middle_rows(4, 3), posenc::assertion_error);
-  CHECK_THROWS_AS(v.middle_cols(4, 2), posenc::assertion_error);
-  CHECK_THROWS_AS(posenc::strided_view<float>(buf.data(), 3, 8, 5), posenc::assertion_error);
+  CHECK_THROWS_AS(v.middle_rows(4, 3), posenc::precondition_error);
+  CHECK_THROWS_AS(v.middle_cols(4, 2), posenc::precondition_error);
+  CHECK_THROWS_AS(posenc::strided_view<float>(buf.data(), 3, 8, 5), posenc::precondition_error);
 }
 
 TEST_CASE("positions as a list or a range", "[types]") {
@@ -65,7 +65,7 @@ TEST_CASE("positions as a list or a range", "[types]") {
   CHECK(r.is_range());
   CHECK(r[4] == 104);
   CHECK(r.subset(2, 3)[0] == 102);
-  CHECK_THROWS_AS(r.subset(3, 3), posenc::assertion_error);
+  CHECK_THROWS_AS(r.subset(3, 3), posenc::precondition_error);
 }
 
 TEST_CASE("no_position satisfies the concept and no refinement", "[concepts]") {

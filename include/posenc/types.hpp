@@ -53,8 +53,8 @@ struct strided_view {
 
   strided_view() = default;
   strided_view(S* d, index_t r, index_t c, index_t s) : data(d), rows(r), cols(c), stride(s) {
-    POSENC_ASSERT(r >= 0 && c >= 0, "strided_view: negative shape");
-    POSENC_ASSERT(s >= c || r <= 1, "strided_view: row stride smaller than the row length");
+    POSENC_ASSERT(r >= 0 && c >= 0, "strided_view: negative shape [", r, ", ", c, "]");
+    POSENC_ASSERT(s >= c || r <= 1, "strided_view: row stride ", s, " is smaller than the row length ", c);
   }
   /// A dense matrix: stride equals cols.
   strided_view(S* d, index_t r, index_t c) : strided_view(d, r, c, c) {}
@@ -68,12 +68,14 @@ struct strided_view {
 
   /// Rows `[first, first + count)`.
   strided_view middle_rows(index_t first, index_t count) const {
-    POSENC_ASSERT(first >= 0 && count >= 0 && first + count <= rows, "strided_view: row range out of bounds");
+    POSENC_ASSERT(first >= 0 && count >= 0 && first <= rows && count <= rows - first, "strided_view: rows [", first,
+                  ", ", first, " + ", count, ") are not inside the view's ", rows, " rows");
     return {data + first * stride, count, cols, stride};
   }
   /// Columns `[first, first + count)` (a head's block, for example).
   strided_view middle_cols(index_t first, index_t count) const {
-    POSENC_ASSERT(first >= 0 && count >= 0 && first + count <= cols, "strided_view: column range out of bounds");
+    POSENC_ASSERT(first >= 0 && count >= 0 && first <= cols && count <= cols - first, "strided_view: columns [",
+                  first, ", ", first, " + ", count, ") are not inside the view's ", cols, " columns");
     return {data + first, rows, count, stride};
   }
 };
@@ -93,9 +95,10 @@ class positions {
   positions(const R& list) : positions(std::span<const position>(std::ranges::data(list), std::ranges::size(list))) {}
   /// The contiguous range `[start, start + count)`.
   static positions range(position start, index_t count) {
-    POSENC_ASSERT(count >= 0, "positions::range: negative count");
+    POSENC_ASSERT(count >= 0, "positions::range: count = ", count, " is negative");
     POSENC_ASSERT(count == 0 || start <= std::numeric_limits<position>::max() - static_cast<position>(count - 1),
-                  "positions::range: the last position start + count - 1 overflows int64");
+                  "positions::range: the last position start + count - 1 = ", start, " + ", count,
+                  " - 1 overflows int64");
     positions p;
     p.start_ = start;
     p.size_ = count;
@@ -111,7 +114,8 @@ class positions {
 
   /// Positions `[first, first + count)` of this set.
   positions subset(index_t first, index_t count) const {
-    POSENC_ASSERT(first >= 0 && count >= 0 && first + count <= size_, "positions::subset: out of bounds");
+    POSENC_ASSERT(first >= 0 && count >= 0 && first <= size_ && count <= size_ - first, "positions::subset: [", first,
+                  ", ", first, " + ", count, ") is not inside the ", size_, " positions");
     positions p;
     if (list_) {
       p.list_ = list_ + first;
@@ -176,11 +180,13 @@ auto view_of(M&& m) {
     using S = std::conditional_t<read_only, const Scalar, Scalar>;
     S* data = const_cast<S*>(m.data());
     if constexpr (D::ColsAtCompileTime == 1 && !D::IsRowMajor) {
-      POSENC_ASSERT(m.cols() == 1, "view_of: column vector expected");
-      POSENC_ASSERT(m.rows() <= 1 || m.innerStride() >= 1, "view_of: bad stride");
+      POSENC_ASSERT(m.cols() == 1, "view_of: a column vector was expected, got ", m.cols(), " columns");
+      POSENC_ASSERT(m.rows() <= 1 || m.innerStride() >= 1, "view_of: element stride ", m.innerStride(),
+                    " of a column vector must be positive");
       return strided_view<S>(data, m.rows(), 1, m.rows() <= 1 ? 1 : m.innerStride());
     } else {
-      POSENC_ASSERT(m.innerStride() == 1 || m.cols() <= 1, "view_of: columns must be contiguous (inner stride 1)");
+      POSENC_ASSERT(m.innerStride() == 1 || m.cols() <= 1, "view_of: the columns of a row must be contiguous (inner "
+                    "stride 1), got inner stride ", m.innerStride());
       return strided_view<S>(data, m.rows(), m.cols(), m.rows() <= 1 ? m.cols() : m.outerStride());
     }
   }

@@ -283,7 +283,7 @@ void run_case(const case_spec& c) {
     try {
       run_blockwise();
     } catch (const std::invalid_argument&) {
-    } catch (const posenc::assertion_error&) {
+    } catch (const posenc::precondition_error&) {
     }
     return;
   }

@@ -6,7 +6,7 @@
 // the tile rotator (attention's path) is within a few ulp of it below 2^52. For plain and linear tables at
 // |position| <= 2^40, every element matches a long double evaluation of the formula
 // (`inv_i = base^(-2i/r) / s`, angle `p inv_i`). Mismatched shapes must raise
-// `posenc::assertion_error`.
+// `posenc::precondition_error`.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -97,7 +97,7 @@ void run_valid_case(const posenc::rope<T>& rope, const case_spec& c) {
         rope.rotate(posenc::strided_view<T>(x.data(), c.rows, cols + 1, std::max<index_t>(cols + 1, x.cols())), pos);
       }
       if (c.shape_bug == 1 || (cols + 1) % d != 0) fail("rope::rotate accepted a shape bug (%d)", c.shape_bug);
-    } catch (const posenc::assertion_error&) {
+    } catch (const posenc::precondition_error&) {
     }
     return;
   }

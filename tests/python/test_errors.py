@@ -124,4 +124,4 @@ def test_attention_writes_out_in_place_and_float32_stays_float32(arrays):
 def test_module_metadata():
     assert posenc.__version__.count(".") == 2
     assert posenc.Rope(head_dim=D, scaling=posenc.YarnScaling(factor=2, original_max_position=64)).name == "rope-yarn"
-    assert issubclass(posenc.AssertionError, ValueError)
+    assert issubclass(posenc.PreconditionError, ValueError)

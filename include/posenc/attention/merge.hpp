@@ -34,10 +34,13 @@ void merge_partial(OA&& out_a, LA&& lse_a, OB&& out_b, LB&& lse_b) {
   using S = std::remove_const_t<std::remove_pointer_t<decltype(oa.data)>>;
   using L = std::remove_const_t<std::remove_pointer_t<decltype(la.data)>>;
   using C = compute_t<S>;
-  POSENC_ASSERT(ob.rows == oa.rows && ob.cols == oa.cols, "merge_partial: outputs differ in shape");
-  POSENC_ASSERT(la.rows == oa.rows && lb.rows == oa.rows && lb.cols == la.cols,
-                "merge_partial: lse must be [n_q, heads] on both sides");
-  POSENC_ASSERT(la.cols > 0 && oa.cols % la.cols == 0, "merge_partial: out columns must be heads * head_dim");
+  POSENC_ASSERT(ob.rows == oa.rows && ob.cols == oa.cols, "merge_partial: out_a is [", oa.rows, ", ", oa.cols,
+                "] but out_b is [", ob.rows, ", ", ob.cols, "]");
+  POSENC_ASSERT(la.rows == oa.rows && lb.rows == oa.rows && lb.cols == la.cols, "merge_partial: lse_a is [", la.rows,
+                ", ", la.cols, "] and lse_b [", lb.rows, ", ", lb.cols, "], but both must be [n_q, heads] with n_q = ",
+                oa.rows);
+  POSENC_ASSERT(la.cols > 0 && oa.cols % la.cols == 0, "merge_partial: out has ", oa.cols,
+                " columns, not a multiple of heads = ", la.cols, " (the columns of lse)");
   const index_t heads = la.cols;
   const index_t d = heads ? oa.cols / heads : 0;
   for (index_t i = 0; i < oa.rows; ++i) {

@@ -68,15 +68,18 @@ inline attention_shape check_attention(const attention_params& p, index_t q_rows
   require(p.k_tile >= 0, "attention_params.k_tile", p.k_tile, "must be >= 0 (0 = default)");
   require(p.threads >= 0, "attention_params.threads", p.threads, "must be >= 0 (0 = all)");
   if (p.scale) require(std::isfinite(*p.scale), "attention_params.scale", *p.scale, "must be finite");
-  POSENC_ASSERT(q_cols % p.heads == 0, "attention: q must have heads * head_dim columns");
+  POSENC_ASSERT(q_cols % p.heads == 0, "attention: q has ", q_cols, " columns, not a multiple of heads = ", p.heads);
   const index_t d = q_cols / p.heads;
-  POSENC_ASSERT(d > 0, "attention: head_dim must be positive");
-  POSENC_ASSERT(k_cols == kvh * d, "attention: k must have kv_heads * head_dim columns");
-  POSENC_ASSERT(v_cols == kvh * d, "attention: v must have kv_heads * head_dim columns");
-  POSENC_ASSERT(v_rows == k_rows, "attention: k and v must have the same number of rows");
-  POSENC_ASSERT(o_rows == q_rows && o_cols == q_cols, "attention: out must have the shape of q");
-  POSENC_ASSERT(n_qpos == q_rows, "attention: one query position per row of q");
-  POSENC_ASSERT(n_kpos == k_rows, "attention: one key position per row of k");
+  POSENC_ASSERT(d > 0, "attention: q has ", q_cols, " columns, so head_dim = q columns / heads is 0");
+  POSENC_ASSERT(k_cols == kvh * d, "attention: k has ", k_cols, " columns but kv_heads * head_dim = ", kvh, " * ", d,
+                " = ", kvh * d, " are needed");
+  POSENC_ASSERT(v_cols == kvh * d, "attention: v has ", v_cols, " columns but kv_heads * head_dim = ", kvh, " * ", d,
+                " = ", kvh * d, " are needed");
+  POSENC_ASSERT(v_rows == k_rows, "attention: k has ", k_rows, " rows but v has ", v_rows);
+  POSENC_ASSERT(o_rows == q_rows && o_cols == q_cols, "attention: out is [", o_rows, ", ", o_cols,
+                "] but q is [", q_rows, ", ", q_cols, "]");
+  POSENC_ASSERT(n_qpos == q_rows, "attention: ", n_qpos, " query positions for ", q_rows, " rows of q");
+  POSENC_ASSERT(n_kpos == k_rows, "attention: ", n_kpos, " key positions for ", k_rows, " rows of k");
   const double scale = p.scale ? *p.scale : 1.0 / std::sqrt(static_cast<double>(d));
   return {q_rows, k_rows, p.heads, kvh, d, p.heads / kvh, scale, p.causal, p.window_left, p.window_right};
 }
@@ -92,7 +95,8 @@ auto lse_view_of(L&& lse, const attention_shape& sh) {
     static_assert(std::same_as<std::remove_pointer_t<decltype(lv.data)>, float> ||
                       std::same_as<std::remove_pointer_t<decltype(lv.data)>, double>,
                   "posenc::attention: lse must be a writable float or double matrix");
-    POSENC_ASSERT(lv.rows == sh.n_q && lv.cols == sh.heads, "attention: lse must be [n_q, heads]");
+    POSENC_ASSERT(lv.rows == sh.n_q && lv.cols == sh.heads, "attention: lse is [", lv.rows, ", ", lv.cols,
+                  "] but must be [n_q, heads] = [", sh.n_q, ", ", sh.heads, "]");
     return lv;
   }
 }

@@ -5,27 +5,13 @@
 /// Internal: argument validation that throws `std::invalid_argument` naming the parameter and
 /// its value. Used at construction, never in a hot loop.
 
-#include <charconv>
-#include <concepts>
 #include <stdexcept>
 #include <string>
 #include <string_view>
 
-namespace posenc::detail {
+#include "posenc/config.hpp"
 
-/// Shortest text that reads back to the same value.
-template <class V>
-std::string to_text(const V& v) {
-  if constexpr (std::same_as<V, bool>) {
-    return v ? "true" : "false";
-  } else if constexpr (std::is_arithmetic_v<V>) {
-    char buf[64];
-    auto res = std::to_chars(buf, buf + sizeof buf, v);
-    return std::string(buf, res.ptr);
-  } else {
-    return std::string(v);
-  }
-}
+namespace posenc::detail {
 
 /// Throws `std::invalid_argument("posenc: <param> = <value>: <what>")`.
 template <class V>

@@ -218,7 +218,7 @@ struct avx2_f64 {
   using reg = typename V::reg;                                                  \
   constexpr index_t w = V::width;                                               \
   /* The row expanded once: cc = [c0 c0 c1 c1 ..], ss = [-s0 s0 -s1 s1 ..]. */  \
-  POSENC_ASSERT(n <= k_rope_max_chunk && n % 2 == 0, "rope kernel: bad chunk"); \
+  POSENC_ASSERT(n <= k_rope_max_chunk && n % 2 == 0, "rope kernel: chunk of ", n, " values (internal; please report it)"); \
   alignas(64) T cc[k_rope_max_chunk];                                           \
   alignas(64) T ss[k_rope_max_chunk];                                           \
   {                                                                             \

@@ -134,7 +134,8 @@ class alibi {
   /// Precondition: `0 <= local_head` and `local_head + head_offset < num_heads`.
   double slope(index_t local_head) const {
     POSENC_ASSERT(local_head >= 0 && local_head + params_.head_offset < params_.num_heads,
-                  "alibi::slope: head out of range (local_head + head_offset must be < num_heads)");
+                  "alibi: local head ", local_head, " is outside the encoder's heads (head_offset = ",
+                  params_.head_offset, ", num_heads = ", params_.num_heads, ")");
     return slopes_[local_head + params_.head_offset];
   }
 
@@ -156,7 +157,8 @@ class alibi {
     static_assert(std::same_as<E, float> || std::same_as<E, double>,
                   "alibi::add_bias_tile: logits tiles hold float or double");
     POSENC_ASSERT(t.rows == q.size() && t.cols == k.size(),
-                  "alibi::add_bias_tile: tile must be [q.size(), k.size()]");
+                  "alibi::add_bias_tile: the tile is [", t.rows, ", ", t.cols, "] but there are ", q.size(),
+                  " query and ", k.size(), " key positions");
     const double neg_slope = -slope(local_head);
     const bool symmetric = params_.form == alibi_form::symmetric;
     const index_t n = t.cols;

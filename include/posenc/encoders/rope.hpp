@@ -178,14 +178,18 @@ class rope_cache {
 
   /// `cos(p * inv_freq[pair]) * magnitude`, rounded to T. `p` must be in the range.
   T cos(position p, index_t pair) const {
-    POSENC_ASSERT(contains(p) && pair >= 0 && pair < rotary_dim_ / 2, "rope_cache::cos: out of range");
+    POSENC_ASSERT(contains(p) && pair >= 0 && pair < rotary_dim_ / 2, "rope_cache::cos: position ", p, ", pair ",
+                  pair, " is outside the cache (positions [", start_, ", ", start_, " + ", count_, "), ",
+                  rotary_dim_ / 2, " pairs)");
     const index_t i = static_cast<index_t>(p - start_);
     return layout_ == rope_layout::half_split ? a_[idx(i * (rotary_dim_ / 2) + pair)]
                                               : a_[idx(i * rotary_dim_ + 2 * pair)];
   }
   /// `sin(p * inv_freq[pair]) * magnitude`, rounded to T. `p` must be in the range.
   T sin(position p, index_t pair) const {
-    POSENC_ASSERT(contains(p) && pair >= 0 && pair < rotary_dim_ / 2, "rope_cache::sin: out of range");
+    POSENC_ASSERT(contains(p) && pair >= 0 && pair < rotary_dim_ / 2, "rope_cache::sin: position ", p, ", pair ",
+                  pair, " is outside the cache (positions [", start_, ", ", start_, " + ", count_, "), ",
+                  rotary_dim_ / 2, " pairs)");
     const index_t i = static_cast<index_t>(p - start_);
     return layout_ == rope_layout::half_split ? b_[idx(i * (rotary_dim_ / 2) + pair)]
                                               : a_[idx(i * rotary_dim_ + 2 * pair + 1)];
@@ -342,9 +346,9 @@ class rope {
   /// those `rotate(x, pos)` computes, bit for bit. Allocates `count * rotary_dim` values of `T`.
   /// Precondition (`POSENC_ASSERT`): `count >= 0`, and `start + count` does not overflow.
   rope_cache<T> make_cache(position start, index_t count) const {
-    POSENC_ASSERT(count >= 0, "rope::make_cache: negative count");
+    POSENC_ASSERT(count >= 0, "rope::make_cache: count = ", count, " is negative");
     POSENC_ASSERT(start <= std::numeric_limits<position>::max() - static_cast<position>(count),
-                  "rope::make_cache: start + count overflows");
+                  "rope::make_cache: start + count = ", start, " + ", count, " overflows int64");
     rope_cache<T> c;
     c.start_ = start;
     c.count_ = count;
@@ -381,7 +385,8 @@ class rope {
     const auto v = checked_view(std::forward<M>(x), pos);
     using S = std::remove_pointer_t<decltype(v.data)>;
     POSENC_ASSERT(cache.fingerprint_ == fingerprint_ && cache.rotary_dim_ == r_ && cache.layout_ == p_.layout,
-                  "rope::rotate: the cache was made by a rope with other parameters");
+                  "rope::rotate: the cache was made by a rope with other parameters (base, scaling, layout or "
+                  "rotary dim) than this one");
     const index_t heads = v.cols / p_.head_dim;
     if (v.rows == 0 || heads == 0) return;
     const bool inter = p_.layout == rope_layout::interleaved;
@@ -390,7 +395,8 @@ class rope {
     const index_t width = inter ? r_ : half;
     for (index_t i = 0; i < v.rows; ++i) {
       const position p = pos[i];
-      POSENC_ASSERT(cache.contains(p), "rope::rotate: position outside the cache's range");
+      POSENC_ASSERT(cache.contains(p), "rope::rotate: position ", p, " (row ", i, ") is outside the cache's range [",
+                    cache.start_, ", ", cache.start_, " + ", cache.count_, ")");
       const index_t at = static_cast<index_t>(p - cache.start_) * width;
       if (inter) {
         for (index_t j0 = 0; j0 < r_; j0 += detail::k_rope_max_chunk) {
@@ -409,7 +415,8 @@ class rope {
 
   /// The same for pairs `[first, first + count)` only, into `c[0..count)`, `s[0..count)`.
   void unit_cos_sin(position p, index_t first, index_t count, double* c, double* s) const {
-    POSENC_ASSERT(first >= 0 && count >= 0 && first + count <= r_ / 2, "rope::unit_cos_sin: pair range out of bounds");
+    POSENC_ASSERT(first >= 0 && count >= 0 && first <= r_ / 2 && count <= r_ / 2 - first, "rope::unit_cos_sin: pairs [",
+                  first, ", ", first, " + ", count, ") are not inside the ", r_ / 2, " pairs");
     for (index_t k = 0; k < count; ++k)
       detail::rope_cos_sin(p, turns_[static_cast<std::size_t>(first + k)], exact_, c[k], s[k]);
   }
@@ -433,8 +440,10 @@ class rope {
   }
 
   void check_shape(index_t rows, index_t cols, const positions& pos) const {
-    POSENC_ASSERT(cols % p_.head_dim == 0, "rope::rotate: the column count must be a multiple of head_dim");
-    POSENC_ASSERT(pos.size() == rows, "rope::rotate: one position per row expected");
+    POSENC_ASSERT(cols % p_.head_dim == 0, "rope::rotate: x has ", cols, " columns, not a multiple of head_dim = ",
+                  p_.head_dim);
+    POSENC_ASSERT(pos.size() == rows, "rope::rotate: ", pos.size(), " positions for ", rows,
+                  " rows (one per row is needed)");
   }
 
   rope_params p_;
@@ -523,8 +532,10 @@ class rope_tile_rotator {
   void rotate(strided_view<const S> src, strided_view<T> dst, positions pos, T* scratch) const {
     static_assert(storage_for<S, T>, "rope_tile_rotator::rotate: the source must compute in T");
     POSENC_ASSERT(src.cols == head_dim_ && dst.cols == head_dim_ && src.rows == dst.rows,
-                  "rope_tile_rotator::rotate: src and dst must be [rows, head_dim]");
-    POSENC_ASSERT(pos.size() == dst.rows, "rope_tile_rotator::rotate: one position per row expected");
+                  "rope_tile_rotator::rotate: src is [", src.rows, ", ", src.cols, "] and dst [", dst.rows, ", ",
+                  dst.cols, "], but both must be [rows, head_dim] with head_dim = ", head_dim_);
+    POSENC_ASSERT(pos.size() == dst.rows, "rope_tile_rotator::rotate: ", pos.size(), " positions for ", dst.rows,
+                  " rows (one per row is needed)");
     T* hc = scratch;
     T* hs = hc + half_;
     T* c = hs + half_;

@@ -131,8 +131,9 @@ class shaw_relative {
     static_assert(storage_for<S, T>, "shaw_relative::query_terms: the query storage type does not suit T");
     check_logits<decltype(ov), true>();
     const index_t d = params_.head_dim, nr = num_relative();
-    POSENC_ASSERT(qv.cols == d, "shaw_relative::query_terms: q must have head_dim columns");
-    POSENC_ASSERT(ov.rows == qv.rows && ov.cols == nr, "shaw_relative::query_terms: out must be [q.rows, 2K+1]");
+    POSENC_ASSERT(qv.cols == d, "shaw_relative::query_terms: q has ", qv.cols, " columns but head_dim = ", d);
+    POSENC_ASSERT(ov.rows == qv.rows && ov.cols == nr, "shaw_relative::query_terms: out is [", ov.rows, ", ", ov.cols,
+                  "] but must be [q rows, 2K+1] = [", qv.rows, ", ", nr, "]");
     using row_t = Eigen::Map<const Eigen::Matrix<S, 1, Eigen::Dynamic>>;
     using table_row_t = Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>>;
     for (index_t i = 0; i < qv.rows; ++i) {
@@ -154,10 +155,10 @@ class shaw_relative {
     check_logits<decltype(t), true>();
     check_logits<decltype(g), false>();
     using E = std::remove_pointer_t<decltype(t.data)>;
-    POSENC_ASSERT(t.rows == q.size() && t.cols == k.size(),
-                  "shaw_relative::add_bias_tile: tile must be [q.size(), k.size()]");
-    POSENC_ASSERT(g.rows == q.size() && g.cols == num_relative(),
-                  "shaw_relative::add_bias_tile: qterms must be [q.size(), 2K+1]");
+    POSENC_ASSERT(t.rows == q.size() && t.cols == k.size(), "shaw_relative::add_bias_tile: the tile is [", t.rows,
+                  ", ", t.cols, "] but there are ", q.size(), " query and ", k.size(), " key positions");
+    POSENC_ASSERT(g.rows == q.size() && g.cols == num_relative(), "shaw_relative::add_bias_tile: qterms is [", g.rows,
+                  ", ", g.cols, "] but must be [query positions, 2K+1] = [", q.size(), ", ", num_relative(), "]");
     const position kk = params_.max_relative_position;
     const index_t n = t.cols;
     for (index_t i = 0; i < t.rows; ++i) {
@@ -187,10 +188,11 @@ class shaw_relative {
     check_logits<decltype(pv), false>();
     check_logits<decltype(wv), true>();
     using A = std::remove_pointer_t<decltype(wv.data)>;
-    POSENC_ASSERT(pv.rows == q.size() && pv.cols == k.size(),
-                  "shaw_relative::accumulate_value_weights: p must be [q.size(), k.size()]");
-    POSENC_ASSERT(wv.rows == q.size() && wv.cols == num_relative(),
-                  "shaw_relative::accumulate_value_weights: w must be [q.size(), 2K+1]");
+    POSENC_ASSERT(pv.rows == q.size() && pv.cols == k.size(), "shaw_relative::accumulate_value_weights: p is [",
+                  pv.rows, ", ", pv.cols, "] but there are ", q.size(), " query and ", k.size(), " key positions");
+    POSENC_ASSERT(wv.rows == q.size() && wv.cols == num_relative(), "shaw_relative::accumulate_value_weights: w is [",
+                  wv.rows, ", ", wv.cols, "] but must be [query positions, 2K+1] = [", q.size(), ", ", num_relative(),
+                  "]");
     const position kk = params_.max_relative_position;
     const index_t n = pv.cols;
     for (index_t i = 0; i < pv.rows; ++i) {
@@ -224,8 +226,9 @@ class shaw_relative {
     using E = std::remove_pointer_t<decltype(ov.data)>;
     using A = std::common_type_t<T, E>;
     const index_t d = params_.head_dim, nr = num_relative();
-    POSENC_ASSERT(wv.cols == nr, "shaw_relative::add_value_term: w must have 2K+1 columns");
-    POSENC_ASSERT(ov.rows == wv.rows && ov.cols == d, "shaw_relative::add_value_term: out must be [w.rows, head_dim]");
+    POSENC_ASSERT(wv.cols == nr, "shaw_relative::add_value_term: w has ", wv.cols, " columns but 2K+1 = ", nr);
+    POSENC_ASSERT(ov.rows == wv.rows && ov.cols == d, "shaw_relative::add_value_term: out is [", ov.rows, ", ",
+                  ov.cols, "] but must be [w rows, head_dim] = [", wv.rows, ", ", d, "]");
     for (index_t i = 0; i < wv.rows; ++i) {
       E* oi = ov.row(i);
       for (index_t r = 0; r < nr; ++r) {

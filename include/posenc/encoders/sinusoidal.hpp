@@ -117,8 +117,9 @@ class sinusoidal {
   void check_shape(const strided_view<S>& v, positions pos, const char* /*where*/) const {
     static_assert(!std::is_const_v<S>, "posenc::sinusoidal: the output matrix must be writable");
     static_assert(storage_for<S, T>, "posenc::sinusoidal<T>: storage must compute in T (double for double, float otherwise)");
-    POSENC_ASSERT(v.cols == p_.dim, "sinusoidal: the matrix must have dim columns");
-    POSENC_ASSERT(pos.size() == v.rows, "sinusoidal: one position per row is required");
+    POSENC_ASSERT(v.cols == p_.dim, "sinusoidal: the matrix has ", v.cols, " columns but dim = ", p_.dim);
+    POSENC_ASSERT(pos.size() == v.rows, "sinusoidal: ", pos.size(), " positions for ", v.rows,
+                  " rows (one per row is needed)");
   }
 
   template <class S, class Op>

@@ -188,7 +188,8 @@ class t5_relative_bias {
     static_assert(std::same_as<E, float> || std::same_as<E, double>,
                   "t5_relative_bias::add_bias_tile: logits tiles hold float or double");
     POSENC_ASSERT(t.rows == q.size() && t.cols == k.size(),
-                  "t5_relative_bias::add_bias_tile: tile must be [q.size(), k.size()]");
+                  "t5_relative_bias::add_bias_tile: the tile is [", t.rows, ", ", t.cols, "] but there are ",
+                  q.size(), " query and ", k.size(), " key positions");
     const T* bias_h = head_table(local_head);
     const std::int32_t* near_mid = near_.data() + reach_ + 1;  // near_mid[r] for r in [-reach_-1, reach_+1]
     const position lim = reach_ + 1;
@@ -274,7 +275,8 @@ class t5_relative_bias {
 
   const T* head_table(index_t local_head) const {
     POSENC_ASSERT(local_head >= 0 && local_head + params_.head_offset < params_.num_heads,
-                  "t5_relative_bias: head out of range (local_head + head_offset must be < num_heads)");
+                  "t5_relative_bias: local head ", local_head, " is outside the encoder's heads (head_offset = ",
+                  params_.head_offset, ", num_heads = ", params_.num_heads, ")");
     return table_.data() + (local_head + params_.head_offset) * params_.num_buckets;
   }
 
