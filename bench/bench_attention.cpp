@@ -69,7 +69,7 @@ void run_attention(benchmark::State& state, const char* group, path p, encoder e
   posenc_bench::with_encoder(e, s.heads, s.d, s.n_kv, [&](const auto& enc) {
     posenc::attention_workspace ws;
     posenc::attention_workspace* wsp = wu == workspace_use::reused ? &ws : nullptr;
-    if (p == path::blockwise) workspace = static_cast<double>(posenc::attention_workspace_bytes<float>(prm, s.d, enc));
+    if (p == path::blockwise) workspace = static_cast<double>(posenc::attention_workspace_bytes<float>(prm, s.n_q, s.n_kv, s.d, enc));
     posenc_bench::kernel_begins();
     for (auto _ : state) {
       if (p == path::blockwise) {

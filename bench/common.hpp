@@ -50,7 +50,12 @@ struct shape {
   position window = -1;  ///< window_left; -1 = none
 
   posenc::attention_params params() const {
-    return {.heads = heads, .kv_heads = kv_heads, .causal = causal, .window_left = window};
+    return {.heads = heads, .kv_heads = kv_heads, .causal = causal, .window_left = window, .executor = &pool()};
+  }
+  /// The kernels' workers: one per hardware thread, started once per process.
+  static posenc::thread_pool& pool() {
+    static posenc::thread_pool p;
+    return p;
   }
   posenc::positions qpos() const { return posenc::arange(n_kv - n_q, n_q); }
   posenc::positions kpos() const { return posenc::arange(0, n_kv); }

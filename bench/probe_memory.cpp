@@ -106,7 +106,7 @@ int main(int argc, char** argv) {
   posenc_bench::with_encoder(enc, s.heads, s.d, n, [&](const auto& e) {
     const double rss_inputs = peak_rss_bytes();
     const auto p = s.params();
-    if (!naive) workspace = static_cast<double>(posenc::attention_workspace_bytes<float>(p, s.d, e));
+    if (!naive) workspace = static_cast<double>(posenc::attention_workspace_bytes<float>(p, s.n_q, n, s.d, e));
     const std::int64_t before = posenc_bench::heap::current();
     posenc_bench::heap::reset();
     const auto t0 = std::chrono::steady_clock::now();

@@ -26,31 +26,36 @@ template <class E>
 float run(const E& enc, const posenc::row_matrix<float>& q, const posenc::row_matrix<float>& k,
           const posenc::row_matrix<float>& v) {
   constexpr bool rotation = posenc::rotation<E>;
-  const posenc::attention_params params{.heads = heads,
-                                        .kv_heads = kv_heads,
-                                        .causal = true,
-                                        .rotation = posenc::rotation_mode::already_rotated};
-  // The engine's cache, sized for the whole sequence; queries are rotated as they come.
+  const posenc::attention_params params{.heads = heads, .kv_heads = kv_heads, .causal = true};
+  // The engine's cache, sized for the whole sequence; queries are rotated as they come. Once
+  // rotated, q and k are attended with no_position: the encoder given to attention is applied by
+  // it, and RoPE must act once. ALiBi acts inside the call, from the positions.
   posenc::row_matrix<float> k_cache = k, q_rot = q;
   if constexpr (rotation) {
     enc.rotate(k_cache, posenc::arange(0, total));
     enc.rotate(q_rot, posenc::arange(0, total));
   }
+  const auto in_call = [&] {
+    if constexpr (rotation) {
+      return posenc::no_position<float>{};
+    } else {
+      return enc;
+    }
+  }();
   posenc::attention_workspace ws;  // reused by every step: no allocation after the first
   posenc::row_matrix<float> out(total, heads * head_dim);
 
   // Prefill: the prompt attends to itself.
   posenc::attention(q_rot.topRows(prompt), k_cache.topRows(prompt), v.topRows(prompt), out.topRows(prompt),
-                    posenc::arange(0, prompt), posenc::arange(0, prompt), enc, params, nullptr, &ws);
+                    posenc::arange(0, prompt), posenc::arange(0, prompt), in_call, params, nullptr, &ws);
   // Decode: one new token at position t against the t + 1 cached keys.
   for (index_t t = prompt; t < total; ++t) {
     posenc::attention(q_rot.middleRows(t, 1), k_cache.topRows(t + 1), v.topRows(t + 1), out.middleRows(t, 1),
-                      posenc::arange(t, 1), posenc::arange(0, t + 1), enc, params, nullptr, &ws);
+                      posenc::arange(t, 1), posenc::arange(0, t + 1), in_call, params, nullptr, &ws);
   }
 
   posenc::row_matrix<float> whole(total, heads * head_dim);
-  posenc::attention_reference(q_rot, k_cache, v, whole, posenc::arange(0, total), posenc::arange(0, total), enc,
-                              params);
+  posenc::attention_reference(q, k, v, whole, posenc::arange(0, total), posenc::arange(0, total), enc, params);
   return (out - whole).cwiseAbs().maxCoeff();
 }
 

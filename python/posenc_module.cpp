@@ -31,6 +31,15 @@ using posenc::position;
 namespace {
 
 // ---------------------------------------------------------------------------------------------
+// Threads: the module's calls run on one pool of one worker per hardware thread, started by the
+// first call that uses it (threads=1 keeps a call on the calling thread).
+
+posenc::thread_pool& workers() {
+  static posenc::thread_pool pool;
+  return pool;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Arguments
 
 std::string type_name(py::handle h) { return py::str(py::type::handle_of(h).attr("__name__")); }
@@ -335,7 +344,7 @@ void rope_rotate(const py_rope& r, const py::array& a, py::handle pos) {
                                    std::to_string(r.f.head_dim()));
   position_arg p(pos, m.view.rows, "Rope.rotate", "positions");
   py::gil_scoped_release unlocked;
-  r.get<T>().rotate(m.view, p.get());
+  r.get<T>().rotate(m.view, p.get(), &workers());
 }
 
 template <class T>
@@ -513,8 +522,8 @@ py::object attention_typed(const py::array& qa, const py::array& ka, const py::a
 
 py::object attention(py::handle q, py::handle k, py::handle v, py::handle qpos, py::handle kpos, py::handle encoding,
                      std::optional<index_t> heads, std::optional<index_t> kv_heads, std::optional<double> scale,
-                     bool causal, std::pair<position, position> window, bool return_lse, const std::string& rotation,
-                     py::handle out, int threads, index_t q_tile, index_t k_tile) {
+                     bool causal, std::pair<position, position> window, bool return_lse, py::handle out, int threads,
+                     index_t q_tile, index_t k_tile) {
   elem kq, kk, kv;
   auto qa = float_array(q, "attention", "q", kq);
   auto ka = float_array(k, "attention", "k", kk);
@@ -526,11 +535,8 @@ py::object attention(py::handle q, py::handle k, py::handle v, py::handle qpos, 
   kn.p.causal = causal;
   kn.p.window_left = window.first;
   kn.p.window_right = window.second;
-  kn.p.rotation = enum_of<posenc::rotation_mode>(
-      rotation,
-      {{"in_kernel", posenc::rotation_mode::in_kernel}, {"already_rotated", posenc::rotation_mode::already_rotated}},
-      "attention", "rotation");
   kn.p.threads = threads;
+  kn.p.executor = &workers();
   kn.p.q_tile = q_tile;
   kn.p.k_tile = k_tile;
   kn.want_lse = return_lse;
@@ -767,13 +773,13 @@ PYBIND11_MODULE(posenc, m) {
   m.def("attention", &attention, "q"_a, "k"_a, "v"_a, "qpos"_a = py::none(), "kpos"_a = py::none(),
         "encoding"_a = py::none(), py::kw_only(), "heads"_a = py::none(), "kv_heads"_a = py::none(),
         "scale"_a = py::none(), "causal"_a = false, "window"_a = std::pair<position, position>{-1, -1},
-        "return_lse"_a = false, "rotation"_a = "in_kernel", "out"_a = py::none(), "threads"_a = 0, "q_tile"_a = 0,
+        "return_lse"_a = false, "out"_a = py::none(), "threads"_a = 0, "q_tile"_a = 0,
         "k_tile"_a = 0,
         "Blockwise softmax attention: out_i = sum_j softmax_j(scale q_i.k_j + bias_ij) v_j.\n\n"
         "q: [n_q, heads * d] or [n_q, heads, d]; k, v: [n_kv, kv_heads * d] or [n_kv, kv_heads, d] (GQA: query head h "
         "reads kv head h // (heads // kv_heads)); all float32 or all float64. heads / kv_heads default to the 3-D "
         "arrays' axis 1, else 1 / heads. qpos, kpos: positions (default 0..n-1). encoding: None, Rope (rotates copies "
-        "of q and k unless rotation='already_rotated'), Alibi, T5Bias or ShawRelative. causal: key visible when "
+        "of q and k; pass None for q and k rotated already), Alibi, T5Bias or ShawRelative. causal: key visible when "
         "kpos <= qpos. window=(left, right): keys within [qpos - left, qpos + right], -1 unbounded. scale defaults "
         "to 1/sqrt(d). Returns out (shape of q), or (out, lse [n_q, heads], -inf for a fully masked row) with "
         "return_lse. The GIL is released while it runs.");

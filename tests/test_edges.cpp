@@ -212,8 +212,7 @@ TEST_CASE("an encoder that does not fit the call is an error before any thread s
   mat<float> out(n, 4 * d);
   const posenc::attention_params p{.heads = 4, .q_tile = 16, .threads = 2};
   const auto pos = posenc::arange(0, n);
-  // With two threads an exception from a work item would end the program (OpenMP), so these are
-  // checked before the work starts.
+  // Checked before the work starts, so no worker ever sees a bad encoder.
   CHECK_THROWS_WITH(posenc::attention(q, k, k, out, pos, pos, posenc::alibi<float>({.num_heads = 2}), p),
                     Contains("attention_params.heads = 4") && Contains("num_heads = 2"));
   CHECK_THROWS_WITH(posenc::attention(q, k, k, out, pos, pos, posenc::alibi<float>({.num_heads = 8, .head_offset = 6}), p),
@@ -228,9 +227,6 @@ TEST_CASE("an encoder that does not fit the call is an error before any thread s
                                           posenc_test::random_normal<float>(5, 4, 27),
                                           posenc_test::random_normal<float>(5, 4, 28));
   CHECK_THROWS_AS(posenc::attention(q, k, k, out, pos, pos, shaw, p), std::invalid_argument);
-  // Inputs already rotated: the RoPE object is not used, so its head_dim is not checked.
-  CHECK_NOTHROW(posenc::attention(q, k, k, out, pos, pos, posenc::rope<float>({.head_dim = 16}),
-                                  {.heads = 4, .rotation = posenc::rotation_mode::already_rotated, .q_tile = 16, .threads = 2}));
   // A shard of the heads (tensor parallelism): heads 4..7 of 8.
   CHECK_NOTHROW(posenc::attention(q, k, k, out, pos, pos, posenc::alibi<float>({.num_heads = 8, .head_offset = 4}), p));
 }

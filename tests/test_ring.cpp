@@ -287,9 +287,7 @@ TEST_CASE("one device and one query block: the ring is the blockwise kernel, bit
   rope.rotate(kr, posenc::arange(0, n));
   std::vector<position> pos(static_cast<std::size_t>(n));
   for (index_t i = 0; i < n; ++i) pos[static_cast<std::size_t>(i)] = i;
-  posenc::attention_params pr = p;
-  pr.rotation = posenc::rotation_mode::already_rotated;
-  posenc::attention(qr, kr, v, kernel, posenc::positions(pos), posenc::positions(pos), rope, pr);
+  posenc::attention(qr, kr, v, kernel, posenc::positions(pos), posenc::positions(pos), posenc::no_position<float>{}, p);
   CHECK(std::memcmp(ring.data(), kernel.data(), static_cast<std::size_t>(ring.size()) * sizeof(float)) == 0);
 }
 

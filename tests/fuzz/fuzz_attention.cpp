@@ -25,8 +25,15 @@
 #include "posenc/encoders/rope.hpp"
 #include "posenc/encoders/shaw.hpp"
 #include "posenc/encoders/t5_bias.hpp"
+#include "posenc/executor.hpp"
 
 namespace {
+
+// Calls with two threads run on a pool of their own, started once.
+posenc::thread_pool& fuzz_pool() {
+  static posenc::thread_pool pool(2);
+  return pool;
+}
 
 using posenc::index_t;
 using posenc::position;
@@ -34,7 +41,7 @@ template <class S>
 using mat = posenc::row_matrix<S>;
 
 
-enum class enc_kind { none, alibi, rope, rope_prerotated, t5, shaw, count };
+enum class enc_kind { none, alibi, rope, t5, shaw, count };
 
 struct case_spec {
   bool use_double = false;
@@ -173,8 +180,7 @@ encoders make_encoders(const case_spec& c, std::mt19937& rng) {
       e.d.emplace<posenc::alibi<double>>(ap);
       break;
     }
-    case enc_kind::rope:
-    case enc_kind::rope_prerotated: {
+    case enc_kind::rope: {
       // Rotary dims are even and 0 means head_dim: a head of one dimension has no rotation.
       if (dd < 2) break;
       const index_t r = c.rotary_dim == 0 && dd % 2 ? dd - 1 : std::min(c.rotary_dim, dd / 2 * 2);
@@ -245,8 +251,7 @@ void run_case(const case_spec& c) {
   mat<C> lse = mat<C>::Constant(c.n_q, c.p.heads, C(7));
   encoders e = make_encoders(c, rng);
   posenc::attention_params p = c.p;
-  p.rotation = c.enc == enc_kind::rope_prerotated ? posenc::rotation_mode::already_rotated
-                                                  : posenc::rotation_mode::in_kernel;
+  p.executor = &fuzz_pool();
   const posenc::positions qp = c.q_range && c.n_q > 0 ? posenc::arange(c.qpos[0], c.n_q) : posenc::positions(c.qpos);
   const posenc::positions kp = c.k_range && c.n_kv > 0 ? posenc::arange(c.kpos[0], c.n_kv) : posenc::positions(c.kpos);
 
@@ -279,7 +284,7 @@ void run_case(const case_spec& c) {
 
   if (c.mismatched_encoder && c.enc != enc_kind::none) {
     // A caller bug: it must be reported (or, where the shapes happen to fit, run), never crash,
-    // with any thread count (finding 3: it was reported from inside the OpenMP region).
+    // with any thread count (finding 3: it was reported from inside a parallel region).
     try {
       run_blockwise();
     } catch (const std::invalid_argument&) {

@@ -107,8 +107,8 @@ def test_attention_argument_errors(arrays):
         posenc.attention(q, k, v, heads=2, encoding="rope")
     with pytest.raises(ValueError, match=r"attention_params\.window_left = -2"):
         posenc.attention(q, k, v, heads=2, window=(-2, -1))
-    with pytest.raises(ValueError, match=r"rotation = 'sometimes'"):
-        posenc.attention(q, k, v, heads=2, rotation="sometimes")
+    with pytest.raises(TypeError):
+        posenc.attention(q, k, v, heads=2, rotation="already_rotated")
 
 
 def test_attention_writes_out_in_place_and_float32_stays_float32(arrays):

@@ -16,10 +16,11 @@
 /// not masked element by element.
 ///
 /// Work items are (kv head, query tile) pairs, the query heads of a GQA group stacked into one
-/// tile so that each key/value tile is read once for the group; they run in parallel with OpenMP when the includer
-/// compiles with it (CMake's posenc::posenc links OpenMP when found) and serially otherwise. Each
-/// item is computed the same way whichever thread runs it, so the result does not depend on the
-/// thread count.
+/// tile so that each key/value tile is read once for the group; decode calls split the keys into
+/// chunks too. Items run on the call's executor (`attention_params::executor`, see executor.hpp).
+/// Each item is computed the same way whichever worker runs it, so the result does not depend on
+/// the executor or the number of workers. The plan of a call (attention/plan.hpp) is computed
+/// before any work starts; every error is thrown there, before a worker runs.
 
 #include <algorithm>
 #include <cmath>
@@ -29,118 +30,18 @@
 #include <optional>
 #include <string>
 
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
-
+#include "posenc/attention/mask.hpp"
 #include "posenc/attention/params.hpp"
+#include "posenc/attention/plan.hpp"
 #include "posenc/attention/workspace.hpp"
 #include "posenc/concepts.hpp"
 #include "posenc/detail/attention_kernels.hpp"
+#include "posenc/executor.hpp"
 #include "posenc/types.hpp"
 
 namespace posenc {
 
 namespace detail {
-
-inline constexpr index_t default_q_tile = 512;
-/// Query rows per strip of a tile: the strip's logits against a key tile (48 x 128 floats, 24 KiB)
-/// stay in L1 from QK^T through the softmax to PV. A multiple of the AVX-512 and AVX2 register
-/// blocks (8 and 6 rows).
-inline constexpr index_t strip_rows = 48;
-inline constexpr index_t default_k_tile = 128;
-/// At most this many rows per tile (decode: a few tokens times the GQA group) use the in-place
-/// key and value paths.
-inline constexpr index_t few_query_rows = 8;
-/// Decode (at most this many query tokens, few rows per tile) splits the keys into at most
-/// `max_key_chunks` chunks of at least `min_key_chunk` keys, merged by log-sum-exp, and carries
-/// every kv head in one work item: both cores then stream whole rows of K and V, where one kv
-/// head per core would read half of every row each.
-inline constexpr index_t decode_max_tokens = 16;
-inline constexpr index_t max_key_chunks = 16;
-inline constexpr index_t min_key_chunk = 4096;
-
-/// A rotation encoder that offers a bounded-memory tile rotator (RoPE): the kernel rotates every
-/// key tile once per query tile, too often for per-element double cos/sin.
-template <class E>
-concept has_tile_rotator = requires(const E& e) { e.tile_rotator(); };
-
-/// Scratch values per thread of the encoder's tile rotator, 0 without one.
-template <class E>
-index_t rotator_scratch(const E& enc) {
-  if constexpr (has_tile_rotator<E>) {
-    return 4 * (enc.rotary_dim() / 2);
-  } else {
-    (void)enc;
-    return 0;
-  }
-}
-
-/// Extra columns a score-bias encoder needs per query row (Shaw's relative terms), 0 otherwise.
-template <class E>
-index_t relative_columns(const E& enc) {
-  if constexpr (relative_key_value<E>) {
-    return enc.num_relative();
-  } else {
-    (void)enc;
-    return 0;
-  }
-}
-
-/// Checks that the encoder fits the call, before any work item runs (an exception thrown inside
-/// the OpenMP region would terminate the program): a per-head encoder (ALiBi, T5) must cover
-/// local heads 0..heads-1 from its `head_offset`, and an encoder that acts on head vectors (RoPE
-/// rotated in the kernel, Shaw) must have the call's head_dim. Throws `std::invalid_argument`.
-template <class E>
-void check_encoder_fits(const E& enc, const attention_shape& sh, bool rotating) {
-  if constexpr (requires { enc.params().num_heads; enc.params().head_offset; }) {
-    const auto& ep = enc.params();
-    if (sh.heads > ep.num_heads - ep.head_offset)
-      invalid("attention_params.heads", sh.heads,
-              "more heads than the encoder " + std::string(enc.name()) + " covers (num_heads = " +
-                  to_text(ep.num_heads) + ", head_offset = " + to_text(ep.head_offset) + ")");
-  }
-  if constexpr (requires { enc.head_dim(); }) {
-    if ((rotating || relative_key_value<E>) && enc.head_dim() != sh.head_dim)
-      invalid("attention head_dim (q columns / heads)", sh.head_dim,
-              "the encoder " + std::string(enc.name()) + " has head_dim = " + to_text(enc.head_dim()));
-  } else {
-    (void)rotating;
-  }
-}
-
-/// Offsets, in elements of the compute type, of the per-thread tile buffers (see
-/// detail/attention_kernels.hpp for their layouts).
-struct tile_plan {
-  index_t bq, bk, d, r, nrot, sets;
-  index_t ldkt, dpad;  // key tile width rounded up to 32; head_dim rounded up to 16
-  index_t strip;       // query rows per strip: QK^T, softmax and PV of a strip share one logit block
-  index_t q, krows, kt, v, s, acc, m, l, alpha, terms, w, rot, per_thread;
-
-  /// `sets`: kv heads a work item carries at once (the query state is held for each).
-  tile_plan(index_t bq_, index_t bk_, index_t d_, index_t r_, index_t nrot_, index_t sets_ = 1)
-      : bq(bq_), bk(bk_), d(d_), r(r_), nrot(nrot_), sets(sets_) {
-    ldkt = (bk + 31) / 32 * 32;
-    dpad = (d + 15) / 16 * 16;
-    strip = std::min(bq, strip_rows);
-    // Each buffer starts on a 64-byte boundary for float and double alike.
-    auto round = [](index_t n) { return (n + 15) / 16 * 16; };
-    index_t o = 0;
-    q = o, o += sets * round(bq * d);
-    krows = o, o += round(bk * d);
-    kt = o, o += round(d * ldkt);
-    v = o, o += round(bk * dpad);
-    s = o, o += round(strip * ldkt);
-    acc = o, o += sets * round(bq * dpad);
-    m = o, o += sets * round(bq);
-    l = o, o += sets * round(bq);
-    alpha = o, o += round(bq);
-    terms = o, o += sets * round(bq * r);
-    w = o, o += sets * round(bq * r);
-    rot = o, o += round(nrot);
-    per_thread = o;
-  }
-};
 
 /// Copies `n` rows of columns `[col, col + d)` of `src` into `dst` (row stride `ld`), converting
 /// to the compute type and multiplying by `factor`.
@@ -157,102 +58,35 @@ void load_rows(strided_view<S> src, index_t row, index_t n, index_t col, index_t
   }
 }
 
-inline int attention_threads(const attention_params& p) {
-#if defined(_OPENMP)
-  return p.threads > 0 ? p.threads : omp_get_max_threads();
-#else
-  (void)p;
-  return 1;
-#endif
-}
-
-inline index_t q_tile_of(const attention_params& p) { return p.q_tile > 0 ? p.q_tile : default_q_tile; }
-
-/// Query tokens per work item. The query heads that share a kv head are stacked into one tile
-/// (GQA/MQA), so each key and value tile is read once for all of them: a tile holds
-/// `tokens * group` rows, about `q_tile`.
-inline index_t tokens_per_item(const attention_params& p, index_t group) {
-  return std::max<index_t>(1, q_tile_of(p) / group);
-}
-/// Query tokens per work item for `n_q` tokens: `tokens_per_item`, made smaller with the default
-/// tile size when there would be fewer than two items per thread (short prompts, few heads), so
-/// every core gets work. Smaller tiles change no result: each row's arithmetic is the same in any
-/// tile.
-inline index_t balanced_tokens(const attention_params& p, index_t group, index_t n_q, index_t kv_heads, int threads) {
-  index_t tq = std::min(tokens_per_item(p, group), n_q);
-  if (p.q_tile == 0 && n_q > 0) {
-    const index_t want_tiles = (2 * threads + kv_heads - 1) / kv_heads;
-    const index_t floor_tokens = std::max<index_t>(1, strip_rows / group);
-    tq = std::min(tq, std::max(floor_tokens, (n_q + want_tiles - 1) / want_tiles));
-  }
-  return tq;
-}
-inline index_t k_tile_of(const attention_params& p) { return p.k_tile > 0 ? p.k_tile : default_k_tile; }
-
-struct position_bounds {
-  position lo, hi;
-};
-
-inline position_bounds bounds_of(positions p) {
-  if (p.is_range()) return {p.start(), p.start() + (static_cast<position>(p.size()) - 1)};  // ends at INT64_MAX at most
-  position lo = p[0], hi = p[0];
-  for (index_t i = 1; i < p.size(); ++i) lo = std::min(lo, p[i]), hi = std::max(hi, p[i]);
-  return {lo, hi};
-}
-
 /// Bounds of the query positions of tile rows [r0, r0 + nr), where row r holds token r % nq of
 /// the tile's positions `qp` (bounds `all`): one or two contiguous spans of tokens, or all of them.
-inline position_bounds strip_bounds(positions qp, position_bounds all, index_t r0, index_t nr) {
+inline position_span strip_bounds(positions qp, position_span all, index_t r0, index_t nr) {
   const index_t nq = qp.size();
   if (nr >= nq) return all;
   const index_t t0 = r0 % nq, t1 = (r0 + nr - 1) % nq;
   if (t0 <= t1) return bounds_of(qp.subset(t0, nr));
-  const position_bounds a = bounds_of(qp.subset(t0, nq - t0)), b = bounds_of(qp.subset(0, t1 + 1));
+  const position_span a = bounds_of(qp.subset(t0, nq - t0)), b = bounds_of(qp.subset(0, t1 + 1));
   return {std::min(a.lo, b.lo), std::max(a.hi, b.hi)};
 }
 
-/// Some key of `k` may be visible to some query of `q` (false: skip the tile). Integer
-/// comparisons like `visible`: a tile test in double would skip visible keys beyond 2^53.
-inline bool any_visible(const attention_shape& s, position_bounds q, position_bounds k) {
-  if (s.causal && k.lo > q.hi) return false;
-  if (s.left >= 0 && gap_exceeds(q.lo, k.hi, s.left)) return false;
-  if (s.right >= 0 && gap_exceeds(k.lo, q.hi, s.right)) return false;
-  return true;
-}
-
-/// Every key of `k` is visible to every query of `q` (true: no element masking).
-inline bool all_visible(const attention_shape& s, position_bounds q, position_bounds k) {
-  if (s.causal && k.hi > q.lo) return false;
-  if (s.left >= 0 && gap_exceeds(q.hi, k.lo, s.left)) return false;
-  if (s.right >= 0 && gap_exceeds(k.hi, q.lo, s.right)) return false;
-  return true;
-}
-
 }  // namespace detail
-
-/// Bytes of workspace `attention` uses for these parameters with storage type `S`: a fixed tile
-/// workspace per thread, independent of the sequence lengths. Benchmarks use it to count memory.
-/// A decode call (at most 16 query tokens against at least 8192 keys) holds every kv head's state
-/// in one tile workspace and adds the partial results of at most 16 key chunks, a few kilobytes
-/// per kv head more; neither grows with the number of keys.
-template <storage_scalar S, positional_encoding E>
-std::size_t attention_workspace_bytes(const attention_params& p, index_t head_dim, const E& enc) {
-  const index_t group = p.kv_heads > 0 && p.heads % p.kv_heads == 0 ? p.heads / p.kv_heads : 1;
-  const detail::tile_plan plan(detail::tokens_per_item(p, group) * group, detail::k_tile_of(p), head_dim,
-                               detail::relative_columns(enc), detail::rotator_scratch(enc));
-  return static_cast<std::size_t>(plan.per_thread) * sizeof(compute_t<S>) *
-         static_cast<std::size_t>(detail::attention_threads(p));
-}
 
 /// Blockwise softmax attention with any positional encoder; the same contract as
 /// `attention_reference` (see there for the formula, shapes, GQA and masking), computed tile by
 /// tile in `compute_t<S>` with memory linear in the sequence length.
 ///
-/// \param ws  optional workspace reused across calls; without it the call allocates
-///            `attention_workspace_bytes` once (never per tile).
-/// Rotation encoders rotate copies of the query and key tiles with their positions when
-/// `p.rotation == rotation_mode::in_kernel`; pass `already_rotated` when the cache holds rotated
-/// keys. The encoder's `scalar_type` must be the compute type of the storage.
+/// \param enc  applied by this call: a rotation encoder (RoPE) rotates copies of the query and
+///             key tiles with their positions (the inputs stay untouched); a score bias is added
+///             to the logits. Queries and keys the caller rotated already (a cache of rotated
+///             keys) are attended with `posenc::no_position`: passing the rope here as well would
+///             rotate them twice. The encoder's `scalar_type` must be the compute type of the
+///             storage.
+/// \param ws   optional workspace reused across calls; without it the call allocates
+///             `attention_workspace_bytes` once (never per tile). With a workspace that is large
+///             enough (reused from an earlier call of the same plan), the call allocates nothing.
+/// Throws, before any work starts: `std::invalid_argument` for invalid knobs or an encoder that
+/// does not fit the call, `precondition_error` for matrices and positions that do not fit
+/// together.
 template <class Q, class K, class V, class O, positional_encoding E, class L = std::nullptr_t>
 void attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, const E& enc, const attention_params& p,
                L&& lse = nullptr, attention_workspace* ws = nullptr) {
@@ -275,49 +109,35 @@ void attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, con
                                           qpos.size(), kpos.size());
   constexpr bool want_lse = !std::is_null_pointer_v<std::remove_cvref_t<L>>;
   [[maybe_unused]] auto lse_view = detail::lse_view_of(std::forward<L>(lse), sh);
-  detail::check_encoder_fits(enc, sh, E::family == encoding_family::rotation && p.rotation == rotation_mode::in_kernel);
+  detail::check_encoder_fits(enc, sh);
   if (sh.n_q == 0) return;
 
+  const detail::attention_plan pl = detail::make_plan<C>(sh, p, enc);
+  const detail::tile_plan& plan = pl.tiles;
   const index_t d = sh.head_dim;
   const index_t group = sh.group;
-  const int threads = detail::attention_threads(p);
-  const index_t tq = detail::balanced_tokens(p, group, sh.n_q, sh.kv_heads, threads);
-  // Decode: all kv heads in one work item and the keys split into chunks (see decode_max_tokens).
-  const bool decode = !relative_key_value<E> && sh.n_q <= detail::decode_max_tokens &&
-                      tq * group <= detail::few_query_rows && sh.n_kv >= 2 * detail::min_key_chunk;
-  const index_t sets = decode ? sh.kv_heads : 1;
-  const detail::tile_plan plan(tq * group, detail::k_tile_of(p), d, detail::relative_columns(enc),
-                               detail::rotator_scratch(enc), sets);
-  const index_t chunks =
-      decode ? std::min(detail::max_key_chunks, sh.n_kv / detail::min_key_chunk) : index_t{1};
-  // Chunk boundaries on key-tile boundaries, the same for every thread count.
-  const index_t chunk_keys = ((sh.n_kv + chunks - 1) / chunks + plan.bk - 1) / plan.bk * plan.bk;
-  const index_t q_tiles = (sh.n_q + tq - 1) / tq;
-  const index_t head_sets = sh.kv_heads / sets;
-  const index_t items = head_sets * q_tiles * chunks;
-  // Partial results of the chunks, merged at the end: per item and kv head, the unnormalised
-  // output rows, their running max and sum.
-  const index_t partial_stride = plan.bq * (plan.dpad + 2);
-  const index_t partial_size = chunks > 1 ? items * sets * partial_stride : 0;
+  const index_t tq = pl.tq;
+  const index_t sets = pl.sets;
+  const index_t chunks = pl.chunks;
+  const index_t chunk_keys = pl.chunk_keys;
+  const index_t q_tiles = pl.q_tiles;
+  const index_t head_sets = pl.head_sets;
+  const index_t partial_stride = pl.partial_stride;
 
   attention_workspace local;
   attention_workspace& w = ws ? *ws : local;
-  C* const base = reinterpret_cast<C*>(w.reserve(
-      (static_cast<std::size_t>(plan.per_thread) * static_cast<std::size_t>(threads) +
-       static_cast<std::size_t>(partial_size)) *
-      sizeof(C)));
-  C* const partials = base + static_cast<std::ptrdiff_t>(plan.per_thread) * threads;
+  C* const base = reinterpret_cast<C*>(w.reserve(pl.workspace_bytes));
+  C* const partials = base + static_cast<std::ptrdiff_t>(plan.per_thread) * pl.workers;
 
   constexpr C neg_inf = -std::numeric_limits<C>::infinity();
   const C scale = static_cast<C>(sh.scale);
 
   const auto& kern = detail::kernels_for<C>();
-  constexpr bool rotate_tiles = E::family == encoding_family::rotation;
-  const bool rotating = rotate_tiles && p.rotation == rotation_mode::in_kernel;
+  constexpr bool rotating = E::family == encoding_family::rotation;
   // Keys and values are read in place when they already have the compute type, need no
   // rotation, and (for values) may be read up to head_dim rounded up to 16 columns.
-  const bool keys_in_place = std::same_as<std::remove_const_t<std::remove_pointer_t<decltype(kv.data)>>, C> &&
-                             !rotating;
+  constexpr bool keys_in_place =
+      std::same_as<std::remove_const_t<std::remove_pointer_t<decltype(kv.data)>>, C> && !rotating;
   // With a few query rows (decode) the kernel is bound by reading K and V once: keys are then
   // multiplied in place without the transposed tile, and values read in place. With many rows,
   // values are copied into a dense tile: an engine's rows are often 4 KiB apart (kv_heads *
@@ -327,10 +147,10 @@ void attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, con
   const bool values_in_place =
       few_rows && std::same_as<std::remove_const_t<std::remove_pointer_t<decltype(vv.data)>>, C> && d == plan.dpad;
 
-  // The rotator's table is made once per call and shared, read-only, by every thread.
+  // The rotator reads the encoder's table (made on its first use), shared read-only by every worker.
   const auto rotator = [&] {
     if constexpr (detail::has_tile_rotator<E>) {
-      return rotating ? std::optional(enc.tile_rotator()) : std::nullopt;
+      return enc.tile_rotator();
     } else {
       return 0;
     }
@@ -342,16 +162,16 @@ void attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, con
     using SS = std::remove_const_t<std::remove_pointer_t<decltype(src.data)>>;
     const strided_view<C> tile(dst, n, d, d);
     if constexpr (detail::has_tile_rotator<E>) {
-      if (rotating && factor == C(1)) {
-        rotator->rotate(strided_view<const SS>(src.row(row) + col, n, d, src.stride), tile, tp, scratch + plan.rot);
+      if (factor == C(1)) {
+        rotator.rotate(strided_view<const SS>(src.row(row) + col, n, d, src.stride), tile, tp, scratch + plan.rot);
         return;
       }
     }
     detail::load_rows(src, row, n, col, d, factor, dst, d);
     if constexpr (detail::has_tile_rotator<E>) {
-      if (rotating) rotator->rotate(tile, tp, scratch + plan.rot);
-    } else if constexpr (rotate_tiles) {
-      if (rotating) enc.rotate(tile, tp);
+      rotator.rotate(tile, tp, scratch + plan.rot);
+    } else if constexpr (rotating) {
+      enc.rotate(tile, tp);
     }
   };
 
@@ -412,8 +232,8 @@ void attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, con
       const index_t nk = std::min(plan.bk, k_end - j0);
       const positions kp = kpos.subset(j0, nk);
       const auto kb = detail::bounds_of(kp);
-      if (!detail::any_visible(sh, qb, kb)) continue;
-      const bool full = detail::all_visible(sh, qb, kb);
+      if (!sh.mask.any_visible(qb, kb)) continue;
+      const bool full = sh.mask.all_visible(qb, kb);
 
       for (index_t gs = 0; gs < sets; ++gs) {
         const index_t g = g0 + gs;
@@ -426,7 +246,7 @@ void attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, con
 
         const C* krows;
         index_t ldk;
-        if (keys_in_place) {
+        if constexpr (keys_in_place) {
           krows = reinterpret_cast<const C*>(kv.row(j0) + g * d);
           ldk = kv.stride;
         } else {
@@ -455,7 +275,7 @@ void attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, con
           const index_t nr = std::min(plan.strip, rows - r0);
           // A strip that sees none of the tile's keys (above the diagonal of a causal tile,
           // outside a window) skips it: its rows' state is unchanged, as if the tile were skipped.
-          if (!full && !detail::any_visible(sh, detail::strip_bounds(qp, qb, r0, nr), kb)) continue;
+          if (!full && !sh.mask.any_visible(detail::strip_bounds(qp, qb, r0, nr), kb)) continue;
           C* const s = scratch + plan.s;
           if (few_rows) {
             kern.qk_rows(qt + r0 * d, d, nr, d, krows, ldk, nk, s, plan.ldkt);
@@ -482,7 +302,7 @@ void attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, con
             });
           }
           if (!full) {
-            for (index_t r = 0; r < nr; ++r) detail::mask_row(sh, qp[(r0 + r) % nq], kp, sv.row(r));
+            for (index_t r = 0; r < nr; ++r) sh.mask.mask_row(qp[(r0 + r) % nq], kp, sv.row(r));
           }
           kern.softmax(s, plan.ldkt, nr, nk, m + r0, l + r0, alpha + r0);
           if constexpr (relative_key_value<E>) {
@@ -519,19 +339,10 @@ void attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, con
     }
   };
 
-#if defined(_OPENMP)
-  if (threads > 1 && items > 1) {
-#pragma omp parallel num_threads(threads)
-    {
-      C* scratch = base + static_cast<std::ptrdiff_t>(omp_get_thread_num()) * plan.per_thread;
-#pragma omp for schedule(dynamic, 1)
-      for (index_t item = 0; item < items; ++item) run_item(item, scratch);
-    }
-  } else
-#endif
-  {
-    for (index_t item = 0; item < items; ++item) run_item(item, base);
-  }
+  auto body = [&](index_t item, int worker) {
+    run_item(item, base + static_cast<std::ptrdiff_t>(worker) * plan.per_thread);
+  };
+  pl.ex->parallel_for(pl.items, pl.workers, body);
   if (chunks == 1) return;
 
   // Merge the chunks of each (head set, query tile) in chunk order: the same arithmetic for any

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "posenc/attention/params.hpp"
+#include "posenc/attention/plan.hpp"
 #include "posenc/concepts.hpp"
 #include "posenc/types.hpp"
 
@@ -26,10 +27,11 @@ namespace posenc {
 /// \param k, v  `[n_kv, kv_heads * d]`; query head `h` reads kv head `h / (heads / kv_heads)`.
 /// \param out   `[n_q, heads * d]`, written.
 /// \param qpos, kpos  one int64 position per row of q and of k.
-/// \param enc   a rotation encoder rotates copies of q and k (unless `p.rotation` says they are
-///              rotated already); a score-bias encoder adds its bias to the scaled logits (Shaw's
-///              relative keys are scaled with the logits, its value term is added to the output);
-///              additive-input encoders belong before the projections and are refused.
+/// \param enc   applied by this call: a rotation encoder rotates copies of q and k (pass
+///              `no_position` for inputs rotated already); a score-bias encoder adds its bias to
+///              the scaled logits (Shaw's relative keys are scaled with the logits, its value term
+///              is added to the output); additive-input encoders belong before the projections and
+///              are refused.
 /// \param lse   optional `[n_q, heads]` (float or double): the natural log-sum-exp of each row's
 ///              scaled logits, `-inf` for a row with no visible key (whose output is zero).
 /// Allocates the score matrix and copies of q/k for rotation.
@@ -51,6 +53,7 @@ void attention_reference(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions
                                           qpos.size(), kpos.size());
   constexpr bool want_lse = !std::is_null_pointer_v<std::remove_cvref_t<L>>;
   [[maybe_unused]] auto lse_view = detail::lse_view_of(std::forward<L>(lse), sh);
+  detail::check_encoder_fits(enc, sh);
   auto set_lse = [&](index_t i, index_t h, C value) {
     if constexpr (want_lse) lse_view(i, h) = static_cast<std::remove_reference_t<decltype(lse_view(i, h))>>(value);
   };
@@ -69,19 +72,17 @@ void attention_reference(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions
         vh(j, c) = static_cast<C>(vv(j, g * d + c));
       }
     if constexpr (E::family == encoding_family::rotation) {
-      if (p.rotation == rotation_mode::in_kernel) {
-        if constexpr (std::same_as<typename E::scalar_type, C>) {
-          enc.rotate(qh, qpos);
-          enc.rotate(kh, kpos);
-        } else {
-          // An encoder of another precision: rotate in its own type, then come back.
-          using ET = typename E::scalar_type;
-          row_matrix<ET> qe = qh.template cast<ET>(), ke = kh.template cast<ET>();
-          enc.rotate(qe, qpos);
-          enc.rotate(ke, kpos);
-          qh = qe.template cast<C>();
-          kh = ke.template cast<C>();
-        }
+      if constexpr (std::same_as<typename E::scalar_type, C>) {
+        enc.rotate(qh, qpos);
+        enc.rotate(kh, kpos);
+      } else {
+        // An encoder of another precision: rotate in its own type, then come back.
+        using ET = typename E::scalar_type;
+        row_matrix<ET> qe = qh.template cast<ET>(), ke = kh.template cast<ET>();
+        enc.rotate(qe, qpos);
+        enc.rotate(ke, kpos);
+        qh = qe.template cast<C>();
+        kh = ke.template cast<C>();
       }
     }
     scores.noalias() = qh * kh.transpose();
@@ -98,7 +99,7 @@ void attention_reference(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions
     for (index_t i = 0; i < sh.n_q; ++i) {
       C m = neg_inf;
       for (index_t j = 0; j < sh.n_kv; ++j) {
-        if (!detail::visible(sh, qpos[i], kpos[j])) scores(i, j) = neg_inf;
+        if (!sh.mask.visible(qpos[i], kpos[j])) scores(i, j) = neg_inf;
         m = std::max(m, scores(i, j));
       }
       if (m == neg_inf) {

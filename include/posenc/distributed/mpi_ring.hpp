@@ -17,18 +17,160 @@
 /// (`--mca pml_ob1_send_pipeline_depth 64 --mca pml_ob1_recv_pipeline_depth 64`, see
 /// docs/ring_attention.md). The result equals `ring_attention_simulate` with the same shards and
 /// options, bit for bit.
+///
+/// Mistakes fail on every rank, never hang: each collective call first checks its arguments on
+/// every rank and exchanges the verdicts with one small `MPI_Allgather` (fixed-size records, so
+/// ranks that disagree on the element type cannot truncate a message). If a rank's arguments are
+/// invalid, or the ranks disagree on something they must share (heads, kv_heads, head_dim, the
+/// key and value widths, the element type, the mask, the scale, the encoder, `query_blocks`),
+/// every rank throws before any data moves: the rank at fault its own exception, the others
+/// `posenc::ring_error` naming that rank and its message. An exception during the ring's steps
+/// (out of memory) stops that rank's computing but not its sending and receiving, so the ring
+/// completes, and every rank throws after a last exchange of verdicts.
 
 #include <mpi.h>
 
+#include <algorithm>
+#include <bit>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <ctime>
+#include <limits>
+#include <optional>
+#include <exception>
+#include <stdexcept>
+#include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
 #include "posenc/distributed/ring.hpp"
 
 namespace posenc {
+
+/// Thrown on every rank of a ring call when another rank's arguments were invalid or its part of
+/// the call failed: the message names that rank and repeats its error.
+class ring_error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+namespace detail {
+
+/// What a rank tells the others before (and after) a collective ring call: whether its part is
+/// fine, the facts every rank must share, and its error message.
+struct ring_verdict {
+  static constexpr int fields = 16;
+  std::int64_t ok = 1;
+  std::int64_t field[fields] = {};
+  char text[400] = {};
+
+  void fail(std::string_view what) {
+    ok = 0;
+    const std::size_t n = std::min(what.size(), sizeof text - 1);
+    std::memcpy(text, what.data(), n);
+    text[n] = 0;
+  }
+};
+
+/// Names of the shared facts in `ring_verdict::field`, for messages (`nullptr`: not compared).
+struct ring_fact {
+  int index;
+  const char* name;
+};
+
+/// Exchanges every rank's verdict (one `MPI_Allgather` of fixed-size records) and throws on every
+/// rank when one failed or when the facts in `agree` differ between ranks. `local` is this rank's
+/// own exception, rethrown here when it failed. Returns every rank's verdict.
+inline std::vector<ring_verdict> ring_exchange(MPI_Comm comm, int size, int rank, const ring_verdict& mine,
+                                               const std::exception_ptr& local, std::string_view call,
+                                               std::initializer_list<ring_fact> agree) {
+  std::vector<ring_verdict> all(static_cast<std::size_t>(size));
+  MPI_Allgather(&mine, static_cast<int>(sizeof(ring_verdict)), MPI_BYTE, all.data(),
+                static_cast<int>(sizeof(ring_verdict)), MPI_BYTE, comm);
+  for (int r = 0; r < size; ++r) {
+    const ring_verdict& v = all[static_cast<std::size_t>(r)];
+    if (v.ok) continue;
+    if (r == rank && local) std::rethrow_exception(local);
+    throw ring_error("posenc: " + std::string(call) + ": rank " + std::to_string(r) + " failed: " +
+                     std::string(v.text, strnlen(v.text, sizeof v.text)));
+  }
+  for (const ring_fact f : agree) {
+    for (int r = 1; r < size; ++r) {
+      const std::int64_t a = all[0].field[f.index], b = all[static_cast<std::size_t>(r)].field[f.index];
+      if (a != b)
+        throw std::invalid_argument("posenc: " + std::string(call) + ": the ranks disagree on " + f.name +
+                                    ": rank 0 has " + std::to_string(a) + ", rank " + std::to_string(r) + " has " +
+                                    std::to_string(b));
+    }
+  }
+  return all;
+}
+
+/// The message of the exception in flight (inside a catch block).
+inline std::string ring_what() {
+  try {
+    throw;
+  } catch (const std::exception& e) {
+    return e.what();
+  } catch (...) {
+    return "unknown exception";
+  }
+}
+
+/// FNV-1a of bytes, for the encoder's digest.
+inline std::uint64_t ring_hash(std::uint64_t h, const void* data, std::size_t n) {
+  const auto* b = static_cast<const unsigned char*>(data);
+  for (std::size_t i = 0; i < n; ++i) h = (h ^ b[i]) * 0x100000001b3ull;
+  return h;
+}
+
+/// A digest of what the encoder does, from its public description: its name, head size,
+/// frequencies and magnitude (rotations), slopes or bucket parameters (biases), tables (Shaw).
+/// Ranks whose encoders differ in any of these would compute different attention.
+template <class E>
+std::uint64_t encoder_digest(const E& enc) {
+  std::uint64_t h = 0xcbf29ce484222325ull;
+  const std::string_view name = enc.name();
+  h = ring_hash(h, name.data(), name.size());
+  auto add = [&h](auto x) { h = ring_hash(h, &x, sizeof x); };
+  if constexpr (requires { enc.head_dim(); }) add(static_cast<std::int64_t>(enc.head_dim()));
+  if constexpr (requires { enc.inv_freq(); enc.magnitude(); enc.rotary_dim(); enc.layout(); }) {
+    for (double f : enc.inv_freq()) add(f);
+    add(enc.magnitude());
+    add(static_cast<std::int64_t>(enc.rotary_dim()));
+    add(static_cast<int>(enc.layout()));
+  }
+  if constexpr (requires { enc.params().num_heads; enc.params().head_offset; }) {
+    add(static_cast<std::int64_t>(enc.params().num_heads));
+    add(static_cast<std::int64_t>(enc.params().head_offset));
+  }
+  if constexpr (requires { enc.slope(index_t{0}); enc.params().form; }) {
+    add(static_cast<int>(enc.params().form));
+    for (index_t hh = 0; hh < enc.params().num_heads - enc.params().head_offset; ++hh) add(enc.slope(hh));
+  }
+  if constexpr (requires { enc.params().num_buckets; enc.params().max_distance; enc.params().bidirectional; }) {
+    add(static_cast<std::int64_t>(enc.params().num_buckets));
+    add(static_cast<std::int64_t>(enc.params().max_distance));
+    add(static_cast<int>(enc.params().bidirectional));
+  }
+  if constexpr (requires { enc.key_table(); enc.value_table(); }) {
+    for (const auto t : {enc.key_table(), enc.value_table()})
+      for (index_t r = 0; r < t.rows; ++r) h = ring_hash(h, t.row(r), static_cast<std::size_t>(t.cols) * sizeof(*t.data));
+  }
+  return h;
+}
+
+template <class S>
+constexpr std::int64_t storage_code() {
+  if constexpr (std::same_as<S, float>) return 1;
+  if constexpr (std::same_as<S, double>) return 2;
+  if constexpr (std::same_as<S, Eigen::bfloat16>) return 3;
+  return 4;
+}
+
+}  // namespace detail
 
 /// What one rank measured during `mpi_ring::attention`. Times in seconds.
 struct ring_stats {
@@ -69,25 +211,47 @@ class mpi_ring {
   MPI_Comm comm() const { return comm_; }
 
   /// This rank's positions of a sequence of `n` tokens in `layout` (`ring_shard_positions`).
+  /// Collective: every rank must pass the same `n` and `layout`; if they differ (or one rank's
+  /// values are invalid) every rank throws, so that shards of different sequences never meet.
   std::vector<position> shard_positions(index_t n, ring_layout layout) const {
-    return ring_shard_positions(n, size_, rank_, layout);
+    detail::ring_verdict mine;
+    std::exception_ptr local;
+    std::vector<position> out;
+    try {
+      out = ring_shard_positions(n, size_, rank_, layout);
+    } catch (...) {
+      local = std::current_exception();
+      mine.fail(detail::ring_what());
+    }
+    mine.field[0] = n;
+    mine.field[1] = static_cast<std::int64_t>(layout);
+    detail::ring_exchange(comm_, size_, rank_, mine, local, "mpi_ring::shard_positions",
+                          {{0, "the sequence length n"}, {1, "the layout"}});
+    return out;
   }
 
   /// Ring attention of this rank's query shard against every rank's key/value shard; collective
   /// over the ring's communicator. Every rank passes its own shards with their global positions:
   ///
   /// \param q, out  `[n_q, heads * d]` row-major, any row stride (`n_q` may be 0).
-  /// \param k, v    `[n_kv, kv_heads * d]` (`n_kv` may be 0); head_dim, heads and kv_heads are the
-  ///                same on every rank; shards may differ in size.
+  /// \param k, v    `[n_kv, kv_heads * d]` (`n_kv` may be 0); the element type, head_dim, heads,
+  ///                kv_heads, mask, scale, encoder and options are the same on every rank
+  ///                (checked); shards may differ in size.
   /// \param qpos, kpos  global positions, one per row.
-  /// \param enc, p  as for `attention`; a rotation is applied once with the global positions.
+  /// \param enc, p  as for `attention`: the encoder is applied by the ring (a rotation once, with
+  ///                the global positions; `no_position` for inputs rotated already).
   /// \param lse     optional `[n_q, heads]` float or double: the log-sum-exp over all keys.
-  /// Returns this rank's timings. Allocates two message buffers (the largest shard's keys, values
-  /// and positions each), a copy of the queries, the output accumulator and one partial result.
+  /// Returns this rank's timings. Throws on every rank, before any data moves, when some rank's
+  /// arguments are invalid or the ranks disagree (see the file comment). Allocates two message
+  /// buffers (the largest shard's keys, values and positions each), a copy of the queries, the
+  /// output accumulator and one partial result.
   template <matrix_argument Q, matrix_argument K, matrix_argument V, matrix_argument O, positional_encoding E,
             class L = std::nullptr_t>
   ring_stats attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, const E& enc,
                        const attention_params& p, const ring_options& o = {}, L&& lse = nullptr) const {
+    static_assert(E::family != encoding_family::additive_input,
+                  "posenc::mpi_ring::attention: additive-input encoders (sinusoidal) act on token embeddings "
+                  "before the Q/K/V projections; pass posenc::no_position here");
     const double start = MPI_Wtime();
     const auto qv = view_of(std::forward<Q>(q));
     const auto kv = view_of(std::forward<K>(k));
@@ -95,42 +259,110 @@ class mpi_ring {
     const auto ov = view_of(std::forward<O>(out));
     using S = std::remove_const_t<std::remove_pointer_t<decltype(qv.data)>>;
     using msg = detail::ring_message<S>;
-    POSENC_ASSERT(kv.rows == kpos.size() && vv.rows == kv.rows, "mpi_ring::attention: k, v and kpos differ in rows");
+    constexpr const char* call = "mpi_ring::attention";
 
-    // Every rank must agree on the column counts; the buffers fit the largest shard.
-    std::int64_t shape[5] = {kv.rows, kv.cols, vv.cols, -kv.cols, -vv.cols};
-    MPI_Allreduce(MPI_IN_PLACE, shape, 5, MPI_INT64_T, MPI_MAX, comm_);
-    POSENC_ASSERT(shape[1] == -shape[3] && shape[2] == -shape[4] && shape[1] == kv.cols && shape[2] == vv.cols,
-                  "mpi_ring::attention: k and v must have the same columns on every rank");
+    // 1. Every rank checks its own arguments; the verdicts and the shared facts are exchanged.
+    detail::ring_verdict mine;
+    std::exception_ptr local;
+    try {
+      detail::require(o.query_blocks >= 1, "ring_options.query_blocks", o.query_blocks, "must be positive");
+      index_t head_dim = 0;
+      detail::ring_check_device(enc, p, qv.rows, qv.cols, qpos.size(), ov.rows, ov.cols, kv.rows, kv.cols, vv.rows,
+                                vv.cols, kpos.size(), head_dim);
+      if constexpr (!std::is_null_pointer_v<std::remove_cvref_t<L>>) {
+        const auto lv = view_of(lse);
+        POSENC_ASSERT(lv.rows == qv.rows && lv.cols == p.heads, "mpi_ring::attention: lse is [", lv.rows, ", ",
+                      lv.cols, "] but must be [n_q, heads] = [", qv.rows, ", ", p.heads, "]");
+      }
+      const double scale = p.scale ? *p.scale : 1.0 / std::sqrt(static_cast<double>(head_dim));
+      mine.field[0] = detail::storage_code<S>();
+      mine.field[1] = p.heads;
+      mine.field[2] = p.kv_heads == 0 ? p.heads : p.kv_heads;
+      mine.field[3] = head_dim;
+      mine.field[4] = kv.cols;
+      mine.field[5] = vv.cols;
+      mine.field[6] = p.causal;
+      mine.field[7] = p.window_left;
+      mine.field[8] = p.window_right;
+      mine.field[9] = std::bit_cast<std::int64_t>(scale);
+      mine.field[10] = static_cast<std::int64_t>(E::family);
+      mine.field[11] = static_cast<std::int64_t>(detail::encoder_digest(enc));
+      mine.field[12] = o.query_blocks;
+      mine.field[13] = kv.rows;
+    } catch (...) {
+      local = std::current_exception();
+      mine.fail(detail::ring_what());
+    }
+    const std::vector<detail::ring_verdict> all = detail::ring_exchange(
+        comm_, size_, rank_, mine, local, call,
+        {{0, "the element type of q, k and v (1 float, 2 double, 3 bfloat16, 4 half)"},
+         {1, "attention_params.heads"},
+         {2, "kv_heads"},
+         {3, "head_dim (q columns / heads)"},
+         {4, "the columns of k"},
+         {5, "the columns of v"},
+         {6, "attention_params.causal"},
+         {7, "attention_params.window_left"},
+         {8, "attention_params.window_right"},
+         {9, "the logit scale (bits of the double)"},
+         {10, "the encoder's family"},
+         {11, "the encoder (a digest of its parameters)"},
+         {12, "ring_options.query_blocks"}});
+    std::int64_t widest = 0;
+    for (const detail::ring_verdict& r : all) widest = std::max(widest, r.field[13]);
 
-    detail::ring_worker<S, E> worker(qv, qpos, enc, p, o);
+    // 2. Every rank allocates its buffers and packs its message; a failure is exchanged too.
     ring_stats st;
     st.steps = size_;
-    st.message_bytes = msg::bytes(shape[0], kv.cols, vv.cols);
-    // A ring of one never receives: no second buffer.
-    const std::size_t second = size_ > 1 ? st.message_bytes : 0;
-    const detail::ring_buffer buf[2] = {detail::ring_buffer(st.message_bytes), detail::ring_buffer(second)};
-    msg::pack(buf[0].get(), kv, vv, kpos, enc, p);
+    std::vector<detail::ring_buffer> buf;
+    std::optional<detail::ring_worker<S, E>> worker;
+    try {
+      // Each row travels as its position and its keys and values; the count of 64-byte blocks
+      // must fit MPI's int.
+      const auto row_bytes = static_cast<std::int64_t>(sizeof(position)) +
+                             static_cast<std::int64_t>(kv.cols + vv.cols) * static_cast<std::int64_t>(sizeof(S));
+      if (widest > (std::int64_t{std::numeric_limits<int>::max()} - 8) * 64 / row_bytes)
+        detail::invalid("mpi_ring::attention key rows", widest,
+                        "a message of the largest shard would exceed 2^31 blocks of 64 bytes");
+      st.message_bytes = msg::bytes(widest, kv.cols, vv.cols);
+      buf.emplace_back(st.message_bytes);
+      if (size_ > 1) buf.emplace_back(st.message_bytes);  // a ring of one never receives
+      msg::pack(buf[0].get(), kv, vv, kpos, enc);
+      worker.emplace(qv, qpos, enc, p, o);
+    } catch (...) {
+      local = std::current_exception();
+      mine.fail(detail::ring_what());
+    }
+    detail::ring_exchange(comm_, size_, rank_, mine, local, call, {});
 
-    // Messages are whole 64-byte blocks, so counts stay far below INT_MAX.
+    // 3. The ring. A failure while computing stops the computing, never the transfers.
     MPI_Datatype block;
     MPI_Type_contiguous(static_cast<int>(detail::ring_align), MPI_BYTE, &block);
     MPI_Type_commit(&block);
     const int next = (rank_ + 1) % size_, prev = (rank_ + size_ - 1) % size_;
+    // Messages are whole 64-byte blocks; a count past INT_MAX blocks (128 GiB) is refused above.
     const auto blocks = [](std::size_t bytes) { return static_cast<int>(bytes / detail::ring_align); };
     for (int s = 0; s < size_; ++s) {
-      const msg cur(buf[s % 2].get());
+      const msg cur(buf[static_cast<std::size_t>(s % 2)].get());
       MPI_Request req[2] = {MPI_REQUEST_NULL, MPI_REQUEST_NULL};
       if (s + 1 < size_) {
-        MPI_Irecv(buf[(s + 1) % 2].get(), blocks(st.message_bytes), block, prev, s, comm_, &req[0]);
+        MPI_Irecv(buf[static_cast<std::size_t>((s + 1) % 2)].get(), blocks(st.message_bytes), block, prev, s, comm_,
+                  &req[0]);
         MPI_Isend(cur.base, blocks(cur.bytes()), block, next, s, comm_, &req[1]);
       }
       const double t0 = MPI_Wtime();
       const std::clock_t c0 = std::clock();
-      worker.attend(cur, [&req] {
-        int done = 0;
-        MPI_Testall(2, req, &done, MPI_STATUSES_IGNORE);
-      });
+      if (!local) {
+        try {
+          worker->attend(cur, [&req] {
+            int done = 0;
+            MPI_Testall(2, req, &done, MPI_STATUSES_IGNORE);
+          });
+        } catch (...) {
+          local = std::current_exception();
+          mine.fail(detail::ring_what());
+        }
+      }
       st.compute_cpu_s += static_cast<double>(std::clock() - c0) / CLOCKS_PER_SEC;
       const double t1 = MPI_Wtime();
       int done = 0;
@@ -141,41 +373,86 @@ class mpi_ring {
       st.wait_s += MPI_Wtime() - t1;
     }
     MPI_Type_free(&block);
-    worker.finish(ov, std::forward<L>(lse));
-    st.bytes = st.message_bytes + second + worker.bytes();
+    detail::ring_exchange(comm_, size_, rank_, mine, local, call, {});
+    worker->finish(ov, std::forward<L>(lse));
+    st.bytes = st.message_bytes * buf.size() + worker->bytes();
     st.total_s = MPI_Wtime() - start;
     return st;
   }
 
   /// Gathers every rank's output shard into `full` on rank `root`: row `i` of a rank's `shard`
   /// (`[pos.size(), cols]`) goes to row `pos[i]` of `full` (`[n, cols]`, read on `root` only;
-  /// other ranks may pass an empty matrix). Collective. Allocates a copy of the shards on `root`.
+  /// other ranks may pass an empty matrix). Collective. Every rank checks, before any data moves,
+  /// that its shard has one position per row, the columns of `full` and only positions in
+  /// `[0, n)`; otherwise every rank throws (as `attention`). Allocates a copy of the shards on
+  /// `root`.
   template <matrix_argument M, matrix_argument F>
   void gather(M&& shard, positions pos, F&& full, int root = 0) const {
     const auto sv = view_of(std::forward<M>(shard));
     const auto fv = view_of(std::forward<F>(full));
     using S = std::remove_const_t<std::remove_pointer_t<decltype(sv.data)>>;
-    POSENC_ASSERT(sv.rows == pos.size(), "mpi_ring::gather: one position per shard row");
+    constexpr const char* call = "mpi_ring::gather";
+    detail::require(root >= 0 && root < size_, "mpi_ring::gather root", root,
+                    "must be a rank of the ring (size " + std::to_string(size_) + ")");
     const bool here = rank_ == root;
+    detail::ring_verdict mine;
+    std::exception_ptr local;
+    try {
+      POSENC_ASSERT(sv.rows == pos.size(), "mpi_ring::gather: ", pos.size(), " positions for ", sv.rows,
+                    " shard rows");
+      detail::require(sv.rows <= std::numeric_limits<int>::max(), "mpi_ring::gather shard rows", sv.rows,
+                      "must fit in an int (MPI counts)");
+      detail::require(static_cast<std::int64_t>(sv.cols) * static_cast<std::int64_t>(sizeof(S)) <=
+                          std::numeric_limits<int>::max(),
+                      "mpi_ring::gather shard columns", sv.cols, "a row must be below 2^31 bytes (MPI counts)");
+    } catch (...) {
+      local = std::current_exception();
+      mine.fail(detail::ring_what());
+    }
+    mine.field[0] = static_cast<std::int64_t>(sizeof(S));
+    mine.field[1] = sv.cols;
+    mine.field[2] = here ? fv.rows : 0;
+    mine.field[3] = here ? fv.cols : 0;
+    mine.field[4] = sv.rows;
+    const std::vector<detail::ring_verdict> all =
+        detail::ring_exchange(comm_, size_, rank_, mine, local, call, {{0, "the element size"}, {1, "the columns"}});
+    std::int64_t rows_in_all = 0;
+    for (const detail::ring_verdict& r : all) rows_in_all += r.field[4];
+    detail::require(rows_in_all <= std::numeric_limits<int>::max(), "mpi_ring::gather rows of all shards", rows_in_all,
+                    "must fit in an int (MPI displacements)");
+    // Every position must be a row of the root's `full`, whose columns must match.
+    const std::int64_t n = all[static_cast<std::size_t>(root)].field[2];
+    try {
+      POSENC_ASSERT(all[static_cast<std::size_t>(root)].field[3] == sv.cols, "mpi_ring::gather: full has ",
+                    all[static_cast<std::size_t>(root)].field[3], " columns on the root but the shards ", sv.cols);
+      for (index_t i = 0; i < pos.size(); ++i)
+        POSENC_ASSERT(pos[i] >= 0 && pos[i] < n, "mpi_ring::gather: position ", pos[i], " (entry ", i,
+                      ") is not a row of full, which has ", n, " rows on the root");
+    } catch (...) {
+      local = std::current_exception();
+      mine.fail(detail::ring_what());
+    }
+    detail::ring_exchange(comm_, size_, rank_, mine, local, call, {});
+
     const int rows = static_cast<int>(sv.rows);
     std::vector<int> counts(here ? static_cast<std::size_t>(size_) : 0), offsets(counts.size());
     MPI_Gather(&rows, 1, MPI_INT, counts.data(), 1, MPI_INT, root, comm_);
-    int total = 0;
-    for (std::size_t r = 0; r < counts.size(); ++r) offsets[r] = total, total += counts[r];
+    std::int64_t total = 0;
+    for (std::size_t r = 0; r < counts.size(); ++r) offsets[r] = static_cast<int>(total), total += counts[r];
 
     std::vector<position> my_pos(static_cast<std::size_t>(sv.rows)), all_pos(static_cast<std::size_t>(total));
     for (index_t i = 0; i < sv.rows; ++i) my_pos[static_cast<std::size_t>(i)] = pos[i];
     MPI_Gatherv(my_pos.data(), rows, MPI_INT64_T, all_pos.data(), counts.data(), offsets.data(), MPI_INT64_T, root,
                 comm_);
 
-    row_matrix<S> mine(sv.rows, sv.cols), all(total, sv.cols);
-    for (index_t i = 0; i < sv.rows; ++i) std::copy(sv.row(i), sv.row(i) + sv.cols, mine.data() + i * sv.cols);
+    row_matrix<S> mine_rows(sv.rows, sv.cols), all_rows(total, sv.cols);
+    for (index_t i = 0; i < sv.rows; ++i) std::copy(sv.row(i), sv.row(i) + sv.cols, mine_rows.data() + i * sv.cols);
     MPI_Datatype row;
     MPI_Type_contiguous(static_cast<int>(static_cast<std::size_t>(sv.cols) * sizeof(S)), MPI_BYTE, &row);
     MPI_Type_commit(&row);
-    MPI_Gatherv(mine.data(), rows, row, all.data(), counts.data(), offsets.data(), row, root, comm_);
+    MPI_Gatherv(mine_rows.data(), rows, row, all_rows.data(), counts.data(), offsets.data(), row, root, comm_);
     MPI_Type_free(&row);
-    if (here) ring_put_rows(all, positions(all_pos), fv);
+    if (here) ring_put_rows(all_rows, positions(all_pos), fv);
   }
 
  private:

@@ -12,8 +12,9 @@
 /// with the blockwise kernel and merges the partial result into its accumulator by log-sum-exp
 /// (`merge_partial`); after P steps every query has seen every key. Masks and biases come from the
 /// global positions inside the kernel; a rotation (RoPE) is applied once, with global positions,
-/// to the local queries and to the keys as they are packed, and the kernel is told
-/// `rotation_mode::already_rotated`.
+/// to the local queries and to the keys as they are packed, and the kernel then runs with
+/// `no_position`. Which query rows may see a message's keys is decided by the masking rule of
+/// attention/mask.hpp, in exact int64 arithmetic, like the kernel's own tile skipping.
 ///
 /// A device's work on one message is fixed by the message and the device's queries alone
 /// (`detail::ring_worker::attend`): the queries are cut into blocks (at breaks in their
@@ -37,8 +38,10 @@
 #include <vector>
 
 #include "posenc/attention/blockwise.hpp"
+#include "posenc/attention/mask.hpp"
 #include "posenc/attention/merge.hpp"
 #include "posenc/attention/params.hpp"
+#include "posenc/attention/plan.hpp"
 #include "posenc/attention/workspace.hpp"
 #include "posenc/concepts.hpp"
 #include "posenc/detail/check.hpp"
@@ -64,22 +67,35 @@ struct ring_options {
   index_t query_blocks = 16;
 };
 
-/// The global positions device `rank` of `ranks` holds in `layout` for a sequence of `n` tokens
-/// at positions `0 .. n-1`, in increasing order. Shards differ in size by at most one token
-/// (contiguous) or two (zigzag); a shard is empty when `n` is small. Throws
-/// `std::invalid_argument` for `n < 0`, `ranks < 1` or `rank` outside `[0, ranks)`. Allocates the
-/// returned list.
-inline std::vector<position> ring_shard_positions(index_t n, int ranks, int rank, ring_layout layout) {
+/// A run of consecutive positions `[start, start + count)`.
+struct position_run {
+  position start = 0;
+  index_t count = 0;
+};
+
+/// The positions device `rank` of `ranks` holds in `layout` for a sequence of `n` tokens at
+/// positions `0 .. n-1`, as runs in increasing order: one run (contiguous), two (zigzag), none
+/// when the shard is empty. Exact for every `n` up to INT64_MAX and every rank count (the chunk
+/// boundaries `c n / parts` are computed without overflow). Throws `std::invalid_argument` for
+/// `n < 0`, `ranks < 1`, `rank` outside `[0, ranks)` or an unknown layout. Allocates the list.
+inline std::vector<position_run> ring_shard_runs(index_t n, int ranks, int rank, ring_layout layout) {
   detail::require(n >= 0, "ring n", n, "must be non-negative");
   detail::require(ranks >= 1, "ring ranks", ranks, "must be positive");
   detail::require(rank >= 0 && rank < ranks, "ring rank", rank,
                   "must be in [0, ranks) (ranks = " + detail::to_text(ranks) + ")");
   detail::require(layout == ring_layout::contiguous || layout == ring_layout::zigzag, "ring_layout",
                   static_cast<int>(layout), "unknown layout");
-  std::vector<position> out;
+  // floor(part * n / parts) = part * (n / parts) + part * (n % parts) / parts: part * (n / parts)
+  // <= n, and part, n % parts < parts <= 2^32, so their product fits in 64 unsigned bits.
+  auto boundary = [n](index_t part, index_t parts) {
+    const auto u = static_cast<std::uint64_t>(part) * static_cast<std::uint64_t>(n % parts) /
+                   static_cast<std::uint64_t>(parts);
+    return part * (n / parts) + static_cast<index_t>(u);
+  };
+  std::vector<position_run> out;
   auto append = [&](index_t part, index_t parts) {
-    const index_t lo = part * n / parts, hi = (part + 1) * n / parts;
-    for (index_t i = lo; i < hi; ++i) out.push_back(static_cast<position>(i));
+    const index_t lo = boundary(part, parts), hi = boundary(part + 1, parts);
+    if (hi > lo) out.push_back({static_cast<position>(lo), hi - lo});
   };
   if (layout == ring_layout::contiguous) {
     append(rank, ranks);
@@ -87,6 +103,22 @@ inline std::vector<position> ring_shard_positions(index_t n, int ranks, int rank
     append(rank, 2 * index_t{ranks});
     append(2 * index_t{ranks} - 1 - rank, 2 * index_t{ranks});
   }
+  return out;
+}
+
+/// The global positions device `rank` of `ranks` holds in `layout` for a sequence of `n` tokens
+/// at positions `0 .. n-1`, in increasing order (the runs of `ring_shard_runs`, listed). Shards
+/// differ in size by at most one token (contiguous) or two (zigzag); a shard is empty when `n` is
+/// small. Throws as `ring_shard_runs`, and `std::length_error` or `std::bad_alloc` when the list
+/// does not fit in memory. Allocates the returned list.
+inline std::vector<position> ring_shard_positions(index_t n, int ranks, int rank, ring_layout layout) {
+  const std::vector<position_run> runs = ring_shard_runs(n, ranks, rank, layout);
+  index_t total = 0;
+  for (const position_run& r : runs) total += r.count;
+  std::vector<position> out;
+  out.reserve(static_cast<std::size_t>(total));
+  for (const position_run& r : runs)
+    for (index_t i = 0; i < r.count; ++i) out.push_back(r.start + static_cast<position>(i));
   return out;
 }
 
@@ -99,7 +131,8 @@ auto ring_take_rows(M&& full, positions pos) {
   using S = std::remove_const_t<std::remove_pointer_t<decltype(f.data)>>;
   row_matrix<S> shard(pos.size(), f.cols);
   for (index_t i = 0; i < pos.size(); ++i) {
-    POSENC_ASSERT(pos[i] >= 0 && pos[i] < f.rows, "ring_take_rows: position outside the sequence");
+    POSENC_ASSERT(pos[i] >= 0 && pos[i] < f.rows, "ring_take_rows: position ", pos[i], " (entry ", i,
+                  ") is not a row of the ", f.rows, "-row sequence");
     std::copy(f.row(pos[i]), f.row(pos[i]) + f.cols, shard.data() + i * f.cols);
   }
   return shard;
@@ -111,10 +144,12 @@ template <matrix_argument M, matrix_argument F>
 void ring_put_rows(M&& shard, positions pos, F&& full) {
   const auto s = view_of(std::forward<M>(shard));
   const auto f = view_of(std::forward<F>(full));
-  POSENC_ASSERT(s.rows == pos.size(), "ring_put_rows: one position per shard row");
-  POSENC_ASSERT(s.cols == f.cols, "ring_put_rows: shard and sequence differ in columns");
+  POSENC_ASSERT(s.rows == pos.size(), "ring_put_rows: ", pos.size(), " positions for ", s.rows, " shard rows");
+  POSENC_ASSERT(s.cols == f.cols, "ring_put_rows: the shard has ", s.cols, " columns but the sequence ", f.cols);
+  for (index_t i = 0; i < s.rows; ++i)
+    POSENC_ASSERT(pos[i] >= 0 && pos[i] < f.rows, "ring_put_rows: position ", pos[i], " (entry ", i,
+                  ") is not a row of the ", f.rows, "-row sequence");
   for (index_t i = 0; i < s.rows; ++i) {
-    POSENC_ASSERT(pos[i] >= 0 && pos[i] < f.rows, "ring_put_rows: position outside the sequence");
     std::copy(s.row(i), s.row(i) + s.cols, f.row(pos[i]));
   }
 }
@@ -166,36 +201,19 @@ inline std::vector<ring_piece> ring_query_blocks(positions qpos, index_t blocks)
   return out;
 }
 
-/// Smallest and largest position of a non-empty set.
-inline std::pair<position, position> ring_bounds(positions p) {
-  position lo = p[0], hi = p[0];
-  for (index_t i = 1; i < p.size(); ++i) lo = std::min(lo, p[i]), hi = std::max(hi, p[i]);
-  return {lo, hi};
-}
-
-/// The rows of a query run (`qpos`) that may see some key in `[k.first, k.second]`, relative to
-/// the run: a contiguous range when the run's positions are consecutive (the rows a causal mask
-/// or a window leaves out of reach are then not computed at all), else the whole run or nothing.
-inline ring_piece ring_visible_rows(const attention_params& p, positions qpos, bool consecutive,
-                                    std::pair<position, position> k) {
-  // Positions where some key is visible: [lo, hi] (in double: no overflow at extreme positions).
-  constexpr double inf = std::numeric_limits<double>::infinity();
-  double lo = -inf, hi = inf;
-  const double klo = static_cast<double>(k.first), khi = static_cast<double>(k.second);
-  if (p.causal) lo = klo;
-  if (p.window_right >= 0) lo = std::max(lo, klo - static_cast<double>(p.window_right));
-  if (p.window_left >= 0) hi = std::min(hi, khi + static_cast<double>(p.window_left));
+/// The rows of a query run (`qpos`) that may see some key in `k`, relative to the run: a
+/// contiguous range when the run's positions are consecutive (the rows a causal mask or a window
+/// leaves out of reach are then not computed at all), else the whole run or nothing. Decided by
+/// `mask_rule::queries_for` in exact integer arithmetic.
+inline ring_piece ring_visible_rows(const mask_rule& mask, positions qpos, bool consecutive, position_span k) {
   const index_t n = qpos.size();
   if (consecutive) {
-    const double first = static_cast<double>(qpos[0]);
-    const double a = std::clamp(std::ceil(lo - first), 0.0, static_cast<double>(n));
-    const double b = std::clamp(std::floor(hi - first) + 1, 0.0, static_cast<double>(n));
-    return b > a ? ring_piece{static_cast<index_t>(a), static_cast<index_t>(b - a)} : ring_piece{0, 0};
+    const position_span seeing = mask.queries_for(k.lo, k.hi);
+    const index_t a = count_below(seeing.lo, qpos[0], n);
+    const index_t b = count_upto(seeing.hi, qpos[0], n);
+    return b > a ? ring_piece{a, b - a} : ring_piece{0, 0};
   }
-  const auto q = ring_bounds(qpos);
-  const bool any =
-      static_cast<double>(q.second) >= lo && static_cast<double>(q.first) <= hi && !(p.causal && k.first > q.second);
-  return any ? ring_piece{0, n} : ring_piece{0, 0};
+  return mask.any_visible(bounds_of(qpos), k) ? ring_piece{0, n} : ring_piece{0, 0};
 }
 
 inline constexpr std::size_t ring_align = 64;
@@ -242,11 +260,11 @@ struct ring_message {
   strided_view<const S> values() const { return {v(), rows, v_cols, v_cols}; }
 
   /// Packs `k`, `v` and `kpos` into `buf` (at least `bytes(rows, ...)` bytes, 64-byte aligned)
-  /// and rotates the packed keys by their positions when `enc` is a rotation applied here.
+  /// and rotates the packed keys by their positions when `enc` is a rotation.
   template <class SK, class SV, class E>
-  static ring_message pack(std::byte* buf, strided_view<SK> k, strided_view<SV> v, positions kpos, const E& enc,
-                           const attention_params& p) {
-    POSENC_ASSERT(k.rows == kpos.size() && v.rows == k.rows, "ring attention: k, v and kpos differ in rows");
+  static ring_message pack(std::byte* buf, strided_view<SK> k, strided_view<SV> v, positions kpos, const E& enc) {
+    POSENC_ASSERT(k.rows == kpos.size() && v.rows == k.rows, "ring attention: k has ", k.rows, " rows, v ", v.rows,
+                  " and kpos ", kpos.size(), " positions");
     const std::int64_t h[3] = {k.rows, k.cols, v.cols};
     std::memset(buf, 0, ring_align);
     std::memcpy(buf, h, sizeof h);
@@ -259,8 +277,7 @@ struct ring_message {
       std::copy(v.row(i), v.row(i) + v.cols, m.v() + i * v.cols);
     }
     if constexpr (E::family == encoding_family::rotation) {
-      if (p.rotation == rotation_mode::in_kernel && m.rows > 0)
-        enc.rotate(strided_view<S>(m.k(), m.rows, m.k_cols, m.k_cols), m.kpos());
+      if (m.rows > 0) enc.rotate(strided_view<S>(m.k(), m.rows, m.k_cols, m.k_cols), m.kpos());
     }
     return m;
   }
@@ -279,6 +296,22 @@ class ring_buffer {
   std::unique_ptr<std::byte[], deleter> p_;
 };
 
+/// Checks one device's shards against the knobs before any work (`std::invalid_argument` for
+/// the knobs and the encoder, `precondition_error` for the shapes): the same checks as
+/// `attention`, made even when a shard is empty. `head_dim` is that of the first device checked
+/// (0: none yet), so every device must use the same head size.
+template <class E>
+void ring_check_device(const E& enc, const attention_params& p, index_t q_rows, index_t q_cols, index_t n_qpos,
+                       index_t o_rows, index_t o_cols, index_t k_rows, index_t k_cols, index_t v_rows,
+                       index_t v_cols, index_t n_kpos, index_t& head_dim) {
+  const attention_shape sh =
+      check_attention(p, q_rows, q_cols, k_rows, k_cols, v_rows, v_cols, o_rows, o_cols, n_qpos, n_kpos);
+  POSENC_ASSERT(head_dim == 0 || sh.head_dim == head_dim, "ring attention: a device has head_dim ", sh.head_dim,
+                " (q columns / heads) but another has ", head_dim);
+  head_dim = sh.head_dim;
+  check_encoder_fits(enc, sh);
+}
+
 /// One device's side of the schedule: its queries (rotated once when the encoder rotates), their
 /// positions, and the log-sum-exp accumulator. `attend` is the per-step function that both
 /// drivers call; `finish` writes the output.
@@ -288,20 +321,20 @@ class ring_worker {
   using C = compute_t<S>;
 
   /// Copies the query shard `q` (`[n_q, heads * d]`) and its positions, and rotates the copy when
-  /// the encoder rotates and `p.rotation` is `in_kernel`. Allocates O(n_q * heads * d).
+  /// the encoder rotates. The shapes were checked (`ring_check_device`). Allocates
+  /// O(n_q * heads * d).
   template <class SQ>
   ring_worker(strided_view<SQ> q, positions qpos, const E& enc, const attention_params& p, const ring_options& o)
-      : enc_(enc), p_(p), o_(o), q_(q.rows, q.cols), qpos_(static_cast<std::size_t>(qpos.size())) {
+      : enc_(enc), p_(p), q_(q.rows, q.cols), qpos_(static_cast<std::size_t>(qpos.size())) {
     require(o.query_blocks >= 1, "ring_options.query_blocks", o.query_blocks, "must be positive");
-    POSENC_ASSERT(qpos.size() == q.rows, "ring attention: one query position per row of q");
-    POSENC_ASSERT(p.heads > 0 && q.cols % p.heads == 0, "ring attention: q must have heads * head_dim columns");
+    check_params(p);
+    mask_ = mask_rule{p.causal, p.window_left, p.window_right};
     for (index_t i = 0; i < q.rows; ++i) {
       std::copy(q.row(i), q.row(i) + q.cols, q_.data() + i * q.cols);
       qpos_[static_cast<std::size_t>(i)] = qpos[i];
     }
     if constexpr (E::family == encoding_family::rotation) {
-      if (p.rotation == rotation_mode::in_kernel && q.rows > 0) enc.rotate(q_, positions(qpos_));
-      p_.rotation = rotation_mode::already_rotated;
+      if (q.rows > 0) enc.rotate(q_, positions(qpos_));
     }
     blocks_ = ring_query_blocks(positions(qpos_), o.query_blocks);
     consecutive_ = ring_runs(positions(qpos_)).size() != 1 || ring_runs_consecutive(positions(qpos_));
@@ -325,13 +358,21 @@ class ring_worker {
       for (const ring_piece kr : key_runs) {
         const positions kr_pos = kpos.subset(kr.row, kr.count);
         const ring_piece vis =
-            ring_visible_rows(p_, qpos.subset(block.row, block.count), consecutive_, ring_bounds(kr_pos));
+            ring_visible_rows(mask_, qpos.subset(block.row, block.count), consecutive_, bounds_of(kr_pos));
         if (vis.count == 0) continue;
         const ring_piece qr{block.row + vis.row, vis.count};
         auto part = part_.topRows(qr.count);
         auto part_lse = part_lse_.topRows(qr.count);
+        // The queries and packed keys carry the rotation already; biases and masks act here.
+        const auto& inner = [&]() -> const auto& {
+          if constexpr (E::family == encoding_family::rotation) {
+            return no_rotation_;
+          } else {
+            return enc_;
+          }
+        }();
         posenc::attention(q_.middleRows(qr.row, qr.count), m.keys().middle_rows(kr.row, kr.count),
-                          m.values().middle_rows(kr.row, kr.count), part, qpos.subset(qr.row, qr.count), kr_pos, enc_,
+                          m.values().middle_rows(kr.row, kr.count), part, qpos.subset(qr.row, qr.count), kr_pos, inner,
                           p_, part_lse, &ws_);
         merge_partial(acc_.middleRows(qr.row, qr.count), lse_.middleRows(qr.row, qr.count), part, part_lse);
       }
@@ -343,20 +384,22 @@ class ring_worker {
   /// log-sum-exp (`[n_q, heads]`).
   template <class SO, class L = std::nullptr_t>
   void finish(strided_view<SO> out, L&& lse = nullptr) const {
-    POSENC_ASSERT(out.rows == acc_.rows() && out.cols == acc_.cols(), "ring attention: out must have the shape of q");
-    for (index_t i = 0; i < out.rows; ++i)
-      for (index_t c = 0; c < out.cols; ++c) out(i, c) = static_cast<SO>(acc_(i, c));
+    POSENC_ASSERT(out.rows == acc_.rows() && out.cols == acc_.cols(), "ring attention: out is [", out.rows, ", ",
+                  out.cols, "] but q is [", acc_.rows(), ", ", acc_.cols(), "]");
     if constexpr (!std::is_null_pointer_v<std::remove_cvref_t<L>>) {
       auto lv = view_of(std::forward<L>(lse));
-      POSENC_ASSERT(lv.rows == lse_.rows() && lv.cols == lse_.cols(), "ring attention: lse must be [n_q, heads]");
+      POSENC_ASSERT(lv.rows == lse_.rows() && lv.cols == lse_.cols(), "ring attention: lse is [", lv.rows, ", ",
+                    lv.cols, "] but must be [n_q, heads] = [", lse_.rows(), ", ", lse_.cols(), "]");
       for (index_t i = 0; i < lv.rows; ++i)
         for (index_t h = 0; h < lv.cols; ++h)
           lv(i, h) = static_cast<std::remove_reference_t<decltype(lv(i, h))>>(lse_(i, h));
     }
+    for (index_t i = 0; i < out.rows; ++i)
+      for (index_t c = 0; c < out.cols; ++c) out(i, c) = static_cast<SO>(acc_(i, c));
   }
 
-  /// Bytes this worker holds: the query copy, the accumulator and one partial result (the
-  /// kernel's workspace is counted by `attention_workspace_bytes`).
+  /// Bytes this worker holds: the query copy, the accumulator, one partial result and the
+  /// kernel's workspace.
   std::size_t bytes() const {
     return static_cast<std::size_t>(q_.size()) * sizeof(S) +
            static_cast<std::size_t>(acc_.size() + lse_.size() + part_.size() + part_lse_.size()) * sizeof(C) +
@@ -365,8 +408,9 @@ class ring_worker {
 
  private:
   const E& enc_;
+  no_position<C> no_rotation_;
   attention_params p_;
-  ring_options o_;
+  mask_rule mask_;
   row_matrix<S> q_;
   std::vector<position> qpos_;
   std::vector<ring_piece> blocks_;
@@ -394,13 +438,24 @@ struct ring_device {
 /// and `ring_options`. The devices' outputs together equal `attention` over all queries and keys
 /// within float rounding (the merges reassociate the softmax sums).
 ///
-/// Rotation encoders rotate copies of each device's queries and keys once with their global
-/// positions (unless `p.rotation` is `already_rotated`); score biases and masks use the global
-/// positions inside the kernel. Allocates, per device, its message (keys, values, positions), a
-/// copy of its queries and an output accumulator: about the inputs' size once more.
+/// The encoder is applied by the ring: a rotation rotates copies of each device's queries and
+/// keys once with their global positions (pass `no_position` for inputs rotated already); score
+/// biases and masks use the global positions inside the kernel. Every device's shapes, the knobs
+/// and the encoder are checked before any work, even for empty shards (`std::invalid_argument`,
+/// `precondition_error`). Allocates, per device, its message (keys, values, positions), a copy
+/// of its queries and an output accumulator: about the inputs' size once more.
 template <storage_scalar S, storage_scalar SO, positional_encoding E>
 void ring_attention_simulate(std::span<const ring_device<S, SO>> devices, const E& enc, const attention_params& p,
                              const ring_options& o = {}) {
+  static_assert(E::family != encoding_family::additive_input,
+                "posenc::ring_attention_simulate: additive-input encoders (sinusoidal) act on token embeddings "
+                "before the Q/K/V projections; pass posenc::no_position here");
+  detail::require(o.query_blocks >= 1, "ring_options.query_blocks", o.query_blocks, "must be positive");
+  detail::check_params(p);
+  index_t head_dim = 0;
+  for (const auto& d : devices)
+    detail::ring_check_device(enc, p, d.q.rows, d.q.cols, d.qpos.size(), d.out.rows, d.out.cols, d.k.rows, d.k.cols,
+                              d.v.rows, d.v.cols, d.kpos.size(), head_dim);
   const auto P = static_cast<index_t>(devices.size());
   std::vector<detail::ring_buffer> buffers;
   std::vector<detail::ring_message<S>> messages;
@@ -410,7 +465,7 @@ void ring_attention_simulate(std::span<const ring_device<S, SO>> devices, const 
   workers.reserve(static_cast<std::size_t>(P));
   for (const auto& d : devices) {
     buffers.emplace_back(detail::ring_message<S>::bytes(d.k.rows, d.k.cols, d.v.cols));
-    messages.push_back(detail::ring_message<S>::pack(buffers.back().get(), d.k, d.v, d.kpos, enc, p));
+    messages.push_back(detail::ring_message<S>::pack(buffers.back().get(), d.k, d.v, d.kpos, enc));
     workers.emplace_back(d.q, d.qpos, enc, p, o);
   }
   for (index_t s = 0; s < P; ++s)
@@ -432,9 +487,17 @@ void ring_attention_simulate(Q&& q, K&& k, V&& v, O&& out, int ranks, ring_layou
   using S = std::remove_const_t<std::remove_pointer_t<decltype(qv.data)>>;
   using SO = std::remove_pointer_t<decltype(ov.data)>;
   static_assert(!std::is_const_v<SO>, "posenc::ring_attention_simulate: out must be writable");
-  POSENC_ASSERT(kv.rows == qv.rows && vv.rows == qv.rows && ov.rows == qv.rows,
-                "ring_attention_simulate: q, k, v and out must have one row per token");
+  POSENC_ASSERT(kv.rows == qv.rows && vv.rows == qv.rows && ov.rows == qv.rows, "ring_attention_simulate: q, k, v ",
+                "and out have ", qv.rows, ", ", kv.rows, ", ", vv.rows, " and ", ov.rows,
+                " rows; they must have one row per token");
   detail::require(ranks >= 1, "ring ranks", ranks, "must be positive");
+  detail::require(o.query_blocks >= 1, "ring_options.query_blocks", o.query_blocks, "must be positive");
+  {
+    // The whole sequence's shapes, before it is cut into shards.
+    index_t head_dim = 0;
+    detail::ring_check_device(enc, p, qv.rows, qv.cols, qv.rows, ov.rows, ov.cols, kv.rows, kv.cols, vv.rows, vv.cols,
+                              kv.rows, head_dim);
+  }
   std::vector<std::vector<position>> pos;
   std::vector<row_matrix<S>> qs, ks, vs;
   std::vector<row_matrix<SO>> os;

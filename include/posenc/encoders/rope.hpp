@@ -37,6 +37,8 @@
 #include <concepts>
 #include <cstdint>
 #include <limits>
+#include <memory>
+#include <mutex>
 #include <span>
 #include <string_view>
 #include <type_traits>
@@ -48,6 +50,7 @@
 #include "posenc/detail/check.hpp"
 #include "posenc/detail/rope_kernels.hpp"
 #include "posenc/encoders/hf_config.hpp"
+#include "posenc/executor.hpp"
 #include "posenc/encoders/rope_scaling.hpp"
 #include "posenc/types.hpp"
 
@@ -305,41 +308,45 @@ class rope {
 
   /// Rotates every head of `x` (`[tokens, heads * head_dim]`) in place: row `i` by position
   /// `pos[i]`, computing each angle and its cos/sin in double (see the file comment).
-  /// Precondition (`POSENC_ASSERT`): `cols % head_dim == 0`, `pos.size() == rows`. No allocation.
+  /// Rows are shared among the workers of `ex` (`nullptr`: `default_executor()`; `threads`: at
+  /// most that many workers, 0 = all); the bits do not depend on it. Throws
+  /// `precondition_error` unless `cols % head_dim == 0` and `pos.size() == rows`. No allocation.
   template <matrix_argument M>
-  void rotate(M&& x, positions pos) const {
+  void rotate(M&& x, positions pos, executor* ex = nullptr, int threads = 0) const {
     const auto v = checked_view(std::forward<M>(x), pos);
     using S = std::remove_pointer_t<decltype(v.data)>;
     const index_t heads = v.cols / p_.head_dim;
     if (v.rows == 0 || heads == 0) return;
     const bool inter = p_.layout == rope_layout::interleaved;
     const auto kernel = detail::select_rope_kernel<S, T>(inter);
-    constexpr index_t chunk = detail::k_rope_max_chunk / 2;  // pairs per stack buffer
-    alignas(64) T a[2 * chunk];
-    alignas(64) T b[chunk];
-    const index_t half = r_ / 2;
-    for (index_t i = 0; i < v.rows; ++i) {
-      const position p = pos[i];
-      for (index_t k0 = 0; k0 < half; k0 += chunk) {
-        const index_t m = std::min(chunk, half - k0);
-        for (index_t k = 0; k < m; ++k) {
-          double c = 0, s = 0;
-          detail::rope_cos_sin(p, turns_[static_cast<std::size_t>(k0 + k)], exact_, c, s);
+    for_row_blocks(v.rows, ex, threads, [&](index_t first, index_t last) {
+      constexpr index_t chunk = detail::k_rope_max_chunk / 2;  // pairs per stack buffer
+      alignas(64) T a[2 * chunk];
+      alignas(64) T b[chunk];
+      const index_t half = r_ / 2;
+      for (index_t i = first; i < last; ++i) {
+        const position p = pos[i];
+        for (index_t k0 = 0; k0 < half; k0 += chunk) {
+          const index_t m = std::min(chunk, half - k0);
+          for (index_t k = 0; k < m; ++k) {
+            double c = 0, s = 0;
+            detail::rope_cos_sin(p, turns_[static_cast<std::size_t>(k0 + k)], exact_, c, s);
+            if (inter) {
+              a[2 * k] = static_cast<T>(c * magnitude_);
+              a[2 * k + 1] = static_cast<T>(s * magnitude_);
+            } else {
+              a[k] = static_cast<T>(c * magnitude_);
+              b[k] = static_cast<T>(s * magnitude_);
+            }
+          }
           if (inter) {
-            a[2 * k] = static_cast<T>(c * magnitude_);
-            a[2 * k + 1] = static_cast<T>(s * magnitude_);
+            kernel(v.row(i), heads, p_.head_dim, 2 * k0, 0, 2 * m, a, b);
           } else {
-            a[k] = static_cast<T>(c * magnitude_);
-            b[k] = static_cast<T>(s * magnitude_);
+            kernel(v.row(i), heads, p_.head_dim, k0, half + k0, m, a, b);
           }
         }
-        if (inter) {
-          kernel(v.row(i), heads, p_.head_dim, 2 * k0, 0, 2 * m, a, b);
-        } else {
-          kernel(v.row(i), heads, p_.head_dim, k0, half + k0, m, a, b);
-        }
       }
-    }
+    });
   }
 
   /// The cos/sin table for positions `[start, start + count)` (see `rope_cache`); values equal
@@ -349,6 +356,10 @@ class rope {
     POSENC_ASSERT(count >= 0, "rope::make_cache: count = ", count, " is negative");
     POSENC_ASSERT(start <= std::numeric_limits<position>::max() - static_cast<position>(count),
                   "rope::make_cache: start + count = ", start, " + ", count, " overflows int64");
+    const index_t width = p_.layout == rope_layout::interleaved ? r_ : r_ / 2;
+    if (width > 0 && count > std::numeric_limits<index_t>::max() / width)
+      detail::invalid("rope::make_cache count", count,
+                      "count * " + detail::to_text(width) + " table values overflow the index type");
     rope_cache<T> c;
     c.start_ = start;
     c.count_ = count;
@@ -377,36 +388,39 @@ class rope {
   }
 
   /// Rotates every head of `x` in place like `rotate(x, pos)`, reading cos/sin from `cache`
-  /// (same bits). Preconditions (`POSENC_ASSERT`): as `rotate(x, pos)`, `cache` was made by an
-  /// encoder with the same parameters, and every position lies in the cache's range (in any
-  /// order). No allocation.
+  /// (same bits), on `ex` as `rotate(x, pos, ex, threads)`. Throws `precondition_error`, before
+  /// touching `x`, unless the shapes fit as for `rotate(x, pos)`, `cache` was made by an encoder
+  /// with the same parameters, and every position lies in the cache's range (in any order).
+  /// No allocation.
   template <matrix_argument M>
-  void rotate(M&& x, positions pos, const rope_cache<T>& cache) const {
+  void rotate(M&& x, positions pos, const rope_cache<T>& cache, executor* ex = nullptr, int threads = 0) const {
     const auto v = checked_view(std::forward<M>(x), pos);
     using S = std::remove_pointer_t<decltype(v.data)>;
     POSENC_ASSERT(cache.fingerprint_ == fingerprint_ && cache.rotary_dim_ == r_ && cache.layout_ == p_.layout,
                   "rope::rotate: the cache was made by a rope with other parameters (base, scaling, layout or "
                   "rotary dim) than this one");
+    for (index_t i = 0; i < v.rows; ++i)
+      POSENC_ASSERT(cache.contains(pos[i]), "rope::rotate: position ", pos[i], " (row ", i,
+                    ") is outside the cache's range [", cache.start_, ", ", cache.start_, " + ", cache.count_, ")");
     const index_t heads = v.cols / p_.head_dim;
     if (v.rows == 0 || heads == 0) return;
     const bool inter = p_.layout == rope_layout::interleaved;
     const auto kernel = detail::select_rope_kernel<S, T>(inter);
     const index_t half = r_ / 2;
     const index_t width = inter ? r_ : half;
-    for (index_t i = 0; i < v.rows; ++i) {
-      const position p = pos[i];
-      POSENC_ASSERT(cache.contains(p), "rope::rotate: position ", p, " (row ", i, ") is outside the cache's range [",
-                    cache.start_, ", ", cache.start_, " + ", cache.count_, ")");
-      const index_t at = static_cast<index_t>(p - cache.start_) * width;
-      if (inter) {
-        for (index_t j0 = 0; j0 < r_; j0 += detail::k_rope_max_chunk) {
-          const index_t m = std::min(detail::k_rope_max_chunk, r_ - j0);
-          kernel(v.row(i), heads, p_.head_dim, j0, 0, m, cache.a_.data() + at + j0, nullptr);
+    for_row_blocks(v.rows, ex, threads, [&](index_t first, index_t last) {
+      for (index_t i = first; i < last; ++i) {
+        const index_t at = static_cast<index_t>(pos[i] - cache.start_) * width;
+        if (inter) {
+          for (index_t j0 = 0; j0 < r_; j0 += detail::k_rope_max_chunk) {
+            const index_t m = std::min(detail::k_rope_max_chunk, r_ - j0);
+            kernel(v.row(i), heads, p_.head_dim, j0, 0, m, cache.a_.data() + at + j0, nullptr);
+          }
+        } else {
+          kernel(v.row(i), heads, p_.head_dim, 0, half, half, cache.a_.data() + at, cache.b_.data() + at);
         }
-      } else {
-        kernel(v.row(i), heads, p_.head_dim, 0, half, half, cache.a_.data() + at, cache.b_.data() + at);
       }
-    }
+    });
   }
 
   /// cos and sin of every pair's angle at position `p`, on the unit circle (without the
@@ -422,10 +436,32 @@ class rope {
   }
 
   /// A rotator for many small tiles at arbitrary positions with bounded memory (an attention
-  /// kernel's key tiles); see `rope_tile_rotator`. Allocates its table.
-  rope_tile_rotator<T> tile_rotator() const { return rope_tile_rotator<T>(*this); }
+  /// kernel's key tiles); see `rope_tile_rotator`. Its table (256 rows of `rotary_dim` values) is
+  /// made by the first call on this encoder or a copy of it, once and thread-safely, and shared;
+  /// later calls allocate nothing. The rotator refers to this encoder, which must outlive it.
+  rope_tile_rotator<T> tile_rotator() const {
+    std::call_once(tile_table_->once, [this] { fill_tile_table(); });
+    return rope_tile_rotator<T>(*this, tile_table_->values.data());
+  }
 
  private:
+  /// Calls `f(first, last)` for blocks of rows covering `[0, rows)`, on the workers of `ex`. Rows
+  /// are independent, so the blocks may run anywhere in any order.
+  template <class F>
+  static void for_row_blocks(index_t rows, executor* ex, int threads, F&& f) {
+    detail::require(threads >= 0, "rope::rotate threads", threads, "must be >= 0 (0 = all the executor has)");
+    const detail::workers_of w(ex, threads);
+    constexpr index_t min_rows = 32;  // below this a block costs more to hand out than to rotate
+    const index_t blocks = std::min<index_t>(4 * index_t{w.count}, (rows + min_rows - 1) / min_rows);
+    if (w.count <= 1 || blocks <= 1) {
+      f(index_t{0}, rows);
+      return;
+    }
+    const index_t per = (rows + blocks - 1) / blocks;
+    auto body = [&](index_t b, int) { f(b * per, std::min(rows, (b + 1) * per)); };
+    w.ex->parallel_for((rows + per - 1) / per, w.count, body);
+  }
+
   /// `x` as a view, after the compile-time checks of its storage and the shape checks.
   template <matrix_argument M>
   auto checked_view(M&& x, const positions& pos) const {
@@ -446,9 +482,32 @@ class rope {
                   " rows (one per row is needed)");
   }
 
+  // cos and sin of t * inv_freq (times the magnitude) for t in [0, 256): `rope_tile_rotator`'s
+  // table, made on first use.
+  void fill_tile_table() const {
+    const index_t half = r_ / 2;
+    std::vector<T>& table = tile_table_->values;
+    table.resize(static_cast<std::size_t>(rope_tile_rotator<T>::block * 2 * half));
+    std::vector<double> c(static_cast<std::size_t>(half)), s(static_cast<std::size_t>(half));
+    for (position t = 0; t < rope_tile_rotator<T>::block; ++t) {
+      unit_cos_sin(t, c.data(), s.data());
+      T* row = table.data() + t * 2 * half;
+      for (index_t k = 0; k < half; ++k) {
+        row[k] = static_cast<T>(c[static_cast<std::size_t>(k)] * magnitude_);
+        row[half + k] = static_cast<T>(s[static_cast<std::size_t>(k)] * magnitude_);
+      }
+    }
+  }
+
+  struct tile_table {
+    std::once_flag once;
+    std::vector<T> values;  // [256, 2 * r/2]: cos then sin, magnitude included
+  };
+
   rope_params p_;
   index_t r_ = 0;
   double magnitude_ = 1.0;
+  std::shared_ptr<tile_table> tile_table_ = std::make_shared<tile_table>();
   bool exact_ = true;
   std::uint64_t fingerprint_ = 0;
   std::vector<double> inv_freq_;
@@ -500,21 +559,9 @@ class rope_tile_rotator {
  public:
   static constexpr position block = 256;
 
-  explicit rope_tile_rotator(const rope<T>& r)
-      : head_dim_(r.head_dim()), half_(r.rotary_dim() / 2), layout_(r.layout()) {
-    const double mag = r.magnitude();
-    table_.resize(static_cast<std::size_t>(block * 2 * half_));
-    std::vector<double> c(static_cast<std::size_t>(half_)), s(static_cast<std::size_t>(half_));
-    for (position t = 0; t < block; ++t) {
-      r.unit_cos_sin(t, c.data(), s.data());
-      T* row = table_.data() + t * 2 * half_;
-      for (index_t k = 0; k < half_; ++k) {
-        row[k] = static_cast<T>(c[static_cast<std::size_t>(k)] * mag);
-        row[half_ + k] = static_cast<T>(s[static_cast<std::size_t>(k)] * mag);
-      }
-    }
-    rope_ = &r;
-  }
+  /// A rotator of `r`'s rotation reading the table `table` (`rope::tile_rotator` makes both).
+  rope_tile_rotator(const rope<T>& r, const T* table)
+      : head_dim_(r.head_dim()), half_(r.rotary_dim() / 2), layout_(r.layout()), table_(table), rope_(&r) {}
 
   /// Values of `T` the caller provides as `scratch` to `rotate`.
   index_t scratch_size() const { return 4 * half_; }
@@ -561,7 +608,7 @@ class rope_tile_rotator {
         cached_hi = hi;
         have = true;
       }
-      const T* lc = table_.data() + lo * 2 * half_;
+      const T* lc = table_ + lo * 2 * half_;
       const S* from = src.row(i);
       T* to = dst.row(i);
 #if POSENC_X86_DISPATCH
@@ -599,8 +646,8 @@ class rope_tile_rotator {
   static constexpr index_t chunk = 32;
   index_t head_dim_, half_;
   rope_layout layout_;
-  std::vector<T> table_;  // [block, 2 * half]: cos then sin, magnitude included
-  const rope<T>* rope_ = nullptr;
+  const T* table_;  // [block, 2 * half]: cos then sin, magnitude included (owned by the rope)
+  const rope<T>* rope_;
 };
 
 }  // namespace posenc
