@@ -5,9 +5,9 @@
 # Usage: netns_agent.sh HOST COMMAND...
 #   Runs COMMAND, a shell command line as ssh would run it, inside the network namespace named
 #   $POSENC_NETNS_PREFIX<something> that owns the IPv4 address HOST. The command also gets its own
-#   UTS namespace whose hostname is the namespace's name: Open MPI tells nodes (and their session
-#   directories under /tmp) apart by hostname, so each "host" needs a name of its own, as real
-#   hosts have.
+#   UTS namespace whose hostname is the namespace's name, so that each "host" reports a name of
+#   its own, as real hosts do: ranks tell where they ran by it, and with every process reporting
+#   this machine's hostname the launch hung.
 # Environment: POSENC_NETNS_PREFIX (required) the prefix of the namespaces to search.
 set -euo pipefail
 

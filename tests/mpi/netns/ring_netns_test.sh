@@ -143,7 +143,8 @@ export POSENC_NETNS_PREFIX=${prefix}r  # the namespaces the agent may enter
 
 # tcp_run NP PROGRAM: mpirun over TCP from the hub, NP ranks mapped round-robin over the hosts and
 # launched by the agent into their namespaces. The hub gets a hostname of its own (a UTS
-# namespace): when mpirun and its daemons report the same hostname the launch hangs.
+# namespace), as the hosts do: with every process reporting this machine's hostname the launch
+# hung.
 tcp_run() {
   local np=$1
   shift
