@@ -89,10 +89,11 @@ inline std::vector<ring_verdict> ring_exchange(MPI_Comm comm, int size, int rank
   std::vector<ring_verdict> all(static_cast<std::size_t>(size));
   MPI_Allgather(&mine, static_cast<int>(sizeof(ring_verdict)), MPI_BYTE, all.data(),
                 static_cast<int>(sizeof(ring_verdict)), MPI_BYTE, comm);
+  // A rank that failed reports its own error; the others name the first rank that failed.
+  if (!all[static_cast<std::size_t>(rank)].ok && local) std::rethrow_exception(local);
   for (int r = 0; r < size; ++r) {
     const ring_verdict& v = all[static_cast<std::size_t>(r)];
     if (v.ok) continue;
-    if (r == rank && local) std::rethrow_exception(local);
     throw ring_error("posenc: " + std::string(call) + ": rank " + std::to_string(r) + " failed: " +
                      std::string(v.text, strnlen(v.text, sizeof v.text)));
   }
