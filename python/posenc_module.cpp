@@ -93,7 +93,9 @@ struct matrix_arg {
 
 /// Views a 2-D `[rows, cols]` (or, when `allow_3d`, 3-D `[rows, heads, head_dim]`) array in
 /// place. The last axis must have unit stride; for 3-D the middle one must be dense too; rows may
-/// be any non-negative multiple of the element size apart, at least a row long.
+/// be any non-negative multiple of the element size apart, at least a row long. An array with no
+/// elements addresses no memory, so its strides (NumPy gives such arrays zero strides) do not
+/// matter and nothing is written to it, read-only or not.
 template <class S>
 matrix_arg<S> matrix_of(const py::array& a, const std::string& where, const char* arg, bool allow_3d) {
   using T = std::remove_const_t<S>;
@@ -106,11 +108,12 @@ matrix_arg<S> matrix_of(const py::array& a, const std::string& where, const char
   const py::ssize_t rows = a.shape(0);
   const py::ssize_t inner = a.shape(nd - 1);
   const py::ssize_t cols = nd == 3 ? a.shape(1) * inner : inner;
+  const bool empty = a.size() == 0;
   bool ok = inner <= 1 || a.strides(nd - 1) == item;
   if (nd == 3) ok = ok && (a.shape(1) <= 1 || a.strides(1) == inner * item);
   const py::ssize_t rs = a.strides(0);
   ok = ok && (rows <= 1 || (rs >= 0 && rs % item == 0 && rs / item >= cols));
-  if (!ok)
+  if (!ok && !empty)
     value_error(where, std::string(arg) + " with shape " + shape_text(a) + " and strides " + strides_text(a) +
                            " is not laid out as rows of contiguous elements; pass a C-contiguous array "
                            "(numpy.ascontiguousarray) or a slice of rows of one");
@@ -118,10 +121,10 @@ matrix_arg<S> matrix_of(const py::array& a, const std::string& where, const char
   if constexpr (std::is_const_v<S>) {
     data = static_cast<S*>(a.data());
   } else {
-    if (!a.writeable()) value_error(where, std::string(arg) + " is read-only; it is written in place");
-    data = static_cast<S*>(py::array(a).mutable_data());
+    if (!a.writeable() && !empty) value_error(where, std::string(arg) + " is read-only; it is written in place");
+    data = const_cast<S*>(static_cast<const S*>(a.data()));
   }
-  const index_t stride = rows <= 1 ? cols : rs / item;
+  const index_t stride = rows <= 1 || empty ? cols : rs / item;
   matrix_arg<S> m{posenc::strided_view<S>(data, rows, cols, stride)};
   if (nd == 3) {
     m.heads3 = a.shape(1);
