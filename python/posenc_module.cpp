@@ -42,6 +42,34 @@ std::string type_name(py::handle h) { return py::str(py::type::handle_of(h).attr
   throw py::value_error("posenc." + where + ": " + what);
 }
 
+[[noreturn]] void overflow_error(const std::string& where, const std::string& what) {
+  PyErr_SetString(PyExc_OverflowError, ("posenc." + where + ": " + what).c_str());
+  throw py::error_already_set();
+}
+
+/// `str(i)` of a Python int, its middle elided past 40 digits (an int of 10**400 stays one line).
+std::string int_text(py::handle i) {
+  std::string s = py::str(i);
+  if (s.size() > 40) s = s.substr(0, 20) + "..." + s.substr(s.size() - 10) + " (" + std::to_string(s.size()) + " digits)";
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scalar arguments. Python ints are unbounded and posenc's are int64: a value that does not fit
+// raises OverflowError naming the argument and the value, never a generic cast failure.
+
+/// An int (or anything with `__index__`, such as numpy.int64) as int64.
+std::int64_t int64_of(py::handle obj, const std::string& where, const std::string& arg) {
+  if (!PyIndex_Check(obj.ptr())) type_error(where, arg + " must be an int, got " + type_name(obj));
+  auto i = py::reinterpret_steal<py::object>(PyNumber_Index(obj.ptr()));
+  if (!i) throw py::error_already_set();
+  int overflow = 0;
+  const long long v = PyLong_AsLongLongAndOverflow(i.ptr(), &overflow);
+  if (overflow != 0) overflow_error(where, arg + " = " + int_text(i) + " does not fit in int64");
+  if (v == -1 && PyErr_Occurred()) throw py::error_already_set();
+  return v;
+}
+
 enum class elem { f32, f64 };
 
 std::string dtype_name(const py::array& a) { return py::str(py::handle(a.dtype())); }
@@ -134,72 +162,81 @@ matrix_arg<S> matrix_of(const py::array& a, const std::string& where, const char
 }
 
 /// Positions: None (0, 1, ..., n-1), a `range` with step 1, an int64 ndarray (borrowed in place),
-/// or a list/tuple of ints (copied).
+/// or a list/tuple of ints (copied). `n` is the number needed (one per row), or -1 for any number
+/// (then None is not accepted). A position past int64 raises OverflowError naming its index.
 class position_arg {
  public:
-  position_arg(py::handle obj, index_t n, const std::string& where, const char* arg) {
-    if (obj.is_none()) {
+  position_arg(py::handle obj, index_t n, const std::string& where, const std::string& arg) {
+    if (obj.is_none() && n >= 0) {
       start_ = 0;
       count_ = n;
+      range_ = true;
     } else if (py::isinstance<py::array>(obj)) {
       auto a = py::reinterpret_borrow<py::array>(obj);
       if (!a.dtype().is(py::dtype::of<std::int64_t>()))
-        type_error(where, std::string(arg) + " must have dtype int64, got " + dtype_name(a) +
+        type_error(where, arg + " must have dtype int64, got " + dtype_name(a) +
                               " (positions are 64-bit integers; convert with .astype(numpy.int64))");
-      if (a.ndim() != 1) value_error(where, std::string(arg) + " must be 1-D, got shape " + shape_text(a));
+      if (a.ndim() != 1) value_error(where, arg + " must be 1-D, got shape " + shape_text(a));
       if (a.shape(0) > 1 && a.strides(0) != static_cast<py::ssize_t>(sizeof(std::int64_t)))
-        value_error(where, std::string(arg) + " must be contiguous, got strides " + strides_text(a));
+        value_error(where, arg + " must be contiguous, got strides " + strides_text(a));
       keep_ = a;
       list_ = static_cast<const position*>(a.data());
       count_ = a.shape(0);
+      check_count(n, where, arg);
     } else if (PyRange_Check(obj.ptr())) {
-      const auto step = obj.attr("step").cast<std::int64_t>();
-      if (step != 1)
-        value_error(where, std::string(arg) + " must be a range with step 1, got step " + std::to_string(step));
-      start_ = obj.attr("start").cast<position>();
-      count_ = static_cast<index_t>(py::len(obj));
-    } else if (py::isinstance<py::list>(obj) || py::isinstance<py::tuple>(obj)) {
-      try {
-        owned_ = obj.cast<std::vector<position>>();
-      } catch (const py::cast_error&) {
-        type_error(where, std::string(arg) + " must hold Python ints");
+      // The bounds are Python ints, unbounded: compare and subtract them as such.
+      const py::object step = obj.attr("step"), first = obj.attr("start"), stop = obj.attr("stop");
+      if (!step.equal(py::int_(1)))
+        value_error(where, arg + " must be a range with step 1, got step " + int_text(step));
+      py::object length = stop - first;
+      if (length < py::int_(0)) length = py::int_(0);
+      if (n >= 0 && !length.equal(py::int_(n)))
+        value_error(where, arg + " has " + int_text(length) + " positions but " + std::to_string(n) +
+                               " are needed (one per row)");
+      range_ = true;
+      if (length > py::int_(0)) {
+        start_ = int64_of(first, where, arg + "[0]");
+        int64_of(stop - py::int_(1), where, arg + "[" + int_text(length - py::int_(1)) + "]");
+        count_ = int64_of(length, where, "len(" + arg + ")");
       }
-      count_ = static_cast<index_t>(owned_.size());
+    } else if (py::isinstance<py::list>(obj) || py::isinstance<py::tuple>(obj)) {
+      const auto size = static_cast<index_t>(py::len(obj));
+      if (n >= 0 && size != n)
+        value_error(where, arg + " has " + std::to_string(size) + " positions but " + std::to_string(n) +
+                               " are needed (one per row)");
+      owned_.reserve(static_cast<std::size_t>(size));
+      for (auto item : obj) owned_.push_back(int64_of(item, where, arg + "[" + std::to_string(owned_.size()) + "]"));
+      count_ = size;
     } else {
-      type_error(where, std::string(arg) + " must be None, a range, an int64 numpy.ndarray or a list of ints, got " +
-                            type_name(obj));
+      type_error(where, arg + " must be " + (n >= 0 ? "None, " : "") +
+                            "a range, an int64 numpy.ndarray or a list of ints, got " + type_name(obj));
     }
-    if (count_ != n)
-      value_error(where, std::string(arg) + " has " + std::to_string(count_) + " positions but " + std::to_string(n) +
-                             " are needed (one per row)");
   }
 
   posenc::positions get() const {
-    if (list_) return posenc::positions(std::span<const position>(list_, static_cast<std::size_t>(count_)));
-    if (!owned_.empty() || (count_ == 0 && start_ < 0)) return posenc::positions(std::span<const position>(owned_));
-    return posenc::arange(start_, count_);
+    if (range_) return posenc::arange(start_, count_);
+    return posenc::positions(std::span<const position>(list_ ? list_ : owned_.data(), static_cast<std::size_t>(count_)));
   }
   index_t size() const { return count_; }
 
  private:
+  void check_count(index_t n, const std::string& where, const std::string& arg) const {
+    if (n >= 0 && count_ != n)
+      value_error(where, arg + " has " + std::to_string(count_) + " positions but " + std::to_string(n) +
+                             " are needed (one per row)");
+  }
+
   py::object keep_;
   const position* list_ = nullptr;
   std::vector<position> owned_;
-  position start_ = -1;
+  bool range_ = false;
+  position start_ = 0;
   index_t count_ = 0;
 };
 
 /// Positions whose count is not tied to a matrix (bias tiles, cos/sin tables).
 position_arg free_positions(py::handle obj, const std::string& where, const char* arg) {
-  index_t n = 0;
-  if (obj.is_none()) type_error(where, std::string(arg) + " is required");
-  if (py::isinstance<py::array>(obj)) {
-    auto a = py::reinterpret_borrow<py::array>(obj);
-    n = a.ndim() == 1 ? a.shape(0) : -1;
-  } else if (py::hasattr(obj, "__len__")) {
-    n = static_cast<index_t>(py::len(obj));
-  }
-  return position_arg(obj, n, where, arg);
+  return position_arg(obj, -1, where, arg);
 }
 
 elem parse_dtype(py::handle obj, const std::string& where) {

@@ -97,3 +97,58 @@ def test_tables_with_no_positions_are_empty():
     assert posenc.Sinusoidal(dim=D).table(range(0), dtype="float64").shape == (0, D)
     assert posenc.Alibi(num_heads=2).bias_tile(1, [], range(3)).shape == (0, 3)
     assert posenc.T5Bias(np.ones((32, 2))).bias_tile(0, range(4), zero_strided((0,), np.int64)).shape == (4, 0)
+
+
+INT64_MAX = 2**63 - 1
+INT64_MIN = -2**63
+BIG = 2**70  # 1180591620717411303424
+
+
+def position_calls(x):
+    """(name, call(positions)) for every function that takes per-row or free positions; x has 3 rows."""
+    r = posenc.Rope(head_dim=D)
+    alibi = posenc.Alibi(num_heads=2)
+    kv = x.copy()
+    return [
+        ("attention: qpos", lambda p: posenc.attention(x, kv, kv, p, None, heads=2)),
+        ("attention: kpos", lambda p: posenc.attention(x, kv, kv, None, p, heads=2)),
+        ("Rope.rotate: positions", lambda p: r.rotate(x, p)),
+        ("Rope.cos_sin: positions", lambda p: r.cos_sin(p)),
+        ("Sinusoidal.add_to: positions", lambda p: posenc.Sinusoidal(dim=2 * D).add_to(x, p)),
+        ("Sinusoidal.table: positions", lambda p: posenc.Sinusoidal(dim=2 * D).table(p)),
+        ("Alibi.bias_tile: qpos", lambda p: alibi.bias_tile(0, p, [0])),
+        ("Alibi.bias_tile: kpos", lambda p: alibi.bias_tile(0, [0], p)),
+    ]
+
+
+@pytest.mark.parametrize("positions, index, value", [
+    ([0, 1, BIG], 2, BIG),
+    ((0, INT64_MIN - 1, 2), 1, INT64_MIN - 1),
+    (range(INT64_MAX - 1, INT64_MAX + 2), 2, INT64_MAX + 1),  # the last position is past the limit
+    (range(INT64_MAX + 1, INT64_MAX + 4), 0, INT64_MAX + 1),
+    (range(INT64_MIN - 1, INT64_MIN + 2), 0, INT64_MIN - 1),
+], ids=["list", "tuple", "range-end", "range-start", "range-below"])
+def test_positions_past_int64_raise_overflow_error_naming_the_index(positions, index, value):
+    x = np.zeros((3, 2 * D))
+    for name, call in position_calls(x):
+        where, arg = name.split(": ")
+        with pytest.raises(OverflowError) as e:
+            call(positions)
+        assert str(e.value) == f"posenc.{where}: {arg}[{index}] = {value} does not fit in int64"
+
+
+def test_non_int_positions_name_the_index():
+    with pytest.raises(TypeError, match=r"^posenc\.Rope\.rotate: positions\[1\] must be an int, got float$"):
+        posenc.Rope(head_dim=D).rotate(np.zeros((2, D)), [0, 1.0])
+
+
+def test_positions_at_the_int64_limits_are_exact():
+    """Ranges ending at INT64_MAX and starting at INT64_MIN give the same tiles as the int64 arrays of the
+    same positions (lists and ranges are read exactly, not through a float)."""
+    a = posenc.Alibi(num_heads=2, form="symmetric")
+    for first in (INT64_MAX - 4, INT64_MIN):
+        r = range(first, first + 5)
+        arr = np.arange(5, dtype=np.int64) + np.int64(first)
+        want = a.bias_tile(1, arr, arr[::-1].copy(), dtype="float64")
+        np.testing.assert_array_equal(a.bias_tile(1, r, list(reversed(r)), dtype="float64"), want)
+        assert want[0, 0] == -a.slopes[1] * 4
