@@ -312,10 +312,11 @@ std::string strides_text(const py::array& a) {
 }
 
 /// A matrix argument as posenc sees it: `[rows, cols]` with a row stride, plus the head count
-/// when it came as a 3-D `[tokens, heads, head_dim]` array (0 for 2-D).
+/// and head_dim when it came as a 3-D `[tokens, heads, head_dim]` array (`ndim` 3).
 template <class S>
 struct matrix_arg {
   posenc::strided_view<S> view;
+  int ndim = 2;
   index_t heads3 = 0;
   index_t head_dim3 = 0;
 };
@@ -356,6 +357,7 @@ matrix_arg<S> matrix_of(const py::array& a, const std::string& where, const char
   const index_t stride = rows <= 1 || empty ? cols : rs / item;
   matrix_arg<S> m{posenc::strided_view<S>(data, rows, cols, stride)};
   if (nd == 3) {
+    m.ndim = 3;
     m.heads3 = a.shape(1);
     m.head_dim3 = inner;
   }
@@ -566,7 +568,7 @@ posenc::row_matrix<double> table_of(py::handle obj, const std::string& where, co
 template <class T>
 void rope_rotate(const py_rope& r, const py::array& a, py::handle pos) {
   auto m = matrix_of<T>(a, "Rope.rotate", "x", true);
-  if (m.head_dim3 && m.head_dim3 != r.f.head_dim())
+  if (m.ndim == 3 && m.head_dim3 != r.f.head_dim())
     value_error("Rope.rotate", "x has head_dim " + std::to_string(m.head_dim3) +
                                    " (its last axis) but the encoder has head_dim " + std::to_string(r.f.head_dim()));
   if (m.view.cols % r.f.head_dim() != 0)
@@ -678,6 +680,18 @@ void run_attention(const matrix_arg<const T>& q, const matrix_arg<const T>& k, c
   }
 }
 
+/// The message for a 3-D `name` whose axis 1 is not `want` heads (kv heads when `kv`).
+/// `transposed`: its axis 0 is, so it is most likely `[heads, tokens, head_dim]`, the per-head
+/// layout of many PyTorch models.
+std::string axis1_error(const py::array& a, const char* name, bool kv, index_t want, bool transposed) {
+  const std::string heads = kv ? "kv_heads" : "heads";
+  const std::string head = std::string(name) + " has shape " + shape_text(a) + ": ";
+  if (transposed)
+    return head + "posenc takes [tokens, " + heads + ", head_dim]; this looks like [" + heads +
+           ", tokens, head_dim]; pass " + name + ".transpose(1, 0, 2) made contiguous";
+  return head + "its axis 1 holds the " + (kv ? "kv heads" : "heads") + " but " + heads + " = " + std::to_string(want);
+}
+
 template <class T>
 py::object attention_typed(const py::array& qa, const py::array& ka, const py::array& va, py::handle qpos,
                            py::handle kpos, py::handle encoding, std::optional<index_t> heads,
@@ -686,14 +700,25 @@ py::object attention_typed(const py::array& qa, const py::array& ka, const py::a
   const auto q = matrix_of<const T>(qa, w, "q", true);
   const auto k = matrix_of<const T>(ka, w, "k", true);
   const auto v = matrix_of<const T>(va, w, "v", true);
-  // Heads: given, else from 3-D arrays, else 1 (kv_heads: heads).
-  const index_t h = heads ? *heads : (q.heads3 ? q.heads3 : 1);
-  const index_t hk = kv_heads ? *kv_heads : (k.heads3 ? k.heads3 : h);
+  // Heads: given, else a 3-D q's axis 1. A 2-D q has no head axis, and taking it as one head
+  // would attend across the columns of what may be many heads: heads= is required.
+  if (!heads && q.ndim == 2)
+    value_error(w, "q is 2-D [tokens, heads * head_dim]: pass heads= (and kv_heads= for GQA/MQA)");
+  const index_t h = heads ? *heads : q.heads3;
   if (h <= 0) value_error(w, "heads = " + std::to_string(h) + ": must be positive");
+  if (q.ndim == 3 && q.heads3 != h) value_error(w, axis1_error(qa, "q", false, h, qa.shape(0) == h));
+  // kv_heads: given, else a 3-D k's axis 1, else heads.
+  const index_t hk = kv_heads ? *kv_heads : (k.ndim == 3 ? k.heads3 : h);
+  if (!kv_heads && k.ndim == 3 && (hk <= 0 || h % hk != 0)) {
+    const index_t k0 = ka.shape(0);
+    if (k0 > 0 && h % k0 == 0) value_error(w, axis1_error(ka, "k", true, k0, true));
+    value_error(w, "k has shape " + shape_text(ka) + ": its axis 1 holds the kv heads, and " + std::to_string(hk) +
+                       " does not divide heads = " + std::to_string(h));
+  }
+  for (auto [m, a, name] : {std::tuple{&k, &ka, "k"}, std::tuple{&v, &va, "v"}})
+    if (m->ndim == 3 && m->heads3 != hk) value_error(w, axis1_error(*a, name, true, hk, a->shape(0) == hk));
   if (hk <= 0 || h % hk != 0)
     value_error(w, "kv_heads = " + std::to_string(hk) + ": must be positive and divide heads = " + std::to_string(h));
-  if (q.heads3 && q.heads3 != h)
-    value_error(w, "q has " + std::to_string(q.heads3) + " heads (axis 1) but heads = " + std::to_string(h));
   if (q.view.cols % h != 0)
     value_error(w, "q has " + std::to_string(q.view.cols) + " columns, not a multiple of heads = " + std::to_string(h));
   const index_t d = q.view.cols / h;
@@ -702,7 +727,8 @@ py::object attention_typed(const py::array& qa, const py::array& ka, const py::a
     if (m->view.cols != hk * d)
       value_error(w, std::string(name) + " has " + std::to_string(m->view.cols) +
                          " columns but kv_heads * head_dim = " + std::to_string(hk) + " * " + std::to_string(d) +
-                         " = " + std::to_string(hk * d) + " are needed");
+                         " = " + std::to_string(hk * d) + " are needed" +
+                         (!kv_heads && m->ndim == 2 ? "; pass kv_heads= for GQA/MQA" : ""));
   }
   if (v.view.rows != k.view.rows)
     value_error(w, "v has " + std::to_string(v.view.rows) + " rows but k has " + std::to_string(k.view.rows));
