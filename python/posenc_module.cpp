@@ -797,7 +797,7 @@ std::pair<position, position> window_of(py::handle obj) {
 
 constexpr const char* attention_params_text =
     "q, k, v, qpos=None, kpos=None, encoding=None, *, heads=None, kv_heads=None, scale=None, causal=False, "
-    "window=(-1, -1), return_lse=False, rotation='in_kernel', out=None, threads=0, q_tile=0, k_tile=0";
+    "window=(-1, -1), return_lse=False, out=None, threads=0, q_tile=0, k_tile=0";
 
 py::object attention(const call_args& a) {
   const std::string w = "attention";
@@ -811,10 +811,6 @@ py::object attention(const call_args& a) {
   kn.p.scale = a.optional_float64("scale");
   kn.p.causal = a.flag("causal", false);
   std::tie(kn.p.window_left, kn.p.window_right) = window_of(a["window"]);
-  kn.p.rotation = enum_of<posenc::rotation_mode>(
-      a.str("rotation", "in_kernel"),
-      {{"in_kernel", posenc::rotation_mode::in_kernel}, {"already_rotated", posenc::rotation_mode::already_rotated}}, w,
-      "rotation");
   const std::int64_t threads = a.int64("threads", 0);
   if (threads < std::numeric_limits<int>::min() || threads > std::numeric_limits<int>::max())
     overflow_error(w, "threads = " + std::to_string(threads) + " does not fit in int");
@@ -1111,17 +1107,24 @@ PYBIND11_MODULE(posenc, m) {
 
   m.def(
       "attention",
-      [sig = sig_of("attention", attention_params_text)](py::args args, py::kwargs kwargs) {
+      [sig = sig_of("attention", attention_params_text,
+                    {{"rotation",
+                      "removed: the encoding is always applied in the kernel; for q and k already rotated "
+                      "with Rope.rotate, pass encoding=None"}})](py::args args, py::kwargs kwargs) {
         return attention(call_args(sig, args, kwargs));
       },
       doc_of("attention", false, attention_params_text,
              "Blockwise softmax attention: out_i = sum_j softmax_j(scale q_i.k_j + bias_ij) v_j.\n\n"
-             "q: [n_q, heads * d] or [n_q, heads, d]; k, v: [n_kv, kv_heads * d] or [n_kv, kv_heads, d] (GQA: query "
-             "head h reads kv head h // (heads // kv_heads)); all float32 or all float64. heads / kv_heads default "
-             "to the 3-D arrays' axis 1, else 1 / heads. qpos, kpos: positions (default 0..n-1). encoding: None, "
-             "Rope (rotates copies of q and k unless rotation='already_rotated'), Alibi, T5Bias or ShawRelative. "
-             "causal: key visible when kpos <= qpos. window=(left, right): keys within [qpos - left, qpos + right], "
-             "-1 unbounded. scale defaults to 1/sqrt(d). Returns out (shape of q), or (out, lse [n_q, heads], -inf "
-             "for a fully masked row) with return_lse. The GIL is released while it runs.")
+             "q: [n_q, heads, d], or [n_q, heads * d] with heads=; k, v: [n_kv, kv_heads, d], or [n_kv, kv_heads * d]\n"
+             "(heads and kv_heads default to the 3-D arrays' axis 1, kv_heads to heads for a 2-D k). GQA/MQA:\n"
+             "query head h reads kv head h // (heads // kv_heads). All float32 or all float64.\n"
+             "qpos, kpos: positions (default 0..n-1).\n"
+             "encoding: None, Rope, Alibi, T5Bias or ShawRelative, always applied in the kernel (a Rope rotates\n"
+             "copies of the q and k tiles). For q and k the caller rotated (Rope.rotate, a cache of rotated keys)\n"
+             "pass encoding=None: never both.\n"
+             "causal: key j visible when kpos[j] <= qpos[i]. window=(left, right): keys within\n"
+             "[qpos - left, qpos + right], -1 unbounded. scale defaults to 1/sqrt(d).\n"
+             "Returns out (the shape of q; written into out= when given), or (out, lse [n_q, heads], -inf for a\n"
+             "query with no visible key) with return_lse. The GIL is released while it runs.")
           .c_str());
 }

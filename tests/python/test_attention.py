@@ -71,13 +71,12 @@ def test_rope_attention_matches_torch(rng, dtype, layout):
     out, lse = posenc.attention(q, k, v, pos, pos, r, heads=heads, kv_heads=kv_heads, causal=True, return_lse=True)
     assert_close(out, want.numpy(), dtype, "rope in kernel")
     assert_close(lse, want_lse.numpy(), dtype, "rope lse")
-    # Keys rotated once by the caller (a KV cache) give the same result.
+    # q and k rotated by the caller (keys rotated once into a KV cache) are attended with encoding=None.
     q2, k2 = q.copy(), k.copy()
     r.rotate(q2, pos)
     r.rotate(k2, pos)
-    out2 = posenc.attention(q2, k2, v, pos, pos, r, heads=heads, kv_heads=kv_heads, causal=True,
-                            rotation="already_rotated")
-    assert_close(out2, want.numpy(), dtype, "rope already rotated")
+    out2 = posenc.attention(q2, k2, v, pos, pos, None, heads=heads, kv_heads=kv_heads, causal=True)
+    assert_close(out2, want.numpy(), dtype, "rope rotated by the caller")
 
 
 def test_shaw_attention_matches_torch(rng, dtype):
@@ -137,7 +136,7 @@ def test_heads_first_arrays_transposed_as_the_message_says(rng, dtype):
     heads, kv_heads, n = 4, 2, 23
     qh = rng.standard_normal((heads, n, D)).astype(dtype)
     kh, vh = (rng.standard_normal((kv_heads, n, D)).astype(dtype) for _ in range(2))
-    with pytest.raises(ValueError, match=r"this looks like \[heads, tokens, head_dim\]; pass q\.transpose\(1, 0, 2\)"):
+    with pytest.raises(ValueError, match=r"looks like \[heads, tokens, head_dim\]; pass q\.transpose\(1, 0, 2\)"):
         posenc.attention(qh, kh, vh, heads=heads, kv_heads=kv_heads, causal=True)
     q, k, v = (np.ascontiguousarray(a.transpose(1, 0, 2)) for a in (qh, kh, vh))
     out = posenc.attention(q, k, v, heads=heads, kv_heads=kv_heads, causal=True)

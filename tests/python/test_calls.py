@@ -153,7 +153,7 @@ def test_a_shape_bug_past_the_modules_checks_raises_precondition_error():
 def test_signatures_are_the_python_ones():
     assert str(inspect.signature(posenc.attention)) == (
         "(q, k, v, qpos=None, kpos=None, encoding=None, *, heads=None, kv_heads=None, scale=None, causal=False, "
-        "window=(-1, -1), return_lse=False, rotation='in_kernel', out=None, threads=0, q_tile=0, k_tile=0)")
+        "window=(-1, -1), return_lse=False, out=None, threads=0, q_tile=0, k_tile=0)")
     assert str(inspect.signature(posenc.Rope.rotate)) == "(self, x, positions=None)"
     assert str(inspect.signature(posenc.Rope(head_dim=D).rotate)) == "(x, positions=None)"
     assert str(inspect.signature(posenc.Sinusoidal.table)) == "(self, positions, dtype='float32')"

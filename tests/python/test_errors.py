@@ -107,8 +107,6 @@ def test_attention_argument_errors(arrays):
         posenc.attention(q, k, v, heads=2, encoding="rope")
     with pytest.raises(ValueError, match=r"attention_params\.window_left = -2"):
         posenc.attention(q, k, v, heads=2, window=(-2, -1))
-    with pytest.raises(ValueError, match=r"rotation = 'sometimes'"):
-        posenc.attention(q, k, v, heads=2, rotation="sometimes")
 
 
 def test_attention_writes_out_in_place_and_float32_stays_float32(arrays):
@@ -164,3 +162,15 @@ def test_heads_first_arrays_are_named_as_such():
                     qt, np.zeros((128, 3, 64), np.float32), kt, kv_heads=2)
     attention_error("q has shape (4, 3, 8): its axis 1 holds the heads but heads = 5",
                     np.zeros((4, 3, 8)), np.zeros((4, 3, 8)), np.zeros((4, 3, 8)), heads=5)
+
+
+def test_rotation_keyword_is_gone(arrays):
+    """The encoding passed to attention is always applied; q and k rotated by the caller take encoding=None."""
+    q, k, v = arrays
+    for value in ("already_rotated", "in_kernel"):
+        with pytest.raises(TypeError) as e:
+            posenc.attention(q, k, v, heads=2, encoding=posenc.Rope(head_dim=D), rotation=value)
+        assert str(e.value) == ("posenc.attention() got an unexpected keyword argument 'rotation' (removed: the "
+                                "encoding is always applied in the kernel; for q and k already rotated with "
+                                "Rope.rotate, pass encoding=None)")
+        assert len(str(e.value)) < 200
