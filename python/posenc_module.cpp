@@ -91,7 +91,8 @@ double float_of(py::handle obj, const std::string& where, const std::string& arg
 
 /// True/False (also numpy.bool_ and ints, by their truth value).
 bool bool_of(py::handle obj, const std::string& where, const std::string& arg) {
-  const bool numpy_bool = std::string(Py_TYPE(obj.ptr())->tp_name) == "numpy.bool_";
+  const std::string_view type = Py_TYPE(obj.ptr())->tp_name;
+  const bool numpy_bool = type == "numpy.bool_" || type == "numpy.bool";  // NumPy 1, NumPy 2
   if (!PyBool_Check(obj.ptr()) && !numpy_bool && !PyIndex_Check(obj.ptr()))
     type_error(where, arg + " must be a bool, got " + type_name(obj));
   const int v = PyObject_IsTrue(obj.ptr());
