@@ -832,8 +832,8 @@ py::array_t<double> to_numpy(const R& values) {
   return a;
 }
 
-/// A constructor taking (*args, **kwargs), bound by `params` and built by `make(call_args)`; the
-/// docstring is `doc` after the signature.
+/// A constructor of `cls` taking (*args, **kwargs), bound by `params` and built by
+/// `make(call_args)`; its docstring comes from `doc_of("__init__", true, params, ...)`.
 template <class F>
 auto init_of(std::string cls, const char* params, F make) {
   return py::init([sig = sig_of(std::move(cls), params), make](py::args args, py::kwargs kwargs) {
