@@ -71,12 +71,12 @@ def test_rope_attention_matches_torch(rng, dtype, layout):
     out, lse = posenc.attention(q, k, v, pos, pos, r, heads=heads, kv_heads=kv_heads, causal=True, return_lse=True)
     assert_close(out, want.numpy(), dtype, "rope in kernel")
     assert_close(lse, want_lse.numpy(), dtype, "rope lse")
-    # Keys rotated once by the caller (a KV cache) and attended with no encoding give the same result.
+    # q and k rotated by the caller (keys rotated once into a KV cache) are attended with encoding=None.
     q2, k2 = q.copy(), k.copy()
     r.rotate(q2, pos)
     r.rotate(k2, pos)
     out2 = posenc.attention(q2, k2, v, pos, pos, None, heads=heads, kv_heads=kv_heads, causal=True)
-    assert_close(out2, want.numpy(), dtype, "rope already rotated")
+    assert_close(out2, want.numpy(), dtype, "rope rotated by the caller")
 
 
 def test_shaw_attention_matches_torch(rng, dtype):
@@ -92,7 +92,7 @@ def test_shaw_attention_matches_torch(rng, dtype):
     e = e.masked_fill(torch.tensor(pos)[None, :] > torch.tensor(pos)[:, None], -math.inf)
     a = torch.softmax(e, dim=-1)
     want = a @ vt + torch.einsum("ij,ijd->id", a, avt[idx])
-    out = posenc.attention(q, k, v, pos, pos, posenc.ShawRelative(ak, av), causal=True)
+    out = posenc.attention(q, k, v, pos, pos, posenc.ShawRelative(ak, av), heads=1, causal=True)
     assert_close(out, want.numpy(), dtype, "shaw")
 
 
@@ -113,7 +113,7 @@ def test_fully_masked_rows_are_zero_with_lse_minus_inf(rng, dtype):
     q, k, v = qkv(rng, dtype, 4, 6, 1, 1)
     qpos = np.array([0, 1, 10, 11], dtype=np.int64)
     kpos = np.arange(2, 8, dtype=np.int64)  # every key is after queries 0 and 1
-    out, lse = posenc.attention(q, k, v, qpos, kpos, causal=True, return_lse=True)
+    out, lse = posenc.attention(q, k, v, qpos, kpos, heads=1, causal=True, return_lse=True)
     want, want_lse = ref.attention(q, k, v, 1, 1, qpos, kpos, causal=True)
     assert np.all(out[:2] == 0) and np.all(np.isneginf(lse[:2]))
     assert_close(out, want.numpy(), dtype, "masked rows")
@@ -131,8 +131,23 @@ def test_three_d_arrays_and_out(rng, dtype):
     assert_close(out.reshape(n, -1), want.numpy(), dtype, "3-D")
 
 
+def test_heads_first_arrays_transposed_as_the_message_says(rng, dtype):
+    """PyTorch's per-head layout [heads, tokens, d] is refused, naming the fix; the fix gives the reference."""
+    heads, kv_heads, n = 4, 2, 23
+    qh = rng.standard_normal((heads, n, D)).astype(dtype)
+    kh, vh = (rng.standard_normal((kv_heads, n, D)).astype(dtype) for _ in range(2))
+    with pytest.raises(ValueError, match=r"looks like \[heads, tokens, head_dim\]; pass q\.transpose\(1, 0, 2\)"):
+        posenc.attention(qh, kh, vh, heads=heads, kv_heads=kv_heads, causal=True)
+    q, k, v = (np.ascontiguousarray(a.transpose(1, 0, 2)) for a in (qh, kh, vh))
+    out = posenc.attention(q, k, v, heads=heads, kv_heads=kv_heads, causal=True)
+    pos = np.arange(n)
+    want, _ = ref.attention(q.reshape(n, -1), k.reshape(n, -1), v.reshape(n, -1), heads, kv_heads, pos, pos,
+                            causal=True)
+    assert_close(out.reshape(n, -1), want.numpy(), dtype, "heads-first, transposed")
+
+
 def test_explicit_scale(rng):
     q, k, v = qkv(rng, np.float64, 9, 9, 1, 1)
-    out = posenc.attention(q, k, v, scale=0.5)
+    out = posenc.attention(q, k, v, heads=1, scale=0.5)
     want, _ = ref.attention(q, k, v, 1, 1, np.arange(9), np.arange(9), scale=0.5)
     assert_close(out, want.numpy(), np.float64, "scale")

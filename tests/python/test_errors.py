@@ -107,8 +107,6 @@ def test_attention_argument_errors(arrays):
         posenc.attention(q, k, v, heads=2, encoding="rope")
     with pytest.raises(ValueError, match=r"attention_params\.window_left = -2"):
         posenc.attention(q, k, v, heads=2, window=(-2, -1))
-    with pytest.raises(TypeError):
-        posenc.attention(q, k, v, heads=2, rotation="already_rotated")
 
 
 def test_attention_writes_out_in_place_and_float32_stays_float32(arrays):
@@ -125,3 +123,54 @@ def test_module_metadata():
     assert posenc.__version__.count(".") == 2
     assert posenc.Rope(head_dim=D, scaling=posenc.YarnScaling(factor=2, original_max_position=64)).name == "rope-yarn"
     assert issubclass(posenc.PreconditionError, ValueError)
+
+
+def attention_error(message, *args, **kwargs):
+    with pytest.raises(ValueError) as e:
+        posenc.attention(*args, **kwargs)
+    assert str(e.value) == "posenc.attention: " + message
+
+
+def test_two_d_q_needs_heads(arrays):
+    """A 2-D q has no head axis; taking it as one head would silently attend across many heads' columns."""
+    q, k, v = arrays
+    attention_error("q is 2-D [tokens, heads * head_dim]: pass heads= (and kv_heads= for GQA/MQA)", q, k, v)
+    attention_error("q is 2-D [tokens, heads * head_dim]: pass heads= (and kv_heads= for GQA/MQA)", q, k, v,
+                    causal=True, kv_heads=1)
+    attention_error("k has 8 columns but kv_heads * head_dim = 2 * 8 = 16 are needed; pass kv_heads= for GQA/MQA",
+                    q, k[:, :D], v[:, :D], heads=2)
+    assert posenc.attention(q[:, :D], k[:, :D], v[:, :D], heads=1).shape == (6, D)
+
+
+def test_heads_first_arrays_are_named_as_such():
+    """[heads, tokens, head_dim] (PyTorch's per-head layout) is recognised and the fix named; other axis-1
+    mismatches say which axis holds what, never a kv_heads the caller did not pass."""
+    q = np.zeros((8, 128, 64), np.float32)
+    k = np.zeros((2, 128, 64), np.float32)
+    qt, kt = np.zeros((128, 8, 64), np.float32), np.zeros((128, 2, 64), np.float32)
+    attention_error("q has shape (8, 128, 64): posenc takes [tokens, heads, head_dim]; this looks like "
+                    "[heads, tokens, head_dim]; pass q.transpose(1, 0, 2) made contiguous", q, k, k, heads=8)
+    attention_error("k has shape (2, 128, 64): posenc takes [tokens, kv_heads, head_dim]; this looks like "
+                    "[kv_heads, tokens, head_dim]; pass k.transpose(1, 0, 2) made contiguous", qt, k, k, heads=8)
+    attention_error("k has shape (2, 128, 64): posenc takes [tokens, kv_heads, head_dim]; this looks like "
+                    "[kv_heads, tokens, head_dim]; pass k.transpose(1, 0, 2) made contiguous", qt, k, k, kv_heads=2)
+    attention_error("v has shape (2, 128, 64): posenc takes [tokens, kv_heads, head_dim]; this looks like "
+                    "[kv_heads, tokens, head_dim]; pass v.transpose(1, 0, 2) made contiguous", qt, kt, k)
+    attention_error("k has shape (128, 3, 64): its axis 1 holds the kv heads, and 3 does not divide heads = 8",
+                    qt, np.zeros((128, 3, 64), np.float32), kt)
+    attention_error("k has shape (128, 3, 64): its axis 1 holds the kv heads but kv_heads = 2",
+                    qt, np.zeros((128, 3, 64), np.float32), kt, kv_heads=2)
+    attention_error("q has shape (4, 3, 8): its axis 1 holds the heads but heads = 5",
+                    np.zeros((4, 3, 8)), np.zeros((4, 3, 8)), np.zeros((4, 3, 8)), heads=5)
+
+
+def test_rotation_keyword_is_gone(arrays):
+    """The encoding passed to attention is always applied; q and k rotated by the caller take encoding=None."""
+    q, k, v = arrays
+    for value in ("already_rotated", "in_kernel"):
+        with pytest.raises(TypeError) as e:
+            posenc.attention(q, k, v, heads=2, encoding=posenc.Rope(head_dim=D), rotation=value)
+        assert str(e.value) == ("posenc.attention() got an unexpected keyword argument 'rotation' (removed: the "
+                                "encoding is always applied in the kernel; for q and k already rotated with "
+                                "Rope.rotate, pass encoding=None)")
+        assert len(str(e.value)) < 200
