@@ -57,8 +57,7 @@ inline index_t check_params(const attention_params& p) {
   require(p.heads > 0, "attention_params.heads", p.heads, "must be positive");
   const index_t kvh = p.kv_heads == 0 ? p.heads : p.kv_heads;
   require(kvh > 0, "attention_params.kv_heads", p.kv_heads, "must be positive (or 0 for heads)");
-  require(p.heads % kvh == 0, "attention_params.kv_heads", p.kv_heads,
-          "must divide heads = " + to_text(p.heads));
+  if (p.heads % kvh != 0) invalid("attention_params.kv_heads", p.kv_heads, "must divide heads = " + to_text(p.heads));
   require(p.window_left >= -1, "attention_params.window_left", p.window_left, "must be >= -1 (-1 = unbounded)");
   require(p.window_right >= -1, "attention_params.window_right", p.window_right, "must be >= -1 (-1 = unbounded)");
   require(p.q_tile >= 0, "attention_params.q_tile", p.q_tile, "must be >= 0 (0 = default)");
