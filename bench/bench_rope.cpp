@@ -13,7 +13,8 @@
 //
 // Counters: GBps (bytes read + written per second), copy_GBps (the same-run memcpy), ratio
 // (GBps / copy_GBps), inplace_GBps (the same-run in-place stream), ratio_inplace. Arguments: tokens, layout (0
-// half-split, 1 interleaved), SIMD level (0 portable, 1 AVX2, 2 AVX-512; capped to what the CPU has).
+// half-split, 1 interleaved), SIMD level (0 portable, 1 AVX2, 2 AVX-512; a level the CPU lacks or
+// POSENC_SIMD_CAP excludes is skipped).
 //
 // Build with the includer's usual flags (plain -O2, no -march): the AVX paths are chosen at run
 // time.
@@ -118,11 +119,16 @@ posenc::rope_layout layout_arg(const benchmark::State& state) {
   return state.range(1) == 0 ? posenc::rope_layout::half_split : posenc::rope_layout::interleaved;
 }
 
-// Caps the SIMD level; false (and the benchmark skipped) when the CPU lacks it.
+// Caps the SIMD level; false (and the benchmark skipped) when the CPU lacks it or POSENC_SIMD_CAP
+// is below it.
 bool set_level(benchmark::State& state, posenc::index_t arg) {
   const auto want = static_cast<posenc::detail::simd_level>(arg);
   if (want > posenc::detail::detected_simd_level()) {
     state.SkipWithError("SIMD level not available on this CPU");
+    return false;
+  }
+  if (want > posenc_bench::simd_cap_setting()) {
+    state.SkipWithError("SIMD level above POSENC_SIMD_CAP");
     return false;
   }
   posenc::detail::set_simd_cap(want);
@@ -137,7 +143,7 @@ void BM_rope_cache(benchmark::State& state) {
   posenc::row_matrix<float> x(tokens, k_cols);
   fill(x);
   run(state, tokens, [&] { rope.rotate(x, posenc::arange(0, tokens), cache); });
-  posenc::detail::set_simd_cap(posenc::detail::simd_level::avx512);
+  posenc_bench::apply_simd_cap();
 }
 
 void BM_rope_direct(benchmark::State& state) {
@@ -147,7 +153,7 @@ void BM_rope_direct(benchmark::State& state) {
   posenc::row_matrix<float> x(tokens, k_cols);
   fill(x);
   run(state, tokens, [&] { rope.rotate(x, posenc::arange(0, tokens)); });
-  posenc::detail::set_simd_cap(posenc::detail::simd_level::avx512);
+  posenc_bench::apply_simd_cap();
 }
 
 // The copy alone, for the listing.
@@ -162,8 +168,9 @@ void BM_copy(benchmark::State& state) {
       2.0 * static_cast<double>(bytes) * static_cast<double>(state.iterations()) / 1e9, benchmark::Counter::kIsRate);
 }
 
-// Tokens per POSENC_BENCH_MODE (bench/run_settings.hpp): quick checks one size at the best SIMD
-// level; the default and full runs compare all levels.
+// Tokens per POSENC_BENCH_MODE (bench/run_settings.hpp): quick checks one size at the SIMD level
+// in use (the best the CPU has, under POSENC_SIMD_CAP); the default and full runs compare all
+// levels.
 std::vector<long> token_counts() {
   switch (posenc_bench::mode()) {
     case posenc_bench::run_mode::quick: return {4096};
@@ -179,7 +186,7 @@ void sizes(benchmark::internal::Benchmark* b, bool all_levels) {
       if (all_levels) {
         for (long level : {2L, 1L, 0L}) b->Args({tokens, layout, level});
       } else {
-        b->Args({tokens, layout, 2L});
+        b->Args({tokens, layout, static_cast<long>(posenc::detail::simd_level_in_use())});
       }
     }
   b->ArgNames({"tokens", "layout", "simd"})->UseRealTime()->Unit(benchmark::kMillisecond);

@@ -4,8 +4,10 @@
     python3 bench/report.py bench/results/<date>-<host>
 
 Every figure is shown next to its ratio to the ceiling measured in the same run: GFLOP/s to the
-FMA peak and to Eigen's SGEMM of the same head_dim, bytes per second to the copy bandwidth.
-docs/benchmarks.md explains each figure and ceiling. Prints the headline ratios on stdout.
+multiply-add peak of the instruction set the kernels ran with (AVX-512, AVX2+FMA or portable,
+named in every heading) and to Eigen's SGEMM of the same head_dim, bytes per second to the copy
+bandwidth. A ratio whose ceiling is missing says why instead. docs/benchmarks.md explains each
+figure and ceiling. Prints the headline ratios on stdout.
 """
 
 import csv
@@ -20,8 +22,8 @@ KIB, MIB, GIB = 1024.0, 1024.0 ** 2, 1024.0 ** 3
 TIME_UNITS = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}
 
 CSV_COLUMNS = ["group", "name", "path", "encoder", "mask", "n_q", "n_kv", "heads", "kv_heads", "d", "window",
-               "variant", "status", "time_s", "iterations", "tokens_per_s", "gflops", "ratio_fma", "ratio_sgemm",
-               "gb_per_s", "ratio_copy", "ratio_cache_copy", "kernel_peak_bytes", "allocs_per_iter",
+               "variant", "status", "time_s", "iterations", "tokens_per_s", "gflops", "ratio_fma", "fma_ceiling",
+               "ratio_sgemm", "gb_per_s", "ratio_copy", "ratio_cache_copy", "kernel_peak_bytes", "allocs_per_iter",
                "workspace_bytes", "input_bytes", "rss_peak_bytes", "rss_growth_bytes", "source"]
 
 FLOP_FORMULA = ("FLOP per call = 4 · d · heads · (visible query-key pairs): 2d for q·k and 2d for p·v per pair. "
@@ -45,8 +47,42 @@ def fmt(x, digits=3):
     return f"{x:.{decimals}f}"
 
 
-def fmt_ratio(x):
-    return "" if x is None else f"{x:.2f}"
+def fmt_ratio(x, why="no figure"):
+    """A ratio with two decimals; never blank: when it is missing, `why`."""
+    return why if x is None else f"{x:.2f}"
+
+
+def ratio_cell(r, key):
+    """The ratio `key` of row `r`, never blank: the figure, `not run` for a point that did not run
+    (its status says why), else why there is no ceiling."""
+    if r.get(key) is not None:
+        return fmt_ratio(r[key])
+    if r.get("status") not in (None, "ok"):
+        return "not run"
+    return r.get("why", {}).get(key, "no figure")
+
+
+# The instruction sets of posenc_bench::fma_peak (bench/ceilings.hpp), by the names of
+# POSENC_SIMD_CAP.
+ISA_NAMES = {"avx512": "AVX-512", "avx2": "AVX2+FMA", "portable": "portable"}
+
+
+def peak_base(info):
+    """'AVX2+FMA peak': the multiply-add ceiling named by the instruction set it was measured with
+    (the one the attention kernels ran with)."""
+    isa = info.get("isa")
+    if isa == "avx512":
+        return "AVX-512 FMA peak"
+    if isa == "avx2":
+        return "AVX2+FMA peak"
+    if isa == "portable":
+        return f"portable {info.get('lanes', '?')}-lane {info.get('op', 'mul+add')} peak"
+    return "FMA peak (instruction set not recorded)"
+
+
+def peak_name(info):
+    """'AVX2+FMA peak (2 threads)': peak_base and the thread count."""
+    return peak_base(info) + (f" ({info['threads']} threads)" if info.get("threads") else "")
 
 
 def fmt_bytes(b):
@@ -146,28 +182,64 @@ class Results:
 
     # ---- ceilings ----
 
-    def find(self, source, prefix):
-        return [b for b in self.gb.get(source, []) if b["name"].startswith(prefix) and not b.get("error_occurred")]
+    def find(self, source, prefix, failed=False):
+        return [b for b in self.gb.get(source, []) if b["name"].startswith(prefix)
+                and (failed or not b.get("error_occurred"))]
 
     def ceilings(self):
-        def first(source, prefix, key):
-            bs = self.find(source, prefix)
-            return bs[0].get(key) if bs else None
+        def measure(prefix, key):
+            """(start, end, why): the figure at the start and at the end of the run, and why there is
+            none when both are missing (the point failed, or it is not in this run)."""
+            start = self.find("bench_attention", prefix)
+            end = self.find("ceilings_end", prefix)
+            failed = self.find("bench_attention", prefix, True) + self.find("ceilings_end", prefix, True)
+            why = None
+            if not start and not end:
+                name = prefix.removeprefix("posenc_bench::")
+                why = (f"{name} failed: {failed[0].get('error_message', 'error')}" if failed
+                       else f"{name} not in this run")
+            return start[0].get(key) if start else None, end[0].get(key) if end else None, why
 
-        self.fma_start = first("bench_attention", "posenc_bench::fma_peak", "FLOPS")
-        self.fma_end = first("ceilings_end", "posenc_bench::fma_peak", "FLOPS")
-        self.copy_start = first("bench_attention", "posenc_bench::copy_bandwidth/268435456", "bytes_per_second")
-        self.copy_end = first("ceilings_end", "posenc_bench::copy_bandwidth/268435456", "bytes_per_second")
-        self.cache_start = first("bench_attention", "posenc_bench::copy_bandwidth/524288", "bytes_per_second")
-        self.cache_end = first("ceilings_end", "posenc_bench::copy_bandwidth/524288", "bytes_per_second")
+        self.fma_start, self.fma_end, self.fma_why = measure("posenc_bench::fma_peak", "FLOPS")
+        self.copy_start, self.copy_end, self.copy_why = measure("posenc_bench::copy_bandwidth/268435456",
+                                                                "bytes_per_second")
+        self.cache_start, self.cache_end, self.cache_why = measure("posenc_bench::copy_bandwidth/524288",
+                                                                   "bytes_per_second")
         # The ceiling is the best the machine showed in this run.
         self.fma = max(filter(None, [self.fma_start, self.fma_end]), default=None)
         self.copy = max(filter(None, [self.copy_start, self.copy_end]), default=None)
         self.cache_copy = max(filter(None, [self.cache_start, self.cache_end]), default=None)
+        self.fma_info = self.peak_info()
+        self.fma_name = peak_name(self.fma_info)
         self.sgemm = {}
         for b in self.find("bench_eigen_ceiling", "ceiling/eigen_sgemm"):
             a = name_args(b["name"])
             self.sgemm[(a["n"], a["d"])] = b["FLOPS"]
+        failed = self.find("bench_eigen_ceiling", "ceiling/eigen_sgemm", True)
+        self.sgemm_why = ("" if self.sgemm else f"eigen_sgemm failed: {failed[0].get('error_message', 'error')}"
+                          if failed else "bench_eigen_ceiling not in this run")
+
+    def peak_info(self):
+        """What the multiply-add peak was measured with: isa, lanes, op, threads, detected, cap (the
+        label of posenc_bench::fma_peak), else the instruction set run.py recorded in meta.json. A
+        peak without a label is the AVX-512 one, the only one earlier runs measured."""
+        recs = (self.find("bench_attention", "posenc_bench::fma_peak", True) +
+                self.find("ceilings_end", "posenc_bench::fma_peak", True))
+        for b in recs:
+            lab = parse_label(b.get("label"))
+            if "isa" in lab:
+                return lab
+        ok = [b for b in recs if not b.get("error_occurred")]
+        if ok:
+            return {"isa": "avx512", "lanes": 16, "op": "fma", "threads": int(ok[0].get("threads", 0)) or None}
+        simd = self.meta.get("simd") or {}
+        return {"isa": simd["in_use"]} if simd.get("in_use") else {}
+
+    def of_peak(self, r):
+        """'= 0.78 of the AVX-512 FMA peak (2 threads)', or why there is no ratio."""
+        if r.get("ratio_fma") is not None:
+            return f"= {fmt_ratio(r['ratio_fma'])} of the {self.fma_name}"
+        return f"(ratio to the {self.fma_name}: {ratio_cell(r, 'ratio_fma')})"
 
     def sgemm_for(self, n, d):
         """Eigen SGEMM FLOP/s of head_dim d at the measured n nearest to n (in log scale)."""
@@ -192,15 +264,22 @@ class Results:
             row["allocs_per_iter"] = b.get("allocs_per_iter")
         return row
 
-    def rate_ratios(self, row, b, copy_ref=None):
+    @staticmethod
+    def set_ratio(row, key, value, ceiling, why):
+        """row[key] = value / ceiling; without a ceiling None, and why in row["why"][key]."""
+        row[key] = value / ceiling if ceiling else None
+        if not ceiling:
+            row.setdefault("why", {})[key] = "no ceiling: " + why
+
+    def rate_ratios(self, row, b):
         if b.get("FLOPS"):
             row["gflops"] = b["FLOPS"] / 1e9
-            row["ratio_fma"] = b["FLOPS"] / self.fma if self.fma else None
+            self.set_ratio(row, "ratio_fma", b["FLOPS"], self.fma, self.fma_why)
+            row["fma_ceiling"] = self.fma_name
         bps = b.get("bytes_per_second")
         if bps:
             row["gb_per_s"] = bps / 1e9
-            ref = copy_ref if copy_ref is not None else self.copy
-            row["ratio_copy"] = bps / ref if ref else None
+            self.set_ratio(row, "ratio_copy", bps, self.copy, self.copy_why)
 
     def build_rows(self):
         rows = []
@@ -219,7 +298,8 @@ class Results:
                 row["input_bytes"] = b.get("input_bytes")
                 if row["group"] != "decode" and row.get("gflops"):
                     sg = self.sgemm_for(row["n_kv"], row["d"])
-                    row["ratio_sgemm"] = b["FLOPS"] / sg if sg else None
+                    self.set_ratio(row, "ratio_sgemm", b["FLOPS"], sg,
+                                   self.sgemm_why or f"no Eigen SGEMM of d = {row['d']} in this run")
                 if row["group"] != "decode":  # prefill is not bandwidth bound: no GB/s column
                     row.pop("gb_per_s", None)
                     row.pop("ratio_copy", None)
@@ -243,7 +323,7 @@ class Results:
                 row["variant"] += f" {('half-split', 'interleaved')[a['layout']]} simd{a.get('simd', '')}"
             if row["status"] == "ok" and b.get("GBps"):
                 row["gb_per_s"] = b["GBps"]
-                row["ratio_copy"] = b["GBps"] * 1e9 / self.copy if self.copy else None
+                self.set_ratio(row, "ratio_copy", b["GBps"] * 1e9, self.copy, self.copy_why)
             rows.append(row)
         for b in self.gb.get("bench_bias", []):
             row = self.base_row(b, "bench_bias")
@@ -253,7 +333,7 @@ class Results:
                         "variant": "position lists" if a.get("lists") else "position ranges"})
             if row["status"] == "ok" and b.get("bytes_per_second"):
                 row["gb_per_s"] = b["bytes_per_second"] / 1e9
-                row["ratio_cache_copy"] = b["bytes_per_second"] / self.cache_copy if self.cache_copy else None
+                self.set_ratio(row, "ratio_cache_copy", b["bytes_per_second"], self.cache_copy, self.cache_why)
             rows.append(row)
         for p in self.probes:
             ok = p.get("status") == "ok"
@@ -320,7 +400,9 @@ class Results:
 
 # ---------------------------------------------------------------- plots
 
-def plots(res, folder):
+def plots(res, folder, inspect=None):
+    """Writes the PNG plots into `folder`; returns their names. `inspect(name, figure)`, when given,
+    sees each figure before it is saved (the tests check its axes)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -328,7 +410,38 @@ def plots(res, folder):
 
     made = []
 
+    def data_lines(ax):
+        """The plotted series: not the ceilings' horizontal lines, which span the axes."""
+        return [line for line in ax.get_lines() if line.get_transform() == ax.transData and len(line.get_xdata())]
+
+    def padded(values, pad=0.1, min_pad=1.25, min_ratio=4.0):
+        """Log-axis limits around `values`: `pad` of their span either side (at least a factor
+        `min_pad`), widened to a factor `min_ratio` in all so that two ticks at least are labelled
+        (a lone value gets a factor 2 either side)."""
+        lo, hi = math.log(min(values)), math.log(max(values))
+        p = max(pad * (hi - lo), math.log(min_pad), (math.log(min_ratio) - (hi - lo)) / 2)
+        return math.exp(lo - p), math.exp(hi + p)
+
+    def tidy(ax):
+        """Every point inside the frame and clear of it, a lone point an octave from either edge (a
+        quick run has many series of one size), single points drawn large enough to see."""
+        lines = data_lines(ax)
+        for line in lines:
+            if len(line.get_xdata()) == 1:
+                line.set_markersize(max(line.get_markersize(), 7))
+        xs = [float(x) for line in lines for x in line.get_xdata() if x and x > 0]
+        levels = [line.get_ydata()[0] for line in ax.get_lines() if line not in lines]  # ceilings stay in sight
+        ys = [float(y) for y in levels + [y for line in lines for y in line.get_ydata()] if y and y > 0]
+        if xs and ax.get_xscale() == "log":
+            ax.set_xlim(*padded(xs))
+        if ys and ax.get_yscale() == "log":
+            ax.set_ylim(*padded(ys))
+
     def save(fig, name):
+        for ax in fig.axes:
+            tidy(ax)
+        if inspect:
+            inspect(name, fig)
         fig.tight_layout()
         fig.savefig(os.path.join(folder, name), dpi=110)
         plt.close(fig)
@@ -336,6 +449,8 @@ def plots(res, folder):
 
     def legend(ax, **kw):
         if ax.get_legend_handles_labels()[0]:
+            if any(len(line.get_xdata()) == 1 for line in data_lines(ax)):
+                kw["loc"] = "best"  # lone points may sit in the corner a fixed legend would cover
             ax.legend(**kw)
     enc_names = ["none", "rope", "rope_linear", "rope_ntk", "rope_dynamic_ntk", "rope_yarn", "rope_llama3",
                  "rope_longrope", "alibi", "t5", "shaw", "sinusoidal"]
@@ -413,7 +528,8 @@ def plots(res, folder):
                     ax.annotate(f"naive stops\n(n={fmt_n(xs[-1])})" if group == "prefill" and mask == "full" else "",
                                 xy=(xs[-1], ys[-1]), xytext=(6, -4), textcoords="offset points", fontsize=7,
                                 color=color)
-    hline(ax, res.fma and res.fma / 1e9, f"FMA peak {fmt(res.fma / 1e9 if res.fma else 0)} GFLOP/s", "black", "-.")
+    hline(ax, res.fma and res.fma / 1e9, f"{res.fma_name} {fmt(res.fma / 1e9 if res.fma else 0)} GFLOP/s", "black",
+          "-.")
     sg = res.sgemm_best(128)
     hline(ax, sg and sg / 1e9, f"Eigen SGEMM d=128 (built for this CPU) {fmt(sg / 1e9 if sg else 0)} GFLOP/s",
           "dimgray", ":")
@@ -433,7 +549,7 @@ def plots(res, folder):
             if xs:
                 ax.plot(xs, ys, linestyle=style, marker=marker, markersize=3.5, color=enc_color[enc],
                         label=enc if path == "blockwise" else None, linewidth=1.2)
-    hline(ax, res.fma and res.fma / 1e9, "FMA peak", "black", "-.")
+    hline(ax, res.fma and res.fma / 1e9, res.fma_name, "black", "-.")
     hline(ax, sg and sg / 1e9, "Eigen SGEMM d=128", "dimgray", ":")
     n_axis(ax)
     rate_axis(ax, "GFLOP/s")
@@ -459,9 +575,9 @@ def plots(res, folder):
     xs_all = sorted({r["n_kv"] for r in probes})
     if xs_all:
         for path, k, text in (("blockwise", 1, "slope 1 (linear)"), ("naive", 2, "slope 2 (quadratic)")):
-            if path in first_pts:
-                x0, y0 = first_pts[path]
-                gx = [x for x in xs_all if x >= x0]
+            x0, y0 = first_pts.get(path, (None, None))
+            gx = [x for x in xs_all if x0 is not None and x >= x0]
+            if len(gx) > 1:  # a slope needs two sizes
                 gy = [y0 * (x / x0) ** k * (0.5 if k == 1 else 2.0) for x in gx]
                 ax.plot(gx, gy, color="gray", linestyle=":", linewidth=1)
                 ax.annotate(text, xy=(gx[-1], gy[-1]), xytext=(-4, 4), textcoords="offset points", ha="right",
@@ -545,7 +661,8 @@ def plots(res, folder):
             ax.plot([p for p, _ in pts], [y for _, y in pts], marker="o", label=text.get(k, k))
         ref = mem.get("ring_bytes_max") or next(iter(mem.values()))
         p0, y0 = min(ref.items())
-        ax.plot(ps, [y0 * p0 / p for p in ps], color="gray", linestyle=":", label="1/P")
+        if len(ps) > 1:
+            ax.plot(ps, [y0 * p0 / p for p in ps], color="gray", linestyle=":", label="1/P")
         ax.set_xscale("log", base=2)
         ax.set_xticks(ps)
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: str(int(v))))
@@ -575,9 +692,11 @@ def headline(res):
             r = best([r for r in res.select(group="prefill", path="blockwise", mask=mask, status="ok") if r["d"] == d],
                      "gflops")
             if r:
+                sgemm = (f"{fmt_ratio(r['ratio_sgemm'])}x Eigen SGEMM built for this CPU"
+                         if r.get("ratio_sgemm") is not None else
+                         f"ratio to Eigen SGEMM: {ratio_cell(r, 'ratio_sgemm')}")
                 lines.append(f"Blockwise {mask} prefill, n = {fmt_n(r['n_kv'])} (8 heads, d = {d}): {fmt(r['gflops'])} "
-                             f"GFLOP/s = {fmt_ratio(r['ratio_fma'])} of the FMA peak, "
-                             f"{fmt_ratio(r.get('ratio_sgemm'))}x Eigen SGEMM built for this CPU")
+                             f"GFLOP/s {res.of_peak(r)}, {sgemm}")
         full = {r["n_kv"]: r for r in res.select(group="prefill", path="blockwise", mask="full", status="ok")
                 if r["d"] == d}
         pairs = [(r["n_kv"], r["time_s"] / full[r["n_kv"]]["time_s"])
@@ -592,8 +711,8 @@ def headline(res):
         blk = [r for r in res.select(group="prefill", path="blockwise", mask="causal", status="ok")
                if r["d"] == 128 and r["n_kv"] == naive["n_kv"]]
         speed = f"; blockwise is {fmt(blk[0]['gflops'] / naive['gflops'], 2)}x faster there" if blk else ""
-        lines.append(f"Naive causal prefill, n = {fmt_n(naive['n_kv'])}: {fmt(naive['gflops'])} GFLOP/s = "
-                     f"{fmt_ratio(naive['ratio_fma'])} of the FMA peak{speed}")
+        lines.append(f"Naive causal prefill, n = {fmt_n(naive['n_kv'])}: {fmt(naive['gflops'])} GFLOP/s "
+                     f"{res.of_peak(naive)}{speed}")
     enc_rows = res.select(group="encoder", path="blockwise", status="ok")
     if enc_rows:
         n = max(r["n_kv"] for r in enc_rows)
@@ -606,17 +725,17 @@ def headline(res):
         r = best(res.select(group=group, path="blockwise", status="ok"), "gflops")
         if r:
             extra = f", window {fmt_n(r['window'])}" if group == "window" else ""
-            lines.append(f"{text} prefill, n = {fmt_n(r['n_kv'])}{extra}: {fmt(r['gflops'])} GFLOP/s = "
-                         f"{fmt_ratio(r['ratio_fma'])} of the FMA peak")
+            lines.append(f"{text} prefill, n = {fmt_n(r['n_kv'])}{extra}: {fmt(r['gflops'])} GFLOP/s "
+                         f"{res.of_peak(r)}")
     dec = best([r for r in res.select(group="decode", path="blockwise", status="ok") if r["n_q"] == 1], "gb_per_s")
     if dec:
         lines.append(f"Decode, 1 query against {fmt_n(dec['n_kv'])} cached tokens (GQA 8/2, d = 128): "
-                     f"{fmt(dec['gb_per_s'])} GB/s of K and V = {fmt_ratio(dec['ratio_copy'])} of the copy bandwidth")
+                     f"{fmt(dec['gb_per_s'])} GB/s of K and V = {ratio_cell(dec, 'ratio_copy')} of the copy bandwidth")
     rope = [r for r in res.select(group="encoder_apply", encoder="rope", variant="cache", status="ok")]
     if rope:
         r = max(rope, key=lambda r: r["n_q"])
         lines.append(f"RoPE rotate with a cos/sin cache, {fmt_n(r['n_q'])} tokens x 32 heads x 128: "
-                     f"{fmt(r['gb_per_s'])} GB/s = {fmt_ratio(r['ratio_copy'])}x the copy bandwidth")
+                     f"{fmt(r['gb_per_s'])} GB/s = {ratio_cell(r, 'ratio_copy')}x the copy bandwidth")
     probes = res.select(group="memory_probe", encoder="none")
     if probes:
         parts = []
@@ -640,15 +759,45 @@ def headline(res):
                      "against P: " + ", ".join(f"P={p}: {fmt_bytes(b)}" for p, b in sorted(mem[key].items())))
     hidden = [r for r in res.ring if r.get("name") == "ring_step" and r.get("query_blocks") == 16 and r["_P"] > 1]
     if hidden:
+        hidden = sorted(hidden, key=lambda r: r["_P"])
         lines.append("Ring transfer hidden behind compute (query_blocks = 16): " +
-                     ", ".join(f"P={r['_P']}: {fmt_ratio(r.get('transfer_hidden_share'))}"
-                               for r in sorted(hidden, key=lambda r: r["_P"])))
+                     ", ".join(f"P={r['_P']}: {fmt_ratio(r.get('transfer_hidden_share'), 'not recorded')}"
+                               for r in hidden) + ". " + ring_hidden_note(res, hidden))
     bal = {(r["_P"], r.get("layout")): r.get("compute_ratio") for r in res.ring if r.get("name") == "ring_balance"}
     if bal:
         pmax = max(p for p, _ in bal)
         lines.append(f"Causal work balance at P={pmax}, slowest/fastest rank compute: zigzag "
-                     f"{fmt_ratio(bal.get((pmax, 'zigzag')))}, contiguous {fmt_ratio(bal.get((pmax, 'contiguous')))}")
+                     f"{fmt_ratio(bal.get((pmax, 'zigzag')), 'not measured')}, "
+                     f"contiguous {fmt_ratio(bal.get((pmax, 'contiguous')), 'not measured')}")
     return lines
+
+
+def ring_hidden_note(res, recs):
+    """What the hidden share of ring_step records (bench/mpi/ring_bench.cpp) measures, and the
+    figures behind it in this run."""
+    note = ("The share is 1 − (the slowest rank's wait for the transfers after its compute) / (the same "
+            "transfers timed with no compute), clamped to [0, 1]: 0 means the slowest rank waited after its "
+            "compute at least as long as the transfers take alone. Measured: ")
+    parts = []
+    cpus = res.meta.get("cpus")
+    for r in recs:
+        p = r["_P"]
+        text = f"P={p}:"
+        if r.get("wait_s") is not None and r.get("transfer_s") is not None:
+            text += (f" the slowest rank waited {fmt_time(r['wait_s'])} after compute, the transfers alone take "
+                     f"{fmt_time(r['transfer_s'])}")
+        done = r.get("transfers_done_during_compute")
+        if done is not None and p > 1:
+            text += f", transfers done by the end of compute {round(done * (p - 1))} of {p - 1} (rank with fewest)"
+        if cpus and p > cpus:
+            text += f", {p} ranks on {cpus} CPUs (a rank's wait also counts time its neighbours spent off the CPU)"
+        parts.append(text)
+    env = res.meta.get("env") or {}
+    depth = [env.get(f"OMPI_MCA_pml_ob1_{k}_pipeline_depth") for k in ("send", "recv")]
+    mpi = (f"Open MPI pipeline depth {depth[0] or 'default'} (send), {depth[1] or 'default'} (recv)" if any(depth)
+           else "Open MPI's default pipeline depth")
+    return (note + "; ".join(parts) + f". Run with {mpi}; docs/ring_attention.md (hidden transfer) measures "
+            "the share with deeper pipelines.")
 
 
 def machine_section(res):
@@ -660,6 +809,7 @@ def machine_section(res):
                 f"{', ' + str(m['threads_per_core']) + ' thread(s) per core' if m.get('threads_per_core') else ''}"
                 f"{', hypervisor ' + m['hypervisor'] if m.get('hypervisor') else ''}"),
         ("CPU flags (SIMD)", " ".join(m.get("cpu_flags", [])) or "?"),
+        ("kernels' instruction set", simd_text(res)),
         ("caches", ", ".join(f"{k} {v}" for k, v in m.get("caches", {}).items()) or "?"),
         ("memory", f"{m.get('memory_gib', '?')} GiB"),
         ("kernel, governor", f"Linux {m.get('kernel', '?')}, {m.get('governor') or 'no cpufreq governor exposed'}"),
@@ -680,22 +830,53 @@ def machine_section(res):
     return md_table(["", ""], [(f"**{a}**", b) for a, b in rows])
 
 
+def simd_text(res):
+    """'AVX2+FMA in use, the CPU has AVX-512, POSENC_SIMD_CAP = avx2'."""
+    info, simd = res.fma_info, res.meta.get("simd") or {}
+    isa = info.get("isa") or simd.get("in_use")
+    if not isa:
+        return "instruction set not recorded"
+    parts = [f"{ISA_NAMES.get(isa, isa)} in use"]
+    detected = info.get("detected") or simd.get("detected")
+    if detected:
+        parts.append(f"the CPU has {ISA_NAMES.get(detected, detected)}")
+    cap = info.get("cap") or simd.get("cap")
+    if cap:
+        parts.append(f"POSENC_SIMD_CAP = {cap}" if cap != "none" else "no POSENC_SIMD_CAP")
+    return ", ".join(parts)
+
+
 def ceilings_section(res):
     def drift(a, b):
-        return f"{100 * (b / a - 1):+.0f}%" if a and b else ""
+        return f"{100 * (b / a - 1):+.0f}%" if a and b else "n/a (one measurement)"
 
+    def cell(x, scale, unit, why, other):
+        if x:
+            return f"{fmt(x / scale)} {unit}"
+        return "not measured" if other else "no ceiling: " + why
+
+    info = res.fma_info
+    fma_row = peak_base(info) + (f", {info['threads']} threads" if info.get("threads") else "")
+    if info.get("lanes"):
+        fma_row += f" ({info['lanes']}-lane {info.get('op', 'fma')}, {info.get('chains', 12)} chains per thread)"
     rows = [
-        ("FMA peak, all cores (AVX-512, 12 chains)", "GFLOP/s", res.fma_start, res.fma_end, 1e9),
-        ("copy bandwidth, 256 MiB (DRAM), read + write", "GB/s", res.copy_start, res.copy_end, 1e9),
-        ("copy bandwidth, 512 KiB (cache), read + write", "GB/s", res.cache_start, res.cache_end, 1e9),
+        (fma_row, "GFLOP/s", res.fma_start, res.fma_end, 1e9, res.fma_why),
+        ("copy bandwidth, 256 MiB (DRAM), read + write", "GB/s", res.copy_start, res.copy_end, 1e9, res.copy_why),
+        ("copy bandwidth, 512 KiB (cache), read + write", "GB/s", res.cache_start, res.cache_end, 1e9,
+         res.cache_why),
     ]
-    table = [(name, f"{fmt(a / s) if a else ''} {unit}", f"{fmt(b / s) if b else ''} {unit}", drift(a, b))
-             for name, unit, a, b, s in rows]
+    table = [(name, cell(a, s, unit, why, b), cell(b, s, unit, why, a), drift(a, b))
+             for name, unit, a, b, s, why in rows]
     for (n, d), v in sorted(res.sgemm.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         table.append((f"Eigen SGEMM, S = QK^T and O = PV, n = {fmt_n(n)}, d = {d} (-march=native)",
-                      f"{fmt(v / 1e9)} GFLOP/s", "", ""))
+                      f"{fmt(v / 1e9)} GFLOP/s", "not rerun", "n/a (one measurement)"))
+    if not res.sgemm:
+        table.append(("Eigen SGEMM (-march=native)", "no ceiling: " + res.sgemm_why, "not rerun",
+                      "n/a (one measurement)"))
     text = md_table(["ceiling", "start of run", "end of run", "drift"], table)
-    spread = [abs(a / b - 1) for _, _, a, b, _ in rows if a and b]
+    text += (f"\n\nThe multiply-add peak is measured with the instruction set the attention kernels ran with "
+             f"({simd_text(res)}), on as many threads as the attention calls use.")
+    spread = [abs(a / b - 1) for _, _, a, b, _, _ in rows if a and b]
     if spread and max(spread) > 0.10:
         text += ("\n\n**The ceilings moved by more than 10% during the run: the machine was not quiet, so "
                  "ratios are approximate.**")
@@ -712,11 +893,11 @@ def prefill_section(res):
             what = {"prefill": r["mask"], "window": f"causal, window {fmt_n(r['window'] or 0)}",
                     "gqa": f"causal, GQA {r['heads']}/{r['kv_heads']}"}[group]
             rows.append((what, r["d"], fmt_n(r["n_kv"]), r["path"], fmt_time(r.get("time_s")),
-                         fmt(r.get("tokens_per_s")), fmt(r.get("gflops")), fmt_ratio(r.get("ratio_fma")),
-                         fmt_ratio(r.get("ratio_sgemm")), fmt_bytes(r.get("kernel_peak_bytes")),
+                         fmt(r.get("tokens_per_s")), fmt(r.get("gflops")), ratio_cell(r, "ratio_fma"),
+                         ratio_cell(r, "ratio_sgemm"), fmt_bytes(r.get("kernel_peak_bytes")),
                          status_cell(r)))
-    return md_table(["attention", "d", "n", "path", "time", "tokens/s", "GFLOP/s", "x FMA peak", "x Eigen SGEMM",
-                     "kernel heap peak", "status"], rows)
+    return md_table(["attention", "d", "n", "path", "time", "tokens/s", "GFLOP/s", f"x {res.fma_name}",
+                     "x Eigen SGEMM", "kernel heap peak", "status"], rows)
 
 
 def encoder_section(res):
@@ -736,15 +917,15 @@ def encoder_section(res):
             for n in ns:
                 hit = [r for r in rows if r["encoder"] == e and r["path"] == path and r["n_kv"] == n]
                 if not hit:
-                    cells.append("")
+                    cells.append("not run")
                 elif hit[0]["status"] != "ok":
                     cells.append(hit[0]["status"])
                 else:
-                    cells.append(f"{fmt(hit[0]['gflops'])} ({fmt_ratio(hit[0]['ratio_fma'])})")
-            if any(cells):
+                    cells.append(f"{fmt(hit[0]['gflops'])} ({ratio_cell(hit[0], 'ratio_fma')})")
+            if any(c != "not run" for c in cells):
                 table.append([e] + cells)
         if table:
-            out.append(f"**{path}** — GFLOP/s (ratio to the FMA peak):\n\n" +
+            out.append(f"**{path}** — GFLOP/s (ratio to the {res.fma_name}):\n\n" +
                        md_table(["encoder"] + [f"n = {fmt_n(n)}" for n in ns], table))
     return "\n\n".join(out)
 
@@ -753,7 +934,7 @@ def decode_section(res):
     rows = []
     for r in sorted(res.select(group="decode"), key=lambda r: (r["n_q"], r["n_kv"], r["path"])):
         rows.append((fmt_n(r["n_kv"]), r["n_q"], r["path"], fmt_time(r.get("time_s")), fmt(r.get("gb_per_s")),
-                     fmt_ratio(r.get("ratio_copy")), fmt(r.get("tokens_per_s")),
+                     ratio_cell(r, "ratio_copy"), fmt(r.get("tokens_per_s")),
                      fmt_bytes(r.get("kernel_peak_bytes")), status_cell(r)))
     return md_table(["n_kv", "n_q", "path", "time", "GB/s of K+V", "x copy bandwidth", "tokens/s",
                      "kernel heap peak", "status"], rows)
@@ -764,10 +945,10 @@ def workspace_section(res):
     for r in sorted(res.rows, key=lambda r: (r.get("n_kv") or 0, r.get("group") or "")):
         if r.get("group") in ("workspace_reused", "workspace_per_call"):
             rows.append((fmt_n(r["n_kv"]), "reused" if r["group"] == "workspace_reused" else "allocated per call",
-                         fmt_time(r.get("time_s")), fmt(r.get("gflops")), fmt_ratio(r.get("ratio_fma")),
+                         fmt_time(r.get("time_s")), fmt(r.get("gflops")), ratio_cell(r, "ratio_fma"),
                          fmt(r.get("allocs_per_iter"), 2), fmt_bytes(r.get("kernel_peak_bytes")),
                          fmt_bytes(r.get("workspace_bytes"))))
-    return md_table(["n", "workspace", "time", "GFLOP/s", "x FMA peak", "allocations per call",
+    return md_table(["n", "workspace", "time", "GFLOP/s", f"x {res.fma_name}", "allocations per call",
                      "kernel heap peak", "attention_workspace_bytes"], rows)
 
 
@@ -775,7 +956,7 @@ def apply_section(res):
     rows = []
     for r in res.select(group="encoder_apply"):
         rows.append((r["encoder"], r["variant"], fmt_n(r["n_q"]), fmt_time(r.get("time_s")), fmt(r.get("gb_per_s")),
-                     fmt_ratio(r.get("ratio_copy")), fmt(r.get("tokens_per_s")),
+                     ratio_cell(r, "ratio_copy"), fmt(r.get("tokens_per_s")),
                      fmt_bytes(r.get("kernel_peak_bytes")), status_cell(r)))
     return md_table(["encoder", "variant", "tokens", "time", "GB/s", "x copy bandwidth", "tokens/s",
                      "kernel heap peak", "status"], rows)
@@ -790,9 +971,10 @@ def rope_section(res):
         kind = b["name"].split("/")[0].removeprefix("BM_")
         layout = ("half-split", "interleaved")[a["layout"]] if "layout" in a else ""
         simd = ("portable", "AVX2", "AVX-512")[a["simd"]] if "simd" in a else ""
+        to_copy = (fmt_ratio(b["GBps"] * 1e9 / res.copy) if res.copy and b.get("GBps") else
+                   "no figure" if res.copy else "no ceiling: " + res.copy_why)
         rows.append((kind, fmt_n(a.get("tokens", 0)), layout, simd, fmt(b.get("GBps")), fmt_ratio(b.get("ratio")),
-                     fmt_ratio(b.get("ratio_inplace")),
-                     fmt_ratio(b["GBps"] * 1e9 / res.copy) if res.copy and b.get("GBps") else ""))
+                     fmt_ratio(b.get("ratio_inplace")), to_copy))
     return md_table(["kernel", "tokens", "layout", "SIMD", "GB/s", "x memcpy (same point)",
                      "x in-place stream (same point)", "x copy bandwidth (ceiling)"], rows)
 
@@ -802,7 +984,7 @@ def bias_section(res):
     for r in res.select(group="bias_tile"):
         b = next(x for x in res.gb["bench_bias"] if x["name"].removesuffix("/real_time") == r["name"])
         rows.append((r["encoder"], r["n_q"], r["variant"], fmt(b.get("elements", 0) / 1e9) if b.get("elements") else "",
-                     fmt(r.get("gb_per_s")), fmt_ratio(r.get("ratio_cache_copy"))))
+                     fmt(r.get("gb_per_s")), ratio_cell(r, "ratio_cache_copy")))
     return md_table(["bias", "tile side", "positions", "G elements/s", "GB/s (tile read + written)",
                      "x cache copy bandwidth"], rows)
 

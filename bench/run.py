@@ -6,9 +6,12 @@ point runs in its own process (so a progress line can name it before it starts, 
 costs one point), then the points of each executable are merged into one Google Benchmark JSON
 file. The ceilings (FMA peak, copy bandwidth, Eigen SGEMM) run first, and the FMA peak and copy
 bandwidth again at the end, so the report can show how much the machine drifted during the run.
+--simd-cap (or POSENC_SIMD_CAP in the environment) caps the instruction set of the kernels and of
+the FMA peak: avx512, avx2 or portable.
 
 Writes into --out:
-  meta.json                  machine, compiler, Eigen, environment, commit, mode, timings
+  meta.json                  machine, compiler, Eigen, environment, commit, mode, timings, and the
+                             instruction set the kernels ran with ("simd")
   <executable>.json / .txt   Google Benchmark JSON of every point, and the console log
   ceilings_end.json          the FMA peak and copy bandwidth measured again at the end
   probe_memory.jsonl         one fresh process per (path, encoder, n): peak RSS and heap
@@ -28,6 +31,9 @@ import sys
 import time
 
 MODES = ("quick", "default", "full")
+
+# POSENC_SIMD_CAP values (bench/run_settings.hpp), highest first.
+SIMD_CAPS = ("avx512", "avx2", "portable")
 
 # Google Benchmark --benchmark_min_time per mode: each point repeats until it has run this long
 # (one call is enough for the long ones).
@@ -53,7 +59,7 @@ RING_RANKS = (1, 2, 4)
 # Environment variables that change what the kernels do; the report lists them, set or not.
 ENV_PATTERNS = re.compile(r"^(OMP_|GOMP_|KMP_|OPENBLAS_|MKL_|BLIS_|EIGEN_|POSENC_|OMPI_|MALLOC_|GLIBC_TUNABLES)")
 ENV_ALWAYS = ("OMP_NUM_THREADS", "OMP_PROC_BIND", "OMP_PLACES", "OMP_DYNAMIC", "OPENBLAS_CORETYPE",
-              "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "GOMP_SPINCOUNT", "GLIBC_TUNABLES")
+              "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "GOMP_SPINCOUNT", "GLIBC_TUNABLES", "POSENC_SIMD_CAP")
 
 GB_SPECIALS = set(".^$|()[]{}*+?\\")
 
@@ -77,6 +83,8 @@ class Runner:
         self.steps = []  # (kind, exe, name, argv, output file or None)
         self.records = []
         self.env = dict(os.environ, POSENC_BENCH_MODE=args.mode, POSENC_BENCH_MEM_LIMIT_GIB=str(args.mem_limit))
+        if args.simd_cap:
+            self.env["POSENC_SIMD_CAP"] = args.simd_cap
         self.filter = re.compile(args.filter) if args.filter else None
         self.min_time = args.min_time if args.min_time is not None else MIN_TIME[args.mode]
         self.logs = {}
@@ -329,6 +337,30 @@ def machine(args, cache):
     }
 
 
+def simd_in_use(out, cap):
+    """The instruction set the kernels ran with, as posenc_bench::fma_peak measured it (its label:
+    isa, detected, cap, lanes, op, threads), with the cap asked for."""
+    simd = {"cap": cap}
+    data = load_gb(os.path.join(out, "bench_attention.json"))
+    for b in data.get("benchmarks", []):
+        if b["name"].startswith("posenc_bench::fma_peak") and not b.get("error_occurred"):
+            lab = {k: int(v) if v.isdigit() else v
+                   for k, v in (tok.split("=", 1) for tok in (b.get("label") or "").split() if "=" in tok)}
+            simd.update(in_use=lab.get("isa"), detected=lab.get("detected"), lanes=lab.get("lanes"),
+                        op=lab.get("op"), threads=lab.get("threads"))
+            return simd
+    simd.update(in_use=None, why="posenc_bench::fma_peak did not run or failed (see steps.json)")
+    return simd
+
+
+def load_gb(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--build", required=True, help="the CMake build directory (its bench/ holds the executables)")
@@ -337,12 +369,20 @@ def main():
     ap.add_argument("--filter", help="only points whose name matches this regex (ceilings always run)")
     ap.add_argument("--mem-limit", type=float, default=8.0, help="GiB a naive point may need (default 8)")
     ap.add_argument("--min-time", type=float, help="Google Benchmark min time per point, seconds")
+    ap.add_argument("--simd-cap", choices=SIMD_CAPS,
+                    help="highest instruction set the kernels and the FMA peak may use (sets POSENC_SIMD_CAP); "
+                         "default: the best the CPU has")
     ap.add_argument("bench_args", nargs="*", help="passed to every Google Benchmark executable")
     args = ap.parse_args()
+    cap = args.simd_cap or os.environ.get("POSENC_SIMD_CAP") or None
+    if cap not in (None,) + SIMD_CAPS:
+        ap.error(f"POSENC_SIMD_CAP={cap}: expected one of {', '.join(SIMD_CAPS)}")
 
     os.makedirs(args.out, exist_ok=True)
     cache = cmake_cache(args.build)
     meta = machine(args, cache)
+    if args.simd_cap:
+        meta["env"]["POSENC_SIMD_CAP"] = args.simd_cap
     runner = Runner(args)
     runner.plan()
     meta["ring"] = runner.ring_note
@@ -350,6 +390,7 @@ def main():
     meta["run_seconds"] = round(time.time() - runner.start, 1)
     meta["load_average_end"] = read("/proc/loadavg").split()[:3]
     meta["failed_steps"] = failures
+    meta["simd"] = simd_in_use(args.out, cap)
     with open(os.path.join(args.out, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
     print(f"bench/run.py: {len(runner.steps)} steps in {fmt_duration(meta['run_seconds'])}, {failures} failed",

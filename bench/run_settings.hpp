@@ -7,6 +7,8 @@
 #include <string>
 #include <string_view>
 
+#include "posenc/detail/cpu.hpp"
+
 namespace posenc_bench {
 
 /// Size of the sweep: POSENC_BENCH_MODE = quick, default or full.
@@ -42,5 +44,35 @@ inline std::string skip_message(double bytes) {
   std::snprintf(buf, sizeof buf, "skipped: would need %.2g GiB", bytes / gib);
   return buf;
 }
+
+// ---- instruction set ----
+
+/// The names POSENC_SIMD_CAP takes, in the order of `posenc::detail::simd_level` (lowest first).
+inline constexpr std::string_view simd_names[] = {"portable", "avx2", "avx512"};
+
+inline std::string_view simd_name(posenc::detail::simd_level level) { return simd_names[static_cast<int>(level)]; }
+
+/// The highest SIMD level the kernels may use: POSENC_SIMD_CAP = portable, avx2 or avx512 (unset
+/// or empty: avx512, no cap). It only lowers the level: a CPU without the named set uses the best
+/// it has. An unknown name ends the program with a message, so that a typo does not measure
+/// another instruction set than the one asked for.
+inline posenc::detail::simd_level simd_cap_setting() {
+  const char* v = std::getenv("POSENC_SIMD_CAP");
+  const std::string_view s = v != nullptr ? v : "";
+  if (s.empty()) return posenc::detail::simd_level::avx512;
+  for (int i = 0; i < 3; ++i)
+    if (simd_names[i] == s) return static_cast<posenc::detail::simd_level>(i);
+  std::fprintf(stderr, "POSENC_SIMD_CAP=%s: expected portable, avx2 or avx512\n", v);
+  std::exit(2);
+}
+
+/// Applies POSENC_SIMD_CAP to the library (`posenc::detail::set_simd_cap`). Runs once at start-up,
+/// through `simd_cap_applied`, before any benchmark is registered or run.
+inline bool apply_simd_cap() {
+  posenc::detail::set_simd_cap(simd_cap_setting());
+  return true;
+}
+
+inline const bool simd_cap_applied = apply_simd_cap();
 
 }  // namespace posenc_bench

@@ -1,0 +1,332 @@
+#!/usr/bin/env python3
+"""bench/report.py on synthetic results folders, the shape bench/run.py writes, with no benchmark run:
+
+- an AVX2+FMA multiply-add peak and no AVX-512 one (an AVX2 CPU, or a run capped with
+  --simd-cap avx2): every ratio heading and headline names the AVX2+FMA peak, none names AVX-512;
+- no ceiling at all (the peak failed, no copy bandwidth, no Eigen SGEMM): every ratio cell says why;
+- a quick-mode run, where most series have a single point: the plots are written, single points
+  have visible markers and lie well inside sensible axis limits.
+
+Run: python3 tests/bench/test_report.py (ctest runs it with Debian's /usr/bin/python3, which has
+python3-matplotlib; without matplotlib the plot test is skipped).
+"""
+
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+import unittest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "bench"))
+import report  # noqa: E402
+
+try:
+    import matplotlib  # noqa: F401
+    HAVE_MATPLOTLIB = True
+except ImportError:
+    HAVE_MATPLOTLIB = False
+
+
+# ---------------------------------------------------------------- synthetic results
+
+def gb_point(name, real_time_ms, label=None, error=None, **counters):
+    b = {"name": name + "/real_time", "run_type": "iteration", "iterations": 10, "real_time": real_time_ms,
+         "cpu_time": real_time_ms, "time_unit": "ms"}
+    if label is not None:
+        b["label"] = label
+    if error is not None:
+        b.update(error_occurred=True, error_message=error)
+    b.update(counters)
+    return b
+
+
+def attention_label(group, path, n, d=128, mask="causal", enc="none", n_q=None, heads=8, kv_heads=8, window=-1):
+    return (f"group={group} path={path} enc={enc} mask={mask} n_q={n_q or n} n_kv={n} heads={heads} "
+            f"kv_heads={kv_heads} d={d} window={window}")
+
+
+def attention_points(flops):
+    """One point per group at a single size, as a quick run has for most groups."""
+    pts = []
+    for path, f in (("blockwise", flops), ("naive", flops / 8)):
+        pts.append(gb_point(f"attention/{path}/1024/128/1", 1.0, attention_label("prefill", path, 1024),
+                            FLOPS=f, tokens_per_second=1e6, max_bytes_used=1 << 20))
+        pts.append(gb_point(f"attention/encoder/rope/{path}/512", 0.5,
+                            attention_label("encoder", path, 512, enc="rope"), FLOPS=f, tokens_per_second=1e6,
+                            max_bytes_used=1 << 19))
+    pts.append(gb_point("attention/naive/2048/128/0", 0.0, attention_label("prefill", "naive", 2048, mask="full"),
+                        error="skipped: would need 16 GiB"))
+    pts.append(gb_point("attention/window/blockwise/1024/512", 1.0,
+                        attention_label("window", "blockwise", 1024, mask="window", window=512), FLOPS=flops))
+    pts.append(gb_point("attention/gqa/blockwise/1024/8/2", 1.0,
+                        attention_label("gqa", "blockwise", 1024, kv_heads=2), FLOPS=flops))
+    pts.append(gb_point("attention/decode/n_kv:4096/n_q:1", 0.1,
+                        attention_label("decode", "blockwise", 4096, n_q=1, kv_heads=2), FLOPS=flops / 10,
+                        bytes_per_second=2e10, tokens_per_second=1e4, max_bytes_used=1 << 18))
+    pts.append(gb_point("attention/workspace/reused/1024", 1.0,
+                        attention_label("workspace_reused", "blockwise", 1024), FLOPS=flops, allocs_per_iter=0.0))
+    return pts
+
+
+def write(folder, name, data):
+    with open(os.path.join(folder, name), "w") as f:
+        if name.endswith(".jsonl"):
+            f.write("".join(json.dumps(r) + "\n" for r in data))
+        else:
+            json.dump(data, f)
+
+
+def results_folder(folder, peak_label, peak=1.4e11, ceilings=True, simd=None):
+    """A results folder of a quick run. `peak_label`: the label of posenc_bench::fma_peak;
+    `ceilings`: False leaves the peak failed and no copy bandwidth, no Eigen SGEMM."""
+    meta = {"date": "2026-12-01T00:00:00Z", "host": "test", "mode": "quick", "cpus": 2, "mem_limit_gib": 8,
+            "env": {}, "probe_shape": {"heads": 1, "d": 128}, "ring": "run: mpirun -np P ring_bench"}
+    if simd:
+        meta["simd"] = simd
+    write(folder, "meta.json", meta)
+    if ceilings:
+        start = [gb_point("posenc_bench::fma_peak", 12.0, peak_label, FLOPS=peak),
+                 gb_point("posenc_bench::copy_bandwidth/268435456", 14.0, bytes_per_second=3.9e10),
+                 gb_point("posenc_bench::copy_bandwidth/524288", 0.5, bytes_per_second=2.4e11)]
+        end = [gb_point("posenc_bench::fma_peak", 12.0, peak_label, FLOPS=peak * 0.97),
+               gb_point("posenc_bench::copy_bandwidth/268435456", 14.0, bytes_per_second=3.8e10),
+               gb_point("posenc_bench::copy_bandwidth/524288", 0.5, bytes_per_second=2.3e11)]
+        write(folder, "ceilings_end.json", {"context": {}, "benchmarks": end})
+        write(folder, "bench_eigen_ceiling.json", {"context": {}, "benchmarks": [
+            gb_point("ceiling/eigen_sgemm/n:1024/d:128", 1.0, FLOPS=9e10)]})
+    else:
+        start = [gb_point("posenc_bench::fma_peak", 0.0, error="no AVX-512 on this CPU")]
+    write(folder, "bench_attention.json", {"context": {}, "benchmarks": start + attention_points(0.6 * peak)})
+    write(folder, "bench_encoders.json", {"context": {}, "benchmarks": [
+        gb_point("encoders/rope/cache/4096", 1.0, "enc=rope variant=cache tokens=4096", bytes_per_second=3e10,
+                 tokens_per_second=4e6)]})
+    write(folder, "bench_rope.json", {"context": {}, "benchmarks": [
+        gb_point("BM_rope_cache/tokens:4096/layout:0/simd:1", 1.0, GBps=30.0, ratio=0.9, ratio_inplace=0.8)]})
+    write(folder, "bench_bias.json", {"context": {}, "benchmarks": [
+        gb_point("BM_alibi_tile/tile:128/lists:0", 0.01, bytes_per_second=5e10, elements=1e9)]})
+    write(folder, "probe_memory.jsonl", [
+        {"path": "blockwise", "encoder": "none", "n": 1024, "status": "ok", "causal": 1, "heads": 1, "d": 128,
+         "seconds": 0.01, "heap_peak_bytes": 1 << 20, "rss_peak_bytes": 40 << 20, "rss_start_bytes": 30 << 20},
+        {"path": "naive", "encoder": "none", "n": 1024, "status": "skipped: would need 9 GiB", "causal": 1}])
+    write(folder, "ring_P2.json", [
+        {"name": "ring_memory", "P": 2, "n_total": 4096, "heads": 8, "kv_heads": 8, "head_dim": 64,
+         "peak_rss_bytes_max": 5e7, "rss_above_baseline_bytes_max": 3e7, "ring_bytes_max": 2.5e7},
+        {"name": "ring_step", "P": 2, "layout": "zigzag", "query_blocks": 16, "step_time_s": 0.02,
+         "transfer_s": 0.004, "wait_s": 0.006, "transfer_hidden_share": 0, "transfers_done_during_compute": 0}])
+    write(folder, "steps.json", [])
+    return folder
+
+
+AVX2_LABEL = "isa=avx2 lanes=8 op=fma chains=12 threads=2 detected=avx2 cap=none"
+
+
+# ---------------------------------------------------------------- reading report.md
+
+def tables(md):
+    """Every markdown table of `md`: (the text line before it, header cells, rows of cells)."""
+    out, lines, i = [], md.splitlines(), 0
+    while i < len(lines):
+        if lines[i].startswith("|") and i + 1 < len(lines) and lines[i + 1].startswith("|---"):
+            before = next((lines[j] for j in range(i - 1, -1, -1) if lines[j].strip()), "")
+            header = [c.strip() for c in lines[i].strip().strip("|").split("|")]
+            rows, i = [], i + 2
+            while i < len(lines) and lines[i].startswith("|"):
+                rows.append([c.strip() for c in lines[i].strip().strip("|").split("|")])
+                i += 1
+            out.append((before, header, rows))
+        else:
+            i += 1
+    return out
+
+
+def ratio_cells(md):
+    """(table header, column header, cell) of every ratio: columns headed `x <ceiling>`, and every
+    cell of the grids introduced as `GFLOP/s (ratio to ...)`."""
+    cells = []
+    for before, header, rows in tables(md):
+        grid = "ratio to" in before
+        for row in rows:
+            for col, cell in zip(header, row):
+                if (grid and col != header[0]) or col.startswith("x "):
+                    cells.append((" | ".join(header), col, cell))
+    return cells
+
+
+def headline(md):
+    part = md.split("## Headline", 1)[1].split("\n## ", 1)[0]
+    return [line[2:] for line in part.splitlines() if line.startswith("- ")]
+
+
+def make_report(folder):
+    """report.py's main on `folder`; the text of report.md."""
+    argv = sys.argv
+    sys.argv = ["report.py", folder]
+    try:
+        with open(os.devnull, "w") as devnull:
+            stdout, sys.stdout = sys.stdout, devnull
+            try:
+                report.main()
+            finally:
+                sys.stdout = stdout
+    finally:
+        sys.argv = argv
+    with open(os.path.join(folder, "report.md")) as f:
+        return f.read()
+
+
+# ---------------------------------------------------------------- tests
+
+class Avx2Ceiling(unittest.TestCase):
+    """An AVX2+FMA peak measured, no AVX-512 one."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.md = make_report(results_folder(cls.tmp.name, AVX2_LABEL))
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def test_every_fma_ratio_heading_names_the_avx2_peak(self):
+        fma_cols = {col for _, col, _ in ratio_cells(self.md) if "peak" in col}
+        self.assertTrue(fma_cols, "no ratio column against the multiply-add peak")
+        for col in fma_cols:
+            self.assertIn("AVX2+FMA peak (2 threads)", col)
+        grids = [before for before, _, _ in tables(self.md) if "ratio to" in before]
+        self.assertTrue(grids)
+        for before in grids:
+            self.assertIn("AVX2+FMA peak (2 threads)", before)
+        self.assertNotIn("AVX-512 FMA peak", self.md)
+
+    def test_headline_names_the_peak_of_each_ratio(self):
+        lines = [h for h in headline(self.md) if "GFLOP/s" in h]
+        self.assertTrue(lines)
+        for h in lines:
+            self.assertRegex(h, r"= \d+\.\d\d of the AVX2\+FMA peak \(2 threads\)")
+
+    def test_ceilings_table_names_the_instruction_set(self):
+        ceilings = self.md.split("## Ceilings", 1)[1].split("\n## ", 1)[0]
+        self.assertIn("AVX2+FMA peak, 2 threads (8-lane fma", ceilings)
+
+    def test_ratios_are_the_figure_over_the_higher_ceiling(self):
+        # attention_points makes blockwise prefill 0.6 of the peak at the start; the end one is lower.
+        _, header, rows = next(t for t in tables(self.md) if t[1][0] == "attention")
+        col = next(i for i, c in enumerate(header) if c.startswith("x AVX2"))
+        blockwise = [r for r in rows if r[0] == "causal" and r[3] == "blockwise"]
+        self.assertEqual(blockwise[0][col], "0.60")
+
+    def test_no_ratio_cell_is_blank(self):
+        cells = ratio_cells(self.md)
+        self.assertTrue(cells)
+        for table, col, cell in cells:
+            self.assertTrue(cell, f"blank cell in column '{col}' of table '{table}'")
+        for line in headline(self.md):
+            self.assertNotRegex(line, r"=\s*(of|x)\b|\(\s*\)|=\s*,|=\s*$")
+
+    def test_ring_headline_explains_the_hidden_share(self):
+        ring = next(h for h in headline(self.md) if h.startswith("Ring transfer hidden"))
+        self.assertIn("P=2: 0.00", ring)
+        self.assertIn("1 − (the slowest rank's wait", ring)
+        # The figures behind the 0: the wait (6 ms) and the bare transfers (4 ms) of the record.
+        self.assertIn("waited 6.00 ms", ring)
+        self.assertIn("alone take 4.00 ms", ring)
+
+
+class NoCeiling(unittest.TestCase):
+    """The peak failed (the AVX-512-only peak on an AVX2 CPU), and no copy bandwidth or SGEMM."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.md = make_report(results_folder(cls.tmp.name, None, ceilings=False,
+                                            simd={"cap": None, "in_use": "avx2", "detected": "avx2"}))
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def test_every_ratio_cell_says_why(self):
+        cells = ratio_cells(self.md)
+        self.assertTrue(cells)
+        for table, col, cell in cells:
+            self.assertTrue(cell, f"blank cell in column '{col}' of table '{table}'")
+            if "(same point)" not in col:  # bench_rope's own same-point references need no ceiling
+                self.assertNotRegex(cell, r"\d\.\d\d", f"a ratio without a ceiling in column '{col}'")
+        fma = [cell for _, col, cell in ratio_cells(self.md) if "peak" in col and cell != "not run"]
+        self.assertTrue(fma)
+        for cell in fma:
+            self.assertIn("no ceiling: fma_peak failed: no AVX-512 on this CPU", cell)
+        copy = [cell for _, col, cell in ratio_cells(self.md) if "copy" in col and cell != "not run"]
+        self.assertTrue(copy)
+        for cell in copy:
+            self.assertRegex(cell, r"^no ceiling: copy_bandwidth/\d+ not in this run$")
+
+    def test_headings_name_the_instruction_set_in_use(self):
+        for _, col, _ in ratio_cells(self.md):
+            if "peak" in col:
+                self.assertIn("AVX2+FMA peak", col)
+
+    def test_headline_says_why_instead_of_a_blank(self):
+        lines = headline(self.md)
+        self.assertTrue(lines)
+        for line in lines:
+            self.assertNotRegex(line, r"=\s*(of|x)\b|\(\s*\)|=\s*,|=\s*$")
+        prefill = [h for h in lines if h.startswith("Blockwise causal prefill")]
+        self.assertIn("no ceiling: fma_peak failed", prefill[0])
+        self.assertIn("no ceiling: bench_eigen_ceiling not in this run", prefill[0])
+
+    def test_ceilings_table_says_why(self):
+        ceilings = self.md.split("## Ceilings", 1)[1].split("\n## ", 1)[0]
+        self.assertIn("no ceiling: fma_peak failed: no AVX-512 on this CPU", ceilings)
+        for _, header, rows in tables(ceilings):
+            for row in rows:
+                for col, cell in zip(header, row):
+                    self.assertTrue(cell, f"blank '{col}' in the ceilings row '{row[0]}'")
+
+
+@unittest.skipUnless(HAVE_MATPLOTLIB, "no matplotlib (Debian: python3-matplotlib)")
+class SinglePointPlots(unittest.TestCase):
+    """A quick run: one size per series."""
+
+    def test_plots_are_written_and_single_points_readable(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            res = report.Results(results_folder(tmp, AVX2_LABEL))
+            seen = {}
+            made = report.plots(res, tmp, inspect=lambda name, fig: seen.setdefault(name, self.check(name, fig)))
+            for name in ("throughput.png", "memory.png", "bandwidth.png", "ring.png"):
+                self.assertIn(name, made)
+                self.assertGreater(os.path.getsize(os.path.join(tmp, name)), 10000)
+            self.assertGreater(sum(seen.values()), 0, "no single-point series drawn")
+
+    def check(self, name, fig):
+        """Asserts on every single-point series of `fig`; returns how many there were."""
+        count = 0
+        for ax in fig.axes:
+            for line in ax.get_lines():
+                xs, ys = line.get_xdata(), line.get_ydata()
+                if len(xs) != 1 or line.get_transform() != ax.transData:
+                    continue
+                count += 1
+                where = f"{name}, '{ax.get_title()}', series '{line.get_label()}'"
+                self.assertNotIn(line.get_marker(), (None, "", " ", "None"), f"{where}: no marker")
+                self.assertGreaterEqual(line.get_markersize(), 6, f"{where}: marker too small to see")
+                for value, lim, scale in ((xs[0], ax.get_xlim(), ax.get_xscale()),
+                                          (ys[0], ax.get_ylim(), ax.get_yscale())):
+                    lo, hi = sorted(lim)
+                    self.assertTrue(math.isfinite(lo) and math.isfinite(hi) and lo < hi, f"{where}: limits {lim}")
+                    if scale == "log":
+                        self.assertGreater(lo, 0, where)
+                        lo, hi, value = math.log(lo), math.log(hi), math.log(value)
+                    # Inside, away from the frame, and not in a range so narrow that ticks vanish.
+                    self.assertGreater(value - lo, 0.05 * (hi - lo), f"{where}: on the lower edge {lim}")
+                    self.assertGreater(hi - value, 0.05 * (hi - lo), f"{where}: on the upper edge {lim}")
+                    if scale == "log":
+                        self.assertGreaterEqual(hi - lo, math.log(2), f"{where}: less than an octave {lim}")
+        return count
+
+
+if __name__ == "__main__":
+    unittest.main()
