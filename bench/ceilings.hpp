@@ -26,9 +26,9 @@
 
 namespace posenc_bench {
 
-/// Threads of an attention call with the default `attention_params` (`threads = 0`: all
-/// available), the count the attention benchmarks run with; the all-core ceilings use the same.
-inline int attention_threads() { return std::max(1, posenc::detail::attention_threads(posenc::attention_params{})); }
+/// Workers of the attention benchmarks' thread pool (`shape::pool()`: one per hardware
+/// thread); the all-core ceilings use the same count.
+inline int attention_threads() { return static_cast<int>(std::max(1u, std::thread::hardware_concurrency())); }
 
 /// `threads` threads that run `work(t)`, t = 0 .. threads - 1, together once per `run()`. Thread 0
 /// is the caller; the others start once and wait on a barrier between runs, so a run costs two
