@@ -21,6 +21,7 @@
 
 #include "posenc/concepts.hpp"
 #include "posenc/detail/check.hpp"
+#include "posenc/detail/position_math.hpp"
 #include "posenc/types.hpp"
 
 namespace posenc {
@@ -43,7 +44,8 @@ struct sinusoidal_params {
 /// Sinusoidal absolute position encoding: an `additive_input` encoder.
 ///
 /// Angles are `(pos + offset) * f_i` in double and their sine and cosine are taken in double,
-/// then rounded, so positions far beyond 2^24 keep full accuracy. Immutable after construction;
+/// then rounded, so positions far beyond 2^24 keep full accuracy. `pos + offset` is the exact sum
+/// rounded once to double, for any int64 values (it may pass the int64 range). Immutable after construction;
 /// one object may be used from several threads at once.
 template <class T>
 class sinusoidal {
@@ -124,8 +126,8 @@ class sinusoidal {
 
   template <class S, class Op>
   void encode_row(position p, S* row, Op op) const {
-    // In double, so an offset near the int64 limits cannot overflow.
-    const double pd = static_cast<double>(p) + static_cast<double>(p_.position_offset);
+    // Exact, then rounded once: an offset near the int64 limits neither overflows nor rounds twice.
+    const double pd = detail::position_sum(p, p_.position_offset);
     const index_t half = p_.dim / 2;
     const bool inter = p_.layout == sinusoidal_layout::interleaved;
     for (index_t i = 0; i < half; ++i) {
