@@ -263,3 +263,96 @@ TEMPLATE_TEST_CASE("sinusoidal: position + position_offset is the exact sum roun
     }
   }
 }
+
+// ---- 8. Parameters that overflow the encoder's type, enums out of range ------------------------
+
+TEST_CASE("rope<float>: a magnitude outside [FLT_MIN, FLT_MAX] is refused, naming its source",
+          "[hostile][rope][params]") {
+  using Catch::Matchers::Contains;
+  const posenc::rope_params base{.head_dim = 8};
+  auto with_factor = [&](double f) {
+    posenc::rope_params p = base;
+    p.attention_factor = f;
+    return p;
+  };
+  for (const double bad :
+       {1e39, std::nextafter(static_cast<double>(std::numeric_limits<float>::max()), 1e300), 1e-39,
+        static_cast<double>(std::numeric_limits<float>::denorm_min()), std::numeric_limits<double>::infinity(),
+        std::numeric_limits<double>::quiet_NaN(), 0.0, -1.0}) {
+    INFO("attention_factor " << bad);
+    CHECK_INVALID(posenc::rope<float>(with_factor(bad)), "rope_params.attention_factor");
+  }
+  // YaRN: (0.1 * 1e308 * ln 4 + 1) / (0.1 * ln 4 + 1) is about 1.2e307, finite in double only.
+  const posenc::rope_params yarn_huge{
+      .head_dim = 8, .scaling = posenc::yarn_scaling{.factor = 4, .mscale = 1e308, .mscale_all_dim = 1}};
+  CHECK_THROWS_WITH(posenc::rope<float>(yarn_huge), Contains("rope_params.scaling = yarn") && Contains("magnitude"));
+  CHECK_NOTHROW(posenc::rope<double>(yarn_huge));
+  // ... and (0.1 ln s + 1) / (0.1 * 1e39 * ln s + 1) is about 1e-39: below FLT_MIN.
+  const posenc::rope_params yarn_tiny{
+      .head_dim = 8, .scaling = posenc::yarn_scaling{.factor = 4, .mscale = 1, .mscale_all_dim = 1e39}};
+  CHECK_THROWS_WITH(posenc::rope<float>(yarn_tiny), Contains("rope_params.scaling = yarn") && Contains("magnitude"));
+  CHECK_NOTHROW(posenc::rope<double>(yarn_tiny));
+
+  // The limits themselves are accepted, and cos/sin times the magnitude stay finite: zeros stay
+  // zero (an infinite product would make them NaN), small values stay finite.
+  for (const double edge : {static_cast<double>(std::numeric_limits<float>::max()),
+                            static_cast<double>(std::numeric_limits<float>::min())}) {
+    INFO("attention_factor " << edge);
+    const posenc::rope<float> r(with_factor(edge));
+    posenc::row_matrix<float> zeros = posenc::row_matrix<float>::Zero(4, 8);
+    posenc::row_matrix<float> small = posenc::row_matrix<float>::Constant(4, 8, 1e-30f);
+    const position pos[] = {0, 3, 1000003, pmax};
+    r.rotate(zeros, posenc::positions(pos));
+    r.rotate(small, posenc::positions(pos));
+    CHECK(zeros.isZero(0));
+    CHECK(small.allFinite());
+    const auto cache = r.make_cache(0, 16);
+    for (position p = 0; p < 16; ++p)
+      for (index_t k = 0; k < 4; ++k) CHECK((std::isfinite(cache.cos(p, k)) && std::isfinite(cache.sin(p, k))));
+  }
+}
+
+TEST_CASE("rope<double>: a magnitude outside [DBL_MIN, DBL_MAX] is refused, naming its source",
+          "[hostile][rope][params]") {
+  using Catch::Matchers::Contains;
+  auto with_factor = [](double f) { return posenc::rope_params{.head_dim = 8, .attention_factor = f}; };
+  for (const double bad : {std::numeric_limits<double>::infinity(), std::numeric_limits<double>::quiet_NaN(),
+                           std::numeric_limits<double>::denorm_min(), std::numeric_limits<double>::min() / 2}) {
+    INFO("attention_factor " << bad);
+    CHECK_INVALID(posenc::rope<double>(with_factor(bad)), "rope_params.attention_factor");
+  }
+  for (const double edge : {std::numeric_limits<double>::max(), std::numeric_limits<double>::min(), 1e39}) {
+    INFO("attention_factor " << edge);
+    const posenc::rope<double> r(with_factor(edge));
+    posenc::row_matrix<double> zeros = posenc::row_matrix<double>::Zero(2, 8);
+    const position pos[] = {5, pmin};
+    r.rotate(zeros, posenc::positions(pos));
+    CHECK(zeros.isZero(0));
+  }
+  // 0.1 * DBL_MAX * ln(e^20) overflows: an infinite YaRN magnitude; 3 / (0.1 * 1e308 * 20) is
+  // below DBL_MIN.
+  const double s = std::exp(20.0);
+  CHECK_THROWS_WITH(
+      posenc::rope<double>(
+          {.head_dim = 8, .scaling = posenc::yarn_scaling{.factor = s, .mscale = 1.7e308, .mscale_all_dim = 1}}),
+      Contains("rope_params.scaling = yarn") && Contains("magnitude of inf"));
+  CHECK_THROWS_WITH(
+      posenc::rope<double>(
+          {.head_dim = 8, .scaling = posenc::yarn_scaling{.factor = s, .mscale = 1, .mscale_all_dim = 1e308}}),
+      Contains("rope_params.scaling = yarn") && Contains("magnitude"));
+}
+
+TEST_CASE("enum values cast out of range are refused, naming the field", "[hostile][params][enums]") {
+  for (const int bad : {2, -1, 1000}) {
+    INFO("enum value " << bad);
+    posenc::longrope_scaling l{.short_factor = {1, 1, 1, 1}, .long_factor = {2, 2, 2, 2}};
+    l.choice = static_cast<posenc::longrope_choice>(bad);
+    CHECK_INVALID(posenc::rope<float>({.head_dim = 8, .scaling = l}), "longrope_scaling.choice");
+    CHECK_INVALID(posenc::longrope_magnitude(l), "longrope_scaling.choice");
+    CHECK_INVALID(posenc::sinusoidal<float>({.dim = 8, .layout = static_cast<posenc::sinusoidal_layout>(bad)}),
+                  "sinusoidal_params.layout");
+    CHECK_INVALID(posenc::rope<float>({.head_dim = 8, .layout = static_cast<posenc::rope_layout>(bad)}),
+                  "rope_params.layout");
+    CHECK_INVALID(posenc::alibi<float>({.form = static_cast<posenc::alibi_form>(bad)}), "alibi_params.form");
+  }
+}

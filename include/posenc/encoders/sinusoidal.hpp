@@ -61,6 +61,8 @@ class sinusoidal {
     detail::require(p.dim > 0, "sinusoidal_params.dim", p.dim, "must be positive");
     detail::require(p.dim % 2 == 0, "sinusoidal_params.dim", p.dim, "must be even (a sine and a cosine per frequency)");
     detail::require(std::isfinite(p.base) && p.base > 0, "sinusoidal_params.base", p.base, "must be finite and > 0");
+    detail::require(p.layout == sinusoidal_layout::interleaved || p.layout == sinusoidal_layout::concatenated,
+                    "sinusoidal_params.layout", static_cast<int>(p.layout), "unknown sinusoidal_layout");
     detail::require(!p.shifted_denominator || p.dim >= 4, "sinusoidal_params.dim", p.dim,
                     "must be >= 4 with shifted_denominator (the denominator dim/2 - 1 would be 0)");
     const index_t half = p.dim / 2;
