@@ -356,3 +356,59 @@ TEST_CASE("enum values cast out of range are refused, naming the field", "[hosti
     CHECK_INVALID(posenc::alibi<float>({.form = static_cast<posenc::alibi_form>(bad)}), "alibi_params.form");
   }
 }
+
+// ---- 10. Hugging Face LongRoPE errors name the dict's fields -----------------------------------
+
+TEST_CASE("HF LongRoPE dicts: errors name rope_scaling.<field>", "[hostile][hf][longrope]") {
+  using Catch::Matchers::Contains;
+  using Catch::Matchers::StartsWith;
+  const auto dict = [](std::vector<double> s, std::vector<double> l) {
+    return posenc::config_map{{"rope_type", std::string("longrope")},
+                              {"short_factor", std::move(s)},
+                              {"long_factor", std::move(l)},
+                              {"original_max_position_embeddings", std::int64_t{4096}}};
+  };
+  const posenc::rope_params p{.head_dim = 8};  // 4 pairs
+  const std::vector<double> four = {1, 1.5, 2, 3};
+  // Lists of the wrong length (the check needs the rotary dim, so it runs with the params).
+  CHECK_THROWS_WITH(posenc::rope<float>(p, dict({1, 1, 1}, four)),
+                    StartsWith("posenc: rope_scaling.short_factor = 3 entries") && Contains("rotary_dim/2 = 4"));
+  CHECK_THROWS_WITH(posenc::rope_params_from_config(p, dict(four, {1, 1, 1, 1, 1})),
+                    StartsWith("posenc: rope_scaling.long_factor = 5 entries") && Contains("rotary_dim/2 = 4"));
+  CHECK_THROWS_WITH(posenc::rope<double>({.head_dim = 16, .rotary_dim = 4}, dict(four, four)),
+                    StartsWith("posenc: rope_scaling.short_factor = 4 entries") && Contains("rotary_dim/2 = 2"));
+  // Entries, and every other field.
+  CHECK_THROWS_WITH(posenc::rope<float>(p, dict({1, 1, 1, -1}, four)),
+                    StartsWith("posenc: rope_scaling.short_factor[3] = -1"));
+  CHECK_THROWS_WITH(posenc::rope<float>(p, dict(four, {1, 0, 1, 1})),
+                    StartsWith("posenc: rope_scaling.long_factor[1] = 0"));
+  auto m = dict(four, four);
+  m["original_max_position_embeddings"] = std::int64_t{1};
+  CHECK_THROWS_WITH(posenc::rope<float>(p, m), StartsWith("posenc: rope_scaling.original_max_position_embeddings = 1"));
+  m = dict(four, four);
+  m["max_position_embeddings"] = std::int64_t{-5};
+  CHECK_THROWS_WITH(posenc::rope<float>(p, m), StartsWith("posenc: rope_scaling.max_position_embeddings = -5"));
+  m = dict(four, four);
+  m["sequence_length"] = std::int64_t{-1};
+  CHECK_THROWS_WITH(posenc::rope<float>(p, m), StartsWith("posenc: rope_scaling.sequence_length = -1"));
+  m = dict(four, four);
+  m["factor"] = -2.0;
+  CHECK_THROWS_WITH(posenc::rope<float>(p, m), StartsWith("posenc: rope_scaling.factor = -2"));
+  m = dict(four, four);
+  m["choice"] = std::string("sometimes");
+  CHECK_THROWS_WITH(posenc::rope<float>(p, m), StartsWith("posenc: rope_scaling.choice = \"sometimes\""));
+  // Without an original length the dict's max_position_embeddings stands in for it: an error
+  // names the field the dict has.
+  m = dict(four, four);
+  m.erase("original_max_position_embeddings");
+  m["max_position_embeddings"] = std::int64_t{1};
+  CHECK_THROWS_WITH(posenc::rope<float>(p, m), StartsWith("posenc: rope_scaling.max_position_embeddings = 1"));
+  for (const char* type : {"yarn", "dynamic"}) {
+    INFO(type);
+    const posenc::config_map y = {
+        {"rope_type", std::string(type)}, {"factor", 2.0}, {"max_position_embeddings", std::int64_t{0}}};
+    CHECK_THROWS_WITH(posenc::rope<float>(p, y), StartsWith("posenc: rope_scaling.max_position_embeddings = 0"));
+  }
+  // A dict that fits builds.
+  CHECK_NOTHROW(posenc::rope<float>(p, dict(four, four)));
+}
