@@ -2,13 +2,19 @@
 // with arbitrary parameters, tile shapes, strides, heads and positions (ranges and lists),
 // against the formulas (docs/alibi.md, t5_bias.md, shaw.md) evaluated here independently, element by element.
 //
+// Positions take any int64 value, and a quarter of the cases put queries and keys at or near
+// INT64_MIN and INT64_MAX (both at one extreme, or one at each), so `k - q` passes the int64
+// range; the formulas are evaluated with the exact difference in 128-bit integers.
+//
 // A finding: a crash or sanitizer report; an element that differs from the formula (ALiBi: the
-// correctly rounded `-slope (q - k)`; T5: the table entry of the formula's bucket, either
-// neighbour accepted where the formula's real value is within 1e-9 of an integer; Shaw: the
-// exact clipped index); an element past a row's end changed; a wrong head not reported.
+// bits of `-slope * d`, `d` the exact `q - k` rounded once to double; T5: the table entry of the
+// formula's bucket, either neighbour accepted where the formula's real value is within 1e-9 of an
+// integer; Shaw: the exact clipped index); an element past a row's end changed; a wrong head not
+// reported.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -30,17 +36,60 @@ struct tile_case {
   std::uint32_t seed = 0;
 };
 
+__extension__ typedef __int128 int128;
+
+constexpr position pmin = std::numeric_limits<position>::min();
+constexpr position pmax = std::numeric_limits<position>::max();
+
+/// `a + b` saturated to int64.
+position add_sat(position a, position b) {
+  const int128 v = static_cast<int128>(a) + b;
+  return v > pmax ? pmax : (v < pmin ? pmin : static_cast<position>(v));
+}
+
+/// `a - b` exactly.
+int128 diff128(position a, position b) { return static_cast<int128>(a) - static_cast<int128>(b); }
+
+/// `v` saturated to int64.
+position sat128(int128 v) { return v > pmax ? pmax : (v < pmin ? pmin : static_cast<position>(v)); }
+
 tile_case read_tile(posenc_fuzz::reader& in, position limit) {
   tile_case t;
   t.rows = in.in_range<index_t>(0, 12);
   t.cols = in.in_range<index_t>(0, 300);
   t.pad = in.in_range<index_t>(0, 3);
-  const position qb = in.position_value(limit), kb = in.flag() ? qb + in.in_range<position>(-400, 400)
-                                                               : in.position_value(limit);
+  position qb = in.position_value(limit);
+  position kb = in.flag() ? add_sat(qb, in.in_range<position>(-400, 400)) : in.position_value(limit);
   t.q_range = in.flag(), t.k_range = in.flag();
-  for (index_t i = 0; i < t.rows; ++i) t.q.push_back(t.q_range ? qb + i : qb + in.in_range<position>(-300, 300));
-  for (index_t j = 0; j < t.cols; ++j) t.k.push_back(t.k_range ? kb + j : kb + in.in_range<position>(-300, 300));
+  std::vector<position> dq, dk;
+  for (index_t i = 0; i < t.rows; ++i) dq.push_back(t.q_range ? i : in.in_range<position>(-300, 300));
+  for (index_t j = 0; j < t.cols; ++j) dk.push_back(t.k_range ? j : in.in_range<position>(-300, 300));
   t.seed = static_cast<std::uint32_t>(in.bits(4));
+  // Read last, so that older inputs (which end before it) keep their meaning: move the blocks to
+  // the int64 extremes, the distance from the limit up to 600.
+  const auto near_max = [&] { return pmax - in.in_range<position>(0, 600); };
+  const auto near_min = [&] { return pmin + in.in_range<position>(0, 600); };
+  switch (in.byte() % 8) {
+    case 1:
+      qb = near_max(), kb = near_min();
+      break;
+    case 2:
+      qb = near_min(), kb = near_max();
+      break;
+    case 3:
+      qb = near_max(), kb = near_max();
+      break;
+    case 4:
+      qb = near_min(), kb = near_min();
+      break;
+    default:
+      break;
+  }
+  // A range must end by INT64_MAX.
+  if (t.q_range && t.rows > 0) qb = std::min(qb, pmax - (t.rows - 1));
+  if (t.k_range && t.cols > 0) kb = std::min(kb, pmax - (t.cols - 1));
+  for (index_t i = 0; i < t.rows; ++i) t.q.push_back(add_sat(qb, dq[static_cast<std::size_t>(i)]));
+  for (index_t j = 0; j < t.cols; ++j) t.k.push_back(add_sat(kb, dk[static_cast<std::size_t>(j)]));
   return t;
 }
 
@@ -87,7 +136,7 @@ void alibi_case(posenc_fuzz::reader& in) {
                                .max_bias = in.flag() ? 8.0 : in.uniform(0.01, 64)};
   const posenc::alibi<float> enc(p);
   const index_t local = in.in_range<index_t>(0, n - p.head_offset);  // n - offset: out of range
-  const tile_case t = read_tile(in, position{1} << 51);
+  const tile_case t = read_tile(in, pmax);
   std::mt19937 rng(t.seed);
   auto tile = random_tile<E>(t, rng);
   const auto before = tile;
@@ -106,18 +155,21 @@ void alibi_case(posenc_fuzz::reader& in) {
   const long double slope_tol = (std::abs(std::log2(slope)) * 0.7L + 2) * 0x1p-52L * slope;
   if (std::abs(static_cast<long double>(enc.slope(local)) - slope) > slope_tol)
     fail("alibi slope of head %td of %td: %.17g, formula %.17Lg", local + p.head_offset, n, enc.slope(local), slope);
+  // The slope was checked against the formula above; with it, each element is determined: the
+  // exact distance rounded once to double, times the slope, rounded to E, added to the logit.
+  const double slope_d = enc.slope(local);
   for (index_t i = 0; i < t.rows; ++i)
     for (index_t j = 0; j < t.cols; ++j) {
-      long double dist = static_cast<long double>(t.q[i] - t.k[j]);
-      if (p.form == posenc::alibi_form::symmetric) dist = std::abs(dist);
-      // The library rounds -slope * dist once from double: allow the slope's double rounding.
-      const long double want = -static_cast<long double>(enc.slope(local)) * dist;
-      const E bias = static_cast<E>(want);
-      const E expect = before(i, j) + bias;
-      const double tol = 2 * std::numeric_limits<E>::epsilon() * (std::abs(double(bias)) + std::abs(double(before(i, j))));
-      if (!(std::abs(double(tile(i, j)) - double(expect)) <= tol))
-        fail("alibi tile (%td, %td), q %lld k %lld: %.9g, formula %.9g", i, j, (long long)t.q[i], (long long)t.k[j],
+      int128 d = diff128(t.q[i], t.k[j]);
+      if (p.form == posenc::alibi_form::symmetric && d < 0) d = -d;
+      const double bias = -(slope_d * static_cast<double>(d));
+      const E expect = before(i, j) + static_cast<E>(bias);
+      if (!(tile(i, j) == expect))
+        fail("alibi tile (%td, %td), q %lld k %lld: %.17g, formula %.17g", i, j, (long long)t.q[i], (long long)t.k[j],
              double(tile(i, j)), double(expect));
+      if (!(enc.bias(local, t.q[i], t.k[j]) == bias))
+        fail("alibi bias(q %lld, k %lld) = %.17g, formula %.17g", (long long)t.q[i], (long long)t.k[j],
+             enc.bias(local, t.q[i], t.k[j]), bias);
     }
   check_padding(before, tile, t.cols, "alibi");
 }
@@ -126,15 +178,15 @@ void alibi_case(posenc_fuzz::reader& in) {
 
 // The buckets the formula allows for rel = k - q: one, or two where the real value is an integer
 // within rounding.
-void t5_buckets(position rel, index_t buckets, position max_distance, bool bidirectional, index_t out[2]) {
+void t5_buckets(int128 rel, index_t buckets, position max_distance, bool bidirectional, index_t out[2]) {
   index_t m = buckets, offset = 0;
-  long double dist;
+  long double dist;  // exact: |rel| < 2^64 fits the 64-bit significand
   if (bidirectional) {
     m /= 2;
     if (rel > 0) offset = m;
-    dist = std::abs(static_cast<long double>(rel));
+    dist = static_cast<long double>(rel < 0 ? -rel : rel);
   } else {
-    dist = rel < 0 ? -static_cast<long double>(rel) : 0.0L;
+    dist = rel < 0 ? static_cast<long double>(-rel) : 0.0L;
   }
   const index_t max_exact = m / 2;
   if (dist < max_exact) {
@@ -171,7 +223,7 @@ void t5_case(posenc_fuzz::reader& in) {
   posenc::row_matrix<float> table(buckets, heads);
   for (index_t i = 0; i < table.size(); ++i) table.data()[i] = static_cast<float>(n(rng));
   const posenc::t5_relative_bias<float> enc(p, table);
-  const tile_case t = read_tile(in, position{1} << 61);
+  const tile_case t = read_tile(in, pmax);
   auto tile = random_tile<E>(t, rng);
   const auto before = tile;
   enc.add_bias_tile(cols_view(tile, t.cols), local, positions_of(t.q, t.q_range), positions_of(t.k, t.k_range));
@@ -179,13 +231,19 @@ void t5_case(posenc_fuzz::reader& in) {
   for (index_t i = 0; i < t.rows; ++i)
     for (index_t j = 0; j < t.cols; ++j) {
       index_t b[2];
-      t5_buckets(t.k[j] - t.q[i], buckets, max_distance, bidirectional, b);
+      const int128 rel = diff128(t.k[j], t.q[i]);
+      t5_buckets(rel, buckets, max_distance, bidirectional, b);
       const E got = tile(i, j);
       if (!(got == before(i, j) + static_cast<E>(table(b[0], h)) || got == before(i, j) + static_cast<E>(table(b[1], h))))
-        fail("t5 tile (%td, %td), rel %lld: %.9g, formula's bucket %td (or %td) gives %.9g", i, j,
-             (long long)(t.k[j] - t.q[i]), double(got), b[0], b[1], double(before(i, j) + static_cast<E>(table(b[0], h))));
-      const index_t sb = enc.bucket(t.k[j] - t.q[i]);
-      if (sb != b[0] && sb != b[1]) fail("t5 bucket(%lld) = %td, formula %td", (long long)(t.k[j] - t.q[i]), sb, b[0]);
+        fail("t5 tile (%td, %td), q %lld k %lld: %.9g, formula's bucket %td (or %td) gives %.9g", i, j,
+             (long long)t.q[i], (long long)t.k[j], double(got), b[0], b[1],
+             double(before(i, j) + static_cast<E>(table(b[0], h))));
+      // A relative position past int64 saturates into the bucket of the true one.
+      const index_t sb = enc.bucket(sat128(rel));
+      if (sb != b[0] && sb != b[1]) fail("t5 bucket(%lld) = %td, formula %td", (long long)sat128(rel), sb, b[0]);
+      const double tb = enc.bias(local, t.q[i], t.k[j]);
+      if (!(tb == static_cast<double>(table(b[0], h)) || tb == static_cast<double>(table(b[1], h))))
+        fail("t5 bias(q %lld, k %lld) = %.9g, formula's bucket %td", (long long)t.q[i], (long long)t.k[j], tb, b[0]);
     }
   check_padding(before, tile, t.cols, "t5");
 }
@@ -200,7 +258,7 @@ void shaw_case(posenc_fuzz::reader& in) {
   posenc::row_matrix<float> ak(2 * kk + 1, d), av(2 * kk + 1, d);
   for (index_t i = 0; i < ak.size(); ++i) ak.data()[i] = static_cast<float>(n(rng)), av.data()[i] = static_cast<float>(n(rng));
   const posenc::shaw_relative<float> enc({.head_dim = d, .max_relative_position = kk}, ak, av);
-  const tile_case t = read_tile(in, position{1} << 61);
+  const tile_case t = read_tile(in, pmax);
   auto tile = random_tile<E>(t, rng);
   const auto before = tile;
   posenc::row_matrix<E> g(t.rows, 2 * kk + 1);
@@ -216,11 +274,14 @@ void shaw_case(posenc_fuzz::reader& in) {
   posenc::row_matrix<double> w_abs = posenc::row_matrix<double>::Zero(t.rows, 2 * kk + 1);
   for (index_t i = 0; i < t.rows; ++i)
     for (index_t j = 0; j < t.cols; ++j) {
-      const long double rel = static_cast<long double>(t.k[j]) - static_cast<long double>(t.q[i]);
-      const index_t r = static_cast<index_t>(std::clamp<long double>(rel, -kk, kk)) + kk;
+      const int128 rel = diff128(t.k[j], t.q[i]);
+      const index_t r = static_cast<index_t>(rel < -kk ? -kk : (rel > kk ? kk : rel)) + kk;
       if (!(tile(i, j) == before(i, j) + g(i, r)))
-        fail("shaw tile (%td, %td), rel %.0Lf: %.9g, expected %.9g", i, j, rel, double(tile(i, j)),
-             double(before(i, j) + g(i, r)));
+        fail("shaw tile (%td, %td), q %lld k %lld: %.9g, expected %.9g", i, j, (long long)t.q[i], (long long)t.k[j],
+             double(tile(i, j)), double(before(i, j) + g(i, r)));
+      if (enc.relative_index(t.q[i], t.k[j]) != r)
+        fail("shaw relative_index(q %lld, k %lld) = %td, expected %td", (long long)t.q[i], (long long)t.k[j],
+             enc.relative_index(t.q[i], t.k[j]), r);
       w_ref(i, r) += double(probs(i, j));
       w_abs(i, r) += std::abs(double(probs(i, j)));
     }

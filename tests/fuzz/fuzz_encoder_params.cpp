@@ -2,16 +2,22 @@
 // infinities, denormals, int64 extremes, unknown enum values, lists of any length).
 //
 // A construction either succeeds or throws `std::invalid_argument` reading
-// "posenc: <param> = <value>: <what>". A constructed encoder must then work: RoPE has finite
-// positive frequencies and magnitude and keeps norms; ALiBi slopes lie in [0, 1]; T5 buckets lie
-// in [0, num_buckets) for every relative position, int64 extremes included; sinusoidal values
-// lie in [-1, 1]; Shaw's relative index lies in [0, 2K]. Sizes stay small enough to allocate
-// (a head_dim of 2^40 is valid and would ask for terabytes); `std::length_error` from an absurd
-// size is accepted where noted.
+// "posenc: <param> = <value>: <what>"; an enum field holding a value outside its enumerators must
+// throw. A constructed encoder must then work: RoPE has finite positive frequencies and a
+// magnitude that is a normal positive value of its type T (rope<float>: [FLT_MIN, FLT_MAX], so
+// zeros rotate to zeros, never NaN), keeps norms, and rope<float> refuses only what lies outside
+// float's range (naming attention_factor or the scaling); ALiBi slopes lie in [0, 1] and its bias
+// for any two int64 positions is -slope times their exact distance rounded once; T5 buckets lie in
+// [0, num_buckets) for every relative position, int64 extremes included; sinusoidal values lie in
+// [-1, 1]; Shaw's relative index lies in [0, 2K]. Sizes stay small enough to allocate (a head_dim
+// of 2^40 is valid and would ask for terabytes); `std::length_error` from an absurd size is
+// accepted where noted.
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <string_view>
+#include <variant>
 #include <vector>
 
 #include "fuzz_common.hpp"
@@ -27,6 +33,8 @@ using posenc::index_t;
 using posenc::position;
 using posenc_fuzz::fail;
 using posenc_fuzz::reader;
+
+__extension__ typedef __int128 int128;
 
 constexpr position int_min = std::numeric_limits<position>::min();
 constexpr position int_max = std::numeric_limits<position>::max();
@@ -96,13 +104,54 @@ posenc::rope_scaling scaling_value(reader& in, index_t rotary_dim) {
   }
 }
 
+/// Runs `build`; an `std::invalid_argument` must carry the usual message. With `must_throw` (an
+/// enum out of range), success is a finding.
 template <class F>
-void expect_valid_or_invalid(F&& build) {
+void expect_valid_or_invalid(F&& build, bool must_throw = false, const char* what = "") {
   try {
     build();
   } catch (const std::invalid_argument& e) {
     posenc_fuzz::check_invalid_message(e);
+    return;
   }
+  if (must_throw) fail("%s: an enum value out of range was accepted", what);
+}
+
+/// Whether `m` is a normal positive value of T.
+template <class T>
+bool normal_in(double m) {
+  return m >= static_cast<double>(std::numeric_limits<T>::min()) &&
+         m <= static_cast<double>(std::numeric_limits<T>::max());
+}
+
+/// rope<float> from parameters rope<double> accepted with magnitude `mag_double` (or refused,
+/// `mag_double` NaN): it is refused exactly when that magnitude is no normal float, naming the
+/// attention factor or the scaling, and when built, zeros rotate to zeros and rows stay finite.
+void rope_float_case(const posenc::rope_params& p, double mag_double) {
+  bool built = false;
+  try {
+    const posenc::rope<float> r(p);
+    built = true;
+    const double mag = r.magnitude();
+    if (!normal_in<float>(mag)) fail("rope<float> built with magnitude %.17g", mag);
+    const position pos[] = {0, 1, int_max, int_min};
+    posenc::row_matrix<float> zeros = posenc::row_matrix<float>::Zero(4, p.head_dim);
+    r.rotate(zeros, posenc::positions(pos));
+    if (!zeros.isZero(0)) fail("rope<float> with magnitude %.9g rotated zeros to non-zeros", mag);
+    // A pair's norm times the magnitude stays below 1/16: no rotated value may overflow.
+    const float x = static_cast<float>(std::ldexp(1.0, -4) / std::sqrt(2.0) / std::max(mag, 1.0));
+    posenc::row_matrix<float> small = posenc::row_matrix<float>::Constant(4, p.head_dim, x);
+    r.rotate(small, posenc::positions(pos));
+    if (!small.allFinite()) fail("rope<float> with magnitude %.9g gave a non-finite rotation", mag);
+  } catch (const std::invalid_argument& e) {
+    posenc_fuzz::check_invalid_message(e);
+    const std::string_view m = e.what();
+    const bool names_magnitude = m.find("rope_params.attention_factor") != std::string_view::npos ||
+                                 m.find("magnitude") != std::string_view::npos;
+    if (!std::isnan(mag_double) && !(names_magnitude && !normal_in<float>(mag_double)))
+      fail("rope<float> refused what rope<double> accepted (magnitude %.17g): \"%s\"", mag_double, e.what());
+  }
+  if (built && std::isnan(mag_double)) fail("rope<float> accepted what rope<double> refused");
 }
 
 void rope_case(reader& in) {
@@ -114,21 +163,29 @@ void rope_case(reader& in) {
   p.scaling = scaling_value(in, p.rotary_dim > 0 ? p.rotary_dim : p.head_dim);
   if (in.flag()) p.attention_factor = in.parameter();
   const position pos[] = {0, -1, 1, in.position_value(int_max), int_max, int_min};
-  expect_valid_or_invalid([&] {
-    const posenc::rope<double> r(p);
-    const double mag = r.magnitude();
-    if (!(std::isfinite(mag) && mag > 0)) fail("rope built with magnitude %.17g", mag);
-    for (double f : r.inv_freq())
-      if (!(std::isfinite(f) && f > 0)) fail("rope built with inverse frequency %.17g", f);
-    posenc::row_matrix<double> x = posenc::row_matrix<double>::Constant(6, p.head_dim, 0.5);
-    r.rotate(x, posenc::positions(pos));
-    const double want = 0.5 * std::sqrt(static_cast<double>(r.rotary_dim())) * mag;
-    for (index_t i = 0; i < 6; ++i) {
-      const double got = x.row(i).head(r.rotary_dim()).stableNorm();  // no overflow for huge magnitudes
-      if (want > 1e-290 && want < 1e300 && !(std::abs(got - want) <= 1e-12 * want))
-        fail("rope row at position %lld: rotary norm %.17g, expected %.17g", (long long)pos[i], got, want);
-    }
-  });
+  const bool bad_enum = (p.layout != posenc::rope_layout::half_split && p.layout != posenc::rope_layout::interleaved) ||
+                        (std::holds_alternative<posenc::longrope_scaling>(p.scaling) &&
+                         static_cast<int>(std::get<posenc::longrope_scaling>(p.scaling).choice) > 1);
+  double mag_double = std::numeric_limits<double>::quiet_NaN();
+  expect_valid_or_invalid(
+      [&] {
+        const posenc::rope<double> r(p);
+        const double mag = r.magnitude();
+        mag_double = mag;
+        if (!normal_in<double>(mag)) fail("rope built with magnitude %.17g, not a normal double", mag);
+        for (double f : r.inv_freq())
+          if (!(std::isfinite(f) && f > 0)) fail("rope built with inverse frequency %.17g", f);
+        posenc::row_matrix<double> x = posenc::row_matrix<double>::Constant(6, p.head_dim, 0.5);
+        r.rotate(x, posenc::positions(pos));
+        const double want = 0.5 * std::sqrt(static_cast<double>(r.rotary_dim())) * mag;
+        for (index_t i = 0; i < 6; ++i) {
+          const double got = x.row(i).head(r.rotary_dim()).stableNorm();  // no overflow for huge magnitudes
+          if (want > 1e-290 && want < 1e300 && !(std::abs(got - want) <= 1e-12 * want))
+            fail("rope row at position %lld: rotary norm %.17g, expected %.17g", (long long)pos[i], got, want);
+        }
+      },
+      bad_enum, "rope_params");
+  if (p.head_dim <= 520) rope_float_case(p, mag_double);
 }
 
 void alibi_case(reader& in) {
@@ -137,13 +194,21 @@ void alibi_case(reader& in) {
   p.head_offset = size_value(in, 300);
   p.form = static_cast<posenc::alibi_form>(in.byte() % 3);
   p.max_bias = in.flag() ? 8.0 : in.parameter();
+  const bool bad_enum = p.form != posenc::alibi_form::causal && p.form != posenc::alibi_form::symmetric;
   try {
     const posenc::alibi<float> a(p);
+    if (bad_enum) fail("alibi_params.form: an enum value out of range was accepted");
     for (index_t h = 0; h + p.head_offset < p.num_heads && h < 400; ++h) {
       const double s = a.slope(h);
       if (!(s >= 0 && s <= 1)) fail("alibi slope %td of %td heads = %.17g", h, p.num_heads, s);
-      const double b = a.bias(h, in.position_value(position{1} << 51), in.position_value(position{1} << 51));
-      if (!std::isfinite(b)) fail("alibi bias not finite");
+      // Any two int64 positions: the exact distance, rounded once to double, times the slope.
+      const position q = in.flag() ? static_cast<position>(in.bits(8)) : in.position_value(int_max);
+      const position k = in.flag() ? static_cast<position>(in.bits(8)) : in.position_value(int_max);
+      int128 d = static_cast<int128>(q) - k;
+      if (p.form == posenc::alibi_form::symmetric && d < 0) d = -d;
+      const double want = -(s * static_cast<double>(d));
+      const double b = a.bias(h, q, k);
+      if (!(b == want)) fail("alibi bias(q %lld, k %lld) = %.17g, formula %.17g", (long long)q, (long long)k, b, want);
     }
   } catch (const std::invalid_argument& e) {
     posenc_fuzz::check_invalid_message(e);
@@ -180,16 +245,27 @@ void sinusoidal_case(reader& in) {
   posenc::sinusoidal_params p;
   p.dim = size_value(in, 600);
   p.base = in.flag() ? 10000.0 : in.parameter();
-  p.layout = static_cast<posenc::sinusoidal_layout>(in.byte() % 2);
+  p.layout = static_cast<posenc::sinusoidal_layout>(in.byte() % 3);
   p.shifted_denominator = in.flag();
   p.position_offset = length_value(in);
   const position pos[] = {0, int_max, int_min, in.position_value(int_max)};
-  expect_valid_or_invalid([&] {
-    const posenc::sinusoidal<float> s(p);
-    const auto table = s.table(posenc::positions(pos));
-    for (index_t i = 0; i < table.size(); ++i)
-      if (!(std::abs(table.data()[i]) <= 1.0f)) fail("sinusoidal value %.9g", double(table.data()[i]));
-  });
+  const bool bad_enum =
+      p.layout != posenc::sinusoidal_layout::interleaved && p.layout != posenc::sinusoidal_layout::concatenated;
+  expect_valid_or_invalid(
+      [&] {
+        const posenc::sinusoidal<float> s(p);
+        const auto table = s.table(posenc::positions(pos));
+        for (index_t i = 0; i < table.size(); ++i)
+          if (!(std::abs(table.data()[i]) <= 1.0f)) fail("sinusoidal value %.9g", double(table.data()[i]));
+        // Column 0 is sin((p + offset) * 1): the exact sum rounded once.
+        for (index_t i = 0; i < table.rows(); ++i) {
+          const double angle = static_cast<double>(static_cast<int128>(pos[i]) + p.position_offset);
+          if (!(table(i, 0) == static_cast<float>(std::sin(angle))))
+            fail("sinusoidal (%lld + offset %lld): %.9g, formula %.9g", (long long)pos[i], (long long)p.position_offset,
+                 double(table(i, 0)), std::sin(angle));
+        }
+      },
+      bad_enum, "sinusoidal_params.layout");
 }
 
 void shaw_case(reader& in) {

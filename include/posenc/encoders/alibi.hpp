@@ -26,6 +26,7 @@
 
 #include <cmath>
 #include <concepts>
+#include <cstdint>
 #include <string_view>
 #include <type_traits>
 #include <utility>
@@ -34,6 +35,7 @@
 #include "posenc/concepts.hpp"
 #include "posenc/detail/check.hpp"
 #include "posenc/detail/cpu.hpp"
+#include "posenc/detail/position_math.hpp"
 #include "posenc/types.hpp"
 
 namespace posenc {
@@ -81,9 +83,10 @@ struct alibi_params {
 /// ALiBi linear distance bias; see the file comment for the formula and the slope rule.
 ///
 /// `T` (float or double) is the encoder's arithmetic type for the concept. Slopes are stored in
-/// double, and every bias is computed in double from the exact int64 distance and rounded once to
-/// the tile's element type, so a float tile and a double tile hold the correctly rounded values of
-/// the same number. Distances must be exactly representable (|qpos - kpos| < 2^53).
+/// double. Every bias is `-slope * d` in double, where `d` is the exact distance `qpos - kpos` (for
+/// any two int64 positions, up to `2^64 - 1`) rounded once to double, and the bias is then rounded
+/// to the tile's element type; so a float tile and a double tile hold the roundings of the same
+/// number, and distances up to 2^53 enter exactly.
 ///
 /// Immutable after construction; safe to share across threads. Only the constructor allocates.
 template <class T>
@@ -141,7 +144,7 @@ class alibi {
 
   /// The bias of local head `local_head` for a query at `q` and a key at `k`, in double.
   double bias(index_t local_head, position q, position k) const {
-    const double d = static_cast<double>(q - k);
+    const double d = detail::position_difference(q, k);
     return -slope(local_head) * (params_.form == alibi_form::symmetric ? std::abs(d) : d);
   }
 
@@ -162,11 +165,17 @@ class alibi {
     const double neg_slope = -slope(local_head);
     const bool symmetric = params_.form == alibi_form::symmetric;
     const index_t n = t.cols;
+    // Distances up to 2^53 are exact in double; a key range whose distances all are takes the
+    // fast path below, anything farther is rounded key by key.
+    constexpr position exact_limit = position{1} << 53;
+    const auto exact_in_double = [](position a, position b) {
+      return detail::position_distance(a, b) <= static_cast<std::uint64_t>(exact_limit);
+    };
     for (index_t i = 0; i < t.rows; ++i) {
       E* row = t.row(i);
       const position qi = q[i];
-      if (k.is_range()) {
-        // q - k[j] = (qi - k0) - j; both terms and the difference are exact in double.
+      if (k.is_range() && n > 0 && exact_in_double(qi, k.start()) && exact_in_double(qi, k[n - 1])) {
+        // q - k[j] = (qi - k0) - j, monotone in j: every term and difference is exact in double.
         const double d0 = static_cast<double>(qi - k.start());
 #if POSENC_X86_DISPATCH
         if constexpr (std::same_as<E, float>) {
@@ -182,9 +191,10 @@ class alibi {
           for (index_t j = 0; j < n; ++j) row[j] += static_cast<E>(neg_slope * (d0 - static_cast<double>(j)));
         }
       } else if (symmetric) {
-        for (index_t j = 0; j < n; ++j) row[j] += static_cast<E>(neg_slope * std::abs(static_cast<double>(qi - k[j])));
+        for (index_t j = 0; j < n; ++j)
+          row[j] += static_cast<E>(neg_slope * static_cast<double>(detail::position_distance(qi, k[j])));
       } else {
-        for (index_t j = 0; j < n; ++j) row[j] += static_cast<E>(neg_slope * static_cast<double>(qi - k[j]));
+        for (index_t j = 0; j < n; ++j) row[j] += static_cast<E>(neg_slope * detail::position_difference(qi, k[j]));
       }
     }
   }

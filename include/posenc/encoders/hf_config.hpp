@@ -143,11 +143,29 @@ inline std::vector<double> config_required_list(const config_map& m, std::string
 }
 
 /// `original_max_position_embeddings`, falling back to `max_position_embeddings` (HF reads the
-/// model's `max_position_embeddings` when the dict has no original length).
-inline position config_original_length(const config_map& m, std::string_view type) {
+/// model's `max_position_embeddings` when the dict has no original length). A fallback value is
+/// checked here (`> must_exceed`), so that an error names the field the dict has.
+inline position config_original_length(const config_map& m, std::string_view type, position must_exceed) {
   if (auto v = config_integer(m, "original_max_position_embeddings")) return *v;
-  if (auto v = config_integer(m, "max_position_embeddings")) return *v;
+  if (auto v = config_integer(m, "max_position_embeddings")) {
+    require(*v > must_exceed, config_field("max_position_embeddings"), *v, "must be > " + to_text(must_exceed));
+    return *v;
+  }
   config_missing("original_max_position_embeddings", type);
+}
+
+/// LongRoPE's lists against the rotary dim of `p` (one factor per rotated pair), named as in the
+/// dict. A rotary dim that is itself invalid is left to the `rope` constructor.
+inline void config_longrope_lengths(const longrope_scaling& l, const rope_params& p) {
+  const index_t r = p.rotary_dim == 0 ? p.head_dim : p.rotary_dim;
+  if (p.head_dim <= 0 || r <= 0 || r % 2 != 0 || r > p.head_dim) return;
+  const auto want = static_cast<std::size_t>(r / 2);
+  const auto check = [&](std::string_view key, const std::vector<double>& list) {
+    require(list.size() == want, config_field(key), std::to_string(list.size()) + " entries",
+            "must have rotary_dim/2 = " + std::to_string(want) + " entries");
+  };
+  check("short_factor", l.short_factor);
+  check("long_factor", l.long_factor);
 }
 
 }  // namespace detail
@@ -185,12 +203,12 @@ inline rope_scaling rope_scaling_from_config(const config_map& m) {
     out = ntk_aware_scaling{.alpha = config_required_number(m, "factor", type)};
   } else if (type == "dynamic") {
     out = dynamic_ntk_scaling{.factor = config_required_number(m, "factor", type),
-                              .original_max_position = config_original_length(m, type),
+                              .original_max_position = config_original_length(m, type, 0),
                               .sequence_length = config_integer(m, "sequence_length").value_or(0)};
   } else if (type == "yarn") {
     yarn_scaling y;
     y.factor = config_required_number(m, "factor", type);
-    y.original_max_position = config_original_length(m, type);
+    y.original_max_position = config_original_length(m, type, 0);
     // HF: `rope_scaling.get("beta_fast") or 32`, so an explicit 0 also means the default.
     if (auto v = config_number(m, "beta_fast"); v && *v != 0) y.beta_fast = *v;
     if (auto v = config_number(m, "beta_slow"); v && *v != 0) y.beta_slow = *v;
@@ -219,6 +237,7 @@ inline rope_scaling rope_scaling_from_config(const config_map& m) {
       l.max_position = maximum.value_or(0);
     } else if (maximum) {
       // Without an original length, HF takes the model's length as the original one.
+      require(*maximum > 1, config_field("max_position_embeddings"), *maximum, "must be > 1");
       l.original_max_position = *maximum;
     } else {
       config_missing("original_max_position_embeddings", type);
@@ -257,9 +276,12 @@ inline std::optional<double> attention_factor_from_config(const config_map& m) {
 
 /// `p` with its frequency policy read from a `rope_scaling` dict, its magnitude override from
 /// the dict's `attention_factor` and its base from `rope_theta`, when present (newer HF configs
-/// keep the base in `rope_parameters`). Throws like `rope_scaling_from_config`.
+/// keep the base in `rope_parameters`). Throws like `rope_scaling_from_config`, and also when
+/// LongRoPE's `short_factor` or `long_factor` does not have one entry per rotated pair of `p`
+/// (`rotary_dim / 2`, or `head_dim / 2` for `rotary_dim = 0`).
 inline rope_params rope_params_from_config(rope_params p, const config_map& m) {
   p.scaling = rope_scaling_from_config(m);
+  if (const auto* l = std::get_if<longrope_scaling>(&p.scaling)) detail::config_longrope_lengths(*l, p);
   if (auto af = attention_factor_from_config(m)) p.attention_factor = *af;
   if (auto theta = detail::config_number(m, "rope_theta")) p.base = *theta;
   return p;

@@ -40,6 +40,7 @@
 #include <memory>
 #include <mutex>
 #include <span>
+#include <string>
 #include <string_view>
 #include <type_traits>
 #include <utility>
@@ -234,7 +235,8 @@ class rope {
   /// Throws `std::invalid_argument` naming the field: `head_dim <= 0`, odd `rotary_dim`,
   /// `rotary_dim > head_dim`, `base <= 0`, a policy's factor `<= 0`, NTK exponents at
   /// `rotary_dim = 2`, YaRN `beta_fast <= beta_slow`, Llama 3 `high_freq_factor <= low_freq_factor`,
-  /// a LongRoPE list of the wrong length, an `attention_factor <= 0`, ...
+  /// a LongRoPE list of the wrong length, an `attention_factor` or a policy magnitude that is not a
+  /// normal positive value of `T` (for `rope<float>`, outside `[FLT_MIN, FLT_MAX]`), ...
   explicit rope(const rope_params& p) : p_(p) {
     using detail::require;
     require(p.head_dim > 0, "rope_params.head_dim", p.head_dim, "must be > 0");
@@ -245,15 +247,25 @@ class rope {
     require(p.layout == rope_layout::half_split || p.layout == rope_layout::interleaved, "rope_params.layout",
             static_cast<int>(p.layout), "unknown layout");
     require(std::isfinite(p.base) && p.base > 0, "rope_params.base", p.base, "must be finite and > 0");
+    // cos and sin times the magnitude are rounded to T: a magnitude above T's largest value turns
+    // finite inputs into inf and NaN, one below its smallest normal value loses precision or gives 0.
+    constexpr double magnitude_min = std::numeric_limits<T>::min(), magnitude_max = std::numeric_limits<T>::max();
+    const auto magnitude_fits = [](double m) { return m >= magnitude_min && m <= magnitude_max; };  // NaN fails
+    const std::string magnitude_range = std::string("a normal ") + (std::same_as<T, float> ? "float" : "double") +
+                                        " in [" + detail::to_text(std::numeric_limits<T>::min()) + ", " +
+                                        detail::to_text(std::numeric_limits<T>::max()) + "]";
     if (p.attention_factor) {
-      require(std::isfinite(*p.attention_factor) && *p.attention_factor > 0, "rope_params.attention_factor",
-              *p.attention_factor, "must be finite and > 0");
+      require(magnitude_fits(*p.attention_factor), "rope_params.attention_factor", *p.attention_factor,
+              "must be finite, > 0 and " + magnitude_range);
     }
     detail::rope_frequencies f = detail::compute_frequencies(p.scaling, r_, p.base);
     magnitude_ = p.attention_factor ? *p.attention_factor : f.magnitude;
     // YaRN's (0.1 mscale ln s + 1) / (0.1 mscale_all_dim ln s + 1) overflows for huge mscales.
-    require(std::isfinite(magnitude_) && magnitude_ > 0, "rope_params.scaling", scaling_name(p.scaling),
-            "gives a magnitude of " + detail::to_text(magnitude_) + ", not finite and > 0");
+    require(magnitude_fits(magnitude_), "rope_params.scaling", scaling_name(p.scaling),
+            "gives a magnitude of " + detail::to_text(magnitude_) + ", not " + magnitude_range);
+    // Hence cos * magnitude and sin * magnitude (|cos|, |sin| <= 1, products rounded in double and
+    // then to T) are finite in T: a zero stays zero, and a rotated row overflows only where its
+    // norm times the magnitude does.
     inv_freq_.reserve(f.inv.size());
     turns_.reserve(f.inv.size());
     exact_ = true;

@@ -226,6 +226,8 @@ inline void validate_policy(const longrope_scaling& s, field_namer n) {
   require(s.sequence_length >= 0, n(a, "sequence_length", "sequence_length"), s.sequence_length, "must be >= 0");
   require(std::isfinite(s.factor) && s.factor >= 0, n(a, "factor", "factor"), s.factor,
           "must be finite and > 0 (or 0 for unset)");
+  require(s.choice == longrope_choice::per_length || s.choice == longrope_choice::fixed_long, n(a, "choice", "choice"),
+          static_cast<int>(s.choice), "unknown longrope_choice");
   if (s.factor > 0 && s.max_position > 0) {
     const double implied = double(s.max_position) / double(s.original_max_position);
     require(std::abs(s.factor - implied) <= 1e-12 * implied, n(a, "factor", "factor"), s.factor,

@@ -58,6 +58,7 @@
 
 #include "posenc/concepts.hpp"
 #include "posenc/detail/check.hpp"
+#include "posenc/detail/position_math.hpp"
 #include "posenc/types.hpp"
 
 namespace posenc {
@@ -115,10 +116,11 @@ class shaw_relative {
   /// The stored value table `aV`, `[2K+1, head_dim]`.
   strided_view<const T> value_table() const { return {av_.data(), num_relative(), params_.head_dim}; }
 
-  /// Table row for a query at `q` and a key at `k`: `clip(k - q, -K, K) + K`.
+  /// Table row for a query at `q` and a key at `k`: `clip(k - q, -K, K) + K`, for any int64 `q` and
+  /// `k` (the difference is saturated to int64 before the clip, which it does not change).
   index_t relative_index(position q, position k) const {
     const position kk = params_.max_relative_position;
-    return static_cast<index_t>(std::clamp<position>(k - q, -kk, kk) + kk);
+    return static_cast<index_t>(std::clamp<position>(detail::saturating_difference(k, q), -kk, kk) + kk);
   }
 
   /// Step 1: `out(i, r) = q_i . aK[r]` (overwrites `out`). `q` is one head's `[n_q, head_dim]`
@@ -165,7 +167,7 @@ class shaw_relative {
       E* row = t.row(i);
       const auto* gi = g.row(i);
       const position qi = q[i];
-      if (k.is_range()) {
+      if (k.is_range() && detail::difference_fits(k.start(), qi)) {
         index_t j1, j2;
         position r0;
         segments(k.start() - qi, n, j1, j2, r0);
@@ -199,7 +201,7 @@ class shaw_relative {
       const auto* pi = pv.row(i);
       A* wi = wv.row(i);
       const position qi = q[i];
-      if (k.is_range()) {
+      if (k.is_range() && detail::difference_fits(k.start(), qi)) {
         index_t j1, j2;
         position r0;
         segments(k.start() - qi, n, j1, j2, r0);
@@ -249,13 +251,14 @@ class shaw_relative {
     static_assert(!Writable || !std::is_const_v<E>, "shaw_relative: this argument must be writable");
   }
 
-  // For keys k0 + j against a query qi with r0 = k0 - qi: columns [0, j1) clip to -K, [j1, j2)
-  // map to r0 + j + K, [j2, n) clip to +K.
+  // For keys k0 + j against a query qi with r0 = k0 - qi (which the caller checked fits in int64):
+  // columns [0, j1) clip to -K, [j1, j2) map to r0 + j + K, [j2, n) clip to +K. The bounds -K - r0
+  // and K + 1 - r0 may pass the int64 range; saturated, they still clamp to the same column.
   void segments(position r0_in, index_t n, index_t& j1, index_t& j2, position& r0) const {
     const position kk = params_.max_relative_position;
     r0 = r0_in;
-    j1 = static_cast<index_t>(std::clamp<position>(-kk - r0, 0, n));
-    j2 = static_cast<index_t>(std::clamp<position>(kk + 1 - r0, j1, n));
+    j1 = static_cast<index_t>(std::clamp<position>(detail::saturating_difference(-kk, r0), 0, n));
+    j2 = static_cast<index_t>(std::clamp<position>(detail::saturating_difference(kk + 1, r0), j1, n));
   }
 
   template <class V>

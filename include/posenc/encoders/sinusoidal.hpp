@@ -21,6 +21,7 @@
 
 #include "posenc/concepts.hpp"
 #include "posenc/detail/check.hpp"
+#include "posenc/detail/position_math.hpp"
 #include "posenc/types.hpp"
 
 namespace posenc {
@@ -43,7 +44,8 @@ struct sinusoidal_params {
 /// Sinusoidal absolute position encoding: an `additive_input` encoder.
 ///
 /// Angles are `(pos + offset) * f_i` in double and their sine and cosine are taken in double,
-/// then rounded, so positions far beyond 2^24 keep full accuracy. Immutable after construction;
+/// then rounded, so positions far beyond 2^24 keep full accuracy. `pos + offset` is the exact sum
+/// rounded once to double, for any int64 values (it may pass the int64 range). Immutable after construction;
 /// one object may be used from several threads at once.
 template <class T>
 class sinusoidal {
@@ -59,6 +61,8 @@ class sinusoidal {
     detail::require(p.dim > 0, "sinusoidal_params.dim", p.dim, "must be positive");
     detail::require(p.dim % 2 == 0, "sinusoidal_params.dim", p.dim, "must be even (a sine and a cosine per frequency)");
     detail::require(std::isfinite(p.base) && p.base > 0, "sinusoidal_params.base", p.base, "must be finite and > 0");
+    detail::require(p.layout == sinusoidal_layout::interleaved || p.layout == sinusoidal_layout::concatenated,
+                    "sinusoidal_params.layout", static_cast<int>(p.layout), "unknown sinusoidal_layout");
     detail::require(!p.shifted_denominator || p.dim >= 4, "sinusoidal_params.dim", p.dim,
                     "must be >= 4 with shifted_denominator (the denominator dim/2 - 1 would be 0)");
     const index_t half = p.dim / 2;
@@ -124,8 +128,8 @@ class sinusoidal {
 
   template <class S, class Op>
   void encode_row(position p, S* row, Op op) const {
-    // In double, so an offset near the int64 limits cannot overflow.
-    const double pd = static_cast<double>(p) + static_cast<double>(p_.position_offset);
+    // Exact, then rounded once: an offset near the int64 limits neither overflows nor rounds twice.
+    const double pd = detail::position_sum(p, p_.position_offset);
     const index_t half = p_.dim / 2;
     const bool inter = p_.layout == sinusoidal_layout::interleaved;
     for (index_t i = 0; i < half; ++i) {

@@ -27,7 +27,9 @@
 /// come out just below it and lose a bucket, so a value within 1e-9 of an integer is decided in
 /// integer arithmetic (is `(d / max_exact)^(m - max_exact) == (max_distance / max_exact)^n`?).
 ///
-/// Positions are global int64; `kpos - qpos` must not overflow (|positions| < 2^62 suffices).
+/// Positions are global int64, any values: `kpos - qpos` is taken saturated to int64 (a distance
+/// past `INT64_MAX` lies in the last bucket of its side either way), so buckets are exact for every
+/// pair of positions.
 
 #include <algorithm>
 #include <cmath>
@@ -42,6 +44,7 @@
 
 #include "posenc/concepts.hpp"
 #include "posenc/detail/check.hpp"
+#include "posenc/detail/position_math.hpp"
 #include "posenc/types.hpp"
 
 namespace posenc {
@@ -172,9 +175,9 @@ class t5_relative_bias {
   }
 
   /// The bias of local head `local_head` (global head `local_head + head_offset`) for a query at
-  /// `q` and a key at `k`: `table[bucket(k - q), head]`.
+  /// `q` and a key at `k`: `table[bucket(k - q), head]`, for any int64 `q` and `k`.
   double bias(index_t local_head, position q, position k) const {
-    return static_cast<double>(head_table(local_head)[bucket(k - q)]);
+    return static_cast<double>(head_table(local_head)[bucket(detail::saturating_difference(k, q))]);
   }
 
   /// `tile(i, j) += bias(local_head, q[i], k[j])` for a `[q.size(), k.size()]` tile of float or
@@ -199,13 +202,15 @@ class t5_relative_bias {
       E* row = t.row(i);
       const position qi = q[i];
       if (!saturated) {
-        for (index_t j = 0; j < n; ++j) row[j] += static_cast<E>(bias_h[bucket(k[j] - qi)]);
-      } else if (k.is_range()) {
+        for (index_t j = 0; j < n; ++j)
+          row[j] += static_cast<E>(bias_h[bucket(detail::saturating_difference(k[j], qi))]);
+      } else if (k.is_range() && detail::difference_fits(k.start(), qi)) {
         // rel = r0 + j runs through three segments: all beyond -reach_ (one bucket), the lookup
-        // window, all beyond +reach_ (one bucket).
+        // window, all beyond +reach_ (one bucket). The bounds -lim - r0 and lim - r0 may pass the
+        // int64 range; saturated, they still clamp to the same column.
         const position r0 = k.start() - qi;
-        const index_t j1 = static_cast<index_t>(std::clamp<position>(-reach_ - r0, 0, n));
-        const index_t j2 = static_cast<index_t>(std::clamp<position>(reach_ + 1 - r0, j1, n));
+        const index_t j1 = static_cast<index_t>(std::clamp<position>(detail::saturating_difference(-reach_, r0), 0, n));
+        const index_t j2 = static_cast<index_t>(std::clamp<position>(detail::saturating_difference(lim, r0), j1, n));
         const E below = static_cast<E>(bias_h[near_mid[-lim]]);
         const E above = static_cast<E>(bias_h[near_mid[lim]]);
         for (index_t j = 0; j < j1; ++j) row[j] += below;
@@ -214,7 +219,8 @@ class t5_relative_bias {
       } else {
         // Every distance past saturation shares the end entries: a clamp, no branch.
         for (index_t j = 0; j < n; ++j)
-          row[j] += static_cast<E>(bias_h[near_mid[std::clamp<position>(k[j] - qi, -lim, lim)]]);
+          row[j] += static_cast<E>(
+              bias_h[near_mid[std::clamp<position>(detail::saturating_difference(k[j], qi), -lim, lim)]]);
       }
     }
   }
