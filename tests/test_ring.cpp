@@ -289,6 +289,16 @@ TEST_CASE("one device and one query block: the ring is the blockwise kernel, bit
   for (index_t i = 0; i < n; ++i) pos[static_cast<std::size_t>(i)] = i;
   posenc::attention(qr, kr, v, kernel, posenc::positions(pos), posenc::positions(pos), posenc::no_position<float>{}, p);
   CHECK(std::memcmp(ring.data(), kernel.data(), static_cast<std::size_t>(ring.size()) * sizeof(float)) == 0);
+  // RoPE given to the kernel rotates each tile with its tile rotator, whose cos and sin are a few
+  // ulp from rope.rotate's: the same result to float rounding, not to the bit.
+  posenc::row_matrix<float> in_kernel(n, heads * head_dim);
+  posenc::attention(q, k, v, in_kernel, posenc::positions(pos), posenc::positions(pos), rope, p);
+  CHECK((in_kernel - ring).cwiseAbs().maxCoeff() <= 2e-6f);
+  // A bias acts inside the kernel's logits in both: the same bits.
+  const posenc::alibi<float> alibi({.num_heads = heads});
+  posenc::ring_attention_simulate(q, k, v, ring, 1, ring_layout::contiguous, alibi, p, {.query_blocks = 1});
+  posenc::attention(q, k, v, kernel, posenc::positions(pos), posenc::positions(pos), alibi, p);
+  CHECK(std::memcmp(ring.data(), kernel.data(), static_cast<std::size_t>(ring.size()) * sizeof(float)) == 0);
 }
 
 TEST_CASE("ring: invalid options and shapes", "[ring]") {

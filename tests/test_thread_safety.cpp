@@ -2,7 +2,7 @@
 // thread the bits a single thread gets (docs/numerics.md lists what is immutable after
 // construction). Each thread owns its matrices, caches' copies, scratch and workspaces; only the
 // encoder (and, for RoPE, one shared cache) is shared. Under the sanitizer build a race that
-// corrupts memory is reported; a ThreadSanitizer build (not in CI) checks the rest.
+// corrupts memory is reported; the ThreadSanitizer suite of scripts/test (clang-tsan) checks the rest.
 #include <catch2/catch.hpp>
 
 #include "support.hpp"

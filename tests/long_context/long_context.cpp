@@ -65,7 +65,8 @@ int main() {
 
   // RoPE inside the kernel, as a long-context model runs it (Llama 3 base).
   const posenc::rope<float> rope({.head_dim = d, .base = 500000.0});
-  const posenc::attention_params p{.heads = 1, .causal = true, .window_left = window};
+  posenc::thread_pool pool;  // every core: the call's work items share them
+  const posenc::attention_params p{.heads = 1, .causal = true, .window_left = window, .executor = &pool};
   posenc::attention(q, k, v, out, posenc::arange(0, n), posenc::arange(0, n), rope, p);
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   const long peak = peak_rss_mib();  // before the check below allocates anything

@@ -151,3 +151,14 @@ def test_explicit_scale(rng):
     out = posenc.attention(q, k, v, heads=1, scale=0.5)
     want, _ = ref.attention(q, k, v, 1, 1, np.arange(9), np.arange(9), scale=0.5)
     assert_close(out, want.numpy(), np.float64, "scale")
+
+
+def test_threads_give_the_same_bits(rng):
+    """The module's pool shares the work; threads=1 keeps it on the calling thread: same bits."""
+    q = rng.standard_normal((300, 4 * 32)).astype(np.float32)
+    k = rng.standard_normal((300, 2 * 32)).astype(np.float32)
+    v = rng.standard_normal((300, 2 * 32)).astype(np.float32)
+    r = posenc.Rope(head_dim=32)
+    one = posenc.attention(q, k, v, encoding=r, heads=4, kv_heads=2, causal=True, threads=1, q_tile=32)
+    many = posenc.attention(q, k, v, encoding=r, heads=4, kv_heads=2, causal=True, threads=0, q_tile=32)
+    np.testing.assert_array_equal(one, many)
