@@ -453,7 +453,10 @@ position_arg free_positions(py::handle obj, const std::string& where, const char
   return position_arg(obj, -1, where, arg);
 }
 
+/// The `dtype` argument of `table` and `bias_tile`; left out (None), their default float32 (NumPy
+/// would read None as float64).
 elem parse_dtype(py::handle obj, const std::string& where) {
+  if (obj.is_none()) return elem::f32;
   const auto d = py::dtype::from_args(py::reinterpret_borrow<py::object>(obj));
   if (d.is(py::dtype::of<float>())) return elem::f32;
   if (d.is(py::dtype::of<double>())) return elem::f64;
