@@ -173,7 +173,7 @@ bool register_all() {
     for (long n_kv : powers_of_two(4096, max_kv))
       if (p == path::blockwise || (n_kv / 4096) % 3 == 1) points.emplace_back(n_kv, 1);
     // 16 queries (speculative decoding): blockwise only; the naive path's Eigen product of a
-    // [16, n_kv] by [n_kv, d] matrix takes most of a minute at 128k on 2 OpenMP threads.
+    // [16, n_kv] by [n_kv, d] matrix takes most of a minute at 128k on 2 threads.
     if (p == path::blockwise) points.emplace_back(max_kv, 16);
     for (auto [n_kv, n_q] : points) {
       const shape s{.n_q = n_q, .n_kv = n_kv, .heads = 8, .kv_heads = 2, .d = 128, .causal = true};

@@ -815,7 +815,7 @@ def machine_section(res):
         ("kernel, governor", f"Linux {m.get('kernel', '?')}, {m.get('governor') or 'no cpufreq governor exposed'}"),
         ("compiler", m.get("compiler", "?")),
         ("build", f"{m.get('build_type', '?')}, flags `{m.get('compile_flags', '')}`"),
-        ("OpenMP", m.get("openmp", "?")),
+        ("threads", m.get("threads", "a posenc::thread_pool of one worker per hardware thread")),
         ("Eigen", m.get("eigen", "?")),
         ("Google Benchmark", m.get("google_benchmark", "?")),
         ("environment", env_text),
@@ -1117,9 +1117,10 @@ def main():
         "writing it.\n"
         "- Kernel heap peak: Google Benchmark's MemoryManager runs each point once more and reports the highest "
         "heap use above what was held when the timed loop started (the inputs), so it counts the kernel's own "
-        "allocations: the blockwise workspace, the naive scores and copies, OpenMP's and Eigen's buffers.\n"
+        "allocations: the blockwise workspace, the naive scores and copies, Eigen's buffers.\n"
         "- Peak RSS: a fresh process per size (bench/probe_memory.cpp), see the memory section.\n"
-        "- Time is wall time per call (Google Benchmark real time), with all cores (OpenMP) unless stated.",
+        "- Time is wall time per call (Google Benchmark real time), with all cores (a posenc::thread_pool) unless "
+        "stated.",
         "## Attention prefill: full, causal, sliding window, GQA (8 heads)\n\n" + prefill_section(res),
         "## Encoders inside causal prefill (8 heads, d = 128)\n\n" + encoder_section(res),
         "## Decode against a KV cache (GQA 8/2, d = 128)\n\n" + decode_section(res),

@@ -327,7 +327,7 @@ def machine(args, cache):
         "build_type": build_type,
         "compile_flags": flags_cfg + " (no -march: the portable build a header-only library gets; "
                          "bench_eigen_ceiling alone is built with -march=native)",
-        "openmp": cache.get("OpenMP_CXX_FLAGS", "") or "not found",
+        "threads": f"a posenc::thread_pool of {os.cpu_count()} workers (one per hardware thread)",
         "eigen": eigen_version(cache),
         "google_benchmark": command_output(["dpkg-query", "-W", "-f=${Version}", "libbenchmark-dev"]) or "unknown",
         "python": platform.python_version(),

@@ -1,7 +1,7 @@
 # Shared by scripts/test and scripts/bench (sourced, not run).
 
 # The Debian packages posenc's scripts need: compilers, CMake, Eigen, Catch2, Google Benchmark,
-# clang's sanitizer, fuzzer and OpenMP runtimes, Open MPI (ring attention), and for the Python
+# clang's sanitizer, fuzzer and OpenMP runtimes (the opt-in OpenMP executor is tested), Open MPI (ring attention), and for the Python
 # module, its tests and the plots: pybind11, NumPy, pytest, PyTorch (the tests' reference) and
 # Matplotlib.
 POSENC_PACKAGES=(cmake make g++ clang libclang-rt-14-dev libomp-dev libeigen3-dev catch2 libbenchmark-dev
