@@ -7,6 +7,7 @@
 /// include the individual headers instead (each one compiles on its own).
 
 #include "posenc/config.hpp"
+#include "posenc/executor.hpp"
 #include "posenc/types.hpp"
 #include "posenc/concepts.hpp"
 
@@ -23,6 +24,7 @@
 #include "posenc/attention/reference.hpp"
 #include "posenc/attention/blockwise.hpp"
 #include "posenc/attention/merge.hpp"
+#include "posenc/attention/batch.hpp"
 
 // Ring attention's schedule and simulator. The MPI driver, posenc/distributed/mpi_ring.hpp, needs
 // <mpi.h> and is included on its own.

@@ -69,6 +69,350 @@ inline position_span strip_bounds(positions qp, position_span all, index_t r0, i
   return {std::min(a.lo, b.lo), std::max(a.hi, b.hi)};
 }
 
+/// Where the keys of one sequence live in the call's K/V rows, and their positions.
+struct key_map {
+  index_t first = 0;                        ///< contiguous keys: key j is row first + j
+  const std::int32_t* pages = nullptr;      ///< paged keys: key j is row pages[j / page_size] * page_size + j % page_size
+  index_t page_size = 0;
+  positions kpos;                           ///< positions of keys 0 .. n_kv - 1 (unless row_positions)
+  const position* row_positions = nullptr;  ///< paged: the position of each K/V row
+
+  index_t row(index_t j) const { return pages ? index_t{pages[j / page_size]} * page_size + j % page_size : first + j; }
+  /// How many of keys j, j + 1, ... (at most n) lie in consecutive rows.
+  index_t run(index_t j, index_t n) const { return pages ? std::min(n, page_size - j % page_size) : n; }
+};
+
+/// One sequence of a call: its queries (rows `[q0, q0 + nq)` of the packed q, out and lse, and
+/// their positions) and its keys.
+struct batch_seq {
+  positions qpos;
+  index_t n_kv = 0;
+  key_map keys;
+};
+
+/// Blockwise attention over the sequences `seq_of(0 .. plan.seqs - 1)` (see `plan_batch`), the
+/// engine behind `attention`, `attention_varlen` and `paged_attention`. `rotate_keys`: a rotation
+/// encoder rotates the key tiles too (false: the keys were stored rotated, only the queries are
+/// rotated here). Every argument was checked; nothing here throws.
+template <class C, class SQ, class SK, class SV, class SO, class LV, class E, class SeqOf>
+void run_batch(strided_view<SQ> qv, strided_view<SK> kv, strided_view<SV> vv, strided_view<SO> ov, LV lse_view,
+               const attention_plan& pl, const seq_plan* plans, C* base, const attention_params& p, const E& enc,
+               bool rotate_keys, SeqOf&& seq_of) {
+  constexpr bool want_lse = !std::same_as<LV, int>;
+  const attention_shape& sh = pl.sh;
+  const index_t d = sh.head_dim;
+  const index_t group = sh.group;
+  C* const partials = base + static_cast<std::ptrdiff_t>(pl.per_thread) * pl.workers;
+  const index_t rel_cols = relative_columns(enc), rot_scratch = rotator_scratch(enc);
+
+  constexpr C neg_inf = -std::numeric_limits<C>::infinity();
+  const C scale = static_cast<C>(sh.scale);
+  const C softcap = static_cast<C>(p.softcap);
+
+  const auto& kern = kernels_for<C>();
+  constexpr bool rotation = E::family == encoding_family::rotation;
+  const bool rotating_keys = rotation && rotate_keys;
+  // Keys and values are read in place when they already have the compute type, need no
+  // rotation, lie in consecutive rows, and (for values) may be read up to head_dim rounded up to
+  // 16 columns.
+  constexpr bool keys_compute_type = std::same_as<std::remove_const_t<SK>, C>;
+  constexpr bool values_compute_type = std::same_as<std::remove_const_t<SV>, C>;
+
+  // The rotator reads the encoder's table (made on its first use), shared read-only by every worker.
+  const auto rotator = [&] {
+    if constexpr (has_tile_rotator<E>) {
+      return enc.tile_rotator();
+    } else {
+      return 0;
+    }
+  }();
+  // Rows [row, row + n) of columns [col, col + d) of `src` into the dense tile `dst` (stride d),
+  // times `factor`, rotated by `tp` when `rotate`. Unscaled tiles with a tile rotator are loaded
+  // and rotated in one pass.
+  auto load_tile = [&](auto src, index_t row, index_t n, index_t col, positions tp, C factor, C* dst, C* rot,
+                       bool rotate) {
+    using SS = std::remove_const_t<std::remove_pointer_t<decltype(src.data)>>;
+    const strided_view<C> tile(dst, n, d, d);
+    if constexpr (has_tile_rotator<E>) {
+      if (rotate && factor == C(1)) {
+        rotator.rotate(strided_view<const SS>(src.row(row) + col, n, d, src.stride), tile, tp, rot);
+        return;
+      }
+    }
+    load_rows(src, row, n, col, d, factor, dst, d);
+    if (!rotate) return;
+    if constexpr (has_tile_rotator<E>) {
+      rotator.rotate(tile, tp, rot);
+    } else if constexpr (rotation) {
+      enc.rotate(tile, tp);
+    }
+  };
+
+  // Writes output row r of a tile of kv head g (unnormalised accumulator `a`, max `mr`, sum `lr`):
+  // query head g * group + r / nq, token i0 + r % nq.
+  auto finish_row = [&](index_t g, index_t i0, index_t nq, index_t r, const C* a, C mr, C lr) {
+    const index_t i = i0 + r % nq;
+    const index_t h = g * group + r / nq;
+    SO* dst = ov.row(i) + h * d;
+    C lse = lr == C(0) ? neg_inf : mr + std::log(lr);
+    C weight = lr == C(0) ? C(0) : C(1) / lr;
+    if (!p.sinks.empty()) {
+      C with_sink;
+      const C keep = sink_weight(lse, static_cast<C>(p.sinks[static_cast<std::size_t>(h)]), with_sink);
+      weight *= keep;
+      lse = with_sink;
+    }
+    if (lr == C(0)) {
+      for (index_t c = 0; c < d; ++c) dst[c] = static_cast<SO>(0);
+    } else {
+      for (index_t c = 0; c < d; ++c) dst[c] = static_cast<SO>(a[c] * weight);
+    }
+    if constexpr (want_lse) lse_view(i, h) = static_cast<std::remove_reference_t<decltype(lse_view(0, 0))>>(lse);
+  };
+
+  // A work item of sequence `b`: kv heads [g0, g0 + sets), tokens [i0, i0 + nq), keys of chunk
+  // `chunk`. Tile row r of kv head g holds query head g * group + r / nq at token i0 + r % nq
+  // (head-major, so each head's rows are contiguous). The kv heads of an item take turns on each
+  // key tile, so the item reads whole rows of K and V.
+  auto run_item = [&](index_t item, C* scratch) {
+    const index_t b = std::upper_bound(plans, plans + pl.seqs, item,
+                                       [](index_t x, const seq_plan& sp) { return x < sp.item0; }) -
+                      plans - 1;
+    const seq_plan& sp = plans[b];
+    const batch_seq seq = seq_of(b);
+    const tile_plan plan = tiles_of(sp, pl, rel_cols, rot_scratch);
+    const index_t local = item - sp.item0;
+    const index_t sets = sp.sets;
+    const index_t chunk = local % sp.chunks;
+    const index_t qt_index = (local / sp.chunks) % sp.q_tiles;
+    const index_t g0 = (local / sp.chunks / sp.q_tiles) * sets;
+    const index_t i0 = qt_index * sp.tq;
+    const index_t nq = std::min(sp.tq, sp.nq - i0);
+    const index_t rows = nq * group;
+    const positions qp = seq.qpos.subset(i0, nq);
+    const auto qb = bounds_of(qp);
+    const bool few_rows = plan.bq <= few_query_rows;
+    auto at = [&](index_t offset, index_t per_set, index_t set) {
+      return scratch + offset + set * ((per_set + 15) / 16 * 16);
+    };
+    C* const rot = scratch + plan.rot;
+    auto* const kpos_buf = reinterpret_cast<position*>(scratch + plan.kpos);
+
+    // The scale is folded into the query tile: rotation and Shaw's query terms are linear in q.
+    for (index_t gs = 0; gs < sets; ++gs) {
+      const index_t g = g0 + gs;
+      C* const qt = at(plan.q, plan.bq * d, gs);
+      for (index_t hh = 0; hh < group; ++hh)
+        load_tile(qv, sp.q0 + i0, nq, (g * group + hh) * d, qp, scale, qt + hh * nq * d, rot, rotation);
+      std::fill(at(plan.acc, plan.bq * plan.dpad, gs), at(plan.acc, plan.bq * plan.dpad, gs) + rows * plan.dpad, C(0));
+      std::fill(at(plan.m, plan.bq, gs), at(plan.m, plan.bq, gs) + rows, neg_inf);
+      std::fill(at(plan.l, plan.bq, gs), at(plan.l, plan.bq, gs) + rows, C(0));
+      if constexpr (relative_key_value<E>) {
+        const strided_view<C> terms(at(plan.terms, plan.bq * plan.r, gs), rows, plan.r, plan.r);
+        enc.query_terms(strided_view<const C>(qt, rows, d, d), terms);
+        std::fill(at(plan.w, plan.bq * plan.r, gs), at(plan.w, plan.bq * plan.r, gs) + rows * plan.r, C(0));
+      }
+    }
+    C* const alpha = scratch + plan.alpha;
+
+    const index_t k_begin = chunk * sp.chunk_keys;
+    const index_t k_end = std::min(seq.n_kv, k_begin + sp.chunk_keys);
+    for (index_t j0 = k_begin; j0 < k_end; j0 += plan.bk) {
+      const index_t nk = std::min(plan.bk, k_end - j0);
+      positions kp;
+      if (seq.keys.row_positions) {
+        for (index_t j = 0; j < nk; ++j) kpos_buf[j] = seq.keys.row_positions[seq.keys.row(j0 + j)];
+        kp = positions(std::span<const position>(kpos_buf, static_cast<std::size_t>(nk)));
+      } else {
+        kp = seq.keys.kpos.subset(j0, nk);
+      }
+      const auto kb = bounds_of(kp);
+      if (!sh.mask.any_visible(qb, kb)) continue;
+      const bool full = sh.mask.all_visible(qb, kb);
+      // Rows of the tile's keys in K/V: one run, or several (a tile over page boundaries).
+      const bool one_run = seq.keys.run(j0, nk) == nk;
+      const index_t row0 = seq.keys.row(j0);
+      const bool keys_in_place = keys_compute_type && !rotating_keys && one_run;
+      const bool values_in_place = few_rows && values_compute_type && d == plan.dpad && one_run;
+
+      for (index_t gs = 0; gs < sets; ++gs) {
+        const index_t g = g0 + gs;
+        C* const qt = at(plan.q, plan.bq * d, gs);
+        C* const acc = at(plan.acc, plan.bq * plan.dpad, gs);
+        C* const m = at(plan.m, plan.bq, gs);
+        C* const l = at(plan.l, plan.bq, gs);
+        [[maybe_unused]] const strided_view<C> terms(at(plan.terms, plan.bq * plan.r, gs), rows, plan.r, plan.r);
+        [[maybe_unused]] const strided_view<C> wts(at(plan.w, plan.bq * plan.r, gs), rows, plan.r, plan.r);
+
+        const C* krows;
+        index_t ldk;
+        if (keys_in_place) {
+          krows = reinterpret_cast<const C*>(kv.row(row0) + g * d);
+          ldk = kv.stride;
+        } else {
+          C* buf = scratch + plan.krows;
+          for (index_t j = 0; j < nk;) {
+            const index_t n = seq.keys.run(j0 + j, nk - j);
+            load_tile(kv, seq.keys.row(j0 + j), n, g * d, kp.subset(j, n), C(1), buf + j * d, rot, rotating_keys);
+            j += n;
+          }
+          krows = buf;
+          ldk = d;
+        }
+        if (!few_rows) kern.pack_kt(krows, ldk, nk, d, scratch + plan.kt, plan.ldkt);
+        const C* vrows;
+        index_t ldv;
+        if (values_in_place) {
+          vrows = reinterpret_cast<const C*>(vv.row(row0) + g * d);
+          ldv = vv.stride;
+        } else {
+          C* buf = scratch + plan.v;
+          for (index_t j = 0; j < nk;) {
+            const index_t n = seq.keys.run(j0 + j, nk - j);
+            load_rows(vv, seq.keys.row(j0 + j), n, g * d, d, C(1), buf + j * plan.dpad, plan.dpad);
+            j += n;
+          }
+          if (d != plan.dpad)
+            for (index_t j = 0; j < nk; ++j) std::fill(buf + j * plan.dpad + d, buf + (j + 1) * plan.dpad, C(0));
+          vrows = buf;
+          ldv = plan.dpad;
+        }
+
+        // The tile's rows in strips whose logits stay in L1 from QK^T through PV.
+        for (index_t r0 = 0; r0 < rows; r0 += plan.strip) {
+          const index_t nr = std::min(plan.strip, rows - r0);
+          // A strip that sees none of the tile's keys (above the diagonal of a causal tile,
+          // outside a window) skips it: its rows' state is unchanged, as if the tile were skipped.
+          if (!full && !sh.mask.any_visible(strip_bounds(qp, qb, r0, nr), kb)) continue;
+          C* const s = scratch + plan.s;
+          if (few_rows) {
+            kern.qk_rows(qt + r0 * d, d, nr, d, krows, ldk, nk, s, plan.ldkt);
+          } else {
+            kern.qk(qt + r0 * d, d, nr, d, scratch + plan.kt, plan.ldkt, s);
+          }
+          const strided_view<C> sv(s, nr, nk, plan.ldkt);
+          // The strip's rows of each query head (tile row r is head r / nq, token r % nq).
+          auto for_each_head = [&](auto&& f) {
+            for (index_t hh = r0 / nq; hh * nq < r0 + nr; ++hh) {
+              const index_t a = std::max(r0, hh * nq), e = std::min(r0 + nr, (hh + 1) * nq);
+              f(hh, a - r0, e - a, qp.subset(a - hh * nq, e - a));
+            }
+          };
+          if constexpr (relative_key_value<E>) {
+            for_each_head([&](index_t, index_t at_row, index_t n, positions hp) {
+              enc.add_bias_tile(sv.middle_rows(at_row, n), strided_view<const C>(terms.middle_rows(r0 + at_row, n)),
+                                hp, kp);
+            });
+          }
+          if constexpr (position_bias<E>) {
+            for_each_head([&](index_t hh, index_t at_row, index_t n, positions hp) {
+              enc.add_bias_tile(sv.middle_rows(at_row, n), g * group + hh, hp, kp);
+            });
+          }
+          if (softcap > C(0)) {
+            const C inv = C(1) / softcap;
+            for (index_t r = 0; r < nr; ++r) {
+              C* row = sv.row(r);
+              for (index_t j = 0; j < nk; ++j) row[j] = softcap * std::tanh(row[j] * inv);
+            }
+          }
+          if (!full) {
+            for (index_t r = 0; r < nr; ++r) sh.mask.mask_row(qp[(r0 + r) % nq], kp, sv.row(r));
+          }
+          kern.softmax(s, plan.ldkt, nr, nk, m + r0, l + r0, alpha + r0);
+          if constexpr (relative_key_value<E>) {
+            for (index_t r = r0; r < r0 + nr; ++r)
+              if (alpha[r] != C(1))
+                for (index_t c = 0; c < plan.r; ++c) wts(r, c) *= alpha[r];
+            for_each_head([&](index_t, index_t at_row, index_t n, positions hp) {
+              enc.accumulate_value_weights(strided_view<const C>(sv.middle_rows(at_row, n)), hp, kp,
+                                           wts.middle_rows(r0 + at_row, n));
+            });
+          }
+          kern.pv(s, plan.ldkt, nr, nk, vrows, ldv, d, alpha + r0, acc + r0 * plan.dpad, plan.dpad);
+        }
+      }
+    }
+
+    for (index_t gs = 0; gs < sets; ++gs) {
+      const index_t g = g0 + gs;
+      C* const acc = at(plan.acc, plan.bq * plan.dpad, gs);
+      const C* const m = at(plan.m, plan.bq, gs);
+      const C* const l = at(plan.l, plan.bq, gs);
+      if constexpr (relative_key_value<E>)
+        enc.add_value_term(strided_view<const C>(at(plan.w, plan.bq * plan.r, gs), rows, plan.r, plan.r),
+                           strided_view<C>(acc, rows, d, plan.dpad));
+      if (sp.chunks > 1) {
+        // Keep the chunk's state; the merge below finishes the rows.
+        C* part = partials + sp.partial0 + (local * sets + gs) * partial_stride_of(plan);
+        std::copy(acc, acc + rows * plan.dpad, part);
+        std::copy(m, m + rows, part + plan.bq * plan.dpad);
+        std::copy(l, l + rows, part + plan.bq * plan.dpad + plan.bq);
+        continue;
+      }
+      for (index_t r = 0; r < rows; ++r) finish_row(g, sp.q0 + i0, nq, r, acc + r * plan.dpad, m[r], l[r]);
+    }
+  };
+
+  auto body = [&](index_t item, int worker) {
+    run_item(item, base + static_cast<std::ptrdiff_t>(worker) * pl.per_thread);
+  };
+  pl.ex->parallel_for(pl.items, pl.workers, body);
+  if (pl.units == 0) return;
+
+  // Merge the chunks of each (head set, query tile) of the chunked sequences in chunk order: the
+  // same arithmetic for any worker count. Rescaled like the online softmax: m = max, acc and l
+  // scaled to it.
+  auto merge_unit = [&](index_t unit, int) {
+    const index_t b = std::upper_bound(plans, plans + pl.seqs, unit,
+                                       [](index_t x, const seq_plan& sp) { return x < sp.unit0; }) -
+                      plans - 1;
+    const seq_plan& sp = plans[b];
+    const tile_plan plan = tiles_of(sp, pl, rel_cols, rot_scratch);
+    const index_t stride = partial_stride_of(plan);
+    const index_t local = unit - sp.unit0;
+    const index_t chunks = sp.chunks, sets = sp.sets;
+    const index_t i0 = (local % sp.q_tiles) * sp.tq;
+    const index_t nq = std::min(sp.tq, sp.nq - i0);
+    const index_t rows = nq * group;
+    for (index_t gs = 0; gs < sets; ++gs) {
+      const index_t g = (local / sp.q_tiles) * sets + gs;
+      C* first = partials + sp.partial0 + (local * chunks * sets + gs) * stride;
+      for (index_t c = 1; c < chunks; ++c) {
+        const C* part = partials + sp.partial0 + ((local * chunks + c) * sets + gs) * stride;
+        for (index_t r = 0; r < rows; ++r) {
+          C& m0 = first[plan.bq * plan.dpad + r];
+          C& l0 = first[plan.bq * plan.dpad + plan.bq + r];
+          const C m1 = part[plan.bq * plan.dpad + r];
+          const C l1 = part[plan.bq * plan.dpad + plan.bq + r];
+          if (l1 == C(0)) continue;
+          C* a0 = first + r * plan.dpad;
+          const C* a1 = part + r * plan.dpad;
+          if (l0 == C(0)) {
+            std::copy(a1, a1 + d, a0);
+            m0 = m1, l0 = l1;
+            continue;
+          }
+          const C mx = std::max(m0, m1);
+          const C s0 = std::exp(m0 - mx), s1 = std::exp(m1 - mx);
+          for (index_t col = 0; col < d; ++col) a0[col] = s0 * a0[col] + s1 * a1[col];
+          l0 = s0 * l0 + s1 * l1;
+          m0 = mx;
+        }
+      }
+      for (index_t r = 0; r < rows; ++r)
+        finish_row(g, sp.q0 + i0, nq, r, first + r * plan.dpad, first[plan.bq * plan.dpad + r],
+                   first[plan.bq * plan.dpad + plan.bq + r]);
+    }
+  };
+  pl.ex->parallel_for(pl.units, static_cast<int>(std::min<index_t>(pl.units, pl.workers)), merge_unit);
+}
+
+/// The sequences' plans, in the workspace after the values (see `plan_batch`).
+inline seq_plan* plans_in(std::byte* workspace, const attention_plan& pl) {
+  return reinterpret_cast<seq_plan*>(workspace + pl.plans_offset);
+}
+
 }  // namespace detail
 
 /// Blockwise softmax attention with any positional encoder; the same contract as
@@ -107,280 +451,20 @@ void attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, con
 
   const auto sh = detail::check_attention(p, qv.rows, qv.cols, kv.rows, kv.cols, vv.rows, vv.cols, ov.rows, ov.cols,
                                           qpos.size(), kpos.size());
-  constexpr bool want_lse = !std::is_null_pointer_v<std::remove_cvref_t<L>>;
-  [[maybe_unused]] auto lse_view = detail::lse_view_of(std::forward<L>(lse), sh);
+  const auto lse_view = detail::lse_view_of(std::forward<L>(lse), sh);
   detail::check_encoder_fits(enc, sh);
   if (sh.n_q == 0) return;
 
-  const detail::attention_plan pl = detail::make_plan<C>(sh, p, enc);
-  const detail::tile_plan& plan = pl.tiles;
-  const index_t d = sh.head_dim;
-  const index_t group = sh.group;
-  const index_t tq = pl.tq;
-  const index_t sets = pl.sets;
-  const index_t chunks = pl.chunks;
-  const index_t chunk_keys = pl.chunk_keys;
-  const index_t q_tiles = pl.q_tiles;
-  const index_t head_sets = pl.head_sets;
-  const index_t partial_stride = pl.partial_stride;
-
+  const detail::batch_seq seq{qpos, sh.n_kv, detail::key_map{.kpos = kpos}};
+  const auto sizes = [&](index_t) { return std::pair{sh.n_q, sh.n_kv}; };
+  const detail::attention_plan pl = detail::plan_batch<C>(sh, p, enc, 1, sizes);
   attention_workspace local;
   attention_workspace& w = ws ? *ws : local;
-  C* const base = reinterpret_cast<C*>(w.reserve(pl.workspace_bytes));
-  C* const partials = base + static_cast<std::ptrdiff_t>(plan.per_thread) * pl.workers;
-
-  constexpr C neg_inf = -std::numeric_limits<C>::infinity();
-  const C scale = static_cast<C>(sh.scale);
-
-  const auto& kern = detail::kernels_for<C>();
-  constexpr bool rotating = E::family == encoding_family::rotation;
-  // Keys and values are read in place when they already have the compute type, need no
-  // rotation, and (for values) may be read up to head_dim rounded up to 16 columns.
-  constexpr bool keys_in_place =
-      std::same_as<std::remove_const_t<std::remove_pointer_t<decltype(kv.data)>>, C> && !rotating;
-  // With a few query rows (decode) the kernel is bound by reading K and V once: keys are then
-  // multiplied in place without the transposed tile, and values read in place. With many rows,
-  // values are copied into a dense tile: an engine's rows are often 4 KiB apart (kv_heads *
-  // head_dim floats), and rows at such a stride fall into one L1 set, so reading them in place
-  // evicts each other on every pass of the PV kernel.
-  const bool few_rows = plan.bq <= detail::few_query_rows;
-  const bool values_in_place =
-      few_rows && std::same_as<std::remove_const_t<std::remove_pointer_t<decltype(vv.data)>>, C> && d == plan.dpad;
-
-  // The rotator reads the encoder's table (made on its first use), shared read-only by every worker.
-  const auto rotator = [&] {
-    if constexpr (detail::has_tile_rotator<E>) {
-      return enc.tile_rotator();
-    } else {
-      return 0;
-    }
-  }();
-  // Rows [row, row + n) of columns [col, col + d) of `src` into the dense tile `dst` (stride d),
-  // times `factor`, rotated by `tp` when the encoder rotates inside the kernel. Unscaled tiles
-  // with a tile rotator are loaded and rotated in one pass.
-  auto load_tile = [&](auto src, index_t row, index_t n, index_t col, positions tp, C factor, C* dst, C* scratch) {
-    using SS = std::remove_const_t<std::remove_pointer_t<decltype(src.data)>>;
-    const strided_view<C> tile(dst, n, d, d);
-    if constexpr (detail::has_tile_rotator<E>) {
-      if (factor == C(1)) {
-        rotator.rotate(strided_view<const SS>(src.row(row) + col, n, d, src.stride), tile, tp, scratch + plan.rot);
-        return;
-      }
-    }
-    detail::load_rows(src, row, n, col, d, factor, dst, d);
-    if constexpr (detail::has_tile_rotator<E>) {
-      rotator.rotate(tile, tp, scratch + plan.rot);
-    } else if constexpr (rotating) {
-      enc.rotate(tile, tp);
-    }
-  };
-
-  // Writes output row r of kv head g (unnormalised accumulator `a`, max `mr`, sum `lr`).
-  auto finish_row = [&](index_t g, index_t i0, index_t nq, index_t r, const C* a, C mr, C lr) {
-    const index_t i = i0 + r % nq;
-    const index_t h = g * group + r / nq;
-    SO* dst = ov.row(i) + h * d;
-    if (lr == C(0)) {
-      for (index_t c = 0; c < d; ++c) dst[c] = SO(0);
-      if constexpr (want_lse) lse_view(i, h) = neg_inf;
-      return;
-    }
-    const C inv = C(1) / lr;
-    for (index_t c = 0; c < d; ++c) dst[c] = static_cast<SO>(a[c] * inv);
-    if constexpr (want_lse)
-      lse_view(i, h) = static_cast<std::remove_reference_t<decltype(lse_view(0, 0))>>(mr + std::log(lr));
-  };
-
-  // A work item: kv heads [g0, g0 + sets), tokens [i0, i0 + nq), keys of chunk `chunk`. Tile row r
-  // of kv head g holds query head g * group + r / nq at token i0 + r % nq (head-major, so each
-  // head's rows are contiguous). The kv heads of an item take turns on each key tile, so the
-  // item reads whole rows of K and V.
-  auto run_item = [&](index_t item, C* scratch) {
-    const index_t chunk = item % chunks;
-    const index_t qt_index = (item / chunks) % q_tiles;
-    const index_t g0 = (item / chunks / q_tiles) * sets;
-    const index_t i0 = qt_index * tq;
-    const index_t nq = std::min(tq, sh.n_q - i0);
-    const index_t rows = nq * group;
-    const positions qp = qpos.subset(i0, nq);
-    const auto qb = detail::bounds_of(qp);
-    auto at = [&](index_t offset, index_t per_set, index_t set) {
-      return scratch + offset + set * ((per_set + 15) / 16 * 16);
-    };
-
-    // The scale is folded into the query tile: rotation and Shaw's query terms are linear in q.
-    for (index_t gs = 0; gs < sets; ++gs) {
-      const index_t g = g0 + gs;
-      C* const qt = at(plan.q, plan.bq * d, gs);
-      for (index_t hh = 0; hh < group; ++hh) {
-        load_tile(qv, i0, nq, (g * group + hh) * d, qp, scale, qt + hh * nq * d, scratch);
-      }
-      std::fill(at(plan.acc, plan.bq * plan.dpad, gs), at(plan.acc, plan.bq * plan.dpad, gs) + rows * plan.dpad, C(0));
-      std::fill(at(plan.m, plan.bq, gs), at(plan.m, plan.bq, gs) + rows, neg_inf);
-      std::fill(at(plan.l, plan.bq, gs), at(plan.l, plan.bq, gs) + rows, C(0));
-      if constexpr (relative_key_value<E>) {
-        const strided_view<C> terms(at(plan.terms, plan.bq * plan.r, gs), rows, plan.r, plan.r);
-        enc.query_terms(strided_view<const C>(qt, rows, d, d), terms);
-        std::fill(at(plan.w, plan.bq * plan.r, gs), at(plan.w, plan.bq * plan.r, gs) + rows * plan.r, C(0));
-      }
-    }
-    C* const alpha = scratch + plan.alpha;
-
-    const index_t k_begin = chunk * chunk_keys;
-    const index_t k_end = std::min(sh.n_kv, k_begin + chunk_keys);
-    for (index_t j0 = k_begin; j0 < k_end; j0 += plan.bk) {
-      const index_t nk = std::min(plan.bk, k_end - j0);
-      const positions kp = kpos.subset(j0, nk);
-      const auto kb = detail::bounds_of(kp);
-      if (!sh.mask.any_visible(qb, kb)) continue;
-      const bool full = sh.mask.all_visible(qb, kb);
-
-      for (index_t gs = 0; gs < sets; ++gs) {
-        const index_t g = g0 + gs;
-        C* const qt = at(plan.q, plan.bq * d, gs);
-        C* const acc = at(plan.acc, plan.bq * plan.dpad, gs);
-        C* const m = at(plan.m, plan.bq, gs);
-        C* const l = at(plan.l, plan.bq, gs);
-        [[maybe_unused]] const strided_view<C> terms(at(plan.terms, plan.bq * plan.r, gs), rows, plan.r, plan.r);
-        [[maybe_unused]] const strided_view<C> wts(at(plan.w, plan.bq * plan.r, gs), rows, plan.r, plan.r);
-
-        const C* krows;
-        index_t ldk;
-        if constexpr (keys_in_place) {
-          krows = reinterpret_cast<const C*>(kv.row(j0) + g * d);
-          ldk = kv.stride;
-        } else {
-          C* buf = scratch + plan.krows;
-          load_tile(kv, j0, nk, g * d, kp, C(1), buf, scratch);
-          krows = buf;
-          ldk = d;
-        }
-        if (!few_rows) kern.pack_kt(krows, ldk, nk, d, scratch + plan.kt, plan.ldkt);
-        const C* vrows;
-        index_t ldv;
-        if (values_in_place) {
-          vrows = reinterpret_cast<const C*>(vv.row(j0) + g * d);
-          ldv = vv.stride;
-        } else {
-          C* buf = scratch + plan.v;
-          detail::load_rows(vv, j0, nk, g * d, d, C(1), buf, plan.dpad);
-          if (d != plan.dpad)
-            for (index_t j = 0; j < nk; ++j) std::fill(buf + j * plan.dpad + d, buf + (j + 1) * plan.dpad, C(0));
-          vrows = buf;
-          ldv = plan.dpad;
-        }
-
-        // The tile's rows in strips whose logits stay in L1 from QK^T through PV.
-        for (index_t r0 = 0; r0 < rows; r0 += plan.strip) {
-          const index_t nr = std::min(plan.strip, rows - r0);
-          // A strip that sees none of the tile's keys (above the diagonal of a causal tile,
-          // outside a window) skips it: its rows' state is unchanged, as if the tile were skipped.
-          if (!full && !sh.mask.any_visible(detail::strip_bounds(qp, qb, r0, nr), kb)) continue;
-          C* const s = scratch + plan.s;
-          if (few_rows) {
-            kern.qk_rows(qt + r0 * d, d, nr, d, krows, ldk, nk, s, plan.ldkt);
-          } else {
-            kern.qk(qt + r0 * d, d, nr, d, scratch + plan.kt, plan.ldkt, s);
-          }
-          const strided_view<C> sv(s, nr, nk, plan.ldkt);
-          // The strip's rows of each query head (tile row r is head r / nq, token r % nq).
-          auto for_each_head = [&](auto&& f) {
-            for (index_t hh = r0 / nq; hh * nq < r0 + nr; ++hh) {
-              const index_t a = std::max(r0, hh * nq), b = std::min(r0 + nr, (hh + 1) * nq);
-              f(hh, a - r0, b - a, qp.subset(a - hh * nq, b - a));
-            }
-          };
-          if constexpr (relative_key_value<E>) {
-            for_each_head([&](index_t, index_t at_row, index_t n, positions hp) {
-              enc.add_bias_tile(sv.middle_rows(at_row, n), strided_view<const C>(terms.middle_rows(r0 + at_row, n)),
-                                hp, kp);
-            });
-          }
-          if constexpr (position_bias<E>) {
-            for_each_head([&](index_t hh, index_t at_row, index_t n, positions hp) {
-              enc.add_bias_tile(sv.middle_rows(at_row, n), g * group + hh, hp, kp);
-            });
-          }
-          if (!full) {
-            for (index_t r = 0; r < nr; ++r) sh.mask.mask_row(qp[(r0 + r) % nq], kp, sv.row(r));
-          }
-          kern.softmax(s, plan.ldkt, nr, nk, m + r0, l + r0, alpha + r0);
-          if constexpr (relative_key_value<E>) {
-            for (index_t r = r0; r < r0 + nr; ++r)
-              if (alpha[r] != C(1))
-                for (index_t c = 0; c < plan.r; ++c) wts(r, c) *= alpha[r];
-            for_each_head([&](index_t, index_t at_row, index_t n, positions hp) {
-              enc.accumulate_value_weights(strided_view<const C>(sv.middle_rows(at_row, n)), hp, kp,
-                                           wts.middle_rows(r0 + at_row, n));
-            });
-          }
-          kern.pv(s, plan.ldkt, nr, nk, vrows, ldv, d, alpha + r0, acc + r0 * plan.dpad, plan.dpad);
-        }
-      }
-    }
-
-    for (index_t gs = 0; gs < sets; ++gs) {
-      const index_t g = g0 + gs;
-      C* const acc = at(plan.acc, plan.bq * plan.dpad, gs);
-      const C* const m = at(plan.m, plan.bq, gs);
-      const C* const l = at(plan.l, plan.bq, gs);
-      if constexpr (relative_key_value<E>)
-        enc.add_value_term(strided_view<const C>(at(plan.w, plan.bq * plan.r, gs), rows, plan.r, plan.r),
-                           strided_view<C>(acc, rows, d, plan.dpad));
-      if (chunks > 1) {
-        // Keep the chunk's state; the merge below finishes the rows.
-        C* part = partials + (item * sets + gs) * partial_stride;
-        std::copy(acc, acc + rows * plan.dpad, part);
-        std::copy(m, m + rows, part + plan.bq * plan.dpad);
-        std::copy(l, l + rows, part + plan.bq * plan.dpad + plan.bq);
-        continue;
-      }
-      for (index_t r = 0; r < rows; ++r) finish_row(g, i0, nq, r, acc + r * plan.dpad, m[r], l[r]);
-    }
-  };
-
-  auto body = [&](index_t item, int worker) {
-    run_item(item, base + static_cast<std::ptrdiff_t>(worker) * plan.per_thread);
-  };
-  pl.ex->parallel_for(pl.items, pl.workers, body);
-  if (chunks == 1) return;
-
-  // Merge the chunks of each (head set, query tile) in chunk order: the same arithmetic for any
-  // thread count. Rescaled like the online softmax: m = max, acc and l scaled to it.
-  for (index_t unit = 0; unit < head_sets * q_tiles; ++unit) {
-    const index_t i0 = (unit % q_tiles) * tq;
-    const index_t nq = std::min(tq, sh.n_q - i0);
-    const index_t rows = nq * group;
-    for (index_t gs = 0; gs < sets; ++gs) {
-      const index_t g = (unit / q_tiles) * sets + gs;
-      C* first = partials + (unit * chunks * sets + gs) * partial_stride;
-      for (index_t c = 1; c < chunks; ++c) {
-        const C* part = partials + ((unit * chunks + c) * sets + gs) * partial_stride;
-        for (index_t r = 0; r < rows; ++r) {
-          C& m0 = first[plan.bq * plan.dpad + r];
-          C& l0 = first[plan.bq * plan.dpad + plan.bq + r];
-          const C m1 = part[plan.bq * plan.dpad + r];
-          const C l1 = part[plan.bq * plan.dpad + plan.bq + r];
-          if (l1 == C(0)) continue;
-          C* a0 = first + r * plan.dpad;
-          const C* a1 = part + r * plan.dpad;
-          if (l0 == C(0)) {
-            std::copy(a1, a1 + d, a0);
-            m0 = m1, l0 = l1;
-            continue;
-          }
-          const C mx = std::max(m0, m1);
-          const C s0 = std::exp(m0 - mx), s1 = std::exp(m1 - mx);
-          for (index_t col = 0; col < d; ++col) a0[col] = s0 * a0[col] + s1 * a1[col];
-          l0 = s0 * l0 + s1 * l1;
-          m0 = mx;
-        }
-      }
-      for (index_t r = 0; r < rows; ++r)
-        finish_row(g, i0, nq, r, first + r * plan.dpad, first[plan.bq * plan.dpad + r],
-                   first[plan.bq * plan.dpad + plan.bq + r]);
-    }
-  }
+  std::byte* const memory = w.reserve(pl.workspace_bytes);
+  detail::seq_plan* const plans = detail::plans_in(memory, pl);
+  detail::plan_batch<C>(sh, p, enc, 1, sizes, plans);
+  detail::run_batch<C>(qv, kv, vv, ov, lse_view, pl, plans, reinterpret_cast<C*>(memory), p, enc, true,
+                       [&](index_t) { return seq; });
 }
 
 }  // namespace posenc

@@ -6,6 +6,8 @@
 /// ring attention, and their validation.
 
 #include <cmath>
+#include <limits>
+#include <span>
 #include <optional>
 #include <type_traits>
 
@@ -33,6 +35,14 @@ struct attention_params {
   index_t heads = 1;              ///< query heads; q has `heads * head_dim` columns
   index_t kv_heads = 0;           ///< key/value heads (0 = heads); heads must be a multiple (GQA/MQA)
   std::optional<double> scale{};  ///< logit scale; default `1/sqrt(head_dim)`
+  /// Logit soft-capping (Gemma 2): every logit `s` (scaled, biases added) becomes
+  /// `softcap * tanh(s / softcap)` before masking; 0 = off.
+  double softcap = 0;
+  /// Attention sinks (gpt-oss): one learned logit per query head that joins every row's softmax
+  /// denominator and contributes no value, so `out_i = sum_j e^(s_ij) v_j / (e^(z_h) + sum_j e^(s_ij))`
+  /// and `lse_i = log(e^(z_h) + sum_j e^(s_ij))`. `heads` values (local heads), or empty for none;
+  /// borrowed, not copied. A row that sees no key gives zeros and `lse = z_h`.
+  std::span<const float> sinks{};
   bool causal = false;            ///< mask keys after the query's position
   position window_left = -1;      ///< sliding window: keys at most this far behind the query; -1 = unbounded
   position window_right = -1;     ///< keys at most this far ahead of the query; -1 = unbounded
@@ -51,6 +61,24 @@ struct attention_shape {
   mask_rule mask;
 };
 
+/// The row of query head `h` after the sink `z` joins its softmax: `o *= e^(lse - lse')`,
+/// `lse' = log(e^lse + e^z)`. `lse = -inf` (no key seen) gives `o = 0`, `lse' = z`.
+template <class C>
+C sink_weight(C lse, C z, C& lse_out) {
+  if (z == -std::numeric_limits<C>::infinity()) {
+    lse_out = lse;
+    return C(1);
+  }
+  if (lse == -std::numeric_limits<C>::infinity()) {
+    lse_out = z;
+    return C(0);
+  }
+  const C m = std::max(lse, z);
+  const C sum = std::exp(lse - m) + std::exp(z - m);  // in [1, 2]
+  lse_out = m + std::log(sum);
+  return std::exp(lse - lse_out);
+}
+
 /// Checks the knobs that do not depend on the matrices (std::invalid_argument naming the field);
 /// returns the kv head count (`kv_heads`, or `heads` for 0).
 inline index_t check_params(const attention_params& p) {
@@ -64,6 +92,15 @@ inline index_t check_params(const attention_params& p) {
   require(p.k_tile >= 0, "attention_params.k_tile", p.k_tile, "must be >= 0 (0 = default)");
   require(p.threads >= 0, "attention_params.threads", p.threads, "must be >= 0 (0 = all the executor has)");
   if (p.scale) require(std::isfinite(*p.scale), "attention_params.scale", *p.scale, "must be finite");
+  require(std::isfinite(p.softcap) && p.softcap >= 0, "attention_params.softcap", p.softcap,
+          "must be finite and >= 0 (0 = off)");
+  if (!p.sinks.empty()) {
+    if (static_cast<index_t>(p.sinks.size()) != p.heads)
+      invalid("attention_params.sinks size", p.sinks.size(), "must be heads = " + to_text(p.heads) + " (one per head)");
+    for (std::size_t h = 0; h < p.sinks.size(); ++h)
+      if (std::isnan(p.sinks[h]) || p.sinks[h] == std::numeric_limits<float>::infinity())
+        invalid("attention_params.sinks[" + to_text(h) + "]", p.sinks[h], "must be finite (or -inf for no sink)");
+  }
   return kvh;
 }
 

@@ -12,6 +12,7 @@
 #include <cstddef>
 #include <limits>
 #include <string>
+#include <utility>
 
 #include "posenc/attention/params.hpp"
 #include "posenc/concepts.hpp"
@@ -107,6 +108,7 @@ struct tile_plan {
   index_t ldkt = 0, dpad = 0;  // key tile width rounded up to 32; head_dim rounded up to 16
   index_t strip = 0;           // query rows per strip: QK^T, softmax and PV of a strip share one logit block
   index_t q = 0, krows = 0, kt = 0, v = 0, s = 0, acc = 0, m = 0, l = 0, alpha = 0, terms = 0, w = 0, rot = 0;
+  index_t kpos = 0;  // a key tile's positions (int64, two values' room each) when they are gathered
   index_t per_thread = 0;
   bool overflow = false;  // some size does not fit in index_t; the other fields are then meaningless
 
@@ -135,28 +137,10 @@ struct tile_plan {
     buf(terms, o, sets, c.mul(bq, r));
     buf(w, o, sets, c.mul(bq, r));
     buf(rot, o, 1, nrot);
+    buf(kpos, o, 1, c.mul(2, bk));
     per_thread = o;
     overflow = c.overflow;
   }
-};
-
-/// Everything one blockwise attention call does, decided before it starts.
-struct attention_plan {
-  attention_shape sh;
-  executor* ex = nullptr;
-  int workers = 1;          ///< workers used, at most one per work item
-  index_t tq = 0;           ///< query tokens per work item
-  bool decode = false;      ///< every kv head in one item, keys split into chunks
-  index_t sets = 1;         ///< kv heads per item
-  index_t chunks = 1;       ///< key chunks per (head set, query tile), merged by log-sum-exp
-  index_t chunk_keys = 0;   ///< keys per chunk (a multiple of the key tile)
-  index_t q_tiles = 0;      ///< query tiles
-  index_t head_sets = 0;    ///< kv_heads / sets
-  index_t items = 0;        ///< head_sets * q_tiles * chunks
-  tile_plan tiles{0, 0, 0, 0, 0};
-  index_t partial_stride = 0;      ///< compute values per (item, kv head) partial result
-  index_t partial_size = 0;        ///< compute values of all partial results
-  std::size_t workspace_bytes = 0;  ///< the workspace the call reserves
 };
 
 /// Query tokens per work item. The query heads that share a kv head are stacked into one tile
@@ -175,46 +159,126 @@ inline index_t balanced_tokens(const attention_params& p, index_t group, index_t
   return tq;
 }
 
-/// The plan of a call of shape `sh` with storage compute type `C` and encoder `enc`. Throws
-/// `std::invalid_argument` when its workspace would not fit in `std::size_t`.
-template <class C, class E>
-attention_plan make_plan(const attention_shape& sh, const attention_params& p, const E& enc) {
+/// One sequence of a call, as the plan sees it: `nq` query tokens (rows `[q0, q0 + nq)` of the
+/// packed queries) against `n_kv` keys.
+struct seq_plan {
+  index_t q0 = 0, nq = 0, n_kv = 0;
+  index_t tq = 0;          ///< query tokens per work item
+  bool decode = false;     ///< every kv head in one item, keys split into chunks
+  index_t sets = 1;        ///< kv heads per item
+  index_t chunks = 1;      ///< key chunks per (head set, query tile), merged by log-sum-exp
+  index_t chunk_keys = 0;  ///< keys per chunk (a multiple of the key tile)
+  index_t q_tiles = 0;     ///< query tiles
+  index_t head_sets = 0;   ///< kv_heads / sets
+  index_t items = 0;       ///< head_sets * q_tiles * chunks
+  index_t item0 = 0;       ///< the first of its items among the call's (non-decreasing over sequences)
+  index_t partial0 = 0;    ///< where its chunks' partial results start (chunked sequences)
+  index_t unit0 = 0;       ///< the first of its merge units (head set, query tile) among the call's; a
+                           ///< sequence without key chunks has none, and the next one's unit0
+};
+
+/// Everything one blockwise attention call does, decided before it starts: per-sequence plans
+/// (stored in the workspace, after the per-worker tile buffers and the partial results) and the
+/// sizes they add up to.
+struct attention_plan {
+  attention_shape sh;
+  executor* ex = nullptr;
+  int workers = 1;                  ///< workers used, at most one per work item
+  index_t seqs = 0;                 ///< sequences
+  index_t bk = 0;                   ///< key tile rows (at most the longest sequence's keys)
+  index_t per_thread = 0;           ///< compute values of one worker's tile buffers (the largest sequence's)
+  index_t items = 0;                ///< work items of all sequences
+  index_t units = 0;                ///< merge units of the chunked sequences
+  index_t partial_size = 0;         ///< compute values of all partial results
+  std::size_t plans_offset = 0;     ///< byte offset of the `seq_plan` array in the workspace
+  std::size_t workspace_bytes = 0;  ///< the workspace the call reserves
+};
+
+/// The per-worker tile buffers of sequence `sp`.
+inline tile_plan tiles_of(const seq_plan& sp, const attention_plan& pl, index_t r, index_t nrot) {
+  return tile_plan(sp.tq * pl.sh.group, pl.bk, pl.sh.head_dim, r, nrot, sp.sets);
+}
+
+/// The values of one (item, kv head) partial result of sequence `sp`: unnormalised output rows,
+/// their running max and sum.
+inline index_t partial_stride_of(const tile_plan& t) { return t.bq * (t.dpad + 2); }
+
+/// The plan of a call of `seqs` sequences, whose sizes `size_of(b)` gives as `{nq, n_kv}`, with
+/// storage compute type `C` and encoder `enc`. Writes each sequence's plan to `plans[b]` unless
+/// `plans` is null (a first pass that only sizes the workspace). Throws `std::invalid_argument`
+/// when the workspace would not fit in `std::size_t`.
+template <class C, class E, class SizeOf>
+attention_plan plan_batch(const attention_shape& sh, const attention_params& p, const E& enc, index_t seqs,
+                          SizeOf&& size_of, seq_plan* plans = nullptr) {
   attention_plan pl;
   pl.sh = sh;
+  pl.seqs = seqs;
   const workers_of w(p.executor, p.threads);
   pl.ex = w.ex;
   const index_t group = sh.group;
-  pl.tq = balanced_tokens(p, group, sh.n_q, sh.kv_heads, w.count);
-  // Decode: all kv heads in one work item and the keys split into chunks (see decode_max_tokens).
-  pl.decode = !relative_key_value<E> && sh.n_q <= decode_max_tokens && pl.tq * group <= few_query_rows &&
-              sh.n_kv >= 2 * min_key_chunk;
-  pl.sets = pl.decode ? sh.kv_heads : 1;
+  index_t longest = 1;
+  for (index_t b = 0; b < seqs; ++b) longest = std::max(longest, size_of(b).second);
   // A key tile never exceeds the keys: a large k_tile means "all keys in one tile", and sizes
   // its buffers by the keys, not by the number asked for.
-  const index_t k_tile = std::min(p.k_tile > 0 ? p.k_tile : default_k_tile, std::max<index_t>(sh.n_kv, 1));
-  pl.tiles = tile_plan(pl.tq * group, k_tile, sh.head_dim, relative_columns(enc), rotator_scratch(enc), pl.sets);
-  pl.chunks = pl.decode ? std::min(max_key_chunks, sh.n_kv / min_key_chunk) : index_t{1};
-  // Chunk boundaries on key-tile boundaries, the same for every worker count.
-  const index_t bk = pl.tiles.bk;
-  pl.chunk_keys = ((sh.n_kv + pl.chunks - 1) / pl.chunks + bk - 1) / bk * bk;
-  pl.q_tiles = sh.n_q == 0 ? 0 : (sh.n_q + pl.tq - 1) / pl.tq;
-  pl.head_sets = sh.kv_heads / pl.sets;
+  pl.bk = std::min(p.k_tile > 0 ? p.k_tile : default_k_tile, longest);
+  const index_t r = relative_columns(enc), nrot = rotator_scratch(enc);
   checked_index c;
-  pl.items = c.mul(c.mul(pl.head_sets, pl.q_tiles), pl.chunks);
+  bool tiles_overflow = false;
+  index_t q0 = 0;
+  for (index_t b = 0; b < seqs; ++b) {
+    seq_plan sp;
+    const auto [nq, n_kv] = size_of(b);
+    sp.q0 = q0, sp.nq = nq, sp.n_kv = n_kv;
+    q0 = c.add(q0, nq);
+    if (nq > 0) {
+      // One sequence shares out its query tiles so that every worker gets some; a batch has
+      // its sequences for that.
+      if (seqs == 1) {
+        sp.tq = balanced_tokens(p, group, nq, sh.kv_heads, w.count);
+      } else {
+        const index_t q_tile = p.q_tile > 0 ? p.q_tile : default_q_tile;
+        sp.tq = std::min(std::max<index_t>(1, q_tile / group), nq);
+      }
+      // Decode: all kv heads in one work item and the keys split into chunks (see decode_max_tokens).
+      sp.decode = !relative_key_value<E> && nq <= decode_max_tokens && sp.tq * group <= few_query_rows &&
+                  n_kv >= 2 * min_key_chunk;
+      sp.sets = sp.decode ? sh.kv_heads : 1;
+      sp.chunks = sp.decode ? std::min(max_key_chunks, n_kv / min_key_chunk) : index_t{1};
+      // Chunk boundaries on key-tile boundaries, the same for every worker count.
+      sp.chunk_keys = ((n_kv + sp.chunks - 1) / sp.chunks + pl.bk - 1) / pl.bk * pl.bk;
+      sp.q_tiles = (nq + sp.tq - 1) / sp.tq;
+      sp.head_sets = sh.kv_heads / sp.sets;
+      sp.items = c.mul(c.mul(sp.head_sets, sp.q_tiles), sp.chunks);
+      const tile_plan t = tiles_of(sp, pl, r, nrot);
+      tiles_overflow = tiles_overflow || t.overflow;
+      pl.per_thread = std::max(pl.per_thread, t.per_thread);
+      sp.item0 = pl.items;
+      pl.items = c.add(pl.items, sp.items);
+      sp.unit0 = pl.units;
+      if (sp.chunks > 1) {
+        sp.partial0 = pl.partial_size;
+        pl.partial_size = c.add(pl.partial_size, c.mul(c.mul(sp.items, sp.sets), partial_stride_of(t)));
+        pl.units = c.add(pl.units, sp.head_sets * sp.q_tiles);
+      }
+    } else {
+      sp.item0 = pl.items;
+      sp.unit0 = pl.units;
+    }
+    if (plans) plans[b] = sp;
+  }
   pl.workers = static_cast<int>(std::clamp<index_t>(pl.items, 1, w.count));
-  // Partial results of the chunks, merged at the end: per item and kv head, the unnormalised
-  // output rows, their running max and sum.
-  pl.partial_stride = c.mul(pl.tiles.bq, c.add(pl.tiles.dpad, 2));
-  pl.partial_size = pl.chunks > 1 ? c.mul(c.mul(pl.items, pl.sets), pl.partial_stride) : 0;
-  const index_t values = c.add(c.mul(pl.tiles.per_thread, pl.workers), pl.partial_size);
-  const index_t limit = static_cast<index_t>(std::min<std::size_t>(std::numeric_limits<index_t>::max(),
-                                                                   std::numeric_limits<std::size_t>::max())) /
-                        static_cast<index_t>(sizeof(C));
-  if (pl.tiles.overflow || c.overflow || values > limit)
+  const index_t values = c.add(c.mul(pl.per_thread, pl.workers), pl.partial_size);
+  // The plans follow the values, 64-byte aligned like every buffer.
+  const auto limit = static_cast<index_t>(std::numeric_limits<index_t>::max() / 2);
+  const index_t value_bytes = c.mul(values, static_cast<index_t>(sizeof(C)));
+  const index_t plans_bytes = c.mul(seqs, static_cast<index_t>(sizeof(seq_plan)));
+  const index_t total = c.add(c.round_up(value_bytes, 64), plans_bytes);
+  if (tiles_overflow || c.overflow || total > limit)
     invalid("attention head_dim", sh.head_dim,
-            "the workspace of this call overflows the address space (query tile of " + to_text(pl.tiles.bq) +
-                " rows, key tile of " + to_text(pl.tiles.bk) + " rows, " + to_text(pl.workers) + " workers)");
-  pl.workspace_bytes = static_cast<std::size_t>(values) * sizeof(C);
+            "the workspace of this call overflows the address space (key tile of " + to_text(pl.bk) + " rows, " +
+                to_text(pl.workers) + " workers, " + to_text(seqs) + " sequences)");
+  pl.plans_offset = static_cast<std::size_t>(c.round_up(value_bytes, 64));
+  pl.workspace_bytes = static_cast<std::size_t>(total);
   return pl;
 }
 
@@ -236,7 +300,8 @@ std::size_t attention_workspace_bytes(const attention_params& p, index_t n_q, in
   const detail::attention_shape sh{n_q,      n_kv, p.heads, kvh, head_dim, p.heads / kvh, 1.0,
                                    detail::mask_rule{p.causal, p.window_left, p.window_right}};
   if (n_q == 0) return 0;
-  return detail::make_plan<compute_t<S>>(sh, p, enc).workspace_bytes;
+  return detail::plan_batch<compute_t<S>>(sh, p, enc, 1, [&](index_t) { return std::pair{n_q, n_kv}; })
+      .workspace_bytes;
 }
 
 }  // namespace posenc

@@ -21,7 +21,8 @@ namespace posenc {
 /// Softmax attention with any positional encoder, computed naively in `compute_t<S>`.
 ///
 ///     s_ij = scale * (q_i . k_j) + b(h, qpos_i, kpos_j)      (score-bias encoders)
-///     out_i = sum_j softmax_j(s_i) v_j
+///     s_ij = c tanh(s_ij / c)                                 (softcap c > 0)
+///     out_i = sum_j e^(s_ij) v_j / (e^(z_h) + sum_j e^(s_ij))   (sink z_h; without one, e^(z_h) = 0)
 ///
 /// \param q     `[n_q, heads * d]` row-major, any row stride.
 /// \param k, v  `[n_kv, kv_heads * d]`; query head `h` reads kv head `h / (heads / kv_heads)`.
@@ -93,6 +94,12 @@ void attention_reference(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions
     }
     scores *= static_cast<C>(sh.scale);
     if constexpr (position_bias<E>) enc.add_bias_tile(scores, h, qpos, kpos);
+    if (p.softcap > 0) {
+      const C cap = static_cast<C>(p.softcap);
+      scores = (scores.array() / cap).tanh() * cap;
+    }
+    // The sink joins the denominator as one more logit with no value.
+    const C sink = p.sinks.empty() ? neg_inf : static_cast<C>(p.sinks[static_cast<std::size_t>(h)]);
 
     mat weights;
     if constexpr (relative_key_value<E>) weights = mat::Zero(sh.n_q, enc.num_relative());
@@ -107,10 +114,11 @@ void attention_reference(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions
         // docs/numerics.md, a NaN the row sees makes the row NaN.
         const bool nan_seen = scores.row(i).array().isNaN().any();
         scores.row(i).setConstant(nan_seen ? std::numeric_limits<C>::quiet_NaN() : C(0));
-        set_lse(i, h, nan_seen ? std::numeric_limits<C>::quiet_NaN() : neg_inf);
+        set_lse(i, h, nan_seen ? std::numeric_limits<C>::quiet_NaN() : sink);
         continue;
       }
-      C l = 0;
+      m = std::max(m, sink);
+      C l = sink == neg_inf ? C(0) : std::exp(sink - m);
       for (index_t j = 0; j < sh.n_kv; ++j) {
         const C e = scores(i, j) == neg_inf ? C(0) : std::exp(scores(i, j) - m);
         scores(i, j) = e;
