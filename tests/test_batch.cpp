@@ -14,7 +14,9 @@
 #include <vector>
 
 #include "posenc/attention/batch.hpp"
+#include "posenc/attention/merge.hpp"
 #include "posenc/attention/reference.hpp"
+#include "posenc/distributed/ring.hpp"
 #include "posenc/encoders/alibi.hpp"
 #include "posenc/encoders/rope.hpp"
 #include "posenc/encoders/shaw.hpp"
@@ -508,4 +510,34 @@ TEST_CASE("bad batches, block tables, lengths and page indices are refused befor
   CHECK_INVALID(posenc::attention(q, q, q, out, posenc::arange(0, 3), posenc::arange(0, 3), none,
                                   {.heads = heads, .softcap = -1}),
                 "attention_params.softcap = -1");
+}
+
+TEST_CASE("sinks join once: merged halves with apply_sinks, and ring attention, equal one call", "[batch][sinks][ring]") {
+  const index_t n = 200;
+  const mat<float> q = posenc_test::random_normal<float>(n, heads * d, 41, 2.0);
+  const mat<float> k = posenc_test::random_normal<float>(n, kv_heads * d, 42, 2.0);
+  const mat<float> v = posenc_test::random_normal<float>(n, kv_heads * d, 43);
+  const std::vector<float> sinks{1.5f, -0.5f, 0.0f, 3.0f};
+  const posenc::alibi<float> alibi({.num_heads = heads});
+  const posenc::attention_params p{.heads = heads, .kv_heads = kv_heads, .softcap = 8, .sinks = sinks, .causal = true};
+  mat<float> whole(n, heads * d), whole_lse(n, heads);
+  posenc::attention(q, k, v, whole, posenc::arange(0, n), posenc::arange(0, n), alibi, p, whole_lse);
+  // Two halves of the keys without sinks, merged, then the sinks once.
+  posenc::attention_params halves = p;
+  halves.sinks = {};
+  mat<float> a(n, heads * d), a_lse(n, heads), b(n, heads * d), b_lse(n, heads);
+  posenc::attention(q, k.topRows(n / 2), v.topRows(n / 2), a, posenc::arange(0, n), posenc::arange(0, n / 2), alibi,
+                    halves, a_lse);
+  posenc::attention(q, k.bottomRows(n / 2), v.bottomRows(n / 2), b, posenc::arange(0, n), posenc::arange(n / 2, n / 2),
+                    alibi, halves, b_lse);
+  posenc::merge_partial(a, a_lse, b, b_lse);
+  posenc::apply_sinks(a, a_lse, sinks);
+  CHECK((a - whole).cwiseAbs().maxCoeff() <= 2e-6f);
+  CHECK((a_lse - whole_lse).cwiseAbs().maxCoeff() <= 2e-6f);
+  // The ring merges its steps and adds the sinks at the end.
+  for (const auto layout : {posenc::ring_layout::contiguous, posenc::ring_layout::zigzag}) {
+    mat<float> ring(n, heads * d);
+    posenc::ring_attention_simulate(q, k, v, ring, 3, layout, alibi, p);
+    CHECK((ring - whole).cwiseAbs().maxCoeff() <= 2e-6f);
+  }
 }

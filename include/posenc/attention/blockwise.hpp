@@ -232,8 +232,38 @@ void run_batch(strided_view<SQ> qv, strided_view<SK> kv, strided_view<SV> vv, st
       // Rows of the tile's keys in K/V: one run, or several (a tile over page boundaries).
       const bool one_run = seq.keys.run(j0, nk) == nk;
       const index_t row0 = seq.keys.row(j0);
-      const bool keys_in_place = keys_compute_type && !rotating_keys && one_run;
-      const bool values_in_place = few_rows && values_compute_type && d == plan.dpad && one_run;
+      // An item of several kv heads (decode) reads the tile's rows once, whole and in order, into a
+      // dense tile per head: K/V rows of many heads are kilobytes long (4 KiB for 8 heads of 128
+      // floats), and reading one head's slice of every row at that stride defeats the hardware's
+      // prefetch and maps the rows to a few cache sets.
+      const bool gather_sets = sets > 1;
+      const bool keys_in_place = keys_compute_type && !rotating_keys && one_run && !gather_sets;
+      const bool values_in_place = few_rows && values_compute_type && d == plan.dpad && one_run && !gather_sets;
+      if (gather_sets) {
+        for (index_t j = 0; j < nk;) {
+          const index_t n = seq.keys.run(j0 + j, nk - j), row = seq.keys.row(j0 + j);
+          for (index_t t = 0; t < n; ++t)
+            for (index_t gs = 0; gs < sets; ++gs) {
+              load_rows(kv, row + t, 1, (g0 + gs) * d, d, C(1), at(plan.krows, plan.bk * d, gs) + (j + t) * d, d);
+              load_rows(vv, row + t, 1, (g0 + gs) * d, d, C(1), at(plan.v, plan.bk * plan.dpad, gs) + (j + t) * plan.dpad,
+                        plan.dpad);
+            }
+          j += n;
+        }
+        for (index_t gs = 0; gs < sets; ++gs) {
+          C* vbuf = at(plan.v, plan.bk * plan.dpad, gs);
+          if (d != plan.dpad)
+            for (index_t j = 0; j < nk; ++j) std::fill(vbuf + j * plan.dpad + d, vbuf + (j + 1) * plan.dpad, C(0));
+          if (rotating_keys) {
+            const strided_view<C> tile(at(plan.krows, plan.bk * d, gs), nk, d, d);
+            if constexpr (has_tile_rotator<E>) {
+              rotator.rotate(tile, kp, rot);
+            } else if constexpr (rotation) {
+              enc.rotate(tile, kp);
+            }
+          }
+        }
+      }
 
       for (index_t gs = 0; gs < sets; ++gs) {
         const index_t g = g0 + gs;
@@ -246,7 +276,10 @@ void run_batch(strided_view<SQ> qv, strided_view<SK> kv, strided_view<SV> vv, st
 
         const C* krows;
         index_t ldk;
-        if (keys_in_place) {
+        if (gather_sets) {
+          krows = at(plan.krows, plan.bk * d, gs);
+          ldk = d;
+        } else if (keys_in_place) {
           krows = reinterpret_cast<const C*>(kv.row(row0) + g * d);
           ldk = kv.stride;
         } else {
@@ -262,7 +295,10 @@ void run_batch(strided_view<SQ> qv, strided_view<SK> kv, strided_view<SV> vv, st
         if (!few_rows) kern.pack_kt(krows, ldk, nk, d, scratch + plan.kt, plan.ldkt);
         const C* vrows;
         index_t ldv;
-        if (values_in_place) {
+        if (gather_sets) {
+          vrows = at(plan.v, plan.bk * plan.dpad, gs);
+          ldv = plan.dpad;
+        } else if (values_in_place) {
           vrows = reinterpret_cast<const C*>(vv.row(row0) + g * d);
           ldv = vv.stride;
         } else {

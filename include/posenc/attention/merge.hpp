@@ -15,7 +15,9 @@
 
 #include <cmath>
 #include <limits>
+#include <span>
 
+#include "posenc/attention/params.hpp"
 #include "posenc/types.hpp"
 
 namespace posenc {
@@ -75,6 +77,36 @@ void merge_partial(OA&& out_a, LA&& lse_a, OB&& out_b, LB&& lse_b) {
       la(i, h) = static_cast<L>(m + std::log(sum));
     }
   }
+}
+
+/// Adds attention sinks to a merged result: query head `h` of every row gets the sink logit
+/// `sinks[h]` in its softmax denominator, `out *= e^(lse - lse')`, `lse' = log(e^lse + e^sink)`
+/// (a row with `lse = -inf` stays zero and gets `lse = sink`). Partial results that are merged
+/// with `merge_partial` are computed without sinks (`attention_params::sinks` empty) and get them
+/// once, here, after the last merge: what `attention` does inside one call.
+///
+/// \param out  `[n_q, heads * d]`; \param lse  `[n_q, heads]` float or double; both overwritten.
+/// \param sinks  `heads` logits (finite, or -inf for none). Does not allocate.
+template <matrix_argument O, matrix_argument L>
+void apply_sinks(O&& out, L&& lse, std::span<const float> sinks) {
+  auto o = view_of(std::forward<O>(out));
+  auto l = view_of(std::forward<L>(lse));
+  using S = std::remove_pointer_t<decltype(o.data)>;
+  using LS = std::remove_pointer_t<decltype(l.data)>;
+  using C = compute_t<std::remove_const_t<S>>;
+  static_assert(!std::is_const_v<S> && !std::is_const_v<LS>, "posenc::apply_sinks: out and lse must be writable");
+  POSENC_ASSERT(static_cast<index_t>(sinks.size()) == l.cols, "apply_sinks: ", sinks.size(), " sinks for ", l.cols,
+                " heads (the columns of lse)");
+  POSENC_ASSERT(l.rows == o.rows && l.cols > 0 && o.cols % l.cols == 0, "apply_sinks: out is [", o.rows, ", ", o.cols,
+                "] and lse [", l.rows, ", ", l.cols, "]; out must have heads * head_dim columns and lse's rows");
+  const index_t heads = l.cols, d = o.cols / heads;
+  for (index_t i = 0; i < o.rows; ++i)
+    for (index_t h = 0; h < heads; ++h) {
+      C merged;
+      const C w = detail::sink_weight(static_cast<C>(l(i, h)), static_cast<C>(sinks[static_cast<std::size_t>(h)]), merged);
+      l(i, h) = static_cast<LS>(merged);
+      for (index_t c = 0; c < d; ++c) o(i, h * d + c) = static_cast<S>(w * static_cast<C>(o(i, h * d + c)));
+    }
 }
 
 }  // namespace posenc

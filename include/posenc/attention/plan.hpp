@@ -126,9 +126,10 @@ struct tile_plan {
     };
     index_t o = 0;
     buf(q, o, sets, c.mul(bq, d));
-    buf(krows, o, 1, c.mul(bk, d));
+    // An item of several kv heads (decode) gathers the key and value tile of each of them.
+    buf(krows, o, sets, c.mul(bk, d));
     buf(kt, o, 1, c.mul(d, ldkt));
-    buf(v, o, 1, c.mul(bk, dpad));
+    buf(v, o, sets, c.mul(bk, dpad));
     buf(s, o, 1, c.mul(strip, ldkt));
     buf(acc, o, sets, c.mul(bq, dpad));
     buf(m, o, sets, bq);

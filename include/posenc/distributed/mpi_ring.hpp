@@ -290,6 +290,10 @@ class mpi_ring {
       mine.field[11] = static_cast<std::int64_t>(detail::encoder_digest(enc));
       mine.field[12] = o.query_blocks;
       mine.field[13] = kv.rows;
+      mine.field[14] = std::bit_cast<std::int64_t>(p.softcap);
+      std::uint64_t sink_hash = 0xcbf29ce484222325ull;
+      for (const float z : p.sinks) sink_hash = detail::ring_hash(sink_hash, &z, sizeof z);
+      mine.field[15] = static_cast<std::int64_t>(sink_hash ^ p.sinks.size());
     } catch (...) {
       local = std::current_exception();
       mine.fail(detail::ring_what());
@@ -308,7 +312,9 @@ class mpi_ring {
          {9, "the logit scale (bits of the double)"},
          {10, "the encoder's family"},
          {11, "the encoder (a digest of its parameters)"},
-         {12, "ring_options.query_blocks"}});
+         {12, "ring_options.query_blocks"},
+         {14, "attention_params.softcap (bits of the double)"},
+         {15, "attention_params.sinks (a digest of the values)"}});
     std::int64_t widest = 0;
     for (const detail::ring_verdict& r : all) widest = std::max(widest, r.field[13]);
 

@@ -329,6 +329,9 @@ class ring_worker {
     require(o.query_blocks >= 1, "ring_options.query_blocks", o.query_blocks, "must be positive");
     check_params(p);
     mask_ = mask_rule{p.causal, p.window_left, p.window_right};
+    // Sinks join each row's softmax once, after the last merge (finish), not in every step.
+    sinks_ = p.sinks;
+    p_.sinks = {};
     for (index_t i = 0; i < q.rows; ++i) {
       std::copy(q.row(i), q.row(i) + q.cols, q_.data() + i * q.cols);
       qpos_[static_cast<std::size_t>(i)] = qpos[i];
@@ -386,16 +389,32 @@ class ring_worker {
   void finish(strided_view<SO> out, L&& lse = nullptr) const {
     POSENC_ASSERT(out.rows == acc_.rows() && out.cols == acc_.cols(), "ring attention: out is [", out.rows, ", ",
                   out.cols, "] but q is [", acc_.rows(), ", ", acc_.cols(), "]");
+    const index_t heads = lse_.cols(), d = heads > 0 ? acc_.cols() / heads : 0;
+    // The row's merged log-sum-exp with the sink, and the factor its output keeps.
+    auto with_sink = [&](index_t i, index_t h, C& row_lse) {
+      row_lse = lse_(i, h);
+      if (sinks_.empty()) return C(1);
+      const C z = static_cast<C>(sinks_[static_cast<std::size_t>(h)]);
+      const C merged = row_lse;
+      return sink_weight(merged, z, row_lse);
+    };
     if constexpr (!std::is_null_pointer_v<std::remove_cvref_t<L>>) {
       auto lv = view_of(std::forward<L>(lse));
       POSENC_ASSERT(lv.rows == lse_.rows() && lv.cols == lse_.cols(), "ring attention: lse is [", lv.rows, ", ",
                     lv.cols, "] but must be [n_q, heads] = [", lse_.rows(), ", ", lse_.cols(), "]");
       for (index_t i = 0; i < lv.rows; ++i)
-        for (index_t h = 0; h < lv.cols; ++h)
-          lv(i, h) = static_cast<std::remove_reference_t<decltype(lv(i, h))>>(lse_(i, h));
+        for (index_t h = 0; h < lv.cols; ++h) {
+          C value;
+          with_sink(i, h, value);
+          lv(i, h) = static_cast<std::remove_reference_t<decltype(lv(i, h))>>(value);
+        }
     }
     for (index_t i = 0; i < out.rows; ++i)
-      for (index_t c = 0; c < out.cols; ++c) out(i, c) = static_cast<SO>(acc_(i, c));
+      for (index_t h = 0; h < heads; ++h) {
+        C unused;
+        const C w = with_sink(i, h, unused);
+        for (index_t c = h * d; c < (h + 1) * d; ++c) out(i, c) = static_cast<SO>(w * acc_(i, c));
+      }
   }
 
   /// Bytes this worker holds: the query copy, the accumulator, one partial result and the
@@ -410,6 +429,7 @@ class ring_worker {
   const E& enc_;
   no_position<C> no_rotation_;
   attention_params p_;
+  std::span<const float> sinks_;
   mask_rule mask_;
   row_matrix<S> q_;
   std::vector<position> qpos_;
