@@ -32,13 +32,13 @@ inline constexpr index_t default_k_tile = 128;
 /// At most this many rows per tile (decode: a few tokens times the GQA group) use the in-place
 /// key and value paths.
 inline constexpr index_t few_query_rows = 8;
-/// Decode (at most this many query tokens, few rows per tile) splits the keys into at most
-/// `max_key_chunks` chunks of at least `min_key_chunk` keys, merged by log-sum-exp, and carries
-/// every kv head in one work item: both cores then stream whole rows of K and V, where one kv
-/// head per core would read half of every row each.
+/// Decode (at most this many query tokens, few rows per tile) carries every kv head in one work
+/// item, which reads each key and value row once, whole and in order, and splits the keys into
+/// at most `max_key_chunks` chunks of at least `min_key_chunk` keys, merged by log-sum-exp, so the
+/// workers share a long cache.
 inline constexpr index_t decode_max_tokens = 16;
 inline constexpr index_t max_key_chunks = 16;
-inline constexpr index_t min_key_chunk = 4096;
+inline constexpr index_t min_key_chunk = 1024;
 
 /// A rotation encoder that offers a bounded-memory tile rotator (RoPE): the kernel rotates every
 /// key tile once per query tile, too often for per-element double cos/sin.
@@ -241,10 +241,9 @@ attention_plan plan_batch(const attention_shape& sh, const attention_params& p, 
         sp.tq = std::min(std::max<index_t>(1, q_tile / group), nq);
       }
       // Decode: all kv heads in one work item and the keys split into chunks (see decode_max_tokens).
-      sp.decode = !relative_key_value<E> && nq <= decode_max_tokens && sp.tq * group <= few_query_rows &&
-                  n_kv >= 2 * min_key_chunk;
+      sp.decode = !relative_key_value<E> && nq <= decode_max_tokens && sp.tq * group <= few_query_rows;
       sp.sets = sp.decode ? sh.kv_heads : 1;
-      sp.chunks = sp.decode ? std::min(max_key_chunks, n_kv / min_key_chunk) : index_t{1};
+      sp.chunks = sp.decode ? std::clamp(n_kv / min_key_chunk, index_t{1}, max_key_chunks) : index_t{1};
       // Chunk boundaries on key-tile boundaries, the same for every worker count.
       sp.chunk_keys = ((n_kv + sp.chunks - 1) / sp.chunks + pl.bk - 1) / pl.bk * pl.bk;
       sp.q_tiles = (nq + sp.tq - 1) / sp.tq;
@@ -288,7 +287,7 @@ attention_plan plan_batch(const attention_shape& sh, const attention_params& p, 
 /// Bytes of workspace `attention` reserves for a call with these knobs, `n_q` queries, `n_kv`
 /// keys and head size `head_dim` in storage `S` with encoder `enc`: the plan the call itself runs,
 /// so the two always agree. It grows with the tile sizes, head_dim and workers, and, for decode
-/// (at most 16 query tokens against at least 8192 keys), by the partial results of at most 16 key
+/// (at most 16 query tokens, a few rows per tile), by the partial results of at most 16 key
 /// chunks; never with the sequence length otherwise. Throws `std::invalid_argument` for invalid
 /// knobs (as `attention`), a `head_dim <= 0`, or a workspace that would not fit in memory.
 template <storage_scalar S, positional_encoding E>
