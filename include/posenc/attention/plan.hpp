@@ -32,8 +32,9 @@ inline constexpr index_t default_k_tile = 128;
 /// At most this many rows per tile (decode: a few tokens times the GQA group) use the in-place
 /// key and value paths.
 inline constexpr index_t few_query_rows = 8;
-/// Decode (at most this many query tokens, few rows per tile) carries every kv head in one work
-/// item, which reads each key and value row once, whole and in order, and splits the keys into
+/// Decode (at most this many query tokens: one, or a few of speculative decoding) carries every kv
+/// head in one work item, which reads each key and value row once, whole and in order, for all
+/// the query rows of every head, and splits the keys into
 /// at most `max_key_chunks` chunks of at least `min_key_chunk` keys, merged by log-sum-exp, so the
 /// workers share a long cache.
 inline constexpr index_t decode_max_tokens = 16;
@@ -241,7 +242,7 @@ attention_plan plan_batch(const attention_shape& sh, const attention_params& p, 
         sp.tq = std::min(std::max<index_t>(1, q_tile / group), nq);
       }
       // Decode: all kv heads in one work item and the keys split into chunks (see decode_max_tokens).
-      sp.decode = !relative_key_value<E> && nq <= decode_max_tokens && sp.tq * group <= few_query_rows;
+      sp.decode = !relative_key_value<E> && nq <= decode_max_tokens;
       sp.sets = sp.decode ? sh.kv_heads : 1;
       sp.chunks = sp.decode ? std::clamp(n_kv / min_key_chunk, index_t{1}, max_key_chunks) : index_t{1};
       // Chunk boundaries on key-tile boundaries, the same for every worker count.
