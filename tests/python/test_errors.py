@@ -17,11 +17,13 @@ def arrays(rng):
 
 def test_rotate_rejects_wrong_dtype(rng):
     r = posenc.Rope(head_dim=D)
-    with pytest.raises(TypeError, match=r"Rope\.rotate: x must have dtype float16, bfloat16, float32 or float64, got int32"):
+    with pytest.raises(TypeError, match=r"Rope\.rotate: x must have dtype float16, bfloat16, float32 or float64, "
+                                        r"got int32"):
         r.rotate(np.zeros((2, D), dtype=np.int32))
     with pytest.raises(TypeError, match=r"x must be an array \(numpy\.ndarray, torch\.Tensor, .*\), got list"):
         r.rotate([[0.0] * D])
-    with pytest.raises(TypeError, match=r"^posenc\.Sinusoidal\.add_to: x must have dtype float32 or float64, got float16$"):
+    with pytest.raises(TypeError, match=r"^posenc\.Sinusoidal\.add_to: x must have dtype float32 or float64, "
+                                        r"got float16$"):
         posenc.Sinusoidal(dim=D).add_to(np.zeros((2, D), dtype=np.float16))
     with pytest.raises(TypeError, match=r"positions must have dtype int64, got int32"):
         r.rotate(np.zeros((2, D)), np.arange(2, dtype=np.int32))
