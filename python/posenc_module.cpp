@@ -1,22 +1,30 @@
 // SPDX-License-Identifier: Apache-2.0
-// The Python module `posenc`: posenc's encoders and blockwise attention on NumPy arrays.
+// The Python module `posenc`: posenc's encoders, blockwise attention and the engine step (varlen and
+// paged attention) on NumPy arrays, torch tensors and other buffers.
 //
-// Arrays are used in place, never copied: a float32 or float64 array whose last axis has unit
-// stride (C-contiguous, or a slice of rows of one) becomes a posenc::strided_view. Anything else
-// raises TypeError (wrong type or dtype) or ValueError (wrong ndim, shape, layout, read-only
-// output) naming the function and the argument, before any work starts. Parameter errors from the
-// library (std::invalid_argument, "posenc: rope_params.base = -1: ...") become ValueError too;
-// shape bugs that slip past the checks here raise posenc.PreconditionError (a ValueError). An int
-// that does not fit in int64 raises OverflowError naming the argument. A call with an unknown
-// keyword, a missing argument or too many positionals raises a short TypeError (`call_args`).
+// Arrays are used in place, never copied: a NumPy array, a CPU tensor through `__dlpack__` or any
+// buffer, of float16, bfloat16, float32 or float64, whose last axis has unit stride (C-contiguous,
+// or a slice of rows of one) becomes a posenc::strided_view. Anything else raises TypeError (wrong
+// type, dtype or device) or ValueError (wrong ndim, shape, layout, read-only output) naming the
+// function and the argument, before any work starts. Parameter errors from the library
+// (std::invalid_argument, "posenc: rope_params.base = -1: ...") become ValueError too; shape bugs
+// that slip past the checks here raise posenc.PreconditionError (a ValueError). An int that does
+// not fit in int64 raises OverflowError naming the argument. A call with an unknown keyword, a
+// missing argument or too many positionals raises a short TypeError (`call_args`).
 // The GIL is released while rotating, encoding and attending.
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <array>
+#include <cstddef>
 #include <cstdint>
+#include <cstring>
+#include <iterator>
 #include <limits>
+#include <memory>
 #include <optional>
+#include <span>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -281,44 +289,251 @@ class call_args {
   std::vector<py::handle> values_;
 };
 
-enum class elem { f32, f64 };
+// ---------------------------------------------------------------------------------------------
+// Arrays. An array argument is used in place, never copied, whatever it comes as:
+// - a numpy.ndarray;
+// - an object with `__dlpack__` (a torch.Tensor, ...) whose memory is on the CPU: its DLPack
+//   capsule is consumed (renamed "used_dltensor") and released by its deleter when the call ends,
+//   so the tensor stays alive while the call runs;
+// - any other object with the buffer protocol (memoryview, array.array, ...), wrapped by
+//   numpy.asarray, which copies nothing.
 
-std::string dtype_name(const py::array& a) { return py::str(py::handle(a.dtype())); }
+/// The DLPack ABI (dlpack.h v0.5-0.8, the one torch 1.10+ and NumPy 1.22+ export): the structs a
+/// capsule named "dltensor" points to. Spelled out here rather than included: the layout is the ABI.
+namespace dlpack {
+struct device {
+  std::int32_t type;  // DLDeviceType: 1 = CPU
+  std::int32_t id;
+};
+struct data_type {
+  std::uint8_t code;  // 0 int, 1 uint, 2 float, 4 bfloat, 5 complex, 6 bool
+  std::uint8_t bits;
+  std::uint16_t lanes;
+};
+struct tensor {
+  void* data;
+  device dev;
+  std::int32_t ndim;
+  data_type dtype;
+  std::int64_t* shape;
+  std::int64_t* strides;  // in elements; null: C-contiguous
+  std::uint64_t byte_offset;
+};
+struct managed_tensor {
+  tensor dl;
+  void* manager_ctx;
+  void (*deleter)(managed_tensor*);
+};
+static_assert(sizeof(void*) != 8 || (offsetof(tensor, ndim) == 16 && offsetof(tensor, byte_offset) == 40 &&
+                                     offsetof(managed_tensor, deleter) == 56),
+              "DLPack layout");
+constexpr std::int32_t cpu = 1;
 
-const char* dtype_text(elem d) { return d == elem::f32 ? "float32" : "float64"; }
+/// "cuda:0", "rocm:1", ...: the DLDeviceType's name and the device id.
+std::string device_text(std::int64_t type, std::int64_t id) {
+  static constexpr const char* names[] = {"",     "cpu",       "cuda",    "cuda_host",    "opencl",
+                                          "",     "",          "vulkan",  "metal",        "vpi",
+                                          "rocm", "rocm_host", "ext_dev", "cuda_managed", "oneapi"};
+  const bool named = type > 0 && type < std::ssize(names) && *names[type] != '\0';
+  return (named ? std::string(names[type]) : "DLPack device type " + std::to_string(type)) + ":" + std::to_string(id);
+}
+}  // namespace dlpack
 
-/// `obj` as a float32 or float64 ndarray (TypeError otherwise).
-py::array float_array(py::handle obj, const std::string& where, const char* arg, elem& kind) {
-  if (!py::isinstance<py::array>(obj))
-    type_error(where, std::string(arg) + " must be a numpy.ndarray of float32 or float64, got " + type_name(obj));
-  auto a = py::reinterpret_borrow<py::array>(obj);
-  if (a.dtype().is(py::dtype::of<float>())) {
-    kind = elem::f32;
-  } else if (a.dtype().is(py::dtype::of<double>())) {
-    kind = elem::f64;
-  } else {
-    type_error(where, std::string(arg) + " must have dtype float32 or float64, got " + dtype_name(a) +
-                          " (convert with .astype(numpy.float32))");
+enum class elem { f16, bf16, f32, f64, i32, i64, other };
+
+const char* dtype_text(elem d) {
+  static constexpr const char* names[] = {"float16", "bfloat16", "float32", "float64", "int32", "int64", "other"};
+  return names[static_cast<int>(d)];
+}
+
+/// An array argument: where its elements are, their type, shape and strides (in bytes), and what
+/// keeps them alive until the call returns.
+struct array_arg {
+  py::object source;                                // the caller's object
+  py::object keep;                                  // the ndarray viewed (numpy and buffer objects)
+  std::shared_ptr<dlpack::managed_tensor> capsule;  // a consumed DLPack tensor, released by its deleter
+  char* data = nullptr;
+  elem type = elem::other;
+  std::string type_name;  // for messages ("float16", "uint8", "complex64")
+  std::vector<py::ssize_t> shape, strides;
+  bool writeable = true;
+
+  py::ssize_t ndim() const { return static_cast<py::ssize_t>(shape.size()); }
+  py::ssize_t size() const {
+    py::ssize_t n = 1;
+    for (auto s : shape) n *= s;
+    return n;
   }
-  return a;
-}
+};
 
-void require_dtype(elem got, elem want, const std::string& where, const char* arg, const char* of) {
-  if (got != want)
-    type_error(where, std::string(arg) + " has dtype " + dtype_text(got) + " but " + of + " has dtype " +
-                          dtype_text(want) + "; they must match");
-}
-
-std::string shape_text(const py::array& a) {
+std::string shape_text(const array_arg& a) {
   std::string s = "(";
-  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape[i]);
   return s + (a.ndim() == 1 ? ",)" : ")");
 }
 
-std::string strides_text(const py::array& a) {
+std::string strides_text(const array_arg& a) {
   std::string s = "(";
-  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.strides(i));
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.strides[i]);
   return s + ")";
+}
+
+constexpr const char* array_kinds =
+    "an array (numpy.ndarray, torch.Tensor, or any object with __dlpack__ or the buffer protocol)";
+
+array_arg array_of_ndarray(py::handle source, const py::array& a) {
+  array_arg t;
+  t.source = py::reinterpret_borrow<py::object>(source);
+  t.keep = a;
+  t.data = static_cast<char*>(const_cast<void*>(a.data()));
+  t.shape.assign(a.shape(), a.shape() + a.ndim());
+  t.strides.assign(a.strides(), a.strides() + a.ndim());
+  t.writeable = a.writeable();
+  const py::dtype d = a.dtype();
+  t.type_name = py::str(py::handle(d));
+  if (d.attr("isnative").cast<bool>()) {
+    const char kind = d.kind();
+    const auto size = d.itemsize();
+    if (kind == 'f' && size == 2) t.type = elem::f16;
+    if (kind == 'f' && size == 4) t.type = elem::f32;
+    if (kind == 'f' && size == 8) t.type = elem::f64;
+    if (kind == 'i' && size == 4) t.type = elem::i32;
+    if (kind == 'i' && size == 8) t.type = elem::i64;
+  }
+  return t;
+}
+
+std::string dlpack_type_name(dlpack::data_type d) {
+  static constexpr const char* codes[] = {"int", "uint", "float", "opaque", "bfloat", "complex", "bool"};
+  std::string s = d.code < 7 ? codes[d.code] : "DLPack type code " + std::to_string(d.code) + " ";
+  if (d.code != 6) s += std::to_string(d.bits);
+  if (d.lanes != 1) s += "x" + std::to_string(d.lanes);
+  return s;
+}
+
+array_arg array_of_dlpack(py::handle obj, const std::string& where, const std::string& arg) {
+  const auto refuse_device = [&](std::int64_t type, std::int64_t id) {
+    type_error(where, arg + " is on " + dlpack::device_text(type, id) +
+                          "; posenc computes on the CPU: pass a CPU tensor (" + arg + ".cpu())");
+  };
+  // Asked first, so that a GPU tensor is refused before it is exported (and synchronised).
+  if (py::hasattr(obj, "__dlpack_device__")) {
+    const py::tuple dev = obj.attr("__dlpack_device__")();
+    const auto type = int64_of(dev[0], where, arg + ".__dlpack_device__()[0]");
+    if (type != dlpack::cpu) refuse_device(type, int64_of(dev[1], where, arg + ".__dlpack_device__()[1]"));
+  }
+  py::object cap;
+  try {
+    cap = obj.attr("__dlpack__")();
+  } catch (py::error_already_set& e) {
+    // torch: "Can't export tensors that require gradient, use tensor.detach()".
+    type_error(where, arg + ": " + type_name(obj) + ".__dlpack__() failed: " + std::string(py::str(e.value())));
+  }
+  if (!PyCapsule_IsValid(cap.ptr(), "dltensor"))
+    type_error(where, arg + ": " + type_name(obj) +
+                          ".__dlpack__() did not return an unused DLPack capsule (named 'dltensor')");
+  auto* m = static_cast<dlpack::managed_tensor*>(PyCapsule_GetPointer(cap.ptr(), "dltensor"));
+  // Consumed: the capsule no longer frees the tensor; its deleter runs when `capsule` goes.
+  if (PyCapsule_SetName(cap.ptr(), "used_dltensor") != 0) throw py::error_already_set();
+  array_arg t;
+  t.capsule.reset(m, [](dlpack::managed_tensor* p) {
+    if (p->deleter != nullptr) p->deleter(p);
+  });
+  t.source = py::reinterpret_borrow<py::object>(obj);
+  const dlpack::tensor& dl = m->dl;
+  if (dl.dev.type != dlpack::cpu) refuse_device(dl.dev.type, dl.dev.id);
+  const dlpack::data_type d = dl.dtype;
+  t.type_name = dlpack_type_name(d);
+  if (d.lanes == 1) {
+    if (d.code == 2 && d.bits == 16) t.type = elem::f16;
+    if (d.code == 4 && d.bits == 16) t.type = elem::bf16;
+    if (d.code == 2 && d.bits == 32) t.type = elem::f32;
+    if (d.code == 2 && d.bits == 64) t.type = elem::f64;
+    if (d.code == 0 && d.bits == 32) t.type = elem::i32;
+    if (d.code == 0 && d.bits == 64) t.type = elem::i64;
+  }
+  const auto item = static_cast<py::ssize_t>((d.bits * d.lanes + 7) / 8);
+  t.data = static_cast<char*>(dl.data) + dl.byte_offset;
+  t.shape.assign(dl.shape, dl.shape + dl.ndim);
+  t.strides.resize(t.shape.size());
+  py::ssize_t dense = item;
+  for (auto i = dl.ndim - 1; i >= 0; --i) {
+    t.strides[i] = dl.strides != nullptr ? static_cast<py::ssize_t>(dl.strides[i]) * item : dense;
+    dense *= t.shape[i];
+  }
+  return t;  // DLPack 0.x has no read-only flag: the producer lends its memory writable
+}
+
+/// An array argument in place (see above), or TypeError naming it.
+array_arg array_of(py::handle obj, const std::string& where, const std::string& arg) {
+  if (py::isinstance<py::array>(obj)) return array_of_ndarray(obj, py::reinterpret_borrow<py::array>(obj));
+  if (py::hasattr(obj, "__dlpack__")) return array_of_dlpack(obj, where, arg);
+  if (PyObject_CheckBuffer(obj.ptr()) != 0) {
+    const py::array a = py::module_::import("numpy").attr("asarray")(obj);
+    return array_of_ndarray(obj, a);
+  }
+  type_error(where, arg + " must be " + array_kinds + ", got " + type_name(obj));
+}
+
+bool is_float(elem e) { return e == elem::f16 || e == elem::bf16 || e == elem::f32 || e == elem::f64; }
+
+/// The element of a float array at `p`, as double.
+double element_at(const array_arg& a, const char* p) {
+  switch (a.type) {
+    case elem::f16: {
+      Eigen::half h;
+      std::memcpy(&h, p, sizeof h);
+      return static_cast<float>(h);
+    }
+    case elem::bf16: {
+      Eigen::bfloat16 h;
+      std::memcpy(&h, p, sizeof h);
+      return static_cast<float>(h);
+    }
+    case elem::f32: {
+      float f;
+      std::memcpy(&f, p, sizeof f);
+      return f;
+    }
+    default: {
+      double d;
+      std::memcpy(&d, p, sizeof d);
+      return d;
+    }
+  }
+}
+
+/// An array of floating-point storage: float16, bfloat16, float32, float64, or only float32 and
+/// float64 when `wide_only` (TypeError otherwise).
+array_arg float_array(py::handle obj, const std::string& where, const std::string& arg, bool wide_only = false) {
+  array_arg t = array_of(obj, where, arg);
+  if (!is_float(t.type) || (wide_only && (t.type == elem::f16 || t.type == elem::bf16)))
+    type_error(where, arg + " must have dtype " +
+                          (wide_only ? "float32 or float64" : "float16, bfloat16, float32 or float64") + ", got " +
+                          t.type_name);
+  return t;
+}
+
+void require_dtype(const array_arg& got, const array_arg& want, const std::string& where, const std::string& arg,
+                   const std::string& of) {
+  if (got.type != want.type)
+    type_error(where, arg + " has dtype " + got.type_name + " but " + of + " has dtype " + want.type_name +
+                          "; they must match");
+}
+
+/// Calls `f(T{})` with the storage type of `e` (a float type).
+template <class F>
+decltype(auto) with_storage(elem e, F&& f) {
+  switch (e) {
+    case elem::f16:
+      return f(Eigen::half{});
+    case elem::bf16:
+      return f(Eigen::bfloat16{});
+    case elem::f32:
+      return f(float{});
+    default:
+      return f(double{});
+  }
 }
 
 /// A matrix argument as posenc sees it: `[rows, cols]` with a row stride, plus the head count
@@ -337,44 +552,39 @@ struct matrix_arg {
 /// elements addresses no memory, so its strides (NumPy gives such arrays zero strides) do not
 /// matter and nothing is written to it, read-only or not.
 template <class S>
-matrix_arg<S> matrix_of(const py::array& a, const std::string& where, const char* arg, bool allow_3d) {
+matrix_arg<S> matrix_of(const array_arg& a, const std::string& where, const std::string& arg, bool allow_3d) {
   using T = std::remove_const_t<S>;
   constexpr auto item = static_cast<py::ssize_t>(sizeof(T));
   const py::ssize_t nd = a.ndim();
   if (nd != 2 && !(allow_3d && nd == 3))
-    value_error(where, std::string(arg) + " must be " +
+    value_error(where, arg + " must be " +
                            (allow_3d ? "2-D [tokens, heads * head_dim] or 3-D [tokens, heads, head_dim]" : "2-D") +
                            ", got shape " + shape_text(a));
-  const py::ssize_t rows = a.shape(0);
-  const py::ssize_t inner = a.shape(nd - 1);
-  const py::ssize_t cols = nd == 3 ? a.shape(1) * inner : inner;
+  const py::ssize_t rows = a.shape[0];
+  const py::ssize_t inner = a.shape[nd - 1];
+  const py::ssize_t cols = nd == 3 ? a.shape[1] * inner : inner;
   const bool empty = a.size() == 0;
-  bool ok = inner <= 1 || a.strides(nd - 1) == item;
-  if (nd == 3) ok = ok && (a.shape(1) <= 1 || a.strides(1) == inner * item);
-  const py::ssize_t rs = a.strides(0);
+  bool ok = inner <= 1 || a.strides[nd - 1] == item;
+  if (nd == 3) ok = ok && (a.shape[1] <= 1 || a.strides[1] == inner * item);
+  const py::ssize_t rs = a.strides[0];
   ok = ok && (rows <= 1 || (rs >= 0 && rs % item == 0 && rs / item >= cols));
   if (!ok && !empty)
-    value_error(where, std::string(arg) + " with shape " + shape_text(a) + " and strides " + strides_text(a) +
+    value_error(where, arg + " with shape " + shape_text(a) + " and strides " + strides_text(a) +
                            " is not laid out as rows of contiguous elements; pass a C-contiguous array "
-                           "(numpy.ascontiguousarray) or a slice of rows of one");
-  S* data;
-  if constexpr (std::is_const_v<S>) {
-    data = static_cast<S*>(a.data());
-  } else {
-    if (!a.writeable() && !empty) value_error(where, std::string(arg) + " is read-only; it is written in place");
-    data = const_cast<S*>(static_cast<const S*>(a.data()));
-  }
+                           "(numpy.ascontiguousarray, Tensor.contiguous()) or a slice of rows of one");
+  if constexpr (!std::is_const_v<S>)
+    if (!a.writeable && !empty) value_error(where, arg + " is read-only; it is written in place");
   const index_t stride = rows <= 1 || empty ? cols : rs / item;
-  matrix_arg<S> m{posenc::strided_view<S>(data, rows, cols, stride)};
+  matrix_arg<S> m{posenc::strided_view<S>(reinterpret_cast<S*>(a.data), rows, cols, stride)};
   if (nd == 3) {
     m.ndim = 3;
-    m.heads3 = a.shape(1);
+    m.heads3 = a.shape[1];
     m.head_dim3 = inner;
   }
   return m;
 }
 
-/// Positions: None (0, 1, ..., n-1), a `range` with step 1, an int64 ndarray (borrowed in place),
+/// Positions: None (0, 1, ..., n-1), a `range` with step 1, an int64 array (borrowed in place),
 /// or a list/tuple of ints (copied). `n` is the number needed (one per row), or -1 for any number
 /// (then None is not accepted). A position past int64 raises OverflowError naming its index.
 class position_arg {
@@ -384,18 +594,6 @@ class position_arg {
       start_ = 0;
       count_ = n;
       range_ = true;
-    } else if (py::isinstance<py::array>(obj)) {
-      auto a = py::reinterpret_borrow<py::array>(obj);
-      if (!a.dtype().is(py::dtype::of<std::int64_t>()))
-        type_error(where, arg + " must have dtype int64, got " + dtype_name(a) +
-                              " (positions are 64-bit integers; convert with .astype(numpy.int64))");
-      if (a.ndim() != 1) value_error(where, arg + " must be 1-D, got shape " + shape_text(a));
-      if (a.shape(0) > 1 && a.strides(0) != static_cast<py::ssize_t>(sizeof(std::int64_t)))
-        value_error(where, arg + " must be contiguous, got strides " + strides_text(a));
-      keep_ = a;
-      list_ = static_cast<const position*>(a.data());
-      count_ = a.shape(0);
-      check_count(n, where, arg);
     } else if (PyRange_Check(obj.ptr())) {
       // The bounds are Python ints, unbounded: compare and subtract them as such.
       const py::object step = obj.attr("step"), first = obj.attr("start"), stop = obj.attr("stop");
@@ -420,16 +618,35 @@ class position_arg {
       owned_.reserve(static_cast<std::size_t>(size));
       for (auto item : obj) owned_.push_back(int64_of(item, where, arg + "[" + std::to_string(owned_.size()) + "]"));
       count_ = size;
+    } else if (py::isinstance<py::array>(obj) || py::hasattr(obj, "__dlpack__") || PyObject_CheckBuffer(obj.ptr())) {
+      array_ = array_of(obj, where, arg);
+      if (array_.type != elem::i64)
+        type_error(where, arg + " must have dtype int64, got " + array_.type_name +
+                              " (positions are 64-bit integers; convert with .astype(numpy.int64))");
+      if (array_.ndim() != 1) value_error(where, arg + " must be 1-D, got shape " + shape_text(array_));
+      if (array_.shape[0] > 1 && array_.strides[0] != static_cast<py::ssize_t>(sizeof(std::int64_t)))
+        value_error(where, arg + " must be contiguous, got strides " + strides_text(array_));
+      list_ = reinterpret_cast<const position*>(array_.data);
+      count_ = array_.shape[0];
+      check_count(n, where, arg);
     } else {
       type_error(where, arg + " must be " + (n >= 0 ? "None, " : "") +
-                            "a range, an int64 numpy.ndarray or a list of ints, got " + type_name(obj));
+                            "a range, an int64 array or a list of ints, got " + type_name(obj));
     }
   }
+  /// Given already as int64 values (copied).
+  explicit position_arg(std::vector<position> values)
+      : owned_(std::move(values)), count_(static_cast<index_t>(owned_.size())) {}
 
   posenc::positions get() const {
     if (range_) return posenc::arange(start_, count_);
-    return posenc::positions(
-        std::span<const position>(list_ ? list_ : owned_.data(), static_cast<std::size_t>(count_)));
+    return posenc::positions(span());
+  }
+  /// The positions as a span (a range is written out first).
+  std::span<const position> span() const {
+    if (range_ && owned_.empty())
+      for (index_t i = 0; i < count_; ++i) owned_.push_back(start_ + i);
+    return {list_ && !range_ ? list_ : owned_.data(), static_cast<std::size_t>(count_)};
   }
   index_t size() const { return count_; }
 
@@ -440,9 +657,9 @@ class position_arg {
                              " are needed (one per row)");
   }
 
-  py::object keep_;
+  array_arg array_;
   const position* list_ = nullptr;
-  std::vector<position> owned_;
+  mutable std::vector<position> owned_;
   bool range_ = false;
   position start_ = 0;
   index_t count_ = 0;
@@ -452,6 +669,69 @@ class position_arg {
 position_arg free_positions(py::handle obj, const std::string& where, const char* arg) {
   return position_arg(obj, -1, where, arg);
 }
+
+/// An int32 index array (cu_seqlens, a block table, lengths), as FlashAttention and vLLM keep
+/// them: a C-contiguous int32 array is used in place; an int64 array (any strides), an int32 array
+/// with other strides and a list of ints are copied into int32 (index arrays are small), a value
+/// outside int32 raising OverflowError naming its index. `ndim` is 1 or 2.
+class index_arg {
+ public:
+  index_arg(py::handle obj, int ndim, const std::string& where, const std::string& arg) {
+    if (py::isinstance<py::list>(obj) || py::isinstance<py::tuple>(obj)) {
+      if (ndim != 1) type_error(where, arg + " must be a 2-D int32 array, got " + type_name(obj));
+      for (auto item : obj) push(int64_of(item, where, arg + "[" + std::to_string(owned_.size()) + "]"), where, arg);
+      shape_ = {static_cast<index_t>(owned_.size()), 1};
+      return;
+    }
+    if (!(py::isinstance<py::array>(obj) || py::hasattr(obj, "__dlpack__") || PyObject_CheckBuffer(obj.ptr())))
+      type_error(where,
+                 arg + " must be an int32 array" + (ndim == 1 ? " or a list of ints" : "") + ", got " + type_name(obj));
+    array_ = array_of(obj, where, arg);
+    if (array_.type != elem::i32 && array_.type != elem::i64)
+      type_error(where, arg + " must have dtype int32 (int64 is copied), got " + array_.type_name);
+    if (array_.ndim() != ndim)
+      value_error(where, arg + " must be " + std::to_string(ndim) + "-D, got shape " + shape_text(array_));
+    shape_ = {array_.shape[0], ndim == 2 ? array_.shape[1] : 1};
+    const py::ssize_t item = array_.type == elem::i32 ? 4 : 8;
+    const py::ssize_t s0 = array_.strides[0], s1 = ndim == 2 ? array_.strides[1] : item;
+    const bool dense = (shape_[1] <= 1 || s1 == item) && (shape_[0] <= 1 || s0 == shape_[1] * item);
+    if (array_.type == elem::i32 && dense) {
+      data_ = reinterpret_cast<const std::int32_t*>(array_.data);
+      return;
+    }
+    for (index_t i = 0; i < shape_[0]; ++i)
+      for (index_t j = 0; j < shape_[1]; ++j) {
+        const char* p = array_.data + i * s0 + j * s1;
+        std::int64_t v;
+        if (array_.type == elem::i32) {
+          std::int32_t w;
+          std::memcpy(&w, p, 4);
+          v = w;
+        } else {
+          std::memcpy(&v, p, 8);
+        }
+        push(v, where, arg + "[" + std::to_string(i) + (ndim == 2 ? "][" + std::to_string(j) : "") + "]");
+      }
+  }
+
+  std::span<const std::int32_t> span() const {
+    return {data_ ? data_ : owned_.data(), static_cast<std::size_t>(shape_[0] * shape_[1])};
+  }
+  index_t rows() const { return shape_[0]; }
+  index_t cols() const { return shape_[1]; }
+
+ private:
+  void push(std::int64_t v, const std::string& where, const std::string& what) {
+    if (v < std::numeric_limits<std::int32_t>::min() || v > std::numeric_limits<std::int32_t>::max())
+      overflow_error(where, what + " = " + std::to_string(v) + " does not fit in int32");
+    owned_.push_back(static_cast<std::int32_t>(v));
+  }
+
+  array_arg array_;
+  const std::int32_t* data_ = nullptr;
+  std::vector<std::int32_t> owned_;
+  std::array<index_t, 2> shape_{0, 1};
+};
 
 /// The `dtype` argument of `table` and `bias_tile`; left out (None), their default float32 (NumPy
 /// would read None as float64).
@@ -563,15 +843,14 @@ py_rope make_rope(const call_args& a) {
   return py_rope{posenc::rope<float>(p), posenc::rope<double>(p)};
 }
 
-/// The `[rows, cols]` table of a float32/float64 array argument, copied into double (encoder
+/// The `[rows, cols]` table of a float array argument (any strides), copied into double (encoder
 /// tables are copied by the encoders anyway).
 posenc::row_matrix<double> table_of(py::handle obj, const std::string& where, const char* arg) {
-  elem kind;
-  auto a = float_array(obj, where, arg, kind);
-  auto dense = py::array_t<double, py::array::c_style | py::array::forcecast>::ensure(a);
-  if (dense.ndim() != 2) value_error(where, std::string(arg) + " must be 2-D, got shape " + shape_text(a));
-  posenc::row_matrix<double> m(dense.shape(0), dense.shape(1));
-  std::copy_n(dense.data(), m.size(), m.data());
+  const auto a = float_array(obj, where, arg);
+  if (a.ndim() != 2) value_error(where, std::string(arg) + " must be 2-D, got shape " + shape_text(a));
+  posenc::row_matrix<double> m(a.shape[0], a.shape[1]);
+  for (index_t i = 0; i < m.rows(); ++i)
+    for (index_t j = 0; j < m.cols(); ++j) m(i, j) = element_at(a, a.data + i * a.strides[0] + j * a.strides[1]);
   return m;
 }
 
@@ -579,7 +858,7 @@ posenc::row_matrix<double> table_of(py::handle obj, const std::string& where, co
 // Encoder methods, per element type.
 
 template <class T>
-void rope_rotate(const py_rope& r, const py::array& a, py::handle pos) {
+void rope_rotate(const py_rope& r, const array_arg& a, py::handle pos) {
   auto m = matrix_of<T>(a, "Rope.rotate", "x", true);
   if (m.ndim == 3 && m.head_dim3 != r.f.head_dim())
     value_error("Rope.rotate", "x has head_dim " + std::to_string(m.head_dim3) +
@@ -589,11 +868,11 @@ void rope_rotate(const py_rope& r, const py::array& a, py::handle pos) {
                                    std::to_string(r.f.head_dim()));
   position_arg p(pos, m.view.rows, "Rope.rotate", "positions");
   py::gil_scoped_release unlocked;
-  r.get<T>().rotate(m.view, p.get(), &workers());
+  r.get<posenc::compute_t<T>>().rotate(m.view, p.get(), &workers());
 }
 
 template <class T>
-void sinusoidal_add(const py_sinusoidal& s, const py::array& a, py::handle pos) {
+void sinusoidal_add(const py_sinusoidal& s, const array_arg& a, py::handle pos) {
   auto m = matrix_of<T>(a, "Sinusoidal.add_to", "x", false);
   if (m.view.cols != s.f.dim())
     value_error("Sinusoidal.add_to",
@@ -659,44 +938,114 @@ void def_bias_methods(py::class_<W>& c, const std::string& name) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Attention
+// Attention: attention, attention_varlen, paged_attention, paged_append.
 
+/// The knobs of one call. Not copyable: `p.sinks` points into `sinks`.
 struct attention_knobs {
   posenc::attention_params p;
+  std::vector<float> sinks;
   bool want_lse = false;
+
+  attention_knobs() = default;
+  attention_knobs(const attention_knobs&) = delete;
+  attention_knobs& operator=(const attention_knobs&) = delete;
 };
 
+/// `window`: None, or a pair (left, right) of ints.
+std::pair<position, position> window_of(py::handle obj, const std::string& w) {
+  if (obj.is_none()) return {-1, -1};
+  if (!(py::isinstance<py::tuple>(obj) || py::isinstance<py::list>(obj)) || py::len(obj) != 2)
+    type_error(w, "window must be a pair (left, right) of ints, -1 for unbounded, got " + type_name(obj));
+  auto s = py::reinterpret_borrow<py::sequence>(obj);
+  return {int64_of(s[0], w, "window[0]"), int64_of(s[1], w, "window[1]")};
+}
+
+/// `sinks`: one float per head, a list or a 1-D array of any float dtype (copied into float32).
+std::vector<float> sinks_of(py::handle obj, const std::string& w) {
+  std::vector<float> out;
+  if (py::isinstance<py::list>(obj) || py::isinstance<py::tuple>(obj)) {
+    for (auto item : obj)
+      out.push_back(static_cast<float>(float_of(item, w, "sinks[" + std::to_string(out.size()) + "]")));
+    return out;
+  }
+  if (!(py::isinstance<py::array>(obj) || py::hasattr(obj, "__dlpack__") || PyObject_CheckBuffer(obj.ptr())))
+    type_error(w, "sinks must be a list of floats or a 1-D float array (one per head), got " + type_name(obj));
+  const auto a = float_array(obj, w, "sinks");
+  if (a.ndim() != 1) value_error(w, "sinks must be 1-D (one per head), got shape " + shape_text(a));
+  for (py::ssize_t i = 0; i < a.shape[0]; ++i)
+    out.push_back(static_cast<float>(element_at(a, a.data + i * a.strides[0])));
+  return out;
+}
+
+void read_knobs(attention_knobs& kn, const call_args& a, const std::string& w) {
+  kn.p.scale = a.optional_float64("scale");
+  kn.p.softcap = a.float64("softcap", 0.0);
+  if (a.has("sinks")) {
+    kn.sinks = sinks_of(a["sinks"], w);
+    kn.p.sinks = kn.sinks;
+  }
+  kn.p.causal = a.flag("causal", false);
+  std::tie(kn.p.window_left, kn.p.window_right) = window_of(a["window"], w);
+  const std::int64_t threads = a.int64("threads", 0);
+  if (threads < std::numeric_limits<int>::min() || threads > std::numeric_limits<int>::max())
+    overflow_error(w, "threads = " + std::to_string(threads) + " does not fit in int");
+  kn.p.threads = static_cast<int>(threads);
+  kn.p.executor = &workers();
+  kn.p.q_tile = a.int64("q_tile", 0);
+  kn.p.k_tile = a.int64("k_tile", 0);
+  kn.want_lse = a.flag("return_lse", false);
+}
+
 /// The encoder's head_dim must be the one of q.
-void check_head_dim(index_t enc, index_t d, const char* encoder) {
+void check_head_dim(index_t enc, index_t d, const char* encoder, const std::string& w) {
   if (enc != d)
-    value_error("attention", std::string("the ") + encoder + " has head_dim " + std::to_string(enc) +
-                                 " but q has head_dim " + std::to_string(d));
+    value_error(w, std::string("the ") + encoder + " has head_dim " + std::to_string(enc) + " but q has head_dim " +
+                       std::to_string(d));
 }
 
 /// A score-bias encoder must cover `heads` global heads from its head_offset.
 template <class P>
-void check_heads(const P& p, index_t heads, const char* what) {
+void check_heads(const P& p, index_t heads, const char* what, const std::string& w) {
   if (p.head_offset + heads > p.num_heads)
-    value_error("attention", std::string("the ") + what + " for " + std::to_string(p.num_heads - p.head_offset) +
-                                 " heads (num_heads - head_offset) but heads = " + std::to_string(heads));
+    value_error(w, std::string("the ") + what + " for " + std::to_string(p.num_heads - p.head_offset) +
+                       " heads (num_heads - head_offset) but heads = " + std::to_string(heads));
 }
 
-template <class T, class Enc>
-void run_attention(const matrix_arg<const T>& q, const matrix_arg<const T>& k, const matrix_arg<const T>& v,
-                   posenc::strided_view<T> out, const position_arg& qp, const position_arg& kp, const Enc& enc,
-                   const attention_knobs& kn, posenc::strided_view<T> lse) {
-  py::gil_scoped_release unlocked;
-  if (kn.want_lse) {
-    posenc::attention(q.view, k.view, v.view, out, qp.get(), kp.get(), enc, kn.p, lse);
+/// Calls `f(encoder)` with the C++ encoder (compute type C) of the `encoding` argument, after
+/// checking that it fits `heads` heads of dimension `d`.
+template <class C, class F>
+void with_encoding(py::handle e, const std::string& w, index_t heads, index_t d, F&& f) {
+  if (e.is_none()) {
+    f(posenc::no_position<C>{});
+  } else if (py::isinstance<py_rope>(e)) {
+    const auto& r = e.cast<const py_rope&>().get<C>();
+    check_head_dim(r.head_dim(), d, "Rope", w);
+    f(r);
+  } else if (py::isinstance<py_alibi>(e)) {
+    const auto& a = e.cast<const py_alibi&>().get<C>();
+    check_heads(a.params(), heads, "Alibi has slopes", w);
+    f(a);
+  } else if (py::isinstance<py_t5>(e)) {
+    const auto& t = e.cast<const py_t5&>().get<C>();
+    check_heads(t.params(), heads, "T5Bias has a table", w);
+    f(t);
+  } else if (py::isinstance<py_shaw>(e)) {
+    const auto& s = e.cast<const py_shaw&>().get<C>();
+    check_head_dim(s.head_dim(), d, "ShawRelative", w);
+    f(s);
+  } else if (py::isinstance<py_sinusoidal>(e)) {
+    type_error(w,
+               "Sinusoidal is an additive-input encoding: add it to the token embeddings before the Q/K/V "
+               "projections (Sinusoidal.add_to) and pass encoding=None here");
   } else {
-    posenc::attention(q.view, k.view, v.view, out, qp.get(), kp.get(), enc, kn.p);
+    type_error(w, "encoding must be None, Rope, Alibi, T5Bias or ShawRelative, got " + type_name(e));
   }
 }
 
 /// The message for a 3-D `name` whose axis 1 is not `want` heads (kv heads when `kv`).
 /// `transposed`: its axis 0 is, so it is most likely `[heads, tokens, head_dim]`, the per-head
 /// layout of many PyTorch models.
-std::string axis1_error(const py::array& a, const char* name, bool kv, index_t want, bool transposed) {
+std::string axis1_error(const array_arg& a, const char* name, bool kv, index_t want, bool transposed) {
   const std::string heads = kv ? "kv_heads" : "heads";
   const std::string head = std::string(name) + " has shape " + shape_text(a) + ": ";
   if (transposed)
@@ -705,37 +1054,42 @@ std::string axis1_error(const py::array& a, const char* name, bool kv, index_t w
   return head + "its axis 1 holds the " + (kv ? "kv heads" : "heads") + " but " + heads + " = " + std::to_string(want);
 }
 
+/// Query heads: given, else a 3-D q's axis 1. A 2-D q has no head axis, and taking it as one
+/// head would attend across the columns of what may be many heads: heads= is required.
 template <class T>
-py::object attention_typed(const py::array& qa, const py::array& ka, const py::array& va, py::handle qpos,
-                           py::handle kpos, py::handle encoding, std::optional<index_t> heads,
-                           std::optional<index_t> kv_heads, attention_knobs kn, py::handle out_obj) {
-  const std::string w = "attention";
-  const auto q = matrix_of<const T>(qa, w, "q", true);
-  const auto k = matrix_of<const T>(ka, w, "k", true);
-  const auto v = matrix_of<const T>(va, w, "v", true);
-  // Heads: given, else a 3-D q's axis 1. A 2-D q has no head axis, and taking it as one head
-  // would attend across the columns of what may be many heads: heads= is required.
+index_t query_heads(const std::string& w, const array_arg& qa, const matrix_arg<const T>& q,
+                    std::optional<index_t> heads) {
   if (!heads && q.ndim == 2)
     value_error(w, "q is 2-D [tokens, heads * head_dim]: pass heads= (and kv_heads= for GQA/MQA)");
   const index_t h = heads ? *heads : q.heads3;
   if (h <= 0) value_error(w, "heads = " + std::to_string(h) + ": must be positive");
-  if (q.ndim == 3 && q.heads3 != h) value_error(w, axis1_error(qa, "q", false, h, qa.shape(0) == h));
+  if (q.ndim == 3 && q.heads3 != h) value_error(w, axis1_error(qa, "q", false, h, qa.shape[0] == h));
+  if (q.view.cols % h != 0)
+    value_error(w, "q has " + std::to_string(q.view.cols) + " columns, not a multiple of heads = " + std::to_string(h));
+  if (q.view.cols / h == 0) value_error(w, "q has head_dim 0");
+  return h;
+}
+
+/// (heads, kv_heads) of a call with packed keys and values (attention, attention_varlen).
+template <class T>
+std::pair<index_t, index_t> resolve_heads(const std::string& w, const array_arg& qa, const matrix_arg<const T>& q,
+                                          const array_arg& ka, const matrix_arg<const T>& k, const array_arg& va,
+                                          const matrix_arg<const T>& v, std::optional<index_t> heads,
+                                          std::optional<index_t> kv_heads) {
+  const index_t h = query_heads(w, qa, q, heads);
   // kv_heads: given, else a 3-D k's axis 1, else heads.
   const index_t hk = kv_heads ? *kv_heads : (k.ndim == 3 ? k.heads3 : h);
   if (!kv_heads && k.ndim == 3 && (hk <= 0 || h % hk != 0)) {
-    const index_t k0 = ka.shape(0);
+    const index_t k0 = ka.shape[0];
     if (k0 > 0 && h % k0 == 0) value_error(w, axis1_error(ka, "k", true, k0, true));
     value_error(w, "k has shape " + shape_text(ka) + ": its axis 1 holds the kv heads, and " + std::to_string(hk) +
                        " does not divide heads = " + std::to_string(h));
   }
   for (auto [m, a, name] : {std::tuple{&k, &ka, "k"}, std::tuple{&v, &va, "v"}})
-    if (m->ndim == 3 && m->heads3 != hk) value_error(w, axis1_error(*a, name, true, hk, a->shape(0) == hk));
+    if (m->ndim == 3 && m->heads3 != hk) value_error(w, axis1_error(*a, name, true, hk, a->shape[0] == hk));
   if (hk <= 0 || h % hk != 0)
     value_error(w, "kv_heads = " + std::to_string(hk) + ": must be positive and divide heads = " + std::to_string(h));
-  if (q.view.cols % h != 0)
-    value_error(w, "q has " + std::to_string(q.view.cols) + " columns, not a multiple of heads = " + std::to_string(h));
   const index_t d = q.view.cols / h;
-  if (d == 0) value_error(w, "q has head_dim 0");
   for (auto [m, name] : {std::pair{&k, "k"}, std::pair{&v, "v"}}) {
     if (m->view.cols != hk * d)
       value_error(w, std::string(name) + " has " + std::to_string(m->view.cols) +
@@ -745,97 +1099,370 @@ py::object attention_typed(const py::array& qa, const py::array& ka, const py::a
   }
   if (v.view.rows != k.view.rows)
     value_error(w, "v has " + std::to_string(v.view.rows) + " rows but k has " + std::to_string(k.view.rows));
-  position_arg qp(qpos, q.view.rows, w, "qpos");
-  position_arg kp(kpos, k.view.rows, w, "kpos");
-  kn.p.heads = h;
-  kn.p.kv_heads = hk;
-
-  py::array out_arr;
-  if (out_obj.is_none()) {
-    std::vector<py::ssize_t> shape(qa.shape(), qa.shape() + qa.ndim());
-    out_arr = new_array<T>(shape);
-  } else {
-    elem kind;
-    out_arr = float_array(out_obj, w, "out", kind);
-    require_dtype(kind, std::same_as<T, float> ? elem::f32 : elem::f64, w, "out", "q");
-  }
-  const auto o = matrix_of<T>(out_arr, w, "out", true);
-  if (o.view.rows != q.view.rows || o.view.cols != q.view.cols)
-    value_error(w, "out has shape " + shape_text(out_arr) + " but q has shape " + shape_text(qa));
-
-  py::array_t<T> lse_arr;
-  posenc::strided_view<T> lse;
-  if (kn.want_lse) {
-    lse_arr = new_array<T>({q.view.rows, h});
-    lse = posenc::strided_view<T>(lse_arr.mutable_data(), q.view.rows, h);
-  }
-
-  if (encoding.is_none()) {
-    run_attention<T>(q, k, v, o.view, qp, kp, posenc::no_position<T>{}, kn, lse);
-  } else if (py::isinstance<py_rope>(encoding)) {
-    const auto& r = encoding.cast<const py_rope&>().get<T>();
-    check_head_dim(r.head_dim(), d, "Rope");
-    run_attention<T>(q, k, v, o.view, qp, kp, r, kn, lse);
-  } else if (py::isinstance<py_alibi>(encoding)) {
-    const auto& a = encoding.cast<const py_alibi&>().get<T>();
-    check_heads(a.params(), h, "Alibi has slopes");
-    run_attention<T>(q, k, v, o.view, qp, kp, a, kn, lse);
-  } else if (py::isinstance<py_t5>(encoding)) {
-    const auto& t = encoding.cast<const py_t5&>().get<T>();
-    check_heads(t.params(), h, "T5Bias has a table");
-    run_attention<T>(q, k, v, o.view, qp, kp, t, kn, lse);
-  } else if (py::isinstance<py_shaw>(encoding)) {
-    const auto& s = encoding.cast<const py_shaw&>().get<T>();
-    check_head_dim(s.head_dim(), d, "ShawRelative");
-    run_attention<T>(q, k, v, o.view, qp, kp, s, kn, lse);
-  } else if (py::isinstance<py_sinusoidal>(encoding)) {
-    type_error(w,
-               "Sinusoidal is an additive-input encoding: add it to the token embeddings before the Q/K/V "
-               "projections (Sinusoidal.add_to) and pass encoding=None here");
-  } else {
-    type_error(w, "encoding must be None, Rope, Alibi, T5Bias or ShawRelative, got " + type_name(encoding));
-  }
-  if (kn.want_lse) return py::make_tuple(out_arr, lse_arr);
-  return out_arr;
+  return {h, hk};
 }
 
-/// `window`: None, or a pair (left, right) of ints.
-std::pair<position, position> window_of(py::handle obj) {
-  if (obj.is_none()) return {-1, -1};
-  if (!(py::isinstance<py::tuple>(obj) || py::isinstance<py::list>(obj)) || py::len(obj) != 2)
-    type_error("attention", "window must be a pair (left, right) of ints, -1 for unbounded, got " + type_name(obj));
-  auto s = py::reinterpret_borrow<py::sequence>(obj);
-  return {int64_of(s[0], "attention", "window[0]"), int64_of(s[1], "attention", "window[1]")};
+/// True when `obj` is a torch.Tensor (only asked when torch is imported already).
+bool is_torch_tensor(py::handle obj) {
+  const py::dict modules = py::module_::import("sys").attr("modules");
+  return modules.contains("torch") && py::isinstance(obj, modules["torch"].attr("Tensor"));
+}
+
+/// A new result array (out, lse): a torch.Tensor when `like` is one, a numpy.ndarray otherwise.
+py::object new_result(py::handle like, const std::vector<py::ssize_t>& shape, elem e, const std::string& w) {
+  if (is_torch_tensor(like)) {
+    const py::object torch = py::module_::import("sys").attr("modules")["torch"];
+    py::tuple size(shape.size());
+    for (std::size_t i = 0; i < shape.size(); ++i) size[i] = py::int_(shape[i]);
+    return torch.attr("empty")(size, "dtype"_a = torch.attr(dtype_text(e)));
+  }
+  if (e == elem::bf16) type_error(w, "q is bfloat16 but not a torch.Tensor and NumPy has no bfloat16: pass out=");
+  return py::array(py::dtype(dtype_text(e)), shape);
+}
+
+/// `out` (given or new, the shape and dtype of q) and the `[n_q, heads]` log-sum-exp (a new array
+/// when return_lse, else scratch memory: the kernel writes it either way).
+template <class T>
+struct outputs {
+  using C = posenc::compute_t<T>;
+  py::object out_obj, lse_obj;
+  array_arg out_arr, lse_arr;
+  posenc::strided_view<T> out;
+  posenc::strided_view<C> lse;
+  std::vector<C> scratch;
+
+  outputs(const call_args& a, const std::string& w, const array_arg& qa, const matrix_arg<const T>& q, index_t heads,
+          bool want_lse) {
+    out_obj = a.has("out") ? py::reinterpret_borrow<py::object>(a["out"]) : new_result(qa.source, qa.shape, qa.type, w);
+    out_arr = float_array(out_obj, w, "out");
+    require_dtype(out_arr, qa, w, "out", "q");
+    out = matrix_of<T>(out_arr, w, "out", true).view;
+    if (out.rows != q.view.rows || out.cols != q.view.cols)
+      value_error(w, "out has shape " + shape_text(out_arr) + " but q has shape " + shape_text(qa));
+    const index_t rows = q.view.rows;
+    if (want_lse) {
+      lse_obj = new_result(qa.source, {rows, heads}, std::same_as<C, float> ? elem::f32 : elem::f64, w);
+      lse_arr = array_of(lse_obj, w, "lse");
+      lse = posenc::strided_view<C>(reinterpret_cast<C*>(lse_arr.data), rows, heads);
+    } else {
+      scratch.resize(static_cast<std::size_t>(rows * heads));
+      lse = posenc::strided_view<C>(scratch.data(), rows, heads);
+    }
+  }
+  py::object result(bool want_lse) const { return want_lse ? py::object(py::make_tuple(out_obj, lse_obj)) : out_obj; }
+};
+
+template <class T>
+py::object attention_typed(const call_args& a, attention_knobs& kn, const array_arg& qa, const array_arg& ka,
+                           const array_arg& va) {
+  using C = posenc::compute_t<T>;
+  const std::string w = "attention";
+  const auto q = matrix_of<const T>(qa, w, "q", true);
+  const auto k = matrix_of<const T>(ka, w, "k", true);
+  const auto v = matrix_of<const T>(va, w, "v", true);
+  std::tie(kn.p.heads, kn.p.kv_heads) =
+      resolve_heads(w, qa, q, ka, k, va, v, a.optional_int64("heads"), a.optional_int64("kv_heads"));
+  position_arg qp(a["qpos"], q.view.rows, w, "qpos");
+  position_arg kp(a["kpos"], k.view.rows, w, "kpos");
+  outputs<T> o(a, w, qa, q, kn.p.heads, kn.want_lse);
+  with_encoding<C>(a["encoding"], w, kn.p.heads, q.view.cols / kn.p.heads, [&](const auto& enc) {
+    py::gil_scoped_release unlocked;
+    posenc::attention(q.view, k.view, v.view, o.out, qp.get(), kp.get(), enc, kn.p, o.lse);
+  });
+  return o.result(kn.want_lse);
+}
+
+/// Reads q, k, v (or q alone) as float arrays of one dtype.
+std::vector<array_arg> same_dtype_arrays(const call_args& a, const std::string& w,
+                                         std::initializer_list<const char*> names) {
+  std::vector<array_arg> out;
+  for (const char* n : names) {
+    out.push_back(float_array(a[n], w, n));
+    if (out.size() > 1) require_dtype(out.back(), out.front(), w, n, *names.begin());
+  }
+  return out;
 }
 
 constexpr const char* attention_params_text =
-    "q, k, v, qpos=None, kpos=None, encoding=None, *, heads=None, kv_heads=None, scale=None, causal=False, "
-    "window=(-1, -1), return_lse=False, out=None, threads=0, q_tile=0, k_tile=0";
+    "q, k, v, qpos=None, kpos=None, encoding=None, *, heads=None, kv_heads=None, scale=None, softcap=0.0, "
+    "sinks=None, causal=False, window=(-1, -1), return_lse=False, out=None, threads=0, q_tile=0, k_tile=0";
 
 py::object attention(const call_args& a) {
   const std::string w = "attention";
-  elem kq, kk, kv;
-  auto qa = float_array(a["q"], w, "q", kq);
-  auto ka = float_array(a["k"], w, "k", kk);
-  auto va = float_array(a["v"], w, "v", kv);
-  require_dtype(kk, kq, w, "k", "q");
-  require_dtype(kv, kq, w, "v", "q");
+  const auto arrays = same_dtype_arrays(a, w, {"q", "k", "v"});
   attention_knobs kn;
-  kn.p.scale = a.optional_float64("scale");
-  kn.p.causal = a.flag("causal", false);
-  std::tie(kn.p.window_left, kn.p.window_right) = window_of(a["window"]);
-  const std::int64_t threads = a.int64("threads", 0);
-  if (threads < std::numeric_limits<int>::min() || threads > std::numeric_limits<int>::max())
-    overflow_error(w, "threads = " + std::to_string(threads) + " does not fit in int");
-  kn.p.threads = static_cast<int>(threads);
-  kn.p.executor = &workers();
-  kn.p.q_tile = a.int64("q_tile", 0);
-  kn.p.k_tile = a.int64("k_tile", 0);
-  kn.want_lse = a.flag("return_lse", false);
-  const auto heads = a.optional_int64("heads"), kv_heads = a.optional_int64("kv_heads");
-  if (kq == elem::f32)
-    return attention_typed<float>(qa, ka, va, a["qpos"], a["kpos"], a["encoding"], heads, kv_heads, kn, a["out"]);
-  return attention_typed<double>(qa, ka, va, a["qpos"], a["kpos"], a["encoding"], heads, kv_heads, kn, a["out"]);
+  read_knobs(kn, a, w);
+  return with_storage(arrays[0].type,
+                      [&](auto t) { return attention_typed<decltype(t)>(a, kn, arrays[0], arrays[1], arrays[2]); });
+}
+
+/// `cu`: `sequences + 1` cumulative row counts from 0 (checked by the library's rule).
+index_t sequences_of(const index_arg& cu, const std::string& w, const char* name) {
+  if (cu.rows() == 0) value_error(w, std::string(name) + " is empty; a batch of B sequences has B + 1 entries");
+  return cu.rows() - 1;
+}
+
+/// Each sequence's rows numbered 0, 1, ..., n_b - 1 (cu checked).
+position_arg per_sequence_positions(const index_arg& cu) {
+  const auto c = cu.span();
+  std::vector<position> p(static_cast<std::size_t>(c.back()));
+  for (std::size_t b = 0; b + 1 < c.size(); ++b)
+    for (std::int32_t i = c[b]; i < c[b + 1]; ++i) p[static_cast<std::size_t>(i)] = i - c[b];
+  return position_arg(std::move(p));
+}
+
+constexpr const char* varlen_params_text =
+    "q, k, v, cu_q, cu_k, qpos=None, kpos=None, encoding=None, *, heads=None, kv_heads=None, scale=None, "
+    "softcap=0.0, sinks=None, causal=False, window=(-1, -1), return_lse=False, out=None, threads=0, q_tile=0, "
+    "k_tile=0";
+
+template <class T>
+py::object varlen_typed(const call_args& a, attention_knobs& kn, const array_arg& qa, const array_arg& ka,
+                        const array_arg& va) {
+  using C = posenc::compute_t<T>;
+  const std::string w = "attention_varlen";
+  const auto q = matrix_of<const T>(qa, w, "q", true);
+  const auto k = matrix_of<const T>(ka, w, "k", true);
+  const auto v = matrix_of<const T>(va, w, "v", true);
+  std::tie(kn.p.heads, kn.p.kv_heads) =
+      resolve_heads(w, qa, q, ka, k, va, v, a.optional_int64("heads"), a.optional_int64("kv_heads"));
+  const index_arg cu_q(a["cu_q"], 1, w, "cu_q"), cu_k(a["cu_k"], 1, w, "cu_k");
+  const index_t seqs = sequences_of(cu_q, w, "cu_q");
+  if (cu_k.rows() != cu_q.rows())
+    value_error(w, "cu_k has " + std::to_string(cu_k.rows()) + " entries but cu_q has " + std::to_string(cu_q.rows()) +
+                       " (one more than the sequences)");
+  // The library checks these too; here first, because the default positions are read from them.
+  posenc::detail::check_cumulative(cu_q.span(), seqs, q.view.rows, "attention_varlen", "cu_q");
+  posenc::detail::check_cumulative(cu_k.span(), seqs, k.view.rows, "attention_varlen", "cu_k");
+  const position_arg qp =
+      a.has("qpos") ? position_arg(a["qpos"], q.view.rows, w, "qpos") : per_sequence_positions(cu_q);
+  const position_arg kp =
+      a.has("kpos") ? position_arg(a["kpos"], k.view.rows, w, "kpos") : per_sequence_positions(cu_k);
+  outputs<T> o(a, w, qa, q, kn.p.heads, kn.want_lse);
+  with_encoding<C>(a["encoding"], w, kn.p.heads, q.view.cols / kn.p.heads, [&](const auto& enc) {
+    py::gil_scoped_release unlocked;
+    posenc::attention_varlen(q.view, k.view, v.view, o.out, cu_q.span(), cu_k.span(), qp.get(), kp.get(), enc, kn.p,
+                             o.lse);
+  });
+  return o.result(kn.want_lse);
+}
+
+py::object attention_varlen(const call_args& a) {
+  const std::string w = "attention_varlen";
+  const auto arrays = same_dtype_arrays(a, w, {"q", "k", "v"});
+  attention_knobs kn;
+  read_knobs(kn, a, w);
+  return with_storage(arrays[0].type,
+                      [&](auto t) { return varlen_typed<decltype(t)>(a, kn, arrays[0], arrays[1], arrays[2]); });
+}
+
+/// A paged cache argument: 2-D `[num_pages * page_size, kv_heads * head_dim]` (page_size= given),
+/// 3-D `[num_pages, page_size, kv_heads * head_dim]` or 4-D `[num_pages, page_size, kv_heads,
+/// head_dim]`, viewed in place as rows: the last axis dense (and the heads axis of a 4-D cache),
+/// pages evenly spaced rows apart.
+template <class S>
+struct cache_arg {
+  posenc::strided_view<S> view;
+  index_t page_size = 0;
+  index_t kv_heads4 = 0, head_dim4 = 0;  // a 4-D cache's axes 2 and 3
+};
+
+template <class S>
+cache_arg<S> cache_of(const array_arg& a, const std::string& w, const char* arg, std::optional<index_t> page_size) {
+  using T = std::remove_const_t<S>;
+  constexpr auto item = static_cast<py::ssize_t>(sizeof(T));
+  const py::ssize_t nd = a.ndim();
+  cache_arg<S> c;
+  if (nd == 2) {
+    if (!page_size)
+      value_error(w, std::string(arg) + " is 2-D [num_pages * page_size, kv_heads * head_dim]: pass page_size=");
+    c.view = matrix_of<S>(a, w, arg, false).view;
+    c.page_size = *page_size;
+    return c;
+  }
+  if (nd != 3 && nd != 4)
+    value_error(w, std::string(arg) +
+                       " must be 2-D [num_pages * page_size, kv_heads * head_dim], 3-D [num_pages, page_size, "
+                       "kv_heads * head_dim] or 4-D [num_pages, page_size, kv_heads, head_dim], got shape " +
+                       shape_text(a));
+  const py::ssize_t pages = a.shape[0], ps = a.shape[1], inner = a.shape[nd - 1];
+  const py::ssize_t cols = nd == 4 ? a.shape[2] * inner : inner;
+  if (page_size && *page_size != ps)
+    value_error(w, "page_size = " + std::to_string(*page_size) + " but " + arg + " has shape " + shape_text(a) +
+                       ": pages of " + std::to_string(ps) + " rows");
+  bool ok = inner <= 1 || a.strides[nd - 1] == item;
+  if (nd == 4) ok = ok && (a.shape[2] <= 1 || a.strides[2] == inner * item);
+  // One row stride for the rows of all pages: pages must lie page_size rows apart.
+  py::ssize_t rs = cols * item;
+  if (ps > 1)
+    rs = a.strides[1];
+  else if (pages > 1)
+    rs = a.strides[0];
+  if (ps > 1 && pages > 1) ok = ok && a.strides[0] == ps * rs;
+  ok = ok && rs >= 0 && rs % item == 0 && rs / item >= cols;
+  if (!ok && a.size() != 0)
+    value_error(w, std::string(arg) + " with shape " + shape_text(a) + " and strides " + strides_text(a) +
+                       " is not laid out as pages of rows of contiguous elements; pass a C-contiguous array");
+  if constexpr (!std::is_const_v<S>)
+    if (!a.writeable && a.size() != 0) value_error(w, std::string(arg) + " is read-only; it is written in place");
+  c.view = posenc::strided_view<S>(reinterpret_cast<S*>(a.data), pages * ps, cols, a.size() == 0 ? cols : rs / item);
+  c.page_size = ps;
+  if (nd == 4) {
+    c.kv_heads4 = a.shape[2];
+    c.head_dim4 = inner;
+  }
+  return c;
+}
+
+/// k_cache and v_cache, of one shape.
+template <class S>
+std::pair<cache_arg<S>, cache_arg<S>> caches_of(const call_args& a, const std::string& w, const array_arg& ka,
+                                                const array_arg& va) {
+  const auto page_size = a.optional_int64("page_size");
+  if (va.shape != ka.shape)
+    value_error(w, "v_cache has shape " + shape_text(va) + " but k_cache has shape " + shape_text(ka));
+  return {cache_of<S>(ka, w, "k_cache", page_size), cache_of<S>(va, w, "v_cache", page_size)};
+}
+
+/// The block table `[sequences, pages_per_sequence]` and the lengths `[sequences]` of `seqs` sequences.
+std::pair<index_arg, index_arg> tables_of(const call_args& a, const std::string& w, index_t seqs, const char* cu) {
+  index_arg table(a["block_table"], 2, w, "block_table"), lengths(a["lengths"], 1, w, "lengths");
+  if (table.rows() != seqs)
+    value_error(w, "block_table has " + std::to_string(table.rows()) + " rows but " + cu + " has " +
+                       std::to_string(seqs + 1) + " entries (" + std::to_string(seqs) + " sequences)");
+  if (lengths.rows() != seqs)
+    value_error(w, "lengths has " + std::to_string(lengths.rows()) + " entries but " + cu + " has " +
+                       std::to_string(seqs + 1) + " (" + std::to_string(seqs) + " sequences)");
+  return {std::move(table), std::move(lengths)};
+}
+
+/// `keys=`: None, 'rotated' or 'raw'; required with a Rope.
+posenc::cached_keys keys_of(const call_args& a, const std::string& w) {
+  const bool rope = py::isinstance<py_rope>(a["encoding"]);
+  if (!a.has("keys")) {
+    if (rope)
+      value_error(w,
+                  "encoding is a Rope: pass keys='rotated' (the cache holds keys rotated when appended) or "
+                  "keys='raw' (rotated by each attention call); there is no default");
+    return posenc::cached_keys::unspecified;
+  }
+  return enum_of<posenc::cached_keys>(
+      a.str("keys", ""), {{"rotated", posenc::cached_keys::rotated}, {"raw", posenc::cached_keys::raw}}, w, "keys");
+}
+
+constexpr const char* paged_params_text =
+    "q, k_cache, v_cache, block_table, lengths, cu_q, qpos, encoding=None, *, page_size=None, keys=None, "
+    "positions=None, heads=None, kv_heads=None, scale=None, softcap=0.0, sinks=None, causal=False, "
+    "window=(-1, -1), return_lse=False, out=None, threads=0, q_tile=0, k_tile=0";
+
+template <class T>
+py::object paged_typed(const call_args& a, attention_knobs& kn, const array_arg& qa, const array_arg& ka,
+                       const array_arg& va) {
+  using C = posenc::compute_t<T>;
+  const std::string w = "paged_attention";
+  const auto q = matrix_of<const T>(qa, w, "q", true);
+  const auto [kc, vc] = caches_of<const T>(a, w, ka, va);
+  const index_t h = query_heads(w, qa, q, a.optional_int64("heads"));
+  const index_t d = q.view.cols / h;
+  // kv_heads: given, else a 4-D cache's axis 2, else the cache's columns / head_dim.
+  const auto given = a.optional_int64("kv_heads");
+  const index_t hk = given ? *given : kc.kv_heads4 > 0 ? kc.kv_heads4 : kc.view.cols / d;
+  if (kc.head_dim4 > 0 && kc.head_dim4 != d)
+    value_error(w, "k_cache has shape " + shape_text(ka) + ": head_dim " + std::to_string(kc.head_dim4) +
+                       " but q has head_dim " + std::to_string(d));
+  if (kc.kv_heads4 > 0 && kc.kv_heads4 != hk)
+    value_error(w, "k_cache has shape " + shape_text(ka) +
+                       ": its axis 2 holds the kv heads but kv_heads = " + std::to_string(hk));
+  if (hk <= 0 || h % hk != 0)
+    value_error(w, "kv_heads = " + std::to_string(hk) + ": must be positive and divide heads = " + std::to_string(h));
+  if (kc.view.cols != hk * d)
+    value_error(w, "k_cache has " + std::to_string(kc.view.cols) + " columns per row but kv_heads * head_dim = " +
+                       std::to_string(hk) + " * " + std::to_string(d) + " = " + std::to_string(hk * d) + " are needed");
+  kn.p.heads = h;
+  kn.p.kv_heads = hk;
+  const index_arg cu_q(a["cu_q"], 1, w, "cu_q");
+  const index_t seqs = sequences_of(cu_q, w, "cu_q");
+  const auto [table, lengths] = tables_of(a, w, seqs, "cu_q");
+  if (a["qpos"].is_none())
+    value_error(w, "qpos is required: the position of each query (a step's new tokens: their index in their sequence)");
+  const position_arg qp(a["qpos"], q.view.rows, w, "qpos");
+  std::optional<position_arg> rows_pos;
+  if (a.has("positions")) rows_pos.emplace(a["positions"], kc.view.rows, w, "positions");
+  const posenc::paged_kv<const T> cache{.k = kc.view,
+                                        .v = vc.view,
+                                        .page_size = kc.page_size,
+                                        .block_table = table.span(),
+                                        .pages_per_sequence = table.cols(),
+                                        .lengths = lengths.span(),
+                                        .positions = rows_pos ? rows_pos->span() : std::span<const position>{},
+                                        .keys = keys_of(a, w)};
+  outputs<T> o(a, w, qa, q, h, kn.want_lse);
+  with_encoding<C>(a["encoding"], w, h, d, [&](const auto& enc) {
+    py::gil_scoped_release unlocked;
+    posenc::paged_attention(q.view, cache, o.out, cu_q.span(), qp.get(), enc, kn.p, o.lse);
+  });
+  return o.result(kn.want_lse);
+}
+
+py::object paged_attention(const call_args& a) {
+  const std::string w = "paged_attention";
+  const auto arrays = same_dtype_arrays(a, w, {"q", "k_cache", "v_cache"});
+  attention_knobs kn;
+  read_knobs(kn, a, w);
+  return with_storage(arrays[0].type,
+                      [&](auto t) { return paged_typed<decltype(t)>(a, kn, arrays[0], arrays[1], arrays[2]); });
+}
+
+constexpr const char* append_params_text =
+    "k_cache, v_cache, block_table, lengths, k_new, v_new, cu_new, encoding=None, *, page_size=None, keys=None, "
+    "positions=None";
+
+template <class T>
+void append_typed(const call_args& a, const array_arg& ka, const array_arg& va, const array_arg& kna,
+                  const array_arg& vna) {
+  using C = posenc::compute_t<T>;
+  const std::string w = "paged_append";
+  const auto [kc, vc] = caches_of<T>(a, w, ka, va);
+  const auto kn = matrix_of<const T>(kna, w, "k_new", true);
+  const auto vn = matrix_of<const T>(vna, w, "v_new", true);
+  for (auto [m, arr, name] : {std::tuple{&kn, &kna, "k_new"}, std::tuple{&vn, &vna, "v_new"}})
+    if (m->view.cols != kc.view.cols)
+      value_error(w, std::string(name) + " has shape " + shape_text(*arr) + " (" + std::to_string(m->view.cols) +
+                         " columns per row) but the cache rows have " + std::to_string(kc.view.cols));
+  if (vn.view.rows != kn.view.rows)
+    value_error(w, "v_new has " + std::to_string(vn.view.rows) + " rows but k_new has " + std::to_string(kn.view.rows));
+  const index_arg cu_new(a["cu_new"], 1, w, "cu_new");
+  const index_t seqs = sequences_of(cu_new, w, "cu_new");
+  const auto [table, lengths] = tables_of(a, w, seqs, "cu_new");
+  std::optional<position_arg> rows_pos;
+  if (a.has("positions")) rows_pos.emplace(a["positions"], kc.view.rows, w, "positions");
+  const posenc::paged_kv<T> cache{.k = kc.view,
+                                  .v = vc.view,
+                                  .page_size = kc.page_size,
+                                  .block_table = table.span(),
+                                  .pages_per_sequence = table.cols(),
+                                  .lengths = lengths.span(),
+                                  .positions = rows_pos ? rows_pos->span() : std::span<const position>{},
+                                  .keys = keys_of(a, w)};
+  const py::handle e = a["encoding"];
+  if (py::isinstance<py_rope>(e)) {
+    const auto& r = e.cast<const py_rope&>().get<C>();
+    if (kc.head_dim4 > 0) check_head_dim(r.head_dim(), kc.head_dim4, "Rope", w);
+    py::gil_scoped_release unlocked;
+    posenc::paged_append(cache, kn.view, vn.view, cu_new.span(), r);
+  } else if (e.is_none() || py::isinstance<py_alibi>(e) || py::isinstance<py_t5>(e) || py::isinstance<py_shaw>(e)) {
+    py::gil_scoped_release unlocked;  // a score bias acts in attention: the keys are stored as given
+    posenc::paged_append(cache, kn.view, vn.view, cu_new.span(), posenc::no_position<C>{});
+  } else {
+    with_encoding<C>(e, w, 1, 0, [](const auto&) {});  // raises the TypeError for anything else
+  }
+}
+
+void paged_append(const call_args& a) {
+  const std::string w = "paged_append";
+  const auto arrays = same_dtype_arrays(a, w, {"k_cache", "v_cache", "k_new", "v_new"});
+  with_storage(arrays[0].type,
+               [&](auto t) { append_typed<decltype(t)>(a, arrays[0], arrays[1], arrays[2], arrays[3]); });
 }
 
 template <class R>
@@ -862,10 +1489,12 @@ PYBIND11_MODULE(posenc, m) {
   options.disable_function_signatures();
 
   m.doc() =
-      "posenc: positional encodings (sinusoidal, RoPE and its scalings, ALiBi, T5 bias, Shaw) and blockwise "
-      "attention on numpy float32/float64 arrays, used in place.\n\n"
-      "Matrices are [tokens, heads * head_dim] (2-D) or [tokens, heads, head_dim] (3-D), with unit stride along "
-      "the last axis (C-contiguous, or a slice of rows of one). Positions are None (0..n-1), a range with step 1, "
+      "posenc: positional encodings (sinusoidal, RoPE and its scalings, ALiBi, T5 bias, Shaw), blockwise "
+      "attention and the engine step (attention_varlen, paged_attention, paged_append) on NumPy arrays, CPU torch "
+      "tensors (__dlpack__) or any buffer, used in place.\n\n"
+      "Matrices are float16, bfloat16, float32 or float64, [tokens, heads * head_dim] (2-D) or [tokens, heads, "
+      "head_dim] (3-D), with unit stride along the last axis (C-contiguous, or a slice of rows of one). Positions are "
+      "None (0..n-1), a range with step 1, "
       "an int64 array or a list of ints.";
   m.attr("__version__") = std::to_string(POSENC_VERSION_MAJOR) + "." + std::to_string(POSENC_VERSION_MINOR) + "." +
                           std::to_string(POSENC_VERSION_PATCH);
@@ -963,13 +1592,8 @@ PYBIND11_MODULE(posenc, m) {
           "rotate",
           [sig = sig_of("Rope.rotate", rotate_params)](const py_rope& r, py::args args, py::kwargs kwargs) {
             const call_args a(sig, args, kwargs);
-            elem kind;
-            auto x = float_array(a["x"], sig.name, "x", kind);
-            if (kind == elem::f32) {
-              rope_rotate<float>(r, x, a["positions"]);
-            } else {
-              rope_rotate<double>(r, x, a["positions"]);
-            }
+            const auto x = float_array(a["x"], sig.name, "x");
+            with_storage(x.type, [&](auto t) { rope_rotate<decltype(t)>(r, x, a["positions"]); });
           },
           doc_of("rotate", true, rotate_params,
                  "Rotates every head of x ([tokens, heads * head_dim] or [tokens, heads, head_dim]) in place, row i "
@@ -1030,9 +1654,8 @@ PYBIND11_MODULE(posenc, m) {
           "add_to",
           [sig = sig_of("Sinusoidal.add_to", add_to_params)](const py_sinusoidal& s, py::args args, py::kwargs kwargs) {
             const call_args a(sig, args, kwargs);
-            elem kind;
-            auto x = float_array(a["x"], sig.name, "x", kind);
-            if (kind == elem::f32) {
+            const auto x = float_array(a["x"], sig.name, "x", true);
+            if (x.type == elem::f32) {
               sinusoidal_add<float>(s, x, a["positions"]);
             } else {
               sinusoidal_add<double>(s, x, a["positions"]);
@@ -1131,14 +1754,61 @@ PYBIND11_MODULE(posenc, m) {
              "Blockwise softmax attention: out_i = sum_j softmax_j(scale q_i.k_j + bias_ij) v_j.\n\n"
              "q: [n_q, heads, d], or [n_q, heads * d] with heads=; k, v: [n_kv, kv_heads, d], or [n_kv, kv_heads * d]\n"
              "(heads and kv_heads default to the 3-D arrays' axis 1, kv_heads to heads for a 2-D k). GQA/MQA:\n"
-             "query head h reads kv head h // (heads // kv_heads). All float32 or all float64.\n"
+             "query head h reads kv head h // (heads // kv_heads). NumPy arrays, torch tensors (CPU) or any\n"
+             "buffer, used in place; all of one dtype: float16, bfloat16, float32 or float64.\n"
              "qpos, kpos: positions (default 0..n-1).\n"
              "encoding: None, Rope, Alibi, T5Bias or ShawRelative, always applied in the kernel (a Rope rotates\n"
              "copies of the q and k tiles). For q and k the caller rotated (Rope.rotate, a cache of rotated keys)\n"
              "pass encoding=None: never both.\n"
              "causal: key j visible when kpos[j] <= qpos[i]. window=(left, right): keys within\n"
              "[qpos - left, qpos + right], -1 unbounded. scale defaults to 1/sqrt(d).\n"
+             "softcap: each logit s becomes softcap * tanh(s / softcap) (0: off). sinks: one logit per head\n"
+             "joining every row's softmax denominator (gpt-oss).\n"
              "Returns out (the shape of q; written into out= when given), or (out, lse [n_q, heads], -inf for a\n"
-             "query with no visible key) with return_lse. The GIL is released while it runs.")
+             "query with no visible key) with return_lse; new arrays are torch tensors when q is one. The GIL is\n"
+             "released while it runs.")
+          .c_str());
+
+  m.def(
+      "attention_varlen",
+      [sig = sig_of("attention_varlen", varlen_params_text)](py::args args, py::kwargs kwargs) {
+        return attention_varlen(call_args(sig, args, kwargs));
+      },
+      doc_of("attention_varlen", false, varlen_params_text,
+             "Attention of a batch of sequences packed one after another (FlashAttention's varlen layout):\n"
+             "sequence b attends its queries, rows cu_q[b]:cu_q[b+1] of q, to its keys, rows cu_k[b]:cu_k[b+1] of\n"
+             "k and v, and only to them; the same as one attention call per sequence.\n\n"
+             "cu_q, cu_k: B + 1 cumulative row counts from 0, int32 (int64 or a list is copied).\n"
+             "qpos, kpos: one position per row; default: each sequence's rows numbered 0..n_b-1.\n"
+             "Everything else as attention; lse is [total_q, heads].")
+          .c_str());
+
+  m.def(
+      "paged_attention",
+      [sig = sig_of("paged_attention", paged_params_text)](py::args args, py::kwargs kwargs) {
+        return paged_attention(call_args(sig, args, kwargs));
+      },
+      doc_of("paged_attention", false, paged_params_text,
+             "Attention of a batch of sequences whose keys and values are in a paged cache: sequence b attends its\n"
+             "queries, rows cu_q[b]:cu_q[b+1] of q at positions qpos, to the lengths[b] tokens of its cache:\n"
+             "token j is row j % page_size of page block_table[b, j // page_size].\n\n"
+             "k_cache, v_cache: [num_pages, page_size, kv_heads, d], [num_pages, page_size, kv_heads * d], or\n"
+             "[num_pages * page_size, kv_heads * d] with page_size=. block_table: [B, pages_per_sequence] int32;\n"
+             "lengths: [B] int32; cu_q: [B + 1] int32 (int64 or lists are copied). Pages past a sequence's\n"
+             "length are never read. positions: the position of every cache row (default: a token's index in its\n"
+             "sequence). keys: 'rotated' (the cache holds keys rotated by paged_append) or 'raw' (the call\n"
+             "rotates them); required with a Rope. kv_heads defaults to the cache's. Everything else as attention.")
+          .c_str());
+
+  m.def(
+      "paged_append",
+      [sig = sig_of("paged_append", append_params_text)](py::args args, py::kwargs kwargs) {
+        paged_append(call_args(sig, args, kwargs));
+      },
+      doc_of("paged_append", false, append_params_text,
+             "Writes a step's new keys and values into a paged cache in place: row i of sequence b's new rows\n"
+             "(cu_new[b]:cu_new[b+1] of k_new and v_new) becomes its token lengths[b] - n_b + i (lengths count\n"
+             "this step's tokens). With a Rope and keys='rotated' the keys are rotated with that token's position\n"
+             "(positions= of its row, or its index in the sequence); otherwise they are stored as given.")
           .c_str());
 }

@@ -8,7 +8,8 @@ import posenc  # noqa: F401  (fails the whole run early, with the import error, 
 
 # Tolerance of a comparison against a float64 reference: C * eps(dtype) * max(|ref|, 1), with C
 # covering a few roundings per term of a sum of length up to a few hundred.
-TOLERANCE_ULPS = {np.float32: 64, np.float64: 4096}
+# float16 storage is computed in float32 and rounded once: a few of its ulps.
+TOLERANCE_ULPS = {np.float16: 4, np.float32: 64, np.float64: 4096}
 
 
 def tolerance(dtype):

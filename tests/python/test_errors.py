@@ -17,10 +17,14 @@ def arrays(rng):
 
 def test_rotate_rejects_wrong_dtype(rng):
     r = posenc.Rope(head_dim=D)
-    with pytest.raises(TypeError, match=r"Rope\.rotate: x must have dtype float32 or float64, got int32"):
+    with pytest.raises(TypeError, match=r"Rope\.rotate: x must have dtype float16, bfloat16, float32 or float64, "
+                                        r"got int32"):
         r.rotate(np.zeros((2, D), dtype=np.int32))
-    with pytest.raises(TypeError, match=r"x must be a numpy\.ndarray.*got list"):
+    with pytest.raises(TypeError, match=r"x must be an array \(numpy\.ndarray, torch\.Tensor, .*\), got list"):
         r.rotate([[0.0] * D])
+    with pytest.raises(TypeError, match=r"^posenc\.Sinusoidal\.add_to: x must have dtype float32 or float64, "
+                                        r"got float16$"):
+        posenc.Sinusoidal(dim=D).add_to(np.zeros((2, D), dtype=np.float16))
     with pytest.raises(TypeError, match=r"positions must have dtype int64, got int32"):
         r.rotate(np.zeros((2, D)), np.arange(2, dtype=np.int32))
     with pytest.raises(TypeError, match=r"positions must be None, a range"):
@@ -83,8 +87,10 @@ def test_attention_argument_errors(arrays):
     q, k, v = arrays
     with pytest.raises(TypeError, match=r"v has dtype float32 but q has dtype float64"):
         posenc.attention(q, k, v.astype(np.float32), heads=2)
-    with pytest.raises(TypeError, match=r"q must have dtype float32 or float64, got float16"):
+    with pytest.raises(TypeError, match=r"k has dtype float64 but q has dtype float16; they must match"):
         posenc.attention(q.astype(np.float16), k, v, heads=2)
+    with pytest.raises(TypeError, match=r"q must have dtype float16, bfloat16, float32 or float64, got int64"):
+        posenc.attention(q.astype(np.int64), k, v, heads=2)
     with pytest.raises(ValueError, match=r"k has 8 columns but kv_heads \* head_dim = 2 \* 8 = 16"):
         posenc.attention(q, k[:, :D], v, heads=2)
     with pytest.raises(ValueError, match=r"kv_heads = 3: must be positive and divide heads = 2"):

@@ -78,7 +78,7 @@ def rope_rotate(x, positions, head_dim, inv_freq, layout="half_split", magnitude
     r = 2 len(inv_freq) pass through."""
     x = torch.as_tensor(x, dtype=f64)
     n = x.shape[0]
-    h = x.reshape(n, -1, head_dim).clone()
+    h = x.reshape(n, x.shape[1] // head_dim, head_dim).clone()
     r = 2 * inv_freq.numel()
     pos = torch.as_tensor(positions, dtype=f64).reshape(n, 1, 1)
     angle = pos * inv_freq.reshape(1, 1, -1)
@@ -91,7 +91,7 @@ def rope_rotate(x, positions, head_dim, inv_freq, layout="half_split", magnitude
         a, b = h[..., 0:r:2].clone(), h[..., 1:r:2].clone()
         h[..., 0:r:2] = a * c - b * s
         h[..., 1:r:2] = b * c + a * s
-    return h.reshape(n, -1)
+    return h.reshape(n, x.shape[1])
 
 
 # --- Score biases ----------------------------------------------------------------------------------
@@ -139,11 +139,15 @@ def t5_bias(table, qpos, kpos, num_buckets, max_distance, bidirectional):
 
 # --- Softmax attention -----------------------------------------------------------------------------
 
-def attention(q, k, v, heads, kv_heads, qpos, kpos, bias=None, causal=False, window=(-1, -1), scale=None):
+def attention(q, k, v, heads, kv_heads, qpos, kpos, bias=None, causal=False, window=(-1, -1), scale=None,
+              softcap=0.0, sinks=None):
     """Naive softmax attention in float64. q [n_q, heads * d], k, v [n_kv, kv_heads * d]; query head
     h reads kv head h // (heads // kv_heads); bias [heads, n_q, n_kv] is added to the scaled logits;
-    key j is visible to query i when (not causal or kpos <= qpos) and within the window. Returns
-    out [n_q, heads * d] (zero for a row with no visible key) and lse [n_q, heads] (-inf there)."""
+    softcap > 0 then maps every logit s to softcap * tanh(s / softcap) (Gemma 2); key j is visible to
+    query i when (not causal or kpos <= qpos) and within the window. sinks (one logit z_h per head,
+    gpt-oss) join every row's softmax denominator without a value: out = sum_j e^s_j v_j / (e^z +
+    sum_j e^s_j), lse = log(e^z + sum_j e^s_j). Returns out [n_q, heads * d] (zero for a row with no
+    visible key) and lse [n_q, heads] (-inf there without sinks, z with them)."""
     q, k, v = (torch.as_tensor(a, dtype=f64) for a in (q, k, v))
     n_q, n_kv = q.shape[0], k.shape[0]
     d = q.shape[1] // heads
@@ -155,6 +159,8 @@ def attention(q, k, v, heads, kv_heads, qpos, kpos, bias=None, causal=False, win
     s = scale * qh @ kh.transpose(1, 2)
     if bias is not None:
         s = s + bias
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
     qp = torch.as_tensor(qpos)[:, None]
     kp = torch.as_tensor(kpos)[None, :]
     visible = torch.ones(n_q, n_kv, dtype=torch.bool)
@@ -165,7 +171,11 @@ def attention(q, k, v, heads, kv_heads, qpos, kpos, bias=None, causal=False, win
     if window[1] >= 0:
         visible &= kp <= qp + window[1]
     s = s.masked_fill(~visible[None], -math.inf)
-    lse = torch.logsumexp(s, dim=-1)
+    if sinks is None:
+        lse = torch.logsumexp(s, dim=-1)
+    else:
+        z = torch.as_tensor(sinks, dtype=f64).reshape(heads, 1, 1).expand(heads, n_q, 1)
+        lse = torch.logsumexp(torch.cat([s, z], dim=-1), dim=-1)
     p = torch.exp(s - lse[..., None]).nan_to_num(0.0)  # rows with no visible key: -inf - -inf
     out = (p @ vh).transpose(0, 1).reshape(n_q, heads * d)
     return out, lse.transpose(0, 1)
