@@ -44,11 +44,23 @@ namespace posenc {
 namespace detail {
 
 /// Copies `n` rows of columns `[col, col + d)` of `src` into `dst` (row stride `ld`), converting
-/// to the compute type and multiplying by `factor`.
+/// to the compute type and multiplying by `factor`. fp16 / bf16 rows are widened by the SIMD
+/// kernels (the same bits as the loop below).
 template <class C, class S>
 void load_rows(strided_view<S> src, index_t row, index_t n, index_t col, index_t d, C factor, C* dst, index_t ld) {
-  if (std::same_as<std::remove_const_t<S>, C> && factor == C(1)) {
+  using SS = std::remove_const_t<S>;
+  if (std::same_as<SS, C> && factor == C(1)) {
     for (index_t i = 0; i < n; ++i) std::memcpy(dst + i * ld, src.row(row + i) + col, static_cast<std::size_t>(d) * sizeof(C));
+    return;
+  }
+  if constexpr (kernel_readable<C, SS> && !std::same_as<SS, C>) {
+    const auto& kern = kernels_for<C>();
+    const SS* from = src.row(row) + col;
+    if constexpr (std::same_as<SS, Eigen::half>) {
+      kern.convert_f16(from, src.stride, n, d, factor, dst, ld);
+    } else {
+      kern.convert_bf16(from, src.stride, n, d, factor, dst, ld);
+    }
     return;
   }
   for (index_t i = 0; i < n; ++i) {
@@ -134,18 +146,20 @@ void attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, con
 
   const auto& kern = detail::kernels_for<C>();
   constexpr bool rotating = E::family == encoding_family::rotation;
-  // Keys and values are read in place when they already have the compute type, need no
-  // rotation, and (for values) may be read up to head_dim rounded up to 16 columns.
-  constexpr bool keys_in_place =
-      std::same_as<std::remove_const_t<std::remove_pointer_t<decltype(kv.data)>>, C> && !rotating;
+  using SK = std::remove_const_t<std::remove_pointer_t<decltype(kv.data)>>;
+  using SV = std::remove_const_t<std::remove_pointer_t<decltype(vv.data)>>;
   // With a few query rows (decode) the kernel is bound by reading K and V once: keys are then
   // multiplied in place without the transposed tile, and values read in place. With many rows,
   // values are copied into a dense tile: an engine's rows are often 4 KiB apart (kv_heads *
   // head_dim floats), and rows at such a stride fall into one L1 set, so reading them in place
   // evicts each other on every pass of the PV kernel.
   const bool few_rows = plan.bq <= detail::few_query_rows;
-  const bool values_in_place =
-      few_rows && std::same_as<std::remove_const_t<std::remove_pointer_t<decltype(vv.data)>>, C> && d == plan.dpad;
+  // Keys and values are read in place when they need no rotation and (for values) may be read up
+  // to head_dim rounded up to 16 columns: keys of the compute type always; fp16 / bf16 keys and
+  // values by the few-row kernels, which widen them as they load (half the bytes of a float
+  // cache, where a converted copy would cost more than the products).
+  const bool keys_in_place = !rotating && (std::same_as<SK, C> || (few_rows && detail::kernel_readable<C, SK>));
+  const bool values_in_place = few_rows && detail::kernel_readable<C, SV> && d == plan.dpad;
 
   // The rotator reads the encoder's table (made on its first use), shared read-only by every worker.
   const auto rotator = [&] {
@@ -244,22 +258,30 @@ void attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, con
         [[maybe_unused]] const strided_view<C> terms(at(plan.terms, plan.bq * plan.r, gs), rows, plan.r, plan.r);
         [[maybe_unused]] const strided_view<C> wts(at(plan.w, plan.bq * plan.r, gs), rows, plan.r, plan.r);
 
-        const C* krows;
-        index_t ldk;
-        if constexpr (keys_in_place) {
-          krows = reinterpret_cast<const C*>(kv.row(j0) + g * d);
+        // Key rows in place (`kin`, in their storage type) or as a dense tile (`krows`).
+        const SK* kin = nullptr;
+        const C* krows = nullptr;
+        index_t ldk = d;
+        if (keys_in_place) {
+          kin = kv.row(j0) + g * d;
           ldk = kv.stride;
         } else {
           C* buf = scratch + plan.krows;
           load_tile(kv, j0, nk, g * d, kp, C(1), buf, scratch);
           krows = buf;
-          ldk = d;
         }
-        if (!few_rows) kern.pack_kt(krows, ldk, nk, d, scratch + plan.kt, plan.ldkt);
-        const C* vrows;
-        index_t ldv;
+        if (!few_rows) {
+          if constexpr (std::same_as<SK, C>) {
+            kern.pack_kt(kin ? kin : krows, ldk, nk, d, scratch + plan.kt, plan.ldkt);
+          } else {
+            kern.pack_kt(krows, ldk, nk, d, scratch + plan.kt, plan.ldkt);
+          }
+        }
+        const SV* vin = nullptr;
+        const C* vrows = nullptr;
+        index_t ldv = plan.dpad;
         if (values_in_place) {
-          vrows = reinterpret_cast<const C*>(vv.row(j0) + g * d);
+          vin = vv.row(j0) + g * d;
           ldv = vv.stride;
         } else {
           C* buf = scratch + plan.v;
@@ -267,7 +289,6 @@ void attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, con
           if (d != plan.dpad)
             for (index_t j = 0; j < nk; ++j) std::fill(buf + j * plan.dpad + d, buf + (j + 1) * plan.dpad, C(0));
           vrows = buf;
-          ldv = plan.dpad;
         }
 
         // The tile's rows in strips whose logits stay in L1 from QK^T through PV.
@@ -278,7 +299,10 @@ void attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, con
           if (!full && !sh.mask.any_visible(detail::strip_bounds(qp, qb, r0, nr), kb)) continue;
           C* const s = scratch + plan.s;
           if (few_rows) {
-            kern.qk_rows(qt + r0 * d, d, nr, d, krows, ldk, nk, s, plan.ldkt);
+            if constexpr (detail::kernel_readable<C, SK>) {
+              if (kin) detail::qk_rows_of(kern, qt + r0 * d, d, nr, d, kin, ldk, nk, s, plan.ldkt);
+            }
+            if (!kin) kern.qk_rows(qt + r0 * d, d, nr, d, krows, ldk, nk, s, plan.ldkt);
           } else {
             kern.qk(qt + r0 * d, d, nr, d, scratch + plan.kt, plan.ldkt, s);
           }
@@ -314,7 +338,11 @@ void attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, con
                                            wts.middle_rows(r0 + at_row, n));
             });
           }
-          kern.pv(s, plan.ldkt, nr, nk, vrows, ldv, d, alpha + r0, acc + r0 * plan.dpad, plan.dpad);
+          if constexpr (detail::kernel_readable<C, SV>) {
+            if (vin)
+              detail::pv_of(kern, s, plan.ldkt, nr, nk, vin, ldv, d, alpha + r0, acc + r0 * plan.dpad, plan.dpad);
+          }
+          if (!vin) kern.pv(s, plan.ldkt, nr, nk, vrows, ldv, d, alpha + r0, acc + r0 * plan.dpad, plan.dpad);
         }
       }
     }
