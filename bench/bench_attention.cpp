@@ -1,5 +1,5 @@
 // Blockwise attention against the naive materialising baseline (posenc::attention_reference),
-// with the machine's ceilings (FMA peak, memory copy bandwidth) in the same executable; the Eigen
+// with the machine's ceilings (FMA peak, memory copy and read bandwidth) in the same executable; the Eigen
 // SGEMM ceiling is bench_eigen_ceiling. scripts/bench runs every point and turns the JSON into
 // the report (bench/report.py; docs/benchmarks.md explains the figures).
 //
@@ -9,6 +9,8 @@
 //   attention/window/<path>                causal sliding window (Mistral's 4096)
 //   attention/gqa/<path>                   causal prefill, 8 query heads sharing 2 kv heads
 //   attention/decode, attention/decode_naive  n_q queries at the end of an n_kv-token cache
+//   attention/decode_<bf16|fp16>           the same decode with q, K, V (and out) stored in bf16/fp16
+//   attention/storage/<fp32|bf16|fp16>     causal GQA prefill with each storage type
 //   attention/workspace/<reused|per_call>  the same call with and without a reused workspace
 //
 // FLOP counted: 4 d per visible (query, key) pair and head (q.k and p.v), so causal is about half
@@ -36,40 +38,50 @@ enum class path { blockwise, naive };
 
 enum class workspace_use { reused, per_call };
 
+/// The element type of q, k, v and out: fp32, or the half-precision caches engines keep (the
+/// kernel computes in float for all three).
+enum class storage { fp32, bf16, fp16 };
+
+const char* storage_name(storage st) { return st == storage::bf16 ? "bf16" : st == storage::fp16 ? "fp16" : "fp32"; }
+
+std::size_t storage_bytes(storage st) { return st == storage::fp32 ? 4 : 2; }
+
 std::vector<long> powers_of_two(long lo, long hi) {
   std::vector<long> v;
   for (long n = lo; n <= hi; n *= 2) v.push_back(n);
   return v;
 }
 
-std::string label(const char* group, path p, encoder e, const shape& s) {
+std::string label(const char* group, path p, encoder e, const shape& s, storage st) {
   const char* mask = s.window >= 0 ? "window" : s.causal ? "causal" : "full";
   return std::string("group=") + group + " path=" + (p == path::naive ? "naive" : "blockwise") +
          " enc=" + std::string(posenc_bench::name_of(e)) + " mask=" + mask + " n_q=" + std::to_string(s.n_q) +
          " n_kv=" + std::to_string(s.n_kv) + " heads=" + std::to_string(s.heads) +
          " kv_heads=" + std::to_string(s.kv_heads) + " d=" + std::to_string(s.d) +
-         " window=" + std::to_string(s.window);
+         " window=" + std::to_string(s.window) + " storage=" + storage_name(st);
 }
 
-// One attention call per iteration on random inputs of shape `s`.
-void run_attention(benchmark::State& state, const char* group, path p, encoder e, shape s,
-                   workspace_use wu = workspace_use::reused) {
-  state.SetLabel(label(group, p, e, s));
+// One attention call per iteration on random inputs of shape `s`, stored as `S`.
+template <class S>
+void run_attention_as(benchmark::State& state, const char* group, path p, encoder e, shape s, workspace_use wu,
+                      storage st) {
+  state.SetLabel(label(group, p, e, s, st));
   const double need = posenc_bench::input_bytes(s) + (p == path::naive ? posenc_bench::naive_kernel_bytes(s) : 0.0);
   if (p == path::naive && need > posenc_bench::memory_limit()) {
     state.SkipWithError(posenc_bench::skip_message(need).c_str());
     return;
   }
-  const auto q = posenc_bench::random_matrix(s.n_q, s.heads * s.d, 1);
-  const auto k = posenc_bench::random_matrix(s.n_kv, s.kv_heads * s.d, 2);
-  const auto v = posenc_bench::random_matrix(s.n_kv, s.kv_heads * s.d, 3);
-  posenc::row_matrix<float> out(s.n_q, s.heads * s.d);
+  const posenc::row_matrix<S> q = posenc_bench::random_matrix(s.n_q, s.heads * s.d, 1).cast<S>();
+  const posenc::row_matrix<S> k = posenc_bench::random_matrix(s.n_kv, s.kv_heads * s.d, 2).cast<S>();
+  const posenc::row_matrix<S> v = posenc_bench::random_matrix(s.n_kv, s.kv_heads * s.d, 3).cast<S>();
+  posenc::row_matrix<S> out(s.n_q, s.heads * s.d);
   const auto prm = s.params();
   double workspace = 0;
   posenc_bench::with_encoder(e, s.heads, s.d, s.n_kv, [&](const auto& enc) {
     posenc::attention_workspace ws;
     posenc::attention_workspace* wsp = wu == workspace_use::reused ? &ws : nullptr;
-    if (p == path::blockwise) workspace = static_cast<double>(posenc::attention_workspace_bytes<float>(prm, s.n_q, s.n_kv, s.d, enc));
+    if (p == path::blockwise)
+      workspace = static_cast<double>(posenc::attention_workspace_bytes<S>(prm, s.n_q, s.n_kv, s.d, enc));
     posenc_bench::kernel_begins();
     for (auto _ : state) {
       if (p == path::blockwise) {
@@ -86,11 +98,20 @@ void run_attention(benchmark::State& state, const char* group, path p, encoder e
   state.counters["FLOPS"] = benchmark::Counter(posenc_bench::attention_flop(s) * iters, benchmark::Counter::kIsRate);
   state.counters["tokens_per_second"] =
       benchmark::Counter(static_cast<double>(s.n_q) * iters, benchmark::Counter::kIsRate);
-  // Decode streams the cache: the K and V bytes it must read, for the copy-bandwidth ceiling.
-  const double kv_bytes = 2.0 * static_cast<double>(s.n_kv * s.kv_heads * s.d) * sizeof(float);
+  // Decode streams the cache: the K and V bytes it must read, for the read-bandwidth ceiling.
+  const double kv_bytes = 2.0 * static_cast<double>(s.n_kv * s.kv_heads * s.d) * static_cast<double>(storage_bytes(st));
   state.counters["bytes_per_second"] = benchmark::Counter(kv_bytes * iters, benchmark::Counter::kIsRate);
   state.counters["workspace_bytes"] = workspace;
   state.counters["input_bytes"] = posenc_bench::input_bytes(s);
+}
+
+void run_attention(benchmark::State& state, const char* group, path p, encoder e, shape s,
+                   workspace_use wu = workspace_use::reused, storage st = storage::fp32) {
+  switch (st) {
+    case storage::bf16: run_attention_as<Eigen::bfloat16>(state, group, p, e, s, wu, st); break;
+    case storage::fp16: run_attention_as<Eigen::half>(state, group, p, e, s, wu, st); break;
+    default: run_attention_as<float>(state, group, p, e, s, wu, st); break;
+  }
 }
 
 template <class... Args>
@@ -117,6 +138,10 @@ bool register_all() {
   benchmark::RegisterBenchmark("posenc_bench::copy_bandwidth", posenc_bench::copy_bandwidth)
       ->Arg(256L << 20)
       ->Arg(512L << 10)
+      ->UseRealTime()
+      ->Unit(benchmark::kMillisecond);
+  benchmark::RegisterBenchmark("posenc_bench::read_bandwidth", posenc_bench::read_bandwidth)
+      ->Arg(256L << 20)
       ->UseRealTime()
       ->Unit(benchmark::kMillisecond);
 
@@ -182,6 +207,26 @@ bool register_all() {
           "decode", p, encoder::none, s);
     }
   }
+  // The same decode from bf16 and fp16 caches (q and out in the same type, as an engine keeps
+  // them): half the bytes of K and V per token.
+  for (storage st : {storage::bf16, storage::fp16}) {
+    std::vector<std::pair<long, long>> points;
+    for (long n_kv : powers_of_two(4096, max_kv)) points.emplace_back(n_kv, 1);
+    points.emplace_back(max_kv, 16);
+    for (auto [n_kv, n_q] : points) {
+      const shape s{.n_q = n_q, .n_kv = n_kv, .heads = 8, .kv_heads = 2, .d = 128, .causal = true};
+      add(std::string("attention/decode_") + storage_name(st) + "/n_kv:" + std::to_string(n_kv) +
+              "/n_q:" + std::to_string(n_q),
+          "decode", path::blockwise, encoder::none, s, workspace_use::reused, st);
+    }
+  }
+
+  // Causal GQA prefill with each storage type: half-precision tiles are converted to float once
+  // per query tile, which costs next to the products.
+  for (storage st : {storage::fp32, storage::bf16, storage::fp16})
+    for (long n : powers_of_two(by_mode(1024, 4096, 4096), by_mode(1024, 4096, 16384)))
+      add(std::string("attention/storage/") + storage_name(st) + "/" + std::to_string(n), "storage", path::blockwise,
+          encoder::none, prefill(n, 128, true, 8, 2), workspace_use::reused, st);
 
   // The workspace reused across calls (an engine's steady state) or allocated by each call.
   for (long n : powers_of_two(1024, by_mode(1024, 4096, 16384)))

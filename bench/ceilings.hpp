@@ -1,6 +1,6 @@
 // The machine's own ceilings, measured in the same run as the kernels they bound: the peak of
 // multiply-adds on all the cores attention uses, for the instruction set its kernels run with,
-// and the memory copy bandwidth.
+// the memory copy bandwidth and the memory read bandwidth.
 #pragma once
 
 #include <benchmark/benchmark.h>
@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <numeric>
 #include <string>
 #include <thread>
 #include <utility>
@@ -272,6 +273,123 @@ inline void copy_bandwidth(benchmark::State& state) {
       2.0 * static_cast<double>(bytes) * static_cast<double>(reps) * static_cast<double>(state.iterations()),
       benchmark::Counter::kIsRate);
   state.counters["threads"] = threads;
+}
+
+// ---- read bandwidth: a sum over a buffer, one version per instruction set ----
+//
+// Eight independent accumulators per thread hide the add latency (4 cycles, 2 adds per cycle),
+// so the loop is bound by the loads alone. The buffer holds ones and each lane of each accumulator
+// sums at most 2^24 of them, so every partial sum is exact and the total can be checked: a loop
+// the compiler shortened, or a chunk a thread skipped, shows as a wrong sum.
+
+constexpr int read_accumulators = 8;
+
+#if POSENC_X86_DISPATCH
+POSENC_SIMD_WARNINGS_OFF
+/// Sum of `n` floats (`n` a multiple of 128), 16 lanes at a time.
+POSENC_TARGET_AVX512 inline double read_sum_avx512(const float* p, std::size_t n) {
+  __m512 a[read_accumulators];
+  for (auto& x : a) x = _mm512_setzero_ps();
+  for (std::size_t i = 0; i < n; i += 16 * read_accumulators)
+#pragma GCC unroll 8
+    for (int k = 0; k < read_accumulators; ++k) a[k] = _mm512_add_ps(a[k], _mm512_loadu_ps(p + i + 16 * k));
+  double s = 0;
+  for (auto& x : a) s += static_cast<double>(_mm512_reduce_add_ps(x));
+  return s;
+}
+
+/// Sum of `n` floats (`n` a multiple of 64), 8 lanes at a time.
+POSENC_TARGET_AVX2 inline double read_sum_avx2(const float* p, std::size_t n) {
+  __m256 a[read_accumulators];
+  for (auto& x : a) x = _mm256_setzero_ps();
+  for (std::size_t i = 0; i < n; i += 8 * read_accumulators)
+#pragma GCC unroll 8
+    for (int k = 0; k < read_accumulators; ++k) a[k] = _mm256_add_ps(a[k], _mm256_loadu_ps(p + i + 8 * k));
+  double s = 0;
+  for (auto& x : a) {
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, x);
+    for (float v : lanes) s += static_cast<double>(v);
+  }
+  return s;
+}
+POSENC_SIMD_WARNINGS_ON
+#endif
+
+/// Sum of `n` floats (`n` a multiple of `portable_lanes * read_accumulators`) on the build's own
+/// vectors.
+inline double read_sum_portable(const float* p, std::size_t n) {
+  portable_vector a[read_accumulators] = {};
+  constexpr std::size_t step = static_cast<std::size_t>(portable_lanes);
+  for (std::size_t i = 0; i < n; i += step * read_accumulators)
+    for (std::size_t k = 0; k < read_accumulators; ++k) {
+      portable_vector x;
+      std::memcpy(&x, p + i + step * k, sizeof x);
+      a[k] += x;
+    }
+  double s = 0;
+  for (auto& x : a) s += static_cast<double>(lane_sum(x));
+  return s;
+}
+
+/// The widest read loop the CPU has, whatever the cap: like `memcpy` in the copy ceiling, it
+/// measures the memory, not an instruction set. Returns its name.
+inline const char* read_sum_for(double (*&run)(const float*, std::size_t)) {
+#if POSENC_X86_DISPATCH
+  switch (posenc::detail::detected_simd_level()) {
+    case posenc::detail::simd_level::avx512: run = read_sum_avx512; return "avx512";
+    case posenc::detail::simd_level::avx2: run = read_sum_avx2; return "avx2";
+    default: break;
+  }
+#endif
+  run = read_sum_portable;
+  return "portable";
+}
+
+/// Memory read bandwidth of all attention threads on `state.range(0)` bytes, counting bytes read
+/// only: the ceiling of a kernel that streams its inputs and writes little (decode reads the whole
+/// K/V cache and writes one row per head). Each thread sums its share of a buffer of ones, so that
+/// no byte is written during the run; small buffers are summed many times per run of the team.
+/// A wrong sum stops the point with an error.
+inline void read_bandwidth(benchmark::State& state) {
+  const std::size_t bytes = static_cast<std::size_t>(state.range(0));
+  const std::size_t reps = std::max<std::size_t>(1, (std::size_t{64} << 20) / bytes);
+  const int threads = attention_threads();
+  const std::size_t nt = static_cast<std::size_t>(threads);
+  // Every thread's share a whole number of 512-byte blocks (the widest loop's step).
+  constexpr std::size_t block = 128;
+  const std::size_t n = bytes / sizeof(float) / (block * nt) * (block * nt), share = n / nt;
+  // Written once here, so that every page is backed by memory of its own (an untouched buffer
+  // would read the kernel's shared zero page, which stays in cache).
+  std::vector<float> buf(n, 1.0f);
+  double (*run)(const float*, std::size_t) = nullptr;
+  const char* isa = read_sum_for(run);
+  std::vector<double> sums(nt);
+  thread_team team(threads, [&](int t) {
+    const float* p = buf.data() + static_cast<std::size_t>(t) * share;
+    double s = 0;
+    for (std::size_t r = 0; r < reps; ++r) {
+      s += run(p, share);
+      benchmark::ClobberMemory();
+    }
+    sums[static_cast<std::size_t>(t)] = s;
+  });
+  for (auto _ : state) team.run();
+  const double got = std::accumulate(sums.begin(), sums.end(), 0.0);
+  const double want = static_cast<double>(n) * static_cast<double>(reps);
+  if (got != want) {
+    state.SkipWithError(("read_bandwidth: the sum of the buffer is " + std::to_string(got) + ", not " +
+                         std::to_string(want) + ": some of it was not read")
+                            .c_str());
+    return;
+  }
+  state.counters["bytes_per_second"] =
+      benchmark::Counter(static_cast<double>(n * sizeof(float)) * static_cast<double>(reps) *
+                             static_cast<double>(state.iterations()),
+                         benchmark::Counter::kIsRate);
+  state.counters["threads"] = threads;
+  state.SetLabel("isa=" + std::string(isa) + " threads=" + std::to_string(threads) +
+                 " accumulators=" + std::to_string(read_accumulators));
 }
 
 }  // namespace posenc_bench

@@ -6,7 +6,8 @@
 Every figure is shown next to its ratio to the ceiling measured in the same run: GFLOP/s to the
 multiply-add peak of the instruction set the kernels ran with (AVX-512, AVX2+FMA or portable,
 named in every heading) and to Eigen's SGEMM of the same head_dim, bytes per second to the copy
-bandwidth. A ratio whose ceiling is missing says why instead. docs/benchmarks.md explains each
+bandwidth (decode, which only reads: to the read bandwidth). A ratio whose ceiling is missing says
+why instead. docs/benchmarks.md explains each
 figure and ceiling. Prints the headline ratios on stdout.
 """
 
@@ -22,9 +23,10 @@ KIB, MIB, GIB = 1024.0, 1024.0 ** 2, 1024.0 ** 3
 TIME_UNITS = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}
 
 CSV_COLUMNS = ["group", "name", "path", "encoder", "mask", "n_q", "n_kv", "heads", "kv_heads", "d", "window",
-               "variant", "status", "time_s", "iterations", "tokens_per_s", "gflops", "ratio_fma", "fma_ceiling",
-               "ratio_sgemm", "gb_per_s", "ratio_copy", "ratio_cache_copy", "kernel_peak_bytes", "allocs_per_iter",
-               "workspace_bytes", "input_bytes", "rss_peak_bytes", "rss_growth_bytes", "source"]
+               "storage", "variant", "status", "time_s", "iterations", "tokens_per_s", "gflops", "ratio_fma",
+               "fma_ceiling", "ratio_sgemm", "gb_per_s", "ratio_copy", "ratio_read", "ratio_cache_copy",
+               "speedup_vs_fp32", "kernel_peak_bytes", "allocs_per_iter", "workspace_bytes", "input_bytes",
+               "rss_peak_bytes", "rss_growth_bytes", "source"]
 
 FLOP_FORMULA = ("FLOP per call = 4 · d · heads · (visible query-key pairs): 2d for q·k and 2d for p·v per pair. "
                 "Full: 4·n_q·n_kv·d·heads. Causal (n_q = n_kv = n): 4·d·heads·n(n+1)/2, about half. "
@@ -205,10 +207,13 @@ class Results:
                                                                 "bytes_per_second")
         self.cache_start, self.cache_end, self.cache_why = measure("posenc_bench::copy_bandwidth/524288",
                                                                    "bytes_per_second")
+        self.read_start, self.read_end, self.read_why = measure("posenc_bench::read_bandwidth/268435456",
+                                                                "bytes_per_second")
         # The ceiling is the best the machine showed in this run.
         self.fma = max(filter(None, [self.fma_start, self.fma_end]), default=None)
         self.copy = max(filter(None, [self.copy_start, self.copy_end]), default=None)
         self.cache_copy = max(filter(None, [self.cache_start, self.cache_end]), default=None)
+        self.read = max(filter(None, [self.read_start, self.read_end]), default=None)
         self.fma_info = self.peak_info()
         self.fma_name = peak_name(self.fma_info)
         self.sgemm = {}
@@ -291,6 +296,7 @@ class Results:
             row.update({k: lab.get(k) for k in ("group", "path", "mask", "n_q", "n_kv", "heads", "kv_heads", "d",
                                                  "window")})
             row["encoder"] = lab.get("enc")
+            row["storage"] = lab.get("storage", "fp32")  # runs before bf16/fp16 points were all fp32
             if row["status"] == "ok":
                 self.rate_ratios(row, b)
                 row["tokens_per_s"] = b.get("tokens_per_second")
@@ -303,7 +309,12 @@ class Results:
                 if row["group"] != "decode":  # prefill is not bandwidth bound: no GB/s column
                     row.pop("gb_per_s", None)
                     row.pop("ratio_copy", None)
+                elif row.get("gb_per_s"):
+                    # Decode reads K and V and writes one row per head: its ceiling is the read
+                    # bandwidth (memcpy's also moves the written bytes).
+                    self.set_ratio(row, "ratio_read", row["gb_per_s"] * 1e9, self.read, self.read_why)
             rows.append(row)
+        self.speedups(rows)
         for b in self.gb.get("bench_encoders", []):
             row = self.base_row(b, "bench_encoders")
             lab = parse_label(b.get("label"))
@@ -358,6 +369,22 @@ class Results:
                 "rss_growth_bytes": rec.get("rss_above_baseline_bytes_max"),
                 "kernel_peak_bytes": rec.get("ring_bytes_max")})
         return rows
+
+    @staticmethod
+    def speedups(rows):
+        """speedup_vs_fp32 of every blockwise decode and storage point: the time of the fp32 point of
+        the same group and shape over its own (per token: the two points run the same tokens)."""
+        def key(r):
+            return (r.get("group"), r.get("path"), r.get("encoder"), r.get("mask"), r.get("n_q"), r.get("n_kv"),
+                    r.get("heads"), r.get("kv_heads"), r.get("d"), r.get("window"))
+        fp32 = {key(r): r for r in rows if r.get("storage") == "fp32" and r.get("status") == "ok"}
+        for r in rows:
+            if (r.get("group") not in ("decode", "storage") or r.get("storage") == "fp32" or r.get("status") != "ok"
+                    or not r.get("time_s")):
+                continue
+            base = fp32.get(key(r))
+            if base and base.get("time_s"):
+                r["speedup_vs_fp32"] = base["time_s"] / r["time_s"]
 
     def select(self, **kw):
         return [r for r in self.rows if all(r.get(k) == v for k, v in kw.items())]
@@ -620,17 +647,19 @@ def plots(res, folder, inspect=None):
     fig, axes = plt.subplots(1, 2, figsize=(15, 5.8))
     ax = axes[0]
     for n_q, color in ((1, "tab:blue"), (16, "tab:orange")):
-        for path, style, marker in (("blockwise", "-", "o"), ("naive", "--", "s")):
-            rows = [r for r in res.select(group="decode", path=path, status="ok") if r.get("n_q") == n_q]
+        for storage, path, style, marker in (("fp32", "blockwise", "-", "o"), ("bf16", "blockwise", ":", "^"),
+                                             ("fp16", "blockwise", "-.", "v"), ("fp32", "naive", "--", "s")):
+            rows = [r for r in res.select(group="decode", path=path, storage=storage, status="ok")
+                    if r.get("n_q") == n_q]
             xs, ys = series(rows, "n_kv", "gb_per_s")
             if xs:
                 ax.plot(xs, ys, linestyle=style, marker=marker, markersize=5, color=color,
-                        label=f"{path}, {n_q} quer{'y' if n_q == 1 else 'ies'}")
-    hline(ax, res.copy and res.copy / 1e9, f"copy bandwidth {fmt(res.copy / 1e9 if res.copy else 0)} GB/s", "black",
+                        label=f"{path}, {storage} cache, {n_q} quer{'y' if n_q == 1 else 'ies'}")
+    hline(ax, res.read and res.read / 1e9, f"read bandwidth {fmt(res.read / 1e9 if res.read else 0)} GB/s", "black",
           "-.")
     n_axis(ax, "tokens in the KV cache (n_kv)")
     rate_axis(ax, "GB/s of K and V read")
-    ax.set_title("Decode against a KV cache (GQA 8/2, d = 128)")
+    ax.set_title("Decode against a KV cache (GQA 8/2, d = 128), K and V in fp32, bf16, fp16")
     legend(ax, fontsize=8, loc="lower left")
 
     ax = axes[1]
@@ -727,10 +756,23 @@ def headline(res):
             extra = f", window {fmt_n(r['window'])}" if group == "window" else ""
             lines.append(f"{text} prefill, n = {fmt_n(r['n_kv'])}{extra}: {fmt(r['gflops'])} GFLOP/s "
                          f"{res.of_peak(r)}")
-    dec = best([r for r in res.select(group="decode", path="blockwise", status="ok") if r["n_q"] == 1], "gb_per_s")
-    if dec:
-        lines.append(f"Decode, 1 query against {fmt_n(dec['n_kv'])} cached tokens (GQA 8/2, d = 128): "
-                     f"{fmt(dec['gb_per_s'])} GB/s of K and V = {ratio_cell(dec, 'ratio_copy')} of the copy bandwidth")
+    for storage in ("fp32", "bf16", "fp16"):
+        dec = best([r for r in res.select(group="decode", path="blockwise", storage=storage, status="ok")
+                    if r["n_q"] == 1], "gb_per_s")
+        if dec:
+            speed = (f"; per token {fmt_ratio(dec['speedup_vs_fp32'])}x the fp32 cache"
+                     if storage != "fp32" and dec.get("speedup_vs_fp32") else "")
+            lines.append(f"Decode, 1 query against {fmt_n(dec['n_kv'])} cached tokens in {storage} (GQA 8/2, "
+                         f"d = 128): {fmt(dec['gb_per_s'])} GB/s of K and V = {ratio_cell(dec, 'ratio_read')} of the "
+                         f"read bandwidth{speed}")
+    st = [r for r in res.select(group="storage", path="blockwise", status="ok") if r["storage"] != "fp32"]
+    if st:
+        n = max(r["n_kv"] for r in st)
+        parts = [f"{r['storage']} {100 * (1 / r['speedup_vs_fp32'] - 1):+.0f}%" for r in st
+                 if r["n_kv"] == n and r.get("speedup_vs_fp32")]
+        if parts:
+            lines.append(f"Causal GQA 8/2 prefill at n = {fmt_n(n)}, time of half-precision storage against fp32: "
+                         + ", ".join(parts))
     rope = [r for r in res.select(group="encoder_apply", encoder="rope", variant="cache", status="ok")]
     if rope:
         r = max(rope, key=lambda r: r["n_q"])
@@ -864,6 +906,7 @@ def ceilings_section(res):
         ("copy bandwidth, 256 MiB (DRAM), read + write", "GB/s", res.copy_start, res.copy_end, 1e9, res.copy_why),
         ("copy bandwidth, 512 KiB (cache), read + write", "GB/s", res.cache_start, res.cache_end, 1e9,
          res.cache_why),
+        ("read bandwidth, 256 MiB (DRAM), read only", "GB/s", res.read_start, res.read_end, 1e9, res.read_why),
     ]
     table = [(name, cell(a, s, unit, why, b), cell(b, s, unit, why, a), drift(a, b))
              for name, unit, a, b, s, why in rows]
@@ -887,11 +930,12 @@ def ceilings_section(res):
 
 def prefill_section(res):
     rows = []
-    for group in ("prefill", "window", "gqa"):
+    for group in ("prefill", "window", "gqa", "storage"):
         for r in sorted(res.select(group=group), key=lambda r: (r["d"] or 0, r["mask"] or "", r["n_kv"] or 0,
                                                                  r["path"] or "")):
             what = {"prefill": r["mask"], "window": f"causal, window {fmt_n(r['window'] or 0)}",
-                    "gqa": f"causal, GQA {r['heads']}/{r['kv_heads']}"}[group]
+                    "gqa": f"causal, GQA {r['heads']}/{r['kv_heads']}",
+                    "storage": f"causal, GQA {r['heads']}/{r['kv_heads']}, {r['storage']} storage"}[group]
             rows.append((what, r["d"], fmt_n(r["n_kv"]), r["path"], fmt_time(r.get("time_s")),
                          fmt(r.get("tokens_per_s")), fmt(r.get("gflops")), ratio_cell(r, "ratio_fma"),
                          ratio_cell(r, "ratio_sgemm"), fmt_bytes(r.get("kernel_peak_bytes")),
@@ -931,13 +975,17 @@ def encoder_section(res):
 
 
 def decode_section(res):
+    order = {"fp32": 0, "bf16": 1, "fp16": 2}
     rows = []
-    for r in sorted(res.select(group="decode"), key=lambda r: (r["n_q"], r["n_kv"], r["path"])):
-        rows.append((fmt_n(r["n_kv"]), r["n_q"], r["path"], fmt_time(r.get("time_s")), fmt(r.get("gb_per_s")),
-                     ratio_cell(r, "ratio_copy"), fmt(r.get("tokens_per_s")),
+    for r in sorted(res.select(group="decode"), key=lambda r: (r["n_q"], r["n_kv"], r["path"],
+                                                               order.get(r.get("storage"), 3))):
+        speed = (fmt_ratio(r["speedup_vs_fp32"]) if r.get("speedup_vs_fp32") else
+                 "" if r.get("storage") == "fp32" else "not run" if r.get("status") != "ok" else "no fp32 point")
+        rows.append((fmt_n(r["n_kv"]), r["n_q"], r.get("storage") or "fp32", r["path"], fmt_time(r.get("time_s")),
+                     fmt(r.get("gb_per_s")), ratio_cell(r, "ratio_read"), speed, fmt(r.get("tokens_per_s")),
                      fmt_bytes(r.get("kernel_peak_bytes")), status_cell(r)))
-    return md_table(["n_kv", "n_q", "path", "time", "GB/s of K+V", "x copy bandwidth", "tokens/s",
-                     "kernel heap peak", "status"], rows)
+    return md_table(["n_kv", "n_q", "K/V storage", "path", "time", "GB/s of K+V", "x read bandwidth",
+                     "per-token speed-up over fp32", "tokens/s", "kernel heap peak", "status"], rows)
 
 
 def workspace_section(res):
@@ -1111,9 +1159,10 @@ def main():
         "## How the figures are computed\n\n"
         f"- GFLOP/s: {FLOP_FORMULA}\n"
         "- tokens/s: query tokens per second (n_q / time).\n"
-        "- Decode GB/s: the K and V bytes the call must read, 2 · n_kv · kv_heads · d · 4, per second; encoders on "
-        "their own: the matrix read and written once, 2 · rows · cols · 4 bytes. Both are divided by the DRAM copy "
-        "bandwidth; in-place kernels can pass it, because memcpy also reads every destination line before "
+        "- Decode GB/s: the K and V bytes the call must read, 2 · n_kv · kv_heads · d · (4 for fp32, 2 for bf16 and "
+        "fp16), per second, divided by the DRAM read bandwidth (a vectorised sum on all threads, bytes read only). "
+        "Encoders on their own: the matrix read and written once, 2 · rows · cols · 4 bytes, divided by the DRAM "
+        "copy bandwidth; in-place kernels can pass it, because memcpy also reads every destination line before "
         "writing it.\n"
         "- Kernel heap peak: Google Benchmark's MemoryManager runs each point once more and reports the highest "
         "heap use above what was held when the timed loop started (the inputs), so it counts the kernel's own "
@@ -1123,7 +1172,7 @@ def main():
         "stated.",
         "## Attention prefill: full, causal, sliding window, GQA (8 heads)\n\n" + prefill_section(res),
         "## Encoders inside causal prefill (8 heads, d = 128)\n\n" + encoder_section(res),
-        "## Decode against a KV cache (GQA 8/2, d = 128)\n\n" + decode_section(res),
+        "## Decode against a KV cache (GQA 8/2, d = 128; K and V in fp32, bf16, fp16)\n\n" + decode_section(res),
         "## Workspace reused or allocated per call (causal prefill, 8 heads, d = 128)\n\n" + workspace_section(res),
         "## Encoders on their own (bandwidth bound)\n\n" + apply_section(res),
         "## RoPE kernels by layout and SIMD level (bench_rope)\n\n" + rope_section(res),

@@ -4,8 +4,8 @@
 scripts/bench builds the executables and calls this, then bench/report.py. Every Google Benchmark
 point runs in its own process (so a progress line can name it before it starts, and one crash
 costs one point), then the points of each executable are merged into one Google Benchmark JSON
-file. The ceilings (FMA peak, copy bandwidth, Eigen SGEMM) run first, and the FMA peak and copy
-bandwidth again at the end, so the report can show how much the machine drifted during the run.
+file. The ceilings (FMA peak, copy and read bandwidth, Eigen SGEMM) run first, and the FMA peak and
+the bandwidths again at the end, so the report can show how much the machine drifted during the run.
 --simd-cap (or POSENC_SIMD_CAP in the environment) caps the instruction set of the kernels and of
 the FMA peak: avx512, avx2 or portable.
 
@@ -13,7 +13,7 @@ Writes into --out:
   meta.json                  machine, compiler, Eigen, environment, commit, mode, timings, and the
                              instruction set the kernels ran with ("simd")
   <executable>.json / .txt   Google Benchmark JSON of every point, and the console log
-  ceilings_end.json          the FMA peak and copy bandwidth measured again at the end
+  ceilings_end.json          the FMA peak, copy and read bandwidth measured again at the end
   probe_memory.jsonl         one fresh process per (path, encoder, n): peak RSS and heap
   ring_P<P>.json             the MPI ring benchmark's records, P = 1, 2, 4 (when it is built)
   steps.json                 every step: its command, status and wall time

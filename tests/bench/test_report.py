@@ -5,7 +5,9 @@
   --simd-cap avx2): every ratio heading and headline names the AVX2+FMA peak, none names AVX-512;
 - no ceiling at all (the peak failed, no copy bandwidth, no Eigen SGEMM): every ratio cell says why;
 - a quick-mode run, where most series have a single point: the plots are written, single points
-  have visible markers and lie well inside sensible axis limits.
+  have visible markers and lie well inside sensible axis limits;
+- decode from fp32 and bf16 caches: the ratio to the read bandwidth (not the copy bandwidth) and
+  the per-token speed-up of the half-precision cache.
 
 Run: python3 tests/bench/test_report.py (ctest runs it with Debian's /usr/bin/python3, which has
 python3-matplotlib; without matplotlib the plot test is skipped).
@@ -42,9 +44,12 @@ def gb_point(name, real_time_ms, label=None, error=None, **counters):
     return b
 
 
-def attention_label(group, path, n, d=128, mask="causal", enc="none", n_q=None, heads=8, kv_heads=8, window=-1):
+def attention_label(group, path, n, d=128, mask="causal", enc="none", n_q=None, heads=8, kv_heads=8, window=-1,
+                    storage=None):
+    """The label bench_attention writes; without `storage`, one of a run from before the bf16/fp16 points
+    (all fp32)."""
     return (f"group={group} path={path} enc={enc} mask={mask} n_q={n_q or n} n_kv={n} heads={heads} "
-            f"kv_heads={kv_heads} d={d} window={window}")
+            f"kv_heads={kv_heads} d={d} window={window}" + (f" storage={storage}" if storage else ""))
 
 
 def attention_points(flops):
@@ -64,7 +69,15 @@ def attention_points(flops):
                         attention_label("gqa", "blockwise", 1024, kv_heads=2), FLOPS=flops))
     pts.append(gb_point("attention/decode/n_kv:4096/n_q:1", 0.1,
                         attention_label("decode", "blockwise", 4096, n_q=1, kv_heads=2), FLOPS=flops / 10,
-                        bytes_per_second=2e10, tokens_per_second=1e4, max_bytes_used=1 << 18))
+                        bytes_per_second=2.4e10, tokens_per_second=1e4, max_bytes_used=1 << 18))
+    # A bf16 cache: half the bytes in half the time, the same GB/s.
+    pts.append(gb_point("attention/decode_bf16/n_kv:4096/n_q:1", 0.05,
+                        attention_label("decode", "blockwise", 4096, n_q=1, kv_heads=2, storage="bf16"),
+                        FLOPS=flops / 5, bytes_per_second=2.4e10, tokens_per_second=2e4, max_bytes_used=1 << 18))
+    for storage, ms in (("fp32", 1.0), ("bf16", 1.1)):
+        pts.append(gb_point(f"attention/storage/{storage}/1024", ms,
+                            attention_label("storage", "blockwise", 1024, kv_heads=2, storage=storage),
+                            FLOPS=flops / ms, tokens_per_second=1e6 / ms))
     pts.append(gb_point("attention/workspace/reused/1024", 1.0,
                         attention_label("workspace_reused", "blockwise", 1024), FLOPS=flops, allocs_per_iter=0.0))
     return pts
@@ -89,10 +102,14 @@ def results_folder(folder, peak_label, peak=1.4e11, ceilings=True, simd=None):
     if ceilings:
         start = [gb_point("posenc_bench::fma_peak", 12.0, peak_label, FLOPS=peak),
                  gb_point("posenc_bench::copy_bandwidth/268435456", 14.0, bytes_per_second=3.9e10),
-                 gb_point("posenc_bench::copy_bandwidth/524288", 0.5, bytes_per_second=2.4e11)]
+                 gb_point("posenc_bench::copy_bandwidth/524288", 0.5, bytes_per_second=2.4e11),
+                 gb_point("posenc_bench::read_bandwidth/268435456", 8.0, "isa=avx2 threads=2 accumulators=8",
+                          bytes_per_second=3.0e10)]
         end = [gb_point("posenc_bench::fma_peak", 12.0, peak_label, FLOPS=peak * 0.97),
                gb_point("posenc_bench::copy_bandwidth/268435456", 14.0, bytes_per_second=3.8e10),
-               gb_point("posenc_bench::copy_bandwidth/524288", 0.5, bytes_per_second=2.3e11)]
+               gb_point("posenc_bench::copy_bandwidth/524288", 0.5, bytes_per_second=2.3e11),
+               gb_point("posenc_bench::read_bandwidth/268435456", 8.0, "isa=avx2 threads=2 accumulators=8",
+                        bytes_per_second=3.2e10)]
         write(folder, "ceilings_end.json", {"context": {}, "benchmarks": end})
         write(folder, "bench_eigen_ceiling.json", {"context": {}, "benchmarks": [
             gb_point("ceiling/eigen_sgemm/n:1024/d:128", 1.0, FLOPS=9e10)]})
@@ -235,6 +252,52 @@ class Avx2Ceiling(unittest.TestCase):
         self.assertIn("alone take 4.00 ms", ring)
 
 
+class HalfPrecisionDecode(unittest.TestCase):
+    """Decode from fp32 and bf16 caches against the read bandwidth."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.md = make_report(results_folder(cls.tmp.name, AVX2_LABEL))
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def decode_rows(self):
+        _, header, rows = next(t for t in tables(self.md) if "x read bandwidth" in t[1])
+        return [dict(zip(header, r)) for r in rows]
+
+    def test_decode_ratio_is_to_the_higher_read_bandwidth(self):
+        rows = [r for r in self.decode_rows() if r["path"] == "blockwise"]
+        self.assertEqual({r["K/V storage"] for r in rows}, {"fp32", "bf16"})
+        for r in rows:  # 24 GB/s over the end-of-run 32 GB/s, not the copy bandwidth's 39
+            self.assertEqual(r["x read bandwidth"], "0.75")
+        self.assertNotIn("x copy bandwidth", [h for _, h, _ in tables(self.md) if "x read bandwidth" in h][0])
+
+    def test_per_token_speedup_of_the_half_cache(self):
+        by = {r["K/V storage"]: r for r in self.decode_rows() if r["path"] == "blockwise"}
+        self.assertEqual(by["bf16"]["per-token speed-up over fp32"], "2.00")
+        self.assertEqual(by["fp32"]["per-token speed-up over fp32"], "")
+        line = next(h for h in headline(self.md) if "in bf16" in h)
+        self.assertIn("= 0.75 of the read bandwidth; per token 2.00x the fp32 cache", line)
+        prefill = next(h for h in headline(self.md) if h.startswith("Causal GQA 8/2 prefill"))
+        self.assertIn("bf16 +10%", prefill)
+
+    def test_read_bandwidth_in_the_ceilings_table(self):
+        ceilings = self.md.split("## Ceilings", 1)[1].split("\n## ", 1)[0]
+        self.assertIn("| read bandwidth, 256 MiB (DRAM), read only | 30.0 GB/s | 32.0 GB/s | +7% |", ceilings)
+
+    def test_csv_has_the_storage_and_ratios(self):
+        import csv
+        with open(os.path.join(self.tmp.name, "results.csv")) as f:
+            rows = [r for r in csv.DictReader(f) if r["group"] == "decode" and r["path"] == "blockwise"]
+        by = {r["storage"]: r for r in rows}
+        self.assertAlmostEqual(float(by["bf16"]["ratio_read"]), 0.75)
+        self.assertAlmostEqual(float(by["bf16"]["speedup_vs_fp32"]), 2.0)
+        self.assertEqual(by["fp32"]["speedup_vs_fp32"], "")
+
+
 class NoCeiling(unittest.TestCase):
     """The peak failed (the AVX-512-only peak on an AVX2 CPU), and no copy bandwidth or SGEMM."""
 
@@ -263,6 +326,10 @@ class NoCeiling(unittest.TestCase):
         self.assertTrue(copy)
         for cell in copy:
             self.assertRegex(cell, r"^no ceiling: copy_bandwidth/\d+ not in this run$")
+        read = [cell for _, col, cell in ratio_cells(self.md) if "read" in col and cell != "not run"]
+        self.assertTrue(read)
+        for cell in read:
+            self.assertEqual(cell, "no ceiling: read_bandwidth/268435456 not in this run")
 
     def test_headings_name_the_instruction_set_in_use(self):
         for _, col, _ in ratio_cells(self.md):

@@ -44,11 +44,23 @@ namespace posenc {
 namespace detail {
 
 /// Copies `n` rows of columns `[col, col + d)` of `src` into `dst` (row stride `ld`), converting
-/// to the compute type and multiplying by `factor`.
+/// to the compute type and multiplying by `factor`. fp16 / bf16 rows are widened by the SIMD
+/// kernels (the same bits as the loop below).
 template <class C, class S>
 void load_rows(strided_view<S> src, index_t row, index_t n, index_t col, index_t d, C factor, C* dst, index_t ld) {
-  if (std::same_as<std::remove_const_t<S>, C> && factor == C(1)) {
+  using SS = std::remove_const_t<S>;
+  if (std::same_as<SS, C> && factor == C(1)) {
     for (index_t i = 0; i < n; ++i) std::memcpy(dst + i * ld, src.row(row + i) + col, static_cast<std::size_t>(d) * sizeof(C));
+    return;
+  }
+  if constexpr (kernel_readable<C, SS> && !std::same_as<SS, C>) {
+    const auto& kern = kernels_for<C>();
+    const SS* from = src.row(row) + col;
+    if constexpr (std::same_as<SS, Eigen::half>) {
+      kern.convert_f16(from, src.stride, n, d, factor, dst, ld);
+    } else {
+      kern.convert_bf16(from, src.stride, n, d, factor, dst, ld);
+    }
     return;
   }
   for (index_t i = 0; i < n; ++i) {
@@ -115,8 +127,13 @@ void run_batch(strided_view<SQ> qv, strided_view<SK> kv, strided_view<SV> vv, st
   // Keys and values are read in place when they already have the compute type, need no
   // rotation, lie in consecutive rows, and (for values) may be read up to head_dim rounded up to
   // 16 columns.
-  constexpr bool keys_compute_type = std::same_as<std::remove_const_t<SK>, C>;
-  constexpr bool values_compute_type = std::same_as<std::remove_const_t<SV>, C>;
+  using KS = std::remove_const_t<SK>;
+  using VS = std::remove_const_t<SV>;
+  constexpr bool keys_compute_type = std::same_as<KS, C>;
+  // fp16 / bf16 keys and values are read in place by the few-row kernels, which widen them as they
+  // load (half the bytes of a float cache, where a converted copy would cost more than the products).
+  constexpr bool keys_readable = kernel_readable<C, KS>;
+  constexpr bool values_readable = kernel_readable<C, VS>;
 
   // The rotator reads the encoder's table (made on its first use), shared read-only by every worker.
   const auto rotator = [&] {
@@ -232,38 +249,8 @@ void run_batch(strided_view<SQ> qv, strided_view<SK> kv, strided_view<SV> vv, st
       // Rows of the tile's keys in K/V: one run, or several (a tile over page boundaries).
       const bool one_run = seq.keys.run(j0, nk) == nk;
       const index_t row0 = seq.keys.row(j0);
-      // An item of several kv heads (decode) reads the tile's rows once, whole and in order, into a
-      // dense tile per head: K/V rows of many heads are kilobytes long (4 KiB for 8 heads of 128
-      // floats), and reading one head's slice of every row at that stride defeats the hardware's
-      // prefetch and maps the rows to a few cache sets.
-      const bool gather_sets = sets > 1;
-      const bool keys_in_place = keys_compute_type && !rotating_keys && one_run && !gather_sets;
-      const bool values_in_place = few_rows && values_compute_type && d == plan.dpad && one_run && !gather_sets;
-      if (gather_sets) {
-        for (index_t j = 0; j < nk;) {
-          const index_t n = seq.keys.run(j0 + j, nk - j), row = seq.keys.row(j0 + j);
-          for (index_t t = 0; t < n; ++t)
-            for (index_t gs = 0; gs < sets; ++gs) {
-              load_rows(kv, row + t, 1, (g0 + gs) * d, d, C(1), at(plan.krows, plan.bk * d, gs) + (j + t) * d, d);
-              load_rows(vv, row + t, 1, (g0 + gs) * d, d, C(1), at(plan.v, plan.bk * plan.dpad, gs) + (j + t) * plan.dpad,
-                        plan.dpad);
-            }
-          j += n;
-        }
-        for (index_t gs = 0; gs < sets; ++gs) {
-          C* vbuf = at(plan.v, plan.bk * plan.dpad, gs);
-          if (d != plan.dpad)
-            for (index_t j = 0; j < nk; ++j) std::fill(vbuf + j * plan.dpad + d, vbuf + (j + 1) * plan.dpad, C(0));
-          if (rotating_keys) {
-            const strided_view<C> tile(at(plan.krows, plan.bk * d, gs), nk, d, d);
-            if constexpr (has_tile_rotator<E>) {
-              rotator.rotate(tile, kp, rot);
-            } else if constexpr (rotation) {
-              enc.rotate(tile, kp);
-            }
-          }
-        }
-      }
+      const bool keys_in_place = (keys_compute_type || (few_rows && keys_readable)) && !rotating_keys && one_run;
+      const bool values_in_place = few_rows && values_readable && d == plan.dpad && one_run;
 
       for (index_t gs = 0; gs < sets; ++gs) {
         const index_t g = g0 + gs;
@@ -274,13 +261,12 @@ void run_batch(strided_view<SQ> qv, strided_view<SK> kv, strided_view<SV> vv, st
         [[maybe_unused]] const strided_view<C> terms(at(plan.terms, plan.bq * plan.r, gs), rows, plan.r, plan.r);
         [[maybe_unused]] const strided_view<C> wts(at(plan.w, plan.bq * plan.r, gs), rows, plan.r, plan.r);
 
-        const C* krows;
-        index_t ldk;
-        if (gather_sets) {
-          krows = at(plan.krows, plan.bk * d, gs);
-          ldk = d;
-        } else if (keys_in_place) {
-          krows = reinterpret_cast<const C*>(kv.row(row0) + g * d);
+        // Key rows in place (`kin`, in their storage type) or as a dense tile (`krows`).
+        const KS* kin = nullptr;
+        const C* krows = nullptr;
+        index_t ldk = d;
+        if (keys_in_place) {
+          kin = kv.row(row0) + g * d;
           ldk = kv.stride;
         } else {
           C* buf = scratch + plan.krows;
@@ -290,16 +276,19 @@ void run_batch(strided_view<SQ> qv, strided_view<SK> kv, strided_view<SV> vv, st
             j += n;
           }
           krows = buf;
-          ldk = d;
         }
-        if (!few_rows) kern.pack_kt(krows, ldk, nk, d, scratch + plan.kt, plan.ldkt);
-        const C* vrows;
-        index_t ldv;
-        if (gather_sets) {
-          vrows = at(plan.v, plan.bk * plan.dpad, gs);
-          ldv = plan.dpad;
-        } else if (values_in_place) {
-          vrows = reinterpret_cast<const C*>(vv.row(row0) + g * d);
+        if (!few_rows) {
+          if constexpr (keys_compute_type) {
+            kern.pack_kt(kin ? kin : krows, ldk, nk, d, scratch + plan.kt, plan.ldkt);
+          } else {
+            kern.pack_kt(krows, ldk, nk, d, scratch + plan.kt, plan.ldkt);
+          }
+        }
+        const VS* vin = nullptr;
+        const C* vrows = nullptr;
+        index_t ldv = plan.dpad;
+        if (values_in_place) {
+          vin = vv.row(row0) + g * d;
           ldv = vv.stride;
         } else {
           C* buf = scratch + plan.v;
@@ -311,7 +300,6 @@ void run_batch(strided_view<SQ> qv, strided_view<SK> kv, strided_view<SV> vv, st
           if (d != plan.dpad)
             for (index_t j = 0; j < nk; ++j) std::fill(buf + j * plan.dpad + d, buf + (j + 1) * plan.dpad, C(0));
           vrows = buf;
-          ldv = plan.dpad;
         }
 
         // The tile's rows in strips whose logits stay in L1 from QK^T through PV.
@@ -322,7 +310,10 @@ void run_batch(strided_view<SQ> qv, strided_view<SK> kv, strided_view<SV> vv, st
           if (!full && !sh.mask.any_visible(strip_bounds(qp, qb, r0, nr), kb)) continue;
           C* const s = scratch + plan.s;
           if (few_rows) {
-            kern.qk_rows(qt + r0 * d, d, nr, d, krows, ldk, nk, s, plan.ldkt);
+            if constexpr (keys_readable) {
+              if (kin) qk_rows_of(kern, qt + r0 * d, d, nr, d, kin, ldk, nk, s, plan.ldkt);
+            }
+            if (!kin) kern.qk_rows(qt + r0 * d, d, nr, d, krows, ldk, nk, s, plan.ldkt);
           } else {
             kern.qk(qt + r0 * d, d, nr, d, scratch + plan.kt, plan.ldkt, s);
           }
@@ -365,7 +356,10 @@ void run_batch(strided_view<SQ> qv, strided_view<SK> kv, strided_view<SV> vv, st
                                            wts.middle_rows(r0 + at_row, n));
             });
           }
-          kern.pv(s, plan.ldkt, nr, nk, vrows, ldv, d, alpha + r0, acc + r0 * plan.dpad, plan.dpad);
+          if constexpr (values_readable) {
+            if (vin) pv_of(kern, s, plan.ldkt, nr, nk, vin, ldv, d, alpha + r0, acc + r0 * plan.dpad, plan.dpad);
+          }
+          if (!vin) kern.pv(s, plan.ldkt, nr, nk, vrows, ldv, d, alpha + r0, acc + r0 * plan.dpad, plan.dpad);
         }
       }
     }

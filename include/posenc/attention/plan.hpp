@@ -127,10 +127,9 @@ struct tile_plan {
     };
     index_t o = 0;
     buf(q, o, sets, c.mul(bq, d));
-    // An item of several kv heads (decode) gathers the key and value tile of each of them.
-    buf(krows, o, sets, c.mul(bk, d));
+    buf(krows, o, 1, c.mul(bk, d));
     buf(kt, o, 1, c.mul(d, ldkt));
-    buf(v, o, sets, c.mul(bk, dpad));
+    buf(v, o, 1, c.mul(bk, dpad));
     buf(s, o, 1, c.mul(strip, ldkt));
     buf(acc, o, sets, c.mul(bq, dpad));
     buf(m, o, sets, bq);
@@ -169,6 +168,7 @@ struct seq_plan {
   bool decode = false;     ///< every kv head in one item, keys split into chunks
   index_t sets = 1;        ///< kv heads per item
   index_t chunks = 1;      ///< key chunks per (head set, query tile), merged by log-sum-exp
+  index_t bk = 0;          ///< key tile rows
   index_t chunk_keys = 0;  ///< keys per chunk (a multiple of the key tile)
   index_t q_tiles = 0;     ///< query tiles
   index_t head_sets = 0;   ///< kv_heads / sets
@@ -198,7 +198,7 @@ struct attention_plan {
 
 /// The per-worker tile buffers of sequence `sp`.
 inline tile_plan tiles_of(const seq_plan& sp, const attention_plan& pl, index_t r, index_t nrot) {
-  return tile_plan(sp.tq * pl.sh.group, pl.bk, pl.sh.head_dim, r, nrot, sp.sets);
+  return tile_plan(sp.tq * pl.sh.group, sp.bk, pl.sh.head_dim, r, nrot, sp.sets);
 }
 
 /// The values of one (item, kv head) partial result of sequence `sp`: unnormalised output rows,
@@ -246,7 +246,8 @@ attention_plan plan_batch(const attention_shape& sh, const attention_params& p, 
       sp.sets = sp.decode ? sh.kv_heads : 1;
       sp.chunks = sp.decode ? std::clamp(n_kv / min_key_chunk, index_t{1}, max_key_chunks) : index_t{1};
       // Chunk boundaries on key-tile boundaries, the same for every worker count.
-      sp.chunk_keys = ((n_kv + sp.chunks - 1) / sp.chunks + pl.bk - 1) / pl.bk * pl.bk;
+      sp.bk = pl.bk;
+      sp.chunk_keys = ((n_kv + sp.chunks - 1) / sp.chunks + sp.bk - 1) / sp.bk * sp.bk;
       sp.q_tiles = (nq + sp.tq - 1) / sp.tq;
       sp.head_sets = sh.kv_heads / sp.sets;
       sp.items = c.mul(c.mul(sp.head_sets, sp.q_tiles), sp.chunks);

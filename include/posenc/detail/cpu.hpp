@@ -24,11 +24,13 @@
 #if !defined(POSENC_NO_SIMD_DISPATCH) && (defined(__x86_64__) || defined(__i386__)) && \
     (defined(__GNUC__) || defined(__clang__))
 #define POSENC_X86_DISPATCH 1
+#include <cpuid.h>
 #include <immintrin.h>
-/// Marks a function compiled for AVX2 + FMA (Haswell and later, Zen).
-#define POSENC_TARGET_AVX2 __attribute__((target("avx2,fma")))
+/// Marks a function compiled for AVX2 + FMA + F16C (Haswell and later, Zen). F16C (fp16 <-> fp32
+/// conversion, `vcvtph2ps`) predates AVX2 (Ivy Bridge, Piledriver): every AVX2 CPU has it.
+#define POSENC_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 /// Marks a function compiled for AVX-512 F/VL/BW/DQ (Skylake-SP and later, Zen 4).
-#define POSENC_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")))
+#define POSENC_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")))
 #else
 #define POSENC_X86_DISPATCH 0
 #endif
@@ -65,7 +67,7 @@ namespace posenc::detail {
 /// Code paths, in increasing order of capability.
 enum class simd_level : int {
   portable = 0,  ///< plain C++, any CPU
-  avx2 = 1,      ///< AVX2 + FMA
+  avx2 = 1,      ///< AVX2 + FMA + F16C
   avx512 = 2,    ///< AVX-512 F, VL, BW, DQ
 };
 
@@ -74,11 +76,17 @@ inline simd_level detected_simd_level() noexcept {
 #if POSENC_X86_DISPATCH
   static const simd_level level = [] {
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512dq")) {
+    // Both x86 levels use F16C too; checked rather than assumed, for emulators and hypervisors that
+    // hide features one by one. By CPUID (leaf 1, ECX bit 29): clang before 16 has no "f16c" in
+    // __builtin_cpu_supports.
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    const bool f16c = __get_cpuid(1, &eax, &ebx, &ecx, &edx) != 0 && (ecx & bit_F16C) != 0;
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c;
+    if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
       return simd_level::avx512;
     }
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return simd_level::avx2;
+    if (avx2) return simd_level::avx2;
     return simd_level::portable;
   }();
   return level;

@@ -530,9 +530,14 @@ namespace detail {
 #if POSENC_X86_DISPATCH
 POSENC_SIMD_WARNINGS_OFF
 /// One half-split row of `rope_tile_rotator`, 16 pairs at a time: the angle addition and the
-/// rotation with the scalar code's operations (no fused multiply-add).
-POSENC_TARGET_AVX512 inline void rope_tile_row_avx512(const float* from, float* to, const float* hc, const float* hs,
-                                                      const float* lc, index_t half) {
+/// rotation with the scalar code's operations (no fused multiply-add; strict, or g++ fuses the
+/// `_mm512_mul_ps` / `_mm512_sub_ps` pairs under its default contraction, and a tile of floats
+/// would be rotated to other bits than the same tile stored in fp16 / bf16, which takes the
+/// scalar path).
+POSENC_TARGET_AVX512 POSENC_STRICT_FP inline void rope_tile_row_avx512(const float* from, float* to, const float* hc,
+                                                                       const float* hs, const float* lc,
+                                                                       index_t half) {
+  POSENC_STRICT_FP_BODY
   const float* ls = lc + half;
   for (index_t k = 0; k < half; k += 16) {
     const index_t left = half - k;
