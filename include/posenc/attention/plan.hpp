@@ -33,8 +33,8 @@ inline constexpr index_t default_k_tile = 128;
 /// key and value paths.
 inline constexpr index_t few_query_rows = 8;
 /// Decode (at most this many query tokens: one, or a few of speculative decoding) carries every kv
-/// head in one work item, which reads each key and value row once, whole and in order, for all
-/// the query rows of every head, and splits the keys into
+/// head in one work item, which reads each key and value once for all the query rows of every
+/// head, the heads of a key tile one after the other, and splits the keys into
 /// at most `max_key_chunks` chunks of at least `min_key_chunk` keys, merged by log-sum-exp, so the
 /// workers share a long cache.
 inline constexpr index_t decode_max_tokens = 16;
