@@ -26,7 +26,8 @@ CSV_COLUMNS = ["group", "name", "path", "encoder", "mask", "n_q", "n_kv", "heads
                "storage", "variant", "status", "time_s", "iterations", "tokens_per_s", "gflops", "ratio_fma",
                "fma_ceiling", "ratio_sgemm", "gb_per_s", "ratio_copy", "ratio_read", "ratio_cache_copy",
                "speedup_vs_fp32", "kernel_peak_bytes", "allocs_per_iter", "workspace_bytes", "input_bytes",
-               "rss_peak_bytes", "rss_growth_bytes", "source"]
+               "rss_peak_bytes", "rss_growth_bytes", "page_size", "seqs", "kv_bytes", "flop", "roofline_s",
+               "roofline_bound", "ratio_roofline", "vs_contiguous", "vs_parts", "source"]
 
 FLOP_FORMULA = ("FLOP per call = 4 · d · heads · (visible query-key pairs): 2d for q·k and 2d for p·v per pair. "
                 "Full: 4·n_q·n_kv·d·heads. Causal (n_q = n_kv = n): 4·d·heads·n(n+1)/2, about half. "
@@ -315,6 +316,7 @@ class Results:
                     self.set_ratio(row, "ratio_read", row["gb_per_s"] * 1e9, self.read, self.read_why)
             rows.append(row)
         self.speedups(rows)
+        rows += self.serving_rows()
         for b in self.gb.get("bench_encoders", []):
             row = self.base_row(b, "bench_encoders")
             lab = parse_label(b.get("label"))
@@ -385,6 +387,84 @@ class Results:
             base = fp32.get(key(r))
             if base and base.get("time_s"):
                 r["speedup_vs_fp32"] = base["time_s"] / r["time_s"]
+
+    # ---- serving (bench_serving: the engine step) ----
+
+    def serving_rows(self):
+        """One row per bench_serving point, group `serving_<point>` (decode, layout, multi_decode,
+        mixed), `variant` its role. n_q and n_kv are the call's query tokens and cached keys over all
+        its sequences. Ratios: GB/s of the visible K and V to the read bandwidth, GFLOP/s to the
+        multiply-add peak, the time to the roofline (`roofline_times`), and the comparisons between
+        points of the same run (`serving_comparisons`)."""
+        rows = []
+        for b in self.gb.get("bench_serving", []):
+            row = self.base_row(b, "bench_serving")
+            lab = parse_label(b.get("label"))
+            row.update({"group": "serving_" + str(lab.get("point", "unknown")), "variant": lab.get("role"),
+                        "storage": lab.get("storage"), "page_size": lab.get("page_size"), "encoder": lab.get("enc"),
+                        "cache": lab.get("cache"), "seqs": lab.get("seqs"), "n_q": lab.get("tokens"),
+                        "n_kv": lab.get("keys"), "q_min": lab.get("q_min"), "q_max": lab.get("q_max"),
+                        "kv_min": lab.get("kv_min"), "kv_max": lab.get("kv_max"), "heads": lab.get("heads"),
+                        "kv_heads": lab.get("kv_heads"), "d": lab.get("d"), "mask": "causal"})
+            if row["status"] == "ok":
+                self.rate_ratios(row, b)
+                row.pop("ratio_copy", None)  # the step reads K and V and writes little: the read bandwidth
+                if row.get("gb_per_s"):
+                    self.set_ratio(row, "ratio_read", row["gb_per_s"] * 1e9, self.read, self.read_why)
+                row["tokens_per_s"] = b.get("tokens_per_second")
+                row["workspace_bytes"] = b.get("workspace_bytes")
+                row["kv_bytes"] = b.get("kv_bytes")
+                row["flop"] = b.get("flop")
+                self.roofline(row)
+            rows.append(row)
+        self.serving_comparisons(rows)
+        return rows
+
+    def roofline(self, row):
+        """The time the call cannot beat on this machine: the larger of its K/V bytes over the read
+        bandwidth and its FLOP over the multiply-add peak (`roofline_bound` says which);
+        ratio_roofline = that time over the measured one."""
+        missing = [why for ceiling, why in ((self.read, self.read_why), (self.fma, self.fma_why)) if not ceiling]
+        if missing:
+            row["roofline_s"] = row["ratio_roofline"] = None
+            row.setdefault("why", {})["ratio_roofline"] = "no ceiling: " + "; ".join(missing)
+            return
+        t_read = (row.get("kv_bytes") or 0) / self.read
+        t_fma = (row.get("flop") or 0) / self.fma
+        row["roofline_s"] = max(t_read, t_fma)
+        row["roofline_bound"] = "read" if t_read >= t_fma else "FMA"
+        row["ratio_roofline"] = row["roofline_s"] / row["time_s"] if row.get("time_s") else None
+
+    @staticmethod
+    def serving_comparisons(rows):
+        """Ratios between serving points of the same run: speedup_vs_fp32 (the fp32 point of the same
+        call over the point's time), vs_contiguous (a paged layout point's time over the contiguous
+        one's) and vs_parts (a mixed step's time over the sum of its prefill-only and decode-only
+        parts)."""
+        def call(r, **change):
+            k = {x: r.get(x) for x in ("group", "variant", "storage", "page_size", "encoder", "seqs", "n_q", "n_kv",
+                                       "kv_min", "kv_max")}
+            k.update(change)
+            return tuple(sorted(k.items()))
+        ok = {call(r): r for r in rows if r.get("status") == "ok" and r.get("time_s")}
+        for r in rows:
+            if r.get("status") != "ok" or not r.get("time_s"):
+                continue
+            if r.get("storage") != "fp32":
+                base = ok.get(call(r, storage="fp32"))
+                if base:
+                    r["speedup_vs_fp32"] = base["time_s"] / r["time_s"]
+            if r["group"] == "serving_layout" and r.get("page_size"):
+                base = ok.get(call(r, page_size=0))
+                if base:
+                    r["vs_contiguous"] = r["time_s"] / base["time_s"]
+            if r["group"] == "serving_mixed" and r.get("variant") == "step":
+                parts = [x for x in rows if x.get("group") == "serving_mixed" and x.get("storage") == r.get("storage")
+                         and x.get("variant") in ("prefill_only", "decode_only") and x.get("status") == "ok"
+                         and x.get("time_s")]
+                if len(parts) == 2:
+                    r["vs_parts"] = r["time_s"] / sum(x["time_s"] for x in parts)
+                    r["parts_s"] = {x["variant"]: x["time_s"] for x in parts}
 
     def select(self, **kw):
         return [r for r in self.rows if all(r.get(k) == v for k, v in kw.items())]
@@ -773,6 +853,7 @@ def headline(res):
         if parts:
             lines.append(f"Causal GQA 8/2 prefill at n = {fmt_n(n)}, time of half-precision storage against fp32: "
                          + ", ".join(parts))
+    lines += serving_headline(res)
     rope = [r for r in res.select(group="encoder_apply", encoder="rope", variant="cache", status="ok")]
     if rope:
         r = max(rope, key=lambda r: r["n_q"])
@@ -988,6 +1069,166 @@ def decode_section(res):
                      "per-token speed-up over fp32", "tokens/s", "kernel heap peak", "status"], rows)
 
 
+# The engine step's goals (docs/benchmarks.md, "Serving").
+SERVING_GOALS = {"read": 0.70, "half_speedup": 2.0, "layout": 1.10, "roofline": 0.60, "mixed": 1.15}
+
+
+def goal_cell(value, goal, at_least, why):
+    """`met` or `missed by X` for a figure against its goal (at least, or at most, `goal`); `why`
+    when there is no figure."""
+    if value is None:
+        return why
+    if (value >= goal) if at_least else (value <= goal):
+        return "met"
+    return f"missed by {abs(value - goal):.2f}"
+
+
+def lengths_text(r):
+    lo, hi = r.get("kv_min"), r.get("kv_max")
+    if lo is None or hi is None:
+        return "?"
+    return fmt_n(lo) if lo == hi else f"{fmt_n(lo)}-{fmt_n(hi)}"
+
+
+def layout_text(r):
+    return "contiguous" if r.get("page_size") == 0 else f"pages of {r.get('page_size')}"
+
+
+def serving_compare_cell(r, key, missing):
+    """A comparison between points of the run (vs_contiguous, vs_parts, speedup_vs_fp32): the figure,
+    `not run` for a point that did not run, else `missing` (the point it needs is not in the run)."""
+    if r.get(key) is not None:
+        return fmt_ratio(r[key])
+    return "not run" if r.get("status") != "ok" else missing
+
+
+def serving_section(res):
+    rows = [r for r in res.rows if (r.get("group") or "").startswith("serving_")]
+    if not rows:
+        return "_No serving points in this run (bench_serving not built, or filtered out)._"
+    threads = res.fma_info.get("threads") or res.meta.get("cpus") or "?"
+    read = f"{fmt(res.read / 1e9)} GB/s" if res.read else "no ceiling: " + res.read_why
+    peak = f"{fmt(res.fma / 1e9)} GFLOP/s" if res.fma else "no ceiling: " + res.fma_why
+    order = {"fp32": 0, "bf16": 1, "fp16": 2}
+    parts = [
+        f"One call per iteration on the benchmarks' thread pool ({threads} threads), GQA 32/8, d = 128, causal, a "
+        "reused attention_workspace. Caches are filled by paged_append, pages in a shuffled order; the decode, "
+        "multi-token and mixed points keep keys rotated with Llama 3's RoPE (`cached_keys::rotated`: the call "
+        "rotates only the queries), the layout points run with no encoder. GB/s counts the cached K and V the "
+        "call must read (every cached token is visible to its sequence's last query); ratios are to the "
+        f"ceilings of this run: read bandwidth {read}, {res.fma_name} {peak}."]
+
+    dec = sorted(res.select(group="serving_decode"), key=lambda r: order.get(r.get("storage"), 3))
+    table = []
+    for r in dec:
+        speed = ("" if r.get("storage") == "fp32" else serving_compare_cell(r, "speedup_vs_fp32", "no fp32 point"))
+        table.append((r.get("storage"), layout_text(r), r.get("seqs"), lengths_text(r), fmt_time(r.get("time_s")),
+                      fmt(r.get("gb_per_s")), ratio_cell(r, "ratio_read"),
+                      goal_cell(r.get("ratio_read"), SERVING_GOALS["read"], True, ratio_cell(r, "ratio_read")),
+                      speed, fmt(r.get("tokens_per_s")), fmt(r.get("allocs_per_iter"), 2), status_cell(r)))
+    parts.append("**Batched decode**: one query per sequence. Goal: at least "
+                 f"{SERVING_GOALS['read']:.2f} of the read bandwidth; a bf16 or fp16 cache about "
+                 f"{SERVING_GOALS['half_speedup']:.0f}x fp32 per token.\n\n" + (md_table(
+                     ["K/V storage", "layout", "sequences", "cache lengths", "time", "GB/s of K+V",
+                      "x read bandwidth", "goal (read)", "per-token speed-up over fp32", "tokens/s",
+                      "allocations per call", "status"], table) if table else "_Not in this run._"))
+
+    lay = sorted(res.select(group="serving_layout"),
+                 key=lambda r: (r.get("variant") or "", order.get(r.get("storage"), 3), -(r.get("page_size") or 1e9)))
+    table = []
+    for r in lay:
+        vs = "" if r.get("page_size") == 0 else serving_compare_cell(r, "vs_contiguous", "no contiguous point")
+        goal = "" if r.get("page_size") == 0 else goal_cell(r.get("vs_contiguous"), SERVING_GOALS["layout"], False, vs)
+        what = (f"decode, {r.get('seqs')} sequences of {lengths_text(r)}" if r.get("variant") == "decode" else
+                f"causal prefill, {r.get('seqs')} x {fmt_n(r.get('q_max') or 0)} tokens")
+        table.append((what, r.get("storage"), layout_text(r), fmt_time(r.get("time_s")), fmt(r.get("gb_per_s")),
+                      ratio_cell(r, "ratio_read"), fmt(r.get("gflops")), ratio_cell(r, "ratio_fma"), vs, goal,
+                      status_cell(r)))
+    parts.append("**Paged against contiguous keys** (no encoder; contiguous: `attention_varlen` over the keys of "
+                 "each sequence in consecutive rows). Goal: a paged call within "
+                 f"{100 * (SERVING_GOALS['layout'] - 1):.0f}% of the contiguous one.\n\n" + (md_table(
+                     ["call", "K/V storage", "layout", "time", "GB/s of K+V", "x read bandwidth", "GFLOP/s",
+                      f"x {res.fma_name}", "time / contiguous", "goal (time)", "status"], table)
+                     if table else "_Not in this run._"))
+
+    multi = sorted(res.select(group="serving_multi_decode"),
+                   key=lambda r: (r.get("kv_max") or 0, order.get(r.get("storage"), 3), r.get("q_max") or 0))
+    table = []
+    for r in multi:
+        roof = (f"{fmt_time(r['roofline_s'])} ({r['roofline_bound']})" if r.get("roofline_s") is not None else
+                ratio_cell(r, "ratio_roofline"))
+        table.append((f"{r.get('seqs')} x {fmt_n(r.get('kv_max') or 0)}", r.get("q_max"), r.get("storage"),
+                      fmt_time(r.get("time_s")), fmt(r.get("gb_per_s")), ratio_cell(r, "ratio_read"),
+                      fmt(r.get("gflops")), ratio_cell(r, "ratio_fma"), roof, ratio_cell(r, "ratio_roofline"),
+                      goal_cell(r.get("ratio_roofline"), SERVING_GOALS["roofline"], True,
+                                ratio_cell(r, "ratio_roofline")), status_cell(r)))
+    parts.append("**Multi-token decode** (speculative decoding), pages of 16. Roofline: the larger of the K/V "
+                 "bytes over the read bandwidth and 4 · d · heads · (visible query-key pairs) FLOP over the "
+                 f"{res.fma_name}; the ratio is the roofline's time over the measured one. Goal: at least "
+                 f"{SERVING_GOALS['roofline']:.2f}.\n\n" + (md_table(
+                     ["sequences x cached tokens", "query tokens per sequence", "K/V storage", "time", "GB/s of K+V",
+                      "x read bandwidth", "GFLOP/s", f"x {res.fma_name}", "roofline (bound)", "x roofline",
+                      "goal (roofline)", "status"], table) if table else "_Not in this run._"))
+
+    roles = {"step": 0, "prefill_only": 1, "decode_only": 2}
+    mixed = sorted(res.select(group="serving_mixed"),
+                   key=lambda r: (order.get(r.get("storage"), 3), roles.get(r.get("variant"), 3)))
+    table = []
+    for r in mixed:
+        what = {"step": "the step, one call", "prefill_only": "its prefill chunks alone",
+                "decode_only": "its decode tokens alone"}.get(r.get("variant"), r.get("variant"))
+        if r.get("variant") == "step":
+            vs = serving_compare_cell(r, "vs_parts", "a part is not in this run")
+            goal = goal_cell(r.get("vs_parts"), SERVING_GOALS["mixed"], False, vs)
+        else:
+            vs = goal = ""
+        table.append((r.get("storage"), what, r.get("seqs"), r.get("n_q"), lengths_text(r),
+                      fmt_time(r.get("time_s")), fmt(r.get("gflops")), ratio_cell(r, "ratio_fma"),
+                      fmt(r.get("gb_per_s")), ratio_cell(r, "ratio_read"), vs, goal,
+                      fmt(r.get("allocs_per_iter"), 2), status_cell(r)))
+    parts.append("**Mixed step**: two prompts' prefill chunks (the first chunk of one, the second of the other) and "
+                 "decode tokens, in one call, against the same cache's prefill chunks alone plus its decode tokens "
+                 "alone. Goal: the step within "
+                 f"{100 * (SERVING_GOALS['mixed'] - 1):.0f}% of the sum of its parts.\n\n" + (md_table(
+                     ["K/V storage", "call", "sequences", "query tokens", "cache lengths", "time", "GFLOP/s",
+                      f"x {res.fma_name}", "GB/s of K+V", "x read bandwidth", "time / (prefill + decode alone)",
+                      "goal (time)", "allocations per call", "status"], table) if table else "_Not in this run._"))
+    return "\n\n".join(parts)
+
+
+def serving_headline(res):
+    """Headline lines of the serving points: each figure with its ratio or why there is none."""
+    lines = []
+    dec = {r.get("storage"): r for r in res.select(group="serving_decode")}
+    ok = [dec[s] for s in ("fp32", "bf16", "fp16") if s in dec and dec[s].get("status") == "ok"]
+    if ok:
+        r0 = ok[0]
+        parts = []
+        for r in ok:
+            text = f"{r['storage']} {fmt(r.get('gb_per_s'))} GB/s ({ratio_cell(r, 'ratio_read')} of the read bandwidth"
+            if r.get("speedup_vs_fp32") is not None:
+                text += f", {fmt_ratio(r['speedup_vs_fp32'])}x fp32 per token"
+            parts.append(text + ")")
+        lines.append(f"Serving, batched decode of {r0.get('seqs')} sequences ({lengths_text(r0)} cached tokens, "
+                     f"GQA 32/8, {layout_text(r0)}): " + ", ".join(parts))
+    lay = [r for r in res.select(group="serving_layout") if r.get("vs_contiguous") is not None]
+    if lay:
+        lines.append("Serving, paged time over contiguous: " + ", ".join(
+            f"{r['variant']} {r['storage']} pages of {r['page_size']} {fmt_ratio(r['vs_contiguous'])}"
+            for r in sorted(lay, key=lambda r: (r["variant"], r["storage"], r["page_size"]))))
+    multi = [r for r in res.select(group="serving_multi_decode", status="ok")]
+    if multi:
+        lines.append("Serving, multi-token decode against the roofline: " + ", ".join(
+            f"{r['storage']} {r.get('seqs')} x {fmt_n(r.get('kv_max') or 0)}, {r.get('q_max')} tokens "
+            f"{ratio_cell(r, 'ratio_roofline')}"
+            for r in sorted(multi, key=lambda r: (r.get("kv_max") or 0, r["storage"], r.get("q_max") or 0))))
+    mixed = [r for r in res.select(group="serving_mixed", variant="step") if r.get("vs_parts") is not None]
+    if mixed:
+        lines.append("Serving, mixed step over its parts run alone: " + ", ".join(
+            f"{r['storage']} {fmt_ratio(r['vs_parts'])}" for r in mixed))
+    return lines
+
+
 def workspace_section(res):
     rows = []
     for r in sorted(res.rows, key=lambda r: (r.get("n_kv") or 0, r.get("group") or "")):
@@ -1168,11 +1409,16 @@ def main():
         "heap use above what was held when the timed loop started (the inputs), so it counts the kernel's own "
         "allocations: the blockwise workspace, the naive scores and copies, Eigen's buffers.\n"
         "- Peak RSS: a fresh process per size (bench/probe_memory.cpp), see the memory section.\n"
+        "- Serving: GB/s counts the cached K and V of every sequence of the call, 2 · keys · kv_heads · d · "
+        "(4 or 2), over the read bandwidth; the multi-token roofline is max(K/V bytes / read bandwidth, FLOP / "
+        "multiply-add peak); paged and mixed points are also compared with points of the same run (time over "
+        "the contiguous call; the step over its prefill and decode parts run alone).\n"
         "- Time is wall time per call (Google Benchmark real time), with all cores (a posenc::thread_pool) unless "
         "stated.",
         "## Attention prefill: full, causal, sliding window, GQA (8 heads)\n\n" + prefill_section(res),
         "## Encoders inside causal prefill (8 heads, d = 128)\n\n" + encoder_section(res),
         "## Decode against a KV cache (GQA 8/2, d = 128; K and V in fp32, bf16, fp16)\n\n" + decode_section(res),
+        "## Serving: the engine step (paged_attention, GQA 32/8, d = 128)\n\n" + serving_section(res),
         "## Workspace reused or allocated per call (causal prefill, 8 heads, d = 128)\n\n" + workspace_section(res),
         "## Encoders on their own (bandwidth bound)\n\n" + apply_section(res),
         "## RoPE kernels by layout and SIMD level (bench_rope)\n\n" + rope_section(res),

@@ -7,7 +7,10 @@
 - a quick-mode run, where most series have a single point: the plots are written, single points
   have visible markers and lie well inside sensible axis limits;
 - decode from fp32 and bf16 caches: the ratio to the read bandwidth (not the copy bandwidth) and
-  the per-token speed-up of the half-precision cache.
+  the per-token speed-up of the half-precision cache;
+- the serving points (bench_serving): batched decode against the read bandwidth, paged against
+  contiguous, multi-token decode against its roofline, the mixed step against its parts, each
+  with its goal; and, with no ceiling, every serving ratio says which ceiling is missing.
 
 Run: python3 tests/bench/test_report.py (ctest runs it with Debian's /usr/bin/python3, which has
 python3-matplotlib; without matplotlib the plot test is skipped).
@@ -83,6 +86,49 @@ def attention_points(flops):
     return pts
 
 
+def serving_label(point, role, storage, page_size, seqs, tokens, keys, q, kv_min, kv_max, enc="rope_llama3"):
+    """The label bench_serving writes."""
+    return (f"group=serving point={point} role={role} storage={storage} page_size={page_size} enc={enc} "
+            f"cache={'rotated' if enc != 'none' else 'raw'} seqs={seqs} tokens={tokens} keys={keys} q_min={q[0]} "
+            f"q_max={q[1]} kv_min={kv_min} kv_max={kv_max} heads=32 kv_heads=8 d=128")
+
+
+def serving_points():
+    """One point of each serving kind, with round figures against the ceilings of results_folder (read
+    bandwidth 32 GB/s at the end of the run, the peak `peak`)."""
+    pts = []
+    dec = dict(seqs=16, tokens=16, keys=133000, q=(1, 1), kv_min=512, kv_max=32768)
+    # 0.75 of the read bandwidth (goal met); bf16 0.60 (missed by 0.10), 1.60x fp32 per token.
+    for storage, ms, bps in (("fp32", 40.0, 2.4e10), ("bf16", 25.0, 1.92e10)):
+        pts.append(gb_point(f"serving/decode/{storage}/page:16", ms, serving_label("decode", "decode", storage, 16, **dec),
+                            bytes_per_second=bps, FLOPS=5e10, tokens_per_second=400.0, allocs_per_iter=0.0))
+    # Pages of 16: 1.15x the contiguous time (missed by 0.05); pages of 128: 1.05x (met).
+    for page, ms in ((0, 40.0), (16, 46.0), (128, 42.0)):
+        name = "contiguous" if page == 0 else f"page:{page}"
+        pts.append(gb_point(f"serving/layout/decode_fp32/{name}", ms,
+                            serving_label("layout", "decode", "fp32", page, enc="none", **dec),
+                            bytes_per_second=1.1e12 / ms, FLOPS=2.2e12 / ms))
+    # Roofline: 4 tokens read-bound (1.6 GB at 32 GB/s = 50 ms) in 100 ms = 0.50 (missed by 0.10);
+    # 16 tokens FMA-bound (the peak for 0.1 s) in 125 ms = 0.80 (met).
+    for n_q, ms, flop in ((4, 100.0, 4.2e9), (16, 125.0, None)):
+        f = flop if flop is not None else 0.1 * 1.4e11
+        pts.append(gb_point(f"serving/multi_decode/fp32/seqs:8/n_kv:16384/n_q:{n_q}", ms,
+                            serving_label("multi_decode", "decode", "fp32", 16, 8, 8 * n_q, 131072, (n_q, n_q),
+                                          16384, 16384),
+                            kv_bytes=1.6e9, flop=f, bytes_per_second=1.6e9 / (ms / 1e3), FLOPS=f / (ms / 1e3)))
+    # The step in 60 ms against 30 + 20 ms alone: 1.20 (missed by 0.05).
+    for role, ms, seqs, tokens, q, lo in (("step", 60.0, 16, 1038, (1, 512), 512), ("prefill_only", 30.0, 2, 1024,
+                                                                                  (512, 512), 512),
+                                          ("decode_only", 20.0, 14, 14, (1, 1), 4096)):
+        pts.append(gb_point(f"serving/mixed/fp32/{role}", ms,
+                            serving_label("mixed", role, "fp32", 16, seqs, tokens, 140000, q, lo, 16384),
+                            bytes_per_second=1e10, FLOPS=5e10, allocs_per_iter=0.0))
+    # A point that failed: its cells say `not run`.
+    pts.append(gb_point("serving/decode/fp16/page:16", 0.0, serving_label("decode", "decode", "fp16", 16, **dec),
+                        error="out of memory"))
+    return pts
+
+
 def write(folder, name, data):
     with open(os.path.join(folder, name), "w") as f:
         if name.endswith(".jsonl"):
@@ -116,6 +162,7 @@ def results_folder(folder, peak_label, peak=1.4e11, ceilings=True, simd=None):
     else:
         start = [gb_point("posenc_bench::fma_peak", 0.0, error="no AVX-512 on this CPU")]
     write(folder, "bench_attention.json", {"context": {}, "benchmarks": start + attention_points(0.6 * peak)})
+    write(folder, "bench_serving.json", {"context": {}, "benchmarks": serving_points()})
     write(folder, "bench_encoders.json", {"context": {}, "benchmarks": [
         gb_point("encoders/rope/cache/4096", 1.0, "enc=rope variant=cache tokens=4096", bytes_per_second=3e10,
                  tokens_per_second=4e6)]})
@@ -352,6 +399,122 @@ class NoCeiling(unittest.TestCase):
             for row in rows:
                 for col, cell in zip(header, row):
                     self.assertTrue(cell, f"blank '{col}' in the ceilings row '{row[0]}'")
+
+
+def section(md, title):
+    return md.split("## " + title, 1)[1].split("\n## ", 1)[0]
+
+
+def table_after(text, words):
+    """The rows (dicts by header) of the first table of `text` after the paragraph containing `words`."""
+    part = text.split(words, 1)[1]
+    _, header, rows = tables(part)[0]
+    return [dict(zip(header, r)) for r in rows]
+
+
+class Serving(unittest.TestCase):
+    """The serving points of bench_serving, with every ceiling measured."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.md = make_report(results_folder(cls.tmp.name, AVX2_LABEL))
+        cls.serving = section(cls.md, "Serving")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def test_decode_against_the_read_bandwidth_and_fp32(self):
+        rows = {r["K/V storage"]: r for r in table_after(self.serving, "**Batched decode**")}
+        self.assertEqual(rows["fp32"]["x read bandwidth"], "0.75")  # 24 GB/s over the higher 32, not 30
+        self.assertEqual(rows["fp32"]["goal (read)"], "met")
+        self.assertEqual(rows["bf16"]["x read bandwidth"], "0.60")
+        self.assertEqual(rows["bf16"]["goal (read)"], "missed by 0.10")
+        self.assertEqual(rows["bf16"]["per-token speed-up over fp32"], "1.60")
+        self.assertEqual(rows["fp32"]["allocations per call"], "0")
+        self.assertEqual(rows["fp16"]["x read bandwidth"], "not run")
+        self.assertEqual(rows["fp16"]["per-token speed-up over fp32"], "not run")
+        self.assertEqual(rows["fp16"]["status"], "out of memory")
+
+    def test_paged_against_contiguous(self):
+        rows = {r["layout"]: r for r in table_after(self.serving, "**Paged against contiguous keys**")}
+        self.assertEqual(rows["pages of 16"]["time / contiguous"], "1.15")
+        self.assertEqual(rows["pages of 16"]["goal (time)"], "missed by 0.05")
+        self.assertEqual(rows["pages of 128"]["time / contiguous"], "1.05")
+        self.assertEqual(rows["pages of 128"]["goal (time)"], "met")
+        self.assertEqual(rows["contiguous"]["x read bandwidth"], "0.86")  # 27.5 GB/s over 32
+
+    def test_multi_token_decode_against_its_roofline(self):
+        rows = {r["query tokens per sequence"]: r for r in table_after(self.serving, "**Multi-token decode**")}
+        self.assertEqual(rows["4"]["roofline (bound)"], "50.0 ms (read)")
+        self.assertEqual(rows["4"]["x roofline"], "0.50")
+        self.assertEqual(rows["4"]["goal (roofline)"], "missed by 0.10")
+        self.assertEqual(rows["16"]["roofline (bound)"], "100 ms (FMA)")
+        self.assertEqual(rows["16"]["x roofline"], "0.80")
+        self.assertEqual(rows["16"]["goal (roofline)"], "met")
+        self.assertIn("x AVX2+FMA peak (2 threads)", table_after(self.serving, "**Multi-token decode**")[0])
+
+    def test_mixed_step_against_its_parts(self):
+        rows = {r["call"]: r for r in table_after(self.serving, "**Mixed step**")}
+        step = rows["the step, one call"]
+        self.assertEqual(step["time / (prefill + decode alone)"], "1.20")
+        self.assertEqual(step["goal (time)"], "missed by 0.05")
+        self.assertEqual(rows["its prefill chunks alone"]["time / (prefill + decode alone)"], "")
+
+    def test_headline_and_csv(self):
+        lines = headline(self.md)
+        dec = next(h for h in lines if h.startswith("Serving, batched decode"))
+        self.assertIn("fp32 24.0 GB/s (0.75 of the read bandwidth)", dec)
+        self.assertIn("bf16 19.2 GB/s (0.60 of the read bandwidth, 1.60x fp32 per token)", dec)
+        self.assertIn("4 tokens 0.50", next(h for h in lines if "multi-token" in h))
+        self.assertIn("fp32 1.20", next(h for h in lines if "mixed step" in h))
+        import csv
+        with open(os.path.join(self.tmp.name, "results.csv")) as f:
+            rows = [r for r in csv.DictReader(f) if r["group"] == "serving_multi_decode"]
+        self.assertEqual({r["roofline_bound"] for r in rows}, {"read", "FMA"})
+        self.assertEqual(sorted(round(float(r["ratio_roofline"]), 2) for r in rows), [0.5, 0.8])
+
+
+class ServingNoCeiling(unittest.TestCase):
+    """The serving points with no read bandwidth and a failed peak: every ratio and goal says why."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.md = make_report(results_folder(cls.tmp.name, None, ceilings=False,
+                                            simd={"cap": None, "in_use": "avx2", "detected": "avx2"}))
+        cls.serving = section(cls.md, "Serving")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def test_ratios_and_goals_say_which_ceiling_is_missing(self):
+        read = "no ceiling: read_bandwidth/268435456 not in this run"
+        peak = "no ceiling: fma_peak failed: no AVX-512 on this CPU"
+        dec = table_after(self.serving, "**Batched decode**")
+        for r in dec:
+            if r["status"]:
+                continue
+            self.assertEqual(r["x read bandwidth"], read)
+            self.assertEqual(r["goal (read)"], read)
+        multi = table_after(self.serving, "**Multi-token decode**")
+        self.assertTrue(multi)
+        for r in multi:
+            self.assertEqual(r["x roofline"], "no ceiling: read_bandwidth/268435456 not in this run; "
+                                              "fma_peak failed: no AVX-512 on this CPU")
+            self.assertEqual(r["goal (roofline)"], r["x roofline"])
+            self.assertEqual(r["roofline (bound)"], r["x roofline"])
+            fma = [v for k, v in r.items() if k.startswith("x AVX2+FMA peak")]
+            self.assertEqual(fma, [peak])
+        self.assertIn(f"read bandwidth {read}", self.serving)
+
+    def test_comparisons_within_the_run_need_no_ceiling(self):
+        rows = {r["layout"]: r for r in table_after(self.serving, "**Paged against contiguous keys**")}
+        self.assertEqual(rows["pages of 16"]["time / contiguous"], "1.15")
+        step = next(r for r in table_after(self.serving, "**Mixed step**") if r["call"] == "the step, one call")
+        self.assertEqual(step["time / (prefill + decode alone)"], "1.20")
 
 
 @unittest.skipUnless(HAVE_MATPLOTLIB, "no matplotlib (Debian: python3-matplotlib)")
