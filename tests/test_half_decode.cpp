@@ -103,7 +103,7 @@ void check_kernels_bitwise() {
         std::normal_distribution<float> normal(0.0f, 1e-3f);
         for (auto& x : q) x = normal(rng);
         std::vector<float> s_half(static_cast<std::size_t>(nq * nk), -1.0f), s_float(s_half);
-        kern.qk_rows(q.data(), d, nq, d, kf.data(), ld, nk, s_float.data(), nk);
+        kern.qk_rows(q.data(), d, nq, d, kf.data(), ld, nk, s_float.data(), nk, nullptr, 0);
         posenc::detail::qk_rows_of(kern, q.data(), d, nq, d, kh.data(), ld, nk, s_half.data(), nk);
         const index_t at_s = first_difference(s_half.data(), s_float.data(), nq * nk);
         INFO("qk_rows: first differing logit " << at_s);
@@ -121,7 +121,7 @@ void check_kernels_bitwise() {
         std::vector<float> acc_half(static_cast<std::size_t>(nq * dpad));
         for (auto& x : acc_half) x = unit(rng);
         std::vector<float> acc_float(acc_half);
-        kern.pv(p.data(), nk, nq, nk, vf.data(), ld, d, alpha.data(), acc_float.data(), dpad);
+        kern.pv(p.data(), nk, nq, nk, vf.data(), ld, d, alpha.data(), acc_float.data(), dpad, nullptr, 0);
         posenc::detail::pv_of(kern, p.data(), nk, nq, nk, vh.data(), ld, d, alpha.data(), acc_half.data(), dpad);
         // Columns past d are scratch; the first d of each row are the result.
         index_t at_acc = -1;

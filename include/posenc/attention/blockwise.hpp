@@ -94,6 +94,20 @@ struct key_map {
   index_t run(index_t j, index_t n) const { return pages ? std::min(n, page_size - j % page_size) : n; }
 };
 
+/// Asks for the cache lines of columns [col, col + cols) of rows [row, row + n) of `m` ahead of
+/// their use (a hint: it never faults and changes no result).
+template <class S>
+inline void prefetch_rows([[maybe_unused]] strided_view<S> m, [[maybe_unused]] index_t row,
+                          [[maybe_unused]] index_t n, [[maybe_unused]] index_t col, [[maybe_unused]] index_t cols) {
+#if defined(__GNUC__)
+  constexpr index_t per_line = 64 / static_cast<index_t>(sizeof(S));
+  for (index_t i = 0; i < n; ++i) {
+    const S* r = m.row(row + i) + col;
+    for (index_t c = 0; c < cols; c += per_line) __builtin_prefetch(r + c, 0, 3);
+  }
+#endif
+}
+
 /// One sequence of a call: its queries (rows `[q0, q0 + nq)` of the packed q, out and lse, and
 /// their positions) and its keys.
 struct batch_seq {
@@ -134,6 +148,7 @@ void run_batch(strided_view<SQ> qv, strided_view<SK> kv, strided_view<SV> vv, st
   // load (half the bytes of a float cache, where a converted copy would cost more than the products).
   constexpr bool keys_readable = kernel_readable<C, KS>;
   constexpr bool values_readable = kernel_readable<C, VS>;
+  constexpr bool decode_readable = keys_readable && values_readable && !relative_key_value<E>;
 
   // The rotator reads the encoder's table (made on its first use), shared read-only by every worker.
   const auto rotator = [&] {
@@ -230,10 +245,116 @@ void run_batch(strided_view<SQ> qv, strided_view<SK> kv, strided_view<SV> vv, st
         std::fill(at(plan.w, plan.bq * plan.r, gs), at(plan.w, plan.bq * plan.r, gs) + rows * plan.r, C(0));
       }
     }
+    // Rows [r0, r0 + nr) of a tile, one call of f(head in group, first row - r0, rows, positions)
+    // per query head (tile row r is head r / nq, token r % nq).
+    auto heads_of_strip = [&](index_t r0, index_t nr, auto&& f) {
+      for (index_t hh = r0 / nq; hh * nq < r0 + nr; ++hh) {
+        const index_t a = std::max(r0, hh * nq), e = std::min(r0 + nr, (hh + 1) * nq);
+        f(hh, a - r0, e - a, qp.subset(a - hh * nq, e - a));
+      }
+    };
+    // Logits `sv` of tile rows [r0, r0 + nr) of kv head g against keys at `kp`: the encoder's
+    // bias, the soft cap, then the mask (unless every pair is visible).
+    auto modify_scores = [&](strided_view<C> sv, index_t r0, index_t nr, index_t g, positions kp, bool full,
+                             [[maybe_unused]] strided_view<const C> terms) {
+      const index_t nk = sv.cols;
+      if constexpr (relative_key_value<E>) {
+        heads_of_strip(r0, nr, [&](index_t, index_t at_row, index_t n, positions hp) {
+          enc.add_bias_tile(sv.middle_rows(at_row, n), terms.middle_rows(r0 + at_row, n), hp, kp);
+        });
+      }
+      if constexpr (position_bias<E>) {
+        heads_of_strip(r0, nr, [&](index_t hh, index_t at_row, index_t n, positions hp) {
+          enc.add_bias_tile(sv.middle_rows(at_row, n), g * group + hh, hp, kp);
+        });
+      }
+      if (softcap > C(0)) {
+        const C inv = C(1) / softcap;
+        for (index_t r = 0; r < nr; ++r) {
+          C* row = sv.row(r);
+          for (index_t j = 0; j < nk; ++j) row[j] = softcap * std::tanh(row[j] * inv);
+        }
+      }
+      if (!full) {
+        for (index_t r = 0; r < nr; ++r) sh.mask.mask_row(qp[(r0 + r) % nq], kp, sv.row(r));
+      }
+    };
     C* const alpha = scratch + plan.alpha;
 
     const index_t k_begin = chunk * sp.chunk_keys;
     const index_t k_end = std::min(seq.n_kv, k_begin + sp.chunk_keys);
+
+    // Decode reads keys and values in place (widening fp16 / bf16 as it loads), the rows of a
+    // tile in blocks of consecutive rows (a page, or `decode_block` keys), every kv head of the
+    // item on one block before the next block, so K and V are read in address order while the
+    // next block is requested ahead of its use.
+    const bool decode_in_place = decode_readable && plan.bq <= decode_rows && !rotating_keys && d == plan.dpad;
+    C* const ones = scratch + plan.ones;
+    if (decode_in_place) std::fill(ones, ones + decode_rows, C(1));
+    // The block of keys that starts at key j, before key `end`: its first K/V row and its length.
+    auto block_at = [&](index_t j, index_t end) {
+      const index_t n = std::min(decode_block, seq.keys.run(j, end - j));
+      return std::pair{seq.keys.row(j), n};
+    };
+    // Every head's columns of the block of keys at j (before `end`) of `m`, requested at once: the
+    // next block's rows are on their way while the kernels work on this one.
+    auto prefetch_block = [&](auto m, index_t j, index_t end) {
+      const auto [row, n] = block_at(j, end);
+      prefetch_rows(m, row, n, g0 * d, sets * d);
+    };
+    // Rows of keys [j, j + n) of `m` that the kernels request while they read another block:
+    // the first row of kv head g's columns and how many follow it (a run at most; none past the
+    // sequence's keys: past the chunk they are the next chunk's, which this worker may take next).
+    auto ahead = [&](auto m, index_t j, index_t n, index_t g) {
+      using T = std::remove_pointer_t<decltype(m.data)>;
+      if (j >= seq.n_kv) return std::pair<T*, index_t>{nullptr, 0};
+      return std::pair<T*, index_t>{m.row(seq.keys.row(j)) + g * d, seq.keys.run(j, std::min(n, seq.n_kv - j))};
+    };
+    constexpr index_t k_ahead = decode_prefetch_keys<KS>, v_ahead = decode_prefetch_values<VS>;
+    auto decode_tile = [&](index_t j0, index_t nk, positions kp, bool full) {
+      // Q K^T, a block at a time, each head's part of the keys `k_ahead` further requested first.
+      for (index_t j = 0; j < nk;) {
+        const auto [row, n] = block_at(j0 + j, j0 + nk);
+        if (j + n < nk) {
+          prefetch_block(kv, j0 + j + n, j0 + nk);
+        } else {
+          prefetch_block(vv, j0, j0 + nk);
+        }
+        for (index_t gs = 0; gs < sets; ++gs) {
+          if constexpr (decode_readable) {
+            const auto [pf, npf] = ahead(kv, j0 + j + k_ahead, n, g0 + gs);
+            qk_rows_of(kern, at(plan.q, plan.bq * d, gs), d, rows, d, kv.row(row) + (g0 + gs) * d, kv.stride, n,
+                       at(plan.s, plan.strip * plan.ldkt, gs) + j, plan.ldkt, pf, npf);
+          }
+        }
+        j += n;
+      }
+      for (index_t gs = 0; gs < sets; ++gs) {
+        const strided_view<C> sv(at(plan.s, plan.strip * plan.ldkt, gs), rows, nk, plan.ldkt);
+        modify_scores(sv, 0, rows, g0 + gs, kp, full, strided_view<const C>());
+        kern.softmax(sv.data, plan.ldkt, rows, nk, at(plan.m, plan.bq, gs), at(plan.l, plan.bq, gs),
+                     at(plan.alpha, plan.bq, gs));
+      }
+      // P V, a block at a time, values `v_ahead` further requested first.
+      for (index_t j = 0; j < nk;) {
+        const auto [row, n] = block_at(j0 + j, j0 + nk);
+        if (j + n < nk) {
+          prefetch_block(vv, j0 + j + n, j0 + nk);
+        } else if (j0 + nk < k_end) {
+          prefetch_block(kv, j0 + nk, std::min(k_end, j0 + nk + plan.bk));
+        }
+        for (index_t gs = 0; gs < sets; ++gs) {
+          if constexpr (decode_readable) {
+            const auto [pf, npf] = ahead(vv, j0 + j + v_ahead, n, g0 + gs);
+            pv_of(kern, at(plan.s, plan.strip * plan.ldkt, gs) + j, plan.ldkt, rows, n, vv.row(row) + (g0 + gs) * d,
+                  vv.stride, d, j == 0 ? at(plan.alpha, plan.bq, gs) : ones, at(plan.acc, plan.bq * plan.dpad, gs),
+                  plan.dpad, pf, npf);
+          }
+        }
+        j += n;
+      }
+    };
+
     for (index_t j0 = k_begin; j0 < k_end; j0 += plan.bk) {
       const index_t nk = std::min(plan.bk, k_end - j0);
       positions kp;
@@ -246,6 +367,10 @@ void run_batch(strided_view<SQ> qv, strided_view<SK> kv, strided_view<SV> vv, st
       const auto kb = bounds_of(kp);
       if (!sh.mask.any_visible(qb, kb)) continue;
       const bool full = sh.mask.all_visible(qb, kb);
+      if (decode_in_place) {
+        decode_tile(j0, nk, kp, full);
+        continue;
+      }
       // Rows of the tile's keys in K/V: one run, or several (a tile over page boundaries).
       const bool one_run = seq.keys.run(j0, nk) == nk;
       const index_t row0 = seq.keys.row(j0);
@@ -313,39 +438,13 @@ void run_batch(strided_view<SQ> qv, strided_view<SK> kv, strided_view<SV> vv, st
             if constexpr (keys_readable) {
               if (kin) qk_rows_of(kern, qt + r0 * d, d, nr, d, kin, ldk, nk, s, plan.ldkt);
             }
-            if (!kin) kern.qk_rows(qt + r0 * d, d, nr, d, krows, ldk, nk, s, plan.ldkt);
+            if (!kin) kern.qk_rows(qt + r0 * d, d, nr, d, krows, ldk, nk, s, plan.ldkt, nullptr, 0);
           } else {
             kern.qk(qt + r0 * d, d, nr, d, scratch + plan.kt, plan.ldkt, s);
           }
           const strided_view<C> sv(s, nr, nk, plan.ldkt);
-          // The strip's rows of each query head (tile row r is head r / nq, token r % nq).
-          auto for_each_head = [&](auto&& f) {
-            for (index_t hh = r0 / nq; hh * nq < r0 + nr; ++hh) {
-              const index_t a = std::max(r0, hh * nq), e = std::min(r0 + nr, (hh + 1) * nq);
-              f(hh, a - r0, e - a, qp.subset(a - hh * nq, e - a));
-            }
-          };
-          if constexpr (relative_key_value<E>) {
-            for_each_head([&](index_t, index_t at_row, index_t n, positions hp) {
-              enc.add_bias_tile(sv.middle_rows(at_row, n), strided_view<const C>(terms.middle_rows(r0 + at_row, n)),
-                                hp, kp);
-            });
-          }
-          if constexpr (position_bias<E>) {
-            for_each_head([&](index_t hh, index_t at_row, index_t n, positions hp) {
-              enc.add_bias_tile(sv.middle_rows(at_row, n), g * group + hh, hp, kp);
-            });
-          }
-          if (softcap > C(0)) {
-            const C inv = C(1) / softcap;
-            for (index_t r = 0; r < nr; ++r) {
-              C* row = sv.row(r);
-              for (index_t j = 0; j < nk; ++j) row[j] = softcap * std::tanh(row[j] * inv);
-            }
-          }
-          if (!full) {
-            for (index_t r = 0; r < nr; ++r) sh.mask.mask_row(qp[(r0 + r) % nq], kp, sv.row(r));
-          }
+          modify_scores(sv, r0, nr, g, kp, full, strided_view<const C>(terms));
+          auto for_each_head = [&](auto&& f) { heads_of_strip(r0, nr, f); };
           kern.softmax(s, plan.ldkt, nr, nk, m + r0, l + r0, alpha + r0);
           if constexpr (relative_key_value<E>) {
             for (index_t r = r0; r < r0 + nr; ++r)
@@ -359,7 +458,7 @@ void run_batch(strided_view<SQ> qv, strided_view<SK> kv, strided_view<SV> vv, st
           if constexpr (values_readable) {
             if (vin) pv_of(kern, s, plan.ldkt, nr, nk, vin, ldv, d, alpha + r0, acc + r0 * plan.dpad, plan.dpad);
           }
-          if (!vin) kern.pv(s, plan.ldkt, nr, nk, vrows, ldv, d, alpha + r0, acc + r0 * plan.dpad, plan.dpad);
+          if (!vin) kern.pv(s, plan.ldkt, nr, nk, vrows, ldv, d, alpha + r0, acc + r0 * plan.dpad, plan.dpad, nullptr, 0);
         }
       }
     }

@@ -55,25 +55,28 @@ struct tile_kernels {
   void (*qk)(const C* q, index_t ldq, index_t nq, index_t d, const C* kt, index_t ldkt, C* s);
   /// `s[i][j] = sum_c q[i][c] k[j][c]` for `i < nq`, `j < nk`, reading the key rows in place (row
   /// stride `ldk`): for a few query rows (decode) transposing the key tile costs more than it saves.
+  /// `pf`: rows of later keys (same stride), of which the call requests row j's `d` columns ahead of
+  /// their use as it reads key j, for j < `npf` (null, 0: none); a hint that changes no result.
   void (*qk_rows)(const C* q, index_t ldq, index_t nq, index_t d, const C* k, index_t ldk, index_t nk, C* s,
-                  index_t lds);
+                  index_t lds, const C* pf, index_t npf);
   /// Online-softmax step on rows of `s` (`nk` valid columns, masked ones `-inf`): updates the
   /// running max `m` and sum `l`, writes `exp(s - m_new)` into `s` and the rescale factor of the
   /// previous state into `alpha` (0 when the previous state was empty).
   void (*softmax)(C* s, index_t lds, index_t nq, index_t nk, C* m, C* l, C* alpha);
   /// `acc[i] = alpha[i] acc[i] + sum_j p[i][j] v[j]` over `nk` keys and `d` columns.
+  /// `pf`, `npf`: later value rows to request, as for `qk_rows`.
   void (*pv)(const C* p, index_t ldp, index_t nq, index_t nk, const C* v, index_t ldv, index_t d,
-             const C* alpha, C* acc, index_t ldacc);
+             const C* alpha, C* acc, index_t ldacc, const C* pf, index_t npf);
   /// `qk_rows` with the keys stored as fp16 / bf16 (row stride `ldk` in elements of that type).
   void (*qk_rows_f16)(const C* q, index_t ldq, index_t nq, index_t d, const Eigen::half* k, index_t ldk, index_t nk,
-                      C* s, index_t lds);
+                      C* s, index_t lds, const Eigen::half* pf, index_t npf);
   void (*qk_rows_bf16)(const C* q, index_t ldq, index_t nq, index_t d, const Eigen::bfloat16* k, index_t ldk,
-                       index_t nk, C* s, index_t lds);
+                       index_t nk, C* s, index_t lds, const Eigen::bfloat16* pf, index_t npf);
   /// `pv` with the values stored as fp16 / bf16.
   void (*pv_f16)(const C* p, index_t ldp, index_t nq, index_t nk, const Eigen::half* v, index_t ldv, index_t d,
-                 const C* alpha, C* acc, index_t ldacc);
+                 const C* alpha, C* acc, index_t ldacc, const Eigen::half* pf, index_t npf);
   void (*pv_bf16)(const C* p, index_t ldp, index_t nq, index_t nk, const Eigen::bfloat16* v, index_t ldv, index_t d,
-                  const C* alpha, C* acc, index_t ldacc);
+                  const C* alpha, C* acc, index_t ldacc, const Eigen::bfloat16* pf, index_t npf);
   /// `dst[i][c] = factor * src[i][c]` for `i < n`, `c < d`: rows of fp16 / bf16 widened to `C`
   /// (row strides `lds`, `ldd`).
   void (*convert_f16)(const Eigen::half* src, index_t lds, index_t n, index_t d, C factor, C* dst, index_t ldd);
@@ -93,28 +96,28 @@ concept kernel_readable = std::same_as<S, C> || (std::same_as<C, float> && half_
 /// `kern.qk_rows` on key rows stored as `S` (`kernel_readable`).
 template <class C, class S>
 void qk_rows_of(const tile_kernels<C>& kern, const C* q, index_t ldq, index_t nq, index_t d, const S* k, index_t ldk,
-                index_t nk, C* s, index_t lds) {
+                index_t nk, C* s, index_t lds, const S* pf = nullptr, index_t npf = 0) {
   if constexpr (std::same_as<S, C>) {
-    kern.qk_rows(q, ldq, nq, d, k, ldk, nk, s, lds);
+    kern.qk_rows(q, ldq, nq, d, k, ldk, nk, s, lds, pf, npf);
   } else if constexpr (std::same_as<S, Eigen::half>) {
-    kern.qk_rows_f16(q, ldq, nq, d, k, ldk, nk, s, lds);
+    kern.qk_rows_f16(q, ldq, nq, d, k, ldk, nk, s, lds, pf, npf);
   } else {
     static_assert(std::same_as<S, Eigen::bfloat16>, "qk_rows_of: keys must be the compute type, fp16 or bf16");
-    kern.qk_rows_bf16(q, ldq, nq, d, k, ldk, nk, s, lds);
+    kern.qk_rows_bf16(q, ldq, nq, d, k, ldk, nk, s, lds, pf, npf);
   }
 }
 
 /// `kern.pv` on value rows stored as `S` (`kernel_readable`).
 template <class C, class S>
 void pv_of(const tile_kernels<C>& kern, const C* p, index_t ldp, index_t nq, index_t nk, const S* v, index_t ldv,
-           index_t d, const C* alpha, C* acc, index_t ldacc) {
+           index_t d, const C* alpha, C* acc, index_t ldacc, const S* pf = nullptr, index_t npf = 0) {
   if constexpr (std::same_as<S, C>) {
-    kern.pv(p, ldp, nq, nk, v, ldv, d, alpha, acc, ldacc);
+    kern.pv(p, ldp, nq, nk, v, ldv, d, alpha, acc, ldacc, pf, npf);
   } else if constexpr (std::same_as<S, Eigen::half>) {
-    kern.pv_f16(p, ldp, nq, nk, v, ldv, d, alpha, acc, ldacc);
+    kern.pv_f16(p, ldp, nq, nk, v, ldv, d, alpha, acc, ldacc, pf, npf);
   } else {
     static_assert(std::same_as<S, Eigen::bfloat16>, "pv_of: values must be the compute type, fp16 or bf16");
-    kern.pv_bf16(p, ldp, nq, nk, v, ldv, d, alpha, acc, ldacc);
+    kern.pv_bf16(p, ldp, nq, nk, v, ldv, d, alpha, acc, ldacc, pf, npf);
   }
 }
 
@@ -158,7 +161,7 @@ void qk_portable(const C* q, index_t ldq, index_t nq, index_t d, const C* kt, in
 // of the float ones on widened data, whatever contraction the includer's flags allow.
 template <class C, class K = C>
 void qk_rows_portable(const C* q, index_t ldq, index_t nq, index_t d, const K* k, index_t ldk, index_t nk, C* s,
-                      index_t lds) {
+                      index_t lds, const K*, index_t) {
   for (index_t i = 0; i < nq; ++i)
     for (index_t j = 0; j < nk; ++j) {
       C dot = 0;
@@ -220,7 +223,7 @@ void softmax_portable(C* s, index_t lds, index_t nq, index_t nk, C* m, C* l, C* 
 
 template <class C, class V = C>
 void pv_portable(const C* p, index_t ldp, index_t nq, index_t nk, const V* v, index_t ldv, index_t d, const C* alpha,
-                 C* acc, index_t ldacc) {
+                 C* acc, index_t ldacc, const V*, index_t) {
   for (index_t i = 0; i < nq; ++i) {
     C* arow = acc + i * ldacc;
     const C a = alpha[i];
@@ -254,26 +257,22 @@ const tile_kernels<C>& portable_kernels() {
 
 #if POSENC_HAVE_X86_KERNELS
 
-/// How many rows ahead the few-row (decode) kernels prefetch keys (`qk_rows`) and values (`pv`) of
-/// type `T`. `qk_rows` spends tens of cycles on each key row, so 16 rows of floats are requested
-/// well before use. `pv` goes over a tile's value rows once per block of columns, a few cycles per
-/// row each time, so a request a few rows ahead arrives after the load that needs it: it looks
-/// 64 KiB ahead at GQA 8/2, d = 128 (64 rows of floats). Half-precision rows are consumed at
-/// twice the rows per byte of work, and fp16/bf16 caches are bound by how many lines are in flight
-/// more than by the multiply-adds: they look further, 32 KiB for keys and 64 KiB for values.
-/// (Measured on Zen 5 at 128k keys: fp16/bf16 decode 1.6x faster per token than fp32 with the
-/// distances of floats in bytes, 1.9x with these; fp32 unchanged on AVX-512, 10% faster on AVX2.)
+/// Requests the `d` columns of row `j` of `pf` (row stride `ld`) when `j < npf`: the few-row kernels
+/// call it as they read row j of their own keys or values, so that later rows (of the same head,
+/// wherever the caller's block table puts them) arrive while this one is computed on.
+/// Always inlined: a call from a kernel's loop would spill every vector register it holds.
 template <class T>
-inline constexpr index_t qk_prefetch_rows = sizeof(T) == sizeof(float) ? 16 : 64;
-template <class T>
-inline constexpr index_t pv_prefetch_rows = sizeof(T) == sizeof(float) ? 64 : 128;
+__attribute__((always_inline)) inline void prefetch_row(const T* pf, index_t ld, index_t j, index_t npf, index_t d) {
+  if (j >= npf) return;
+  const T* row = pf + j * ld;
+  for (index_t c = 0; c < d; c += 64 / static_cast<index_t>(sizeof(T)))
+    _mm_prefetch(reinterpret_cast<const char*>(row + c), _MM_HINT_T0);
+}
 
-/// Prefetches `p + ahead` elements. The address is formed as an integer: it may lie past the end
-/// of the array (a prefetch never faults), where pointer arithmetic would be undefined.
+/// `p + n`, or null for a null `p` (an absent prefetch target).
 template <class T>
-inline void prefetch_ahead(const T* p, index_t ahead) {
-  const auto address = reinterpret_cast<std::uintptr_t>(p) + static_cast<std::uintptr_t>(ahead) * sizeof(T);
-  _mm_prefetch(reinterpret_cast<const char*>(address), _MM_HINT_T0);
+inline const T* advance_or_null(const T* p, index_t n) {
+  return p ? p + n : nullptr;
 }
 
 /// Degree-6 Taylor coefficients of 2^f = sum (f ln 2)^k / k!, highest first, shared by the
@@ -431,16 +430,12 @@ POSENC_AVX512 inline void qk_avx512(const float* q, index_t ldq, index_t nq, ind
 /// fp16 or bf16 (`K`).
 template <int R, class K>
 POSENC_AVX512 inline void qk_rows_block_avx512(const float* q, index_t ldq, index_t d, const K* k, index_t ldk,
-                                               index_t nk, float* s, index_t lds) {
+                                               index_t nk, float* s, index_t lds, const K* pf, index_t npf) {
   const index_t d16 = d / 16 * 16;
   const __mmask16 tail = tail_mask(d - d16);
   for (index_t j = 0; j < nk; ++j) {
     const K* kr = k + j * ldk;
-    // Decode streams K from memory: ask for the row a few keys ahead (a prefetch never faults).
-    // The whole row stride, not only this head's part: the other kv heads' parts of the row are
-    // read next by the same work item (decode carries every kv head).
-    for (index_t c = 0; c < ldk; c += 64 / static_cast<index_t>(sizeof(K)))
-      prefetch_ahead(kr + c, qk_prefetch_rows<K> * ldk);
+    prefetch_row(pf, ldk, j, npf, d);
     __m512 acc[R];
     POSENC_UNROLL
     for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
@@ -462,19 +457,19 @@ POSENC_AVX512 inline void qk_rows_block_avx512(const float* q, index_t ldq, inde
 
 template <class K>
 POSENC_AVX512 inline void qk_rows_avx512(const float* q, index_t ldq, index_t nq, index_t d, const K* k, index_t ldk,
-                                         index_t nk, float* s, index_t lds) {
+                                         index_t nk, float* s, index_t lds, const K* pf, index_t npf) {
   for (index_t i0 = 0; i0 < nq; i0 += 8) {
     const float* qi = q + i0 * ldq;
     float* si = s + i0 * lds;
     switch (std::min<index_t>(8, nq - i0)) {
-      case 8: qk_rows_block_avx512<8>(qi, ldq, d, k, ldk, nk, si, lds); break;
-      case 7: qk_rows_block_avx512<7>(qi, ldq, d, k, ldk, nk, si, lds); break;
-      case 6: qk_rows_block_avx512<6>(qi, ldq, d, k, ldk, nk, si, lds); break;
-      case 5: qk_rows_block_avx512<5>(qi, ldq, d, k, ldk, nk, si, lds); break;
-      case 4: qk_rows_block_avx512<4>(qi, ldq, d, k, ldk, nk, si, lds); break;
-      case 3: qk_rows_block_avx512<3>(qi, ldq, d, k, ldk, nk, si, lds); break;
-      case 2: qk_rows_block_avx512<2>(qi, ldq, d, k, ldk, nk, si, lds); break;
-      default: qk_rows_block_avx512<1>(qi, ldq, d, k, ldk, nk, si, lds); break;
+      case 8: qk_rows_block_avx512<8>(qi, ldq, d, k, ldk, nk, si, lds, i0 == 0 ? pf : nullptr, npf); break;
+      case 7: qk_rows_block_avx512<7>(qi, ldq, d, k, ldk, nk, si, lds, i0 == 0 ? pf : nullptr, npf); break;
+      case 6: qk_rows_block_avx512<6>(qi, ldq, d, k, ldk, nk, si, lds, i0 == 0 ? pf : nullptr, npf); break;
+      case 5: qk_rows_block_avx512<5>(qi, ldq, d, k, ldk, nk, si, lds, i0 == 0 ? pf : nullptr, npf); break;
+      case 4: qk_rows_block_avx512<4>(qi, ldq, d, k, ldk, nk, si, lds, i0 == 0 ? pf : nullptr, npf); break;
+      case 3: qk_rows_block_avx512<3>(qi, ldq, d, k, ldk, nk, si, lds, i0 == 0 ? pf : nullptr, npf); break;
+      case 2: qk_rows_block_avx512<2>(qi, ldq, d, k, ldk, nk, si, lds, i0 == 0 ? pf : nullptr, npf); break;
+      default: qk_rows_block_avx512<1>(qi, ldq, d, k, ldk, nk, si, lds, i0 == 0 ? pf : nullptr, npf); break;
     }
   }
 }
@@ -509,7 +504,7 @@ POSENC_AVX512 inline void softmax_avx512(float* s, index_t lds, index_t nq, inde
 /// broadcasts per key. Values of float, fp16 or bf16 (`V`).
 template <int R, int C, class V>
 POSENC_AVX512 inline void pv_block_avx512(const float* p, index_t ldp, index_t nk, const V* v, index_t ldv,
-                                          const float* alpha, float* acc, index_t ldacc) {
+                                          const float* alpha, float* acc, index_t ldacc, const V* pf, index_t npf) {
   __m512 a[R][C];
   POSENC_UNROLL
   for (int r = 0; r < R; ++r) {
@@ -518,13 +513,7 @@ POSENC_AVX512 inline void pv_block_avx512(const float* p, index_t ldp, index_t n
     for (int c = 0; c < C; ++c) a[r][c] = _mm512_mul_ps(al, _mm512_loadu_ps(acc + r * ldacc + 16 * c));
   }
   for (index_t j = 0; j < nk; ++j) {
-    if constexpr (R <= 4) {
-      // Few rows (decode): V streams from memory, fetch a few rows ahead, one prefetch per
-      // 64-byte line (16 columns of float, 32 of fp16 / bf16).
-      constexpr int per_line = 64 / (16 * static_cast<int>(sizeof(V)));
-      POSENC_UNROLL
-      for (int c = 0; c < C; c += per_line) prefetch_ahead(v + j * ldv + 16 * c, pv_prefetch_rows<V> * ldv);
-    }
+    prefetch_row(pf, ldv, j, npf, 16 * C);
     __m512 b[C];
     POSENC_UNROLL
     for (int c = 0; c < C; ++c) b[c] = load16(v + j * ldv + 16 * c);
@@ -543,31 +532,33 @@ POSENC_AVX512 inline void pv_block_avx512(const float* p, index_t ldp, index_t n
 
 template <int C, class V>
 POSENC_AVX512 inline void pv_cols_avx512(const float* p, index_t ldp, index_t nq, index_t nk, const V* v,
-                                         index_t ldv, const float* alpha, float* acc, index_t ldacc) {
+                                         index_t ldv, const float* alpha, float* acc, index_t ldacc, const V* pf,
+                                         index_t npf) {
   index_t i = 0;
-  for (; i + 6 <= nq; i += 6) pv_block_avx512<6, C>(p + i * ldp, ldp, nk, v, ldv, alpha + i, acc + i * ldacc, ldacc);
+  for (; i + 6 <= nq; i += 6) pv_block_avx512<6, C>(p + i * ldp, ldp, nk, v, ldv, alpha + i, acc + i * ldacc, ldacc, i == 0 ? pf : nullptr, npf);
   switch (nq - i) {
-    case 5: pv_block_avx512<5, C>(p + i * ldp, ldp, nk, v, ldv, alpha + i, acc + i * ldacc, ldacc); break;
-    case 4: pv_block_avx512<4, C>(p + i * ldp, ldp, nk, v, ldv, alpha + i, acc + i * ldacc, ldacc); break;
-    case 3: pv_block_avx512<3, C>(p + i * ldp, ldp, nk, v, ldv, alpha + i, acc + i * ldacc, ldacc); break;
-    case 2: pv_block_avx512<2, C>(p + i * ldp, ldp, nk, v, ldv, alpha + i, acc + i * ldacc, ldacc); break;
-    case 1: pv_block_avx512<1, C>(p + i * ldp, ldp, nk, v, ldv, alpha + i, acc + i * ldacc, ldacc); break;
+    case 5: pv_block_avx512<5, C>(p + i * ldp, ldp, nk, v, ldv, alpha + i, acc + i * ldacc, ldacc, i == 0 ? pf : nullptr, npf); break;
+    case 4: pv_block_avx512<4, C>(p + i * ldp, ldp, nk, v, ldv, alpha + i, acc + i * ldacc, ldacc, i == 0 ? pf : nullptr, npf); break;
+    case 3: pv_block_avx512<3, C>(p + i * ldp, ldp, nk, v, ldv, alpha + i, acc + i * ldacc, ldacc, i == 0 ? pf : nullptr, npf); break;
+    case 2: pv_block_avx512<2, C>(p + i * ldp, ldp, nk, v, ldv, alpha + i, acc + i * ldacc, ldacc, i == 0 ? pf : nullptr, npf); break;
+    case 1: pv_block_avx512<1, C>(p + i * ldp, ldp, nk, v, ldv, alpha + i, acc + i * ldacc, ldacc, i == 0 ? pf : nullptr, npf); break;
     default: break;
   }
 }
 
 template <class V>
 POSENC_AVX512 inline void pv_avx512(const float* p, index_t ldp, index_t nq, index_t nk, const V* v, index_t ldv,
-                                    index_t d, const float* alpha, float* acc, index_t ldacc) {
+                                    index_t d, const float* alpha, float* acc, index_t ldacc, const V* pf,
+                                    index_t npf) {
   // Columns in blocks of 64 (4 vectors), then what is left in whole vectors: the buffers are
   // readable and writable up to d rounded up to 16.
   index_t c0 = 0;
-  for (; c0 + 64 <= d; c0 += 64) pv_cols_avx512<4>(p, ldp, nq, nk, v + c0, ldv, alpha, acc + c0, ldacc);
+  for (; c0 + 64 <= d; c0 += 64) pv_cols_avx512<4>(p, ldp, nq, nk, v + c0, ldv, alpha, acc + c0, ldacc, advance_or_null(pf, c0), npf);
   switch ((d - c0 + 15) / 16) {
-    case 4: pv_cols_avx512<4>(p, ldp, nq, nk, v + c0, ldv, alpha, acc + c0, ldacc); break;
-    case 3: pv_cols_avx512<3>(p, ldp, nq, nk, v + c0, ldv, alpha, acc + c0, ldacc); break;
-    case 2: pv_cols_avx512<2>(p, ldp, nq, nk, v + c0, ldv, alpha, acc + c0, ldacc); break;
-    case 1: pv_cols_avx512<1>(p, ldp, nq, nk, v + c0, ldv, alpha, acc + c0, ldacc); break;
+    case 4: pv_cols_avx512<4>(p, ldp, nq, nk, v + c0, ldv, alpha, acc + c0, ldacc, advance_or_null(pf, c0), npf); break;
+    case 3: pv_cols_avx512<3>(p, ldp, nq, nk, v + c0, ldv, alpha, acc + c0, ldacc, advance_or_null(pf, c0), npf); break;
+    case 2: pv_cols_avx512<2>(p, ldp, nq, nk, v + c0, ldv, alpha, acc + c0, ldacc, advance_or_null(pf, c0), npf); break;
+    case 1: pv_cols_avx512<1>(p, ldp, nq, nk, v + c0, ldv, alpha, acc + c0, ldacc, advance_or_null(pf, c0), npf); break;
     default: break;
   }
 }
@@ -755,13 +746,12 @@ POSENC_AVX2 inline void qk_avx2(const float* q, index_t ldq, index_t nq, index_t
 /// Up to 8 query rows against keys read in place (decode), as `qk_rows_block_avx512`.
 template <int R, class K>
 POSENC_AVX2 inline void qk_rows_block_avx2(const float* q, index_t ldq, index_t d, const K* k, index_t ldk,
-                                           index_t nk, float* s, index_t lds) {
+                                           index_t nk, float* s, index_t lds, const K* pf, index_t npf) {
   const index_t d8 = d / 8 * 8;
   const __m256i tail = tail_mask_avx2(d - d8);
   for (index_t j = 0; j < nk; ++j) {
     const K* kr = k + j * ldk;
-    for (index_t c = 0; c < ldk; c += 64 / static_cast<index_t>(sizeof(K)))
-      prefetch_ahead(kr + c, qk_prefetch_rows<K> * ldk);
+    prefetch_row(pf, ldk, j, npf, d);
     __m256 acc[R];
     POSENC_UNROLL
     for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
@@ -782,19 +772,19 @@ POSENC_AVX2 inline void qk_rows_block_avx2(const float* q, index_t ldq, index_t 
 
 template <class K>
 POSENC_AVX2 inline void qk_rows_avx2(const float* q, index_t ldq, index_t nq, index_t d, const K* k, index_t ldk,
-                                     index_t nk, float* s, index_t lds) {
+                                     index_t nk, float* s, index_t lds, const K* pf, index_t npf) {
   for (index_t i0 = 0; i0 < nq; i0 += 8) {
     const float* qi = q + i0 * ldq;
     float* si = s + i0 * lds;
     switch (std::min<index_t>(8, nq - i0)) {
-      case 8: qk_rows_block_avx2<8>(qi, ldq, d, k, ldk, nk, si, lds); break;
-      case 7: qk_rows_block_avx2<7>(qi, ldq, d, k, ldk, nk, si, lds); break;
-      case 6: qk_rows_block_avx2<6>(qi, ldq, d, k, ldk, nk, si, lds); break;
-      case 5: qk_rows_block_avx2<5>(qi, ldq, d, k, ldk, nk, si, lds); break;
-      case 4: qk_rows_block_avx2<4>(qi, ldq, d, k, ldk, nk, si, lds); break;
-      case 3: qk_rows_block_avx2<3>(qi, ldq, d, k, ldk, nk, si, lds); break;
-      case 2: qk_rows_block_avx2<2>(qi, ldq, d, k, ldk, nk, si, lds); break;
-      default: qk_rows_block_avx2<1>(qi, ldq, d, k, ldk, nk, si, lds); break;
+      case 8: qk_rows_block_avx2<8>(qi, ldq, d, k, ldk, nk, si, lds, i0 == 0 ? pf : nullptr, npf); break;
+      case 7: qk_rows_block_avx2<7>(qi, ldq, d, k, ldk, nk, si, lds, i0 == 0 ? pf : nullptr, npf); break;
+      case 6: qk_rows_block_avx2<6>(qi, ldq, d, k, ldk, nk, si, lds, i0 == 0 ? pf : nullptr, npf); break;
+      case 5: qk_rows_block_avx2<5>(qi, ldq, d, k, ldk, nk, si, lds, i0 == 0 ? pf : nullptr, npf); break;
+      case 4: qk_rows_block_avx2<4>(qi, ldq, d, k, ldk, nk, si, lds, i0 == 0 ? pf : nullptr, npf); break;
+      case 3: qk_rows_block_avx2<3>(qi, ldq, d, k, ldk, nk, si, lds, i0 == 0 ? pf : nullptr, npf); break;
+      case 2: qk_rows_block_avx2<2>(qi, ldq, d, k, ldk, nk, si, lds, i0 == 0 ? pf : nullptr, npf); break;
+      default: qk_rows_block_avx2<1>(qi, ldq, d, k, ldk, nk, si, lds, i0 == 0 ? pf : nullptr, npf); break;
     }
   }
 }
@@ -831,7 +821,7 @@ POSENC_AVX2 inline void softmax_avx2(float* s, index_t lds, index_t nq, index_t 
 /// R rows of the accumulator by 16 columns (two vectors): 2R accumulators.
 template <int R, class V>
 POSENC_AVX2 inline void pv_block_avx2(const float* p, index_t ldp, index_t nk, const V* v, index_t ldv,
-                                      const float* alpha, float* acc, index_t ldacc) {
+                                      const float* alpha, float* acc, index_t ldacc, const V* pf, index_t npf) {
   __m256 a0[R], a1[R];
   POSENC_UNROLL
   for (int r = 0; r < R; ++r) {
@@ -840,7 +830,7 @@ POSENC_AVX2 inline void pv_block_avx2(const float* p, index_t ldp, index_t nk, c
     a1[r] = _mm256_mul_ps(al, _mm256_loadu_ps(acc + r * ldacc + 8));
   }
   for (index_t j = 0; j < nk; ++j) {
-    if constexpr (R <= 4) prefetch_ahead(v + j * ldv, pv_prefetch_rows<V> * ldv);  // decode streams V
+    prefetch_row(pf, ldv, j, npf, 16);
     const __m256 b0 = load8(v + j * ldv);
     const __m256 b1 = load8(v + j * ldv + 8);
     POSENC_UNROLL
@@ -859,19 +849,23 @@ POSENC_AVX2 inline void pv_block_avx2(const float* p, index_t ldp, index_t nk, c
 
 template <class V>
 POSENC_AVX2 inline void pv_keys_avx2(const float* p, index_t ldp, index_t nq, index_t nk, const V* v, index_t ldv,
-                                     index_t d, const float* alpha, float* acc, index_t ldacc) {
+                                     index_t d, const float* alpha, float* acc, index_t ldacc, const V* pf,
+                                     index_t npf) {
   // Whole 16-column blocks: the buffers are readable and writable up to d rounded up to 16.
   for (index_t c0 = 0; c0 < d; c0 += 16) {
     index_t i = 0;
-    for (; i + 6 <= nq; i += 6) pv_block_avx2<6>(p + i * ldp, ldp, nk, v + c0, ldv, alpha + i, acc + i * ldacc + c0, ldacc);
+    const V* const pfc = advance_or_null(pf, c0);
+    for (; i + 6 <= nq; i += 6)
+      pv_block_avx2<6>(p + i * ldp, ldp, nk, v + c0, ldv, alpha + i, acc + i * ldacc + c0, ldacc, i == 0 ? pfc : nullptr,
+                       npf);
     const float* pi = p + i * ldp;
     float* ai = acc + i * ldacc + c0;
     switch (nq - i) {
-      case 5: pv_block_avx2<5>(pi, ldp, nk, v + c0, ldv, alpha + i, ai, ldacc); break;
-      case 4: pv_block_avx2<4>(pi, ldp, nk, v + c0, ldv, alpha + i, ai, ldacc); break;
-      case 3: pv_block_avx2<3>(pi, ldp, nk, v + c0, ldv, alpha + i, ai, ldacc); break;
-      case 2: pv_block_avx2<2>(pi, ldp, nk, v + c0, ldv, alpha + i, ai, ldacc); break;
-      case 1: pv_block_avx2<1>(pi, ldp, nk, v + c0, ldv, alpha + i, ai, ldacc); break;
+      case 5: pv_block_avx2<5>(pi, ldp, nk, v + c0, ldv, alpha + i, ai, ldacc, i == 0 ? pfc : nullptr, npf); break;
+      case 4: pv_block_avx2<4>(pi, ldp, nk, v + c0, ldv, alpha + i, ai, ldacc, i == 0 ? pfc : nullptr, npf); break;
+      case 3: pv_block_avx2<3>(pi, ldp, nk, v + c0, ldv, alpha + i, ai, ldacc, i == 0 ? pfc : nullptr, npf); break;
+      case 2: pv_block_avx2<2>(pi, ldp, nk, v + c0, ldv, alpha + i, ai, ldacc, i == 0 ? pfc : nullptr, npf); break;
+      case 1: pv_block_avx2<1>(pi, ldp, nk, v + c0, ldv, alpha + i, ai, ldacc, i == 0 ? pfc : nullptr, npf); break;
       default: break;
     }
   }
@@ -884,9 +878,9 @@ inline constexpr index_t pv_chunk_keys = 16;
 
 template <class V>
 POSENC_AVX2 inline void pv_avx2(const float* p, index_t ldp, index_t nq, index_t nk, const V* v, index_t ldv,
-                                index_t d, const float* alpha, float* acc, index_t ldacc) {
+                                index_t d, const float* alpha, float* acc, index_t ldacc, const V* pf, index_t npf) {
   if (nq > pv_chunk_rows) {
-    pv_keys_avx2(p, ldp, nq, nk, v, ldv, d, alpha, acc, ldacc);
+    pv_keys_avx2(p, ldp, nq, nk, v, ldv, d, alpha, acc, ldacc, pf, npf);
     return;
   }
   // Few rows (decode): the keys in chunks, every 16-column block of a chunk before the next chunk,
@@ -900,7 +894,7 @@ POSENC_AVX2 inline void pv_avx2(const float* p, index_t ldp, index_t nq, index_t
   const float ones[pv_chunk_rows] = {1.0f, 1.0f, 1.0f, 1.0f};
   for (index_t j0 = 0; j0 < nk; j0 += pv_chunk_keys)
     pv_keys_avx2(p + j0, ldp, nq, std::min(pv_chunk_keys, nk - j0), v + j0 * ldv, ldv, d, j0 == 0 ? alpha : ones,
-                 acc, ldacc);
+                 acc, ldacc, j0 < npf ? pf + j0 * ldv : nullptr, npf - j0);
 }
 
 /// `convert_f16` / `convert_bf16`: 8 columns per step, as `convert_avx512`.
