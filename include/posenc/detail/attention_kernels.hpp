@@ -425,51 +425,82 @@ POSENC_AVX512 inline void qk_avx512(const float* q, index_t ldq, index_t nq, ind
   }
 }
 
-/// Up to 8 query rows against keys read in place: each key row is loaded once (in 16-column
-/// vectors) and multiplied into every query row; one horizontal sum per (row, key). Keys of float,
-/// fp16 or bf16 (`K`).
+/// The sums of four vectors, in lanes 0-3 of the result: each one as ((x0 + x8) + (x4 + x12)),
+/// then the four partial sums pairwise, (t0 + t2) + (t1 + t3), in every lane of the same arithmetic,
+/// so a key's sum is the same bits whichever keys share its call (pages and blocks of any length).
+POSENC_AVX512 inline __m128 sum4_avx512(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+  const __m512 u01 = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, 0x44), _mm512_shuffle_f32x4(a0, a1, 0xEE));
+  const __m512 u23 = _mm512_add_ps(_mm512_shuffle_f32x4(a2, a3, 0x44), _mm512_shuffle_f32x4(a2, a3, 0xEE));
+  const __m512 v = _mm512_add_ps(_mm512_shuffle_f32x4(u01, u23, 0x88), _mm512_shuffle_f32x4(u01, u23, 0xDD));
+  const __m512 w = _mm512_add_ps(v, _mm512_permute_ps(v, 0x4E));
+  const __m512 x = _mm512_add_ps(w, _mm512_permute_ps(w, 0xB1));
+  return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 4, 8, 12, 0, 4, 8, 12, 0, 4, 8, 12), x));
+}
+
+/// Up to 4 query rows against keys read in place (decode): four keys at a time, each key row loaded
+/// once (in 16-column vectors) and multiplied into every query row, then the 4 x 4 dot products
+/// summed across lanes together (sum4_avx512). Keys of float, fp16 or bf16 (`K`).
 template <int R, class K>
 POSENC_AVX512 inline void qk_rows_block_avx512(const float* q, index_t ldq, index_t d, const K* k, index_t ldk,
                                                index_t nk, float* s, index_t lds, const K* pf, index_t npf) {
   const index_t d16 = d / 16 * 16;
   const __mmask16 tail = tail_mask(d - d16);
-  for (index_t j = 0; j < nk; ++j) {
-    const K* kr = k + j * ldk;
-    prefetch_row(pf, ldk, j, npf, d);
-    __m512 acc[R];
+  for (index_t j = 0; j < nk; j += 4) {
+    const index_t keys = std::min<index_t>(4, nk - j);
+    __m512 acc[R][4];
     POSENC_UNROLL
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r)
+      POSENC_UNROLL
+      for (int t = 0; t < 4; ++t) acc[r][t] = _mm512_setzero_ps();
+    // Missing keys of the last group (fewer than four) read row 0 again; their sums are not stored.
+    const K* kr[4];
+    POSENC_UNROLL
+    for (int t = 0; t < 4; ++t) kr[t] = k + (t < keys ? j + t : j) * ldk;
+    // The rows requested ahead are spread over the loop, one line at a time beside the loads.
+    const K* ahead = j < npf ? pf + j * ldk : nullptr;
+    const index_t ahead_rows = ahead ? std::min(keys, npf - j) : 0;
+    constexpr index_t per_line = 64 / static_cast<index_t>(sizeof(K));
     for (index_t c = 0; c < d16; c += 16) {
-      const __m512 kv = load16(kr + c);
+      if (c % per_line == 0)
+        for (index_t t = 0; t < ahead_rows; ++t)
+          _mm_prefetch(reinterpret_cast<const char*>(ahead + t * ldk + c), _MM_HINT_T0);
       POSENC_UNROLL
-      for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(q + r * ldq + c), kv, acc[r]);
+      for (int t = 0; t < 4; ++t) {
+        const __m512 kv = load16(kr[t] + c);
+        POSENC_UNROLL
+        for (int r = 0; r < R; ++r) acc[r][t] = _mm512_fmadd_ps(_mm512_loadu_ps(q + r * ldq + c), kv, acc[r][t]);
+      }
     }
+    if (ahead)
+      for (index_t t = 0; t < ahead_rows; ++t) prefetch_row(ahead + t * ldk + d16, ldk, 0, 1, d - d16);
     if (d16 < d) {
-      const __m512 kv = load16(kr + d16, tail);
       POSENC_UNROLL
-      for (int r = 0; r < R; ++r)
-        acc[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, q + r * ldq + d16), kv, acc[r]);
+      for (int t = 0; t < 4; ++t) {
+        const __m512 kv = load16(kr[t] + d16, tail);
+        POSENC_UNROLL
+        for (int r = 0; r < R; ++r)
+          acc[r][t] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, q + r * ldq + d16), kv, acc[r][t]);
+      }
     }
+    const __mmask8 store = static_cast<__mmask8>((1u << keys) - 1u);
     POSENC_UNROLL
-    for (int r = 0; r < R; ++r) s[r * lds + j] = _mm512_reduce_add_ps(acc[r]);
+    for (int r = 0; r < R; ++r)
+      _mm_mask_storeu_ps(s + r * lds + j, store, sum4_avx512(acc[r][0], acc[r][1], acc[r][2], acc[r][3]));
   }
 }
 
 template <class K>
 POSENC_AVX512 inline void qk_rows_avx512(const float* q, index_t ldq, index_t nq, index_t d, const K* k, index_t ldk,
                                          index_t nk, float* s, index_t lds, const K* pf, index_t npf) {
-  for (index_t i0 = 0; i0 < nq; i0 += 8) {
+  for (index_t i0 = 0; i0 < nq; i0 += 4) {
     const float* qi = q + i0 * ldq;
     float* si = s + i0 * lds;
-    switch (std::min<index_t>(8, nq - i0)) {
-      case 8: qk_rows_block_avx512<8>(qi, ldq, d, k, ldk, nk, si, lds, i0 == 0 ? pf : nullptr, npf); break;
-      case 7: qk_rows_block_avx512<7>(qi, ldq, d, k, ldk, nk, si, lds, i0 == 0 ? pf : nullptr, npf); break;
-      case 6: qk_rows_block_avx512<6>(qi, ldq, d, k, ldk, nk, si, lds, i0 == 0 ? pf : nullptr, npf); break;
-      case 5: qk_rows_block_avx512<5>(qi, ldq, d, k, ldk, nk, si, lds, i0 == 0 ? pf : nullptr, npf); break;
-      case 4: qk_rows_block_avx512<4>(qi, ldq, d, k, ldk, nk, si, lds, i0 == 0 ? pf : nullptr, npf); break;
-      case 3: qk_rows_block_avx512<3>(qi, ldq, d, k, ldk, nk, si, lds, i0 == 0 ? pf : nullptr, npf); break;
-      case 2: qk_rows_block_avx512<2>(qi, ldq, d, k, ldk, nk, si, lds, i0 == 0 ? pf : nullptr, npf); break;
-      default: qk_rows_block_avx512<1>(qi, ldq, d, k, ldk, nk, si, lds, i0 == 0 ? pf : nullptr, npf); break;
+    const K* p0 = i0 == 0 ? pf : nullptr;
+    switch (std::min<index_t>(4, nq - i0)) {
+      case 4: qk_rows_block_avx512<4>(qi, ldq, d, k, ldk, nk, si, lds, p0, npf); break;
+      case 3: qk_rows_block_avx512<3>(qi, ldq, d, k, ldk, nk, si, lds, p0, npf); break;
+      case 2: qk_rows_block_avx512<2>(qi, ldq, d, k, ldk, nk, si, lds, p0, npf); break;
+      default: qk_rows_block_avx512<1>(qi, ldq, d, k, ldk, nk, si, lds, p0, npf); break;
     }
   }
 }
