@@ -1483,7 +1483,7 @@ auto init_of(std::string cls, const char* params, F make) {
 
 }  // namespace
 
-PYBIND11_MODULE(posenc, m) {
+PYBIND11_MODULE(_posenc, m) {
   // Every function below writes its Python signature as the first line of its docstring.
   py::options options;
   options.disable_function_signatures();
