@@ -16,6 +16,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <array>
 #include <cstddef>
 #include <cstdint>
@@ -855,20 +856,297 @@ posenc::row_matrix<double> table_of(py::handle obj, const std::string& where, co
 }
 
 // ---------------------------------------------------------------------------------------------
+// Layouts of attention and rotation arguments. A 2-D array is [tokens, heads * head_dim]; a 3-D or
+// 4-D one is laid out as `layout=` says: 'thd' [tokens, heads, head_dim] (3-D default), 'htd'
+// [heads, tokens, head_dim], 'bhtd' [batch, heads, tokens, head_dim] (4-D default, torch's
+// scaled_dot_product_attention) or 'bthd' [batch, tokens, heads, head_dim]. Any strides (in whole
+// elements, non-negative) with a unit stride along head_dim, so transposes and slices of a fused QKV
+// projection are used in place. A batch is independent sequences of equal length and positions.
+//
+// The C++ views are [tokens, heads * head_dim] with one row stride. Where each token's heads lie
+// head_dim apart (2-D, 'thd' and 'bthd' from a contiguous or row-sliced tensor) a batch item is one
+// such view and one call; otherwise every (batch item, head) is a [tokens, head_dim] view of its
+// own, attended by its own call with the head's global index (ALiBi, T5) and its kv head (GQA).
+
+enum class layout_kind { flat, thd, htd, bthd, bhtd };
+
+const char* layout_text(layout_kind k) {
+  switch (k) {
+    case layout_kind::flat:
+      return "[tokens, heads * head_dim]";
+    case layout_kind::thd:
+      return "[tokens, heads, head_dim]";
+    case layout_kind::htd:
+      return "[heads, tokens, head_dim]";
+    case layout_kind::bthd:
+      return "[batch, tokens, heads, head_dim]";
+    default:
+      return "[batch, heads, tokens, head_dim]";
+  }
+}
+
+/// The axis of the heads in a layout (for messages).
+int head_axis(layout_kind k) {
+  return k == layout_kind::htd ? 0 : k == layout_kind::bthd ? 2 : 1;
+}
+
+constexpr const char* layout_choices =
+    "2-D [tokens, heads * head_dim], 3-D with layout 'thd' [tokens, heads, head_dim] (default) or 'htd' "
+    "[heads, tokens, head_dim], or 4-D with layout 'bhtd' [batch, heads, tokens, head_dim] (default) or 'bthd' "
+    "[batch, tokens, heads, head_dim]";
+
+/// The layout of the call, from `layout=` (None: by the dimensions of `main`, the first array).
+layout_kind layout_of(py::handle obj, const array_arg& main, const std::string& w, const char* arg) {
+  const auto nd = main.ndim();
+  if (obj.is_none()) {
+    if (nd == 2) return layout_kind::flat;
+    if (nd == 3) return layout_kind::thd;
+    if (nd == 4) return layout_kind::bhtd;
+    value_error(w, std::string(arg) + " must be " + layout_choices + ", got shape " + shape_text(main));
+  }
+  const std::string name = str_of(obj, w, "layout");
+  const auto k = enum_of<layout_kind>(name,
+                                      {{"thd", layout_kind::thd},
+                                       {"htd", layout_kind::htd},
+                                       {"bhtd", layout_kind::bhtd},
+                                       {"bthd", layout_kind::bthd}},
+                                      w, "layout");
+  const py::ssize_t want = k == layout_kind::thd || k == layout_kind::htd ? 3 : 4;
+  if (nd != want)
+    value_error(w, "layout = '" + name + "' is " + layout_text(k) + " (" + std::to_string(want) + "-D) but " + arg +
+                       " has shape " + shape_text(main));
+  return k;
+}
+
+/// An attention or rotation argument as (batch, heads, tokens, head_dim) with element strides; the
+/// head_dim axis is dense. A 2-D array knows its heads only once `split` is called.
+template <class S>
+struct heads_arg {
+  S* data = nullptr;
+  layout_kind kind = layout_kind::flat;
+  index_t batch = 1, heads = 0, tokens = 0, d = 0;
+  index_t cols = 0;                // heads * head_dim
+  index_t sb = 0, sh = 0, st = 0;  // strides of batch, head and token, in elements
+
+  bool flat() const { return kind == layout_kind::flat; }
+  /// A 2-D array split into `h` heads (h divides cols).
+  void split(index_t h) {
+    heads = h;
+    d = cols / h;
+    sh = d;
+  }
+  /// Head `h` of batch item `b`: [tokens, head_dim], rows st apart.
+  posenc::strided_view<S> head(index_t b, index_t h) const {
+    return {data + b * sb + h * sh, tokens, d, tokens <= 1 ? d : st};
+  }
+  /// Every token's heads lie head_dim apart in one row: batch item b is one [tokens, heads * d] view.
+  bool row_packed() const { return (heads <= 1 || sh == d) && (tokens <= 1 || st >= heads * d); }
+  posenc::strided_view<S> rows(index_t b) const { return {data + b * sb, tokens, heads * d, tokens <= 1 ? heads * d : st}; }
+};
+
+/// True when no two elements of the array (extents `e`, element strides `s`) share memory: sorted
+/// by stride, each stride is at least the span of the axes before it.
+bool no_overlap(std::vector<std::pair<index_t, index_t>> axes) {
+  std::erase_if(axes, [](const auto& a) { return a.second <= 1; });
+  std::sort(axes.begin(), axes.end());
+  index_t span = 1;
+  for (const auto& [stride, extent] : axes) {
+    if (stride < span) return false;
+    span += stride * (extent - 1);
+  }
+  return true;
+}
+
+/// Views `a` in place in layout `k` (`flat` for a 2-D array in a 3-D layout's call). Writable
+/// (`S` not const): the array must be writeable and no two of its elements may share memory.
+template <class S>
+heads_arg<S> heads_of(const array_arg& a, layout_kind k, const std::string& w, const std::string& arg) {
+  using T = std::remove_const_t<S>;
+  constexpr auto item = static_cast<py::ssize_t>(sizeof(T));
+  const py::ssize_t nd = a.ndim();
+  const py::ssize_t want = k == layout_kind::flat ? 2 : k == layout_kind::thd || k == layout_kind::htd ? 3 : 4;
+  if (nd != want)
+    value_error(w, arg + " has shape " + shape_text(a) + " but the call's layout is " + layout_text(k) + " (" +
+                       std::to_string(want) + "-D)");
+  // Axes of batch, heads, tokens, head_dim (-1: none).
+  int ab = -1, ah = -1, at = 0, ad = static_cast<int>(nd) - 1;
+  switch (k) {
+    case layout_kind::flat:
+      break;
+    case layout_kind::thd:
+      ah = 1;
+      break;
+    case layout_kind::htd:
+      ah = 0, at = 1;
+      break;
+    case layout_kind::bthd:
+      ab = 0, at = 1, ah = 2;
+      break;
+    case layout_kind::bhtd:
+      ab = 0, ah = 1, at = 2;
+      break;
+  }
+  heads_arg<S> h;
+  h.kind = k;
+  h.data = reinterpret_cast<S*>(a.data);
+  h.batch = ab >= 0 ? a.shape[ab] : 1;
+  h.tokens = a.shape[at];
+  if (k == layout_kind::flat) {
+    h.cols = a.shape[ad];
+  } else {
+    h.heads = a.shape[ah];
+    h.d = a.shape[ad];
+    h.cols = h.heads * h.d;
+  }
+  const auto not_rows = [&] {
+    value_error(w, arg + " with shape " + shape_text(a) + " and strides " + strides_text(a) +
+                       " is not laid out as rows of contiguous elements; head_dim must be the last axis with unit "
+                       "stride and strides whole non-negative elements (numpy.ascontiguousarray, "
+                       "Tensor.contiguous())");
+  };
+  if (a.size() == 0) {  // addresses no memory: strides do not matter, nothing is written
+    h.st = h.cols;
+    h.sh = h.d;
+    h.sb = h.tokens * h.cols;
+    return h;
+  }
+  for (py::ssize_t i = 0; i < nd; ++i)
+    if (a.shape[i] > 1 && (a.strides[i] < 0 || a.strides[i] % item != 0)) not_rows();
+  if (a.shape[ad] > 1 && a.strides[ad] != item) not_rows();
+  const auto stride = [&](int axis) { return axis >= 0 && a.shape[axis] > 1 ? a.strides[axis] / item : 0; };
+  h.sb = stride(ab);
+  h.sh = stride(ah);
+  h.st = stride(at);
+  // A head's rows must not overlap (the C++ views' rule); a 2-D array's rows hold all its columns.
+  if (h.tokens > 1 && h.st < (k == layout_kind::flat ? h.cols : h.d)) not_rows();
+  if constexpr (!std::is_const_v<S>) {
+    if (!a.writeable) value_error(w, arg + " is read-only; it is written in place");
+    std::vector<std::pair<index_t, index_t>> axes;
+    for (py::ssize_t i = 0; i < nd; ++i) axes.emplace_back(a.strides[i] / item, a.shape[i]);
+    if (!no_overlap(axes))
+      value_error(w, arg + " with shape " + shape_text(a) + " and strides " + strides_text(a) +
+                         " has elements that share memory (a broadcast or expanded view); it is written in place");
+  }
+  return h;
+}
+
+/// The message for a `name` whose head axis does not hold `want` heads (kv heads when `kv`). In
+/// the 'thd' layout, an axis 0 of `want` most likely means [heads, tokens, head_dim].
+std::string head_axis_error(const array_arg& a, layout_kind k, const char* name, bool kv, index_t want) {
+  const std::string heads = kv ? "kv_heads" : "heads";
+  const std::string head = std::string(name) + " has shape " + shape_text(a) + ": ";
+  if (k == layout_kind::thd && a.shape[0] == want && a.shape[1] != want)
+    return head + "posenc takes [tokens, " + heads + ", head_dim] by default; this looks like [" + heads +
+           ", tokens, head_dim]: pass layout='htd'";
+  return head + "its axis " + std::to_string(head_axis(k)) + " holds the " + (kv ? "kv heads" : "heads") + " but " +
+         heads + " = " + std::to_string(want);
+}
+
+/// Splits 2-D arrays into heads and checks that q, k, v fit together; returns (heads, kv_heads).
+template <class T>
+std::pair<index_t, index_t> fit_heads(const std::string& w, layout_kind L, const array_arg& qa, heads_arg<const T>& q,
+                                      const array_arg& ka, heads_arg<const T>& k, const array_arg& va,
+                                      heads_arg<const T>& v, std::optional<index_t> heads,
+                                      std::optional<index_t> kv_heads) {
+  if (!heads && q.flat()) value_error(w, "q is 2-D [tokens, heads * head_dim]: pass heads= (and kv_heads= for GQA/MQA)");
+  const index_t h = heads ? *heads : q.heads;
+  if (h <= 0) value_error(w, "heads = " + std::to_string(h) + ": must be positive");
+  if (q.flat()) {
+    if (q.cols % h != 0)
+      value_error(w, "q has " + std::to_string(q.cols) + " columns, not a multiple of heads = " + std::to_string(h));
+    q.split(h);
+  } else if (q.heads != h) {
+    value_error(w, head_axis_error(qa, L, "q", false, h));
+  }
+  if (q.d == 0) value_error(w, "q has head_dim 0");
+  const index_t d = q.d;
+  // kv_heads: given, else k's head axis, else heads.
+  const index_t hk = kv_heads ? *kv_heads : (!k.flat() ? k.heads : h);
+  if (!kv_heads && !k.flat() && (hk <= 0 || h % hk != 0)) {
+    if (L == layout_kind::thd && ka.shape[0] > 0 && h % ka.shape[0] == 0)
+      value_error(w, head_axis_error(ka, L, "k", true, ka.shape[0]));
+    value_error(w, "k has shape " + shape_text(ka) + ": its axis " + std::to_string(head_axis(L)) +
+                       " holds the kv heads, and " + std::to_string(hk) + " does not divide heads = " +
+                       std::to_string(h));
+  }
+  for (auto [m, arr, name] : {std::tuple{&k, &ka, "k"}, std::tuple{&v, &va, "v"}})
+    if (!m->flat() && m->heads != hk) value_error(w, head_axis_error(*arr, L, name, true, hk));
+  if (hk <= 0 || h % hk != 0)
+    value_error(w, "kv_heads = " + std::to_string(hk) + ": must be positive and divide heads = " + std::to_string(h));
+  for (auto [m, name] : {std::pair{&k, "k"}, std::pair{&v, "v"}}) {
+    if (m->flat()) {
+      if (m->cols != hk * d)
+        value_error(w, std::string(name) + " has " + std::to_string(m->cols) +
+                           " columns but kv_heads * head_dim = " + std::to_string(hk) + " * " + std::to_string(d) +
+                           " = " + std::to_string(hk * d) + " are needed" +
+                           (!kv_heads ? "; pass kv_heads= for GQA/MQA" : ""));
+      m->split(hk);
+    } else if (m->d != d) {
+      value_error(w, std::string(name) + " has head_dim " + std::to_string(m->d) + " but q has head_dim " +
+                         std::to_string(d));
+    }
+    if (m->batch != q.batch)
+      value_error(w, std::string(name) + " has shape " + shape_text(*(m == &k ? &ka : &va)) + ": batch " +
+                         std::to_string(m->batch) + " but q has batch " + std::to_string(q.batch));
+  }
+  if (v.tokens != k.tokens)
+    value_error(w, "v has " + std::to_string(v.tokens) + " rows but k has " + std::to_string(k.tokens));
+  return {h, hk};
+}
+
+/// A score bias (ALiBi, T5) whose local head 0 is the wrapped encoder's local head `shift`: one head
+/// attended alone keeps its global head index, so its slope or table column.
+template <class E>
+struct head_shifted {
+  using scalar_type = typename E::scalar_type;
+  static constexpr posenc::encoding_family family = E::family;
+  const E* enc;
+  index_t shift;
+
+  std::string_view name() const { return enc->name(); }
+  double bias(index_t h, position q, position k) const { return enc->bias(h + shift, q, k); }
+  template <class Tile>
+  void add_bias_tile(Tile&& tile, index_t h, posenc::positions q, posenc::positions k) const {
+    enc->add_bias_tile(std::forward<Tile>(tile), h + shift, q, k);
+  }
+};
+
+/// The encoder for query head `h` attended alone.
+template <class E>
+decltype(auto) for_head(const E& e, index_t h) {
+  if constexpr (posenc::position_bias<E>) {
+    return head_shifted<E>{&e, h};
+  } else {
+    return (e);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Encoder methods, per element type.
 
 template <class T>
-void rope_rotate(const py_rope& r, const array_arg& a, py::handle pos) {
-  auto m = matrix_of<T>(a, "Rope.rotate", "x", true);
-  if (m.ndim == 3 && m.head_dim3 != r.f.head_dim())
-    value_error("Rope.rotate", "x has head_dim " + std::to_string(m.head_dim3) +
-                                   " (its last axis) but the encoder has head_dim " + std::to_string(r.f.head_dim()));
-  if (m.view.cols % r.f.head_dim() != 0)
-    value_error("Rope.rotate", "x has " + std::to_string(m.view.cols) + " columns, not a multiple of head_dim " +
-                                   std::to_string(r.f.head_dim()));
-  position_arg p(pos, m.view.rows, "Rope.rotate", "positions");
+void rope_rotate(const py_rope& r, const array_arg& a, py::handle pos, py::handle layout) {
+  const std::string w = "Rope.rotate";
+  const index_t hd = r.f.head_dim();
+  const layout_kind L = layout_of(layout, a, w, "x");
+  auto x = heads_of<T>(a, L, w, "x");
+  if (!x.flat() && x.d != hd)
+    value_error(w, "x has head_dim " + std::to_string(x.d) + " (its last axis) but the encoder has head_dim " +
+                       std::to_string(hd));
+  if (x.flat()) {
+    if (x.cols % hd != 0)
+      value_error(w, "x has " + std::to_string(x.cols) + " columns, not a multiple of head_dim " + std::to_string(hd));
+    x.split(x.cols / hd);
+  }
+  position_arg p(pos, x.tokens, w, "positions");
+  const auto& rope = r.get<posenc::compute_t<T>>();
   py::gil_scoped_release unlocked;
-  r.get<posenc::compute_t<T>>().rotate(m.view, p.get(), &workers());
+  if (x.row_packed()) {
+    for (index_t b = 0; b < x.batch; ++b) rope.rotate(x.rows(b), p.get(), &workers());
+  } else {
+    for (index_t b = 0; b < x.batch; ++b)
+      for (index_t h = 0; h < x.heads; ++h) rope.rotate(x.head(b, h), p.get(), &workers());
+  }
 }
 
 template <class T>
@@ -1152,24 +1430,115 @@ struct outputs {
   py::object result(bool want_lse) const { return want_lse ? py::object(py::make_tuple(out_obj, lse_obj)) : out_obj; }
 };
 
+/// The log-sum-exp of a call in layout `L`: q's layout without head_dim, so [tokens, heads] for 2-D
+/// and 'thd', [heads, tokens] for 'htd', [batch, heads, tokens] for 'bhtd', [batch, tokens, heads]
+/// for 'bthd'. A new array when asked for, else scratch memory [batch, tokens, heads].
+std::vector<py::ssize_t> lse_shape(layout_kind L, index_t b, index_t h, index_t n) {
+  switch (L) {
+    case layout_kind::htd:
+      return {h, n};
+    case layout_kind::bhtd:
+      return {b, h, n};
+    case layout_kind::bthd:
+      return {b, n, h};
+    default:
+      return {n, h};
+  }
+}
+
 template <class T>
 py::object attention_typed(const call_args& a, attention_knobs& kn, const array_arg& qa, const array_arg& ka,
                            const array_arg& va) {
   using C = posenc::compute_t<T>;
   const std::string w = "attention";
-  const auto q = matrix_of<const T>(qa, w, "q", true);
-  const auto k = matrix_of<const T>(ka, w, "k", true);
-  const auto v = matrix_of<const T>(va, w, "v", true);
-  std::tie(kn.p.heads, kn.p.kv_heads) =
-      resolve_heads(w, qa, q, ka, k, va, v, a.optional_int64("heads"), a.optional_int64("kv_heads"));
-  position_arg qp(a["qpos"], q.view.rows, w, "qpos");
-  position_arg kp(a["kpos"], k.view.rows, w, "kpos");
-  outputs<T> o(a, w, qa, q, kn.p.heads, kn.want_lse);
-  with_encoding<C>(a["encoding"], w, kn.p.heads, q.view.cols / kn.p.heads, [&](const auto& enc) {
+  const layout_kind L = layout_of(a["layout"], qa, w, "q");
+  // A 2-D k, v or out beside a 3-D q is [tokens, kv_heads * head_dim] (a slice of a fused projection).
+  const auto kind = [&](const array_arg& x) {
+    return x.ndim() == 2 && (L == layout_kind::thd || L == layout_kind::htd) ? layout_kind::flat : L;
+  };
+  auto q = heads_of<const T>(qa, L, w, "q");
+  auto k = heads_of<const T>(ka, kind(ka), w, "k");
+  auto v = heads_of<const T>(va, kind(va), w, "v");
+  const auto [h, hk] = fit_heads(w, L, qa, q, ka, k, va, v, a.optional_int64("heads"), a.optional_int64("kv_heads"));
+  const index_t n = q.tokens, batch = q.batch, d = q.d;
+  position_arg qp(a["qpos"], n, w, "qpos");
+  position_arg kp(a["kpos"], k.tokens, w, "kpos");
+
+  const py::object out_obj =
+      a.has("out") ? py::reinterpret_borrow<py::object>(a["out"]) : new_result(qa.source, qa.shape, qa.type, w);
+  const array_arg out_arr = float_array(out_obj, w, "out");
+  require_dtype(out_arr, qa, w, "out", "q");
+  auto out = heads_of<T>(out_arr, kind(out_arr), w, "out");
+  if (out.flat() && out.cols % h == 0) out.split(h);
+  if (out.batch != batch || out.tokens != n || out.heads != h || out.d != d)
+    value_error(w, "out has shape " + shape_text(out_arr) + " but q has shape " + shape_text(qa));
+
+  py::object lse_obj;
+  array_arg lse_arr;
+  std::vector<C> scratch;
+  heads_arg<C> lse;
+  if (kn.want_lse) {
+    lse_obj = new_result(qa.source, lse_shape(L, batch, h, n), std::same_as<C, float> ? elem::f32 : elem::f64, w);
+    lse_arr = array_of(lse_obj, w, "lse");
+    const auto es = [&](int axis) { return static_cast<index_t>(lse_arr.strides[axis] / sizeof(C)); };
+    lse.data = reinterpret_cast<C*>(lse_arr.data);
+    switch (L) {
+      case layout_kind::htd:
+        lse.sh = es(0), lse.st = es(1);
+        break;
+      case layout_kind::bhtd:
+        lse.sb = es(0), lse.sh = es(1), lse.st = es(2);
+        break;
+      case layout_kind::bthd:
+        lse.sb = es(0), lse.st = es(1), lse.sh = es(2);
+        break;
+      default:
+        lse.st = es(0), lse.sh = es(1);
+    }
+  } else {
+    scratch.resize(static_cast<std::size_t>(batch * n * h));
+    lse.data = scratch.data();
+    lse.sb = n * h, lse.st = h, lse.sh = 1;
+  }
+  lse.batch = batch, lse.heads = h, lse.tokens = n, lse.d = 1, lse.cols = h;
+  if (n <= 1) lse.st = h;  // a single row: any stride (torch gives 1) reads as a row of h values
+
+  const bool fused = q.row_packed() && k.row_packed() && v.row_packed() && out.row_packed() &&
+                     (h <= 1 || lse.sh == 1) && (n <= 1 || lse.st >= h);
+  kn.p.heads = h;
+  kn.p.kv_heads = hk;
+  posenc::detail::check_params(kn.p);  // here too: the per-head calls below see one head each
+  with_encoding<C>(a["encoding"], w, h, d, [&](const auto& enc) {
     py::gil_scoped_release unlocked;
-    posenc::attention(q.view, k.view, v.view, o.out, qp.get(), kp.get(), enc, kn.p, o.lse);
+    if (fused) {
+      for (index_t b = 0; b < batch; ++b)
+        posenc::attention(q.rows(b), k.rows(b), v.rows(b), out.rows(b), qp.get(), kp.get(), enc, kn.p,
+                          posenc::strided_view<C>(lse.data + b * lse.sb, n, h, n <= 1 ? h : lse.st));
+      return;
+    }
+    // One call per (batch item, query head) on [tokens, head_dim] views; query head i reads kv head
+    // i / (heads / kv_heads). Many items: spread over the workers, each call on its own thread (a
+    // nested call of the pool runs on the calling thread); few: one after another, each spread.
+    const index_t items = batch * h, group = h / hk;
+    posenc::executor& ex = workers();
+    const int conc = kn.p.threads > 0 ? std::min(kn.p.threads, ex.concurrency()) : ex.concurrency();
+    auto one = [&](index_t item, int) {
+      const index_t b = item / h, i = item % h;
+      posenc::attention_params p1 = kn.p;
+      p1.heads = 1;
+      p1.kv_heads = 1;
+      if (!kn.p.sinks.empty()) p1.sinks = kn.p.sinks.subspan(static_cast<std::size_t>(i), 1);
+      posenc::attention(q.head(b, i), k.head(b, i / group), v.head(b, i / group), out.head(b, i), qp.get(), kp.get(),
+                        for_head(enc, i), p1,
+                        posenc::strided_view<C>(lse.data + b * lse.sb + i * lse.sh, n, 1, n <= 1 ? 1 : lse.st));
+    };
+    if (items >= conc) {
+      ex.parallel_for(items, conc, one);
+    } else {
+      for (index_t item = 0; item < items; ++item) one(item, 0);
+    }
   });
-  return o.result(kn.want_lse);
+  return kn.want_lse ? py::object(py::make_tuple(out_obj, lse_obj)) : out_obj;
 }
 
 /// Reads q, k, v (or q alone) as float arrays of one dtype.
@@ -1184,8 +1553,9 @@ std::vector<array_arg> same_dtype_arrays(const call_args& a, const std::string& 
 }
 
 constexpr const char* attention_params_text =
-    "q, k, v, qpos=None, kpos=None, encoding=None, *, heads=None, kv_heads=None, scale=None, softcap=0.0, "
-    "sinks=None, causal=False, window=(-1, -1), return_lse=False, out=None, threads=0, q_tile=0, k_tile=0";
+    "q, k, v, qpos=None, kpos=None, encoding=None, *, heads=None, kv_heads=None, layout=None, scale=None, "
+    "softcap=0.0, sinks=None, causal=False, window=(-1, -1), return_lse=False, out=None, threads=0, q_tile=0, "
+    "k_tile=0";
 
 py::object attention(const call_args& a) {
   const std::string w = "attention";
@@ -1579,7 +1949,7 @@ PYBIND11_MODULE(_posenc, m) {
   constexpr const char* rope_params =
       "*, head_dim=128, rotary_dim=0, base=10000.0, layout='half_split', scaling=None, rope_scaling=None, "
       "attention_factor=None";
-  constexpr const char* rotate_params = "x, positions=None";
+  constexpr const char* rotate_params = "x, positions=None, *, layout=None";
   constexpr const char* cos_sin_params = "positions";
   py::class_<py_rope>(m, "Rope",
                       "Rotary position embedding (Su et al. 2021) with an optional frequency policy.\n\n"
@@ -1593,7 +1963,7 @@ PYBIND11_MODULE(_posenc, m) {
           [sig = sig_of("Rope.rotate", rotate_params)](const py_rope& r, py::args args, py::kwargs kwargs) {
             const call_args a(sig, args, kwargs);
             const auto x = float_array(a["x"], sig.name, "x");
-            with_storage(x.type, [&](auto t) { rope_rotate<decltype(t)>(r, x, a["positions"]); });
+            with_storage(x.type, [&](auto t) { rope_rotate<decltype(t)>(r, x, a["positions"], a["layout"]); });
           },
           doc_of("rotate", true, rotate_params,
                  "Rotates every head of x ([tokens, heads * head_dim] or [tokens, heads, head_dim]) in place, row i "

@@ -11,6 +11,9 @@ Positions = Union[None, range, Sequence[int], Array]
 IndexArray = Union[Sequence[int], Array]
 Encoding = Union[None, "Rope", "Alibi", "T5Bias", "ShawRelative"]
 DType = Union[str, Any]  # "float32", "float64", numpy.float32, numpy.float64
+# attention and Rope.rotate: 'thd' [tokens, heads, head_dim] (3-D default), 'htd' [heads, tokens, head_dim],
+# 'bhtd' [batch, heads, tokens, head_dim] (4-D default), 'bthd' [batch, tokens, heads, head_dim].
+Layout = Optional[Literal["thd", "htd", "bhtd", "bthd"]]
 
 __version__: str
 
@@ -55,7 +58,7 @@ class Rope:
     def __init__(self, *, head_dim: int = 128, rotary_dim: int = 0, base: float = 10000.0,
                  layout: Literal["half_split", "interleaved"] = "half_split", scaling: Scaling = None,
                  rope_scaling: Optional[Dict[str, Any]] = None, attention_factor: Optional[float] = None) -> None: ...
-    def rotate(self, x: Array, positions: Positions = None) -> None: ...
+    def rotate(self, x: Array, positions: Positions = None, *, layout: Layout = None) -> None: ...
     def cos_sin(self, positions: Positions) -> Tuple[Array, Array]: ...
     @property
     def head_dim(self) -> int: ...
@@ -108,13 +111,13 @@ class ShawRelative:
 @overload
 def attention(q: Array, k: Array, v: Array, qpos: Positions = None, kpos: Positions = None,
               encoding: Encoding = None, *, heads: Optional[int] = None, kv_heads: Optional[int] = None,
-              scale: Optional[float] = None, softcap: float = 0.0, sinks: Optional[Union[Sequence[float], Array]] = None,
+              layout: Layout = None, scale: Optional[float] = None, softcap: float = 0.0, sinks: Optional[Union[Sequence[float], Array]] = None,
               causal: bool = False, window: Tuple[int, int] = (-1, -1), return_lse: Literal[False] = False,
               out: Optional[Array] = None, threads: int = 0, q_tile: int = 0, k_tile: int = 0) -> Array: ...
 @overload
 def attention(q: Array, k: Array, v: Array, qpos: Positions = None, kpos: Positions = None,
               encoding: Encoding = None, *, heads: Optional[int] = None, kv_heads: Optional[int] = None,
-              scale: Optional[float] = None, softcap: float = 0.0, sinks: Optional[Union[Sequence[float], Array]] = None,
+              layout: Layout = None, scale: Optional[float] = None, softcap: float = 0.0, sinks: Optional[Union[Sequence[float], Array]] = None,
               causal: bool = False, window: Tuple[int, int] = (-1, -1), return_lse: Literal[True],
               out: Optional[Array] = None, threads: int = 0, q_tile: int = 0, k_tile: int = 0) -> Tuple[Array, Array]: ...
 
