@@ -53,6 +53,459 @@ posenc::thread_pool& workers() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Docstrings: what help() shows. numpy style; every parameter under "Parameters" as `name : type`
+// with its unit, shape, default and the model convention it follows (tests/python/test_package.py
+// checks that each parameter of each signature is documented).
+
+namespace docs {
+
+constexpr const char* module = R"(posenc: positional encodings and blockwise attention, in place on NumPy arrays and CPU torch tensors.
+
+Encoders: Sinusoidal (added to token embeddings), Rope with a frequency policy (LinearScaling,
+NtkAwareScaling, DynamicNtkScaling, YarnScaling, Llama3Scaling, LongRopeScaling, or a Hugging Face
+rope_scaling dict), and the score biases Alibi, T5Bias and ShawRelative. Attention: attention (one
+sequence or a batch of equal-length sequences), attention_varlen (packed sequences), paged_attention
+and paged_append (a paged KV cache).
+
+Arrays: numpy.ndarray, torch.Tensor on the CPU (through __dlpack__), or any buffer; float16, bfloat16
+(torch), float32 or float64; never copied. attention and Rope.rotate take [tokens, heads * head_dim],
+[tokens, heads, head_dim], [heads, tokens, head_dim], [batch, heads, tokens, head_dim] and
+[batch, tokens, heads, head_dim] through their strides (layout=). Positions are exact integers: None
+(0..n-1), a range with step 1, an int64 array or a list of ints. Errors: TypeError (type, dtype,
+device), ValueError (shape, layout, parameter), OverflowError (an int past int64),
+posenc.PreconditionError (a ValueError: shape rules of the engine step).)";
+
+constexpr const char* linear = R"(Position interpolation (Chen et al. 2023): every inverse frequency divided by factor,
+the same as positions divided by factor. Hugging Face rope_type 'linear'.)";
+constexpr const char* linear_init = R"(Parameters
+----------
+factor : float, default 1.0
+    The scale s > 0: inv_freq[i] / s. A model trained on L tokens reads s * L.)";
+
+constexpr const char* ntk = R"(NTK-aware scaling: the base becomes base * alpha^(r / (r - 2)), r = rotary_dim.
+Hugging Face has no rope_type for it (Code Llama-style base changes).)";
+constexpr const char* ntk_init = R"(Parameters
+----------
+alpha : float, default 1.0
+    The NTK factor > 0 (1 = plain RoPE).)";
+
+constexpr const char* dynamic = R"(Dynamic NTK (Hugging Face rope_type 'dynamic'): for a sequence of L > L0 tokens the base
+becomes base * (s L / L0 - (s - 1))^(r / (r - 2)); at L <= L0 the plain table. The table is fixed
+when the Rope is made: keys cached with one length go stale at another.)";
+constexpr const char* dynamic_init = R"(Parameters
+----------
+factor : float, default 1.0
+    s > 0.
+original_max_position : int, default 2048
+    L0, the trained context length in tokens.
+sequence_length : int, default 0
+    L, the length (tokens) the table is made for; 0 = L0 (the plain table).)";
+
+constexpr const char* yarn = R"(YaRN (Peng et al. 2023, Hugging Face rope_type 'yarn'): pairs that turn more than beta_fast
+times over the trained length keep their frequency, fewer than beta_slow times are divided by
+factor, a linear ramp blends between; cos and sin are multiplied by 0.1 ln(factor) + 1.)";
+constexpr const char* yarn_init = R"(Parameters
+----------
+factor : float, default 1.0
+    s > 0: new context length / original_max_position.
+original_max_position : int, default 4096
+    L0, the trained context length in tokens.
+beta_fast : float, default 32.0
+    Rotations over L0 above which a pair keeps its frequency.
+beta_slow : float, default 1.0
+    Rotations over L0 below which a pair is interpolated; beta_slow < beta_fast.
+mscale : float, default 0.0
+    With mscale_all_dim (DeepSeek-V2): magnitude (0.1 mscale ln s + 1) / (0.1 mscale_all_dim ln s + 1);
+    0 = the plain 0.1 ln s + 1.
+mscale_all_dim : float, default 0.0
+    See mscale.
+truncate : bool, default True
+    Round the ramp's ends to whole pairs (floor/ceil), as Hugging Face does; False keeps them fractional.)";
+
+constexpr const char* llama3 = R"(Llama 3.1's frequency policy (Hugging Face rope_type 'llama3'): wavelengths 2 pi / inv_i
+shorter than L0 / high_freq_factor are kept, longer than L0 / low_freq_factor divided by factor, and
+those between blended with t = (L0 / wavelength - low) / (high - low).)";
+constexpr const char* llama3_init = R"(Parameters
+----------
+factor : float, default 8.0
+    s > 0, the divisor of low frequencies.
+low_freq_factor : float, default 1.0
+    Wavelengths above L0 / low_freq_factor are interpolated.
+high_freq_factor : float, default 4.0
+    Wavelengths below L0 / high_freq_factor are kept; > low_freq_factor.
+original_max_position : int, default 8192
+    L0, the trained context length in tokens.)";
+
+constexpr const char* longrope = R"(LongRoPE (Phi-3, Hugging Face rope_type 'longrope'): inv_i = 1 / (f_i base^(2i / r)) with
+per-pair factors f (short_factor for sequences up to original_max_position, long_factor past it);
+cos and sin are multiplied by sqrt(1 + ln s / ln L0).)";
+constexpr const char* longrope_init = R"(Parameters
+----------
+short_factor : list of float
+    r / 2 factors used up to original_max_position tokens.
+long_factor : list of float
+    r / 2 factors used past it.
+original_max_position : int, default 4096
+    L0, the trained context length in tokens.
+max_position : int, default 0
+    The extended context length; s = max_position / L0 (0: use factor).
+choice : {'per_length', 'fixed_long'}, default 'per_length'
+    'per_length' picks the factors by sequence_length (keys cached with the short factors go stale when
+    a sequence grows past L0); 'fixed_long' always uses long_factor.
+sequence_length : int, default 0
+    The length the short/long choice is made for ('per_length').
+factor : float, default 0.0
+    s when max_position is 0; 0 = none given.)";
+
+constexpr const char* rope = R"(Rotary position embedding (Su et al. 2021), with an optional frequency policy.
+
+Pair (a, b) of each head becomes (a cos - b sin, b cos + a sin) with angle position * inv_freq[i],
+inv_freq[i] = base^(-2i / rotary_dim); dims past rotary_dim pass through. Angles are computed in
+double: float accuracy at positions up to 2^31. Pair layouts: 'half_split' pairs (i, i + r/2)
+(GPT-NeoX, LLaMA, Hugging Face), 'interleaved' pairs (2i, 2i + 1) (GPT-J, RoFormer, Meta's Llama).)";
+constexpr const char* rope_init = R"(Parameters
+----------
+head_dim : int, default 128
+    Elements per head (even, > 0).
+rotary_dim : int, default 0
+    Rotated elements at the front of each head (even, <= head_dim); 0 = head_dim (partial rotary,
+    GPT-NeoX's rotary_pct * head_dim).
+base : float, default 10000.0
+    The frequency base theta > 0 (Hugging Face rope_theta; 500000 for Llama 3).
+layout : {'half_split', 'interleaved'}, default 'half_split'
+    Which elements form a pair (see the class).
+scaling : LinearScaling, NtkAwareScaling, DynamicNtkScaling, YarnScaling, Llama3Scaling, LongRopeScaling or None
+    The frequency policy; None = plain RoPE.
+rope_scaling : dict or None
+    Instead of scaling: a Hugging Face config's rope_scaling dict ('rope_type' or 'type', 'factor',
+    'original_max_position_embeddings', ...); its 'rope_theta' overrides base.
+attention_factor : float or None
+    Overrides the policy's magnitude (multiplies cos and sin, so logits get its square).)";
+constexpr const char* rotate = R"(Rotates every head of x in place, token i by positions[i].
+
+Parameters
+----------
+x : array
+    float16, bfloat16, float32 or float64 (half types computed in float32), written in place:
+    [tokens, heads * head_dim], [tokens, heads, head_dim], or per layout=; head_dim (the last axis) must
+    be this Rope's head_dim.
+positions : None, range, int64 array or list of int
+    One position per token (shared by every sequence of a batch); None = 0..tokens-1.
+layout : {'thd', 'htd', 'bhtd', 'bthd'} or None
+    Of a 3-D or 4-D x: 'thd' [tokens, heads, head_dim] (3-D default), 'htd' [heads, tokens, head_dim],
+    'bhtd' [batch, heads, tokens, head_dim] (4-D default), 'bthd' [batch, tokens, heads, head_dim].
+    Any strides with a unit-stride head_dim; no two elements may share memory.)";
+constexpr const char* cos_sin = R"((cos, sin) of position * inv_freq, each a new float64 array [len(positions), rotary_dim / 2],
+without the magnitude.
+
+Parameters
+----------
+positions : range, int64 array or list of int
+    The positions (exact integers).)";
+
+constexpr const char* sinusoidal = R"(Sinusoidal absolute position encoding (Vaswani et al. 2017), added to token embeddings
+before the Q/K/V projections: PE[pos, 2i] = sin(pos / base^(2i / dim)), PE[pos, 2i + 1] = cos(...).)";
+constexpr const char* sinusoidal_init = R"(Parameters
+----------
+dim : int, default 512
+    The embedding width (even, > 0).
+base : float, default 10000.0
+    The wavelength base > 0.
+layout : {'interleaved', 'concatenated'}, default 'interleaved'
+    'interleaved' [sin cos sin cos ...] (the paper, fairseq); 'concatenated' all sines then all cosines
+    (tensor2tensor, Hugging Face's sinusoidal embeddings).
+shifted_denominator : bool, default False
+    Use half_dim - 1 as the exponent's denominator (tensor2tensor, fairseq).
+position_offset : int, default 0
+    Added to every position (fairseq starts at padding_idx + 1).)";
+constexpr const char* add_to = R"(x[i] += PE[positions[i]], in place.
+
+Parameters
+----------
+x : array
+    [tokens, dim], float32 or float64, written in place.
+positions : None, range, int64 array or list of int
+    One per row; None = 0..tokens-1.)";
+constexpr const char* table = R"(A new [len(positions), dim] array of PE[positions[i]].
+
+Parameters
+----------
+positions : range, int64 array or list of int
+    The positions.
+dtype : 'float32' or 'float64', default 'float32'
+    The new array's dtype.)";
+
+constexpr const char* alibi = R"(ALiBi (Press et al. 2022): the bias -slope_h * (qpos - kpos) (causal) or -slope_h * |qpos - kpos|
+(symmetric) on the logits. For n heads a power of two, slope_h = 2^(-max_bias (h + 1) / n); otherwise
+the slopes of the largest power of two c < n, then every other slope of 2c (BLOOM, MPT).)";
+constexpr const char* alibi_init = R"(Parameters
+----------
+num_heads : int, default 8
+    The model's total (global) query head count the slopes are computed for.
+head_offset : int, default 0
+    The global index of local head 0, for a shard of the heads (tensor parallelism): slopes stay
+    those of the global heads.
+form : {'causal', 'symmetric'}, default 'causal'
+    -slope * (qpos - kpos), or -slope * |qpos - kpos| (encoders).
+max_bias : float, default 8.0
+    The exponent scale of the slope rule (8 in the paper, BLOOM and MPT).)";
+constexpr const char* alibi_slopes = "The slopes of all num_heads global heads, a new float64 array [num_heads].";
+constexpr const char* bias = R"(The bias (float64) of one head for a query at qpos and a key at kpos.
+
+Parameters
+----------
+head : int
+    The local head, in [0, num_heads - head_offset).
+qpos : int
+    The query's position.
+kpos : int
+    The key's position.)";
+constexpr const char* bias_tile = R"(A new [len(qpos), len(kpos)] array of the biases of one head.
+
+Parameters
+----------
+head : int
+    The local head, in [0, num_heads - head_offset).
+qpos : range, int64 array or list of int
+    The queries' positions (rows).
+kpos : range, int64 array or list of int
+    The keys' positions (columns).
+dtype : 'float32' or 'float64', default 'float32'
+    The new array's dtype.)";
+
+constexpr const char* t5 = R"(T5's bucketed relative position bias (Raffel et al. 2020): a learned table[bucket(kpos - qpos),
+head] on the logits; exact buckets for small distances, logarithmic ones up to max_distance.)";
+constexpr const char* t5_init = R"(Parameters
+----------
+table : array
+    [num_buckets, num_heads], any float dtype and strides (copied): the model's
+    relative_attention_bias.weight as it is ([num_buckets, num_heads] in Hugging Face's T5).
+max_distance : int, default 128
+    Distances (tokens) from which on the last bucket is used.
+bidirectional : bool, default True
+    True for an encoder (half the buckets per side), False for a decoder (past keys only).
+head_offset : int, default 0
+    The global index of local head 0 (a shard of the heads).)";
+constexpr const char* bucket = R"(The bucket of a relative distance.
+
+Parameters
+----------
+relative : int
+    kpos - qpos, in tokens.)";
+
+constexpr const char* shaw = R"(Shaw et al. 2018 relative keys and values: e_ij = q_i . (k_j + aK[clip(j - i)]) / sqrt(d),
+out_i = sum_j a_ij (v_j + aV[clip(j - i)]), distances clipped to [-K, K]; one table for every head.)";
+constexpr const char* shaw_init = R"(Parameters
+----------
+key_table : array
+    aK, [2K + 1, head_dim], any float dtype (copied); row r is distance r - K.
+value_table : array
+    aV, [2K + 1, head_dim], the same shape (copied).)";
+
+constexpr const char* attention = R"(Blockwise softmax attention: out_i = sum_j softmax_j(scale q_i . k_j + bias_ij) v_j, tile by tile
+(memory linear in the sequence length).
+
+Parameters
+----------
+q : array
+    Queries, float16, bfloat16, float32 or float64, in a layout below; used in place.
+k : array
+    Keys, the dtype of q, the same layout with kv_heads heads (or 2-D [n_kv, kv_heads * head_dim] beside
+    a 3-D q).
+v : array
+    Values, like k.
+qpos : None, range, int64 array or list of int
+    The position of each query token (shared by every sequence of a batch); None = 0..n_q-1. A query
+    block at the end of a KV cache gives its cache positions.
+kpos : None, range, int64 array or list of int
+    The position of each key token; None = 0..n_kv-1.
+encoding : Rope, Alibi, T5Bias, ShawRelative or None
+    Always applied in the kernel (a Rope rotates copies of the q and k tiles; q and k stay untouched).
+    For q and k rotated already (Rope.rotate, a cache of rotated keys) pass None: never both.
+heads : int or None
+    Query heads; default the head axis of q (required for a 2-D q).
+kv_heads : int or None
+    Key/value heads, dividing heads; query head h reads kv head h // (heads // kv_heads) (GQA, MQA);
+    default the head axis of k, or heads.
+layout : {'thd', 'htd', 'bhtd', 'bthd'} or None
+    Of 3-D and 4-D arrays: 'thd' [tokens, heads, head_dim] (3-D default), 'htd' [heads, tokens,
+    head_dim], 'bhtd' [batch, heads, tokens, head_dim] (4-D default, torch's
+    scaled_dot_product_attention), 'bthd' [batch, tokens, heads, head_dim]. A 2-D array is [tokens,
+    heads * head_dim]. Any strides with a unit-stride head_dim (transposes, slices of a fused QKV
+    projection, k and v expanded over heads). A batch is independent sequences of equal length.
+scale : float or None
+    The logit scale; None = 1 / sqrt(head_dim).
+softcap : float, default 0.0
+    Gemma 2's logit soft-capping: every logit s (scaled, biases added) becomes softcap * tanh(s /
+    softcap) before masking; 0 = off.
+sinks : list of float, 1-D array or None
+    gpt-oss attention sinks: one logit z_h per query head joining every row's softmax denominator
+    without a value (copied).
+causal : bool, default False
+    Key j is visible to query i only when kpos[j] <= qpos[i] (positions, not indices: bottom-right
+    aligned for a query block at the end of a cache).
+window : (int, int), default (-1, -1)
+    (left, right): keys within [qpos - left, qpos + right] (FlashAttention's window_size); -1 = unbounded.
+return_lse : bool, default False
+    Also return the log-sum-exp of each row's logits (natural log): q's layout without head_dim,
+    float32 (float64 for float64 q), -inf for a row with no visible key.
+out : array or None
+    Written in place and returned: q's shape, dtype and layout (any strides, no shared elements).
+    None = a new array (a torch tensor when q is one).
+threads : int, default 0
+    The most workers of the module's pool to use (0 = all, 1 = the calling thread); the result is the
+    same bits for any value.
+q_tile : int, default 0
+    Query rows per tile; 0 = the kernel's choice.
+k_tile : int, default 0
+    Key rows per tile; 0 = the kernel's choice.
+
+Returns
+-------
+out, or (out, lse) with return_lse. The GIL is released while it runs.
+
+Examples
+--------
+Torch's layout, straight from a Llama-style projection, no copy:
+
+>>> q = proj(x).view(b, t, h, d).transpose(1, 2)        # [b, h, t, d], a strided view
+>>> out = posenc.attention(q, k, v, encoding=rope, causal=True))";
+
+constexpr const char* varlen = R"(Attention of a batch of sequences packed one after another (FlashAttention's varlen layout):
+sequence b attends its queries, rows cu_q[b]:cu_q[b+1] of q, to its keys, rows cu_k[b]:cu_k[b+1] of k
+and v, and only to them; the same as one attention call per sequence.
+
+Parameters
+----------
+q : array
+    [total_q, heads * head_dim] or [total_q, heads, head_dim], float16, bfloat16, float32 or float64.
+k : array
+    [total_k, kv_heads * head_dim] or [total_k, kv_heads, head_dim], the dtype of q.
+v : array
+    Like k.
+cu_q : int32 array or list of int
+    B + 1 cumulative query counts from 0 (int64 or a list is copied into int32).
+cu_k : int32 array or list of int
+    B + 1 cumulative key counts from 0.
+qpos : None, range, int64 array or list of int
+    One position per query row; None = each sequence's rows numbered 0..n_b-1.
+kpos : None, range, int64 array or list of int
+    One position per key row; None = 0..n_b-1 per sequence.
+encoding : Rope, Alibi, T5Bias, ShawRelative or None
+    As for attention.
+heads : int or None
+    As for attention.
+kv_heads : int or None
+    As for attention.
+scale : float or None
+    As for attention.
+softcap : float, default 0.0
+    As for attention.
+sinks : list of float, 1-D array or None
+    As for attention.
+causal : bool, default False
+    As for attention (by positions, within each sequence).
+window : (int, int), default (-1, -1)
+    As for attention.
+return_lse : bool, default False
+    Also return lse [total_q, heads].
+out : array or None
+    As for attention, q's shape.
+threads : int, default 0
+    As for attention.
+q_tile : int, default 0
+    As for attention.
+k_tile : int, default 0
+    As for attention.)";
+
+constexpr const char* paged = R"(Attention of a batch of sequences whose keys and values are in a paged cache (vLLM's layout):
+sequence b attends its queries, rows cu_q[b]:cu_q[b+1] of q at positions qpos, to the lengths[b]
+tokens of its cache; token j is row j % page_size of page block_table[b, j // page_size]. Pages past
+a sequence's length are never read.
+
+Parameters
+----------
+q : array
+    [total_q, heads * head_dim] or [total_q, heads, head_dim], float16, bfloat16, float32 or float64.
+k_cache : array
+    [num_pages, page_size, kv_heads, head_dim], [num_pages, page_size, kv_heads * head_dim], or 2-D
+    [num_pages * page_size, kv_heads * head_dim] with page_size=; the dtype of q.
+v_cache : array
+    The shape of k_cache.
+block_table : int32 array
+    [B, pages_per_sequence]: each sequence's pages, in order.
+lengths : int32 array or list of int
+    [B]: tokens per sequence, this step's included.
+cu_q : int32 array or list of int
+    B + 1 cumulative query counts from 0.
+qpos : range, int64 array or list of int
+    Each query's position (required).
+encoding : Rope, Alibi, T5Bias, ShawRelative or None
+    As for attention; with a Rope, keys= says what the cache holds.
+page_size : int or None
+    Rows per page; required for a 2-D cache, else read from its shape.
+keys : {'rotated', 'raw'} or None
+    With a Rope (required then): 'rotated' (the cache holds keys rotated by paged_append, what engines
+    keep; only queries are rotated) or 'raw' (keys rotated by every call).
+positions : None, int64 array or list of int
+    The position of every cache row (rolling caches); None = a token's index in its sequence.
+heads : int or None
+    As for attention.
+kv_heads : int or None
+    Default: the cache's head axis, or its columns / head_dim.
+scale : float or None
+    As for attention.
+softcap : float, default 0.0
+    As for attention.
+sinks : list of float, 1-D array or None
+    As for attention.
+causal : bool, default False
+    As for attention.
+window : (int, int), default (-1, -1)
+    As for attention.
+return_lse : bool, default False
+    Also return lse [total_q, heads].
+out : array or None
+    As for attention, q's shape.
+threads : int, default 0
+    As for attention.
+q_tile : int, default 0
+    As for attention.
+k_tile : int, default 0
+    As for attention.)";
+
+constexpr const char* append = R"(Writes a step's new keys and values into a paged cache, in place: row i of sequence b's new rows
+(cu_new[b]:cu_new[b+1] of k_new and v_new) becomes its token lengths[b] - n_b + i.
+
+Parameters
+----------
+k_cache : array
+    As for paged_attention; written in place.
+v_cache : array
+    The shape of k_cache; written in place.
+block_table : int32 array
+    [B, pages_per_sequence].
+lengths : int32 array or list of int
+    [B]: tokens per sequence, this step's included.
+k_new : array
+    [total_new, kv_heads * head_dim] or [total_new, kv_heads, head_dim], the cache's dtype.
+v_new : array
+    Like k_new.
+cu_new : int32 array or list of int
+    B + 1 cumulative counts of new rows from 0.
+encoding : Rope, Alibi, T5Bias, ShawRelative or None
+    With a Rope and keys='rotated' each key is rotated with its token's position; otherwise keys are
+    stored as given (score biases act in paged_attention).
+page_size : int or None
+    Rows per page; required for a 2-D cache.
+keys : {'rotated', 'raw'} or None
+    With a Rope (required then): what the cache holds.
+positions : None, int64 array or list of int
+    The position of every cache row; None = a token's index in its sequence.)";
+
+}  // namespace docs
+
+// ---------------------------------------------------------------------------------------------
 // Arguments
 
 std::string type_name(py::handle h) { return py::str(py::type::handle_of(h).attr("__name__")); }
@@ -1197,8 +1650,7 @@ void def_bias_methods(py::class_<W>& c, const std::string& name) {
          const call_args a(sig, args, kwargs);
          return w.d.bias(a.int64("head", 0), a.int64("qpos", 0), a.int64("kpos", 0));
        },
-       doc_of("bias", true, bias_params,
-              "The bias (float64) of local head `head` for a query at qpos and a key at kpos.")
+       doc_of("bias", true, bias_params, docs::bias)
            .c_str())
       .def(
           "bias_tile",
@@ -1210,8 +1662,7 @@ void def_bias_methods(py::class_<W>& c, const std::string& name) {
                        ? bias_tile<float>(w, head, a["qpos"], a["kpos"], p.num_heads, p.head_offset, sig.name)
                        : bias_tile<double>(w, head, a["qpos"], a["kpos"], p.num_heads, p.head_offset, sig.name);
           },
-          doc_of("bias_tile", true, tile_params,
-                 "A new [len(qpos), len(kpos)] array of the biases of local head `head`.")
+          doc_of("bias_tile", true, tile_params, docs::bias_tile)
               .c_str());
 }
 
@@ -1858,50 +2309,44 @@ PYBIND11_MODULE(_posenc, m) {
   py::options options;
   options.disable_function_signatures();
 
-  m.doc() =
-      "posenc: positional encodings (sinusoidal, RoPE and its scalings, ALiBi, T5 bias, Shaw), blockwise "
-      "attention and the engine step (attention_varlen, paged_attention, paged_append) on NumPy arrays, CPU torch "
-      "tensors (__dlpack__) or any buffer, used in place.\n\n"
-      "Matrices are float16, bfloat16, float32 or float64, [tokens, heads * head_dim] (2-D) or [tokens, heads, "
-      "head_dim] (3-D), with unit stride along the last axis (C-contiguous, or a slice of rows of one). Positions are "
-      "None (0..n-1), a range with step 1, "
-      "an int64 array or a list of ints.";
+  m.doc() = docs::module;
   m.attr("__version__") = std::to_string(POSENC_VERSION_MAJOR) + "." + std::to_string(POSENC_VERSION_MINOR) + "." +
                           std::to_string(POSENC_VERSION_PATCH);
   py::register_exception<posenc::precondition_error>(m, "PreconditionError", PyExc_ValueError);
 
   // Frequency policies (docs/rope_scaling.md), keyword arguments with the C++ aggregates' names and defaults.
   constexpr const char* linear_params = "*, factor=1.0";
-  py::class_<posenc::linear_scaling>(m, "LinearScaling",
-                                     "Position interpolation (Chen et al. 2023): inv_freq / factor.")
+  py::class_<posenc::linear_scaling>(m, "LinearScaling", docs::linear)
       .def(init_of("LinearScaling", linear_params,
                    [](const call_args& a) { return posenc::linear_scaling{a.float64("factor", 1.0)}; }),
-           doc_of("__init__", true, linear_params, "").c_str())
-      .def_readonly("factor", &posenc::linear_scaling::factor);
+           doc_of("__init__", true, linear_params, docs::linear_init).c_str())
+      .def_readonly("factor", &posenc::linear_scaling::factor, "The scale s.");
   constexpr const char* ntk_params = "*, alpha=1.0";
-  py::class_<posenc::ntk_aware_scaling>(m, "NtkAwareScaling", "NTK-aware: base * alpha^(r/(r-2)).")
+  py::class_<posenc::ntk_aware_scaling>(m, "NtkAwareScaling", docs::ntk)
       .def(init_of("NtkAwareScaling", ntk_params,
                    [](const call_args& a) { return posenc::ntk_aware_scaling{a.float64("alpha", 1.0)}; }),
-           doc_of("__init__", true, ntk_params, "").c_str())
-      .def_readonly("alpha", &posenc::ntk_aware_scaling::alpha);
+           doc_of("__init__", true, ntk_params, docs::ntk_init).c_str())
+      .def_readonly("alpha", &posenc::ntk_aware_scaling::alpha, "The NTK factor.");
   constexpr const char* dynamic_params = "*, factor=1.0, original_max_position=2048, sequence_length=0";
   py::class_<posenc::dynamic_ntk_scaling>(
-      m, "DynamicNtkScaling", "Dynamic NTK: base * (s L / L0 - (s - 1))^(r/(r-2)) for L = sequence_length > L0.")
+      m, "DynamicNtkScaling", docs::dynamic)
       .def(init_of("DynamicNtkScaling", dynamic_params,
                    [](const call_args& a) {
                      return posenc::dynamic_ntk_scaling{a.float64("factor", 1.0),
                                                         a.int64("original_max_position", 2048),
                                                         a.int64("sequence_length", 0)};
                    }),
-           doc_of("__init__", true, dynamic_params, "").c_str())
-      .def_readonly("factor", &posenc::dynamic_ntk_scaling::factor)
-      .def_readonly("original_max_position", &posenc::dynamic_ntk_scaling::original_max_position)
-      .def_readonly("sequence_length", &posenc::dynamic_ntk_scaling::sequence_length);
+           doc_of("__init__", true, dynamic_params, docs::dynamic_init).c_str())
+      .def_readonly("factor", &posenc::dynamic_ntk_scaling::factor, "The scale s.")
+      .def_readonly("original_max_position", &posenc::dynamic_ntk_scaling::original_max_position,
+                    "L0, the trained context length (tokens).")
+      .def_readonly("sequence_length", &posenc::dynamic_ntk_scaling::sequence_length,
+                    "L, the length the table is made for (tokens).");
   constexpr const char* yarn_params =
       "*, factor=1.0, original_max_position=4096, beta_fast=32.0, beta_slow=1.0, mscale=0.0, mscale_all_dim=0.0, "
       "truncate=True";
   py::class_<posenc::yarn_scaling>(
-      m, "YarnScaling", "YaRN (Peng et al. 2023): ramp between inv and inv / factor; magnitude 0.1 ln s + 1.")
+      m, "YarnScaling", docs::yarn)
       .def(init_of("YarnScaling", yarn_params,
                    [](const call_args& a) {
                      return posenc::yarn_scaling{a.float64("factor", 1.0),     a.int64("original_max_position", 4096),
@@ -1909,27 +2354,27 @@ PYBIND11_MODULE(_posenc, m) {
                                                  a.float64("mscale", 0.0),     a.float64("mscale_all_dim", 0.0),
                                                  a.flag("truncate", true)};
                    }),
-           doc_of("__init__", true, yarn_params, "").c_str())
-      .def_readonly("factor", &posenc::yarn_scaling::factor)
-      .def_readonly("original_max_position", &posenc::yarn_scaling::original_max_position);
+           doc_of("__init__", true, yarn_params, docs::yarn_init).c_str())
+      .def_readonly("factor", &posenc::yarn_scaling::factor, "The scale s.")
+      .def_readonly("original_max_position", &posenc::yarn_scaling::original_max_position,
+                    "L0, the trained context length (tokens).");
   constexpr const char* llama3_params =
       "*, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=8192";
-  py::class_<posenc::llama3_scaling>(m, "Llama3Scaling",
-                                     "Llama 3.1: keep, divide or blend each frequency by its wavelength.")
+  py::class_<posenc::llama3_scaling>(m, "Llama3Scaling", docs::llama3)
       .def(init_of("Llama3Scaling", llama3_params,
                    [](const call_args& a) {
                      return posenc::llama3_scaling{a.float64("factor", 8.0), a.float64("low_freq_factor", 1.0),
                                                    a.float64("high_freq_factor", 4.0),
                                                    a.int64("original_max_position", 8192)};
                    }),
-           doc_of("__init__", true, llama3_params, "").c_str())
-      .def_readonly("factor", &posenc::llama3_scaling::factor)
-      .def_readonly("original_max_position", &posenc::llama3_scaling::original_max_position);
+           doc_of("__init__", true, llama3_params, docs::llama3_init).c_str())
+      .def_readonly("factor", &posenc::llama3_scaling::factor, "s, the divisor of low frequencies.")
+      .def_readonly("original_max_position", &posenc::llama3_scaling::original_max_position,
+                    "L0, the trained context length (tokens).");
   constexpr const char* longrope_params =
       "*, short_factor, long_factor, original_max_position=4096, max_position=0, choice='per_length', "
       "sequence_length=0, factor=0.0";
-  py::class_<posenc::longrope_scaling>(m, "LongRopeScaling",
-                                       "LongRoPE (Phi-3): 1 / (f_i base^(2i/r)) with short or long factors.")
+  py::class_<posenc::longrope_scaling>(m, "LongRopeScaling", docs::longrope)
       .def(init_of("LongRopeScaling", longrope_params,
                    [](const call_args& a) {
                      return posenc::longrope_scaling{
@@ -1944,20 +2389,15 @@ PYBIND11_MODULE(_posenc, m) {
                          a.int64("sequence_length", 0),
                          a.float64("factor", 0.0)};
                    }),
-           doc_of("__init__", true, longrope_params, "").c_str());
+           doc_of("__init__", true, longrope_params, docs::longrope_init).c_str());
 
   constexpr const char* rope_params =
       "*, head_dim=128, rotary_dim=0, base=10000.0, layout='half_split', scaling=None, rope_scaling=None, "
       "attention_factor=None";
   constexpr const char* rotate_params = "x, positions=None, *, layout=None";
   constexpr const char* cos_sin_params = "positions";
-  py::class_<py_rope>(m, "Rope",
-                      "Rotary position embedding (Su et al. 2021) with an optional frequency policy.\n\n"
-                      "Rope(head_dim=128, rotary_dim=0, base=10000.0, layout='half_split' | 'interleaved',\n"
-                      "     scaling=None | LinearScaling(...) | ..., rope_scaling=None | {HF rope_scaling dict},\n"
-                      "     attention_factor=None)\n"
-                      "rope_scaling reads a Hugging Face config's dict ('rope_type', 'factor', 'rope_theta', ...).")
-      .def(init_of("Rope", rope_params, make_rope), doc_of("__init__", true, rope_params, "").c_str())
+  py::class_<py_rope>(m, "Rope", docs::rope)
+      .def(init_of("Rope", rope_params, make_rope), doc_of("__init__", true, rope_params, docs::rope_init).c_str())
       .def(
           "rotate",
           [sig = sig_of("Rope.rotate", rotate_params)](const py_rope& r, py::args args, py::kwargs kwargs) {
@@ -1965,9 +2405,7 @@ PYBIND11_MODULE(_posenc, m) {
             const auto x = float_array(a["x"], sig.name, "x");
             with_storage(x.type, [&](auto t) { rope_rotate<decltype(t)>(r, x, a["positions"], a["layout"]); });
           },
-          doc_of("rotate", true, rotate_params,
-                 "Rotates every head of x ([tokens, heads * head_dim] or [tokens, heads, head_dim]) in place, row i "
-                 "by positions[i].")
+          doc_of("rotate", true, rotate_params, docs::rotate)
               .c_str())
       .def(
           "cos_sin",
@@ -1981,31 +2419,35 @@ PYBIND11_MODULE(_posenc, m) {
             for (index_t i = 0; i < p.size(); ++i) r.d.unit_cos_sin(pp[i], c.mutable_data(i, 0), s.mutable_data(i, 0));
             return py::make_tuple(c, s);
           },
-          doc_of("cos_sin", true, cos_sin_params,
-                 "(cos, sin), each [len(positions), rotary_dim / 2] float64: cos and sin of position * inv_freq "
-                 "(without the magnitude).")
+          doc_of("cos_sin", true, cos_sin_params, docs::cos_sin)
               .c_str())
-      .def_property_readonly("head_dim", [](const py_rope& r) { return r.f.head_dim(); })
-      .def_property_readonly("rotary_dim", [](const py_rope& r) { return r.f.rotary_dim(); })
-      .def_property_readonly("base", [](const py_rope& r) { return r.f.base(); })
+      .def_property_readonly(
+          "head_dim", [](const py_rope& r) { return r.f.head_dim(); }, "Elements per head.")
+      .def_property_readonly(
+          "rotary_dim", [](const py_rope& r) { return r.f.rotary_dim(); },
+          "Rotated elements at the front of each head (head_dim unless partial).")
+      .def_property_readonly(
+          "base", [](const py_rope& r) { return r.f.base(); }, "The frequency base theta (after rope_theta).")
       .def_property_readonly("layout",
                              [](const py_rope& r) {
                                return r.f.layout() == posenc::rope_layout::half_split ? "half_split" : "interleaved";
-                             })
+                             },
+                             "'half_split' (pairs (i, i + r/2)) or 'interleaved' (pairs (2i, 2i + 1)).")
       .def_property_readonly(
           "inv_freq", [](const py_rope& r) { return to_numpy(r.d.inv_freq()); },
           "The rotary_dim / 2 inverse frequencies after the scaling policy (float64 copy).")
       .def_property_readonly(
           "magnitude", [](const py_rope& r) { return r.f.magnitude(); },
           "The factor multiplying cos and sin (YaRN's 0.1 ln s + 1, ...).")
-      .def_property_readonly("name", [](const py_rope& r) { return std::string(r.f.name()); });
+      .def_property_readonly(
+          "name", [](const py_rope& r) { return std::string(r.f.name()); },
+          "The encoder's name in reports ('rope', 'rope-yarn', ...).");
 
   constexpr const char* sinusoidal_params =
       "*, dim=512, base=10000.0, layout='interleaved', shifted_denominator=False, position_offset=0";
   constexpr const char* add_to_params = "x, positions=None";
   constexpr const char* table_params = "positions, dtype='float32'";
-  py::class_<py_sinusoidal>(m, "Sinusoidal",
-                            "Sinusoidal absolute position encoding (Vaswani et al. 2017), added to token embeddings.")
+  py::class_<py_sinusoidal>(m, "Sinusoidal", docs::sinusoidal)
       .def(init_of("Sinusoidal", sinusoidal_params,
                    [](const call_args& a) {
                      const posenc::sinusoidal_params p{.dim = a.int64("dim", 512),
@@ -2019,7 +2461,7 @@ PYBIND11_MODULE(_posenc, m) {
                                                        .position_offset = a.int64("position_offset", 0)};
                      return py_sinusoidal{posenc::sinusoidal<float>(p), posenc::sinusoidal<double>(p)};
                    }),
-           doc_of("__init__", true, sinusoidal_params, "").c_str())
+           doc_of("__init__", true, sinusoidal_params, docs::sinusoidal_init).c_str())
       .def(
           "add_to",
           [sig = sig_of("Sinusoidal.add_to", add_to_params)](const py_sinusoidal& s, py::args args, py::kwargs kwargs) {
@@ -2031,7 +2473,7 @@ PYBIND11_MODULE(_posenc, m) {
               sinusoidal_add<double>(s, x, a["positions"]);
             }
           },
-          doc_of("add_to", true, add_to_params, "x[i] += PE[positions[i]] in place; x is [tokens, dim].").c_str())
+          doc_of("add_to", true, add_to_params, docs::add_to).c_str())
       .def(
           "table",
           [sig = sig_of("Sinusoidal.table", table_params)](const py_sinusoidal& s, py::args args, py::kwargs kwargs) {
@@ -2040,13 +2482,15 @@ PYBIND11_MODULE(_posenc, m) {
             return parse_dtype(a["dtype"], sig.name) == elem::f32 ? sinusoidal_table<float>(s, p)
                                                                   : sinusoidal_table<double>(s, p);
           },
-          doc_of("table", true, table_params, "A new [len(positions), dim] array of PE[positions[i]].").c_str())
-      .def_property_readonly("dim", [](const py_sinusoidal& s) { return s.f.dim(); })
-      .def_property_readonly("frequencies", [](const py_sinusoidal& s) { return to_numpy(s.d.frequencies()); });
+          doc_of("table", true, table_params, docs::table).c_str())
+      .def_property_readonly(
+          "dim", [](const py_sinusoidal& s) { return s.f.dim(); }, "The embedding width.")
+      .def_property_readonly(
+          "frequencies", [](const py_sinusoidal& s) { return to_numpy(s.d.frequencies()); },
+          "The dim / 2 angular frequencies 1 / base^(2i / dim) (float64 copy).");
 
   constexpr const char* alibi_params = "*, num_heads=8, head_offset=0, form='causal', max_bias=8.0";
-  py::class_<py_alibi> alibi_class(m, "Alibi",
-                                   "ALiBi (Press et al. 2022): bias -slope_h * (qpos - kpos), or * |qpos - kpos|.");
+  py::class_<py_alibi> alibi_class(m, "Alibi", docs::alibi);
   alibi_class
       .def(init_of("Alibi", alibi_params,
                    [](const call_args& a) {
@@ -2060,19 +2504,18 @@ PYBIND11_MODULE(_posenc, m) {
                          .max_bias = a.float64("max_bias", 8.0)};
                      return py_alibi{posenc::alibi<float>(p), posenc::alibi<double>(p)};
                    }),
-           doc_of("__init__", true, alibi_params, "").c_str())
+           doc_of("__init__", true, alibi_params, docs::alibi_init).c_str())
       .def_property_readonly(
           "slopes",
           [](const py_alibi& a) {
             return to_numpy(posenc::alibi<double>::slopes(a.d.params().num_heads, a.d.params().max_bias));
           },
-          "The slopes of all num_heads global heads (float64).");
+          docs::alibi_slopes);
   def_bias_methods(alibi_class, "Alibi");
 
   constexpr const char* t5_params = "table, *, max_distance=128, bidirectional=True, head_offset=0";
   constexpr const char* bucket_params = "relative";
-  py::class_<py_t5> t5_class(m, "T5Bias",
-                             "T5 bucketed relative position bias with a learned [num_buckets, num_heads] table.");
+  py::class_<py_t5> t5_class(m, "T5Bias", docs::t5);
   t5_class
       .def(init_of("T5Bias", t5_params,
                    [](const call_args& a) {
@@ -2085,18 +2528,17 @@ PYBIND11_MODULE(_posenc, m) {
                      const posenc::row_matrix<float> tf = t.cast<float>();
                      return py_t5{posenc::t5_relative_bias<float>(p, tf), posenc::t5_relative_bias<double>(p, t)};
                    }),
-           doc_of("__init__", true, t5_params, "table: [num_buckets, num_heads] float32/float64 (copied).").c_str())
+           doc_of("__init__", true, t5_params, docs::t5_init).c_str())
       .def(
           "bucket",
           [sig = sig_of("T5Bias.bucket", bucket_params)](const py_t5& t, py::args args, py::kwargs kwargs) {
             return t.d.bucket(call_args(sig, args, kwargs).int64("relative", 0));
           },
-          doc_of("bucket", true, bucket_params, "The bucket of relative = kpos - qpos.").c_str());
+          doc_of("bucket", true, bucket_params, docs::bucket).c_str());
   def_bias_methods(t5_class, "T5Bias");
 
   constexpr const char* shaw_params = "key_table, value_table";
-  py::class_<py_shaw>(m, "ShawRelative",
-                      "Shaw et al. 2018 relative keys and values: tables [2K + 1, head_dim], row r = distance r - K.")
+  py::class_<py_shaw>(m, "ShawRelative", docs::shaw)
       .def(init_of(
                "ShawRelative", shaw_params,
                [](const call_args& a) {
@@ -2108,9 +2550,12 @@ PYBIND11_MODULE(_posenc, m) {
                  const posenc::row_matrix<float> akf = ak.cast<float>(), avf = av.cast<float>();
                  return py_shaw{posenc::shaw_relative<float>(p, akf, avf), posenc::shaw_relative<double>(p, ak, av)};
                }),
-           doc_of("__init__", true, shaw_params, "").c_str())
-      .def_property_readonly("head_dim", [](const py_shaw& s) { return s.d.head_dim(); })
-      .def_property_readonly("max_relative_position", [](const py_shaw& s) { return s.d.max_relative_position(); });
+           doc_of("__init__", true, shaw_params, docs::shaw_init).c_str())
+      .def_property_readonly(
+          "head_dim", [](const py_shaw& s) { return s.d.head_dim(); }, "Elements per head (the tables' width).")
+      .def_property_readonly(
+          "max_relative_position", [](const py_shaw& s) { return s.d.max_relative_position(); },
+          "K: distances are clipped to [-K, K].");
 
   m.def(
       "attention",
@@ -2120,23 +2565,7 @@ PYBIND11_MODULE(_posenc, m) {
                       "with Rope.rotate, pass encoding=None"}})](py::args args, py::kwargs kwargs) {
         return attention(call_args(sig, args, kwargs));
       },
-      doc_of("attention", false, attention_params_text,
-             "Blockwise softmax attention: out_i = sum_j softmax_j(scale q_i.k_j + bias_ij) v_j.\n\n"
-             "q: [n_q, heads, d], or [n_q, heads * d] with heads=; k, v: [n_kv, kv_heads, d], or [n_kv, kv_heads * d]\n"
-             "(heads and kv_heads default to the 3-D arrays' axis 1, kv_heads to heads for a 2-D k). GQA/MQA:\n"
-             "query head h reads kv head h // (heads // kv_heads). NumPy arrays, torch tensors (CPU) or any\n"
-             "buffer, used in place; all of one dtype: float16, bfloat16, float32 or float64.\n"
-             "qpos, kpos: positions (default 0..n-1).\n"
-             "encoding: None, Rope, Alibi, T5Bias or ShawRelative, always applied in the kernel (a Rope rotates\n"
-             "copies of the q and k tiles). For q and k the caller rotated (Rope.rotate, a cache of rotated keys)\n"
-             "pass encoding=None: never both.\n"
-             "causal: key j visible when kpos[j] <= qpos[i]. window=(left, right): keys within\n"
-             "[qpos - left, qpos + right], -1 unbounded. scale defaults to 1/sqrt(d).\n"
-             "softcap: each logit s becomes softcap * tanh(s / softcap) (0: off). sinks: one logit per head\n"
-             "joining every row's softmax denominator (gpt-oss).\n"
-             "Returns out (the shape of q; written into out= when given), or (out, lse [n_q, heads], -inf for a\n"
-             "query with no visible key) with return_lse; new arrays are torch tensors when q is one. The GIL is\n"
-             "released while it runs.")
+      doc_of("attention", false, attention_params_text, docs::attention)
           .c_str());
 
   m.def(
@@ -2144,13 +2573,7 @@ PYBIND11_MODULE(_posenc, m) {
       [sig = sig_of("attention_varlen", varlen_params_text)](py::args args, py::kwargs kwargs) {
         return attention_varlen(call_args(sig, args, kwargs));
       },
-      doc_of("attention_varlen", false, varlen_params_text,
-             "Attention of a batch of sequences packed one after another (FlashAttention's varlen layout):\n"
-             "sequence b attends its queries, rows cu_q[b]:cu_q[b+1] of q, to its keys, rows cu_k[b]:cu_k[b+1] of\n"
-             "k and v, and only to them; the same as one attention call per sequence.\n\n"
-             "cu_q, cu_k: B + 1 cumulative row counts from 0, int32 (int64 or a list is copied).\n"
-             "qpos, kpos: one position per row; default: each sequence's rows numbered 0..n_b-1.\n"
-             "Everything else as attention; lse is [total_q, heads].")
+      doc_of("attention_varlen", false, varlen_params_text, docs::varlen)
           .c_str());
 
   m.def(
@@ -2158,16 +2581,7 @@ PYBIND11_MODULE(_posenc, m) {
       [sig = sig_of("paged_attention", paged_params_text)](py::args args, py::kwargs kwargs) {
         return paged_attention(call_args(sig, args, kwargs));
       },
-      doc_of("paged_attention", false, paged_params_text,
-             "Attention of a batch of sequences whose keys and values are in a paged cache: sequence b attends its\n"
-             "queries, rows cu_q[b]:cu_q[b+1] of q at positions qpos, to the lengths[b] tokens of its cache:\n"
-             "token j is row j % page_size of page block_table[b, j // page_size].\n\n"
-             "k_cache, v_cache: [num_pages, page_size, kv_heads, d], [num_pages, page_size, kv_heads * d], or\n"
-             "[num_pages * page_size, kv_heads * d] with page_size=. block_table: [B, pages_per_sequence] int32;\n"
-             "lengths: [B] int32; cu_q: [B + 1] int32 (int64 or lists are copied). Pages past a sequence's\n"
-             "length are never read. positions: the position of every cache row (default: a token's index in its\n"
-             "sequence). keys: 'rotated' (the cache holds keys rotated by paged_append) or 'raw' (the call\n"
-             "rotates them); required with a Rope. kv_heads defaults to the cache's. Everything else as attention.")
+      doc_of("paged_attention", false, paged_params_text, docs::paged)
           .c_str());
 
   m.def(
@@ -2175,10 +2589,6 @@ PYBIND11_MODULE(_posenc, m) {
       [sig = sig_of("paged_append", append_params_text)](py::args args, py::kwargs kwargs) {
         paged_append(call_args(sig, args, kwargs));
       },
-      doc_of("paged_append", false, append_params_text,
-             "Writes a step's new keys and values into a paged cache in place: row i of sequence b's new rows\n"
-             "(cu_new[b]:cu_new[b+1] of k_new and v_new) becomes its token lengths[b] - n_b + i (lengths count\n"
-             "this step's tokens). With a Rope and keys='rotated' the keys are rotated with that token's position\n"
-             "(positions= of its row, or its index in the sequence); otherwise they are stored as given.")
+      doc_of("paged_append", false, append_params_text, docs::append)
           .c_str());
 }
