@@ -325,3 +325,13 @@ def test_threads_give_the_same_bits_head_by_head(layout):
     one = posenc.attention(q, k, v, encoding=rope, layout=LAYOUT_ARG[layout], causal=True, threads=1, q_tile=4)
     many = posenc.attention(q, k, v, encoding=rope, layout=LAYOUT_ARG[layout], causal=True, threads=0, q_tile=4)
     assert torch.equal(one, many)
+
+
+def test_buffer_protocol_objects_in_batched_layouts(rng):
+    """A memoryview (buffer protocol) of a 4-D array is taken in place like the array itself."""
+    q = rng.standard_normal((2, H, N, D))
+    k = rng.standard_normal((2, HK, N, D))
+    out = np.full_like(q, np.nan)
+    posenc.attention(memoryview(q), memoryview(k), memoryview(k), causal=True, out=memoryview(out))
+    want, _ = reference(torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(k), np.arange(N), np.arange(N))
+    assert_close(out, want.numpy(), np.float64, "memoryview bhtd")
