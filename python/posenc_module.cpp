@@ -1954,8 +1954,16 @@ py::object attention_typed(const call_args& a, attention_knobs& kn, const array_
   lse.batch = batch, lse.heads = h, lse.tokens = n, lse.d = 1, lse.cols = h;
   if (n <= 1) lse.st = h;  // a single row: any stride (torch gives 1) reads as a row of h values
 
-  const bool fused = q.row_packed() && k.row_packed() && v.row_packed() && out.row_packed() &&
-                     (h <= 1 || lse.sh == 1) && (n <= 1 || lse.st >= h);
+  const bool fused = q.row_packed() && k.row_packed() && v.row_packed() && out.row_packed();
+  // The fused calls write lse as rows [tokens, heads]; a head-major lse ('htd', 'bhtd') gets them
+  // from scratch rows afterwards (batch * tokens * heads values, a head_dim-th of out).
+  const bool lse_rows = (h <= 1 || lse.sh == 1) && (n <= 1 || lse.st >= h);
+  heads_arg<C> lse_out = lse;
+  if (fused && !lse_rows) {
+    scratch.resize(static_cast<std::size_t>(batch * n * h));
+    lse.data = scratch.data();
+    lse.sb = n * h, lse.st = h, lse.sh = 1;
+  }
   kn.p.heads = h;
   kn.p.kv_heads = hk;
   posenc::detail::check_params(kn.p);  // here too: the per-head calls below see one head each
@@ -1965,6 +1973,11 @@ py::object attention_typed(const call_args& a, attention_knobs& kn, const array_
       for (index_t b = 0; b < batch; ++b)
         posenc::attention(q.rows(b), k.rows(b), v.rows(b), out.rows(b), qp.get(), kp.get(), enc, kn.p,
                           posenc::strided_view<C>(lse.data + b * lse.sb, n, h, n <= 1 ? h : lse.st));
+      if (!lse_rows)
+        for (index_t b = 0; b < batch; ++b)
+          for (index_t i = 0; i < h; ++i)
+            for (index_t t = 0; t < n; ++t)
+              lse_out.data[b * lse_out.sb + i * lse_out.sh + t * lse_out.st] = lse.data[(b * n + t) * h + i];
       return;
     }
     // One call per (batch item, query head) on [tokens, head_dim] views; query head i reads kv head
