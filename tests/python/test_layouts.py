@@ -335,3 +335,13 @@ def test_buffer_protocol_objects_in_batched_layouts(rng):
     posenc.attention(memoryview(q), memoryview(k), memoryview(k), causal=True, out=memoryview(out))
     want, _ = reference(torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(k), np.arange(N), np.arange(N))
     assert_close(out, want.numpy(), np.float64, "memoryview bhtd")
+
+
+@pytest.mark.parametrize("q_shape,k_shape", [((2, H, 0, D), (2, HK, 5, D)), ((0, H, 3, D), (0, HK, 3, D)),
+                                             ((2, H, 3, D), (2, HK, 0, D))], ids=["no-queries", "no-batch", "no-keys"])
+def test_empty_batches_tokens_and_keys(q_shape, k_shape):
+    """Nothing to attend gives empty results; queries with no key get zeros and lse -inf."""
+    q, k = torch.randn(*q_shape), torch.randn(*k_shape)
+    out, lse = posenc.attention(q, k, k, return_lse=True)
+    assert out.shape == q.shape and lse.shape == q_shape[:3]
+    assert torch.equal(out, torch.zeros(q_shape)) and bool((lse == float("-inf")).all())
