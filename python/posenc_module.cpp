@@ -16,6 +16,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <array>
 #include <cstddef>
 #include <cstdint>
@@ -50,6 +51,459 @@ posenc::thread_pool& workers() {
   static posenc::thread_pool pool;
   return pool;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Docstrings: what help() shows. numpy style; every parameter under "Parameters" as `name : type`
+// with its unit, shape, default and the model convention it follows (tests/python/test_package.py
+// checks that each parameter of each signature is documented).
+
+namespace docs {
+
+constexpr const char* module = R"(posenc: positional encodings and blockwise attention, in place on NumPy arrays and CPU torch tensors.
+
+Encoders: Sinusoidal (added to token embeddings), Rope with a frequency policy (LinearScaling,
+NtkAwareScaling, DynamicNtkScaling, YarnScaling, Llama3Scaling, LongRopeScaling, or a Hugging Face
+rope_scaling dict), and the score biases Alibi, T5Bias and ShawRelative. Attention: attention (one
+sequence or a batch of equal-length sequences), attention_varlen (packed sequences), paged_attention
+and paged_append (a paged KV cache).
+
+Arrays: numpy.ndarray, torch.Tensor on the CPU (through __dlpack__), or any buffer; float16, bfloat16
+(torch), float32 or float64; never copied. attention and Rope.rotate take [tokens, heads * head_dim],
+[tokens, heads, head_dim], [heads, tokens, head_dim], [batch, heads, tokens, head_dim] and
+[batch, tokens, heads, head_dim] through their strides (layout=). Positions are exact integers: None
+(0..n-1), a range with step 1, an int64 array or a list of ints. Errors: TypeError (type, dtype,
+device), ValueError (shape, layout, parameter), OverflowError (an int past int64),
+posenc.PreconditionError (a ValueError: shape rules of the engine step).)";
+
+constexpr const char* linear = R"(Position interpolation (Chen et al. 2023): every inverse frequency divided by factor,
+the same as positions divided by factor. Hugging Face rope_type 'linear'.)";
+constexpr const char* linear_init = R"(Parameters
+----------
+factor : float, default 1.0
+    The scale s > 0: inv_freq[i] / s. A model trained on L tokens reads s * L.)";
+
+constexpr const char* ntk = R"(NTK-aware scaling: the base becomes base * alpha^(r / (r - 2)), r = rotary_dim.
+Hugging Face has no rope_type for it (Code Llama-style base changes).)";
+constexpr const char* ntk_init = R"(Parameters
+----------
+alpha : float, default 1.0
+    The NTK factor > 0 (1 = plain RoPE).)";
+
+constexpr const char* dynamic = R"(Dynamic NTK (Hugging Face rope_type 'dynamic'): for a sequence of L > L0 tokens the base
+becomes base * (s L / L0 - (s - 1))^(r / (r - 2)); at L <= L0 the plain table. The table is fixed
+when the Rope is made: keys cached with one length go stale at another.)";
+constexpr const char* dynamic_init = R"(Parameters
+----------
+factor : float, default 1.0
+    s > 0.
+original_max_position : int, default 2048
+    L0, the trained context length in tokens.
+sequence_length : int, default 0
+    L, the length (tokens) the table is made for; 0 = L0 (the plain table).)";
+
+constexpr const char* yarn = R"(YaRN (Peng et al. 2023, Hugging Face rope_type 'yarn'): pairs that turn more than beta_fast
+times over the trained length keep their frequency, fewer than beta_slow times are divided by
+factor, a linear ramp blends between; cos and sin are multiplied by 0.1 ln(factor) + 1.)";
+constexpr const char* yarn_init = R"(Parameters
+----------
+factor : float, default 1.0
+    s > 0: new context length / original_max_position.
+original_max_position : int, default 4096
+    L0, the trained context length in tokens.
+beta_fast : float, default 32.0
+    Rotations over L0 above which a pair keeps its frequency.
+beta_slow : float, default 1.0
+    Rotations over L0 below which a pair is interpolated; beta_slow < beta_fast.
+mscale : float, default 0.0
+    With mscale_all_dim (DeepSeek-V2): magnitude (0.1 mscale ln s + 1) / (0.1 mscale_all_dim ln s + 1);
+    0 = the plain 0.1 ln s + 1.
+mscale_all_dim : float, default 0.0
+    See mscale.
+truncate : bool, default True
+    Round the ramp's ends to whole pairs (floor/ceil), as Hugging Face does; False keeps them fractional.)";
+
+constexpr const char* llama3 = R"(Llama 3.1's frequency policy (Hugging Face rope_type 'llama3'): wavelengths 2 pi / inv_i
+shorter than L0 / high_freq_factor are kept, longer than L0 / low_freq_factor divided by factor, and
+those between blended with t = (L0 / wavelength - low) / (high - low).)";
+constexpr const char* llama3_init = R"(Parameters
+----------
+factor : float, default 8.0
+    s > 0, the divisor of low frequencies.
+low_freq_factor : float, default 1.0
+    Wavelengths above L0 / low_freq_factor are interpolated.
+high_freq_factor : float, default 4.0
+    Wavelengths below L0 / high_freq_factor are kept; > low_freq_factor.
+original_max_position : int, default 8192
+    L0, the trained context length in tokens.)";
+
+constexpr const char* longrope = R"(LongRoPE (Phi-3, Hugging Face rope_type 'longrope'): inv_i = 1 / (f_i base^(2i / r)) with
+per-pair factors f (short_factor for sequences up to original_max_position, long_factor past it);
+cos and sin are multiplied by sqrt(1 + ln s / ln L0).)";
+constexpr const char* longrope_init = R"(Parameters
+----------
+short_factor : list of float
+    r / 2 factors used up to original_max_position tokens.
+long_factor : list of float
+    r / 2 factors used past it.
+original_max_position : int, default 4096
+    L0, the trained context length in tokens.
+max_position : int, default 0
+    The extended context length; s = max_position / L0 (0: use factor).
+choice : {'per_length', 'fixed_long'}, default 'per_length'
+    'per_length' picks the factors by sequence_length (keys cached with the short factors go stale when
+    a sequence grows past L0); 'fixed_long' always uses long_factor.
+sequence_length : int, default 0
+    The length the short/long choice is made for ('per_length').
+factor : float, default 0.0
+    s when max_position is 0; 0 = none given.)";
+
+constexpr const char* rope = R"(Rotary position embedding (Su et al. 2021), with an optional frequency policy.
+
+Pair (a, b) of each head becomes (a cos - b sin, b cos + a sin) with angle position * inv_freq[i],
+inv_freq[i] = base^(-2i / rotary_dim); dims past rotary_dim pass through. Angles are computed in
+double: float accuracy at positions up to 2^31. Pair layouts: 'half_split' pairs (i, i + r/2)
+(GPT-NeoX, LLaMA, Hugging Face), 'interleaved' pairs (2i, 2i + 1) (GPT-J, RoFormer, Meta's Llama).)";
+constexpr const char* rope_init = R"(Parameters
+----------
+head_dim : int, default 128
+    Elements per head (even, > 0).
+rotary_dim : int, default 0
+    Rotated elements at the front of each head (even, <= head_dim); 0 = head_dim (partial rotary,
+    GPT-NeoX's rotary_pct * head_dim).
+base : float, default 10000.0
+    The frequency base theta > 0 (Hugging Face rope_theta; 500000 for Llama 3).
+layout : {'half_split', 'interleaved'}, default 'half_split'
+    Which elements form a pair (see the class).
+scaling : LinearScaling, NtkAwareScaling, DynamicNtkScaling, YarnScaling, Llama3Scaling, LongRopeScaling or None
+    The frequency policy; None = plain RoPE.
+rope_scaling : dict or None
+    Instead of scaling: a Hugging Face config's rope_scaling dict ('rope_type' or 'type', 'factor',
+    'original_max_position_embeddings', ...); its 'rope_theta' overrides base.
+attention_factor : float or None
+    Overrides the policy's magnitude (multiplies cos and sin, so logits get its square).)";
+constexpr const char* rotate = R"(Rotates every head of x in place, token i by positions[i].
+
+Parameters
+----------
+x : array
+    float16, bfloat16, float32 or float64 (half types computed in float32), written in place:
+    [tokens, heads * head_dim], [tokens, heads, head_dim], or per layout=; head_dim (the last axis) must
+    be this Rope's head_dim.
+positions : None, range, int64 array or list of int
+    One position per token (shared by every sequence of a batch); None = 0..tokens-1.
+layout : {'thd', 'htd', 'bhtd', 'bthd'} or None
+    Of a 3-D or 4-D x: 'thd' [tokens, heads, head_dim] (3-D default), 'htd' [heads, tokens, head_dim],
+    'bhtd' [batch, heads, tokens, head_dim] (4-D default), 'bthd' [batch, tokens, heads, head_dim].
+    Any strides with a unit-stride head_dim; no two elements may share memory.)";
+constexpr const char* cos_sin = R"((cos, sin) of position * inv_freq, each a new float64 array [len(positions), rotary_dim / 2],
+without the magnitude.
+
+Parameters
+----------
+positions : range, int64 array or list of int
+    The positions (exact integers).)";
+
+constexpr const char* sinusoidal = R"(Sinusoidal absolute position encoding (Vaswani et al. 2017), added to token embeddings
+before the Q/K/V projections: PE[pos, 2i] = sin(pos / base^(2i / dim)), PE[pos, 2i + 1] = cos(...).)";
+constexpr const char* sinusoidal_init = R"(Parameters
+----------
+dim : int, default 512
+    The embedding width (even, > 0).
+base : float, default 10000.0
+    The wavelength base > 0.
+layout : {'interleaved', 'concatenated'}, default 'interleaved'
+    'interleaved' [sin cos sin cos ...] (the paper, fairseq); 'concatenated' all sines then all cosines
+    (tensor2tensor, Hugging Face's sinusoidal embeddings).
+shifted_denominator : bool, default False
+    Use half_dim - 1 as the exponent's denominator (tensor2tensor, fairseq).
+position_offset : int, default 0
+    Added to every position (fairseq starts at padding_idx + 1).)";
+constexpr const char* add_to = R"(x[i] += PE[positions[i]], in place.
+
+Parameters
+----------
+x : array
+    [tokens, dim], float32 or float64, written in place.
+positions : None, range, int64 array or list of int
+    One per row; None = 0..tokens-1.)";
+constexpr const char* table = R"(A new [len(positions), dim] array of PE[positions[i]].
+
+Parameters
+----------
+positions : range, int64 array or list of int
+    The positions.
+dtype : 'float32' or 'float64', default 'float32'
+    The new array's dtype.)";
+
+constexpr const char* alibi = R"(ALiBi (Press et al. 2022): the bias -slope_h * (qpos - kpos) (causal) or -slope_h * |qpos - kpos|
+(symmetric) on the logits. For n heads a power of two, slope_h = 2^(-max_bias (h + 1) / n); otherwise
+the slopes of the largest power of two c < n, then every other slope of 2c (BLOOM, MPT).)";
+constexpr const char* alibi_init = R"(Parameters
+----------
+num_heads : int, default 8
+    The model's total (global) query head count the slopes are computed for.
+head_offset : int, default 0
+    The global index of local head 0, for a shard of the heads (tensor parallelism): slopes stay
+    those of the global heads.
+form : {'causal', 'symmetric'}, default 'causal'
+    -slope * (qpos - kpos), or -slope * |qpos - kpos| (encoders).
+max_bias : float, default 8.0
+    The exponent scale of the slope rule (8 in the paper, BLOOM and MPT).)";
+constexpr const char* alibi_slopes = "The slopes of all num_heads global heads, a new float64 array [num_heads].";
+constexpr const char* bias = R"(The bias (float64) of one head for a query at qpos and a key at kpos.
+
+Parameters
+----------
+head : int
+    The local head, in [0, num_heads - head_offset).
+qpos : int
+    The query's position.
+kpos : int
+    The key's position.)";
+constexpr const char* bias_tile = R"(A new [len(qpos), len(kpos)] array of the biases of one head.
+
+Parameters
+----------
+head : int
+    The local head, in [0, num_heads - head_offset).
+qpos : range, int64 array or list of int
+    The queries' positions (rows).
+kpos : range, int64 array or list of int
+    The keys' positions (columns).
+dtype : 'float32' or 'float64', default 'float32'
+    The new array's dtype.)";
+
+constexpr const char* t5 = R"(T5's bucketed relative position bias (Raffel et al. 2020): a learned table[bucket(kpos - qpos),
+head] on the logits; exact buckets for small distances, logarithmic ones up to max_distance.)";
+constexpr const char* t5_init = R"(Parameters
+----------
+table : array
+    [num_buckets, num_heads], any float dtype and strides (copied): the model's
+    relative_attention_bias.weight as it is ([num_buckets, num_heads] in Hugging Face's T5).
+max_distance : int, default 128
+    Distances (tokens) from which on the last bucket is used.
+bidirectional : bool, default True
+    True for an encoder (half the buckets per side), False for a decoder (past keys only).
+head_offset : int, default 0
+    The global index of local head 0 (a shard of the heads).)";
+constexpr const char* bucket = R"(The bucket of a relative distance.
+
+Parameters
+----------
+relative : int
+    kpos - qpos, in tokens.)";
+
+constexpr const char* shaw = R"(Shaw et al. 2018 relative keys and values: e_ij = q_i . (k_j + aK[clip(j - i)]) / sqrt(d),
+out_i = sum_j a_ij (v_j + aV[clip(j - i)]), distances clipped to [-K, K]; one table for every head.)";
+constexpr const char* shaw_init = R"(Parameters
+----------
+key_table : array
+    aK, [2K + 1, head_dim], any float dtype (copied); row r is distance r - K.
+value_table : array
+    aV, [2K + 1, head_dim], the same shape (copied).)";
+
+constexpr const char* attention = R"(Blockwise softmax attention: out_i = sum_j softmax_j(scale q_i . k_j + bias_ij) v_j, tile by tile
+(memory linear in the sequence length).
+
+Parameters
+----------
+q : array
+    Queries, float16, bfloat16, float32 or float64, in a layout below; used in place.
+k : array
+    Keys, the dtype of q, the same layout with kv_heads heads (or 2-D [n_kv, kv_heads * head_dim] beside
+    a 3-D q).
+v : array
+    Values, like k.
+qpos : None, range, int64 array or list of int
+    The position of each query token (shared by every sequence of a batch); None = 0..n_q-1. A query
+    block at the end of a KV cache gives its cache positions.
+kpos : None, range, int64 array or list of int
+    The position of each key token; None = 0..n_kv-1.
+encoding : Rope, Alibi, T5Bias, ShawRelative or None
+    Always applied in the kernel (a Rope rotates copies of the q and k tiles; q and k stay untouched).
+    For q and k rotated already (Rope.rotate, a cache of rotated keys) pass None: never both.
+heads : int or None
+    Query heads; default the head axis of q (required for a 2-D q).
+kv_heads : int or None
+    Key/value heads, dividing heads; query head h reads kv head h // (heads // kv_heads) (GQA, MQA);
+    default the head axis of k, or heads.
+layout : {'thd', 'htd', 'bhtd', 'bthd'} or None
+    Of 3-D and 4-D arrays: 'thd' [tokens, heads, head_dim] (3-D default), 'htd' [heads, tokens,
+    head_dim], 'bhtd' [batch, heads, tokens, head_dim] (4-D default, torch's
+    scaled_dot_product_attention), 'bthd' [batch, tokens, heads, head_dim]. A 2-D array is [tokens,
+    heads * head_dim]. Any strides with a unit-stride head_dim (transposes, slices of a fused QKV
+    projection, k and v expanded over heads). A batch is independent sequences of equal length.
+scale : float or None
+    The logit scale; None = 1 / sqrt(head_dim).
+softcap : float, default 0.0
+    Gemma 2's logit soft-capping: every logit s (scaled, biases added) becomes softcap * tanh(s /
+    softcap) before masking; 0 = off.
+sinks : list of float, 1-D array or None
+    gpt-oss attention sinks: one logit z_h per query head joining every row's softmax denominator
+    without a value (copied).
+causal : bool, default False
+    Key j is visible to query i only when kpos[j] <= qpos[i] (positions, not indices: bottom-right
+    aligned for a query block at the end of a cache).
+window : (int, int), default (-1, -1)
+    (left, right): keys within [qpos - left, qpos + right] (FlashAttention's window_size); -1 = unbounded.
+return_lse : bool, default False
+    Also return the log-sum-exp of each row's logits (natural log): q's layout without head_dim,
+    float32 (float64 for float64 q), -inf for a row with no visible key.
+out : array or None
+    Written in place and returned: q's shape, dtype and layout (any strides, no shared elements).
+    None = a new array (a torch tensor when q is one).
+threads : int, default 0
+    The most workers of the module's pool to use (0 = all, 1 = the calling thread); the result is the
+    same bits for any value.
+q_tile : int, default 0
+    Query rows per tile; 0 = the kernel's choice.
+k_tile : int, default 0
+    Key rows per tile; 0 = the kernel's choice.
+
+Returns
+-------
+out, or (out, lse) with return_lse. The GIL is released while it runs.
+
+Examples
+--------
+Torch's layout, straight from a Llama-style projection, no copy:
+
+>>> q = proj(x).view(b, t, h, d).transpose(1, 2)        # [b, h, t, d], a strided view
+>>> out = posenc.attention(q, k, v, encoding=rope, causal=True))";
+
+constexpr const char* varlen = R"(Attention of a batch of sequences packed one after another (FlashAttention's varlen layout):
+sequence b attends its queries, rows cu_q[b]:cu_q[b+1] of q, to its keys, rows cu_k[b]:cu_k[b+1] of k
+and v, and only to them; the same as one attention call per sequence.
+
+Parameters
+----------
+q : array
+    [total_q, heads * head_dim] or [total_q, heads, head_dim], float16, bfloat16, float32 or float64.
+k : array
+    [total_k, kv_heads * head_dim] or [total_k, kv_heads, head_dim], the dtype of q.
+v : array
+    Like k.
+cu_q : int32 array or list of int
+    B + 1 cumulative query counts from 0 (int64 or a list is copied into int32).
+cu_k : int32 array or list of int
+    B + 1 cumulative key counts from 0.
+qpos : None, range, int64 array or list of int
+    One position per query row; None = each sequence's rows numbered 0..n_b-1.
+kpos : None, range, int64 array or list of int
+    One position per key row; None = 0..n_b-1 per sequence.
+encoding : Rope, Alibi, T5Bias, ShawRelative or None
+    As for attention.
+heads : int or None
+    As for attention.
+kv_heads : int or None
+    As for attention.
+scale : float or None
+    As for attention.
+softcap : float, default 0.0
+    As for attention.
+sinks : list of float, 1-D array or None
+    As for attention.
+causal : bool, default False
+    As for attention (by positions, within each sequence).
+window : (int, int), default (-1, -1)
+    As for attention.
+return_lse : bool, default False
+    Also return lse [total_q, heads].
+out : array or None
+    As for attention, q's shape.
+threads : int, default 0
+    As for attention.
+q_tile : int, default 0
+    As for attention.
+k_tile : int, default 0
+    As for attention.)";
+
+constexpr const char* paged = R"(Attention of a batch of sequences whose keys and values are in a paged cache (vLLM's layout):
+sequence b attends its queries, rows cu_q[b]:cu_q[b+1] of q at positions qpos, to the lengths[b]
+tokens of its cache; token j is row j % page_size of page block_table[b, j // page_size]. Pages past
+a sequence's length are never read.
+
+Parameters
+----------
+q : array
+    [total_q, heads * head_dim] or [total_q, heads, head_dim], float16, bfloat16, float32 or float64.
+k_cache : array
+    [num_pages, page_size, kv_heads, head_dim], [num_pages, page_size, kv_heads * head_dim], or 2-D
+    [num_pages * page_size, kv_heads * head_dim] with page_size=; the dtype of q.
+v_cache : array
+    The shape of k_cache.
+block_table : int32 array
+    [B, pages_per_sequence]: each sequence's pages, in order.
+lengths : int32 array or list of int
+    [B]: tokens per sequence, this step's included.
+cu_q : int32 array or list of int
+    B + 1 cumulative query counts from 0.
+qpos : range, int64 array or list of int
+    Each query's position (required).
+encoding : Rope, Alibi, T5Bias, ShawRelative or None
+    As for attention; with a Rope, keys= says what the cache holds.
+page_size : int or None
+    Rows per page; required for a 2-D cache, else read from its shape.
+keys : {'rotated', 'raw'} or None
+    With a Rope (required then): 'rotated' (the cache holds keys rotated by paged_append, what engines
+    keep; only queries are rotated) or 'raw' (keys rotated by every call).
+positions : None, int64 array or list of int
+    The position of every cache row (rolling caches); None = a token's index in its sequence.
+heads : int or None
+    As for attention.
+kv_heads : int or None
+    Default: the cache's head axis, or its columns / head_dim.
+scale : float or None
+    As for attention.
+softcap : float, default 0.0
+    As for attention.
+sinks : list of float, 1-D array or None
+    As for attention.
+causal : bool, default False
+    As for attention.
+window : (int, int), default (-1, -1)
+    As for attention.
+return_lse : bool, default False
+    Also return lse [total_q, heads].
+out : array or None
+    As for attention, q's shape.
+threads : int, default 0
+    As for attention.
+q_tile : int, default 0
+    As for attention.
+k_tile : int, default 0
+    As for attention.)";
+
+constexpr const char* append = R"(Writes a step's new keys and values into a paged cache, in place: row i of sequence b's new rows
+(cu_new[b]:cu_new[b+1] of k_new and v_new) becomes its token lengths[b] - n_b + i.
+
+Parameters
+----------
+k_cache : array
+    As for paged_attention; written in place.
+v_cache : array
+    The shape of k_cache; written in place.
+block_table : int32 array
+    [B, pages_per_sequence].
+lengths : int32 array or list of int
+    [B]: tokens per sequence, this step's included.
+k_new : array
+    [total_new, kv_heads * head_dim] or [total_new, kv_heads, head_dim], the cache's dtype.
+v_new : array
+    Like k_new.
+cu_new : int32 array or list of int
+    B + 1 cumulative counts of new rows from 0.
+encoding : Rope, Alibi, T5Bias, ShawRelative or None
+    With a Rope and keys='rotated' each key is rotated with its token's position; otherwise keys are
+    stored as given (score biases act in paged_attention).
+page_size : int or None
+    Rows per page; required for a 2-D cache.
+keys : {'rotated', 'raw'} or None
+    With a Rope (required then): what the cache holds.
+positions : None, int64 array or list of int
+    The position of every cache row; None = a token's index in its sequence.)";
+
+}  // namespace docs
 
 // ---------------------------------------------------------------------------------------------
 // Arguments
@@ -855,20 +1309,297 @@ posenc::row_matrix<double> table_of(py::handle obj, const std::string& where, co
 }
 
 // ---------------------------------------------------------------------------------------------
+// Layouts of attention and rotation arguments. A 2-D array is [tokens, heads * head_dim]; a 3-D or
+// 4-D one is laid out as `layout=` says: 'thd' [tokens, heads, head_dim] (3-D default), 'htd'
+// [heads, tokens, head_dim], 'bhtd' [batch, heads, tokens, head_dim] (4-D default, torch's
+// scaled_dot_product_attention) or 'bthd' [batch, tokens, heads, head_dim]. Any strides (in whole
+// elements, non-negative) with a unit stride along head_dim, so transposes and slices of a fused QKV
+// projection are used in place. A batch is independent sequences of equal length and positions.
+//
+// The C++ views are [tokens, heads * head_dim] with one row stride. Where each token's heads lie
+// head_dim apart (2-D, 'thd' and 'bthd' from a contiguous or row-sliced tensor) a batch item is one
+// such view and one call; otherwise every (batch item, head) is a [tokens, head_dim] view of its
+// own, attended by its own call with the head's global index (ALiBi, T5) and its kv head (GQA).
+
+enum class layout_kind { flat, thd, htd, bthd, bhtd };
+
+const char* layout_text(layout_kind k) {
+  switch (k) {
+    case layout_kind::flat:
+      return "[tokens, heads * head_dim]";
+    case layout_kind::thd:
+      return "[tokens, heads, head_dim]";
+    case layout_kind::htd:
+      return "[heads, tokens, head_dim]";
+    case layout_kind::bthd:
+      return "[batch, tokens, heads, head_dim]";
+    default:
+      return "[batch, heads, tokens, head_dim]";
+  }
+}
+
+/// The axis of the heads in a layout (for messages).
+int head_axis(layout_kind k) {
+  return k == layout_kind::htd ? 0 : k == layout_kind::bthd ? 2 : 1;
+}
+
+constexpr const char* layout_choices =
+    "2-D [tokens, heads * head_dim], 3-D with layout 'thd' [tokens, heads, head_dim] (default) or 'htd' "
+    "[heads, tokens, head_dim], or 4-D with layout 'bhtd' [batch, heads, tokens, head_dim] (default) or 'bthd' "
+    "[batch, tokens, heads, head_dim]";
+
+/// The layout of the call, from `layout=` (None: by the dimensions of `main`, the first array).
+layout_kind layout_of(py::handle obj, const array_arg& main, const std::string& w, const char* arg) {
+  const auto nd = main.ndim();
+  if (obj.is_none()) {
+    if (nd == 2) return layout_kind::flat;
+    if (nd == 3) return layout_kind::thd;
+    if (nd == 4) return layout_kind::bhtd;
+    value_error(w, std::string(arg) + " must be " + layout_choices + ", got shape " + shape_text(main));
+  }
+  const std::string name = str_of(obj, w, "layout");
+  const auto k = enum_of<layout_kind>(name,
+                                      {{"thd", layout_kind::thd},
+                                       {"htd", layout_kind::htd},
+                                       {"bhtd", layout_kind::bhtd},
+                                       {"bthd", layout_kind::bthd}},
+                                      w, "layout");
+  const py::ssize_t want = k == layout_kind::thd || k == layout_kind::htd ? 3 : 4;
+  if (nd != want)
+    value_error(w, "layout = '" + name + "' is " + layout_text(k) + " (" + std::to_string(want) + "-D) but " + arg +
+                       " has shape " + shape_text(main));
+  return k;
+}
+
+/// An attention or rotation argument as (batch, heads, tokens, head_dim) with element strides; the
+/// head_dim axis is dense. A 2-D array knows its heads only once `split` is called.
+template <class S>
+struct heads_arg {
+  S* data = nullptr;
+  layout_kind kind = layout_kind::flat;
+  index_t batch = 1, heads = 0, tokens = 0, d = 0;
+  index_t cols = 0;                // heads * head_dim
+  index_t sb = 0, sh = 0, st = 0;  // strides of batch, head and token, in elements
+
+  bool flat() const { return kind == layout_kind::flat; }
+  /// A 2-D array split into `h` heads (h divides cols).
+  void split(index_t h) {
+    heads = h;
+    d = cols / h;
+    sh = d;
+  }
+  /// Head `h` of batch item `b`: [tokens, head_dim], rows st apart.
+  posenc::strided_view<S> head(index_t b, index_t h) const {
+    return {data + b * sb + h * sh, tokens, d, tokens <= 1 ? d : st};
+  }
+  /// Every token's heads lie head_dim apart in one row: batch item b is one [tokens, heads * d] view.
+  bool row_packed() const { return (heads <= 1 || sh == d) && (tokens <= 1 || st >= heads * d); }
+  posenc::strided_view<S> rows(index_t b) const { return {data + b * sb, tokens, heads * d, tokens <= 1 ? heads * d : st}; }
+};
+
+/// True when no two elements of the array (extents `e`, element strides `s`) share memory: sorted
+/// by stride, each stride is at least the span of the axes before it.
+bool no_overlap(std::vector<std::pair<index_t, index_t>> axes) {
+  std::erase_if(axes, [](const auto& a) { return a.second <= 1; });
+  std::sort(axes.begin(), axes.end());
+  index_t span = 1;
+  for (const auto& [stride, extent] : axes) {
+    if (stride < span) return false;
+    span += stride * (extent - 1);
+  }
+  return true;
+}
+
+/// Views `a` in place in layout `k` (`flat` for a 2-D array in a 3-D layout's call). Writable
+/// (`S` not const): the array must be writeable and no two of its elements may share memory.
+template <class S>
+heads_arg<S> heads_of(const array_arg& a, layout_kind k, const std::string& w, const std::string& arg) {
+  using T = std::remove_const_t<S>;
+  constexpr auto item = static_cast<py::ssize_t>(sizeof(T));
+  const py::ssize_t nd = a.ndim();
+  const py::ssize_t want = k == layout_kind::flat ? 2 : k == layout_kind::thd || k == layout_kind::htd ? 3 : 4;
+  if (nd != want)
+    value_error(w, arg + " has shape " + shape_text(a) + " but the call's layout is " + layout_text(k) + " (" +
+                       std::to_string(want) + "-D)");
+  // Axes of batch, heads, tokens, head_dim (-1: none).
+  int ab = -1, ah = -1, at = 0, ad = static_cast<int>(nd) - 1;
+  switch (k) {
+    case layout_kind::flat:
+      break;
+    case layout_kind::thd:
+      ah = 1;
+      break;
+    case layout_kind::htd:
+      ah = 0, at = 1;
+      break;
+    case layout_kind::bthd:
+      ab = 0, at = 1, ah = 2;
+      break;
+    case layout_kind::bhtd:
+      ab = 0, ah = 1, at = 2;
+      break;
+  }
+  heads_arg<S> h;
+  h.kind = k;
+  h.data = reinterpret_cast<S*>(a.data);
+  h.batch = ab >= 0 ? a.shape[ab] : 1;
+  h.tokens = a.shape[at];
+  if (k == layout_kind::flat) {
+    h.cols = a.shape[ad];
+  } else {
+    h.heads = a.shape[ah];
+    h.d = a.shape[ad];
+    h.cols = h.heads * h.d;
+  }
+  const auto not_rows = [&] {
+    value_error(w, arg + " with shape " + shape_text(a) + " and strides " + strides_text(a) +
+                       " is not laid out as rows of contiguous elements; head_dim must be the last axis with unit "
+                       "stride and strides whole non-negative elements (numpy.ascontiguousarray, "
+                       "Tensor.contiguous())");
+  };
+  if (a.size() == 0) {  // addresses no memory: strides do not matter, nothing is written
+    h.st = h.cols;
+    h.sh = h.d;
+    h.sb = h.tokens * h.cols;
+    return h;
+  }
+  for (py::ssize_t i = 0; i < nd; ++i)
+    if (a.shape[i] > 1 && (a.strides[i] < 0 || a.strides[i] % item != 0)) not_rows();
+  if (a.shape[ad] > 1 && a.strides[ad] != item) not_rows();
+  const auto stride = [&](int axis) { return axis >= 0 && a.shape[axis] > 1 ? a.strides[axis] / item : 0; };
+  h.sb = stride(ab);
+  h.sh = stride(ah);
+  h.st = stride(at);
+  // A head's rows must not overlap (the C++ views' rule); a 2-D array's rows hold all its columns.
+  if (h.tokens > 1 && h.st < (k == layout_kind::flat ? h.cols : h.d)) not_rows();
+  if constexpr (!std::is_const_v<S>) {
+    if (!a.writeable) value_error(w, arg + " is read-only; it is written in place");
+    std::vector<std::pair<index_t, index_t>> axes;
+    for (py::ssize_t i = 0; i < nd; ++i) axes.emplace_back(a.strides[i] / item, a.shape[i]);
+    if (!no_overlap(axes))
+      value_error(w, arg + " with shape " + shape_text(a) + " and strides " + strides_text(a) +
+                         " has elements that share memory (a broadcast or expanded view); it is written in place");
+  }
+  return h;
+}
+
+/// The message for a `name` whose head axis does not hold `want` heads (kv heads when `kv`). In
+/// the 'thd' layout, an axis 0 of `want` most likely means [heads, tokens, head_dim].
+std::string head_axis_error(const array_arg& a, layout_kind k, const char* name, bool kv, index_t want) {
+  const std::string heads = kv ? "kv_heads" : "heads";
+  const std::string head = std::string(name) + " has shape " + shape_text(a) + ": ";
+  if (k == layout_kind::thd && a.shape[0] == want && a.shape[1] != want)
+    return head + "posenc takes [tokens, " + heads + ", head_dim] by default; this looks like [" + heads +
+           ", tokens, head_dim]: pass layout='htd'";
+  return head + "its axis " + std::to_string(head_axis(k)) + " holds the " + (kv ? "kv heads" : "heads") + " but " +
+         heads + " = " + std::to_string(want);
+}
+
+/// Splits 2-D arrays into heads and checks that q, k, v fit together; returns (heads, kv_heads).
+template <class T>
+std::pair<index_t, index_t> fit_heads(const std::string& w, layout_kind L, const array_arg& qa, heads_arg<const T>& q,
+                                      const array_arg& ka, heads_arg<const T>& k, const array_arg& va,
+                                      heads_arg<const T>& v, std::optional<index_t> heads,
+                                      std::optional<index_t> kv_heads) {
+  if (!heads && q.flat()) value_error(w, "q is 2-D [tokens, heads * head_dim]: pass heads= (and kv_heads= for GQA/MQA)");
+  const index_t h = heads ? *heads : q.heads;
+  if (h <= 0) value_error(w, "heads = " + std::to_string(h) + ": must be positive");
+  if (q.flat()) {
+    if (q.cols % h != 0)
+      value_error(w, "q has " + std::to_string(q.cols) + " columns, not a multiple of heads = " + std::to_string(h));
+    q.split(h);
+  } else if (q.heads != h) {
+    value_error(w, head_axis_error(qa, L, "q", false, h));
+  }
+  if (q.d == 0) value_error(w, "q has head_dim 0");
+  const index_t d = q.d;
+  // kv_heads: given, else k's head axis, else heads.
+  const index_t hk = kv_heads ? *kv_heads : (!k.flat() ? k.heads : h);
+  if (!kv_heads && !k.flat() && (hk <= 0 || h % hk != 0)) {
+    if (L == layout_kind::thd && ka.shape[0] > 0 && h % ka.shape[0] == 0)
+      value_error(w, head_axis_error(ka, L, "k", true, ka.shape[0]));
+    value_error(w, "k has shape " + shape_text(ka) + ": its axis " + std::to_string(head_axis(L)) +
+                       " holds the kv heads, and " + std::to_string(hk) + " does not divide heads = " +
+                       std::to_string(h));
+  }
+  for (auto [m, arr, name] : {std::tuple{&k, &ka, "k"}, std::tuple{&v, &va, "v"}})
+    if (!m->flat() && m->heads != hk) value_error(w, head_axis_error(*arr, L, name, true, hk));
+  if (hk <= 0 || h % hk != 0)
+    value_error(w, "kv_heads = " + std::to_string(hk) + ": must be positive and divide heads = " + std::to_string(h));
+  for (auto [m, name] : {std::pair{&k, "k"}, std::pair{&v, "v"}}) {
+    if (m->flat()) {
+      if (m->cols != hk * d)
+        value_error(w, std::string(name) + " has " + std::to_string(m->cols) +
+                           " columns but kv_heads * head_dim = " + std::to_string(hk) + " * " + std::to_string(d) +
+                           " = " + std::to_string(hk * d) + " are needed" +
+                           (!kv_heads ? "; pass kv_heads= for GQA/MQA" : ""));
+      m->split(hk);
+    } else if (m->d != d) {
+      value_error(w, std::string(name) + " has head_dim " + std::to_string(m->d) + " but q has head_dim " +
+                         std::to_string(d));
+    }
+    if (m->batch != q.batch)
+      value_error(w, std::string(name) + " has shape " + shape_text(*(m == &k ? &ka : &va)) + ": batch " +
+                         std::to_string(m->batch) + " but q has batch " + std::to_string(q.batch));
+  }
+  if (v.tokens != k.tokens)
+    value_error(w, "v has " + std::to_string(v.tokens) + " rows but k has " + std::to_string(k.tokens));
+  return {h, hk};
+}
+
+/// A score bias (ALiBi, T5) whose local head 0 is the wrapped encoder's local head `shift`: one head
+/// attended alone keeps its global head index, so its slope or table column.
+template <class E>
+struct head_shifted {
+  using scalar_type = typename E::scalar_type;
+  static constexpr posenc::encoding_family family = E::family;
+  const E* enc;
+  index_t shift;
+
+  std::string_view name() const { return enc->name(); }
+  double bias(index_t h, position q, position k) const { return enc->bias(h + shift, q, k); }
+  template <class Tile>
+  void add_bias_tile(Tile&& tile, index_t h, posenc::positions q, posenc::positions k) const {
+    enc->add_bias_tile(std::forward<Tile>(tile), h + shift, q, k);
+  }
+};
+
+/// The encoder for query head `h` attended alone.
+template <class E>
+decltype(auto) for_head(const E& e, index_t h) {
+  if constexpr (posenc::position_bias<E>) {
+    return head_shifted<E>{&e, h};
+  } else {
+    return (e);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Encoder methods, per element type.
 
 template <class T>
-void rope_rotate(const py_rope& r, const array_arg& a, py::handle pos) {
-  auto m = matrix_of<T>(a, "Rope.rotate", "x", true);
-  if (m.ndim == 3 && m.head_dim3 != r.f.head_dim())
-    value_error("Rope.rotate", "x has head_dim " + std::to_string(m.head_dim3) +
-                                   " (its last axis) but the encoder has head_dim " + std::to_string(r.f.head_dim()));
-  if (m.view.cols % r.f.head_dim() != 0)
-    value_error("Rope.rotate", "x has " + std::to_string(m.view.cols) + " columns, not a multiple of head_dim " +
-                                   std::to_string(r.f.head_dim()));
-  position_arg p(pos, m.view.rows, "Rope.rotate", "positions");
+void rope_rotate(const py_rope& r, const array_arg& a, py::handle pos, py::handle layout) {
+  const std::string w = "Rope.rotate";
+  const index_t hd = r.f.head_dim();
+  const layout_kind L = layout_of(layout, a, w, "x");
+  auto x = heads_of<T>(a, L, w, "x");
+  if (!x.flat() && x.d != hd)
+    value_error(w, "x has head_dim " + std::to_string(x.d) + " (its last axis) but the encoder has head_dim " +
+                       std::to_string(hd));
+  if (x.flat()) {
+    if (x.cols % hd != 0)
+      value_error(w, "x has " + std::to_string(x.cols) + " columns, not a multiple of head_dim " + std::to_string(hd));
+    x.split(x.cols / hd);
+  }
+  position_arg p(pos, x.tokens, w, "positions");
+  const auto& rope = r.get<posenc::compute_t<T>>();
   py::gil_scoped_release unlocked;
-  r.get<posenc::compute_t<T>>().rotate(m.view, p.get(), &workers());
+  if (x.row_packed()) {
+    for (index_t b = 0; b < x.batch; ++b) rope.rotate(x.rows(b), p.get(), &workers());
+  } else {
+    for (index_t b = 0; b < x.batch; ++b)
+      for (index_t h = 0; h < x.heads; ++h) rope.rotate(x.head(b, h), p.get(), &workers());
+  }
 }
 
 template <class T>
@@ -919,8 +1650,7 @@ void def_bias_methods(py::class_<W>& c, const std::string& name) {
          const call_args a(sig, args, kwargs);
          return w.d.bias(a.int64("head", 0), a.int64("qpos", 0), a.int64("kpos", 0));
        },
-       doc_of("bias", true, bias_params,
-              "The bias (float64) of local head `head` for a query at qpos and a key at kpos.")
+       doc_of("bias", true, bias_params, docs::bias)
            .c_str())
       .def(
           "bias_tile",
@@ -932,8 +1662,7 @@ void def_bias_methods(py::class_<W>& c, const std::string& name) {
                        ? bias_tile<float>(w, head, a["qpos"], a["kpos"], p.num_heads, p.head_offset, sig.name)
                        : bias_tile<double>(w, head, a["qpos"], a["kpos"], p.num_heads, p.head_offset, sig.name);
           },
-          doc_of("bias_tile", true, tile_params,
-                 "A new [len(qpos), len(kpos)] array of the biases of local head `head`.")
+          doc_of("bias_tile", true, tile_params, docs::bias_tile)
               .c_str());
 }
 
@@ -1152,24 +1881,128 @@ struct outputs {
   py::object result(bool want_lse) const { return want_lse ? py::object(py::make_tuple(out_obj, lse_obj)) : out_obj; }
 };
 
+/// The log-sum-exp of a call in layout `L`: q's layout without head_dim, so [tokens, heads] for 2-D
+/// and 'thd', [heads, tokens] for 'htd', [batch, heads, tokens] for 'bhtd', [batch, tokens, heads]
+/// for 'bthd'. A new array when asked for, else scratch memory [batch, tokens, heads].
+std::vector<py::ssize_t> lse_shape(layout_kind L, index_t b, index_t h, index_t n) {
+  switch (L) {
+    case layout_kind::htd:
+      return {h, n};
+    case layout_kind::bhtd:
+      return {b, h, n};
+    case layout_kind::bthd:
+      return {b, n, h};
+    default:
+      return {n, h};
+  }
+}
+
 template <class T>
 py::object attention_typed(const call_args& a, attention_knobs& kn, const array_arg& qa, const array_arg& ka,
                            const array_arg& va) {
   using C = posenc::compute_t<T>;
   const std::string w = "attention";
-  const auto q = matrix_of<const T>(qa, w, "q", true);
-  const auto k = matrix_of<const T>(ka, w, "k", true);
-  const auto v = matrix_of<const T>(va, w, "v", true);
-  std::tie(kn.p.heads, kn.p.kv_heads) =
-      resolve_heads(w, qa, q, ka, k, va, v, a.optional_int64("heads"), a.optional_int64("kv_heads"));
-  position_arg qp(a["qpos"], q.view.rows, w, "qpos");
-  position_arg kp(a["kpos"], k.view.rows, w, "kpos");
-  outputs<T> o(a, w, qa, q, kn.p.heads, kn.want_lse);
-  with_encoding<C>(a["encoding"], w, kn.p.heads, q.view.cols / kn.p.heads, [&](const auto& enc) {
+  const layout_kind L = layout_of(a["layout"], qa, w, "q");
+  // A 2-D k, v or out beside a 3-D q is [tokens, kv_heads * head_dim] (a slice of a fused projection).
+  const auto kind = [&](const array_arg& x) {
+    return x.ndim() == 2 && (L == layout_kind::thd || L == layout_kind::htd) ? layout_kind::flat : L;
+  };
+  auto q = heads_of<const T>(qa, L, w, "q");
+  auto k = heads_of<const T>(ka, kind(ka), w, "k");
+  auto v = heads_of<const T>(va, kind(va), w, "v");
+  const auto [h, hk] = fit_heads(w, L, qa, q, ka, k, va, v, a.optional_int64("heads"), a.optional_int64("kv_heads"));
+  const index_t n = q.tokens, batch = q.batch, d = q.d;
+  position_arg qp(a["qpos"], n, w, "qpos");
+  position_arg kp(a["kpos"], k.tokens, w, "kpos");
+
+  const py::object out_obj =
+      a.has("out") ? py::reinterpret_borrow<py::object>(a["out"]) : new_result(qa.source, qa.shape, qa.type, w);
+  const array_arg out_arr = float_array(out_obj, w, "out");
+  require_dtype(out_arr, qa, w, "out", "q");
+  auto out = heads_of<T>(out_arr, kind(out_arr), w, "out");
+  if (out.flat() && out.cols % h == 0) out.split(h);
+  if (out.batch != batch || out.tokens != n || out.heads != h || out.d != d)
+    value_error(w, "out has shape " + shape_text(out_arr) + " but q has shape " + shape_text(qa));
+
+  py::object lse_obj;
+  array_arg lse_arr;
+  std::vector<C> scratch;
+  heads_arg<C> lse;
+  if (kn.want_lse) {
+    lse_obj = new_result(qa.source, lse_shape(L, batch, h, n), std::same_as<C, float> ? elem::f32 : elem::f64, w);
+    lse_arr = array_of(lse_obj, w, "lse");
+    const auto es = [&](int axis) { return static_cast<index_t>(lse_arr.strides[axis] / sizeof(C)); };
+    lse.data = reinterpret_cast<C*>(lse_arr.data);
+    switch (L) {
+      case layout_kind::htd:
+        lse.sh = es(0), lse.st = es(1);
+        break;
+      case layout_kind::bhtd:
+        lse.sb = es(0), lse.sh = es(1), lse.st = es(2);
+        break;
+      case layout_kind::bthd:
+        lse.sb = es(0), lse.st = es(1), lse.sh = es(2);
+        break;
+      default:
+        lse.st = es(0), lse.sh = es(1);
+    }
+  } else {
+    scratch.resize(static_cast<std::size_t>(batch * n * h));
+    lse.data = scratch.data();
+    lse.sb = n * h, lse.st = h, lse.sh = 1;
+  }
+  lse.batch = batch, lse.heads = h, lse.tokens = n, lse.d = 1, lse.cols = h;
+  if (n <= 1) lse.st = h;  // a single row: any stride (torch gives 1) reads as a row of h values
+
+  const bool fused = q.row_packed() && k.row_packed() && v.row_packed() && out.row_packed();
+  // The fused calls write lse as rows [tokens, heads]; a head-major lse ('htd', 'bhtd') gets them
+  // from scratch rows afterwards (batch * tokens * heads values, a head_dim-th of out).
+  const bool lse_rows = (h <= 1 || lse.sh == 1) && (n <= 1 || lse.st >= h);
+  heads_arg<C> lse_out = lse;
+  if (fused && !lse_rows) {
+    scratch.resize(static_cast<std::size_t>(batch * n * h));
+    lse.data = scratch.data();
+    lse.sb = n * h, lse.st = h, lse.sh = 1;
+  }
+  kn.p.heads = h;
+  kn.p.kv_heads = hk;
+  posenc::detail::check_params(kn.p);  // here too: the per-head calls below see one head each
+  with_encoding<C>(a["encoding"], w, h, d, [&](const auto& enc) {
     py::gil_scoped_release unlocked;
-    posenc::attention(q.view, k.view, v.view, o.out, qp.get(), kp.get(), enc, kn.p, o.lse);
+    if (fused) {
+      for (index_t b = 0; b < batch; ++b)
+        posenc::attention(q.rows(b), k.rows(b), v.rows(b), out.rows(b), qp.get(), kp.get(), enc, kn.p,
+                          posenc::strided_view<C>(lse.data + b * lse.sb, n, h, n <= 1 ? h : lse.st));
+      if (!lse_rows)
+        for (index_t b = 0; b < batch; ++b)
+          for (index_t i = 0; i < h; ++i)
+            for (index_t t = 0; t < n; ++t)
+              lse_out.data[b * lse_out.sb + i * lse_out.sh + t * lse_out.st] = lse.data[(b * n + t) * h + i];
+      return;
+    }
+    // One call per (batch item, query head) on [tokens, head_dim] views; query head i reads kv head
+    // i / (heads / kv_heads). Many items: spread over the workers, each call on its own thread (a
+    // nested call of the pool runs on the calling thread); few: one after another, each spread.
+    const index_t items = batch * h, group = h / hk;
+    posenc::executor& ex = workers();
+    const int conc = kn.p.threads > 0 ? std::min(kn.p.threads, ex.concurrency()) : ex.concurrency();
+    auto one = [&](index_t item, int) {
+      const index_t b = item / h, i = item % h;
+      posenc::attention_params p1 = kn.p;
+      p1.heads = 1;
+      p1.kv_heads = 1;
+      if (!kn.p.sinks.empty()) p1.sinks = kn.p.sinks.subspan(static_cast<std::size_t>(i), 1);
+      posenc::attention(q.head(b, i), k.head(b, i / group), v.head(b, i / group), out.head(b, i), qp.get(), kp.get(),
+                        for_head(enc, i), p1,
+                        posenc::strided_view<C>(lse.data + b * lse.sb + i * lse.sh, n, 1, n <= 1 ? 1 : lse.st));
+    };
+    if (items >= conc) {
+      ex.parallel_for(items, conc, one);
+    } else {
+      for (index_t item = 0; item < items; ++item) one(item, 0);
+    }
   });
-  return o.result(kn.want_lse);
+  return kn.want_lse ? py::object(py::make_tuple(out_obj, lse_obj)) : out_obj;
 }
 
 /// Reads q, k, v (or q alone) as float arrays of one dtype.
@@ -1184,8 +2017,9 @@ std::vector<array_arg> same_dtype_arrays(const call_args& a, const std::string& 
 }
 
 constexpr const char* attention_params_text =
-    "q, k, v, qpos=None, kpos=None, encoding=None, *, heads=None, kv_heads=None, scale=None, softcap=0.0, "
-    "sinks=None, causal=False, window=(-1, -1), return_lse=False, out=None, threads=0, q_tile=0, k_tile=0";
+    "q, k, v, qpos=None, kpos=None, encoding=None, *, heads=None, kv_heads=None, layout=None, scale=None, "
+    "softcap=0.0, sinks=None, causal=False, window=(-1, -1), return_lse=False, out=None, threads=0, q_tile=0, "
+    "k_tile=0";
 
 py::object attention(const call_args& a) {
   const std::string w = "attention";
@@ -1483,55 +2317,49 @@ auto init_of(std::string cls, const char* params, F make) {
 
 }  // namespace
 
-PYBIND11_MODULE(posenc, m) {
+PYBIND11_MODULE(_posenc, m) {
   // Every function below writes its Python signature as the first line of its docstring.
   py::options options;
   options.disable_function_signatures();
 
-  m.doc() =
-      "posenc: positional encodings (sinusoidal, RoPE and its scalings, ALiBi, T5 bias, Shaw), blockwise "
-      "attention and the engine step (attention_varlen, paged_attention, paged_append) on NumPy arrays, CPU torch "
-      "tensors (__dlpack__) or any buffer, used in place.\n\n"
-      "Matrices are float16, bfloat16, float32 or float64, [tokens, heads * head_dim] (2-D) or [tokens, heads, "
-      "head_dim] (3-D), with unit stride along the last axis (C-contiguous, or a slice of rows of one). Positions are "
-      "None (0..n-1), a range with step 1, "
-      "an int64 array or a list of ints.";
+  m.doc() = docs::module;
   m.attr("__version__") = std::to_string(POSENC_VERSION_MAJOR) + "." + std::to_string(POSENC_VERSION_MINOR) + "." +
                           std::to_string(POSENC_VERSION_PATCH);
   py::register_exception<posenc::precondition_error>(m, "PreconditionError", PyExc_ValueError);
 
   // Frequency policies (docs/rope_scaling.md), keyword arguments with the C++ aggregates' names and defaults.
   constexpr const char* linear_params = "*, factor=1.0";
-  py::class_<posenc::linear_scaling>(m, "LinearScaling",
-                                     "Position interpolation (Chen et al. 2023): inv_freq / factor.")
+  py::class_<posenc::linear_scaling>(m, "LinearScaling", docs::linear)
       .def(init_of("LinearScaling", linear_params,
                    [](const call_args& a) { return posenc::linear_scaling{a.float64("factor", 1.0)}; }),
-           doc_of("__init__", true, linear_params, "").c_str())
-      .def_readonly("factor", &posenc::linear_scaling::factor);
+           doc_of("__init__", true, linear_params, docs::linear_init).c_str())
+      .def_readonly("factor", &posenc::linear_scaling::factor, "The scale s.");
   constexpr const char* ntk_params = "*, alpha=1.0";
-  py::class_<posenc::ntk_aware_scaling>(m, "NtkAwareScaling", "NTK-aware: base * alpha^(r/(r-2)).")
+  py::class_<posenc::ntk_aware_scaling>(m, "NtkAwareScaling", docs::ntk)
       .def(init_of("NtkAwareScaling", ntk_params,
                    [](const call_args& a) { return posenc::ntk_aware_scaling{a.float64("alpha", 1.0)}; }),
-           doc_of("__init__", true, ntk_params, "").c_str())
-      .def_readonly("alpha", &posenc::ntk_aware_scaling::alpha);
+           doc_of("__init__", true, ntk_params, docs::ntk_init).c_str())
+      .def_readonly("alpha", &posenc::ntk_aware_scaling::alpha, "The NTK factor.");
   constexpr const char* dynamic_params = "*, factor=1.0, original_max_position=2048, sequence_length=0";
   py::class_<posenc::dynamic_ntk_scaling>(
-      m, "DynamicNtkScaling", "Dynamic NTK: base * (s L / L0 - (s - 1))^(r/(r-2)) for L = sequence_length > L0.")
+      m, "DynamicNtkScaling", docs::dynamic)
       .def(init_of("DynamicNtkScaling", dynamic_params,
                    [](const call_args& a) {
                      return posenc::dynamic_ntk_scaling{a.float64("factor", 1.0),
                                                         a.int64("original_max_position", 2048),
                                                         a.int64("sequence_length", 0)};
                    }),
-           doc_of("__init__", true, dynamic_params, "").c_str())
-      .def_readonly("factor", &posenc::dynamic_ntk_scaling::factor)
-      .def_readonly("original_max_position", &posenc::dynamic_ntk_scaling::original_max_position)
-      .def_readonly("sequence_length", &posenc::dynamic_ntk_scaling::sequence_length);
+           doc_of("__init__", true, dynamic_params, docs::dynamic_init).c_str())
+      .def_readonly("factor", &posenc::dynamic_ntk_scaling::factor, "The scale s.")
+      .def_readonly("original_max_position", &posenc::dynamic_ntk_scaling::original_max_position,
+                    "L0, the trained context length (tokens).")
+      .def_readonly("sequence_length", &posenc::dynamic_ntk_scaling::sequence_length,
+                    "L, the length the table is made for (tokens).");
   constexpr const char* yarn_params =
       "*, factor=1.0, original_max_position=4096, beta_fast=32.0, beta_slow=1.0, mscale=0.0, mscale_all_dim=0.0, "
       "truncate=True";
   py::class_<posenc::yarn_scaling>(
-      m, "YarnScaling", "YaRN (Peng et al. 2023): ramp between inv and inv / factor; magnitude 0.1 ln s + 1.")
+      m, "YarnScaling", docs::yarn)
       .def(init_of("YarnScaling", yarn_params,
                    [](const call_args& a) {
                      return posenc::yarn_scaling{a.float64("factor", 1.0),     a.int64("original_max_position", 4096),
@@ -1539,27 +2367,27 @@ PYBIND11_MODULE(posenc, m) {
                                                  a.float64("mscale", 0.0),     a.float64("mscale_all_dim", 0.0),
                                                  a.flag("truncate", true)};
                    }),
-           doc_of("__init__", true, yarn_params, "").c_str())
-      .def_readonly("factor", &posenc::yarn_scaling::factor)
-      .def_readonly("original_max_position", &posenc::yarn_scaling::original_max_position);
+           doc_of("__init__", true, yarn_params, docs::yarn_init).c_str())
+      .def_readonly("factor", &posenc::yarn_scaling::factor, "The scale s.")
+      .def_readonly("original_max_position", &posenc::yarn_scaling::original_max_position,
+                    "L0, the trained context length (tokens).");
   constexpr const char* llama3_params =
       "*, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=8192";
-  py::class_<posenc::llama3_scaling>(m, "Llama3Scaling",
-                                     "Llama 3.1: keep, divide or blend each frequency by its wavelength.")
+  py::class_<posenc::llama3_scaling>(m, "Llama3Scaling", docs::llama3)
       .def(init_of("Llama3Scaling", llama3_params,
                    [](const call_args& a) {
                      return posenc::llama3_scaling{a.float64("factor", 8.0), a.float64("low_freq_factor", 1.0),
                                                    a.float64("high_freq_factor", 4.0),
                                                    a.int64("original_max_position", 8192)};
                    }),
-           doc_of("__init__", true, llama3_params, "").c_str())
-      .def_readonly("factor", &posenc::llama3_scaling::factor)
-      .def_readonly("original_max_position", &posenc::llama3_scaling::original_max_position);
+           doc_of("__init__", true, llama3_params, docs::llama3_init).c_str())
+      .def_readonly("factor", &posenc::llama3_scaling::factor, "s, the divisor of low frequencies.")
+      .def_readonly("original_max_position", &posenc::llama3_scaling::original_max_position,
+                    "L0, the trained context length (tokens).");
   constexpr const char* longrope_params =
       "*, short_factor, long_factor, original_max_position=4096, max_position=0, choice='per_length', "
       "sequence_length=0, factor=0.0";
-  py::class_<posenc::longrope_scaling>(m, "LongRopeScaling",
-                                       "LongRoPE (Phi-3): 1 / (f_i base^(2i/r)) with short or long factors.")
+  py::class_<posenc::longrope_scaling>(m, "LongRopeScaling", docs::longrope)
       .def(init_of("LongRopeScaling", longrope_params,
                    [](const call_args& a) {
                      return posenc::longrope_scaling{
@@ -1574,30 +2402,23 @@ PYBIND11_MODULE(posenc, m) {
                          a.int64("sequence_length", 0),
                          a.float64("factor", 0.0)};
                    }),
-           doc_of("__init__", true, longrope_params, "").c_str());
+           doc_of("__init__", true, longrope_params, docs::longrope_init).c_str());
 
   constexpr const char* rope_params =
       "*, head_dim=128, rotary_dim=0, base=10000.0, layout='half_split', scaling=None, rope_scaling=None, "
       "attention_factor=None";
-  constexpr const char* rotate_params = "x, positions=None";
+  constexpr const char* rotate_params = "x, positions=None, *, layout=None";
   constexpr const char* cos_sin_params = "positions";
-  py::class_<py_rope>(m, "Rope",
-                      "Rotary position embedding (Su et al. 2021) with an optional frequency policy.\n\n"
-                      "Rope(head_dim=128, rotary_dim=0, base=10000.0, layout='half_split' | 'interleaved',\n"
-                      "     scaling=None | LinearScaling(...) | ..., rope_scaling=None | {HF rope_scaling dict},\n"
-                      "     attention_factor=None)\n"
-                      "rope_scaling reads a Hugging Face config's dict ('rope_type', 'factor', 'rope_theta', ...).")
-      .def(init_of("Rope", rope_params, make_rope), doc_of("__init__", true, rope_params, "").c_str())
+  py::class_<py_rope>(m, "Rope", docs::rope)
+      .def(init_of("Rope", rope_params, make_rope), doc_of("__init__", true, rope_params, docs::rope_init).c_str())
       .def(
           "rotate",
           [sig = sig_of("Rope.rotate", rotate_params)](const py_rope& r, py::args args, py::kwargs kwargs) {
             const call_args a(sig, args, kwargs);
             const auto x = float_array(a["x"], sig.name, "x");
-            with_storage(x.type, [&](auto t) { rope_rotate<decltype(t)>(r, x, a["positions"]); });
+            with_storage(x.type, [&](auto t) { rope_rotate<decltype(t)>(r, x, a["positions"], a["layout"]); });
           },
-          doc_of("rotate", true, rotate_params,
-                 "Rotates every head of x ([tokens, heads * head_dim] or [tokens, heads, head_dim]) in place, row i "
-                 "by positions[i].")
+          doc_of("rotate", true, rotate_params, docs::rotate)
               .c_str())
       .def(
           "cos_sin",
@@ -1611,31 +2432,35 @@ PYBIND11_MODULE(posenc, m) {
             for (index_t i = 0; i < p.size(); ++i) r.d.unit_cos_sin(pp[i], c.mutable_data(i, 0), s.mutable_data(i, 0));
             return py::make_tuple(c, s);
           },
-          doc_of("cos_sin", true, cos_sin_params,
-                 "(cos, sin), each [len(positions), rotary_dim / 2] float64: cos and sin of position * inv_freq "
-                 "(without the magnitude).")
+          doc_of("cos_sin", true, cos_sin_params, docs::cos_sin)
               .c_str())
-      .def_property_readonly("head_dim", [](const py_rope& r) { return r.f.head_dim(); })
-      .def_property_readonly("rotary_dim", [](const py_rope& r) { return r.f.rotary_dim(); })
-      .def_property_readonly("base", [](const py_rope& r) { return r.f.base(); })
+      .def_property_readonly(
+          "head_dim", [](const py_rope& r) { return r.f.head_dim(); }, "Elements per head.")
+      .def_property_readonly(
+          "rotary_dim", [](const py_rope& r) { return r.f.rotary_dim(); },
+          "Rotated elements at the front of each head (head_dim unless partial).")
+      .def_property_readonly(
+          "base", [](const py_rope& r) { return r.f.base(); }, "The frequency base theta (after rope_theta).")
       .def_property_readonly("layout",
                              [](const py_rope& r) {
                                return r.f.layout() == posenc::rope_layout::half_split ? "half_split" : "interleaved";
-                             })
+                             },
+                             "'half_split' (pairs (i, i + r/2)) or 'interleaved' (pairs (2i, 2i + 1)).")
       .def_property_readonly(
           "inv_freq", [](const py_rope& r) { return to_numpy(r.d.inv_freq()); },
           "The rotary_dim / 2 inverse frequencies after the scaling policy (float64 copy).")
       .def_property_readonly(
           "magnitude", [](const py_rope& r) { return r.f.magnitude(); },
           "The factor multiplying cos and sin (YaRN's 0.1 ln s + 1, ...).")
-      .def_property_readonly("name", [](const py_rope& r) { return std::string(r.f.name()); });
+      .def_property_readonly(
+          "name", [](const py_rope& r) { return std::string(r.f.name()); },
+          "The encoder's name in reports ('rope', 'rope-yarn', ...).");
 
   constexpr const char* sinusoidal_params =
       "*, dim=512, base=10000.0, layout='interleaved', shifted_denominator=False, position_offset=0";
   constexpr const char* add_to_params = "x, positions=None";
   constexpr const char* table_params = "positions, dtype='float32'";
-  py::class_<py_sinusoidal>(m, "Sinusoidal",
-                            "Sinusoidal absolute position encoding (Vaswani et al. 2017), added to token embeddings.")
+  py::class_<py_sinusoidal>(m, "Sinusoidal", docs::sinusoidal)
       .def(init_of("Sinusoidal", sinusoidal_params,
                    [](const call_args& a) {
                      const posenc::sinusoidal_params p{.dim = a.int64("dim", 512),
@@ -1649,7 +2474,7 @@ PYBIND11_MODULE(posenc, m) {
                                                        .position_offset = a.int64("position_offset", 0)};
                      return py_sinusoidal{posenc::sinusoidal<float>(p), posenc::sinusoidal<double>(p)};
                    }),
-           doc_of("__init__", true, sinusoidal_params, "").c_str())
+           doc_of("__init__", true, sinusoidal_params, docs::sinusoidal_init).c_str())
       .def(
           "add_to",
           [sig = sig_of("Sinusoidal.add_to", add_to_params)](const py_sinusoidal& s, py::args args, py::kwargs kwargs) {
@@ -1661,7 +2486,7 @@ PYBIND11_MODULE(posenc, m) {
               sinusoidal_add<double>(s, x, a["positions"]);
             }
           },
-          doc_of("add_to", true, add_to_params, "x[i] += PE[positions[i]] in place; x is [tokens, dim].").c_str())
+          doc_of("add_to", true, add_to_params, docs::add_to).c_str())
       .def(
           "table",
           [sig = sig_of("Sinusoidal.table", table_params)](const py_sinusoidal& s, py::args args, py::kwargs kwargs) {
@@ -1670,13 +2495,15 @@ PYBIND11_MODULE(posenc, m) {
             return parse_dtype(a["dtype"], sig.name) == elem::f32 ? sinusoidal_table<float>(s, p)
                                                                   : sinusoidal_table<double>(s, p);
           },
-          doc_of("table", true, table_params, "A new [len(positions), dim] array of PE[positions[i]].").c_str())
-      .def_property_readonly("dim", [](const py_sinusoidal& s) { return s.f.dim(); })
-      .def_property_readonly("frequencies", [](const py_sinusoidal& s) { return to_numpy(s.d.frequencies()); });
+          doc_of("table", true, table_params, docs::table).c_str())
+      .def_property_readonly(
+          "dim", [](const py_sinusoidal& s) { return s.f.dim(); }, "The embedding width.")
+      .def_property_readonly(
+          "frequencies", [](const py_sinusoidal& s) { return to_numpy(s.d.frequencies()); },
+          "The dim / 2 angular frequencies 1 / base^(2i / dim) (float64 copy).");
 
   constexpr const char* alibi_params = "*, num_heads=8, head_offset=0, form='causal', max_bias=8.0";
-  py::class_<py_alibi> alibi_class(m, "Alibi",
-                                   "ALiBi (Press et al. 2022): bias -slope_h * (qpos - kpos), or * |qpos - kpos|.");
+  py::class_<py_alibi> alibi_class(m, "Alibi", docs::alibi);
   alibi_class
       .def(init_of("Alibi", alibi_params,
                    [](const call_args& a) {
@@ -1690,19 +2517,18 @@ PYBIND11_MODULE(posenc, m) {
                          .max_bias = a.float64("max_bias", 8.0)};
                      return py_alibi{posenc::alibi<float>(p), posenc::alibi<double>(p)};
                    }),
-           doc_of("__init__", true, alibi_params, "").c_str())
+           doc_of("__init__", true, alibi_params, docs::alibi_init).c_str())
       .def_property_readonly(
           "slopes",
           [](const py_alibi& a) {
             return to_numpy(posenc::alibi<double>::slopes(a.d.params().num_heads, a.d.params().max_bias));
           },
-          "The slopes of all num_heads global heads (float64).");
+          docs::alibi_slopes);
   def_bias_methods(alibi_class, "Alibi");
 
   constexpr const char* t5_params = "table, *, max_distance=128, bidirectional=True, head_offset=0";
   constexpr const char* bucket_params = "relative";
-  py::class_<py_t5> t5_class(m, "T5Bias",
-                             "T5 bucketed relative position bias with a learned [num_buckets, num_heads] table.");
+  py::class_<py_t5> t5_class(m, "T5Bias", docs::t5);
   t5_class
       .def(init_of("T5Bias", t5_params,
                    [](const call_args& a) {
@@ -1715,18 +2541,17 @@ PYBIND11_MODULE(posenc, m) {
                      const posenc::row_matrix<float> tf = t.cast<float>();
                      return py_t5{posenc::t5_relative_bias<float>(p, tf), posenc::t5_relative_bias<double>(p, t)};
                    }),
-           doc_of("__init__", true, t5_params, "table: [num_buckets, num_heads] float32/float64 (copied).").c_str())
+           doc_of("__init__", true, t5_params, docs::t5_init).c_str())
       .def(
           "bucket",
           [sig = sig_of("T5Bias.bucket", bucket_params)](const py_t5& t, py::args args, py::kwargs kwargs) {
             return t.d.bucket(call_args(sig, args, kwargs).int64("relative", 0));
           },
-          doc_of("bucket", true, bucket_params, "The bucket of relative = kpos - qpos.").c_str());
+          doc_of("bucket", true, bucket_params, docs::bucket).c_str());
   def_bias_methods(t5_class, "T5Bias");
 
   constexpr const char* shaw_params = "key_table, value_table";
-  py::class_<py_shaw>(m, "ShawRelative",
-                      "Shaw et al. 2018 relative keys and values: tables [2K + 1, head_dim], row r = distance r - K.")
+  py::class_<py_shaw>(m, "ShawRelative", docs::shaw)
       .def(init_of(
                "ShawRelative", shaw_params,
                [](const call_args& a) {
@@ -1738,9 +2563,12 @@ PYBIND11_MODULE(posenc, m) {
                  const posenc::row_matrix<float> akf = ak.cast<float>(), avf = av.cast<float>();
                  return py_shaw{posenc::shaw_relative<float>(p, akf, avf), posenc::shaw_relative<double>(p, ak, av)};
                }),
-           doc_of("__init__", true, shaw_params, "").c_str())
-      .def_property_readonly("head_dim", [](const py_shaw& s) { return s.d.head_dim(); })
-      .def_property_readonly("max_relative_position", [](const py_shaw& s) { return s.d.max_relative_position(); });
+           doc_of("__init__", true, shaw_params, docs::shaw_init).c_str())
+      .def_property_readonly(
+          "head_dim", [](const py_shaw& s) { return s.d.head_dim(); }, "Elements per head (the tables' width).")
+      .def_property_readonly(
+          "max_relative_position", [](const py_shaw& s) { return s.d.max_relative_position(); },
+          "K: distances are clipped to [-K, K].");
 
   m.def(
       "attention",
@@ -1750,23 +2578,7 @@ PYBIND11_MODULE(posenc, m) {
                       "with Rope.rotate, pass encoding=None"}})](py::args args, py::kwargs kwargs) {
         return attention(call_args(sig, args, kwargs));
       },
-      doc_of("attention", false, attention_params_text,
-             "Blockwise softmax attention: out_i = sum_j softmax_j(scale q_i.k_j + bias_ij) v_j.\n\n"
-             "q: [n_q, heads, d], or [n_q, heads * d] with heads=; k, v: [n_kv, kv_heads, d], or [n_kv, kv_heads * d]\n"
-             "(heads and kv_heads default to the 3-D arrays' axis 1, kv_heads to heads for a 2-D k). GQA/MQA:\n"
-             "query head h reads kv head h // (heads // kv_heads). NumPy arrays, torch tensors (CPU) or any\n"
-             "buffer, used in place; all of one dtype: float16, bfloat16, float32 or float64.\n"
-             "qpos, kpos: positions (default 0..n-1).\n"
-             "encoding: None, Rope, Alibi, T5Bias or ShawRelative, always applied in the kernel (a Rope rotates\n"
-             "copies of the q and k tiles). For q and k the caller rotated (Rope.rotate, a cache of rotated keys)\n"
-             "pass encoding=None: never both.\n"
-             "causal: key j visible when kpos[j] <= qpos[i]. window=(left, right): keys within\n"
-             "[qpos - left, qpos + right], -1 unbounded. scale defaults to 1/sqrt(d).\n"
-             "softcap: each logit s becomes softcap * tanh(s / softcap) (0: off). sinks: one logit per head\n"
-             "joining every row's softmax denominator (gpt-oss).\n"
-             "Returns out (the shape of q; written into out= when given), or (out, lse [n_q, heads], -inf for a\n"
-             "query with no visible key) with return_lse; new arrays are torch tensors when q is one. The GIL is\n"
-             "released while it runs.")
+      doc_of("attention", false, attention_params_text, docs::attention)
           .c_str());
 
   m.def(
@@ -1774,13 +2586,7 @@ PYBIND11_MODULE(posenc, m) {
       [sig = sig_of("attention_varlen", varlen_params_text)](py::args args, py::kwargs kwargs) {
         return attention_varlen(call_args(sig, args, kwargs));
       },
-      doc_of("attention_varlen", false, varlen_params_text,
-             "Attention of a batch of sequences packed one after another (FlashAttention's varlen layout):\n"
-             "sequence b attends its queries, rows cu_q[b]:cu_q[b+1] of q, to its keys, rows cu_k[b]:cu_k[b+1] of\n"
-             "k and v, and only to them; the same as one attention call per sequence.\n\n"
-             "cu_q, cu_k: B + 1 cumulative row counts from 0, int32 (int64 or a list is copied).\n"
-             "qpos, kpos: one position per row; default: each sequence's rows numbered 0..n_b-1.\n"
-             "Everything else as attention; lse is [total_q, heads].")
+      doc_of("attention_varlen", false, varlen_params_text, docs::varlen)
           .c_str());
 
   m.def(
@@ -1788,16 +2594,7 @@ PYBIND11_MODULE(posenc, m) {
       [sig = sig_of("paged_attention", paged_params_text)](py::args args, py::kwargs kwargs) {
         return paged_attention(call_args(sig, args, kwargs));
       },
-      doc_of("paged_attention", false, paged_params_text,
-             "Attention of a batch of sequences whose keys and values are in a paged cache: sequence b attends its\n"
-             "queries, rows cu_q[b]:cu_q[b+1] of q at positions qpos, to the lengths[b] tokens of its cache:\n"
-             "token j is row j % page_size of page block_table[b, j // page_size].\n\n"
-             "k_cache, v_cache: [num_pages, page_size, kv_heads, d], [num_pages, page_size, kv_heads * d], or\n"
-             "[num_pages * page_size, kv_heads * d] with page_size=. block_table: [B, pages_per_sequence] int32;\n"
-             "lengths: [B] int32; cu_q: [B + 1] int32 (int64 or lists are copied). Pages past a sequence's\n"
-             "length are never read. positions: the position of every cache row (default: a token's index in its\n"
-             "sequence). keys: 'rotated' (the cache holds keys rotated by paged_append) or 'raw' (the call\n"
-             "rotates them); required with a Rope. kv_heads defaults to the cache's. Everything else as attention.")
+      doc_of("paged_attention", false, paged_params_text, docs::paged)
           .c_str());
 
   m.def(
@@ -1805,10 +2602,6 @@ PYBIND11_MODULE(posenc, m) {
       [sig = sig_of("paged_append", append_params_text)](py::args args, py::kwargs kwargs) {
         paged_append(call_args(sig, args, kwargs));
       },
-      doc_of("paged_append", false, append_params_text,
-             "Writes a step's new keys and values into a paged cache in place: row i of sequence b's new rows\n"
-             "(cu_new[b]:cu_new[b+1] of k_new and v_new) becomes its token lengths[b] - n_b + i (lengths count\n"
-             "this step's tokens). With a Rope and keys='rotated' the keys are rotated with that token's position\n"
-             "(positions= of its row, or its index in the sequence); otherwise they are stored as given.")
+      doc_of("paged_append", false, append_params_text, docs::append)
           .c_str());
 }

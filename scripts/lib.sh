@@ -3,11 +3,11 @@
 # The Debian packages posenc's scripts need: compilers, CMake, Eigen, Catch2, Google Benchmark,
 # clang's sanitizer, fuzzer and OpenMP runtimes (the opt-in OpenMP executor is tested), Open MPI (ring attention), and for the Python
 # module, its tests and the plots: pybind11, NumPy, pytest, PyTorch (the tests' reference) and
-# Matplotlib.
+# Matplotlib; pip, venv, setuptools and wheel for `pip install --no-build-isolation .`; mypy checks the stubs.
 POSENC_PACKAGES=(cmake make g++ clang libclang-rt-14-dev libomp-dev libeigen3-dev catch2 libbenchmark-dev
                  openmpi-bin libopenmpi-dev
                  python3 python3-dev pybind11-dev python3-pybind11 python3-numpy python3-pytest python3-torch
-                 python3-matplotlib)
+                 python3-matplotlib python3-pip python3-venv python3-setuptools python3-wheel python3-mypy)
 
 # posenc_ensure_packages PKG...: installs what is missing when run as root (apt-get update only
 # if something is missing); otherwise names the missing packages and exits 1.

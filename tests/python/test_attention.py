@@ -131,19 +131,20 @@ def test_three_d_arrays_and_out(rng, dtype):
     assert_close(out.reshape(n, -1), want.numpy(), dtype, "3-D")
 
 
-def test_heads_first_arrays_transposed_as_the_message_says(rng, dtype):
-    """PyTorch's per-head layout [heads, tokens, d] is refused, naming the fix; the fix gives the reference."""
+def test_heads_first_arrays_need_their_layout_named(rng, dtype):
+    """PyTorch's per-head layout [heads, tokens, d] without layout= is refused, naming the fix; with it, the
+    arrays are attended in place (test_layouts.py covers every layout against the reference)."""
     heads, kv_heads, n = 4, 2, 23
     qh = rng.standard_normal((heads, n, D)).astype(dtype)
     kh, vh = (rng.standard_normal((kv_heads, n, D)).astype(dtype) for _ in range(2))
-    with pytest.raises(ValueError, match=r"looks like \[heads, tokens, head_dim\]; pass q\.transpose\(1, 0, 2\)"):
+    with pytest.raises(ValueError, match=r"looks like \[heads, tokens, head_dim\]: pass layout='htd'"):
         posenc.attention(qh, kh, vh, heads=heads, kv_heads=kv_heads, causal=True)
-    q, k, v = (np.ascontiguousarray(a.transpose(1, 0, 2)) for a in (qh, kh, vh))
-    out = posenc.attention(q, k, v, heads=heads, kv_heads=kv_heads, causal=True)
+    out = posenc.attention(qh, kh, vh, layout="htd", causal=True)
     pos = np.arange(n)
-    want, _ = ref.attention(q.reshape(n, -1), k.reshape(n, -1), v.reshape(n, -1), heads, kv_heads, pos, pos,
-                            causal=True)
-    assert_close(out.reshape(n, -1), want.numpy(), dtype, "heads-first, transposed")
+    flat = lambda a: np.ascontiguousarray(a.transpose(1, 0, 2)).reshape(n, -1)  # noqa: E731
+    want, _ = ref.attention(flat(qh), flat(kh), flat(vh), heads, kv_heads, pos, pos, causal=True)
+    assert out.shape == qh.shape
+    assert_close(flat(out), want.numpy(), dtype, "heads-first")
 
 
 def test_explicit_scale(rng):

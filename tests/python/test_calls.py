@@ -152,8 +152,9 @@ def test_a_shape_bug_past_the_modules_checks_raises_precondition_error():
 
 def test_signatures_are_the_python_ones():
     assert str(inspect.signature(posenc.attention)) == (
-        "(q, k, v, qpos=None, kpos=None, encoding=None, *, heads=None, kv_heads=None, scale=None, softcap=0.0, "
-        "sinks=None, causal=False, window=(-1, -1), return_lse=False, out=None, threads=0, q_tile=0, k_tile=0)")
+        "(q, k, v, qpos=None, kpos=None, encoding=None, *, heads=None, kv_heads=None, layout=None, scale=None, "
+        "softcap=0.0, sinks=None, causal=False, window=(-1, -1), return_lse=False, out=None, threads=0, q_tile=0, "
+        "k_tile=0)")
     assert str(inspect.signature(posenc.attention_varlen)) == (
         "(q, k, v, cu_q, cu_k, qpos=None, kpos=None, encoding=None, *, heads=None, kv_heads=None, scale=None, "
         "softcap=0.0, sinks=None, causal=False, window=(-1, -1), return_lse=False, out=None, threads=0, q_tile=0, "
@@ -164,8 +165,8 @@ def test_signatures_are_the_python_ones():
     assert str(inspect.signature(posenc.paged_append)) == (
         "(k_cache, v_cache, block_table, lengths, k_new, v_new, cu_new, encoding=None, *, page_size=None, "
         "keys=None, positions=None)")
-    assert str(inspect.signature(posenc.Rope.rotate)) == "(self, x, positions=None)"
-    assert str(inspect.signature(posenc.Rope(head_dim=D).rotate)) == "(x, positions=None)"
+    assert str(inspect.signature(posenc.Rope.rotate)) == "(self, x, positions=None, *, layout=None)"
+    assert str(inspect.signature(posenc.Rope(head_dim=D).rotate)) == "(x, positions=None, *, layout=None)"
     assert str(inspect.signature(posenc.Sinusoidal.table)) == "(self, positions, dtype='float32')"
     assert str(inspect.signature(posenc.Alibi.bias_tile)) == "(self, head, qpos, kpos, dtype='float32')"
     assert str(inspect.signature(posenc.T5Bias)) == "(table, *, max_distance=128, bidirectional=True, head_offset=0)"

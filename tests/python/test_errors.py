@@ -149,25 +149,27 @@ def test_two_d_q_needs_heads(arrays):
 
 
 def test_heads_first_arrays_are_named_as_such():
-    """[heads, tokens, head_dim] (PyTorch's per-head layout) is recognised and the fix named; other axis-1
-    mismatches say which axis holds what, never a kv_heads the caller did not pass."""
+    """[heads, tokens, head_dim] (PyTorch's per-head layout) given without layout='htd' is recognised and the
+    fix named; other head-axis mismatches say which axis holds what, never a kv_heads the caller did not pass."""
     q = np.zeros((8, 128, 64), np.float32)
     k = np.zeros((2, 128, 64), np.float32)
     qt, kt = np.zeros((128, 8, 64), np.float32), np.zeros((128, 2, 64), np.float32)
-    attention_error("q has shape (8, 128, 64): posenc takes [tokens, heads, head_dim]; this looks like "
-                    "[heads, tokens, head_dim]; pass q.transpose(1, 0, 2) made contiguous", q, k, k, heads=8)
-    attention_error("k has shape (2, 128, 64): posenc takes [tokens, kv_heads, head_dim]; this looks like "
-                    "[kv_heads, tokens, head_dim]; pass k.transpose(1, 0, 2) made contiguous", qt, k, k, heads=8)
-    attention_error("k has shape (2, 128, 64): posenc takes [tokens, kv_heads, head_dim]; this looks like "
-                    "[kv_heads, tokens, head_dim]; pass k.transpose(1, 0, 2) made contiguous", qt, k, k, kv_heads=2)
-    attention_error("v has shape (2, 128, 64): posenc takes [tokens, kv_heads, head_dim]; this looks like "
-                    "[kv_heads, tokens, head_dim]; pass v.transpose(1, 0, 2) made contiguous", qt, kt, k)
+    attention_error("q has shape (8, 128, 64): posenc takes [tokens, heads, head_dim] by default; this looks like "
+                    "[heads, tokens, head_dim]: pass layout='htd'", q, k, k, heads=8)
+    attention_error("k has shape (2, 128, 64): posenc takes [tokens, kv_heads, head_dim] by default; this looks "
+                    "like [kv_heads, tokens, head_dim]: pass layout='htd'", qt, k, k, heads=8)
+    attention_error("k has shape (2, 128, 64): posenc takes [tokens, kv_heads, head_dim] by default; this looks "
+                    "like [kv_heads, tokens, head_dim]: pass layout='htd'", qt, k, k, kv_heads=2)
+    attention_error("v has shape (2, 128, 64): posenc takes [tokens, kv_heads, head_dim] by default; this looks "
+                    "like [kv_heads, tokens, head_dim]: pass layout='htd'", qt, kt, k)
     attention_error("k has shape (128, 3, 64): its axis 1 holds the kv heads, and 3 does not divide heads = 8",
                     qt, np.zeros((128, 3, 64), np.float32), kt)
     attention_error("k has shape (128, 3, 64): its axis 1 holds the kv heads but kv_heads = 2",
                     qt, np.zeros((128, 3, 64), np.float32), kt, kv_heads=2)
     attention_error("q has shape (4, 3, 8): its axis 1 holds the heads but heads = 5",
                     np.zeros((4, 3, 8)), np.zeros((4, 3, 8)), np.zeros((4, 3, 8)), heads=5)
+    # With the layout named, the same arrays are taken as they are.
+    assert posenc.attention(q, k, k, layout="htd").shape == (8, 128, 64)
 
 
 def test_rotation_keyword_is_gone(arrays):

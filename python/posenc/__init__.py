@@ -1,0 +1,59 @@
+"""posenc: positional encodings and blockwise attention on NumPy arrays and CPU torch tensors.
+
+Encoders: ``Sinusoidal`` (added to token embeddings), ``Rope`` with its frequency policies
+(``LinearScaling``, ``NtkAwareScaling``, ``DynamicNtkScaling``, ``YarnScaling``, ``Llama3Scaling``,
+``LongRopeScaling``, or a Hugging Face ``rope_scaling`` dict), and the score biases ``Alibi``,
+``T5Bias`` and ``ShawRelative``. Attention: ``attention`` (one sequence, or a batch of sequences of
+equal length), and the engine step ``attention_varlen``, ``paged_attention``, ``paged_append``.
+
+Arrays are used in place, never copied: NumPy arrays, torch CPU tensors (through ``__dlpack__``) or
+any buffer, float16, bfloat16 (torch), float32 or float64. ``help(posenc.attention)`` lists the
+layouts; docs/python.md and docs/pytorch.md in the source tree have examples.
+"""
+
+from ._posenc import (
+    Alibi,
+    DynamicNtkScaling,
+    LinearScaling,
+    Llama3Scaling,
+    LongRopeScaling,
+    NtkAwareScaling,
+    PreconditionError,
+    Rope,
+    ShawRelative,
+    Sinusoidal,
+    T5Bias,
+    YarnScaling,
+    __version__,
+    attention,
+    attention_varlen,
+    paged_append,
+    paged_attention,
+)
+
+__all__ = [
+    "Alibi",
+    "DynamicNtkScaling",
+    "LinearScaling",
+    "Llama3Scaling",
+    "LongRopeScaling",
+    "NtkAwareScaling",
+    "PreconditionError",
+    "Rope",
+    "ShawRelative",
+    "Sinusoidal",
+    "T5Bias",
+    "YarnScaling",
+    "attention",
+    "attention_varlen",
+    "paged_append",
+    "paged_attention",
+]
+
+# The public names belong to `posenc`, not to its extension module, in help(), reprs and pickles.
+for _name in __all__:
+    try:
+        globals()[_name].__module__ = __name__
+    except (AttributeError, TypeError):  # pragma: no cover (an object whose __module__ is fixed)
+        pass
+del _name
