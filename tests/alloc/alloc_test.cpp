@@ -2,13 +2,17 @@
 // process is counted (bench/alloc_counter.hpp replaces malloc), and the second of two identical
 // calls must make none. Covers prefill and decode (key chunks merged by log-sum-exp) with every
 // encoder family, RoPE rotated inside the kernel included, on the calling thread and on a thread
-// pool; `rope::rotate` with and without a cache; `merge_partial`. Exit code 0 on success, 77
+// pool; the engine step (`attention_varlen`, `paged_append` and `paged_attention` over fp32 and
+// bf16 pages, prefill chunks and decode tokens mixed); `rope::rotate` with and without a cache;
+// `merge_partial`. Exit code 0 on success, 77
 // (skipped) in a sanitizer build, whose allocator cannot be counted.
 // SPDX-License-Identifier: Apache-2.0
+#include <cstdint>
 #include <cstdio>
 #include <functional>
 #include <random>
 #include <string>
+#include <vector>
 
 #include "../../bench/alloc_counter.hpp"
 #include "posenc/posenc.hpp"
@@ -87,6 +91,51 @@ int main() {
   run_all(alibi, "ALiBi");
   run_all(t5, "T5 bias");
   run_all(shaw, "Shaw");
+
+  // The engine step: 3 sequences (a prefill chunk of 100 tokens over 300 cached, 2 decode tokens
+  // over 2000 and 5000), pages of 16 rows handed out in reverse order.
+  {
+    const std::vector<std::int32_t> lengths{300, 2000, 5000}, cu_new{0, 100, 101, 102};
+    const index_t pages_per_sequence = 5000 / 16 + 1, pages = 3 * pages_per_sequence;
+    std::vector<std::int32_t> table(static_cast<std::size_t>(pages));
+    for (index_t i = 0; i < pages; ++i) table[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(pages - 1 - i);
+    std::vector<posenc::position> qpos;
+    for (index_t i = 200; i < 300; ++i) qpos.push_back(i);
+    qpos.push_back(1999);
+    qpos.push_back(4999);
+    const mat<float> qs = random_rows(102, heads * d, 8), kn = random_rows(102, kv_heads * d, 9),
+                     vn = random_rows(102, kv_heads * d, 10);
+    mat<float> os(102, heads * d), lses(102, heads);
+    auto step = [&](auto storage, const char* name) {
+      using S = decltype(storage);
+      mat<S> kc = mat<S>::Zero(pages * 16, kv_heads * d), vc = mat<S>::Zero(pages * 16, kv_heads * d);
+      const posenc::paged_kv<S> pages_of{posenc::view_of(kc), posenc::view_of(vc), 16, table, pages_per_sequence,
+                                      lengths, {}, posenc::cached_keys::rotated};
+      for (posenc::executor* ex : {static_cast<posenc::executor*>(&serial), static_cast<posenc::executor*>(&pool)}) {
+        const std::string on = ex == &serial ? " on the calling thread" : " on a thread pool";
+        const posenc::attention_params p{.heads = heads, .kv_heads = kv_heads, .causal = true, .executor = ex};
+        expect_no_allocation(std::string("paged_append, ") + name + on,
+                             [&] { posenc::paged_append(pages_of, kn, vn, cu_new, rope, &ws); });
+        expect_no_allocation(std::string("paged_attention, RoPE, ") + name + on, [&] {
+          posenc::paged_attention(qs, posenc::paged_kv<const S>(pages_of), os, cu_new, posenc::positions(qpos), rope, p,
+                                  lses, &ws);
+        });
+      }
+    };
+    step(float{}, "fp32 pages");
+    step(Eigen::bfloat16{}, "bf16 pages");
+    const std::vector<std::int32_t> cu_q{0, 100, 101}, cu_k{0, 300, 2000};
+    std::vector<posenc::position> kpos;
+    for (index_t i = 0; i < 300; ++i) kpos.push_back(i);
+    for (index_t i = 0; i < 1700; ++i) kpos.push_back(i);
+    std::vector<posenc::position> vq(qpos.begin(), qpos.begin() + 101);
+    vq[100] = 1699;
+    const posenc::attention_params p{.heads = heads, .kv_heads = kv_heads, .causal = true, .executor = &pool};
+    expect_no_allocation("attention_varlen, ALiBi, on a thread pool", [&] {
+      posenc::attention_varlen(qs.topRows(101), k.topRows(2000), v.topRows(2000), os.topRows(101), cu_q, cu_k,
+                               posenc::positions(vq), posenc::positions(kpos), alibi, p, lses.topRows(101), &ws);
+    });
+  }
 
   mat<float> x = random_rows(prompt, heads * d, 7);
   const auto table = rope.make_cache(0, prompt);
