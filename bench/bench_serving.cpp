@@ -12,6 +12,10 @@
 //                                                 the same decode batch, and a causal prefill
 //                                                 (4 x 2048 tokens), over pages of 16 and 128 rows
 //                                                 and over contiguous keys (attention_varlen)
+//   serving/layout/<read_fp32|read_bf16>/<page:16|page:128|contiguous>
+//                                                 no attention: the decode batch's K and V read in
+//                                                 the order decode reads them (a page, or 16 rows,
+//                                                 at a time), what the layout costs the memory
 //   serving/multi_decode/<fp32|bf16>/seqs:<B>/n_kv:<n>/n_q:<4|16>
 //                                                 4 or 16 query tokens per sequence (speculative
 //                                                 decoding) at the end of B caches of n tokens
@@ -64,14 +68,50 @@ struct sequence {
 };
 
 /// One engine step: the cache's sequences, how its keys are stored, and which of them the call
-/// attends (the mixed step's parts attend a range of the same cache).
+/// attends (the mixed step's parts attend a range of the same cache); `read_only`: no attention,
+/// the cache's K and V read in decode's order (a page, or 16 rows, at a time).
 struct step {
   std::vector<sequence> seqs;
   index_t page_size = 16;  ///< 0: contiguous keys, one sequence after another (attention_varlen)
   storage st = storage::fp32;
   bool rope = true;               ///< keys rotated with Llama 3's RoPE as appended; false: no encoder
   index_t first = 0, count = -1;  ///< the call attends sequences [first, first + count); -1: all
+  bool read_only = false;
 };
+
+/// Reads rows [row, row + n) of `m` (every byte, as 64-bit words) and returns their sum.
+template <class S>
+std::uint64_t read_rows(const posenc::row_matrix<S>& m, index_t row, index_t n) {
+  const auto* p = reinterpret_cast<const std::uint64_t*>(m.row(row).data());
+  const std::size_t words = static_cast<std::size_t>(n * m.cols()) * sizeof(S) / sizeof(std::uint64_t);
+  std::uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  for (std::size_t i = 0; i + 4 <= words; i += 4) s0 += p[i], s1 += p[i + 1], s2 += p[i + 2], s3 += p[i + 3];
+  return s0 + s1 + s2 + s3;
+}
+
+/// The blocks of rows decode reads for sequences `called` (first row, rows): each sequence's
+/// pages in block-table order (a page at most 16 rows at a time), or 16 consecutive rows at a
+/// time of a contiguous layout whose sequences follow one another.
+std::vector<std::pair<index_t, index_t>> read_blocks(std::span<const sequence> called, index_t page_size,
+                                                     std::span<const std::int32_t> table, index_t pages_per_sequence) {
+  std::vector<std::pair<index_t, index_t>> blocks;
+  index_t first = 0;
+  for (std::size_t b = 0; b < called.size(); ++b) {
+    for (index_t j = 0; j < called[b].n_kv;) {
+      const index_t in_page = page_size > 0 ? page_size - j % page_size : called[b].n_kv - j;
+      const index_t n = std::min({index_t{16}, in_page, called[b].n_kv - j});
+      const index_t row = page_size > 0 ? index_t{table[b * static_cast<std::size_t>(pages_per_sequence) +
+                                                          static_cast<std::size_t>(j / page_size)]} *
+                                                  page_size +
+                                              j % page_size
+                                        : first + j;
+      blocks.emplace_back(row, n);
+      j += n;
+    }
+    first += called[b].n_kv;
+  }
+  return blocks;
+}
 
 /// `n` lengths spread geometrically over [lo, hi], both ends included, shortest first.
 std::vector<index_t> geometric(index_t n, index_t lo, index_t hi) {
@@ -210,7 +250,27 @@ void run_step_as(benchmark::State& state, const char* point, const char* role, c
     posenc_bench::kernel_ends();
   };
   auto with_cache = [&](const auto& enc, posenc::cached_keys kind) {
-    if (sp.page_size > 0) {
+    if (sp.read_only) {
+      // Each worker reads whole sequences' blocks, in their order: what decode's items do.
+      paged_cache<S> cache;
+      if (sp.page_size > 0) {
+        cache = make_paged<S>(sp.seqs, sp.page_size, enc, kind, ws);
+      } else {
+        index_t rows = 0;
+        for (const sequence& s : called) rows += s.n_kv;
+        cache.k = random_rows<S>(rows, kv_cols, 2);
+        cache.v = random_rows<S>(rows, kv_cols, 3);
+      }
+      const auto blocks = read_blocks(called, sp.page_size, cache.table, cache.pages_per_sequence);
+      std::vector<std::uint64_t> sums(static_cast<std::size_t>(posenc_bench::shape::pool().concurrency()));
+      const auto nb = static_cast<index_t>(blocks.size());
+      auto read_block = [&](index_t i, int w) {
+        const auto [row, n] = blocks[static_cast<std::size_t>(i)];
+        sums[static_cast<std::size_t>(w)] += read_rows(cache.k, row, n) + read_rows(cache.v, row, n);
+      };
+      timed([&] { posenc_bench::shape::pool().parallel_for(nb, static_cast<int>(sums.size()), read_block); });
+      benchmark::DoNotOptimize(sums.data());
+    } else if (sp.page_size > 0) {
       paged_cache<S> cache = make_paged<S>(sp.seqs, sp.page_size, enc, kind, ws);
       const posenc::paged_kv<const S> view = cache.view(cache.lengths, sp.first, count);
       timed([&] { posenc::paged_attention(q, view, out, cu_q, posenc::positions(qpos), enc, prm, nullptr, &ws); });
@@ -295,9 +355,12 @@ bool register_all() {
   const index_t prefill_len = by_mode(256, 2048, 4096);
   const std::vector<sequence> prefill_batch(static_cast<std::size_t>(by_mode(2, 4, 4)), {prefill_len, prefill_len});
   for (index_t page : {index_t{16}, index_t{128}, index_t{0}}) {
-    for (storage st : {storage::fp32, storage::bf16})
+    for (storage st : {storage::fp32, storage::bf16}) {
       add(std::string("serving/layout/decode_") + storage_name(st) + "/" + page_name(page), "layout", "decode",
           {.seqs = decode_batch, .page_size = page, .st = st, .rope = false});
+      add(std::string("serving/layout/read_") + storage_name(st) + "/" + page_name(page), "layout", "read",
+          {.seqs = decode_batch, .page_size = page, .st = st, .rope = false, .read_only = true});
+    }
     add("serving/layout/prefill_fp32/" + page_name(page), "layout", "prefill",
         {.seqs = prefill_batch, .page_size = page, .st = storage::fp32, .rope = false});
   }

@@ -1138,14 +1138,18 @@ def serving_section(res):
     table = []
     for r in lay:
         vs = "" if r.get("page_size") == 0 else serving_compare_cell(r, "vs_contiguous", "no contiguous point")
-        goal = "" if r.get("page_size") == 0 else goal_cell(r.get("vs_contiguous"), SERVING_GOALS["layout"], False, vs)
+        # A plain read has no goal: it shows what the layout costs the memory itself.
+        goal = ("" if r.get("page_size") == 0 or r.get("variant") == "read" else
+                goal_cell(r.get("vs_contiguous"), SERVING_GOALS["layout"], False, vs))
         what = (f"decode, {r.get('seqs')} sequences of {lengths_text(r)}" if r.get("variant") == "decode" else
+                f"no attention: the decode batch's K and V read in decode's order" if r.get("variant") == "read" else
                 f"causal prefill, {r.get('seqs')} x {fmt_n(r.get('q_max') or 0)} tokens")
         table.append((what, r.get("storage"), layout_text(r), fmt_time(r.get("time_s")), fmt(r.get("gb_per_s")),
                       ratio_cell(r, "ratio_read"), fmt(r.get("gflops")), ratio_cell(r, "ratio_fma"), vs, goal,
                       status_cell(r)))
     parts.append("**Paged against contiguous keys** (no encoder; contiguous: `attention_varlen` over the keys of "
-                 "each sequence in consecutive rows). Goal: a paged call within "
+                 "each sequence in consecutive rows; a plain read of the same bytes in the same order shows what "
+                 "the layout costs the memory itself). Goal: a paged call within "
                  f"{100 * (SERVING_GOALS['layout'] - 1):.0f}% of the contiguous one.\n\n" + (md_table(
                      ["call", "K/V storage", "layout", "time", "GB/s of K+V", "x read bandwidth", "GFLOP/s",
                       f"x {res.fma_name}", "time / contiguous", "goal (time)", "status"], table)
