@@ -377,7 +377,8 @@ TEST_CASE("the double reference backward agrees with finite differences of the f
 TEMPLATE_TEST_CASE("attention_backward equals the double reference", "[backward]", float, double) {
   using T = TestType;
   for (const shape s : {shape{}, shape{.heads = 4, .kv_heads = 2, .d = 8, .n_q = 13, .n_kv = 7},
-                        shape{.heads = 3, .kv_heads = 1, .d = 5, .n_q = 6, .n_kv = 17}}) {
+                        shape{.heads = 3, .kv_heads = 1, .d = 5, .n_q = 6, .n_kv = 17},
+                        shape{.heads = 2, .kv_heads = 1, .d = 48, .n_q = 21, .n_kv = 40}}) {
     const auto qp = range(s.n_kv - s.n_q + 2, s.n_q);  // bottom-right, partly past the keys
     const auto kp = range(0, s.n_kv);
     for (posenc::attention_params p : mask_cases(s.heads, s.kv_heads)) {

@@ -42,13 +42,12 @@
 #include <string>
 #include <type_traits>
 
-#include <Eigen/Core>
-
 #include "posenc/attention/mask.hpp"
 #include "posenc/attention/params.hpp"
 #include "posenc/attention/plan.hpp"
 #include "posenc/attention/workspace.hpp"
 #include "posenc/concepts.hpp"
+#include "posenc/detail/attention_kernels.hpp"
 #include "posenc/detail/position_math.hpp"
 #include "posenc/encoders/alibi.hpp"
 #include "posenc/encoders/shaw.hpp"
@@ -114,7 +113,12 @@ struct backward_plan {
   index_t items_kv = 0, items_q = 0;  // pass 1: (kv head, key tile); pass 2: (query head, query tile)
   // Offsets in compute values.
   index_t dsum = 0, qrot = 0, krot = 0, gterms = 0, hterms = 0, scratch = 0, per_worker = 0;
-  index_t s = 0, pr = 0, ds = 0, acc_a = 0, acc_b = 0, w = 0, u = 0;  // within a worker's scratch
+  index_t ldkt = 0, dpad = 0, ldt = 0;  // key tile width rounded up to 32; head_dim and bq rounded up to 16
+  // Within a worker's scratch: query and dout rows (dpad wide), packed K^T and V^T (ldkt wide), key
+  // rows (dpad wide), logits / probabilities / ds (ldkt wide), P^T and ds^T (ldt wide),
+  // accumulators (dpad wide), ones, Shaw's per-row sums.
+  index_t qt = 0, gt = 0, kt = 0, vt = 0, kr = 0, s = 0, pr = 0, ds = 0, pt = 0, dst = 0, acc_a = 0, acc_b = 0,
+          ones = 0, rm = 0, rl = 0, ra = 0, w = 0, u = 0;
   index_t partial = 0;                                                // doubles per pass-2 item
   std::size_t partial_offset = 0, bytes = 0;
 };
@@ -163,12 +167,27 @@ backward_plan plan_backward(const attention_shape& sh, const attention_params& p
   buf(b.gterms, o, c.mul(c.mul(sh.heads, sh.n_q), b.r));
   buf(b.hterms, o, c.mul(c.mul(sh.heads, sh.n_q), b.r));
   b.scratch = o;
+  b.ldkt = c.round_up(b.bk, 32);
+  b.dpad = c.round_up(d, 16);
+  b.ldt = c.round_up(b.bq, 16);
+  const index_t most = std::max(b.bq, b.bk);
   index_t t = 0;
-  buf(b.s, t, c.mul(b.bq, b.bk));
-  buf(b.pr, t, c.mul(b.bq, b.bk));
-  buf(b.ds, t, c.mul(b.bq, b.bk));
-  buf(b.acc_a, t, c.mul(std::max(b.bq, b.bk), d));
-  buf(b.acc_b, t, c.mul(b.bk, d));
+  buf(b.qt, t, c.mul(b.bq, b.dpad));
+  buf(b.gt, t, c.mul(b.bq, b.dpad));
+  buf(b.kt, t, c.mul(d, b.ldkt));
+  buf(b.vt, t, c.mul(d, b.ldkt));
+  buf(b.kr, t, c.mul(b.bk, b.dpad));
+  buf(b.s, t, c.mul(b.bq, b.ldkt));
+  buf(b.pr, t, c.mul(b.bq, b.ldkt));
+  buf(b.ds, t, c.mul(b.bq, b.ldkt));
+  buf(b.pt, t, c.mul(b.bk, b.ldt));
+  buf(b.dst, t, c.mul(b.bk, b.ldt));
+  buf(b.acc_a, t, c.mul(most, b.dpad));
+  buf(b.acc_b, t, c.mul(b.bk, b.dpad));
+  buf(b.ones, t, most);
+  buf(b.rm, t, b.bq);
+  buf(b.rl, t, b.bq);
+  buf(b.ra, t, b.bq);
   buf(b.w, t, c.mul(b.bq, b.r));
   buf(b.u, t, c.mul(b.bq, b.r));
   b.per_worker = t;
@@ -181,18 +200,6 @@ backward_plan plan_backward(const attention_shape& sh, const attention_params& p
   b.partial_offset = static_cast<std::size_t>(value_bytes);
   b.bytes = static_cast<std::size_t>(total);
   return b;
-}
-
-template <class C>
-using tile_map = Eigen::Map<Eigen::Matrix<C, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>, 0, Eigen::OuterStride<>>;
-template <class C>
-using const_tile_map =
-    Eigen::Map<const Eigen::Matrix<C, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>, 0, Eigen::OuterStride<>>;
-
-/// Rows `[row, row + n)`, columns `[col, col + d)` of `v` as an Eigen map.
-template <class C>
-const_tile_map<C> block_of(strided_view<const C> v, index_t row, index_t n, index_t col, index_t d) {
-  return const_tile_map<C>(v.data + row * v.stride + col, n, d, Eigen::OuterStride<>(std::max<index_t>(v.stride, 1)));
 }
 
 }  // namespace detail
@@ -381,51 +388,70 @@ void attention_backward(Q&& q, K&& k, V&& v, O&& out, L&& lse, DO&& dout, DQ&& d
     pl.ex->parallel_for(blocks, static_cast<int>(std::min<index_t>(blocks, pl.workers)), body);
   }
 
-  // One tile pair of query head h: logits (soft-capped, unmasked) in `t`, probabilities in `pm`,
-  // logit gradients ds in `dsb`, all `[nq, nk]` with row stride bk.
-  auto tile = [&](index_t h, index_t i0, index_t nq, positions qp, index_t j0, index_t nk, positions kp, bool full,
-                  C* t, C* pm, C* dsb) {
-    const index_t g = h / group;
-    detail::tile_map<C> tm(t, nq, nk, Eigen::OuterStride<>(pl.bk));
-    detail::tile_map<C> pmm(pm, nq, nk, Eigen::OuterStride<>(pl.bk));
-    detail::tile_map<C> dsm(dsb, nq, nk, Eigen::OuterStride<>(pl.bk));
-    const strided_view<C> tv(t, nq, nk, pl.bk), dsv(dsb, nq, nk, pl.bk);
-    const auto qb = detail::block_of<C>(qs, i0, nq, h * d, d);
-    const auto kb = detail::block_of<C>(ks, j0, nk, g * d, d);
-    tm.noalias() = qb * kb.transpose();
+  // The tile products run on the forward's tile kernels (detail/attention_kernels.hpp: AVX-512,
+  // AVX2 or portable, chosen once per process): `qk` against a packed transposed tile for the
+  // logits and dP, `pv` (with a rescale of 1) for every accumulation, on transposed P and ds where
+  // the sum runs over the query rows.
+  const auto& kern = detail::kernels_for<C>();
+  const index_t ldkt = pl.ldkt, dpad = pl.dpad, ldt = pl.ldt;
+  // Rows [row, row + n) of head column block `col` of `src` into a dense buffer `dpad` wide, the
+  // padding zero (the kernels read up to dpad columns).
+  auto load = [&](strided_view<const C> src, index_t row, index_t n, index_t col, C* dst) {
+    for (index_t i = 0; i < n; ++i) {
+      const C* from = src.row(row + i) + col;
+      std::copy(from, from + d, dst + i * dpad);
+      std::fill(dst + i * dpad + d, dst + (i + 1) * dpad, C(0));
+    }
+  };
+  // `dst[j][i] = src[i][j]` for i < nq, j < nk.
+  auto transpose = [&](const C* src, index_t nq, index_t nk, C* dst) {
+    for (index_t i = 0; i < nq; ++i)
+      for (index_t j = 0; j < nk; ++j) dst[j * ldt + i] = src[i * ldkt + j];
+  };
+
+  // One tile pair of query head h, its query and dout rows loaded in `qt`, `gt` and its packed
+  // K^T and V^T in `kt`, `vt`: logits (soft-capped, unmasked) in `t`, probabilities in `pm`, logit
+  // gradients ds in `dsb`, all `[nq, nk]` with row stride ldkt.
+  auto tile = [&](index_t h, index_t i0, index_t nq, positions qp, index_t nk, positions kp, bool full, const C* qt,
+                  const C* gt, const C* kt, const C* vt, C* t, C* pm, C* dsb, C* rm, C* rl, C* ra) {
+    const strided_view<C> tv(t, nq, nk, ldkt), dsv(dsb, nq, nk, ldkt);
+    kern.qk(qt, dpad, nq, d, kt, ldkt, t);
     if constexpr (shaw) {
       enc.add_bias_tile(tv, strided_view<const C>(gterms + (h * sh.n_q + i0) * nrel, nq, nrel, nrel), qp, kp);
     }
-    tm *= scale;
+    for (index_t i = 0; i < nq; ++i)
+      for (index_t j = 0; j < nk; ++j) tv(i, j) *= scale;
     if constexpr (position_bias<E>) enc.add_bias_tile(tv, h, qp, kp);
     if (softcap > C(0)) {
       const C inv = C(1) / softcap;
       for (index_t i = 0; i < nq; ++i)
         for (index_t j = 0; j < nk; ++j) tv(i, j) = softcap * std::tanh(tv(i, j) * inv);
     }
+    // P = exp(t - lse) by the forward's softmax kernel (its vectorised exp): started from the
+    // running max lse, which bounds every logit of the row, it rescales nothing and writes
+    // exp(t - lse) (0 for masked keys). A row that saw no key in the forward (lse = -inf) is
+    // masked whole, so its probabilities are 0.
     for (index_t i = 0; i < nq; ++i) {
       const C l = static_cast<C>(lv(i0 + i, h));
-      C* prow = pm + i * pl.bk;
-      const C* trow = tv.row(i);
+      C* prow = pm + i * ldkt;
+      rm[i] = l;
+      rl[i] = 0;
       if (l == neg_inf) {
-        std::fill(prow, prow + nk, C(0));
+        std::fill(prow, prow + nk, neg_inf);
         continue;
       }
-      if (full) {
-        for (index_t j = 0; j < nk; ++j) prow[j] = std::exp(trow[j] - l);
-      } else {
-        const detail::position_span vis = sh.mask.keys_for(qp[i]);
-        for (index_t j = 0; j < nk; ++j) prow[j] = kp[j] >= vis.lo && kp[j] <= vis.hi ? std::exp(trow[j] - l) : C(0);
-      }
+      std::copy(tv.row(i), tv.row(i) + nk, prow);
+      if (!full) sh.mask.mask_row(qp[i], kp, prow);
     }
-    dsm.noalias() = detail::block_of<C>(gs, i0, nq, h * d, d) * detail::block_of<C>(vs, j0, nk, g * d, d).transpose();
+    kern.softmax(pm, ldkt, nq, nk, rm, rl, ra);
+    kern.qk(gt, dpad, nq, d, vt, ldkt, dsb);
     if constexpr (shaw) {
       enc.add_bias_tile(dsv, strided_view<const C>(hterms + (h * sh.n_q + i0) * nrel, nq, nrel, nrel), qp, kp);
     }
     for (index_t i = 0; i < nq; ++i) {
       const C di = dsum[(i0 + i) * sh.heads + h];
       C* drow = dsv.row(i);
-      const C* prow = pm + i * pl.bk;
+      const C* prow = pm + i * ldkt;
       for (index_t j = 0; j < nk; ++j) drow[j] = prow[j] * (drow[j] - di);
       if (softcap > C(0)) {
         const C inv = C(1) / softcap;
@@ -438,7 +464,6 @@ void attention_backward(Q&& q, K&& k, V&& v, O&& out, L&& lse, DO&& dout, DQ&& d
     }
   };
 
-  // Bounds of each query tile's positions, for the tile skipping of both passes.
   auto q_tile_of = [&](index_t it, index_t& i0, index_t& nq) {
     i0 = it * pl.bq;
     nq = std::min(pl.bq, sh.n_q - i0);
@@ -456,10 +481,14 @@ void attention_backward(Q&& q, K&& k, V&& v, O&& out, L&& lse, DO&& dout, DQ&& d
     k_tile_of(item % pl.k_tiles, j0, nk);
     const positions kp = kpos.subset(j0, nk);
     const detail::position_span kbnd = detail::bounds_of(kp);
-    detail::tile_map<C> dka(scr + pl.acc_a, nk, d, Eigen::OuterStride<>(d));
-    detail::tile_map<C> dva(scr + pl.acc_b, nk, d, Eigen::OuterStride<>(d));
-    dka.setZero();
-    dva.setZero();
+    C* const dka = scr + pl.acc_a;
+    C* const dva = scr + pl.acc_b;
+    C* const ones = scr + pl.ones;
+    std::fill(dka, dka + nk * dpad, C(0));
+    std::fill(dva, dva + nk * dpad, C(0));
+    std::fill(ones, ones + std::max(pl.bq, pl.bk), C(1));
+    kern.pack_kt(ks.row(j0) + g * d, ks.stride, nk, d, scr + pl.kt, ldkt);
+    kern.pack_kt(vs.row(j0) + g * d, vs.stride, nk, d, scr + pl.vt, ldkt);
     for (index_t hh = 0; hh < group; ++hh) {
       const index_t h = g * group + hh;
       for (index_t it = 0; it < pl.q_tiles; ++it) {
@@ -468,17 +497,21 @@ void attention_backward(Q&& q, K&& k, V&& v, O&& out, L&& lse, DO&& dout, DQ&& d
         const positions qp = qpos.subset(i0, nq);
         const detail::position_span qbnd = detail::bounds_of(qp);
         if (!sh.mask.any_visible(qbnd, kbnd)) continue;
-        tile(h, i0, nq, qp, j0, nk, kp, sh.mask.all_visible(qbnd, kbnd), scr + pl.s, scr + pl.pr, scr + pl.ds);
-        const detail::const_tile_map<C> pm(scr + pl.pr, nq, nk, Eigen::OuterStride<>(pl.bk));
-        const detail::const_tile_map<C> dsm(scr + pl.ds, nq, nk, Eigen::OuterStride<>(pl.bk));
-        dva.noalias() += pm.transpose() * detail::block_of<C>(gs, i0, nq, h * d, d);
-        dka.noalias() += dsm.transpose() * detail::block_of<C>(qs, i0, nq, h * d, d);
+        load(qs, i0, nq, h * d, scr + pl.qt);
+        load(gs, i0, nq, h * d, scr + pl.gt);
+        tile(h, i0, nq, qp, nk, kp, sh.mask.all_visible(qbnd, kbnd), scr + pl.qt, scr + pl.gt, scr + pl.kt,
+             scr + pl.vt, scr + pl.s, scr + pl.pr, scr + pl.ds, scr + pl.rm,
+             scr + pl.rl, scr + pl.ra);
+        transpose(scr + pl.pr, nq, nk, scr + pl.pt);
+        transpose(scr + pl.ds, nq, nk, scr + pl.dst);
+        kern.pv(scr + pl.pt, ldt, nk, nq, scr + pl.gt, dpad, d, ones, dva, dpad);
+        kern.pv(scr + pl.dst, ldt, nk, nq, scr + pl.qt, dpad, d, ones, dka, dpad);
       }
     }
     for (index_t j = 0; j < nk; ++j) {
       S* krow = dkv.row(j0 + j) + g * d;
       S* vrow = dvv.row(j0 + j) + g * d;
-      for (index_t c = 0; c < d; ++c) krow[c] = scale * dka(j, c), vrow[c] = dva(j, c);
+      for (index_t c = 0; c < d; ++c) krow[c] = scale * dka[j * dpad + c], vrow[c] = dva[j * dpad + c];
     }
   };
 
@@ -491,8 +524,12 @@ void attention_backward(Q&& q, K&& k, V&& v, O&& out, L&& lse, DO&& dout, DQ&& d
     q_tile_of(item % pl.q_tiles, i0, nq);
     const positions qp = qpos.subset(i0, nq);
     const detail::position_span qbnd = detail::bounds_of(qp);
-    detail::tile_map<C> dqa(scr + pl.acc_a, nq, d, Eigen::OuterStride<>(d));
-    dqa.setZero();
+    C* const dqa = scr + pl.acc_a;
+    C* const ones = scr + pl.ones;
+    std::fill(dqa, dqa + nq * dpad, C(0));
+    std::fill(ones, ones + std::max(pl.bq, pl.bk), C(1));
+    load(qs, i0, nq, h * d, scr + pl.qt);
+    load(gs, i0, nq, h * d, scr + pl.gt);
     double* const part = partials + item * pl.partial;
     std::fill(part, part + pl.partial, 0.0);
     [[maybe_unused]] const strided_view<C> wv(scr + pl.w, nq, nrel, nrel), uv(scr + pl.u, nq, nrel, nrel);
@@ -506,13 +543,17 @@ void attention_backward(Q&& q, K&& k, V&& v, O&& out, L&& lse, DO&& dout, DQ&& d
       const positions kp = kpos.subset(j0, nk);
       const detail::position_span kbnd = detail::bounds_of(kp);
       if (!sh.mask.any_visible(qbnd, kbnd)) continue;
-      tile(h, i0, nq, qp, j0, nk, kp, sh.mask.all_visible(qbnd, kbnd), scr + pl.s, scr + pl.pr, scr + pl.ds);
-      const detail::const_tile_map<C> dsm(scr + pl.ds, nq, nk, Eigen::OuterStride<>(pl.bk));
-      dqa.noalias() += dsm * detail::block_of<C>(ks, j0, nk, g * d, d);
-      const strided_view<const C> dsv(scr + pl.ds, nq, nk, pl.bk);
+      kern.pack_kt(ks.row(j0) + g * d, ks.stride, nk, d, scr + pl.kt, ldkt);
+      kern.pack_kt(vs.row(j0) + g * d, vs.stride, nk, d, scr + pl.vt, ldkt);
+      load(ks, j0, nk, g * d, scr + pl.kr);
+      tile(h, i0, nq, qp, nk, kp, sh.mask.all_visible(qbnd, kbnd), scr + pl.qt, scr + pl.gt, scr + pl.kt,
+           scr + pl.vt, scr + pl.s, scr + pl.pr, scr + pl.ds, scr + pl.rm,
+             scr + pl.rl, scr + pl.ra);
+      kern.pv(scr + pl.ds, ldkt, nq, nk, scr + pl.kr, dpad, d, ones, dqa, dpad);
+      const strided_view<const C> dsv(scr + pl.ds, nq, nk, ldkt);
       if constexpr (shaw) {
         enc.accumulate_value_weights(dsv, qp, kp, wv);
-        enc.accumulate_value_weights(strided_view<const C>(scr + pl.pr, nq, nk, pl.bk), qp, kp, uv);
+        enc.accumulate_value_weights(strided_view<const C>(scr + pl.pr, nq, nk, ldkt), qp, kp, uv);
       }
       if (pl.partial == 0) continue;
       if constexpr (detail::is_t5<E>::value) {
@@ -533,21 +574,24 @@ void attention_backward(Q&& q, K&& k, V&& v, O&& out, L&& lse, DO&& dout, DQ&& d
       }
     }
     if constexpr (shaw) {
+      // dq~ += W aK over the 2K+1 table rows; daK += scale W^T q~ and daV += U^T dout for this
+      // item's rows.
       const auto ak = enc.key_table();
-      const detail::const_tile_map<C> akm(ak.data, nrel, d, Eigen::OuterStride<>(ak.stride));
-      const detail::const_tile_map<C> wm(scr + pl.w, nq, nrel, Eigen::OuterStride<>(nrel));
-      dqa.noalias() += wm * akm;
+      for (index_t i = 0; i < nq; ++i)
+        for (index_t r = 0; r < nrel; ++r) {
+          const C wr = wv(i, r);
+          if (wr == C(0)) continue;
+          for (index_t c = 0; c < d; ++c) dqa[i * dpad + c] += wr * ak(r, c);
+        }
       if (pl.partial > 0) {
-        // daK += scale W^T q~ and daV += U^T dout, summed over this item's rows.
-        const detail::const_tile_map<C> um(scr + pl.u, nq, nrel, Eigen::OuterStride<>(nrel));
-        const auto qb = detail::block_of<C>(qs, i0, nq, h * d, d);
-        const auto gb = detail::block_of<C>(gs, i0, nq, h * d, d);
+        const C* qt = scr + pl.qt;
+        const C* gt = scr + pl.gt;
         for (index_t r = 0; r < nrel; ++r)
           for (index_t c = 0; c < d; ++c) {
             double a = 0, b = 0;
             for (index_t i = 0; i < nq; ++i) {
-              a += static_cast<double>(wm(i, r)) * static_cast<double>(qb(i, c));
-              b += static_cast<double>(um(i, r)) * static_cast<double>(gb(i, c));
+              a += static_cast<double>(wv(i, r)) * static_cast<double>(qt[i * dpad + c]);
+              b += static_cast<double>(uv(i, r)) * static_cast<double>(gt[i * dpad + c]);
             }
             part[r * d + c] = static_cast<double>(scale) * a;
             part[(nrel + r) * d + c] = b;
@@ -556,7 +600,7 @@ void attention_backward(Q&& q, K&& k, V&& v, O&& out, L&& lse, DO&& dout, DQ&& d
     }
     for (index_t i = 0; i < nq; ++i) {
       S* row = dqv.row(i0 + i) + h * d;
-      for (index_t c = 0; c < d; ++c) row[c] = scale * dqa(i, c);
+      for (index_t c = 0; c < d; ++c) row[c] = scale * dqa[i * dpad + c];
     }
   };
 
