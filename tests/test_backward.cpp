@@ -226,12 +226,15 @@ std::vector<position> range(position a, index_t n) {
 const std::vector<posenc::attention_params> mask_cases(index_t heads, index_t kv_heads) {
   std::vector<posenc::attention_params> m;
   for (index_t tile : {0, 3, 4}) {
+    const std::size_t first = m.size();
     m.push_back({.heads = heads, .kv_heads = kv_heads, .q_tile = tile, .k_tile = tile == 0 ? 0 : tile + 1});
     m.push_back({.heads = heads, .kv_heads = kv_heads, .causal = true, .q_tile = tile, .k_tile = tile});
     m.push_back({.heads = heads, .kv_heads = kv_heads, .window_left = 3, .window_right = 2, .q_tile = tile,
                  .k_tile = tile});
     m.push_back({.heads = heads, .kv_heads = kv_heads, .causal = true, .window_left = 2, .q_tile = tile,
                  .k_tile = tile + 2});
+    // One worker: the one-pass schedule (a kv head per worker); otherwise the two passes.
+    for (std::size_t i = first; i < m.size(); i += 2) m[i].threads = 1;
   }
   return m;
 }
@@ -403,7 +406,7 @@ TEMPLATE_TEST_CASE("attention_backward: bias encoders, softcap, sinks and their 
   for (bool causal : {false, true})
     for (index_t tile : {0, 5}) {
       posenc::attention_params p{.heads = 4, .kv_heads = 2, .softcap = 2.0, .causal = causal, .q_tile = tile,
-                                 .k_tile = tile};
+                                 .k_tile = tile, .threads = tile == 0 ? 2 : 0};
       p.sinks = sinks;
       const grads_ref* ref = nullptr;
       {
@@ -501,6 +504,7 @@ TEMPLATE_TEST_CASE("attention_backward: rows that see no key get zero gradients,
   CHECK(dk.cwiseAbs().maxCoeff() == T(0));
 }
 
+// With 2 kv heads, 1 and 2 workers run one pass per kv head, 3 workers the two passes: all agree.
 TEST_CASE("attention_backward gives the same bits for 1, 2 and 3 workers", "[backward][threads]") {
   posenc::thread_pool pool(3);
   const index_t H = 4, KVH = 2, d = 16, n = 70;

@@ -25,14 +25,20 @@
 /// gradient is `dz_h = -sum_i e^(z_h - lse_i) D_i`. Masked keys have `P = 0`, so they get no
 /// gradient; a row that sees no key (`lse = -inf`, or `lse = z_h` with a sink) gives zero gradients.
 ///
-/// Work is split in two passes so that every output row has exactly one writer: items of (kv head,
-/// key tile) accumulate dk and dv over every query tile and every query head of the group, items of
-/// (query head, query tile) accumulate dq over every key tile. Parameter gradients (bias tables,
-/// slopes, sinks) are summed per item and the items' partial sums are added in item order. Nothing
-/// depends on which worker runs an item, so the result has the same bits for any executor and any
-/// number of workers. Both passes recompute the logits and probabilities: 7 tile products per
-/// tile pair against the 5 of a single pass with atomic dq updates, the price of exact
-/// reproducibility without an `[n_q, n_kv]` buffer.
+/// Every output row has exactly one writer, and every sum runs in a fixed order, so the result
+/// has the same bits for any executor and any number of workers. Two schedules compute the same
+/// operations on the same operands in the same order per output row, hence the same bits:
+/// - one pass per kv head, when there are at least as many kv heads as workers: the item walks the
+///   key tiles, accumulates dk and dv of each over every query tile and head of the group, and
+///   keeps the dq accumulators of all its query rows (`[group, n_q, head_dim]`, O(n) per worker)
+///   across the key tiles; the logits of each tile pair are computed once;
+/// - otherwise (and always with Shaw's encoder), two passes with more, smaller items: (kv head,
+///   key tile) items accumulate dk and dv, then (query head, query tile) items accumulate dq,
+///   recomputing the logits (7 tile products per tile pair instead of 5), so that every worker
+///   has work even for MQA.
+/// Parameter gradients (bias tables, slopes, sinks) are summed per (query head, query tile) and
+/// these sums are added in order. FlashAttention-2 instead adds to dq atomically from the
+/// workers that own key tiles, whose order changes from run to run.
 
 #include <algorithm>
 #include <cmath>
@@ -111,6 +117,10 @@ struct backward_plan {
   int workers = 1;
   index_t bq = 1, bk = 1, q_tiles = 0, k_tiles = 0, r = 0;
   index_t items_kv = 0, items_q = 0;  // pass 1: (kv head, key tile); pass 2: (query head, query tile)
+  /// One pass per kv head instead of two passes: each item owns a kv head and keeps the dq
+  /// accumulators of its query heads (`dq_acc`, `[group, n_q, dpad]` per worker) across the key tiles.
+  bool single = false;
+  index_t dq_acc = 0;
   // Offsets in compute values.
   index_t dsum = 0, qrot = 0, krot = 0, gterms = 0, hterms = 0, scratch = 0, per_worker = 0;
   index_t ldkt = 0, dpad = 0, ldt = 0;  // key tile width rounded up to 32; head_dim and bq rounded up to 16
@@ -154,7 +164,10 @@ backward_plan plan_backward(const attention_shape& sh, const attention_params& p
   checked_index c;
   b.items_kv = c.mul(sh.kv_heads, b.k_tiles);
   b.items_q = c.mul(sh.heads, b.q_tiles);
-  b.workers = static_cast<int>(std::clamp<index_t>(std::max(b.items_kv, b.items_q), 1, w.count));
+  // One pass when every worker gets a kv head (Shaw's per-row sums need the second pass).
+  b.single = !relative_key_value<E> && sh.kv_heads >= w.count;
+  b.workers = static_cast<int>(
+      std::clamp<index_t>(b.single ? sh.kv_heads : std::max(b.items_kv, b.items_q), 1, w.count));
   constexpr bool rotation = E::family == encoding_family::rotation;
   auto buf = [&](index_t& at, index_t& o, index_t n) {
     at = o;
@@ -188,6 +201,7 @@ backward_plan plan_backward(const attention_shape& sh, const attention_params& p
   buf(b.rm, t, b.bq);
   buf(b.rl, t, b.bq);
   buf(b.ra, t, b.bq);
+  if (b.single) buf(b.dq_acc, t, c.mul(c.mul(sh.group, c.mul(b.q_tiles, b.bq)), b.dpad));
   buf(b.w, t, c.mul(b.bq, b.r));
   buf(b.u, t, c.mul(b.bq, b.r));
   b.per_worker = t;
@@ -403,6 +417,17 @@ void attention_backward(Q&& q, K&& k, V&& v, O&& out, L&& lse, DO&& dout, DQ&& d
       std::fill(dst + i * dpad + d, dst + (i + 1) * dpad, C(0));
     }
   };
+  // The same rows where the kernels find them: in place when a row is a whole number of vectors
+  // (d == dpad), else loaded into `buf`.
+  struct rows_at {
+    const C* p;
+    index_t ld;
+  };
+  auto rows = [&](strided_view<const C> src, index_t row, index_t n, index_t col, C* buf) {
+    if (d == dpad) return rows_at{src.row(row) + col, src.stride};
+    load(src, row, n, col, buf);
+    return rows_at{buf, dpad};
+  };
   // `dst[j][i] = src[i][j]` for i < nq, j < nk.
   auto transpose = [&](const C* src, index_t nq, index_t nk, C* dst) {
     for (index_t i = 0; i < nq; ++i)
@@ -412,10 +437,10 @@ void attention_backward(Q&& q, K&& k, V&& v, O&& out, L&& lse, DO&& dout, DQ&& d
   // One tile pair of query head h, its query and dout rows loaded in `qt`, `gt` and its packed
   // K^T and V^T in `kt`, `vt`: logits (soft-capped, unmasked) in `t`, probabilities in `pm`, logit
   // gradients ds in `dsb`, all `[nq, nk]` with row stride ldkt.
-  auto tile = [&](index_t h, index_t i0, index_t nq, positions qp, index_t nk, positions kp, bool full, const C* qt,
-                  const C* gt, const C* kt, const C* vt, C* t, C* pm, C* dsb, C* rm, C* rl, C* ra) {
+  auto tile = [&](index_t h, index_t i0, index_t nq, positions qp, index_t nk, positions kp, bool full, rows_at qt,
+                  rows_at gt, const C* kt, const C* vt, C* t, C* pm, C* dsb, C* rm, C* rl, C* ra) {
     const strided_view<C> tv(t, nq, nk, ldkt), dsv(dsb, nq, nk, ldkt);
-    kern.qk(qt, dpad, nq, d, kt, ldkt, t);
+    kern.qk(qt.p, qt.ld, nq, d, kt, ldkt, t);
     if constexpr (shaw) {
       enc.add_bias_tile(tv, strided_view<const C>(gterms + (h * sh.n_q + i0) * nrel, nq, nrel, nrel), qp, kp);
     }
@@ -444,7 +469,7 @@ void attention_backward(Q&& q, K&& k, V&& v, O&& out, L&& lse, DO&& dout, DQ&& d
       if (!full) sh.mask.mask_row(qp[i], kp, prow);
     }
     kern.softmax(pm, ldkt, nq, nk, rm, rl, ra);
-    kern.qk(gt, dpad, nq, d, vt, ldkt, dsb);
+    kern.qk(gt.p, gt.ld, nq, d, vt, ldkt, dsb);
     if constexpr (shaw) {
       enc.add_bias_tile(dsv, strided_view<const C>(hterms + (h * sh.n_q + i0) * nrel, nq, nrel, nrel), qp, kp);
     }
@@ -473,6 +498,30 @@ void attention_backward(Q&& q, K&& k, V&& v, O&& out, L&& lse, DO&& dout, DQ&& d
     nk = std::min(pl.bk, sh.n_kv - j0);
   };
 
+  // A tile's ds added to the bias parameters' sums of its (query head, query tile) item.
+  auto bias_sums = [&](strided_view<const C> dsv, positions qp, positions kp, double* part) {
+    if (pl.partial == 0) return;
+    const index_t nq = dsv.rows, nk = dsv.cols;
+    if constexpr (detail::is_t5<E>::value) {
+      for (index_t i = 0; i < nq; ++i)
+        for (index_t j = 0; j < nk; ++j)
+          if (dsv(i, j) != C(0)) part[enc.bucket(detail::saturating_difference(kp[j], qp[i]))] += dsv(i, j);
+    } else if constexpr (detail::is_alibi<E>::value) {
+      // b = -slope * dist, so db/dslope = -dist.
+      const bool symmetric = enc.params().form == alibi_form::symmetric;
+      double sum = 0;
+      for (index_t i = 0; i < nq; ++i)
+        for (index_t j = 0; j < nk; ++j) {
+          if (dsv(i, j) == C(0)) continue;
+          const double dist = detail::position_difference(qp[i], kp[j]);
+          sum -= static_cast<double>(dsv(i, j)) * (symmetric ? std::abs(dist) : dist);
+        }
+      part[0] += sum;
+    } else {
+      (void)dsv, (void)qp, (void)kp, (void)part;
+    }
+  };
+
   // Pass 1: dk and dv of (kv head g, key tile), over the group's heads and every query tile.
   auto pass_kv = [&](index_t item, int worker) {
     C* const scr = base + pl.scratch + static_cast<std::ptrdiff_t>(worker) * pl.per_worker;
@@ -497,15 +546,14 @@ void attention_backward(Q&& q, K&& k, V&& v, O&& out, L&& lse, DO&& dout, DQ&& d
         const positions qp = qpos.subset(i0, nq);
         const detail::position_span qbnd = detail::bounds_of(qp);
         if (!sh.mask.any_visible(qbnd, kbnd)) continue;
-        load(qs, i0, nq, h * d, scr + pl.qt);
-        load(gs, i0, nq, h * d, scr + pl.gt);
-        tile(h, i0, nq, qp, nk, kp, sh.mask.all_visible(qbnd, kbnd), scr + pl.qt, scr + pl.gt, scr + pl.kt,
+        const rows_at qt = rows(qs, i0, nq, h * d, scr + pl.qt), gt = rows(gs, i0, nq, h * d, scr + pl.gt);
+        tile(h, i0, nq, qp, nk, kp, sh.mask.all_visible(qbnd, kbnd), qt, gt, scr + pl.kt,
              scr + pl.vt, scr + pl.s, scr + pl.pr, scr + pl.ds, scr + pl.rm,
              scr + pl.rl, scr + pl.ra);
         transpose(scr + pl.pr, nq, nk, scr + pl.pt);
         transpose(scr + pl.ds, nq, nk, scr + pl.dst);
-        kern.pv(scr + pl.pt, ldt, nk, nq, scr + pl.gt, dpad, d, ones, dva, dpad);
-        kern.pv(scr + pl.dst, ldt, nk, nq, scr + pl.qt, dpad, d, ones, dka, dpad);
+        kern.pv(scr + pl.pt, ldt, nk, nq, gt.p, gt.ld, d, ones, dva, dpad);
+        kern.pv(scr + pl.dst, ldt, nk, nq, qt.p, qt.ld, d, ones, dka, dpad);
       }
     }
     for (index_t j = 0; j < nk; ++j) {
@@ -528,8 +576,7 @@ void attention_backward(Q&& q, K&& k, V&& v, O&& out, L&& lse, DO&& dout, DQ&& d
     C* const ones = scr + pl.ones;
     std::fill(dqa, dqa + nq * dpad, C(0));
     std::fill(ones, ones + std::max(pl.bq, pl.bk), C(1));
-    load(qs, i0, nq, h * d, scr + pl.qt);
-    load(gs, i0, nq, h * d, scr + pl.gt);
+    const rows_at qt = rows(qs, i0, nq, h * d, scr + pl.qt), gt = rows(gs, i0, nq, h * d, scr + pl.gt);
     double* const part = partials + item * pl.partial;
     std::fill(part, part + pl.partial, 0.0);
     [[maybe_unused]] const strided_view<C> wv(scr + pl.w, nq, nrel, nrel), uv(scr + pl.u, nq, nrel, nrel);
@@ -545,33 +592,17 @@ void attention_backward(Q&& q, K&& k, V&& v, O&& out, L&& lse, DO&& dout, DQ&& d
       if (!sh.mask.any_visible(qbnd, kbnd)) continue;
       kern.pack_kt(ks.row(j0) + g * d, ks.stride, nk, d, scr + pl.kt, ldkt);
       kern.pack_kt(vs.row(j0) + g * d, vs.stride, nk, d, scr + pl.vt, ldkt);
-      load(ks, j0, nk, g * d, scr + pl.kr);
-      tile(h, i0, nq, qp, nk, kp, sh.mask.all_visible(qbnd, kbnd), scr + pl.qt, scr + pl.gt, scr + pl.kt,
+      const rows_at kr = rows(ks, j0, nk, g * d, scr + pl.kr);
+      tile(h, i0, nq, qp, nk, kp, sh.mask.all_visible(qbnd, kbnd), qt, gt, scr + pl.kt,
            scr + pl.vt, scr + pl.s, scr + pl.pr, scr + pl.ds, scr + pl.rm,
              scr + pl.rl, scr + pl.ra);
-      kern.pv(scr + pl.ds, ldkt, nq, nk, scr + pl.kr, dpad, d, ones, dqa, dpad);
+      kern.pv(scr + pl.ds, ldkt, nq, nk, kr.p, kr.ld, d, ones, dqa, dpad);
       const strided_view<const C> dsv(scr + pl.ds, nq, nk, ldkt);
       if constexpr (shaw) {
         enc.accumulate_value_weights(dsv, qp, kp, wv);
         enc.accumulate_value_weights(strided_view<const C>(scr + pl.pr, nq, nk, ldkt), qp, kp, uv);
       }
-      if (pl.partial == 0) continue;
-      if constexpr (detail::is_t5<E>::value) {
-        for (index_t i = 0; i < nq; ++i)
-          for (index_t j = 0; j < nk; ++j)
-            if (dsv(i, j) != C(0)) part[enc.bucket(detail::saturating_difference(kp[j], qp[i]))] += dsv(i, j);
-      } else if constexpr (detail::is_alibi<E>::value) {
-        // b = -slope * dist, so db/dslope = -dist.
-        const bool symmetric = enc.params().form == alibi_form::symmetric;
-        double sum = 0;
-        for (index_t i = 0; i < nq; ++i)
-          for (index_t j = 0; j < nk; ++j) {
-            if (dsv(i, j) == C(0)) continue;
-            const double dist = detail::position_difference(qp[i], kp[j]);
-            sum -= static_cast<double>(dsv(i, j)) * (symmetric ? std::abs(dist) : dist);
-          }
-        part[0] += sum;
-      }
+      bias_sums(dsv, qp, kp, part);
     }
     if constexpr (shaw) {
       // dq~ += W aK over the 2K+1 table rows; daK += scale W^T q~ and daV += U^T dout for this
@@ -584,14 +615,12 @@ void attention_backward(Q&& q, K&& k, V&& v, O&& out, L&& lse, DO&& dout, DQ&& d
           for (index_t c = 0; c < d; ++c) dqa[i * dpad + c] += wr * ak(r, c);
         }
       if (pl.partial > 0) {
-        const C* qt = scr + pl.qt;
-        const C* gt = scr + pl.gt;
         for (index_t r = 0; r < nrel; ++r)
           for (index_t c = 0; c < d; ++c) {
             double a = 0, b = 0;
             for (index_t i = 0; i < nq; ++i) {
-              a += static_cast<double>(wv(i, r)) * static_cast<double>(qt[i * dpad + c]);
-              b += static_cast<double>(uv(i, r)) * static_cast<double>(gt[i * dpad + c]);
+              a += static_cast<double>(wv(i, r)) * static_cast<double>(qt.p[i * qt.ld + c]);
+              b += static_cast<double>(uv(i, r)) * static_cast<double>(gt.p[i * gt.ld + c]);
             }
             part[r * d + c] = static_cast<double>(scale) * a;
             part[(nrel + r) * d + c] = b;
@@ -604,8 +633,78 @@ void attention_backward(Q&& q, K&& k, V&& v, O&& out, L&& lse, DO&& dout, DQ&& d
     }
   };
 
-  pl.ex->parallel_for(pl.items_kv, static_cast<int>(std::min<index_t>(pl.items_kv, pl.workers)), pass_kv);
-  pl.ex->parallel_for(pl.items_q, static_cast<int>(std::min<index_t>(pl.items_q, pl.workers)), pass_q);
+  // One pass for kv head g: the operations of both passes above, on the same operands in the same
+  // order per output row (dk and dv of a key tile over (head, query tile); dq of a query tile and
+  // its parameter sums over the key tiles), so the same bits as the two passes, with the logits
+  // computed once.
+  auto pass_fused = [&](index_t g, int worker) {
+    C* const scr = base + pl.scratch + static_cast<std::ptrdiff_t>(worker) * pl.per_worker;
+    C* const dqacc = scr + pl.dq_acc;
+    C* const dka = scr + pl.acc_a;
+    C* const dva = scr + pl.acc_b;
+    C* const ones = scr + pl.ones;
+    std::fill(dqacc, dqacc + group * pl.q_tiles * pl.bq * dpad, C(0));
+    std::fill(ones, ones + std::max(pl.bq, pl.bk), C(1));
+    for (index_t hh = 0; hh < group; ++hh)
+      for (index_t it = 0; it < pl.q_tiles; ++it) {
+        double* const part = partials + ((g * group + hh) * pl.q_tiles + it) * pl.partial;
+        std::fill(part, part + pl.partial, 0.0);
+      }
+    for (index_t jt = 0; jt < pl.k_tiles; ++jt) {
+      index_t j0, nk;
+      k_tile_of(jt, j0, nk);
+      const positions kp = kpos.subset(j0, nk);
+      const detail::position_span kbnd = detail::bounds_of(kp);
+      std::fill(dka, dka + nk * dpad, C(0));
+      std::fill(dva, dva + nk * dpad, C(0));
+      kern.pack_kt(ks.row(j0) + g * d, ks.stride, nk, d, scr + pl.kt, ldkt);
+      kern.pack_kt(vs.row(j0) + g * d, vs.stride, nk, d, scr + pl.vt, ldkt);
+      const rows_at kr = rows(ks, j0, nk, g * d, scr + pl.kr);
+      for (index_t hh = 0; hh < group; ++hh) {
+        const index_t h = g * group + hh;
+        for (index_t it = 0; it < pl.q_tiles; ++it) {
+          index_t i0, nq;
+          q_tile_of(it, i0, nq);
+          const positions qp = qpos.subset(i0, nq);
+          const detail::position_span qbnd = detail::bounds_of(qp);
+          if (!sh.mask.any_visible(qbnd, kbnd)) continue;
+          const rows_at qt = rows(qs, i0, nq, h * d, scr + pl.qt), gt = rows(gs, i0, nq, h * d, scr + pl.gt);
+          tile(h, i0, nq, qp, nk, kp, sh.mask.all_visible(qbnd, kbnd), qt, gt, scr + pl.kt, scr + pl.vt, scr + pl.s,
+               scr + pl.pr, scr + pl.ds, scr + pl.rm, scr + pl.rl, scr + pl.ra);
+          transpose(scr + pl.pr, nq, nk, scr + pl.pt);
+          transpose(scr + pl.ds, nq, nk, scr + pl.dst);
+          kern.pv(scr + pl.pt, ldt, nk, nq, gt.p, gt.ld, d, ones, dva, dpad);
+          kern.pv(scr + pl.dst, ldt, nk, nq, qt.p, qt.ld, d, ones, dka, dpad);
+          kern.pv(scr + pl.ds, ldkt, nq, nk, kr.p, kr.ld, d, ones, dqacc + (hh * pl.q_tiles + it) * pl.bq * dpad,
+                  dpad);
+          bias_sums(strided_view<const C>(scr + pl.ds, nq, nk, ldkt), qp, kp,
+                    partials + (h * pl.q_tiles + it) * pl.partial);
+        }
+      }
+      for (index_t j = 0; j < nk; ++j) {
+        S* krow = dkv.row(j0 + j) + g * d;
+        S* vrow = dvv.row(j0 + j) + g * d;
+        for (index_t c = 0; c < d; ++c) krow[c] = scale * dka[j * dpad + c], vrow[c] = dva[j * dpad + c];
+      }
+    }
+    for (index_t hh = 0; hh < group; ++hh)
+      for (index_t it = 0; it < pl.q_tiles; ++it) {
+        index_t i0, nq;
+        q_tile_of(it, i0, nq);
+        const C* dqa = dqacc + (hh * pl.q_tiles + it) * pl.bq * dpad;
+        for (index_t i = 0; i < nq; ++i) {
+          S* row = dqv.row(i0 + i) + (g * group + hh) * d;
+          for (index_t c = 0; c < d; ++c) row[c] = scale * dqa[i * dpad + c];
+        }
+      }
+  };
+
+  if (pl.single) {
+    pl.ex->parallel_for(sh.kv_heads, static_cast<int>(std::min<index_t>(sh.kv_heads, pl.workers)), pass_fused);
+  } else {
+    pl.ex->parallel_for(pl.items_kv, static_cast<int>(std::min<index_t>(pl.items_kv, pl.workers)), pass_kv);
+    pl.ex->parallel_for(pl.items_q, static_cast<int>(std::min<index_t>(pl.items_q, pl.workers)), pass_q);
+  }
 
   // The items' parameter sums, in item order.
   if (pl.partial > 0) {
