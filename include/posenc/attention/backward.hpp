@@ -126,10 +126,10 @@ struct backward_plan {
   index_t ldkt = 0, dpad = 0, ldt = 0;  // key tile width rounded up to 32; head_dim and bq rounded up to 16
   // Within a worker's scratch: query and dout rows (dpad wide), packed K^T and V^T (ldkt wide), key
   // rows (dpad wide), logits / probabilities / ds (ldkt wide), P^T and ds^T (ldt wide),
-  // accumulators (dpad wide), ones, Shaw's per-row sums.
+  // accumulators (dpad wide), ones, the softmax kernel's row state, Shaw's per-row sums.
   index_t qt = 0, gt = 0, kt = 0, vt = 0, kr = 0, s = 0, pr = 0, ds = 0, pt = 0, dst = 0, acc_a = 0, acc_b = 0,
           ones = 0, rm = 0, rl = 0, ra = 0, w = 0, u = 0;
-  index_t partial = 0;                                                // doubles per pass-2 item
+  index_t partial = 0;  // doubles of parameter-gradient sums per (query head, query tile)
   std::size_t partial_offset = 0, bytes = 0;
 };
 
