@@ -25,6 +25,7 @@
 #include "posenc/attention/blockwise.hpp"
 #include "posenc/attention/merge.hpp"
 #include "posenc/attention/batch.hpp"
+#include "posenc/attention/backward.hpp"
 
 // Ring attention's schedule and simulator. The MPI driver, posenc/distributed/mpi_ring.hpp, needs
 // <mpi.h> and is included on its own.

@@ -3,8 +3,8 @@
 // calls must make none. Covers prefill and decode (key chunks merged by log-sum-exp) with every
 // encoder family, RoPE rotated inside the kernel included, on the calling thread and on a thread
 // pool; the engine step (`attention_varlen`, `paged_append` and `paged_attention` over fp32 and
-// bf16 pages, prefill chunks and decode tokens mixed); `rope::rotate` with and without a cache;
-// `merge_partial`. Exit code 0 on success, 77
+// bf16 pages, prefill chunks and decode tokens mixed); the backward of the prefill; `rope::rotate`
+// with and without a cache, `rope::rotate_backward`; `merge_partial`. Exit code 0 on success, 77
 // (skipped) in a sanitizer build, whose allocator cannot be counted.
 // SPDX-License-Identifier: Apache-2.0
 #include <cstdint>
@@ -71,6 +71,9 @@ int main() {
   const mat<float> k = random_rows(cache, kv_heads * d, 5), v = random_rows(cache, kv_heads * d, 6);
   mat<float> out(prompt, heads * d), lse(prompt, heads);
   posenc::attention_workspace ws;
+  const mat<float> dout = random_rows(prompt, heads * d, 8);
+  mat<float> dq(prompt, heads * d), dk(prompt, kv_heads * d), dv(prompt, kv_heads * d);
+  posenc::attention_workspace ws_backward;
 
   auto run_all = [&](const auto& enc, const char* name) {
     for (posenc::executor* ex : {static_cast<posenc::executor*>(&serial), static_cast<posenc::executor*>(&pool)}) {
@@ -83,6 +86,13 @@ int main() {
       expect_no_allocation(std::string("decode against 16k keys, ") + name + on, [&] {
         posenc::attention(q.topRows(1), k, v, out.topRows(1), posenc::arange(cache - 1, 1), posenc::arange(0, cache),
                           enc, p, lse.topRows(1), &ws);
+      });
+      // The backward of the prefill (after a prefill forward, for its output and lse).
+      posenc::attention(q, k.topRows(prompt), v.topRows(prompt), out, posenc::arange(0, prompt),
+                        posenc::arange(0, prompt), enc, p, lse, &ws);
+      expect_no_allocation(std::string("backward, ") + name + on, [&] {
+        posenc::attention_backward(q, k.topRows(prompt), v.topRows(prompt), out, lse, dout, dq, dk, dv,
+                                   posenc::arange(0, prompt), posenc::arange(0, prompt), enc, p, {}, &ws_backward);
       });
     }
   };
@@ -140,6 +150,8 @@ int main() {
   mat<float> x = random_rows(prompt, heads * d, 7);
   const auto table = rope.make_cache(0, prompt);
   expect_no_allocation("rope.rotate on a thread pool", [&] { rope.rotate(x, posenc::arange(0, prompt), &pool); });
+  expect_no_allocation("rope.rotate_backward on a thread pool",
+                       [&] { rope.rotate_backward(x, posenc::arange(0, prompt), &pool); });
   expect_no_allocation("rope.rotate with a cache", [&] { rope.rotate(x, posenc::arange(0, prompt), table, &pool); });
   mat<float> part = out, part_lse = lse;
   expect_no_allocation("merge_partial", [&] { posenc::merge_partial(out, lse, part, part_lse); });

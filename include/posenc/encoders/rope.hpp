@@ -325,6 +325,24 @@ class rope {
   /// `precondition_error` unless `cols % head_dim == 0` and `pos.size() == rows`. No allocation.
   template <matrix_argument M>
   void rotate(M&& x, positions pos, executor* ex = nullptr, int threads = 0) const {
+    rotate_by<false>(std::forward<M>(x), pos, ex, threads);
+  }
+
+  /// The backward of `rotate`: turns every head of `x` (the gradient with respect to the rotated
+  /// values, `[tokens, heads * head_dim]`) in place into the gradient with respect to the values
+  /// before rotation. Rotation is orthogonal up to the magnitude `m`, so this is the transposed
+  /// rotation `m R(-theta)`: pair `(a, b)` becomes `(a cos + b sin, b cos - a sin) * m`, with the
+  /// very cos and sin values `rotate` uses (the same rounding), dims past `rotary_dim` unchanged.
+  /// With magnitude 1, `rotate_backward` undoes `rotate` up to rounding. Same arguments, checks,
+  /// threading and bits-for-any-worker-count as `rotate`. No allocation.
+  template <matrix_argument M>
+  void rotate_backward(M&& x, positions pos, executor* ex = nullptr, int threads = 0) const {
+    rotate_by<true>(std::forward<M>(x), pos, ex, threads);
+  }
+
+ private:
+  template <bool Transposed, class M>
+  void rotate_by(M&& x, positions pos, executor* ex, int threads) const {
     const auto v = checked_view(std::forward<M>(x), pos);
     using S = std::remove_pointer_t<decltype(v.data)>;
     const index_t heads = v.cols / p_.head_dim;
@@ -343,12 +361,14 @@ class rope {
           for (index_t k = 0; k < m; ++k) {
             double c = 0, s = 0;
             detail::rope_cos_sin(p, turns_[static_cast<std::size_t>(k0 + k)], exact_, c, s);
+            // The transposed rotation negates the rounded sine (negation is exact).
+            const T st = Transposed ? -static_cast<T>(s * magnitude_) : static_cast<T>(s * magnitude_);
             if (inter) {
               a[2 * k] = static_cast<T>(c * magnitude_);
-              a[2 * k + 1] = static_cast<T>(s * magnitude_);
+              a[2 * k + 1] = st;
             } else {
               a[k] = static_cast<T>(c * magnitude_);
-              b[k] = static_cast<T>(s * magnitude_);
+              b[k] = st;
             }
           }
           if (inter) {
@@ -361,6 +381,7 @@ class rope {
     });
   }
 
+ public:
   /// The cos/sin table for positions `[start, start + count)` (see `rope_cache`); values equal
   /// those `rotate(x, pos)` computes, bit for bit. Allocates `count * rotary_dim` values of `T`.
   /// Precondition (`POSENC_ASSERT`): `count >= 0`, and `start + count` does not overflow.
