@@ -101,7 +101,7 @@ std::vector<std::pair<index_t, index_t>> read_blocks(std::span<const sequence> c
       const index_t in_page = page_size > 0 ? page_size - j % page_size : called[b].n_kv - j;
       const index_t n = std::min({index_t{16}, in_page, called[b].n_kv - j});
       const index_t row = page_size > 0 ? index_t{table[b * static_cast<std::size_t>(pages_per_sequence) +
-                                                          static_cast<std::size_t>(j / page_size)]} *
+                                                        static_cast<std::size_t>(j / page_size)]} *
                                                   page_size +
                                               j % page_size
                                         : first + j;

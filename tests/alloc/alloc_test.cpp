@@ -119,8 +119,9 @@ int main() {
     auto step = [&](auto storage, const char* name) {
       using S = decltype(storage);
       mat<S> kc = mat<S>::Zero(pages * 16, kv_heads * d), vc = mat<S>::Zero(pages * 16, kv_heads * d);
-      const posenc::paged_kv<S> pages_of{posenc::view_of(kc), posenc::view_of(vc), 16, table, pages_per_sequence,
-                                      lengths, {}, posenc::cached_keys::rotated};
+      const posenc::paged_kv<S> pages_of{
+          posenc::view_of(kc),         posenc::view_of(vc), 16, table, pages_per_sequence, lengths, {},
+          posenc::cached_keys::rotated};
       for (posenc::executor* ex : {static_cast<posenc::executor*>(&serial), static_cast<posenc::executor*>(&pool)}) {
         const std::string on = ex == &serial ? " on the calling thread" : " on a thread pool";
         const posenc::attention_params p{.heads = heads, .kv_heads = kv_heads, .causal = true, .executor = ex};

@@ -263,7 +263,7 @@ const tile_kernels<C>& portable_kernels() {
 /// Always inlined: a call from a kernel's loop would spill every vector register it holds.
 template <class T>
 __attribute__((always_inline)) inline void prefetch_row(const T* pf, index_t ld, index_t j, index_t npf, index_t d) {
-  if (j >= npf) return;
+  if (pf == nullptr || j >= npf) return;
   const T* row = pf + j * ld;
   for (index_t c = 0; c < d; c += 64 / static_cast<index_t>(sizeof(T)))
     _mm_prefetch(reinterpret_cast<const char*>(row + c), _MM_HINT_T0);
@@ -434,7 +434,8 @@ POSENC_AVX512 inline __m128 sum4_avx512(__m512 a0, __m512 a1, __m512 a2, __m512 
   const __m512 v = _mm512_add_ps(_mm512_shuffle_f32x4(u01, u23, 0x88), _mm512_shuffle_f32x4(u01, u23, 0xDD));
   const __m512 w = _mm512_add_ps(v, _mm512_permute_ps(v, 0x4E));
   const __m512 x = _mm512_add_ps(w, _mm512_permute_ps(w, 0xB1));
-  return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 4, 8, 12, 0, 4, 8, 12, 0, 4, 8, 12), x));
+  const __m512i lanes = _mm512_setr_epi32(0, 4, 8, 12, 0, 4, 8, 12, 0, 4, 8, 12, 0, 4, 8, 12);
+  return _mm512_castps512_ps128(_mm512_permutexvar_ps(lanes, x));
 }
 
 /// Up to 4 query rows against keys read in place (decode): four keys at a time, each key row loaded
@@ -457,7 +458,7 @@ POSENC_AVX512 inline void qk_rows_block_avx512(const float* q, index_t ldq, inde
     POSENC_UNROLL
     for (int t = 0; t < 4; ++t) kr[t] = k + (t < keys ? j + t : j) * ldk;
     // The rows requested ahead are spread over the loop, one line at a time beside the loads.
-    const K* ahead = j < npf ? pf + j * ldk : nullptr;
+    const K* ahead = pf != nullptr && j < npf ? pf + j * ldk : nullptr;
     const index_t ahead_rows = ahead ? std::min(keys, npf - j) : 0;
     constexpr index_t per_line = 64 / static_cast<index_t>(sizeof(K));
     for (index_t c = 0; c < d16; c += 16) {
@@ -566,13 +567,16 @@ POSENC_AVX512 inline void pv_cols_avx512(const float* p, index_t ldp, index_t nq
                                          index_t ldv, const float* alpha, float* acc, index_t ldacc, const V* pf,
                                          index_t npf) {
   index_t i = 0;
-  for (; i + 6 <= nq; i += 6) pv_block_avx512<6, C>(p + i * ldp, ldp, nk, v, ldv, alpha + i, acc + i * ldacc, ldacc, i == 0 ? pf : nullptr, npf);
+  // Only the first block of rows requests the rows ahead.
+  const V* const first = nq < 6 ? pf : nullptr;
+  for (; i + 6 <= nq; i += 6)
+    pv_block_avx512<6, C>(p + i * ldp, ldp, nk, v, ldv, alpha + i, acc + i * ldacc, ldacc, i == 0 ? pf : nullptr, npf);
   switch (nq - i) {
-    case 5: pv_block_avx512<5, C>(p + i * ldp, ldp, nk, v, ldv, alpha + i, acc + i * ldacc, ldacc, i == 0 ? pf : nullptr, npf); break;
-    case 4: pv_block_avx512<4, C>(p + i * ldp, ldp, nk, v, ldv, alpha + i, acc + i * ldacc, ldacc, i == 0 ? pf : nullptr, npf); break;
-    case 3: pv_block_avx512<3, C>(p + i * ldp, ldp, nk, v, ldv, alpha + i, acc + i * ldacc, ldacc, i == 0 ? pf : nullptr, npf); break;
-    case 2: pv_block_avx512<2, C>(p + i * ldp, ldp, nk, v, ldv, alpha + i, acc + i * ldacc, ldacc, i == 0 ? pf : nullptr, npf); break;
-    case 1: pv_block_avx512<1, C>(p + i * ldp, ldp, nk, v, ldv, alpha + i, acc + i * ldacc, ldacc, i == 0 ? pf : nullptr, npf); break;
+    case 5: pv_block_avx512<5, C>(p + i * ldp, ldp, nk, v, ldv, alpha + i, acc + i * ldacc, ldacc, first, npf); break;
+    case 4: pv_block_avx512<4, C>(p + i * ldp, ldp, nk, v, ldv, alpha + i, acc + i * ldacc, ldacc, first, npf); break;
+    case 3: pv_block_avx512<3, C>(p + i * ldp, ldp, nk, v, ldv, alpha + i, acc + i * ldacc, ldacc, first, npf); break;
+    case 2: pv_block_avx512<2, C>(p + i * ldp, ldp, nk, v, ldv, alpha + i, acc + i * ldacc, ldacc, first, npf); break;
+    case 1: pv_block_avx512<1, C>(p + i * ldp, ldp, nk, v, ldv, alpha + i, acc + i * ldacc, ldacc, first, npf); break;
     default: break;
   }
 }
@@ -584,12 +588,16 @@ POSENC_AVX512 inline void pv_avx512(const float* p, index_t ldp, index_t nq, ind
   // Columns in blocks of 64 (4 vectors), then what is left in whole vectors: the buffers are
   // readable and writable up to d rounded up to 16.
   index_t c0 = 0;
-  for (; c0 + 64 <= d; c0 += 64) pv_cols_avx512<4>(p, ldp, nq, nk, v + c0, ldv, alpha, acc + c0, ldacc, advance_or_null(pf, c0), npf);
+  for (; c0 + 64 <= d; c0 += 64) {
+    const V* const ahead = advance_or_null(pf, c0);
+    pv_cols_avx512<4>(p, ldp, nq, nk, v + c0, ldv, alpha, acc + c0, ldacc, ahead, npf);
+  }
+  const V* const ahead = advance_or_null(pf, c0);
   switch ((d - c0 + 15) / 16) {
-    case 4: pv_cols_avx512<4>(p, ldp, nq, nk, v + c0, ldv, alpha, acc + c0, ldacc, advance_or_null(pf, c0), npf); break;
-    case 3: pv_cols_avx512<3>(p, ldp, nq, nk, v + c0, ldv, alpha, acc + c0, ldacc, advance_or_null(pf, c0), npf); break;
-    case 2: pv_cols_avx512<2>(p, ldp, nq, nk, v + c0, ldv, alpha, acc + c0, ldacc, advance_or_null(pf, c0), npf); break;
-    case 1: pv_cols_avx512<1>(p, ldp, nq, nk, v + c0, ldv, alpha, acc + c0, ldacc, advance_or_null(pf, c0), npf); break;
+    case 4: pv_cols_avx512<4>(p, ldp, nq, nk, v + c0, ldv, alpha, acc + c0, ldacc, ahead, npf); break;
+    case 3: pv_cols_avx512<3>(p, ldp, nq, nk, v + c0, ldv, alpha, acc + c0, ldacc, ahead, npf); break;
+    case 2: pv_cols_avx512<2>(p, ldp, nq, nk, v + c0, ldv, alpha, acc + c0, ldacc, ahead, npf); break;
+    case 1: pv_cols_avx512<1>(p, ldp, nq, nk, v + c0, ldv, alpha, acc + c0, ldacc, ahead, npf); break;
     default: break;
   }
 }
@@ -887,8 +895,8 @@ POSENC_AVX2 inline void pv_keys_avx2(const float* p, index_t ldp, index_t nq, in
     index_t i = 0;
     const V* const pfc = advance_or_null(pf, c0);
     for (; i + 6 <= nq; i += 6)
-      pv_block_avx2<6>(p + i * ldp, ldp, nk, v + c0, ldv, alpha + i, acc + i * ldacc + c0, ldacc, i == 0 ? pfc : nullptr,
-                       npf);
+      pv_block_avx2<6>(p + i * ldp, ldp, nk, v + c0, ldv, alpha + i, acc + i * ldacc + c0, ldacc,
+                       i == 0 ? pfc : nullptr, npf);
     const float* pi = p + i * ldp;
     float* ai = acc + i * ldacc + c0;
     switch (nq - i) {
@@ -925,7 +933,7 @@ POSENC_AVX2 inline void pv_avx2(const float* p, index_t ldp, index_t nq, index_t
   const float ones[pv_chunk_rows] = {1.0f, 1.0f, 1.0f, 1.0f};
   for (index_t j0 = 0; j0 < nk; j0 += pv_chunk_keys)
     pv_keys_avx2(p + j0, ldp, nq, std::min(pv_chunk_keys, nk - j0), v + j0 * ldv, ldv, d, j0 == 0 ? alpha : ones,
-                 acc, ldacc, j0 < npf ? pf + j0 * ldv : nullptr, npf - j0);
+                 acc, ldacc, pf != nullptr && j0 < npf ? pf + j0 * ldv : nullptr, npf - j0);
 }
 
 /// `convert_f16` / `convert_bf16`: 8 columns per step, as `convert_avx512`.
