@@ -1,8 +1,6 @@
 // Per-layer encodings read from Hugging Face model configs (Gemma 3, Llama 4, Qwen2-VL, Qwen3-VL)
 // with their published values, Llama 4's query temperature, and errors naming the field.
 #include <catch2/catch.hpp>
-
-#include "support.hpp"
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -11,6 +9,7 @@
 
 #include "posenc/encoders/layer_config.hpp"
 #include "posenc/encoders/rope.hpp"
+#include "support.hpp"
 
 using posenc::config_map;
 using posenc::index_t;
@@ -123,6 +122,27 @@ TEST_CASE("layer config: Gemma 3 alternates local and global RoPE with a sliding
   check_inv(*global.rope, plain);
   CHECK(global.window_left == -1);
   CHECK(posenc::layer_encoding_from_config(one, {}, 0).window_left == 511);
+
+  // Gemma 3 27B's published text_config leaves rope_theta, rope_local_base_freq and the pattern
+  // to the class defaults (1e6, 1e4, 6); query_pre_attn_scalar is 168, head_dim 128.
+  const config_map g27{{"model_type", std::string("gemma3_text")},
+                       {"num_hidden_layers", std::int64_t{62}},
+                       {"head_dim", std::int64_t{128}},
+                       {"hidden_size", std::int64_t{5376}},
+                       {"num_attention_heads", std::int64_t{32}},
+                       {"query_pre_attn_scalar", std::int64_t{168}},
+                       {"sliding_window", std::int64_t{1024}}};
+  for (index_t i : {0, 5, 59, 61}) {
+    INFO("27B layer " << i);
+    const auto le = posenc::layer_encoding_from_config(g27, gemma3_scaling, i);
+    const bool global27 = (i + 1) % 6 == 0;
+    CHECK(le.window_left == (global27 ? -1 : 1023));
+    CHECK(*le.scale == 1.0 / std::sqrt(168.0));
+    std::vector<ld> want27;
+    for (index_t k = 0; k < 64; ++k)
+      want27.push_back(global27 ? std::pow(1e6L, -ld(2 * k) / 128) / 8 : std::pow(1e4L, -ld(2 * k) / 128));
+    check_inv(*le.rope, want27);
+  }
 }
 
 TEST_CASE("layer config: Llama 4 RoPE layers chunked, every fourth layer NoPE with temperature",
@@ -249,17 +269,18 @@ TEST_CASE("layer config: bad configs throw naming the field", "[layer_config][er
   g["sliding_window_pattern"] = std::int64_t{0};
   CHECK_INVALID(layer_encoding_from_config(g, gemma3_scaling, 0), "config.sliding_window_pattern = 0");
   g = gemma3_4b();
-  g.erase("rope_theta");
-  CHECK_INVALID(layer_encoding_from_config(g, gemma3_scaling, 0), "config.rope_theta = (missing)");
+  g["rope_theta"] = -1.0;
+  CHECK_INVALID(layer_encoding_from_config(g, gemma3_scaling, 5), "config.rope_theta = -1");
   g = gemma3_4b();
   g["model_type"] = std::string("gemma9");
   CHECK_INVALID(layer_encoding_from_config(g, gemma3_scaling, 0), "config.model_type = \"gemma9\"");
   g.erase("model_type");
   CHECK_INVALID(layer_encoding_from_config(g, gemma3_scaling, 0), "config.model_type = (missing)");
-  g = gemma3_4b();
-  g.erase("head_dim");
-  g["hidden_size"] = std::int64_t{2561};
-  CHECK_INVALID(layer_encoding_from_config(g, gemma3_scaling, 0), "config.hidden_size = 2561");
+  config_map q2bad{{"model_type", std::string("qwen2_vl")},
+                   {"num_hidden_layers", std::int64_t{28}},
+                   {"hidden_size", std::int64_t{3585}},
+                   {"num_attention_heads", std::int64_t{28}}};
+  CHECK_INVALID(layer_encoding_from_config(q2bad, {{"type", std::string("mrope")}}, 0), "config.hidden_size = 3585");
   const std::vector<std::string> types(34, "local");
   CHECK_INVALID(layer_encoding_from_config(gemma3_4b(), gemma3_scaling, 2, types), "config.layer_types[2] = \"local\"");
   CHECK_INVALID(layer_encoding_from_config(gemma3_4b(), {{"rope_type", std::string("linear")}, {"factor", -2.0}}, 5),
@@ -285,10 +306,9 @@ TEST_CASE("layer config: bad configs throw naming the field", "[layer_config][er
                      {"head_dim", std::int64_t{128}},
                      {"rope_theta", 1e6}};
   CHECK_INVALID(layer_encoding_from_config(q, {{"type", std::string("mrope")}}, 0), "rope_scaling.mrope_section");
-  CHECK_INVALID(
-      layer_encoding_from_config(q, {{"type", std::string("mrope")}, {"mrope_section", std::vector<double>{16, 24, 16}}},
-                                 0),
-      "rope_scaling.mrope_section");
+  CHECK_INVALID(layer_encoding_from_config(
+                    q, {{"type", std::string("mrope")}, {"mrope_section", std::vector<double>{16, 24, 16}}}, 0),
+                "rope_scaling.mrope_section");
   CHECK_INVALID(layer_encoding_from_config(
                     q, {{"type", std::string("mrope")}, {"mrope_section", std::vector<double>{16.5, 23.5, 24}}}, 0),
                 "whole number");

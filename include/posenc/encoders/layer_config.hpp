@@ -22,6 +22,15 @@
 ///   configs): M-RoPE on every layer (mrope.hpp), `mrope_section` and `mrope_interleaved` from the
 ///   `rope_scaling` dict (whose `type` may be `"mrope"`, meaning the default frequencies).
 ///
+/// Fields that published configs leave out take the defaults of the model's HF config class:
+/// `rope_theta` (Gemma 3: 1e6, Llama 4: 5e5, Qwen2-VL: 1e6, Qwen3-VL: 5e6), `head_dim` (Gemma 3: 256,
+/// Llama 4 and Qwen3-VL: 128, Qwen2-VL: `hidden_size / num_attention_heads`),
+/// `sliding_window_pattern` (or `_sliding_window_pattern`; 6), `rope_local_base_freq` (10 000),
+/// `query_pre_attn_scalar` (256), `no_rope_layer_interval` (4), `attn_temperature_tuning` (true),
+/// `floor_scale` (8192), `attn_scale` (0.1). Two fields are read only when present, where the class
+/// has a default: `sliding_window` is required on sliding layers (the class would take 4096), and
+/// without `attention_chunk_size` (a JSON null) a Llama 4 layer has no chunks.
+///
 /// The config is a `config_map` of its top-level fields (hf_config.hpp), the `rope_scaling` dict a
 /// second one (empty for `null`), and `layer_types` (a list of strings) a span, empty when absent.
 /// Errors throw `std::invalid_argument` naming the field: `config.sliding_window = 0: must be > 0`.
@@ -80,8 +89,8 @@ struct layer_encoding {
   /// The M-RoPE parameters of the layer (its `rope` and `mrope_section`). Throws
   /// `std::invalid_argument` when the layer has no M-RoPE.
   mrope_params mrope() const {
-    detail::require(rope.has_value() && !mrope_section.empty(), "layer_encoding.mrope_section",
-                    std::string_view("[]"), "this layer has no M-RoPE");
+    detail::require(rope.has_value() && !mrope_section.empty(), "layer_encoding.mrope_section", std::string_view("[]"),
+                    "this layer has no M-RoPE");
     mrope_params m;
     m.rope = *rope;
     m.sections = mrope_section;
@@ -155,9 +164,11 @@ inline std::optional<bool> model_flag(const config_map& m, std::string_view key)
   invalid(model_field(key), config_text(*v), "must be true or false");
 }
 
-/// `head_dim`, or `hidden_size / num_attention_heads` as HF computes it when absent.
-inline index_t model_head_dim(const config_map& m) {
+/// `head_dim`; when absent, the model class's default (`fallback`, 0 for none) or else
+/// `hidden_size / num_attention_heads`, as HF computes it.
+inline index_t model_head_dim(const config_map& m, index_t fallback) {
   if (config_find(m, "head_dim")) return model_positive(m, "head_dim", std::nullopt, "");
+  if (fallback > 0) return fallback;
   const position hidden = model_positive(m, "hidden_size", std::nullopt, "needed when head_dim is absent");
   const position heads = model_positive(m, "num_attention_heads", std::nullopt, "needed when head_dim is absent");
   require(hidden % heads == 0, model_field("hidden_size"), hidden,
@@ -167,10 +178,11 @@ inline index_t model_head_dim(const config_map& m) {
 
 /// `layer_types[layer]` when the list is given: must be one of `known`.
 inline std::optional<std::string_view> model_layer_type(std::span<const std::string> types, index_t layer,
-                                                        position layers, std::initializer_list<std::string_view> known) {
+                                                        position layers,
+                                                        std::initializer_list<std::string_view> known) {
   if (types.empty()) return std::nullopt;
-  require(static_cast<position>(types.size()) == layers, "config.layer_types", std::to_string(types.size()) + " entries",
-          "must have num_hidden_layers = " + to_text(layers) + " entries");
+  require(static_cast<position>(types.size()) == layers, "config.layer_types",
+          std::to_string(types.size()) + " entries", "must have num_hidden_layers = " + to_text(layers) + " entries");
   const std::string& t = types[static_cast<std::size_t>(layer)];
   for (const std::string_view k : known)
     if (t == k) return k;
@@ -188,7 +200,8 @@ inline config_map without_mrope(const config_map& rs) {
   for (const char* key : {"rope_type", "type"}) {
     auto it = out.find(key);
     if (it != out.end())
-      if (const auto* s = std::get_if<std::string>(&it->second); s && *s == "mrope") it->second = std::string("default");
+      if (const auto* s = std::get_if<std::string>(&it->second); s && *s == "mrope")
+        it->second = std::string("default");
   }
   return out;
 }
@@ -228,8 +241,18 @@ inline layer_encoding layer_encoding_from_config(const config_map& config, const
   const position layers = model_positive(config, "num_hidden_layers", std::nullopt, "required");
   require(layer >= 0 && layer < layers, "layer", layer,
           "must be in [0, config.num_hidden_layers = " + to_text(layers) + ")");
-  const index_t head_dim = model_head_dim(config);
-  const double theta = model_positive_number(config, "rope_theta", std::nullopt, "required (the RoPE base)");
+  // Fields published configs leave out take the defaults of the model's HF config class.
+  const bool qwen3 = type == "qwen3_vl" || type == "qwen3_vl_text";
+  const index_t head_dim = model_head_dim(config, out.family == model_family::gemma3   ? 256
+                                                  : out.family == model_family::llama4 ? 128
+                                                  : qwen3                              ? 128
+                                                                                       : 0);
+  const double theta = model_positive_number(config, "rope_theta",
+                                             out.family == model_family::gemma3   ? 1e6
+                                             : out.family == model_family::llama4 ? 5e5
+                                             : qwen3                              ? 5e6
+                                                                                  : 1e6,
+                                             "");
   rope_params rp;
   rp.head_dim = head_dim;
   rp.base = theta;
@@ -240,7 +263,11 @@ inline layer_encoding layer_encoding_from_config(const config_map& config, const
       if (auto t = model_layer_type(layer_types, layer, layers, {"sliding_attention", "full_attention"})) {
         sliding = *t == "sliding_attention";
       } else {
-        const position pattern = model_positive(config, "sliding_window_pattern", 6, "");
+        const char* key =
+            config_find(config, "sliding_window_pattern") || !config_find(config, "_sliding_window_pattern")
+                ? "sliding_window_pattern"
+                : "_sliding_window_pattern";
+        const position pattern = model_positive(config, key, 6, "");
         sliding = (layer + 1) % pattern != 0;
       }
       if (sliding) {
@@ -250,8 +277,7 @@ inline layer_encoding layer_encoding_from_config(const config_map& config, const
       } else {
         out.rope = hf_rope_scaling.empty() ? rp : rope_params_from_config(rp, hf_rope_scaling);
       }
-      if (config_find(config, "query_pre_attn_scalar"))
-        out.scale = 1.0 / std::sqrt(model_positive_number(config, "query_pre_attn_scalar", std::nullopt, ""));
+      out.scale = 1.0 / std::sqrt(model_positive_number(config, "query_pre_attn_scalar", 256.0, ""));
       if (config_find(config, "attn_logit_softcapping"))
         out.softcap = model_positive_number(config, "attn_logit_softcapping", std::nullopt, "");
       break;
@@ -262,7 +288,8 @@ inline layer_encoding layer_encoding_from_config(const config_map& config, const
         const auto* list = std::get_if<std::vector<double>>(v);
         if (!list) invalid(model_field("no_rope_layers"), config_text(*v), "must be a list of 0 and 1");
         require(static_cast<position>(list->size()) == layers, model_field("no_rope_layers"),
-                std::to_string(list->size()) + " entries", "must have num_hidden_layers = " + to_text(layers) + " entries");
+                std::to_string(list->size()) + " entries",
+                "must have num_hidden_layers = " + to_text(layers) + " entries");
         const double e = (*list)[static_cast<std::size_t>(layer)];
         require(e == 0 || e == 1, "config.no_rope_layers[" + to_text(layer) + "]", e,
                 "must be 1 (RoPE) or 0 (no position encoding)");
@@ -273,8 +300,9 @@ inline layer_encoding layer_encoding_from_config(const config_map& config, const
       }
       if (auto t = model_layer_type(layer_types, layer, layers, {"chunked_attention", "full_attention"}))
         require((*t == "chunked_attention") == use_rope, "config.layer_types[" + to_text(layer) + "]",
-                config_quoted(*t), use_rope ? "disagrees with no_rope_layers (a RoPE layer is chunked)"
-                                            : "disagrees with no_rope_layers (a NoPE layer is full attention)");
+                config_quoted(*t),
+                use_rope ? "disagrees with no_rope_layers (a RoPE layer is chunked)"
+                         : "disagrees with no_rope_layers (a NoPE layer is full attention)");
       const auto temperature = model_flag(config, "attn_temperature_tuning").value_or(true);
       query_temperature_params tq;
       tq.floor_scale = model_positive(config, "floor_scale", 8192, "");
