@@ -1,9 +1,7 @@
 // Chunked attention (Llama 4's attention_chunk_size): the mask rule against the formula, and every
 // attention path (blockwise, varlen, ring) against a double-precision reference written here.
-#include <catch2/catch.hpp>
-
-#include "support.hpp"
 #include <algorithm>
+#include <catch2/catch.hpp>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -12,6 +10,7 @@
 #include "posenc/attention/batch.hpp"
 #include "posenc/attention/blockwise.hpp"
 #include "posenc/distributed/ring.hpp"
+#include "support.hpp"
 
 using posenc::index_t;
 using posenc::position;
@@ -145,8 +144,8 @@ TEST_CASE("chunked attention: blockwise equals the reference for tile sizes, GQA
     for (index_t tile : {1, 7, 16, 64}) {
       for (int variant = 0; variant < 3; ++variant) {
         const index_t n = tile == 1 ? 40 : 150;
-        posenc::attention_params p{.heads = 4, .kv_heads = 2, .causal = variant != 1, .chunk_size = chunk,
-                                   .q_tile = tile, .k_tile = tile};
+        posenc::attention_params p{
+            .heads = 4, .kv_heads = 2, .causal = variant != 1, .chunk_size = chunk, .q_tile = tile, .k_tile = tile};
         if (variant == 2) p.window_left = 9;
         INFO("chunk " << chunk << " tile " << tile << " variant " << variant);
         const auto q = posenc_test::random_normal<float>(n, 4 * 16, 1);
@@ -208,8 +207,8 @@ TEST_CASE("chunked attention: varlen and ring equal the reference", "[attention]
   std::vector<position> pos = iota_positions(0, 90);
   const auto second = iota_positions(0, 130);
   pos.insert(pos.end(), second.begin(), second.end());
-  const posenc::attention_params p{.heads = 2, .kv_heads = 1, .causal = true, .chunk_size = 32, .q_tile = 16,
-                                   .k_tile = 16};
+  const posenc::attention_params p{
+      .heads = 2, .kv_heads = 1, .causal = true, .chunk_size = 32, .q_tile = 16, .k_tile = 16};
   posenc::row_matrix<float> out(220, 2 * 16);
   posenc::attention_varlen(q, k, v, out, cu, cu, posenc::positions(pos), posenc::positions(pos), none, p);
   posenc::row_matrix<double> ref(220, 2 * 16);
@@ -231,12 +230,11 @@ TEST_CASE("chunked attention: varlen and ring equal the reference", "[attention]
   const auto rp = iota_positions(0, n);
   for (auto layout : {posenc::ring_layout::contiguous, posenc::ring_layout::zigzag}) {
     posenc::row_matrix<float> rout(n, 2 * 16);
-    posenc::ring_attention_simulate(rq, rk, rv, rout, 4, layout, none,
-                                    posenc::attention_params{.heads = 2, .kv_heads = 1, .causal = true,
-                                                             .chunk_size = 48});
+    posenc::ring_attention_simulate(
+        rq, rk, rv, rout, 4, layout, none,
+        posenc::attention_params{.heads = 2, .kv_heads = 1, .causal = true, .chunk_size = 48});
     INFO("ring, layout " << int(layout));
-    check_close(rout, ref_attention(rq, rk, rv, rp, rp,
-                                    {.heads = 2, .kv_heads = 1, .causal = true, .chunk_size = 48}));
+    check_close(rout, ref_attention(rq, rk, rv, rp, rp, {.heads = 2, .kv_heads = 1, .causal = true, .chunk_size = 48}));
   }
 }
 

@@ -1,8 +1,6 @@
 // Multi-axis RoPE (M-RoPE, Qwen2-VL / Qwen3-VL) and axial 2-D RoPE against long double references
 // written from the formulas; text tokens against RoPE; bad input.
 #include <catch2/catch.hpp>
-
-#include "support.hpp"
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -10,8 +8,10 @@
 #include <utility>
 #include <vector>
 
+#include "posenc/attention/batch.hpp"
 #include "posenc/attention/blockwise.hpp"
 #include "posenc/encoders/mrope.hpp"
+#include "support.hpp"
 
 using posenc::index_t;
 using posenc::position;
@@ -53,9 +53,9 @@ double worst_ratio(const posenc::row_matrix<T>& x, const posenc::row_matrix<T>& 
         const ld t = angle(i, k);
         const ld a = x(i, ca), b = x(i, cb);
         const ld ra = a * std::cos(t) - b * std::sin(t), rb = b * std::cos(t) + a * std::sin(t);
-        const ld tol = (std::abs(a) + std::abs(b)) *
-                           (4 * ld(std::numeric_limits<T>::epsilon()) + std::abs(t) * 0x1p-60L) +
-                       std::numeric_limits<ld>::min();
+        const ld tol =
+            (std::abs(a) + std::abs(b)) * (4 * ld(std::numeric_limits<T>::epsilon()) + std::abs(t) * 0x1p-60L) +
+            std::numeric_limits<ld>::min();
         worst = std::max(worst, double(std::abs(ld(got(i, ca)) - ra) / tol));
         worst = std::max(worst, double(std::abs(ld(got(i, cb)) - rb) / tol));
       }
@@ -123,7 +123,8 @@ TEMPLATE_TEST_CASE("mrope: each section rotates by its own axis", "[mrope][rope]
       // The same positions viewed axis-major give the same bits.
       std::vector<position> by_axis(pos.size());
       for (index_t i = 0; i < n; ++i)
-        for (index_t a = 0; a < 3; ++a) by_axis[static_cast<std::size_t>(a * n + i)] = pos[static_cast<std::size_t>(3 * i + a)];
+        for (index_t a = 0; a < 3; ++a)
+          by_axis[static_cast<std::size_t>(a * n + i)] = pos[static_cast<std::size_t>(3 * i + a)];
       auto again = x;
       enc.rotate(again, posenc::axis_positions::axis_major(by_axis, 3));
       CHECK(again == got);
@@ -136,8 +137,8 @@ TEMPLATE_TEST_CASE("mrope on text tokens (equal axes) is RoPE, bit for bit", "[m
   for (bool interleaved : {false, true}) {
     posenc::rope_params rp;
     rp.head_dim = 128, rp.base = 1e6;
-    const auto enc = make_mrope<T>(rp, interleaved ? std::vector<index_t>{24, 20, 20} : std::vector<index_t>{16, 24, 24},
-                                   interleaved);
+    const auto enc = make_mrope<T>(
+        rp, interleaved ? std::vector<index_t>{24, 20, 20} : std::vector<index_t>{16, 24, 24}, interleaved);
     const posenc::rope<T> plain(rp);
     const index_t n = 50;
     const auto text = random_positions(n, position{1} << 40, 9);
@@ -212,6 +213,25 @@ TEST_CASE("mrope with text positions inside the attention kernel equals attendin
   enc.rotate(kr, posenc::axis_positions(three, 3));
   posenc::attention(qr, kr, v, outside, posenc::arange(5, n), posenc::arange(5, n), posenc::no_position<float>{}, p);
   CHECK((inside - outside).cwiseAbs().maxCoeff() <= 1e-5f);
+}
+
+TEST_CASE("mrope with text positions in the batched calls is RoPE, bit for bit", "[mrope][attention][batch]") {
+  posenc::rope_params rp;
+  rp.head_dim = 32, rp.base = 1e6;
+  const auto enc = make_mrope<float>(rp, {6, 5, 5}, true);
+  const posenc::rope<float> plain(rp);
+  const std::vector<std::int32_t> cu{0, 30, 75};
+  const auto q = posenc_test::random_normal<float>(75, 2 * 32, 4);
+  const auto k = posenc_test::random_normal<float>(75, 32, 5);
+  const auto v = posenc_test::random_normal<float>(75, 32, 6);
+  std::vector<position> pos;
+  for (position i = 0; i < 30; ++i) pos.push_back(i);
+  for (position i = 0; i < 45; ++i) pos.push_back(100 + i);
+  const posenc::attention_params p{.heads = 2, .kv_heads = 1, .causal = true, .q_tile = 8, .k_tile = 8};
+  posenc::row_matrix<float> a(75, 64), b(75, 64);
+  posenc::attention_varlen(q, k, v, a, cu, cu, posenc::positions(pos), posenc::positions(pos), enc, p);
+  posenc::attention_varlen(q, k, v, b, cu, cu, posenc::positions(pos), posenc::positions(pos), plain, p);
+  CHECK(a == b);
 }
 
 TEST_CASE("mrope and axial RoPE refuse bad sections, dims and position views", "[mrope][errors]") {

@@ -63,8 +63,9 @@ class axis_positions {
   }
   /// An axis-major list `[axes, tokens]` (Hugging Face's `position_ids[:, 0, :]` for one sequence).
   static axis_positions axis_major(std::span<const position> values, index_t axes) {
-    POSENC_ASSERT(axes > 0 && static_cast<index_t>(values.size()) % axes == 0, "axis_positions::axis_major: ",
-                  values.size(), " values are not axes = ", axes, " rows of equal length");
+    POSENC_ASSERT(axes > 0 && static_cast<index_t>(values.size()) % axes == 0,
+                  "axis_positions::axis_major: ", values.size(), " values are not axes = ", axes,
+                  " rows of equal length");
     const index_t n = static_cast<index_t>(values.size()) / axes;
     return axis_positions(values.data(), n, axes, 1, n);
   }
@@ -189,9 +190,9 @@ class mrope {
       detail::require(s > 0, "mrope_params.sections", text, "every entry must be > 0");
       sum += s;
     }
-    detail::require(sum == half, "mrope_params.sections", text,
-                    "must sum to rotary_dim / 2 = " + detail::to_text(half) + " (the sum is " + detail::to_text(sum) +
-                        ")");
+    detail::require(
+        sum == half, "mrope_params.sections", text,
+        "must sum to rotary_dim / 2 = " + detail::to_text(half) + " (the sum is " + detail::to_text(sum) + ")");
     axis_of_.resize(static_cast<std::size_t>(half));
     for (index_t k = 0; k < half; ++k) {
       index_t axis = 0;
@@ -241,8 +242,8 @@ class mrope {
   /// the workers of `ex` as in `rope::rotate`; no allocation.
   template <matrix_argument M>
   void rotate(M&& x, const axis_positions& pos, executor* ex = nullptr, int threads = 0) const {
-    detail::rotate_axis_runs<T>(std::forward<M>(x), pos, rope_, rope_.magnitude(), rope_.head_dim(),
-                                rope_.rotary_dim(), rope_.layout(), runs_, axes(), ex, threads, "mrope::rotate");
+    detail::rotate_axis_runs<T>(std::forward<M>(x), pos, rope_, rope_.magnitude(), rope_.head_dim(), rope_.rotary_dim(),
+                                rope_.layout(), runs_, axes(), ex, threads, "mrope::rotate");
   }
 
   /// Rotates text tokens (the same position on every axis): `rope::rotate`, the same bits as
@@ -303,18 +304,18 @@ class axial_rope {
   /// `pos.axes() == 2` and `pos.size() == rows`. No allocation.
   template <matrix_argument M>
   void rotate(M&& x, const axis_positions& pos, executor* ex = nullptr, int threads = 0) const {
-    detail::rotate_axis_runs<T>(std::forward<M>(x), pos, table_, 1.0, p_.head_dim, rotary_dim_, p_.layout, runs_, 2,
-                                ex, threads, "axial_rope::rotate");
+    detail::rotate_axis_runs<T>(std::forward<M>(x), pos, table_, 1.0, p_.head_dim, rotary_dim_, p_.layout, runs_, 2, ex,
+                                threads, "axial_rope::rotate");
   }
 
  private:
   rope_params table_params(const axial_rope_params& p) {
     detail::require(p.head_dim > 0, "axial_rope_params.head_dim", p.head_dim, "must be > 0");
     rotary_dim_ = p.rotary_dim == 0 ? p.head_dim : p.rotary_dim;
-    detail::require(rotary_dim_ > 0 && rotary_dim_ % 4 == 0 && rotary_dim_ <= p.head_dim,
-                    "axial_rope_params.rotary_dim", rotary_dim_,
-                    "must be a positive multiple of 4 (half the pairs per axis) and <= head_dim = " +
-                        detail::to_text(p.head_dim));
+    detail::require(
+        rotary_dim_ > 0 && rotary_dim_ % 4 == 0 && rotary_dim_ <= p.head_dim, "axial_rope_params.rotary_dim",
+        rotary_dim_,
+        "must be a positive multiple of 4 (half the pairs per axis) and <= head_dim = " + detail::to_text(p.head_dim));
     detail::require(std::isfinite(p.base) && p.base > 0, "axial_rope_params.base", p.base, "must be finite and > 0");
     return rope_params{.head_dim = rotary_dim_ / 2, .rotary_dim = rotary_dim_ / 2, .layout = p.layout, .base = p.base};
   }

@@ -60,12 +60,12 @@ class query_temperature {
   void scale_queries(M&& q, positions pos) const {
     auto v = view_of(std::forward<M>(q));
     using S = std::remove_pointer_t<decltype(v.data)>;
-    static_assert(!std::is_const_v<S>, "posenc::query_temperature::scale_queries: q is scaled in place and must be mutable");
+    static_assert(!std::is_const_v<S>,
+                  "posenc::query_temperature::scale_queries: q is scaled in place and must be mutable");
     POSENC_ASSERT(pos.size() == v.rows, "query_temperature::scale_queries: ", pos.size(), " positions for ", v.rows,
                   " rows (one per row is needed)");
     for (index_t i = 0; i < v.rows; ++i)
-      POSENC_ASSERT(pos[i] >= 0, "query_temperature::scale_queries: position ", pos[i], " (row ", i,
-                    ") is negative");
+      POSENC_ASSERT(pos[i] >= 0, "query_temperature::scale_queries: position ", pos[i], " (row ", i, ") is negative");
     for (index_t i = 0; i < v.rows; ++i) {
       const double t = factor(pos[i]);
       S* row = v.row(i);
