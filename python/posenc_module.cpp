@@ -843,6 +843,63 @@ py_rope make_rope(const call_args& a) {
   return py_rope{posenc::rope<float>(p), posenc::rope<double>(p)};
 }
 
+using py_mrope = both<posenc::mrope>;
+using py_axial = both<posenc::axial_rope>;
+
+/// `[n, axes]` int64 positions (any strides that are whole elements), viewed in place; `array`
+/// keeps the caller's object alive.
+posenc::axis_positions axis_positions_of(const array_arg& array, index_t rows, index_t axes, const std::string& where) {
+  if (array.type != elem::i64)
+    type_error(where, "positions must have dtype int64, got " + array.type_name +
+                          " (positions are 64-bit integers; convert with .astype(numpy.int64))");
+  if (array.ndim() != 2 || array.shape[1] != axes)
+    value_error(where, "positions must be [tokens, " + std::to_string(axes) + "] (one column per axis), got shape " +
+                           shape_text(array));
+  if (array.shape[0] != rows)
+    value_error(where, "positions has " + std::to_string(array.shape[0]) + " rows but x has " + std::to_string(rows));
+  constexpr auto e = static_cast<py::ssize_t>(sizeof(position));
+  if (array.strides[0] % e != 0 || array.strides[1] % e != 0)
+    value_error(where, "positions must have strides that are whole int64 elements, got " + strides_text(array));
+  return posenc::axis_positions(reinterpret_cast<const position*>(array.data), rows, axes, array.strides[0] / e,
+                                array.strides[1] / e);
+}
+
+py_mrope make_mrope(const call_args& a) {
+  posenc::mrope_params mp;
+  mp.rope.head_dim = a.int64("head_dim", 128);
+  mp.rope.rotary_dim = a.int64("rotary_dim", 0);
+  mp.rope.layout = enum_of<posenc::rope_layout>(
+      a.str("layout", "half_split"),
+      {{"half_split", posenc::rope_layout::half_split}, {"interleaved", posenc::rope_layout::interleaved}}, "MRope",
+      "layout");
+  mp.rope.base = a.float64("base", 10000.0);
+  for (const double s : floats_of(a["mrope_section"], "MRope", "mrope_section")) {
+    if (!(s >= 0 && s < 1e9) || s != static_cast<double>(static_cast<index_t>(s)))
+      value_error("MRope", "mrope_section entries must be whole numbers, got " + posenc::detail::to_text(s));
+    mp.sections.push_back(static_cast<index_t>(s));
+  }
+  mp.interleaved = a.flag("interleaved", false);
+  return py_mrope{posenc::mrope<float>(mp), posenc::mrope<double>(mp)};
+}
+
+/// A model config dict as a config_map: the fields posenc reads are numbers, strings, booleans and
+/// lists of numbers; others (null, nested dicts, lists of strings) are left out here.
+posenc::config_map model_config_of(const py::dict& d) {
+  py::dict kept;
+  for (auto [key, value] : d) {
+    if (!py::isinstance<py::str>(key))
+      type_error("layer_encoding", "config keys must be strings, got " + type_name(key));
+    if (value.is_none() || py::isinstance<py::dict>(value)) continue;
+    if (py::isinstance<py::list>(value) || py::isinstance<py::tuple>(value)) {
+      bool numbers = true;
+      for (auto item : value) numbers = numbers && (py::isinstance<py::int_>(item) || py::isinstance<py::float_>(item));
+      if (!numbers) continue;
+    }
+    kept[key] = value;
+  }
+  return config_of(kept);
+}
+
 /// The `[rows, cols]` table of a float array argument (any strides), copied into double (encoder
 /// tables are copied by the encoders anyway).
 posenc::row_matrix<double> table_of(py::handle obj, const std::string& where, const char* arg) {
@@ -986,6 +1043,7 @@ void read_knobs(attention_knobs& kn, const call_args& a, const std::string& w) {
   }
   kn.p.causal = a.flag("causal", false);
   std::tie(kn.p.window_left, kn.p.window_right) = window_of(a["window"], w);
+  kn.p.chunk_size = a.optional_int64("chunk_size");
   const std::int64_t threads = a.int64("threads", 0);
   if (threads < std::numeric_limits<int>::min() || threads > std::numeric_limits<int>::max())
     overflow_error(w, "threads = " + std::to_string(threads) + " does not fit in int");
@@ -1185,7 +1243,8 @@ std::vector<array_arg> same_dtype_arrays(const call_args& a, const std::string& 
 
 constexpr const char* attention_params_text =
     "q, k, v, qpos=None, kpos=None, encoding=None, *, heads=None, kv_heads=None, scale=None, softcap=0.0, "
-    "sinks=None, causal=False, window=(-1, -1), return_lse=False, out=None, threads=0, q_tile=0, k_tile=0";
+    "sinks=None, causal=False, window=(-1, -1), chunk_size=None, return_lse=False, out=None, threads=0, q_tile=0, "
+    "k_tile=0";
 
 py::object attention(const call_args& a) {
   const std::string w = "attention";
@@ -1213,7 +1272,8 @@ position_arg per_sequence_positions(const index_arg& cu) {
 
 constexpr const char* varlen_params_text =
     "q, k, v, cu_q, cu_k, qpos=None, kpos=None, encoding=None, *, heads=None, kv_heads=None, scale=None, "
-    "softcap=0.0, sinks=None, causal=False, window=(-1, -1), return_lse=False, out=None, threads=0, q_tile=0, "
+    "softcap=0.0, sinks=None, causal=False, window=(-1, -1), chunk_size=None, return_lse=False, out=None, threads=0, "
+    "q_tile=0, "
     "k_tile=0";
 
 template <class T>
@@ -1353,7 +1413,7 @@ posenc::cached_keys keys_of(const call_args& a, const std::string& w) {
 constexpr const char* paged_params_text =
     "q, k_cache, v_cache, block_table, lengths, cu_q, qpos, encoding=None, *, page_size=None, keys=None, "
     "positions=None, heads=None, kv_heads=None, scale=None, softcap=0.0, sinks=None, causal=False, "
-    "window=(-1, -1), return_lse=False, out=None, threads=0, q_tile=0, k_tile=0";
+    "window=(-1, -1), chunk_size=None, return_lse=False, out=None, threads=0, q_tile=0, k_tile=0";
 
 template <class T>
 py::object paged_typed(const call_args& a, attention_knobs& kn, const array_arg& qa, const array_arg& ka,
@@ -1630,6 +1690,154 @@ PYBIND11_MODULE(posenc, m) {
           "The factor multiplying cos and sin (YaRN's 0.1 ln s + 1, ...).")
       .def_property_readonly("name", [](const py_rope& r) { return std::string(r.f.name()); });
 
+  constexpr const char* mrope_params_text =
+      "*, head_dim=128, mrope_section, rotary_dim=0, base=10000.0, layout='half_split', interleaved=False";
+  constexpr const char* axes_rotate_params = "x, positions";
+  py::class_<py_mrope>(
+      m, "MRope",
+      "Multi-axis RoPE (Qwen2-VL sections; Qwen3-VL interleaved=True). mrope_section: pairs per axis,\n"
+      "summing to rotary_dim / 2. rotate(x, positions): positions int64 [tokens, axes], or 1-D for text\n"
+      "tokens (the same position on every axis: plain RoPE).")
+      .def(init_of("MRope", mrope_params_text, make_mrope), doc_of("__init__", true, mrope_params_text, "").c_str())
+      .def(
+          "rotate",
+          [sig = sig_of("MRope.rotate", axes_rotate_params)](const py_mrope& r, py::args args, py::kwargs kwargs) {
+            const call_args a(sig, args, kwargs);
+            const auto x = float_array(a["x"], sig.name, "x");
+            with_storage(x.type, [&](auto t) {
+              using T = decltype(t);
+              auto mx = matrix_of<T>(x, sig.name, "x", true);
+              const auto& enc = r.get<posenc::compute_t<T>>();
+              const py::handle ph = a["positions"];
+              const bool two_d = (py::isinstance<py::array>(ph) || py::hasattr(ph, "__dlpack__")) &&
+                                 array_of(ph, sig.name, "positions").ndim() == 2;
+              if (two_d) {
+                const auto pa = array_of(ph, sig.name, "positions");
+                const auto ap = axis_positions_of(pa, mx.view.rows, enc.axes(), sig.name);
+                py::gil_scoped_release unlocked;
+                enc.rotate(mx.view, ap, &workers());
+              } else {
+                position_arg p(ph, mx.view.rows, sig.name, "positions");
+                py::gil_scoped_release unlocked;
+                enc.rotate(mx.view, p.get(), &workers());
+              }
+            });
+          },
+          doc_of("rotate", true, axes_rotate_params,
+                 "Rotates every head of x ([tokens, heads * head_dim]) in place; pair k of row i by "
+                 "positions[i, axis_of_pair(k)].")
+              .c_str())
+      .def("axis_of_pair", [](const py_mrope& r, index_t k) { return r.d.axis_of_pair(k); })
+      .def_property_readonly("head_dim", [](const py_mrope& r) { return r.f.head_dim(); })
+      .def_property_readonly("axes", [](const py_mrope& r) { return r.f.axes(); })
+      .def_property_readonly("name", [](const py_mrope& r) { return std::string(r.f.name()); });
+
+  constexpr const char* axial_params_text = "*, head_dim=64, rotary_dim=0, base=10000.0, layout='half_split'";
+  py::class_<py_axial>(m, "AxialRope",
+                       "Axial 2-D RoPE for image patches: the first rotary_dim/4 pairs turn by the row, the next by\n"
+                       "the column. rotate(x, positions): positions int64 [tokens, 2] = (row, column).")
+      .def(init_of("AxialRope", axial_params_text,
+                   [](const call_args& a) {
+                     posenc::axial_rope_params p;
+                     p.head_dim = a.int64("head_dim", 64);
+                     p.rotary_dim = a.int64("rotary_dim", 0);
+                     p.base = a.float64("base", 10000.0);
+                     p.layout = enum_of<posenc::rope_layout>(a.str("layout", "half_split"),
+                                                             {{"half_split", posenc::rope_layout::half_split},
+                                                              {"interleaved", posenc::rope_layout::interleaved}},
+                                                             "AxialRope", "layout");
+                     return py_axial{posenc::axial_rope<float>(p), posenc::axial_rope<double>(p)};
+                   }),
+           doc_of("__init__", true, axial_params_text, "").c_str())
+      .def(
+          "rotate",
+          [sig = sig_of("AxialRope.rotate", axes_rotate_params)](const py_axial& r, py::args args, py::kwargs kwargs) {
+            const call_args a(sig, args, kwargs);
+            const auto x = float_array(a["x"], sig.name, "x");
+            with_storage(x.type, [&](auto t) {
+              using T = decltype(t);
+              auto mx = matrix_of<T>(x, sig.name, "x", true);
+              const auto pa = array_of(a["positions"], sig.name, "positions");
+              const auto ap = axis_positions_of(pa, mx.view.rows, 2, sig.name);
+              py::gil_scoped_release unlocked;
+              r.get<posenc::compute_t<T>>().rotate(mx.view, ap, &workers());
+            });
+          },
+          doc_of("rotate", true, axes_rotate_params, "Rotates every head of x in place by (row, column).").c_str())
+      .def_property_readonly("head_dim", [](const py_axial& r) { return r.f.head_dim(); });
+
+  constexpr const char* layer_params_text = "config, layer";
+  m.def(
+      "layer_encoding",
+      [sig = sig_of("layer_encoding", layer_params_text)](py::args args, py::kwargs kwargs) {
+        const call_args a(sig, args, kwargs);
+        if (!py::isinstance<py::dict>(a["config"]))
+          type_error(sig.name, "config must be a dict (a model's config.json, or its text_config), got " +
+                                   type_name(a["config"]));
+        const auto cfg = py::reinterpret_borrow<py::dict>(a["config"]);
+        posenc::config_map scaling;
+        if (cfg.contains("rope_scaling") && !cfg["rope_scaling"].is_none()) {
+          if (!py::isinstance<py::dict>(cfg["rope_scaling"]))
+            type_error(sig.name, "config['rope_scaling'] must be a dict or None");
+          scaling = config_of(py::reinterpret_borrow<py::dict>(cfg["rope_scaling"]));
+        }
+        std::vector<std::string> types;
+        if (cfg.contains("layer_types") && !cfg["layer_types"].is_none()) {
+          for (auto t : cfg["layer_types"]) {
+            if (!py::isinstance<py::str>(t)) type_error(sig.name, "config['layer_types'] must be a list of strings");
+            types.push_back(t.cast<std::string>());
+          }
+        }
+        const auto le = posenc::layer_encoding_from_config(model_config_of(cfg), scaling, a.int64("layer", 0), types);
+        py::dict out;
+        if (le.rope && le.mrope_section.empty()) {
+          out["encoding"] = py::cast(py_rope{posenc::rope<float>(*le.rope), posenc::rope<double>(*le.rope)});
+        } else if (le.rope) {
+          const auto mp = le.mrope();
+          out["encoding"] = py::cast(py_mrope{posenc::mrope<float>(mp), posenc::mrope<double>(mp)});
+        } else {
+          out["encoding"] = py::none();
+        }
+        out["window"] = py::make_tuple(le.window_left, -1);
+        out["chunk_size"] = le.chunk_size ? py::cast(*le.chunk_size) : py::none();
+        out["scale"] = le.scale ? py::cast(*le.scale) : py::none();
+        out["softcap"] = le.softcap;
+        if (le.temperature) {
+          py::dict t;
+          t["floor_scale"] = le.temperature->floor_scale;
+          t["attn_scale"] = le.temperature->attn_scale;
+          out["temperature"] = t;
+        } else {
+          out["temperature"] = py::none();
+        }
+        return out;
+      },
+      doc_of("layer_encoding", false, layer_params_text,
+             "The encoding and mask of layer `layer` of a Gemma 3, Llama 4 or Qwen VL model config (config.json, or\n"
+             "its text_config): a dict with encoding (Rope, MRope or None for no position encoding), window\n"
+             "(left, -1), chunk_size, scale, softcap, and temperature (dict of floor_scale and attn_scale, or None).\n"
+             "Pass window, chunk_size, scale and softcap to attention with causal=True. Raises ValueError naming\n"
+             "the field for a bad config.")
+          .c_str());
+
+  constexpr const char* temperature_params_text = "positions, *, floor_scale=8192, attn_scale=0.1";
+  m.def(
+      "query_temperature",
+      [sig = sig_of("query_temperature", temperature_params_text)](py::args args, py::kwargs kwargs) {
+        const call_args a(sig, args, kwargs);
+        const posenc::query_temperature t(
+            {.floor_scale = a.int64("floor_scale", 8192), .attn_scale = a.float64("attn_scale", 0.1)});
+        auto p = free_positions(a["positions"], sig.name, "positions");
+        auto out = new_array<double>({p.size()});
+        const auto pp = p.get();
+        for (index_t i = 0; i < p.size(); ++i) out.mutable_data()[i] = t.factor(pp[i]);
+        return out;
+      },
+      doc_of("query_temperature", false, temperature_params_text,
+             "Llama 4's query temperature per position: log(floor((p + 1) / floor_scale) + 1) * attn_scale + 1\n"
+             "(float64). Multiply the queries of a NoPE layer by it before attention.")
+          .c_str());
+
   constexpr const char* sinusoidal_params =
       "*, dim=512, base=10000.0, layout='interleaved', shifted_denominator=False, position_offset=0";
   constexpr const char* add_to_params = "x, positions=None";
@@ -1761,7 +1969,8 @@ PYBIND11_MODULE(posenc, m) {
              "copies of the q and k tiles). For q and k the caller rotated (Rope.rotate, a cache of rotated keys)\n"
              "pass encoding=None: never both.\n"
              "causal: key j visible when kpos[j] <= qpos[i]. window=(left, right): keys within\n"
-             "[qpos - left, qpos + right], -1 unbounded. scale defaults to 1/sqrt(d).\n"
+             "[qpos - left, qpos + right], -1 unbounded. chunk_size=c: key j visible only when\n"
+             "kpos[j] // c == qpos[i] // c (chunked attention, Llama 4). scale defaults to 1/sqrt(d).\n"
              "softcap: each logit s becomes softcap * tanh(s / softcap) (0: off). sinks: one logit per head\n"
              "joining every row's softmax denominator (gpt-oss).\n"
              "Returns out (the shape of q; written into out= when given), or (out, lse [n_q, heads], -inf for a\n"
