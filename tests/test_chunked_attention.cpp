@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "posenc/attention/batch.hpp"
@@ -236,6 +237,49 @@ TEST_CASE("chunked attention: varlen and ring equal the reference", "[attention]
     INFO("ring, layout " << int(layout));
     check_close(rout, ref_attention(rq, rk, rv, rp, rp, {.heads = 2, .kv_heads = 1, .causal = true, .chunk_size = 48}));
   }
+}
+
+TEST_CASE("chunked attention: paged attention equals the reference", "[attention][chunk][batch]") {
+  // Two sequences of 40 and 70 tokens in shuffled pages of 16 rows; the last 3 tokens of each
+  // attend with chunks of 16. Cache rows no sequence uses are NaN.
+  const posenc::no_position<float> none;
+  const index_t page = 16, per_seq = 5, d = 16;
+  const std::vector<std::int32_t> table{3, 0, 7, 0, 0, 1, 5, 2, 6, 4}, lengths{40, 70}, cu_q{0, 3, 6};
+  posenc::row_matrix<float> kc =
+      posenc::row_matrix<float>::Constant(8 * page, d, std::numeric_limits<float>::quiet_NaN());
+  posenc::row_matrix<float> vc = kc;
+  std::vector<posenc::row_matrix<float>> ks, vs;
+  for (std::size_t b = 0; b < 2; ++b) {
+    ks.push_back(posenc_test::random_normal<float>(lengths[b], d, static_cast<unsigned>(20 + b)));
+    vs.push_back(posenc_test::random_normal<float>(lengths[b], d, static_cast<unsigned>(30 + b)));
+    for (index_t t = 0; t < lengths[b]; ++t) {
+      const index_t row = table[b * per_seq + static_cast<std::size_t>(t / page)] * page + t % page;
+      kc.row(row) = ks[b].row(t);
+      vc.row(row) = vs[b].row(t);
+    }
+  }
+  const auto q = posenc_test::random_normal<float>(6, 2 * d, 40);
+  const std::vector<position> qpos{37, 38, 39, 67, 68, 69};
+  const posenc::paged_kv<const float> cache{posenc::view_of(std::as_const(kc)),
+                                            posenc::view_of(std::as_const(vc)),
+                                            page,
+                                            table,
+                                            per_seq,
+                                            lengths,
+                                            {},
+                                            posenc::cached_keys::raw};
+  const posenc::attention_params p{.heads = 2, .kv_heads = 1, .causal = true, .chunk_size = 16};
+  posenc::row_matrix<float> out(6, 2 * d);
+  posenc::paged_attention(q, cache, out, cu_q, posenc::positions(qpos), none, p);
+  posenc::row_matrix<double> ref(6, 2 * d);
+  for (std::size_t b = 0; b < 2; ++b) {
+    const std::vector<position> qp(qpos.begin() + 3 * static_cast<std::ptrdiff_t>(b),
+                                   qpos.begin() + 3 * static_cast<std::ptrdiff_t>(b) + 3);
+    ref.middleRows(3 * static_cast<index_t>(b), 3) =
+        ref_attention(q.middleRows(3 * static_cast<index_t>(b), 3), ks[b], vs[b], qp, iota_positions(0, lengths[b]), p);
+  }
+  CHECK(out.allFinite());
+  check_close(out, ref);
 }
 
 TEST_CASE("chunked attention: a chunk size <= 0 is refused, naming the field", "[attention][chunk][errors]") {
