@@ -253,6 +253,8 @@ TEST_CASE("query temperature: values at chosen positions and scaled queries", "[
   CHECK_THROWS_AS(t.factor(-5), posenc::precondition_error);
   CHECK_INVALID(posenc::query_temperature({.floor_scale = 0}), "query_temperature_params.floor_scale = 0");
   CHECK_INVALID(posenc::query_temperature({.attn_scale = -1}), "query_temperature_params.attn_scale = -1");
+  CHECK_INVALID(posenc::query_temperature({.attn_scale = 1e307}), "query_temperature_params.attn_scale = 1e+307");
+  CHECK(std::isfinite(posenc::query_temperature({.attn_scale = 1e305}).factor(std::numeric_limits<position>::max())));
 }
 
 TEST_CASE("layer config: bad configs throw naming the field", "[layer_config][errors]") {

@@ -307,8 +307,9 @@ inline layer_encoding layer_encoding_from_config(const config_map& config, const
       query_temperature_params tq;
       tq.floor_scale = model_positive(config, "floor_scale", 8192, "");
       tq.attn_scale = model_number(config, "attn_scale").value_or(0.1);
-      require(std::isfinite(tq.attn_scale) && tq.attn_scale >= 0, model_field("attn_scale"), tq.attn_scale,
-              "must be finite and >= 0");
+      require(std::isfinite(tq.attn_scale) && tq.attn_scale >= 0 && std::isfinite(44.0 * tq.attn_scale + 1.0),
+              model_field("attn_scale"), tq.attn_scale,
+              "must be finite, >= 0 and small enough that every factor is finite");
       if (use_rope) {
         rp.layout = rope_layout::interleaved;  // Llama 4 rotates complex pairs (2i, 2i + 1)
         out.rope = hf_rope_scaling.empty() ? rp : rope_params_from_config(rp, hf_rope_scaling);

@@ -33,14 +33,17 @@ struct query_temperature_params {
 };
 
 /// The query temperature `t(p)` of temperature.hpp. Construction throws `std::invalid_argument`
-/// naming the field for `floor_scale <= 0` or an `attn_scale` that is negative or not finite.
+/// naming the field for `floor_scale <= 0` or an `attn_scale` that is negative, not finite, or so
+/// large (above about 4e306) that a factor would overflow.
 /// Immutable; `scale_queries` allocates nothing.
 class query_temperature {
  public:
   explicit query_temperature(const query_temperature_params& p) : p_(p) {
     detail::require(p.floor_scale > 0, "query_temperature_params.floor_scale", p.floor_scale, "must be > 0");
-    detail::require(std::isfinite(p.attn_scale) && p.attn_scale >= 0, "query_temperature_params.attn_scale",
-                    p.attn_scale, "must be finite and >= 0");
+    // t(p) <= ln(2^63) attn_scale + 1 (about 43.7 attn_scale + 1) must be finite for every position.
+    detail::require(std::isfinite(p.attn_scale) && p.attn_scale >= 0 && std::isfinite(44.0 * p.attn_scale + 1.0),
+                    "query_temperature_params.attn_scale", p.attn_scale,
+                    "must be finite, >= 0 and small enough that every factor is finite");
   }
 
   const query_temperature_params& params() const { return p_; }
