@@ -203,6 +203,92 @@ Parameters
 positions : range, int64 array or list of int
     The positions (exact integers).)";
 
+constexpr const char* mrope = R"(Multi-axis RoPE (M-RoPE: Qwen2-VL, Qwen2.5-VL, Qwen3-VL): each token carries one position per
+axis (temporal, height, width) and each rotary pair turns by the position on its own axis.
+
+Pair k turns by positions[i, axis_of_pair(k)] * inv_freq[k], inv_freq the plain RoPE frequencies of
+rotary_dim. Sections (Qwen2-VL, mrope_section [16, 24, 24] for head_dim 128): pairs 0..15 take the
+temporal axis, 16..39 the height, 40..63 the width. interleaved=True (Qwen3-VL, [24, 20, 20]): pairs
+cycle t, h, w, t, h, w, ... while each axis has pairs left, the rest take the temporal axis. A text
+token has the same position on every axis, and then M-RoPE is Rope exactly (the same bits).)";
+constexpr const char* mrope_init = R"(Parameters
+----------
+head_dim : int, default 128
+    Elements per head (even, > 0).
+mrope_section : list of int
+    Rotary pairs per axis (Hugging Face rope_scaling['mrope_section']); the entries sum to rotary_dim / 2.
+rotary_dim : int, default 0
+    Rotated elements at the front of each head (even, <= head_dim); 0 = head_dim.
+base : float, default 10000.0
+    The frequency base theta > 0 (rope_theta; 1000000 for Qwen2-VL).
+layout : {'half_split', 'interleaved'}, default 'half_split'
+    Which elements form a pair, as for Rope ('half_split' in every Qwen VL model).
+interleaved : bool, default False
+    Assign pairs to axes in turn (Qwen3-VL) instead of in contiguous sections (Qwen2-VL, Qwen2.5-VL).)";
+constexpr const char* axes_rotate = R"(Rotates every head of x in place; pair k of row i by its axis' position of token i.
+
+Parameters
+----------
+x : array
+    float16, bfloat16, float32 or float64, [tokens, heads * head_dim] or [tokens, heads, head_dim],
+    written in place.
+positions : int64 array or list of int
+    [tokens, axes] (one column per axis, any whole-element strides: a transposed [axes, tokens] array
+    such as Hugging Face's position_ids[:, b, :] works as .T), or, for MRope, 1-D: one position per
+    text token, the same on every axis.)";
+constexpr const char* axis_of_pair = R"(The axis (0 = temporal, 1 = height, 2 = width) whose position turns rotary pair k.
+
+Parameters
+----------
+k : int
+    A rotary pair, 0 <= k < rotary_dim / 2.)";
+constexpr const char* axial = R"(Axial 2-D RoPE for image patches (the vision encoders of the Qwen VL models): each patch carries
+(row, column); pair k < rotary_dim / 4 turns by row * base^(-4k / rotary_dim), pair rotary_dim / 4 + j
+by column * base^(-4j / rotary_dim). Rotate queries and keys with it, then attend with encoding=None.)";
+constexpr const char* axial_init = R"(Parameters
+----------
+head_dim : int, default 64
+    Elements per head (> 0).
+rotary_dim : int, default 0
+    Rotated elements at the front of each head (a multiple of 4, <= head_dim); 0 = head_dim.
+base : float, default 10000.0
+    The frequency base theta > 0.
+layout : {'half_split', 'interleaved'}, default 'half_split'
+    Which elements form a pair, as for Rope.)";
+constexpr const char* layer_encoding = R"(The position encoding and mask of one layer of a model, read from its Hugging Face config.
+
+Gemma 3 (local layers: rope_local_base_freq and sliding_window; global layers: rope_theta and
+rope_scaling; query_pre_attn_scalar, attn_logit_softcapping), Llama 4 (RoPE layers with
+attention_chunk_size, NoPE layers every no_rope_layer_interval with attn_temperature_tuning) and
+Qwen2-VL / Qwen2.5-VL / Qwen3-VL (rope_scaling['mrope_section']). Fields a published config leaves
+out take the Hugging Face config class defaults. Pass window, chunk_size, scale and softcap to
+attention with causal=True; multiply a NoPE layer's queries by query_temperature(positions, **temperature).
+
+Parameters
+----------
+config : dict
+    The model's config.json as a dict, or its text_config.
+layer : int
+    The layer index, 0 <= layer < num_hidden_layers.
+
+Returns
+-------
+dict with encoding (Rope, MRope, or None for no position encoding), window ((left, -1) or (-1, -1)),
+chunk_size (int or None), scale (float or None: 1 / sqrt(head_dim)), softcap (0.0 = off) and
+temperature (dict of floor_scale and attn_scale, or None). Raises ValueError naming the field for a
+bad config.)";
+constexpr const char* query_temperature = R"(Llama 4's query temperature (attn_temperature_tuning) per position, float64:
+log(floor((p + 1) / floor_scale) + 1) * attn_scale + 1. Multiply the queries of a NoPE layer by it
+before attention.
+
+Parameters
+----------
+positions : None, range, int64 array or list of int
+    Token positions (>= 0).
+floor_scale : int, default 8192
+    Llama 4's floor_scale (> 0).
+attn_scale : float, default 0.1
+    Llama 4's attn_scale (>= 0).)";
 constexpr const char* sinusoidal = R"(Sinusoidal absolute position encoding (Vaswani et al. 2017), added to token embeddings
 before the Q/K/V projections: PE[pos, 2i] = sin(pos / base^(2i / dim)), PE[pos, 2i + 1] = cos(...).)";
 constexpr const char* sinusoidal_init = R"(Parameters
@@ -346,6 +432,10 @@ causal : bool, default False
     aligned for a query block at the end of a cache).
 window : (int, int), default (-1, -1)
     (left, right): keys within [qpos - left, qpos + right] (FlashAttention's window_size); -1 = unbounded.
+chunk_size : int or None, default None
+    Chunked attention (Llama 4's attention_chunk_size): key j is visible to query i only when
+    kpos[j] // chunk_size == qpos[i] // chunk_size; None = off. Tiles outside every query's chunk are
+    skipped unread.
 return_lse : bool, default False
     Also return the log-sum-exp of each row's logits (natural log): q's layout without head_dim,
     float32 (float64 for float64 q), -inf for a row with no visible key.
@@ -407,6 +497,8 @@ causal : bool, default False
     As for attention (by positions, within each sequence).
 window : (int, int), default (-1, -1)
     As for attention.
+chunk_size : int or None, default None
+    As for attention (by positions, within each sequence).
 return_lse : bool, default False
     Also return lse [total_q, heads].
 out : array or None
@@ -463,6 +555,8 @@ causal : bool, default False
     As for attention.
 window : (int, int), default (-1, -1)
     As for attention.
+chunk_size : int or None, default None
+    As for attention (by positions, within each sequence).
 return_lse : bool, default False
     Also return lse [total_q, heads].
 out : array or None
@@ -1297,6 +1391,63 @@ py_rope make_rope(const call_args& a) {
   return py_rope{posenc::rope<float>(p), posenc::rope<double>(p)};
 }
 
+using py_mrope = both<posenc::mrope>;
+using py_axial = both<posenc::axial_rope>;
+
+/// `[n, axes]` int64 positions (any strides that are whole elements), viewed in place; `array`
+/// keeps the caller's object alive.
+posenc::axis_positions axis_positions_of(const array_arg& array, index_t rows, index_t axes, const std::string& where) {
+  if (array.type != elem::i64)
+    type_error(where, "positions must have dtype int64, got " + array.type_name +
+                          " (positions are 64-bit integers; convert with .astype(numpy.int64))");
+  if (array.ndim() != 2 || array.shape[1] != axes)
+    value_error(where, "positions must be [tokens, " + std::to_string(axes) + "] (one column per axis), got shape " +
+                           shape_text(array));
+  if (array.shape[0] != rows)
+    value_error(where, "positions has " + std::to_string(array.shape[0]) + " rows but x has " + std::to_string(rows));
+  constexpr auto e = static_cast<py::ssize_t>(sizeof(position));
+  if (array.strides[0] % e != 0 || array.strides[1] % e != 0)
+    value_error(where, "positions must have strides that are whole int64 elements, got " + strides_text(array));
+  return posenc::axis_positions(reinterpret_cast<const position*>(array.data), rows, axes, array.strides[0] / e,
+                                array.strides[1] / e);
+}
+
+py_mrope make_mrope(const call_args& a) {
+  posenc::mrope_params mp;
+  mp.rope.head_dim = a.int64("head_dim", 128);
+  mp.rope.rotary_dim = a.int64("rotary_dim", 0);
+  mp.rope.layout = enum_of<posenc::rope_layout>(
+      a.str("layout", "half_split"),
+      {{"half_split", posenc::rope_layout::half_split}, {"interleaved", posenc::rope_layout::interleaved}}, "MRope",
+      "layout");
+  mp.rope.base = a.float64("base", 10000.0);
+  for (const double s : floats_of(a["mrope_section"], "MRope", "mrope_section")) {
+    if (!(s >= 0 && s < 1e9) || s != static_cast<double>(static_cast<index_t>(s)))
+      value_error("MRope", "mrope_section entries must be whole numbers, got " + posenc::detail::to_text(s));
+    mp.sections.push_back(static_cast<index_t>(s));
+  }
+  mp.interleaved = a.flag("interleaved", false);
+  return py_mrope{posenc::mrope<float>(mp), posenc::mrope<double>(mp)};
+}
+
+/// A model config dict as a config_map: the fields posenc reads are numbers, strings, booleans and
+/// lists of numbers; others (null, nested dicts, lists of strings) are left out here.
+posenc::config_map model_config_of(const py::dict& d) {
+  py::dict kept;
+  for (auto [key, value] : d) {
+    if (!py::isinstance<py::str>(key))
+      type_error("layer_encoding", "config keys must be strings, got " + type_name(key));
+    if (value.is_none() || py::isinstance<py::dict>(value)) continue;
+    if (py::isinstance<py::list>(value) || py::isinstance<py::tuple>(value)) {
+      bool numbers = true;
+      for (auto item : value) numbers = numbers && (py::isinstance<py::int_>(item) || py::isinstance<py::float_>(item));
+      if (!numbers) continue;
+    }
+    kept[key] = value;
+  }
+  return config_of(kept);
+}
+
 /// The `[rows, cols]` table of a float array argument (any strides), copied into double (encoder
 /// tables are copied by the encoders anyway).
 posenc::row_matrix<double> table_of(py::handle obj, const std::string& where, const char* arg) {
@@ -1715,6 +1866,7 @@ void read_knobs(attention_knobs& kn, const call_args& a, const std::string& w) {
   }
   kn.p.causal = a.flag("causal", false);
   std::tie(kn.p.window_left, kn.p.window_right) = window_of(a["window"], w);
+  kn.p.chunk_size = a.optional_int64("chunk_size");
   const std::int64_t threads = a.int64("threads", 0);
   if (threads < std::numeric_limits<int>::min() || threads > std::numeric_limits<int>::max())
     overflow_error(w, "threads = " + std::to_string(threads) + " does not fit in int");
@@ -2018,8 +2170,8 @@ std::vector<array_arg> same_dtype_arrays(const call_args& a, const std::string& 
 
 constexpr const char* attention_params_text =
     "q, k, v, qpos=None, kpos=None, encoding=None, *, heads=None, kv_heads=None, layout=None, scale=None, "
-    "softcap=0.0, sinks=None, causal=False, window=(-1, -1), return_lse=False, out=None, threads=0, q_tile=0, "
-    "k_tile=0";
+    "softcap=0.0, sinks=None, causal=False, window=(-1, -1), chunk_size=None, return_lse=False, out=None, threads=0, "
+    "q_tile=0, k_tile=0";
 
 py::object attention(const call_args& a) {
   const std::string w = "attention";
@@ -2047,8 +2199,8 @@ position_arg per_sequence_positions(const index_arg& cu) {
 
 constexpr const char* varlen_params_text =
     "q, k, v, cu_q, cu_k, qpos=None, kpos=None, encoding=None, *, heads=None, kv_heads=None, scale=None, "
-    "softcap=0.0, sinks=None, causal=False, window=(-1, -1), return_lse=False, out=None, threads=0, q_tile=0, "
-    "k_tile=0";
+    "softcap=0.0, sinks=None, causal=False, window=(-1, -1), chunk_size=None, return_lse=False, out=None, threads=0, "
+    "q_tile=0, k_tile=0";
 
 template <class T>
 py::object varlen_typed(const call_args& a, attention_knobs& kn, const array_arg& qa, const array_arg& ka,
@@ -2187,7 +2339,7 @@ posenc::cached_keys keys_of(const call_args& a, const std::string& w) {
 constexpr const char* paged_params_text =
     "q, k_cache, v_cache, block_table, lengths, cu_q, qpos, encoding=None, *, page_size=None, keys=None, "
     "positions=None, heads=None, kv_heads=None, scale=None, softcap=0.0, sinks=None, causal=False, "
-    "window=(-1, -1), return_lse=False, out=None, threads=0, q_tile=0, k_tile=0";
+    "window=(-1, -1), chunk_size=None, return_lse=False, out=None, threads=0, q_tile=0, k_tile=0";
 
 template <class T>
 py::object paged_typed(const call_args& a, attention_knobs& kn, const array_arg& qa, const array_arg& ka,
@@ -2455,6 +2607,150 @@ PYBIND11_MODULE(_posenc, m) {
       .def_property_readonly(
           "name", [](const py_rope& r) { return std::string(r.f.name()); },
           "The encoder's name in reports ('rope', 'rope-yarn', ...).");
+
+  constexpr const char* mrope_params_text =
+      "*, head_dim=128, mrope_section, rotary_dim=0, base=10000.0, layout='half_split', interleaved=False";
+  constexpr const char* axes_rotate_params = "x, positions";
+  py::class_<py_mrope>(
+      m, "MRope",
+      docs::mrope)
+      .def(init_of("MRope", mrope_params_text, make_mrope),
+           doc_of("__init__", true, mrope_params_text, docs::mrope_init).c_str())
+      .def(
+          "rotate",
+          [sig = sig_of("MRope.rotate", axes_rotate_params)](const py_mrope& r, py::args args, py::kwargs kwargs) {
+            const call_args a(sig, args, kwargs);
+            const auto x = float_array(a["x"], sig.name, "x");
+            with_storage(x.type, [&](auto t) {
+              using T = decltype(t);
+              auto mx = matrix_of<T>(x, sig.name, "x", true);
+              const auto& enc = r.get<posenc::compute_t<T>>();
+              const py::handle ph = a["positions"];
+              const bool two_d = (py::isinstance<py::array>(ph) || py::hasattr(ph, "__dlpack__")) &&
+                                 array_of(ph, sig.name, "positions").ndim() == 2;
+              if (two_d) {
+                const auto pa = array_of(ph, sig.name, "positions");
+                const auto ap = axis_positions_of(pa, mx.view.rows, enc.axes(), sig.name);
+                py::gil_scoped_release unlocked;
+                enc.rotate(mx.view, ap, &workers());
+              } else {
+                position_arg p(ph, mx.view.rows, sig.name, "positions");
+                py::gil_scoped_release unlocked;
+                enc.rotate(mx.view, p.get(), &workers());
+              }
+            });
+          },
+          doc_of("rotate", true, axes_rotate_params, docs::axes_rotate).c_str())
+      .def(
+          "axis_of_pair",
+          [sig = sig_of("MRope.axis_of_pair", "k")](const py_mrope& r, py::args args, py::kwargs kwargs) {
+            const call_args a(sig, args, kwargs);
+            return r.d.axis_of_pair(a.int64("k", 0));
+          },
+          doc_of("axis_of_pair", true, "k", docs::axis_of_pair).c_str())
+      .def_property_readonly(
+          "head_dim", [](const py_mrope& r) { return r.f.head_dim(); }, "Elements per head.")
+      .def_property_readonly(
+          "axes", [](const py_mrope& r) { return r.f.axes(); }, "Position axes per token (3).")
+      .def_property_readonly(
+          "name", [](const py_mrope& r) { return std::string(r.f.name()); },
+          "The encoder's name in reports ('mrope' or 'mrope-interleaved').");
+
+  constexpr const char* axial_params_text = "*, head_dim=64, rotary_dim=0, base=10000.0, layout='half_split'";
+  py::class_<py_axial>(m, "AxialRope", docs::axial)
+      .def(init_of("AxialRope", axial_params_text,
+                   [](const call_args& a) {
+                     posenc::axial_rope_params p;
+                     p.head_dim = a.int64("head_dim", 64);
+                     p.rotary_dim = a.int64("rotary_dim", 0);
+                     p.base = a.float64("base", 10000.0);
+                     p.layout = enum_of<posenc::rope_layout>(a.str("layout", "half_split"),
+                                                             {{"half_split", posenc::rope_layout::half_split},
+                                                              {"interleaved", posenc::rope_layout::interleaved}},
+                                                             "AxialRope", "layout");
+                     return py_axial{posenc::axial_rope<float>(p), posenc::axial_rope<double>(p)};
+                   }),
+           doc_of("__init__", true, axial_params_text, docs::axial_init).c_str())
+      .def(
+          "rotate",
+          [sig = sig_of("AxialRope.rotate", axes_rotate_params)](const py_axial& r, py::args args, py::kwargs kwargs) {
+            const call_args a(sig, args, kwargs);
+            const auto x = float_array(a["x"], sig.name, "x");
+            with_storage(x.type, [&](auto t) {
+              using T = decltype(t);
+              auto mx = matrix_of<T>(x, sig.name, "x", true);
+              const auto pa = array_of(a["positions"], sig.name, "positions");
+              const auto ap = axis_positions_of(pa, mx.view.rows, 2, sig.name);
+              py::gil_scoped_release unlocked;
+              r.get<posenc::compute_t<T>>().rotate(mx.view, ap, &workers());
+            });
+          },
+          doc_of("rotate", true, axes_rotate_params, docs::axes_rotate).c_str())
+      .def_property_readonly(
+          "head_dim", [](const py_axial& r) { return r.f.head_dim(); }, "Elements per head.");
+
+  constexpr const char* layer_params_text = "config, layer";
+  m.def(
+      "layer_encoding",
+      [sig = sig_of("layer_encoding", layer_params_text)](py::args args, py::kwargs kwargs) {
+        const call_args a(sig, args, kwargs);
+        if (!py::isinstance<py::dict>(a["config"]))
+          type_error(sig.name, "config must be a dict (a model's config.json, or its text_config), got " +
+                                   type_name(a["config"]));
+        const auto cfg = py::reinterpret_borrow<py::dict>(a["config"]);
+        posenc::config_map scaling;
+        if (cfg.contains("rope_scaling") && !cfg["rope_scaling"].is_none()) {
+          if (!py::isinstance<py::dict>(cfg["rope_scaling"]))
+            type_error(sig.name, "config['rope_scaling'] must be a dict or None");
+          scaling = config_of(py::reinterpret_borrow<py::dict>(cfg["rope_scaling"]));
+        }
+        std::vector<std::string> types;
+        if (cfg.contains("layer_types") && !cfg["layer_types"].is_none()) {
+          for (auto t : cfg["layer_types"]) {
+            if (!py::isinstance<py::str>(t)) type_error(sig.name, "config['layer_types'] must be a list of strings");
+            types.push_back(t.cast<std::string>());
+          }
+        }
+        const auto le = posenc::layer_encoding_from_config(model_config_of(cfg), scaling, a.int64("layer", 0), types);
+        py::dict out;
+        if (le.rope && le.mrope_section.empty()) {
+          out["encoding"] = py::cast(py_rope{posenc::rope<float>(*le.rope), posenc::rope<double>(*le.rope)});
+        } else if (le.rope) {
+          const auto mp = le.mrope();
+          out["encoding"] = py::cast(py_mrope{posenc::mrope<float>(mp), posenc::mrope<double>(mp)});
+        } else {
+          out["encoding"] = py::none();
+        }
+        out["window"] = py::make_tuple(le.window_left, -1);
+        out["chunk_size"] = le.chunk_size ? py::cast(*le.chunk_size) : py::none();
+        out["scale"] = le.scale ? py::cast(*le.scale) : py::none();
+        out["softcap"] = le.softcap;
+        if (le.temperature) {
+          py::dict t;
+          t["floor_scale"] = le.temperature->floor_scale;
+          t["attn_scale"] = le.temperature->attn_scale;
+          out["temperature"] = t;
+        } else {
+          out["temperature"] = py::none();
+        }
+        return out;
+      },
+      doc_of("layer_encoding", false, layer_params_text, docs::layer_encoding).c_str());
+
+  constexpr const char* temperature_params_text = "positions, *, floor_scale=8192, attn_scale=0.1";
+  m.def(
+      "query_temperature",
+      [sig = sig_of("query_temperature", temperature_params_text)](py::args args, py::kwargs kwargs) {
+        const call_args a(sig, args, kwargs);
+        const posenc::query_temperature t(
+            {.floor_scale = a.int64("floor_scale", 8192), .attn_scale = a.float64("attn_scale", 0.1)});
+        auto p = free_positions(a["positions"], sig.name, "positions");
+        auto out = new_array<double>({p.size()});
+        const auto pp = p.get();
+        for (index_t i = 0; i < p.size(); ++i) out.mutable_data()[i] = t.factor(pp[i]);
+        return out;
+      },
+      doc_of("query_temperature", false, temperature_params_text, docs::query_temperature).c_str());
 
   constexpr const char* sinusoidal_params =
       "*, dim=512, base=10000.0, layout='interleaved', shifted_denominator=False, position_offset=0";

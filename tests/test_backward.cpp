@@ -75,7 +75,7 @@ struct enc_ref {
 /// Naive forward and backward in double, from the formulas (see attention/backward.hpp).
 grads_ref reference(const shape& s, const dmat& q0, const dmat& k0, const dmat& v, const dmat& dout,
                     const std::vector<position>& qp, const std::vector<position>& kp, const enc_ref& e, bool causal,
-                    position wl, position wr, double softcap, const std::vector<float>& sinks) {
+                    position wl, position wr, double softcap, const std::vector<float>& sinks, position chunk = 0) {
   const index_t d = s.d, g = s.heads / s.kv_heads;
   const double scale = 1 / std::sqrt(double(d));
   dmat q = q0, k = k0;
@@ -87,6 +87,9 @@ grads_ref reference(const shape& s, const dmat& q0, const dmat& k0, const dmat& 
     if (causal && b > a) return false;
     if (wl >= 0 && b < a - wl) return false;
     if (wr >= 0 && b > a + wr) return false;
+    // Chunked attention: the same chunk of `chunk` positions, floor division for any sign.
+    auto chunk_of = [&](position x) { return x >= 0 ? x / chunk : -((-x + chunk - 1) / chunk); };
+    if (chunk > 0 && chunk_of(a) != chunk_of(b)) return false;
     return true;
   };
   auto rel = [&](position a, position b) { return std::clamp<position>(b - a, -e.kmax, e.kmax) + e.kmax; };
@@ -204,9 +207,11 @@ void run_case(const shape& s, const posenc::attention_params& p, const E& enc, c
   std::vector<float> sinks(p.sinks.begin(), p.sinks.end());
   static grads_ref ref;
   ref = reference(s, q.template cast<double>(), k.template cast<double>(), v.template cast<double>(),
-                  dout.template cast<double>(), qp, kp, er, p.causal, p.window_left, p.window_right, p.softcap, sinks);
+                  dout.template cast<double>(), qp, kp, er, p.causal, p.window_left, p.window_right, p.softcap, sinks,
+                  p.chunk_size.value_or(0));
   INFO("heads " << s.heads << "/" << s.kv_heads << " d " << s.d << " n " << s.n_q << "x" << s.n_kv << " causal "
-                << p.causal << " window (" << p.window_left << ", " << p.window_right << ") tiles " << p.q_tile << "x"
+                << p.causal << " window (" << p.window_left << ", " << p.window_right << ") chunk "
+                << p.chunk_size.value_or(0) << " tiles " << p.q_tile << "x"
                 << p.k_tile << " softcap " << p.softcap << " sinks " << p.sinks.size());
   check_close("dq", dq, ref.dq, tol_of<T>());
   check_close("dk", dk, ref.dk, tol_of<T>());
@@ -233,6 +238,10 @@ const std::vector<posenc::attention_params> mask_cases(index_t heads, index_t kv
                  .k_tile = tile});
     m.push_back({.heads = heads, .kv_heads = kv_heads, .causal = true, .window_left = 2, .q_tile = tile,
                  .k_tile = tile + 2});
+    // Chunked attention (Llama 4): causal within chunks of 5 positions, and bidirectional within chunks of 3.
+    m.push_back({.heads = heads, .kv_heads = kv_heads, .causal = true, .chunk_size = 5, .q_tile = tile,
+                 .k_tile = tile});
+    m.push_back({.heads = heads, .kv_heads = kv_heads, .chunk_size = 3, .q_tile = tile, .k_tile = tile + 1});
     // One worker: the one-pass schedule (a kv head per worker); otherwise the two passes.
     for (std::size_t i = first; i < m.size(); i += 2) m[i].threads = 1;
   }
@@ -271,7 +280,7 @@ TEST_CASE("the double reference backward agrees with finite differences of the f
   auto check_all = [&](const auto& enc, const enc_ref& er, const posenc::attention_params& p,
                        const std::function<void(const grads_ref&)>& extra = {}) {
     const grads_ref r = reference(s, q, k, v, dout, qp, kp, er, p.causal, p.window_left, p.window_right, p.softcap,
-                                  std::vector<float>(p.sinks.begin(), p.sinks.end()));
+                                  std::vector<float>(p.sinks.begin(), p.sinks.end()), p.chunk_size.value_or(0));
     dmat out(s.n_q, s.heads * s.d);
     posenc::attention_reference(q, k, v, out, posenc::positions(qp), posenc::positions(kp), enc, p);
     check_close("reference out", out, r.out, 1e-12);

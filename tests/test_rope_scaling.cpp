@@ -387,9 +387,9 @@ TEST_CASE("Hugging Face rope_scaling dicts", "[rope][hf]") {
     CHECK_THROWS_WITH(from({{"rope_type", std::string("llama3")},
                             {"factor", 8.0},
                             {"low_freq_factor", 4.0},
-                            {"high_freq_factor", 4.0},
+                            {"high_freq_factor", 2.0},
                             {"original_max_position_embeddings", std::int64_t{8192}}}),
-                      Contains("rope_scaling.high_freq_factor = 4"));
+                      Contains("rope_scaling.high_freq_factor = 2"));
     CHECK_THROWS_WITH(from({{"rope_type", std::string("longrope")},
                             {"short_factor", 1.0},
                             {"long_factor", std::vector<double>{1.0}},
@@ -441,8 +441,8 @@ TEST_CASE("frequency policies reject invalid parameters, naming them", "[rope][e
                     Contains("yarn_scaling.mscale_all_dim = -1"));
   CHECK_THROWS_WITH(R({.head_dim = 64, .base = 1.0, .scaling = posenc::yarn_scaling{.factor = 4}}),
                     Contains("rope_params.base = 1"));
-  CHECK_THROWS_WITH(with(posenc::llama3_scaling{.factor = 8, .low_freq_factor = 4, .high_freq_factor = 4}),
-                    Contains("llama3_scaling.high_freq_factor = 4") && Contains("low_freq_factor"));
+  CHECK_THROWS_WITH(with(posenc::llama3_scaling{.factor = 8, .low_freq_factor = 4, .high_freq_factor = 3.5}),
+                    Contains("llama3_scaling.high_freq_factor = 3.5") && Contains("low_freq_factor"));
   CHECK_THROWS_WITH(with(posenc::llama3_scaling{.factor = 8, .low_freq_factor = 4, .high_freq_factor = 1}),
                     Contains("llama3_scaling.high_freq_factor = 1"));
   CHECK_THROWS_WITH(with(posenc::llama3_scaling{.factor = 0}), Contains("llama3_scaling.factor = 0"));

@@ -15,6 +15,8 @@
 #include "posenc/encoders/rope_scaling.hpp"
 #include "posenc/encoders/hf_config.hpp"
 #include "posenc/encoders/rope.hpp"
+#include "posenc/encoders/mrope.hpp"
+#include "posenc/encoders/temperature.hpp"
 #include "posenc/encoders/alibi.hpp"
 #include "posenc/encoders/t5_bias.hpp"
 #include "posenc/encoders/shaw.hpp"
@@ -26,6 +28,7 @@
 #include "posenc/attention/merge.hpp"
 #include "posenc/attention/batch.hpp"
 #include "posenc/attention/backward.hpp"
+#include "posenc/encoders/layer_config.hpp"
 
 // Ring attention's schedule and simulator. The MPI driver, posenc/distributed/mpi_ring.hpp, needs
 // <mpi.h> and is included on its own.

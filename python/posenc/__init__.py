@@ -3,7 +3,9 @@
 Encoders: ``Sinusoidal`` (added to token embeddings), ``Rope`` with its frequency policies
 (``LinearScaling``, ``NtkAwareScaling``, ``DynamicNtkScaling``, ``YarnScaling``, ``Llama3Scaling``,
 ``LongRopeScaling``, or a Hugging Face ``rope_scaling`` dict), and the score biases ``Alibi``,
-``T5Bias`` and ``ShawRelative``. Attention: ``attention`` (one sequence, or a batch of sequences of
+``T5Bias`` and ``ShawRelative``; multi-axis ``MRope`` (Qwen VL) and ``AxialRope`` (image patches);
+``layer_encoding`` reads a layer's encoding and mask from a model config (Gemma 3, Llama 4, Qwen VL),
+``query_temperature`` is Llama 4's NoPE-layer query scale. Attention: ``attention`` (one sequence, or a batch of sequences of
 equal length), and the engine step ``attention_varlen``, ``paged_attention``, ``paged_append``.
 
 Arrays are used in place, never copied: NumPy arrays, torch CPU tensors (through ``__dlpack__``) or
@@ -13,10 +15,12 @@ layouts; docs/python.md and docs/pytorch.md in the source tree have examples.
 
 from ._posenc import (
     Alibi,
+    AxialRope,
     DynamicNtkScaling,
     LinearScaling,
     Llama3Scaling,
     LongRopeScaling,
+    MRope,
     NtkAwareScaling,
     PreconditionError,
     Rope,
@@ -27,16 +31,20 @@ from ._posenc import (
     __version__,
     attention,
     attention_varlen,
+    layer_encoding,
     paged_append,
     paged_attention,
+    query_temperature,
 )
 
 __all__ = [
     "Alibi",
+    "AxialRope",
     "DynamicNtkScaling",
     "LinearScaling",
     "Llama3Scaling",
     "LongRopeScaling",
+    "MRope",
     "NtkAwareScaling",
     "PreconditionError",
     "Rope",
@@ -46,8 +54,10 @@ __all__ = [
     "YarnScaling",
     "attention",
     "attention_varlen",
+    "layer_encoding",
     "paged_append",
     "paged_attention",
+    "query_temperature",
 ]
 
 # The public names belong to `posenc`, not to its extension module, in help(), reprs and pickles.

@@ -75,6 +75,26 @@ class Rope:
     @property
     def name(self) -> str: ...
 
+class MRope:
+    def __init__(self, *, head_dim: int = 128, mrope_section: Sequence[int], rotary_dim: int = 0,
+                 base: float = 10000.0, layout: Literal["half_split", "interleaved"] = "half_split",
+                 interleaved: bool = False) -> None: ...
+    def rotate(self, x: Array, positions: Union[Sequence[int], Array]) -> None: ...
+    def axis_of_pair(self, k: int) -> int: ...
+    @property
+    def head_dim(self) -> int: ...
+    @property
+    def axes(self) -> int: ...
+    @property
+    def name(self) -> str: ...
+
+class AxialRope:
+    def __init__(self, *, head_dim: int = 64, rotary_dim: int = 0, base: float = 10000.0,
+                 layout: Literal["half_split", "interleaved"] = "half_split") -> None: ...
+    def rotate(self, x: Array, positions: Union[Sequence[int], Array]) -> None: ...
+    @property
+    def head_dim(self) -> int: ...
+
 class Sinusoidal:
     def __init__(self, *, dim: int = 512, base: float = 10000.0,
                  layout: Literal["interleaved", "concatenated"] = "interleaved", shifted_denominator: bool = False,
@@ -112,13 +132,15 @@ class ShawRelative:
 def attention(q: Array, k: Array, v: Array, qpos: Positions = None, kpos: Positions = None,
               encoding: Encoding = None, *, heads: Optional[int] = None, kv_heads: Optional[int] = None,
               layout: Layout = None, scale: Optional[float] = None, softcap: float = 0.0, sinks: Optional[Union[Sequence[float], Array]] = None,
-              causal: bool = False, window: Tuple[int, int] = (-1, -1), return_lse: Literal[False] = False,
+              causal: bool = False, window: Tuple[int, int] = (-1, -1), chunk_size: Optional[int] = None,
+              return_lse: Literal[False] = False,
               out: Optional[Array] = None, threads: int = 0, q_tile: int = 0, k_tile: int = 0) -> Array: ...
 @overload
 def attention(q: Array, k: Array, v: Array, qpos: Positions = None, kpos: Positions = None,
               encoding: Encoding = None, *, heads: Optional[int] = None, kv_heads: Optional[int] = None,
               layout: Layout = None, scale: Optional[float] = None, softcap: float = 0.0, sinks: Optional[Union[Sequence[float], Array]] = None,
-              causal: bool = False, window: Tuple[int, int] = (-1, -1), return_lse: Literal[True],
+              causal: bool = False, window: Tuple[int, int] = (-1, -1), chunk_size: Optional[int] = None,
+              return_lse: Literal[True],
               out: Optional[Array] = None, threads: int = 0, q_tile: int = 0, k_tile: int = 0) -> Tuple[Array, Array]: ...
 
 @overload
@@ -126,14 +148,16 @@ def attention_varlen(q: Array, k: Array, v: Array, cu_q: IndexArray, cu_k: Index
                      kpos: Positions = None, encoding: Encoding = None, *, heads: Optional[int] = None,
                      kv_heads: Optional[int] = None, scale: Optional[float] = None, softcap: float = 0.0,
                      sinks: Optional[Union[Sequence[float], Array]] = None, causal: bool = False,
-                     window: Tuple[int, int] = (-1, -1), return_lse: Literal[False] = False,
+                     window: Tuple[int, int] = (-1, -1), chunk_size: Optional[int] = None,
+                     return_lse: Literal[False] = False,
                      out: Optional[Array] = None, threads: int = 0, q_tile: int = 0, k_tile: int = 0) -> Array: ...
 @overload
 def attention_varlen(q: Array, k: Array, v: Array, cu_q: IndexArray, cu_k: IndexArray, qpos: Positions = None,
                      kpos: Positions = None, encoding: Encoding = None, *, heads: Optional[int] = None,
                      kv_heads: Optional[int] = None, scale: Optional[float] = None, softcap: float = 0.0,
                      sinks: Optional[Union[Sequence[float], Array]] = None, causal: bool = False,
-                     window: Tuple[int, int] = (-1, -1), return_lse: Literal[True],
+                     window: Tuple[int, int] = (-1, -1), chunk_size: Optional[int] = None,
+                     return_lse: Literal[True],
                      out: Optional[Array] = None, threads: int = 0, q_tile: int = 0,
                      k_tile: int = 0) -> Tuple[Array, Array]: ...
 
@@ -143,7 +167,8 @@ def paged_attention(q: Array, k_cache: Array, v_cache: Array, block_table: Index
                     keys: Optional[Literal["rotated", "raw"]] = None, positions: Positions = None,
                     heads: Optional[int] = None, kv_heads: Optional[int] = None, scale: Optional[float] = None,
                     softcap: float = 0.0, sinks: Optional[Union[Sequence[float], Array]] = None,
-                    causal: bool = False, window: Tuple[int, int] = (-1, -1), return_lse: Literal[False] = False,
+                    causal: bool = False, window: Tuple[int, int] = (-1, -1), chunk_size: Optional[int] = None,
+                    return_lse: Literal[False] = False,
                     out: Optional[Array] = None, threads: int = 0, q_tile: int = 0, k_tile: int = 0) -> Array: ...
 @overload
 def paged_attention(q: Array, k_cache: Array, v_cache: Array, block_table: IndexArray, lengths: IndexArray,
@@ -151,10 +176,15 @@ def paged_attention(q: Array, k_cache: Array, v_cache: Array, block_table: Index
                     keys: Optional[Literal["rotated", "raw"]] = None, positions: Positions = None,
                     heads: Optional[int] = None, kv_heads: Optional[int] = None, scale: Optional[float] = None,
                     softcap: float = 0.0, sinks: Optional[Union[Sequence[float], Array]] = None,
-                    causal: bool = False, window: Tuple[int, int] = (-1, -1), return_lse: Literal[True],
+                    causal: bool = False, window: Tuple[int, int] = (-1, -1), chunk_size: Optional[int] = None,
+                    return_lse: Literal[True],
                     out: Optional[Array] = None, threads: int = 0, q_tile: int = 0,
                     k_tile: int = 0) -> Tuple[Array, Array]: ...
 
 def paged_append(k_cache: Array, v_cache: Array, block_table: IndexArray, lengths: IndexArray, k_new: Array,
                  v_new: Array, cu_new: IndexArray, encoding: Encoding = None, *, page_size: Optional[int] = None,
                  keys: Optional[Literal["rotated", "raw"]] = None, positions: Positions = None) -> None: ...
+
+def layer_encoding(config: Dict[str, Any], layer: int) -> Dict[str, Any]: ...
+
+def query_temperature(positions: Positions, *, floor_scale: int = 8192, attn_scale: float = 0.1) -> Array: ...

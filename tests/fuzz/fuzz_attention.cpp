@@ -1,5 +1,5 @@
 // libFuzzer target: blockwise attention with arbitrary shapes, tile sizes, thread counts, masks,
-// positions and encoders (none, ALiBi, RoPE inside the kernel or already applied, T5, Shaw),
+// positions, chunk sizes and encoders (none, ALiBi, RoPE inside the kernel or already applied, T5, Shaw),
 // against the naive reference evaluated in double on the same (float-representable) inputs.
 //
 // A finding: a crash or sanitizer report; an exception other than a documented one; an output or
@@ -133,6 +133,8 @@ case_spec read_case(posenc_fuzz::reader& in) {
     const position shift = c.kpos.back() - c.qpos.back();
     for (auto& v : c.qpos) v += shift;
   }
+  // Chunked attention, drawn last so that older corpus entries keep their meaning.
+  if (in.flag()) c.p.chunk_size = in.flag() ? in.in_range<position>(1, 8) : in.in_range<position>(1, 200);
   return c;
 }
 
@@ -230,11 +232,11 @@ const case_spec* current = nullptr;
   posenc_fuzz::fail(
       "%s at row %td head %td col %td: got %.9g, reference %.9g, tolerance %.3g\n"
       "  case: %s n_q=%td n_kv=%td heads=%td kv_heads=%td d=%td tiles=%td/%td threads=%d causal=%d window=(%lld,%lld) "
-      "encoder=%d q0=%lld k0=%lld ranges=%d/%d",
+      "chunk=%lld encoder=%d q0=%lld k0=%lld ranges=%d/%d",
       what, i, h, t, got, want, tol, c.use_double ? "double" : "float", c.n_q, c.n_kv, c.p.heads, c.kv_heads, c.d,
       c.p.q_tile, c.p.k_tile, c.p.threads, int(c.p.causal), (long long)c.p.window_left, (long long)c.p.window_right,
-      int(c.enc), c.n_q ? (long long)c.qpos[0] : 0LL, c.n_kv ? (long long)c.kpos[0] : 0LL, int(c.q_range),
-      int(c.k_range));
+      (long long)c.p.chunk_size.value_or(0), int(c.enc), c.n_q ? (long long)c.qpos[0] : 0LL,
+      c.n_kv ? (long long)c.kpos[0] : 0LL, int(c.q_range), int(c.k_range));
 }
 
 template <class S>

@@ -108,6 +108,7 @@ void run(posenc_fuzz::reader& in, const E& enc, const ED& enc_d, index_t heads, 
   p.sinks = sinks;
   p.threads = in.flag() ? 2 : 1;
   p.executor = &fuzz_pool();
+  if (in.flag()) p.chunk_size = in.in_range<position>(1, 40);  // chunked attention, drawn last of the knobs
 
   const posenc::paged_kv<const float> cache{posenc::view_of(std::as_const(kc)), posenc::view_of(std::as_const(vc)),
                                             page_size, table, pages_per_seq, lengths,

@@ -6,17 +6,24 @@
 // it cannot parse is skipped). Two extra keys, "head_dim" and "rotary_dim" (integers, at most
 // 512), shape the encoder. `rope_params_from_config` and the `rope` constructor must succeed or
 // throw `std::invalid_argument` reading "posenc: <param> = <value>: <what>"; a built encoder must
-// have a finite positive magnitude and keep norms.
+// have a finite positive magnitude and keep norms. The same object read as a model config (with
+// itself as its `rope_scaling` dict, and a "layer" key choosing the layer) goes through
+// `layer_encoding_from_config`: it must succeed with settings the encoders and attention accept, or
+// throw the same kind of error.
 #include <cctype>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <string>
 #include <string_view>
 
 #include "fuzz_common.hpp"
 #include "posenc/encoders/hf_config.hpp"
+#include "posenc/encoders/layer_config.hpp"
+#include "posenc/encoders/mrope.hpp"
 #include "posenc/encoders/rope.hpp"
+#include "posenc/encoders/temperature.hpp"
 
 namespace {
 
@@ -62,7 +69,8 @@ class json_parser {
     skip();
     const std::size_t start = i_;
     integral = true;
-    while (i_ < s_.size() && (std::isdigit(static_cast<unsigned char>(s_[i_])) || std::string_view("+-.eE").find(s_[i_]) != std::string_view::npos)) {
+    while (i_ < s_.size() && (std::isdigit(static_cast<unsigned char>(s_[i_])) ||
+                              std::string_view("+-.eE").find(s_[i_]) != std::string_view::npos)) {
       if (!std::isdigit(static_cast<unsigned char>(s_[i_])) && s_[i_] != '-') integral = false;
       ++i_;
     }
@@ -133,6 +141,31 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       const double want = std::sqrt(static_cast<double>(r.rotary_dim())) * mag;
       if (want > 1e-30 && want < 1e30 && !(std::abs(got - want) <= 1e-5 * want))
         posenc_fuzz::fail("rope from a config: norm %.9g, expected %.9g", got, want);
+    }
+  } catch (const std::invalid_argument& e) {
+    posenc_fuzz::check_invalid_message(e);
+  }
+  if (m->find(std::string_view("model_type")) == m->end()) return 0;
+  try {
+    const posenc::layer_encoding le = posenc::layer_encoding_from_config(*m, *m, shape_field(*m, "layer", 0));
+    if (le.window_left < -1) posenc_fuzz::fail("layer config: window_left %lld", (long long)le.window_left);
+    if (le.chunk_size && *le.chunk_size <= 0) posenc_fuzz::fail("layer config: chunk %lld", (long long)*le.chunk_size);
+    if (le.scale && !(std::isfinite(*le.scale) && *le.scale > 0))
+      posenc_fuzz::fail("layer config: scale %.17g", *le.scale);
+    try {
+      posenc::detail::check_params(le.attention_params_for({}));
+    } catch (const std::invalid_argument& e) {
+      posenc_fuzz::fail("layer config: attention refuses the layer's knobs: %s", e.what());
+    }
+    if (le.temperature) {
+      const posenc::query_temperature t(*le.temperature);
+      const double f = t.factor(std::numeric_limits<posenc::position>::max());
+      if (!(std::isfinite(f) && f >= 1)) posenc_fuzz::fail("layer config: temperature %.17g", f);
+    }
+    if (le.rope && le.mrope_section.empty()) {
+      const posenc::rope<float> r(*le.rope);
+    } else if (le.rope) {
+      const posenc::mrope<float> r(le.mrope());
     }
   } catch (const std::invalid_argument& e) {
     posenc_fuzz::check_invalid_message(e);

@@ -153,12 +153,12 @@ def test_a_shape_bug_past_the_modules_checks_raises_precondition_error():
 def test_signatures_are_the_python_ones():
     assert str(inspect.signature(posenc.attention)) == (
         "(q, k, v, qpos=None, kpos=None, encoding=None, *, heads=None, kv_heads=None, layout=None, scale=None, "
-        "softcap=0.0, sinks=None, causal=False, window=(-1, -1), return_lse=False, out=None, threads=0, q_tile=0, "
-        "k_tile=0)")
+        "softcap=0.0, sinks=None, causal=False, window=(-1, -1), chunk_size=None, return_lse=False, out=None, threads=0, "
+        "q_tile=0, k_tile=0)")
     assert str(inspect.signature(posenc.attention_varlen)) == (
         "(q, k, v, cu_q, cu_k, qpos=None, kpos=None, encoding=None, *, heads=None, kv_heads=None, scale=None, "
-        "softcap=0.0, sinks=None, causal=False, window=(-1, -1), return_lse=False, out=None, threads=0, q_tile=0, "
-        "k_tile=0)")
+        "softcap=0.0, sinks=None, causal=False, window=(-1, -1), chunk_size=None, return_lse=False, out=None, "
+        "threads=0, q_tile=0, k_tile=0)")
     assert str(inspect.signature(posenc.paged_attention)).startswith(
         "(q, k_cache, v_cache, block_table, lengths, cu_q, qpos, encoding=None, *, page_size=None, keys=None, "
         "positions=None, heads=None,")
@@ -172,3 +172,5 @@ def test_signatures_are_the_python_ones():
     assert str(inspect.signature(posenc.T5Bias)) == "(table, *, max_distance=128, bidirectional=True, head_offset=0)"
     assert str(inspect.signature(posenc.Rope)).startswith("(*, head_dim=128, rotary_dim=0, base=10000.0,")
     assert posenc.Rope.rotate.__doc__.startswith("Rotates every head of x")
+    assert str(inspect.signature(posenc.MRope)).startswith("(*, head_dim=128, mrope_section, rotary_dim=0,")
+    assert str(inspect.signature(posenc.layer_encoding)) == "(config, layer)"

@@ -230,8 +230,7 @@ std::size_t attention_backward_workspace_bytes(const attention_params& p, index_
   detail::require(n_q >= 0, "attention_backward_workspace_bytes n_q", n_q, "must be >= 0");
   detail::require(n_kv >= 0, "attention_backward_workspace_bytes n_kv", n_kv, "must be >= 0");
   detail::require(head_dim > 0, "attention_backward_workspace_bytes head_dim", head_dim, "must be > 0");
-  const detail::attention_shape sh{n_q,      n_kv, p.heads, kvh, head_dim, p.heads / kvh, 1.0,
-                                   detail::mask_rule{p.causal, p.window_left, p.window_right}};
+  const detail::attention_shape sh{n_q, n_kv, p.heads, kvh, head_dim, p.heads / kvh, 1.0, detail::mask_rule_of(p)};
   if (n_q == 0) return 0;
   return detail::plan_backward<compute_t<S>>(sh, p, enc, params_wanted).bytes;
 }

@@ -3,18 +3,26 @@
 
 /// \file attention/mask.hpp
 /// The visibility rule of every attention path, in one place: which keys a query sees under a
-/// causal mask and a sliding window, decided in exact int64 arithmetic for any positions.
+/// causal mask, a sliding window and chunked attention, decided in exact int64 arithmetic for any
+/// positions.
 ///
 /// Key `k` is visible to query `q` when
 ///
 ///     causal:         k <= q
 ///     window_left:    k >= q - window_left     (-1: unbounded)
 ///     window_right:   k <= q + window_right    (-1: unbounded; moot under causal)
+///     chunk:          floor(k / chunk) == floor(q / chunk)   (0: no chunks; Llama 4's
+///                     `attention_chunk_size`: a token sees only the keys of its own chunk)
 ///
-/// For a query these bounds are one interval of key positions, `keys_for(q)`; for a set of keys
-/// `[klo, khi]` the queries that see at least one of them are one interval, `queries_for`. Both
-/// bounds grow with the position, which makes tile tests (`any_visible`, `all_visible`) two
-/// comparisons. A bound past the int64 range is clamped to it: every int64 position lies inside
+///     chunk = 4, causal (x: visible)    k: 0 1 2 3 | 4 5 6 7
+///                                    q = 5:  . . . . | x x . .
+///
+/// For a query these bounds are one interval of key positions, `keys_for(q)` (the chunk is an
+/// interval that contains `q`, and so is the window); for a set of keys `[klo, khi]` the queries
+/// that see at least one of them are one interval, `queries_for`. Both bounds grow with the
+/// position (a chunk's first and last position do too), which makes tile tests (`any_visible`,
+/// `all_visible`) two comparisons, so tiles outside every query's chunk are skipped like tiles
+/// outside a window. A bound past the int64 range is clamped to it: every int64 position lies inside
 /// the clamped bound exactly when it lies inside the true one, so nothing is rounded (a test in
 /// double drops keys beyond 2^53) and nothing overflows. The blockwise kernel, its tile skipping,
 /// the naive reference and ring attention's choice of query rows all call these functions.
@@ -71,17 +79,33 @@ inline position_span bounds_of(positions p) {
   return {lo, hi};
 }
 
-/// The masking rule of one attention call: causal, and the sliding window (-1 = unbounded side).
+/// The positions `[lo, hi]` of the chunk of `chunk > 0` positions that holds `p`: `lo` is `p`
+/// rounded down to a multiple of `chunk` (toward -inf for negative positions), both clamped to the
+/// int64 range (the clamped chunk holds the same int64 positions).
+constexpr position_span chunk_of(position p, position chunk) {
+  position r = p % chunk;
+  if (r < 0) r += chunk;
+  return {sat_sub(p, r), sat_add(p, (chunk - 1) - r)};
+}
+
+/// The masking rule of one attention call: causal, the sliding window (-1 = unbounded side) and
+/// the chunk size (0 = none). Built from `attention_params` by `mask_rule_of` (params.hpp).
 struct mask_rule {
   bool causal = false;
   position left = -1;
   position right = -1;
+  position chunk = 0;
 
-  /// Keys visible to the query at `q`: the interval `[lo, hi]`, never empty.
+  /// Keys visible to the query at `q`: the interval `[lo, hi]`, never empty (it holds `q`).
   constexpr position_span keys_for(position q) const {
-    const position lo = left >= 0 ? sat_sub(q, left) : position_min;
+    position lo = left >= 0 ? sat_sub(q, left) : position_min;
     position hi = causal ? q : position_max;
     if (right >= 0) hi = std::min(hi, sat_add(q, right));
+    if (chunk > 0) {
+      const position_span c = chunk_of(q, chunk);
+      lo = std::max(lo, c.lo);
+      hi = std::min(hi, c.hi);
+    }
     return {lo, hi};
   }
 
@@ -89,8 +113,15 @@ struct mask_rule {
   constexpr position_span queries_for(position klo, position khi) const {
     // q sees k  <=>  k - reach_right <= q <= k + left, with reach_right = 0 under causal.
     const position reach_right = causal ? 0 : right;
-    const position lo = reach_right >= 0 ? sat_sub(klo, reach_right) : position_min;
-    const position hi = left >= 0 ? sat_add(khi, left) : position_max;
+    position lo = reach_right >= 0 ? sat_sub(klo, reach_right) : position_min;
+    position hi = left >= 0 ? sat_add(khi, left) : position_max;
+    if (chunk > 0) {
+      // And q shares a chunk with some key of [klo, khi]. The three intervals (the window's
+      // queries, the chunks of [klo, khi], and for each such q its own chunk and window, which
+      // both hold q) meet pairwise, so on a line they meet in a common key: the bound is exact.
+      lo = std::max(lo, chunk_of(klo, chunk).lo);
+      hi = std::min(hi, chunk_of(khi, chunk).hi);
+    }
     return {lo, hi};
   }
 

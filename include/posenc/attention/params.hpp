@@ -25,8 +25,10 @@ namespace posenc {
 /// - `causal`: `kpos[j] <= qpos[i]` (so a query block at the end of a longer KV cache is
 ///   bottom-right aligned without special cases), and
 /// - `window_left >= 0`: `kpos[j] >= qpos[i] - window_left`, and
-/// - `window_right >= 0`: `kpos[j] <= qpos[i] + window_right` (moot under `causal`).
-/// This is FlashAttention's `window_size = (left, right)` convention; -1 means unbounded.
+/// - `window_right >= 0`: `kpos[j] <= qpos[i] + window_right` (moot under `causal`), and
+/// - `chunk_size = c`: `floor(kpos[j] / c) == floor(qpos[i] / c)` (chunked attention, Llama 4's
+///   `attention_chunk_size`: a token sees only the keys of its own chunk of `c` positions).
+/// The window is FlashAttention's `window_size = (left, right)` convention; -1 means unbounded.
 ///
 /// The encoder passed with these knobs is always applied by the call: a rotation (RoPE) rotates
 /// copies of the query and key tiles with their positions. Queries and keys that the caller has
@@ -46,6 +48,9 @@ struct attention_params {
   bool causal = false;            ///< mask keys after the query's position
   position window_left = -1;      ///< sliding window: keys at most this far behind the query; -1 = unbounded
   position window_right = -1;     ///< keys at most this far ahead of the query; -1 = unbounded
+  /// Chunked attention: keys visible only in the query's chunk of this many positions (must be
+  /// > 0); empty = no chunks. Whole tiles outside every query's chunk are skipped.
+  std::optional<position> chunk_size{};
   index_t q_tile = 0;             ///< query rows per tile; 0 = the kernel's default; larger than the call: the call
   index_t k_tile = 0;             ///< key rows per tile; 0 = the kernel's default; larger than the call: the call
   int threads = 0;                ///< workers of the executor to use; 0 = all it has, 1 = the calling thread only
@@ -79,6 +84,12 @@ C sink_weight(C lse, C z, C& lse_out) {
   return std::exp(lse - lse_out);
 }
 
+/// The visibility rule of `p` (its knobs as checked by `check_params`): every path builds its
+/// `mask_rule` here, so a new kind of mask reaches all of them.
+inline mask_rule mask_rule_of(const attention_params& p) {
+  return mask_rule{p.causal, p.window_left, p.window_right, p.chunk_size.value_or(0)};
+}
+
 /// Checks the knobs that do not depend on the matrices (std::invalid_argument naming the field);
 /// returns the kv head count (`kv_heads`, or `heads` for 0).
 inline index_t check_params(const attention_params& p) {
@@ -88,6 +99,8 @@ inline index_t check_params(const attention_params& p) {
   if (p.heads % kvh != 0) invalid("attention_params.kv_heads", p.kv_heads, "must divide heads = " + to_text(p.heads));
   require(p.window_left >= -1, "attention_params.window_left", p.window_left, "must be >= -1 (-1 = unbounded)");
   require(p.window_right >= -1, "attention_params.window_right", p.window_right, "must be >= -1 (-1 = unbounded)");
+  if (p.chunk_size)
+    require(*p.chunk_size > 0, "attention_params.chunk_size", *p.chunk_size, "must be > 0 (leave it empty for none)");
   require(p.q_tile >= 0, "attention_params.q_tile", p.q_tile, "must be >= 0 (0 = default)");
   require(p.k_tile >= 0, "attention_params.k_tile", p.k_tile, "must be >= 0 (0 = default)");
   require(p.threads >= 0, "attention_params.threads", p.threads, "must be >= 0 (0 = all the executor has)");
@@ -123,7 +136,7 @@ inline attention_shape check_attention(const attention_params& p, index_t q_rows
   POSENC_ASSERT(n_qpos == q_rows, "attention: ", n_qpos, " query positions for ", q_rows, " rows of q");
   POSENC_ASSERT(n_kpos == k_rows, "attention: ", n_kpos, " key positions for ", k_rows, " rows of k");
   const double scale = p.scale ? *p.scale : 1.0 / std::sqrt(static_cast<double>(d));
-  return {q_rows, k_rows, p.heads, kvh, d, p.heads / kvh, scale, mask_rule{p.causal, p.window_left, p.window_right}};
+  return {q_rows, k_rows, p.heads, kvh, d, p.heads / kvh, scale, mask_rule_of(p)};
 }
 
 /// The optional `[n_q, heads]` log-sum-exp argument as a view (checked once), or 0 when the

@@ -321,7 +321,7 @@ std::size_t attention_workspace_bytes(const attention_params& p, index_t n_q, in
   detail::require(n_kv >= 0, "attention_workspace_bytes n_kv", n_kv, "must be >= 0");
   detail::require(head_dim > 0, "attention_workspace_bytes head_dim", head_dim, "must be > 0");
   const detail::attention_shape sh{n_q,      n_kv, p.heads, kvh, head_dim, p.heads / kvh, 1.0,
-                                   detail::mask_rule{p.causal, p.window_left, p.window_right}};
+                                   detail::mask_rule_of(p)};
   if (n_q == 0) return 0;
   return detail::plan_batch<compute_t<S>>(sh, p, enc, 1, [&](index_t) { return std::pair{n_q, n_kv}; })
       .workspace_bytes;

@@ -61,7 +61,7 @@ namespace detail {
 /// What a rank tells the others before (and after) a collective ring call: whether its part is
 /// fine, the facts every rank must share, and its error message.
 struct ring_verdict {
-  static constexpr int fields = 16;
+  static constexpr int fields = 17;
   std::int64_t ok = 1;
   std::int64_t field[fields] = {};
   char text[400] = {};
@@ -294,6 +294,7 @@ class mpi_ring {
       std::uint64_t sink_hash = 0xcbf29ce484222325ull;
       for (const float z : p.sinks) sink_hash = detail::ring_hash(sink_hash, &z, sizeof z);
       mine.field[15] = static_cast<std::int64_t>(sink_hash ^ p.sinks.size());
+      mine.field[16] = p.chunk_size.value_or(0);
     } catch (...) {
       local = std::current_exception();
       mine.fail(detail::ring_what());
@@ -314,7 +315,8 @@ class mpi_ring {
          {11, "the encoder (a digest of its parameters)"},
          {12, "ring_options.query_blocks"},
          {14, "attention_params.softcap (bits of the double)"},
-         {15, "attention_params.sinks (a digest of the values)"}});
+         {15, "attention_params.sinks (a digest of the values)"},
+         {16, "attention_params.chunk_size (0 for none)"}});
     std::int64_t widest = 0;
     for (const detail::ring_verdict& r : all) widest = std::max(widest, r.field[13]);
 

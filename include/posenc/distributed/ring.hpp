@@ -328,7 +328,7 @@ class ring_worker {
       : enc_(enc), p_(p), q_(q.rows, q.cols), qpos_(static_cast<std::size_t>(qpos.size())) {
     require(o.query_blocks >= 1, "ring_options.query_blocks", o.query_blocks, "must be positive");
     check_params(p);
-    mask_ = mask_rule{p.causal, p.window_left, p.window_right};
+    mask_ = mask_rule_of(p);
     // Sinks join each row's softmax once, after the last merge (finish), not in every step.
     sinks_ = p.sinks;
     p_.sinks = {};

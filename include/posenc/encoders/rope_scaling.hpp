@@ -85,11 +85,12 @@ struct yarn_scaling {
 /// Llama 3.1 scaling: with wavelength `w_i = 2 pi / inv_i`, keep `inv_i` when
 /// `w_i < L0 / high_freq_factor`, use `inv_i / factor` when `w_i > L0 / low_freq_factor`, else blend
 /// with `t = (L0 / w_i - low) / (high - low)`: `(1 - t) inv_i / factor + t inv_i`.
-/// HF `rope_type = "llama3"`.
+/// HF `rope_type = "llama3"`. Equal band factors (Llama 4 Scout: low = high = 1) leave no band to
+/// blend: `inv_i / factor` above `L0 / low`, `inv_i` at or below it.
 struct llama3_scaling {
   double factor = 8;                      ///< `> 0`
   double low_freq_factor = 1;             ///< `> 0`
-  double high_freq_factor = 4;            ///< `> low_freq_factor`
+  double high_freq_factor = 4;            ///< `>= low_freq_factor`
   position original_max_position = 8192;  ///< `L0 > 0`
 };
 
@@ -203,9 +204,9 @@ inline void validate_policy(const llama3_scaling& s, field_namer n) {
   require(positive_finite(s.factor), n(a, "factor", "factor"), s.factor, "must be finite and > 0");
   require(positive_finite(s.low_freq_factor), n(a, "low_freq_factor", "low_freq_factor"), s.low_freq_factor,
           "must be finite and > 0");
-  require(std::isfinite(s.high_freq_factor) && s.high_freq_factor > s.low_freq_factor,
+  require(std::isfinite(s.high_freq_factor) && s.high_freq_factor >= s.low_freq_factor,
           n(a, "high_freq_factor", "high_freq_factor"), s.high_freq_factor,
-          "must be finite and > low_freq_factor = " + to_text(s.low_freq_factor));
+          "must be finite and >= low_freq_factor = " + to_text(s.low_freq_factor));
   require(s.original_max_position > 0, n(a, "original_max_position", "original_max_position_embeddings"),
           s.original_max_position, "must be > 0");
 }
@@ -415,7 +416,7 @@ POSENC_STRICT_FP inline rope_frequencies policy_table(const llama3_scaling& p, i
     const real w = two_pi / v;
     if (w > l0 / lo) {
       v /= s;  // long wavelength: interpolate
-    } else if (!(w < l0 / hi)) {
+    } else if (!(w < l0 / hi) && hi > lo) {
       const real t = (l0 / w - lo) / (hi - lo);
       v = (1 - t) * v / s + t * v;  // between: blend
     }                               // short wavelength: keep
