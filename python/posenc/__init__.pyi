@@ -143,6 +143,15 @@ def attention(q: Array, k: Array, v: Array, qpos: Positions = None, kpos: Positi
               return_lse: Literal[True],
               out: Optional[Array] = None, threads: int = 0, q_tile: int = 0, k_tile: int = 0) -> Tuple[Array, Array]: ...
 
+def attention_backward(q: Array, k: Array, v: Array, out: Array, lse: Array, dout: Array, qpos: Positions = None,
+                       kpos: Positions = None, encoding: Encoding = None, *, heads: Optional[int] = None,
+                       kv_heads: Optional[int] = None, scale: Optional[float] = None, softcap: float = 0.0,
+                       sinks: Optional[Union[Sequence[float], Array]] = None, causal: bool = False,
+                       window: Tuple[int, int] = (-1, -1), chunk_size: Optional[int] = None,
+                       param_grads: bool = True, dq: Optional[Array] = None, dk: Optional[Array] = None,
+                       dv: Optional[Array] = None, threads: int = 0, q_tile: int = 0,
+                       k_tile: int = 0) -> Tuple[Array, Array, Array, Dict[str, Array]]: ...
+
 @overload
 def attention_varlen(q: Array, k: Array, v: Array, cu_q: IndexArray, cu_k: IndexArray, qpos: Positions = None,
                      kpos: Positions = None, encoding: Encoding = None, *, heads: Optional[int] = None,
