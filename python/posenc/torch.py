@@ -240,6 +240,8 @@ def attention(q, k, v, qpos=None, kpos=None, encoding=None, *, heads=None, kv_he
                              "posenc.torch.attention takes 2-D [tokens, heads * head_dim], 3-D [tokens, heads, "
                              "head_dim] or 4-D [batch, tokens, heads, head_dim], q, k and v alike (other layouts: "
                              "transpose to one of these)")
+    if q.dim() == 2 and heads is None:
+        raise ValueError(f"{_WHERE}: q is 2-D [tokens, heads * head_dim]: pass heads= (and kv_heads= for GQA/MQA)")
     if q.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"{_WHERE}: q has dtype {str(q.dtype)[6:]}; the backward computes in float32 or float64 "
                         "(convert with q.float())")

@@ -262,6 +262,8 @@ def test_strided_inputs_and_expanded_gradients():
     fused = torch.randn(n, 3 * heads * d, dtype=f64, requires_grad=True)
     q, k, v = fused[:, :heads * d], fused[:, heads * d:2 * heads * d], fused[:, 2 * heads * d:]
     out = pt.attention(q, k, v, heads=heads, causal=True)
+    saved = out.grad_fn.saved_tensors  # q, k, v as the C++ code read them: the caller's memory, not copies
+    assert [t.data_ptr() for t in saved[:3]] == [q.data_ptr(), k.data_ptr(), v.data_ptr()]
     out.sum().backward()  # dout: ones expanded, stride 0
     ref_in = fused.detach().clone().requires_grad_()
     qr, kr, vr = (ref_in[:, i * heads * d:(i + 1) * heads * d].reshape(n, heads, d) for i in range(3))
@@ -272,6 +274,26 @@ def test_strided_inputs_and_expanded_gradients():
     q3 = torch.randn(n, heads, d, dtype=f64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda q3, kv: pt.attention(q3, kv.expand(n, heads, d), kv.expand(n, heads, d)),
                                     (q3, kv), eps=1e-6, atol=1e-7, rtol=1e-6)
+    transposed = torch.randn(heads, n, d, dtype=f64).transpose(0, 1)  # [n, heads, d] with heads n * d apart: copied
+    out = pt.attention(transposed, q3, q3)
+    assert out.grad_fn.saved_tensors[0].data_ptr() != transposed.data_ptr()
+    assert torch.allclose(out, pt.attention(transposed.contiguous(), q3, q3), rtol=0, atol=0)
+
+
+def test_attention_backward_writes_into_views():
+    """dq=, dk=, dv= may be row slices of one tensor (a fused QKV gradient): written in place, the rest untouched."""
+    heads, d, n = 2, 4, 6
+    q, k, v = (t.detach().flatten(1) for t in inputs(heads, heads, d, f64, seed=10, n=n, n_kv=n))
+    out, lse = posenc.attention(q, k, v, heads=heads, causal=True, return_lse=True)
+    dout = torch.randn(out.shape, dtype=f64)
+    fused = torch.full((n, 3 * heads * d + 1), 7.0, dtype=f64)
+    views = [fused[:, i * heads * d:(i + 1) * heads * d] for i in range(3)]
+    got = posenc.attention_backward(q, k, v, out, lse, dout, heads=heads, causal=True, dq=views[0], dk=views[1],
+                                    dv=views[2])
+    want = posenc.attention_backward(q, k, v, out, lse, dout, heads=heads, causal=True)
+    for g, view, w in zip(got[:3], views, want[:3]):
+        assert g is view and torch.equal(view, w)
+    assert torch.equal(fused[:, -1], torch.full((n,), 7.0, dtype=f64))
 
 
 def test_tiny_model_learns():
@@ -393,8 +415,8 @@ def test_bad_inputs_of_the_autograd_function():
     assert message(lambda: pt.attention(q, q, q, encoding="rope"), TypeError).endswith(", got str")
     assert message(lambda: pt.attention(q, q, q, sinks=torch.zeros(2, 1)), ValueError) == \
         "posenc.torch.attention: sinks must be 1-D (one per head), got shape (2, 1)"
-    assert "2-D [tokens, heads * head_dim]: pass heads=" in \
-        message(lambda: pt.attention(q.flatten(1), q.flatten(1), q.flatten(1)), ValueError)
+    assert message(lambda: pt.attention(q.flatten(1), q.flatten(1), q.flatten(1)), ValueError) == \
+        "posenc.torch.attention: q is 2-D [tokens, heads * head_dim]: pass heads= (and kv_heads= for GQA/MQA)"
     with pytest.raises(ValueError):
         pt.T5Bias(2, 16, max_distance=4)  # max_distance <= max_exact
 
