@@ -334,8 +334,12 @@ head_offset : int, default 0
 form : {'causal', 'symmetric'}, default 'causal'
     -slope * (qpos - kpos), or -slope * |qpos - kpos| (encoders).
 max_bias : float, default 8.0
-    The exponent scale of the slope rule (8 in the paper, BLOOM and MPT).)";
-constexpr const char* alibi_slopes = "The slopes of all num_heads global heads, a new float64 array [num_heads].";
+    The exponent scale of the slope rule (8 in the paper, BLOOM and MPT).
+slopes : list of float, 1-D array or None
+    The slopes of all num_heads global heads instead of the rule (learned slopes, a model's own; copied,
+    each finite); None = the rule.)";
+constexpr const char* alibi_slopes =
+    "The slopes of all num_heads global heads (by the rule, or as given), a new float64 array [num_heads].";
 constexpr const char* bias = R"(The bias (float64) of one head for a query at qpos and a key at kpos.
 
 Parameters
@@ -1927,6 +1931,18 @@ std::vector<float> sinks_of(py::handle obj, const std::string& w) {
   return out;
 }
 
+/// A list of numbers or a 1-D float array of any dtype (a torch tensor through __dlpack__), as doubles.
+std::vector<double> doubles_of(py::handle obj, const std::string& w, const char* arg) {
+  if (py::isinstance<py::list>(obj) || py::isinstance<py::tuple>(obj)) return floats_of(obj, w, arg);
+  if (!(py::isinstance<py::array>(obj) || py::hasattr(obj, "__dlpack__") || PyObject_CheckBuffer(obj.ptr())))
+    type_error(w, std::string(arg) + " must be a list of floats or a 1-D float array, got " + type_name(obj));
+  const auto a = float_array(obj, w, arg);
+  if (a.ndim() != 1) value_error(w, std::string(arg) + " must be 1-D, got shape " + shape_text(a));
+  std::vector<double> out;
+  for (py::ssize_t i = 0; i < a.shape[0]; ++i) out.push_back(element_at(a, a.data + i * a.strides[0]));
+  return out;
+}
+
 /// The knobs shared by the attention calls; `lse`: the call has return_lse= (the backward has not).
 void read_knobs(attention_knobs& kn, const call_args& a, const std::string& w, bool lse = true) {
   kn.p.scale = a.optional_float64("scale");
@@ -3021,7 +3037,7 @@ PYBIND11_MODULE(_posenc, m) {
           "frequencies", [](const py_sinusoidal& s) { return to_numpy(s.d.frequencies()); },
           "The dim / 2 angular frequencies 1 / base^(2i / dim) (float64 copy).");
 
-  constexpr const char* alibi_params = "*, num_heads=8, head_offset=0, form='causal', max_bias=8.0";
+  constexpr const char* alibi_params = "*, num_heads=8, head_offset=0, form='causal', max_bias=8.0, slopes=None";
   py::class_<py_alibi> alibi_class(m, "Alibi", docs::alibi);
   alibi_class
       .def(init_of("Alibi", alibi_params,
@@ -3034,14 +3050,16 @@ PYBIND11_MODULE(_posenc, m) {
                              {{"causal", posenc::alibi_form::causal}, {"symmetric", posenc::alibi_form::symmetric}},
                              "Alibi", "form"),
                          .max_bias = a.float64("max_bias", 8.0)};
+                     if (a.has("slopes")) {
+                       const auto given = doubles_of(a["slopes"], "Alibi", "slopes");
+                       return py_alibi{posenc::alibi<float>(p, given), posenc::alibi<double>(p, given)};
+                     }
                      return py_alibi{posenc::alibi<float>(p), posenc::alibi<double>(p)};
                    }),
            doc_of("__init__", true, alibi_params, docs::alibi_init).c_str())
       .def_property_readonly(
           "slopes",
-          [](const py_alibi& a) {
-            return to_numpy(posenc::alibi<double>::slopes(a.d.params().num_heads, a.d.params().max_bias));
-          },
+          [](const py_alibi& a) { return to_numpy(a.d.global_slopes()); },
           docs::alibi_slopes);
   def_bias_methods(alibi_class, "Alibi");
 

@@ -4,9 +4,9 @@
 ``posenc.attention`` (which keeps the per-row log-sum-exp), the backward ``posenc.attention_backward``
 (FlashAttention-2's algorithm, memory linear in the sequence length), both in C++ on the caller's CPU
 tensors without copies. ``loss.backward()`` then gives the gradients of q, k and v, of learned sinks,
-and of the tables of the modules ``T5Bias`` and ``ShawRelative`` below, which hold them as
-``torch.nn.Parameter``. Fixed encoders (``posenc.Rope``, ``posenc.Alibi``, ``posenc.T5Bias``,
-``posenc.ShawRelative``) are passed as they are and get no gradient.
+and of the parameters of the modules ``Alibi`` (slopes), ``T5Bias`` (table) and ``ShawRelative``
+(tables) below, which hold them as ``torch.nn.Parameter``. Fixed encoders (``posenc.Rope``,
+``posenc.Alibi``, ``posenc.T5Bias``, ``posenc.ShawRelative``) are passed as they are and get no gradient.
 
 This module imports torch; ``import posenc`` does not (``posenc.torch`` is loaded on first use).
 """
@@ -16,9 +16,47 @@ from torch.autograd.function import once_differentiable
 
 from . import _posenc
 
-__all__ = ["attention", "T5Bias", "ShawRelative"]
+__all__ = ["attention", "Alibi", "T5Bias", "ShawRelative"]
 
 _WHERE = "posenc.torch.attention"
+
+
+class Alibi(torch.nn.Module):
+    """ALiBi (Press et al. 2022) with learned slopes: the bias -slopes[h] * (qpos - kpos) (causal) or
+    -slopes[h] * |qpos - kpos| (symmetric) on the logits, ``slopes`` a ``torch.nn.Parameter`` [num_heads]
+    (global heads) that ``posenc.torch.attention`` gives a gradient. It starts at the paper's slopes.
+
+    Parameters
+    ----------
+    num_heads : int
+        The model's total (global) query head count: the slopes' length.
+    head_offset : int, default 0
+        The global index of local head 0 (a shard of the heads).
+    form : {'causal', 'symmetric'}, default 'causal'
+        -slope * (qpos - kpos), or -slope * |qpos - kpos| (encoders).
+    max_bias : float, default 8.0
+        The exponent scale of the rule the slopes start from.
+    dtype : torch.dtype or None
+        The slopes' dtype; None = torch's default dtype.
+    """
+
+    def __init__(self, num_heads, *, head_offset=0, form="causal", max_bias=8.0, dtype=None):
+        super().__init__()
+        self.head_offset, self.form = head_offset, form
+        rule = _posenc.Alibi(num_heads=num_heads, head_offset=head_offset, form=form, max_bias=max_bias)
+        self.slopes = torch.nn.Parameter(torch.tensor(rule.slopes, dtype=dtype))
+
+    def encoding(self):
+        """A ``posenc.Alibi`` holding a copy of the slopes as they are now."""
+        return _posenc.Alibi(num_heads=self.slopes.shape[0], head_offset=self.head_offset, form=self.form,
+                             slopes=self.slopes.detach())
+
+    def _learned(self):
+        return (self.slopes,)
+
+    @staticmethod
+    def _grads(g):
+        return (g.get("slopes"),)
 
 
 class T5Bias(torch.nn.Module):
@@ -101,7 +139,7 @@ class ShawRelative(torch.nn.Module):
 
 
 _FIXED = (_posenc.Rope, _posenc.Alibi, _posenc.T5Bias, _posenc.ShawRelative)
-_LEARNED = (T5Bias, ShawRelative)
+_LEARNED = (Alibi, T5Bias, ShawRelative)
 
 
 def _rows(t):
@@ -178,7 +216,7 @@ def attention(q, k, v, qpos=None, kpos=None, encoding=None, *, heads=None, kv_he
               sinks=None, causal=False, window=(-1, -1), chunk_size=None, threads=0):
     """Softmax attention with autograd: out_i = sum_j softmax_j(scale q_i . k_j + bias_ij) v_j by posenc's
     blockwise kernel, whose backward (posenc.attention_backward) gives the gradients of q, k, v, of sinks
-    that require grad and of the tables of a posenc.torch.T5Bias or posenc.torch.ShawRelative.
+    that require grad and of the parameters of a posenc.torch.Alibi, T5Bias or ShawRelative.
 
     q, k and v are used in place (a copy only of one whose token rows are not contiguous: an expanded or
     transposed tensor); the forward keeps out and the log-sum-exp [tokens, heads] for the backward, which
@@ -199,10 +237,10 @@ def attention(q, k, v, qpos=None, kpos=None, encoding=None, *, heads=None, kv_he
         The position of each query; None = 0..tokens-1.
     kpos : None, range, int64 tensor or list of int
         The position of each key; None = 0..n_kv-1.
-    encoding : posenc.Rope, posenc.Alibi, posenc.T5Bias, posenc.ShawRelative, T5Bias, ShawRelative or None
+    encoding : posenc.Rope, posenc.Alibi, posenc.T5Bias, posenc.ShawRelative, Alibi, T5Bias, ShawRelative or None
         Applied in the kernel, as by posenc.attention (a Rope rotates copies of q and k; the gradients are
-        those of the unrotated q and k). The modules of posenc.torch (T5Bias, ShawRelative) have learned
-        tables and get their gradients; posenc's own encoders are fixed.
+        those of the unrotated q and k). The modules of posenc.torch (Alibi, T5Bias, ShawRelative) have
+        learned parameters and get their gradients; posenc's own encoders are fixed.
     heads : int or None
         Query heads; default the head axis of a 3-D q (required for a 2-D q).
     kv_heads : int or None
@@ -254,8 +292,8 @@ def attention(q, k, v, qpos=None, kpos=None, encoding=None, *, heads=None, kv_he
             raise TypeError(f"{_WHERE}: Sinusoidal is an additive-input encoding: add it to the token embeddings "
                             "before the Q/K/V projections and pass encoding=None here")
         raise TypeError(f"{_WHERE}: encoding must be None, posenc.Rope, posenc.Alibi, posenc.T5Bias, "
-                        "posenc.ShawRelative, posenc.torch.T5Bias or posenc.torch.ShawRelative, got "
-                        f"{type(encoding).__name__}")
+                        "posenc.ShawRelative, posenc.torch.Alibi, posenc.torch.T5Bias or "
+                        f"posenc.torch.ShawRelative, got {type(encoding).__name__}")
     knobs = {"heads": heads, "kv_heads": kv_heads, "scale": scale, "softcap": softcap, "causal": causal,
              "window": window, "chunk_size": chunk_size, "threads": threads}
     learned_sinks = None

@@ -110,7 +110,7 @@ def shaw_module(d, dtype, seed=2):
     return m
 
 
-ENCODERS = ["none", "rope", "alibi", "t5", "shaw"]
+ENCODERS = ["none", "rope", "alibi", "alibi_learned", "t5", "shaw"]
 MASKS = {"full": {}, "causal": {"causal": True}, "window": {"window": (3, 2)}, "chunk": {"chunk_size": CHUNK},
          "causal_window_softcap": {"causal": True, "window": (6, -1), "softcap": 2.5}}
 
@@ -123,6 +123,11 @@ def encoders(name, heads, d, dtype):
         return posenc.Rope(head_dim=d, base=100.0), []
     if name == "alibi":
         return posenc.Alibi(num_heads=heads), []
+    if name == "alibi_learned":
+        m = pt.Alibi(heads, dtype=dtype)
+        with torch.no_grad():
+            m.slopes.mul_(torch.linspace(0.5, 2.0, heads, dtype=dtype))  # away from the rule, as training moves them
+        return m, [m.slopes]
     if name == "t5":
         m = t5_module(heads, dtype)
         return m, [m.table]
@@ -133,6 +138,7 @@ def encoders(name, heads, d, dtype):
 def spec(name, heads, tables):
     """The reference's encoder with these tables (float64 leaves of their own)."""
     return {"none": None, "rope": ("rope", 100.0), "alibi": ("alibi", alibi_slopes(heads)),
+            "alibi_learned": ("alibi", *tables),
             "t5": ("t5", *tables, 12, True), "shaw": ("shaw", *tables)}[name]
 
 
@@ -358,6 +364,23 @@ def test_attention_backward_same_bits_for_any_threads():
         assert isinstance(a, torch.Tensor) and torch.equal(a, b)
 
 
+def test_alibi_with_given_slopes():
+    """posenc.Alibi(slopes=...): the bias is -slopes[global head] * (qpos - kpos), whatever the slopes."""
+    given = [0.75, -0.5, 2.0, 1e-3]
+    a = posenc.Alibi(num_heads=4, head_offset=1, slopes=torch.tensor(given, dtype=f64))
+    assert a.slopes.tolist() == given
+    assert a.bias(2, 9, 2) == -1e-3 * 7 and a.bias(0, 2, 9) == -3.5  # global heads 3 and 1
+    assert np.array_equal(posenc.Alibi(num_heads=4, form="symmetric", slopes=np.array(given)).bias_tile(
+        1, [2, 9], [9, 2], dtype="float64"), [[3.5, 0.0], [0.0, 3.5]])
+    assert posenc.Alibi(num_heads=12).slopes.tolist() == alibi_slopes(12).tolist()
+    assert message(lambda: posenc.Alibi(num_heads=2, slopes=[1.0]), ValueError) == \
+        "posenc: alibi slopes.size() = 1: must equal num_heads (2)"
+    assert message(lambda: posenc.Alibi(num_heads=2, slopes=[1.0, math.inf]), ValueError) == \
+        "posenc: alibi slopes[1] = inf: must be finite"
+    assert message(lambda: posenc.Alibi(num_heads=2, slopes="12"), TypeError) == \
+        "posenc.Alibi: slopes must be a list of floats or a 1-D float array, got str"
+
+
 # --- Errors ------------------------------------------------------------------------------------------
 
 def message(call, kind):
@@ -424,7 +447,8 @@ def test_bad_inputs_of_the_autograd_function():
 # --- The package ---------------------------------------------------------------------------------------
 
 def test_posenc_imports_without_torch_and_loads_posenc_torch_on_use():
-    code = "import sys, posenc; assert 'torch' not in sys.modules; posenc.torch.attention; assert 'torch' in sys.modules"
+    code = ("import sys, posenc; assert 'torch' not in sys.modules; posenc.torch.attention; "
+            "assert 'torch' in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -433,8 +457,8 @@ def test_posenc_torch_is_documented():
         section = doc.split("Parameters\n", 1)[1] if "Parameters\n" in doc else ""
         return set(re.findall(r"^ *([A-Za-z_][A-Za-z_0-9]*) : ", section, flags=re.M))
 
-    for obj in (pt.attention, pt.T5Bias, pt.ShawRelative):
+    for obj in (pt.attention, pt.Alibi, pt.T5Bias, pt.ShawRelative):
         f = obj.__init__ if isinstance(obj, type) else obj
         want = {p for p in inspect.signature(f).parameters if p != "self"}
         assert documented(obj.__doc__) == want, obj.__name__
-    assert sorted(pt.__all__) == ["ShawRelative", "T5Bias", "attention"]
+    assert sorted(pt.__all__) == ["Alibi", "ShawRelative", "T5Bias", "attention"]
