@@ -2568,8 +2568,8 @@ like_arg shaped_like(const call_args& a, const std::string& w, const char* name,
   r.arr = float_array(r.obj, w, name, true);
   require_dtype(r.arr, like, w, name, of);
   if (r.arr.shape != like.shape)
-    value_error(w, std::string(name) + " has shape " + shape_text(r.arr) + " but " + of + " has shape " +
-                       shape_text(like));
+    value_error(
+        w, std::string(name) + " has shape " + shape_text(r.arr) + " but " + of + " has shape " + shape_text(like));
   return r;
 }
 
@@ -3058,9 +3058,7 @@ PYBIND11_MODULE(_posenc, m) {
                    }),
            doc_of("__init__", true, alibi_params, docs::alibi_init).c_str())
       .def_property_readonly(
-          "slopes",
-          [](const py_alibi& a) { return to_numpy(a.d.global_slopes()); },
-          docs::alibi_slopes);
+          "slopes", [](const py_alibi& a) { return to_numpy(a.d.global_slopes()); }, docs::alibi_slopes);
   def_bias_methods(alibi_class, "Alibi");
 
   constexpr const char* t5_params = "table, *, max_distance=128, bidirectional=True, head_offset=0";
