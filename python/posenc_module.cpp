@@ -405,9 +405,11 @@ qpos : None, range, int64 array or list of int
     block at the end of a KV cache gives its cache positions.
 kpos : None, range, int64 array or list of int
     The position of each key token; None = 0..n_kv-1.
-encoding : Rope, Alibi, T5Bias, ShawRelative or None
+encoding : Rope, MRope, Alibi, T5Bias, ShawRelative or None
     Always applied in the kernel (a Rope rotates copies of the q and k tiles; q and k stay untouched).
-    For q and k rotated already (Rope.rotate, a cache of rotated keys) pass None: never both.
+    For q and k rotated already (Rope.rotate, a cache of rotated keys) pass None: never both. An MRope
+    here takes one position per token (text tokens, equal on every axis: the RoPE it equals); rotate
+    image tokens with MRope.rotate and their [tokens, 3] positions first.
 heads : int or None
     Query heads; default the head axis of q (required for a 2-D q).
 kv_heads : int or None
@@ -481,7 +483,7 @@ qpos : None, range, int64 array or list of int
     One position per query row; None = each sequence's rows numbered 0..n_b-1.
 kpos : None, range, int64 array or list of int
     One position per key row; None = 0..n_b-1 per sequence.
-encoding : Rope, Alibi, T5Bias, ShawRelative or None
+encoding : Rope, MRope, Alibi, T5Bias, ShawRelative or None
     As for attention.
 heads : int or None
     As for attention.
@@ -532,7 +534,7 @@ cu_q : int32 array or list of int
     B + 1 cumulative query counts from 0.
 qpos : range, int64 array or list of int
     Each query's position (required).
-encoding : Rope, Alibi, T5Bias, ShawRelative or None
+encoding : Rope, MRope, Alibi, T5Bias, ShawRelative or None
     As for attention; with a Rope, keys= says what the cache holds.
 page_size : int or None
     Rows per page; required for a 2-D cache, else read from its shape.
@@ -587,7 +589,7 @@ v_new : array
     Like k_new.
 cu_new : int32 array or list of int
     B + 1 cumulative counts of new rows from 0.
-encoding : Rope, Alibi, T5Bias, ShawRelative or None
+encoding : Rope, MRope, Alibi, T5Bias, ShawRelative or None
     With a Rope and keys='rotated' each key is rotated with its token's position; otherwise keys are
     stored as given (score biases act in paged_attention).
 page_size : int or None
@@ -1902,6 +1904,11 @@ void with_encoding(py::handle e, const std::string& w, index_t heads, index_t d,
     const auto& r = e.cast<const py_rope&>().get<C>();
     check_head_dim(r.head_dim(), d, "Rope", w);
     f(r);
+  } else if (py::isinstance<py_mrope>(e)) {
+    // One position per token: text tokens, the same on every axis, where M-RoPE is this RoPE exactly.
+    const auto& m = e.cast<const py_mrope&>().get<C>();
+    check_head_dim(m.head_dim(), d, "MRope", w);
+    f(m.text_rope());
   } else if (py::isinstance<py_alibi>(e)) {
     const auto& a = e.cast<const py_alibi&>().get<C>();
     check_heads(a.params(), heads, "Alibi has slopes", w);
@@ -1919,7 +1926,7 @@ void with_encoding(py::handle e, const std::string& w, index_t heads, index_t d,
                "Sinusoidal is an additive-input encoding: add it to the token embeddings before the Q/K/V "
                "projections (Sinusoidal.add_to) and pass encoding=None here");
   } else {
-    type_error(w, "encoding must be None, Rope, Alibi, T5Bias or ShawRelative, got " + type_name(e));
+    type_error(w, "encoding must be None, Rope, MRope, Alibi, T5Bias or ShawRelative, got " + type_name(e));
   }
 }
 
@@ -2324,7 +2331,7 @@ std::pair<index_arg, index_arg> tables_of(const call_args& a, const std::string&
 
 /// `keys=`: None, 'rotated' or 'raw'; required with a Rope.
 posenc::cached_keys keys_of(const call_args& a, const std::string& w) {
-  const bool rope = py::isinstance<py_rope>(a["encoding"]);
+  const bool rope = py::isinstance<py_rope>(a["encoding"]) || py::isinstance<py_mrope>(a["encoding"]);
   if (!a.has("keys")) {
     if (rope)
       value_error(w,
@@ -2434,6 +2441,11 @@ void append_typed(const call_args& a, const array_arg& ka, const array_arg& va, 
   if (py::isinstance<py_rope>(e)) {
     const auto& r = e.cast<const py_rope&>().get<C>();
     if (kc.head_dim4 > 0) check_head_dim(r.head_dim(), kc.head_dim4, "Rope", w);
+    py::gil_scoped_release unlocked;
+    posenc::paged_append(cache, kn.view, vn.view, cu_new.span(), r);
+  } else if (py::isinstance<py_mrope>(e)) {
+    const auto& r = e.cast<const py_mrope&>().get<C>().text_rope();
+    if (kc.head_dim4 > 0) check_head_dim(r.head_dim(), kc.head_dim4, "MRope", w);
     py::gil_scoped_release unlocked;
     posenc::paged_append(cache, kn.view, vn.view, cu_new.span(), r);
   } else if (e.is_none() || py::isinstance<py_alibi>(e) || py::isinstance<py_t5>(e) || py::isinstance<py_shaw>(e)) {
