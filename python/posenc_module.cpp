@@ -1414,6 +1414,31 @@ posenc::axis_positions axis_positions_of(const array_arg& array, index_t rows, i
                                 array.strides[1] / e);
 }
 
+/// `rotate(x, positions)` of MRope and AxialRope: positions `[tokens, axes]`, or (MRope, `text`)
+/// one position per token for every axis.
+template <class W>
+void rotate_by_axes(const W& r, const call_args& a, const std::string& where, index_t axes, bool text) {
+  const auto x = float_array(a["x"], where, "x");
+  with_storage(x.type, [&](auto t) {
+    using T = decltype(t);
+    auto mx = matrix_of<T>(x, where, "x", true);
+    const auto& enc = r.template get<posenc::compute_t<T>>();
+    const py::handle ph = a["positions"];
+    const bool two_d = !text || ((py::isinstance<py::array>(ph) || py::hasattr(ph, "__dlpack__")) &&
+                                 array_of(ph, where, "positions").ndim() == 2);
+    if (two_d) {
+      const auto pa = array_of(ph, where, "positions");
+      const auto ap = axis_positions_of(pa, mx.view.rows, axes, where);
+      py::gil_scoped_release unlocked;
+      enc.rotate(mx.view, ap, &workers());
+    } else if constexpr (requires { enc.rotate(mx.view, posenc::positions(), &workers()); }) {
+      position_arg p(ph, mx.view.rows, where, "positions");
+      py::gil_scoped_release unlocked;
+      enc.rotate(mx.view, p.get(), &workers());
+    }
+  });
+}
+
 py_mrope make_mrope(const call_args& a) {
   posenc::mrope_params mp;
   mp.rope.head_dim = a.int64("head_dim", 128);
@@ -2623,34 +2648,13 @@ PYBIND11_MODULE(_posenc, m) {
   constexpr const char* mrope_params_text =
       "*, head_dim=128, mrope_section, rotary_dim=0, base=10000.0, layout='half_split', interleaved=False";
   constexpr const char* axes_rotate_params = "x, positions";
-  py::class_<py_mrope>(
-      m, "MRope",
-      docs::mrope)
+  py::class_<py_mrope>(m, "MRope", docs::mrope)
       .def(init_of("MRope", mrope_params_text, make_mrope),
            doc_of("__init__", true, mrope_params_text, docs::mrope_init).c_str())
       .def(
           "rotate",
           [sig = sig_of("MRope.rotate", axes_rotate_params)](const py_mrope& r, py::args args, py::kwargs kwargs) {
-            const call_args a(sig, args, kwargs);
-            const auto x = float_array(a["x"], sig.name, "x");
-            with_storage(x.type, [&](auto t) {
-              using T = decltype(t);
-              auto mx = matrix_of<T>(x, sig.name, "x", true);
-              const auto& enc = r.get<posenc::compute_t<T>>();
-              const py::handle ph = a["positions"];
-              const bool two_d = (py::isinstance<py::array>(ph) || py::hasattr(ph, "__dlpack__")) &&
-                                 array_of(ph, sig.name, "positions").ndim() == 2;
-              if (two_d) {
-                const auto pa = array_of(ph, sig.name, "positions");
-                const auto ap = axis_positions_of(pa, mx.view.rows, enc.axes(), sig.name);
-                py::gil_scoped_release unlocked;
-                enc.rotate(mx.view, ap, &workers());
-              } else {
-                position_arg p(ph, mx.view.rows, sig.name, "positions");
-                py::gil_scoped_release unlocked;
-                enc.rotate(mx.view, p.get(), &workers());
-              }
-            });
+            rotate_by_axes(r, call_args(sig, args, kwargs), sig.name, r.f.axes(), true);
           },
           doc_of("rotate", true, axes_rotate_params, docs::axes_rotate).c_str())
       .def(
@@ -2686,16 +2690,7 @@ PYBIND11_MODULE(_posenc, m) {
       .def(
           "rotate",
           [sig = sig_of("AxialRope.rotate", axes_rotate_params)](const py_axial& r, py::args args, py::kwargs kwargs) {
-            const call_args a(sig, args, kwargs);
-            const auto x = float_array(a["x"], sig.name, "x");
-            with_storage(x.type, [&](auto t) {
-              using T = decltype(t);
-              auto mx = matrix_of<T>(x, sig.name, "x", true);
-              const auto pa = array_of(a["positions"], sig.name, "positions");
-              const auto ap = axis_positions_of(pa, mx.view.rows, 2, sig.name);
-              py::gil_scoped_release unlocked;
-              r.get<posenc::compute_t<T>>().rotate(mx.view, ap, &workers());
-            });
+            rotate_by_axes(r, call_args(sig, args, kwargs), sig.name, 2, false);
           },
           doc_of("rotate", true, axes_rotate_params, docs::axes_rotate).c_str())
       .def_property_readonly(
