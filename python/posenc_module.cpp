@@ -409,9 +409,11 @@ qpos : None, range, int64 array or list of int
     block at the end of a KV cache gives its cache positions.
 kpos : None, range, int64 array or list of int
     The position of each key token; None = 0..n_kv-1.
-encoding : Rope, Alibi, T5Bias, ShawRelative or None
+encoding : Rope, MRope, Alibi, T5Bias, ShawRelative or None
     Always applied in the kernel (a Rope rotates copies of the q and k tiles; q and k stay untouched).
-    For q and k rotated already (Rope.rotate, a cache of rotated keys) pass None: never both.
+    For q and k rotated already (Rope.rotate, a cache of rotated keys) pass None: never both. An MRope
+    here takes one position per token (text tokens, equal on every axis: the RoPE it equals); rotate
+    image tokens with MRope.rotate and their [tokens, 3] positions first.
 heads : int or None
     Query heads; default the head axis of q (required for a 2-D q).
 kv_heads : int or None
@@ -485,7 +487,7 @@ qpos : None, range, int64 array or list of int
     One position per query row; None = each sequence's rows numbered 0..n_b-1.
 kpos : None, range, int64 array or list of int
     One position per key row; None = 0..n_b-1 per sequence.
-encoding : Rope, Alibi, T5Bias, ShawRelative or None
+encoding : Rope, MRope, Alibi, T5Bias, ShawRelative or None
     As for attention.
 heads : int or None
     As for attention.
@@ -536,7 +538,7 @@ cu_q : int32 array or list of int
     B + 1 cumulative query counts from 0.
 qpos : range, int64 array or list of int
     Each query's position (required).
-encoding : Rope, Alibi, T5Bias, ShawRelative or None
+encoding : Rope, MRope, Alibi, T5Bias, ShawRelative or None
     As for attention; with a Rope, keys= says what the cache holds.
 page_size : int or None
     Rows per page; required for a 2-D cache, else read from its shape.
@@ -591,7 +593,7 @@ v_new : array
     Like k_new.
 cu_new : int32 array or list of int
     B + 1 cumulative counts of new rows from 0.
-encoding : Rope, Alibi, T5Bias, ShawRelative or None
+encoding : Rope, MRope, Alibi, T5Bias, ShawRelative or None
     With a Rope and keys='rotated' each key is rotated with its token's position; otherwise keys are
     stored as given (score biases act in paged_attention).
 page_size : int or None
@@ -1486,6 +1488,31 @@ posenc::axis_positions axis_positions_of(const array_arg& array, index_t rows, i
                                 array.strides[1] / e);
 }
 
+/// `rotate(x, positions)` of MRope and AxialRope: positions `[tokens, axes]`, or (MRope, `text`)
+/// one position per token for every axis.
+template <class W>
+void rotate_by_axes(const W& r, const call_args& a, const std::string& where, index_t axes, bool text) {
+  const auto x = float_array(a["x"], where, "x");
+  with_storage(x.type, [&](auto t) {
+    using T = decltype(t);
+    auto mx = matrix_of<T>(x, where, "x", true);
+    const auto& enc = r.template get<posenc::compute_t<T>>();
+    const py::handle ph = a["positions"];
+    const bool two_d = !text || ((py::isinstance<py::array>(ph) || py::hasattr(ph, "__dlpack__")) &&
+                                 array_of(ph, where, "positions").ndim() == 2);
+    if (two_d) {
+      const auto pa = array_of(ph, where, "positions");
+      const auto ap = axis_positions_of(pa, mx.view.rows, axes, where);
+      py::gil_scoped_release unlocked;
+      enc.rotate(mx.view, ap, &workers());
+    } else if constexpr (requires { enc.rotate(mx.view, posenc::positions(), &workers()); }) {
+      position_arg p(ph, mx.view.rows, where, "positions");
+      py::gil_scoped_release unlocked;
+      enc.rotate(mx.view, p.get(), &workers());
+    }
+  });
+}
+
 py_mrope make_mrope(const call_args& a) {
   posenc::mrope_params mp;
   mp.rope.head_dim = a.int64("head_dim", 128);
@@ -1989,6 +2016,11 @@ void with_encoding(py::handle e, const std::string& w, index_t heads, index_t d,
     const auto& r = e.cast<const py_rope&>().get<C>();
     check_head_dim(r.head_dim(), d, "Rope", w);
     f(r);
+  } else if (py::isinstance<py_mrope>(e)) {
+    // One position per token: text tokens, the same on every axis, where M-RoPE is this RoPE exactly.
+    const auto& m = e.cast<const py_mrope&>().get<C>();
+    check_head_dim(m.head_dim(), d, "MRope", w);
+    f(m.text_rope());
   } else if (py::isinstance<py_alibi>(e)) {
     const auto& a = e.cast<const py_alibi&>().get<C>();
     check_heads(a.params(), heads, "Alibi has slopes", w);
@@ -2006,7 +2038,7 @@ void with_encoding(py::handle e, const std::string& w, index_t heads, index_t d,
                "Sinusoidal is an additive-input encoding: add it to the token embeddings before the Q/K/V "
                "projections (Sinusoidal.add_to) and pass encoding=None here");
   } else {
-    type_error(w, "encoding must be None, Rope, Alibi, T5Bias or ShawRelative, got " + type_name(e));
+    type_error(w, "encoding must be None, Rope, MRope, Alibi, T5Bias or ShawRelative, got " + type_name(e));
   }
 }
 
@@ -2411,7 +2443,7 @@ std::pair<index_arg, index_arg> tables_of(const call_args& a, const std::string&
 
 /// `keys=`: None, 'rotated' or 'raw'; required with a Rope.
 posenc::cached_keys keys_of(const call_args& a, const std::string& w) {
-  const bool rope = py::isinstance<py_rope>(a["encoding"]);
+  const bool rope = py::isinstance<py_rope>(a["encoding"]) || py::isinstance<py_mrope>(a["encoding"]);
   if (!a.has("keys")) {
     if (rope)
       value_error(w,
@@ -2521,6 +2553,11 @@ void append_typed(const call_args& a, const array_arg& ka, const array_arg& va, 
   if (py::isinstance<py_rope>(e)) {
     const auto& r = e.cast<const py_rope&>().get<C>();
     if (kc.head_dim4 > 0) check_head_dim(r.head_dim(), kc.head_dim4, "Rope", w);
+    py::gil_scoped_release unlocked;
+    posenc::paged_append(cache, kn.view, vn.view, cu_new.span(), r);
+  } else if (py::isinstance<py_mrope>(e)) {
+    const auto& r = e.cast<const py_mrope&>().get<C>().text_rope();
+    if (kc.head_dim4 > 0) check_head_dim(r.head_dim(), kc.head_dim4, "MRope", w);
     py::gil_scoped_release unlocked;
     posenc::paged_append(cache, kn.view, vn.view, cu_new.span(), r);
   } else if (e.is_none() || py::isinstance<py_alibi>(e) || py::isinstance<py_t5>(e) || py::isinstance<py_shaw>(e)) {
@@ -2850,34 +2887,13 @@ PYBIND11_MODULE(_posenc, m) {
   constexpr const char* mrope_params_text =
       "*, head_dim=128, mrope_section, rotary_dim=0, base=10000.0, layout='half_split', interleaved=False";
   constexpr const char* axes_rotate_params = "x, positions";
-  py::class_<py_mrope>(
-      m, "MRope",
-      docs::mrope)
+  py::class_<py_mrope>(m, "MRope", docs::mrope)
       .def(init_of("MRope", mrope_params_text, make_mrope),
            doc_of("__init__", true, mrope_params_text, docs::mrope_init).c_str())
       .def(
           "rotate",
           [sig = sig_of("MRope.rotate", axes_rotate_params)](const py_mrope& r, py::args args, py::kwargs kwargs) {
-            const call_args a(sig, args, kwargs);
-            const auto x = float_array(a["x"], sig.name, "x");
-            with_storage(x.type, [&](auto t) {
-              using T = decltype(t);
-              auto mx = matrix_of<T>(x, sig.name, "x", true);
-              const auto& enc = r.get<posenc::compute_t<T>>();
-              const py::handle ph = a["positions"];
-              const bool two_d = (py::isinstance<py::array>(ph) || py::hasattr(ph, "__dlpack__")) &&
-                                 array_of(ph, sig.name, "positions").ndim() == 2;
-              if (two_d) {
-                const auto pa = array_of(ph, sig.name, "positions");
-                const auto ap = axis_positions_of(pa, mx.view.rows, enc.axes(), sig.name);
-                py::gil_scoped_release unlocked;
-                enc.rotate(mx.view, ap, &workers());
-              } else {
-                position_arg p(ph, mx.view.rows, sig.name, "positions");
-                py::gil_scoped_release unlocked;
-                enc.rotate(mx.view, p.get(), &workers());
-              }
-            });
+            rotate_by_axes(r, call_args(sig, args, kwargs), sig.name, r.f.axes(), true);
           },
           doc_of("rotate", true, axes_rotate_params, docs::axes_rotate).c_str())
       .def(
@@ -2913,16 +2929,7 @@ PYBIND11_MODULE(_posenc, m) {
       .def(
           "rotate",
           [sig = sig_of("AxialRope.rotate", axes_rotate_params)](const py_axial& r, py::args args, py::kwargs kwargs) {
-            const call_args a(sig, args, kwargs);
-            const auto x = float_array(a["x"], sig.name, "x");
-            with_storage(x.type, [&](auto t) {
-              using T = decltype(t);
-              auto mx = matrix_of<T>(x, sig.name, "x", true);
-              const auto pa = array_of(a["positions"], sig.name, "positions");
-              const auto ap = axis_positions_of(pa, mx.view.rows, 2, sig.name);
-              py::gil_scoped_release unlocked;
-              r.get<posenc::compute_t<T>>().rotate(mx.view, ap, &workers());
-            });
+            rotate_by_axes(r, call_args(sig, args, kwargs), sig.name, 2, false);
           },
           doc_of("rotate", true, axes_rotate_params, docs::axes_rotate).c_str())
       .def_property_readonly(

@@ -1,5 +1,7 @@
 // Multi-axis RoPE (M-RoPE, Qwen2-VL / Qwen3-VL) and axial 2-D RoPE against long double references
 // written from the formulas; text tokens against RoPE; bad input.
+#include <algorithm>
+#include <array>
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <cstdint>
@@ -263,4 +265,96 @@ TEST_CASE("mrope and axial RoPE refuse bad sections, dims and position views", "
   const posenc::axial_rope<float> axial({.head_dim = 64});
   posenc::row_matrix<float> y = posenc::row_matrix<float>::Zero(4, 64);
   CHECK_THROWS_AS(axial.rotate(y, posenc::axis_positions(three, 3)), posenc::precondition_error);
+}
+
+TEST_CASE("a Qwen2-VL sequence with an image: prefill by axis positions, paged decode with mrope in the call",
+          "[mrope][attention][batch]") {
+  // Hugging Face's get_rope_index for [3 text tokens, a 2 x 3 image, 2 text tokens], then two decoded
+  // tokens: text counts up on every axis; image patches take (t0, t0 + row, t0 + column) from the
+  // next position t0 = 3; text resumes after the largest position, 3 + 2 = 5.
+  const index_t d = 32, heads = 2, n = 13, prefill = 11, page = 4;
+  std::vector<std::array<position, 3>> axes;
+  for (position i = 0; i < 3; ++i) axes.push_back({i, i, i});
+  for (position r = 0; r < 2; ++r)
+    for (position c = 0; c < 3; ++c) axes.push_back({3, 3 + r, 3 + c});
+  for (position i = 6; i < 10; ++i) axes.push_back({i, i, i});
+  REQUIRE(static_cast<index_t>(axes.size()) == n);
+
+  posenc::rope_params rp;
+  rp.head_dim = d, rp.base = 1e6;
+  const std::vector<index_t> sections{4, 6, 6};
+  const auto enc = make_mrope<float>(rp, sections);
+  const auto q = posenc_test::random_normal<float>(n, heads * d, 31);
+  const auto k = posenc_test::random_normal<float>(n, d, 32);
+  const auto v = posenc_test::random_normal<float>(n, d, 33);
+
+  // The reference in double: pair k of every head turned by its section's axis, causal by token order.
+  const auto axis = ref_axes(sections, false, d / 2);
+  auto turn = [&](const posenc::row_matrix<float>& x) {
+    posenc::row_matrix<double> y = x.cast<double>();
+    for (index_t i = 0; i < n; ++i)
+      for (index_t c0 = 0; c0 < x.cols(); c0 += d)
+        for (index_t p = 0; p < d / 2; ++p) {
+          const double t = double(axes[i][axis[p]]) * std::pow(1e6, -2.0 * double(p) / double(d));
+          const double a = x(i, c0 + p), b = x(i, c0 + p + d / 2);
+          y(i, c0 + p) = a * std::cos(t) - b * std::sin(t);
+          y(i, c0 + p + d / 2) = b * std::cos(t) + a * std::sin(t);
+        }
+    return y;
+  };
+  const auto qd = turn(q), kd = turn(k);
+  posenc::row_matrix<double> want(n, heads * d);
+  for (index_t i = 0; i < n; ++i)
+    for (index_t h = 0; h < heads; ++h) {
+      std::vector<double> s(static_cast<std::size_t>(i + 1));
+      double top = -1e300, sum = 0;
+      for (index_t j = 0; j <= i; ++j) {
+        s[j] = qd.row(i).segment(h * d, d).dot(kd.row(j)) / std::sqrt(double(d));
+        top = std::max(top, s[j]);
+      }
+      Eigen::RowVectorXd o = Eigen::RowVectorXd::Zero(d);
+      for (index_t j = 0; j <= i; ++j) {
+        sum += std::exp(s[j] - top);
+        o += std::exp(s[j] - top) * v.row(j).cast<double>();
+      }
+      want.row(i).segment(h * d, d) = o / sum;
+    }
+  const posenc::attention_params p{.heads = heads, .kv_heads = 1, .causal = true, .q_tile = 4, .k_tile = 4};
+  const double tol = 2e-5;
+
+  // Prefill: queries and keys rotated by their three positions, attended in token order.
+  std::vector<position> flat;
+  for (index_t i = 0; i < prefill; ++i) flat.insert(flat.end(), axes[i].begin(), axes[i].end());
+  posenc::row_matrix<float> qr = q.topRows(prefill), kr = k.topRows(prefill);
+  enc.rotate(qr, posenc::axis_positions(flat, 3));
+  enc.rotate(kr, posenc::axis_positions(flat, 3));
+  posenc::row_matrix<float> out(prefill, heads * d);
+  posenc::attention(qr, kr, v.topRows(prefill), out, posenc::arange(0, prefill), posenc::arange(0, prefill),
+                    posenc::no_position<float>{}, p);
+  CHECK((out.cast<double>() - want.topRows(prefill)).cwiseAbs().maxCoeff() <= tol);
+
+  // The cache: pages of 4 rows in a shuffled order, NaN where no token is. Each row keeps a mask
+  // position no later than any later text token's: its largest axis position.
+  posenc::row_matrix<float> kc = posenc::row_matrix<float>::Constant(4 * page, d, NAN), vc = kc;
+  const std::vector<std::int32_t> table{2, 0, 3, 1};
+  std::vector<position> row_pos(static_cast<std::size_t>(4 * page), 0);
+  auto row_of = [&](index_t j) { return table[static_cast<std::size_t>(j / page)] * page + j % page; };
+  for (index_t j = 0; j < n; ++j) row_pos[row_of(j)] = std::max({axes[j][0], axes[j][1], axes[j][2]});
+  std::vector<std::int32_t> lengths{static_cast<std::int32_t>(prefill)};
+  const posenc::paged_kv<float> cache{
+      posenc::view_of(kc), posenc::view_of(vc), page, table, 4, lengths, row_pos, posenc::cached_keys::rotated};
+  posenc::paged_append(cache, kr, v.topRows(prefill), std::vector<std::int32_t>{0, static_cast<std::int32_t>(prefill)},
+                       posenc::no_position<float>{});
+
+  // Decode: each new key is rotated by M-RoPE with its text position as it is appended, and the
+  // query by the same position inside the call.
+  for (index_t i = prefill; i < n; ++i) {
+    lengths[0] = static_cast<std::int32_t>(i + 1);
+    posenc::paged_append(cache, k.middleRows(i, 1), v.middleRows(i, 1), std::vector<std::int32_t>{0, 1}, enc);
+    posenc::row_matrix<float> o(1, heads * d);
+    posenc::paged_attention(q.middleRows(i, 1), posenc::paged_kv<const float>(cache), o,
+                            std::vector<std::int32_t>{0, 1}, posenc::arange(axes[i][0], 1), enc, p);
+    INFO("decoded token " << i);
+    CHECK((o.cast<double>() - want.middleRows(i, 1)).cwiseAbs().maxCoeff() <= tol);
+  }
 }

@@ -2,7 +2,8 @@
 """Draws the picture examples' CSV files as PNG (matplotlib, Agg backend, no display needed).
 
 Usage: plot.py NAME FOLDER   reads FOLDER/NAME.csv (written by the example NAME), writes FOLDER/NAME.png
-                             (encoders: one CSV and one PNG per encoder family).
+                             (encoders: one CSV and one PNG per encoder family; positions_2025: several
+                             CSVs, PNGs mrope, chunked_attention and layer_config).
 Exits non-zero when the CSV is missing or malformed, or the PNG could not be written."""
 
 import os
@@ -13,6 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
 
 DPI = 100
 LABELS = {"rope": "RoPE (no scaling)", "linear": "position interpolation", "ntk": "NTK-aware",
@@ -162,8 +164,67 @@ def encoders(folder):
     return figs
 
 
+def positions_2025(folder):
+    """The position schemes of recent models (docs/mrope.md, chunked_attention.md, layer_config.md)."""
+    figs = {}
+    axes3 = ListedColormap(["#4c72b0", "#dd8452", "#55a868"])
+    m = read(folder, "mrope_axes")
+    fig, ax = plt.subplots(figsize=(8, 2.4))
+    grid = np.vstack([m["sections"], m["interleaved"]])
+    ax.imshow(grid, aspect="auto", cmap=axes3, vmin=-0.5, vmax=2.5, interpolation="nearest")
+    ax.set_yticks([0, 1], ["Qwen2-VL sections\n[16, 24, 24]", "Qwen3-VL interleaved\n[24, 20, 20]"])
+    ax.set(title="M-RoPE, head_dim 128: the axis whose position turns each rotary pair",
+           xlabel="rotary pair k")
+    for i, (name, color) in enumerate(zip(("temporal", "height", "width"), axes3.colors)):
+        ax.plot([], [], "s", color=color, label=name)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=3, fontsize=8, frameon=False)
+    figs["mrope"] = fig
+
+    masks = ListedColormap(["#d9d9d9", "#9ecae1", "#08519c"])
+    fig, axs = plt.subplots(1, 2, figsize=(8.5, 4.2))
+    for ax, name, title in ((axs[0], "chunk_mask", "chunks of 8, causal (Llama 4)"),
+                            (axs[1], "window_mask", "window of 8, causal (Gemma 3 local)")):
+        t = read(folder, name)
+        grid = np.array([list(row)[1:] for row in t])
+        ax.imshow(grid, cmap=masks, vmin=-0.5, vmax=2.5, interpolation="nearest")
+        for x in np.arange(-0.5, grid.shape[1], 4):
+            ax.axvline(x, color="white", lw=0.8)
+            ax.axhline(x, color="white", lw=0.8)
+        ax.set_title(title, fontsize=10)
+        ax.set(xlabel="key position", ylabel="query position")
+    for label, color in zip(("tile skipped", "hidden, tile computed", "visible"), masks.colors):
+        axs[1].plot([], [], "s", color=color, label=label)
+    axs[1].legend(loc="upper center", bbox_to_anchor=(-0.1, -0.13), ncol=3, fontsize=8, frameon=False)
+    figs["chunked_attention"] = fig
+
+    lay = read(folder, "layers")
+    tmp = read(folder, "temperature")
+    fig, axs = plt.subplots(2, 1, figsize=(8, 5.2), gridspec_kw={"height_ratios": [1.1, 1]})
+    ax = axs[0]
+    n = len(lay["layer"])
+    for i in range(n):
+        local = lay["gemma_window"][i] > 0
+        ax.add_patch(plt.Rectangle((i - 0.45, 1.05), 0.9, 0.8, color="#9ecae1" if local else "#08519c"))
+        rope = lay["llama_rope"][i] > 0
+        ax.add_patch(plt.Rectangle((i - 0.45, 0.05), 0.9, 0.8, color="#fdae6b" if rope else "#a63603"))
+    ax.set_xlim(-0.6, n - 0.4)
+    ax.set_ylim(0, 1.9)
+    ax.set_yticks([0.45, 1.45], ["Llama 4 Scout", "Gemma 3 27B"])
+    ax.set(xlabel="layer", title="Per-layer encodings from the published configs (first 24 layers)")
+    for label, color in (("local: base 1e4, window 1024", "#9ecae1"), ("global: base 1e6, linear x8", "#08519c"),
+                         ("RoPE, chunks of 8192", "#fdae6b"), ("NoPE + query temperature", "#a63603")):
+        ax.plot([], [], "s", color=color, label=label)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2, fontsize=8, frameon=False)
+    ax = axs[1]
+    ax.step(tmp["position"] / 1024, tmp["factor"], where="post")
+    ax.set(xlabel="query position p (thousands of tokens)", ylabel="t(p)",
+           title="Llama 4 NoPE layers: t(p) = 0.1 ln(floor((p + 1) / 8192) + 1) + 1")
+    figs["layer_config"] = fig
+    return figs
+
+
 PICTURES = {"rope_decay": rope_decay, "interpolation": interpolation, "needle": needle, "ring_memory": ring_memory,
-            "encoders": encoders}
+            "encoders": encoders, "positions_2025": positions_2025}
 
 
 def main(argv):

@@ -9,7 +9,7 @@ Array = Any
 # None (0, 1, ..., n-1), a range with step 1, an int64 array, or a sequence of ints.
 Positions = Union[None, range, Sequence[int], Array]
 IndexArray = Union[Sequence[int], Array]
-Encoding = Union[None, "Rope", "Alibi", "T5Bias", "ShawRelative"]
+Encoding = Union[None, "Rope", "MRope", "Alibi", "T5Bias", "ShawRelative"]
 DType = Union[str, Any]  # "float32", "float64", numpy.float32, numpy.float64
 # attention and Rope.rotate: 'thd' [tokens, heads, head_dim] (3-D default), 'htd' [heads, tokens, head_dim],
 # 'bhtd' [batch, heads, tokens, head_dim] (4-D default), 'bthd' [batch, tokens, heads, head_dim].

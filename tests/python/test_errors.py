@@ -109,7 +109,7 @@ def test_attention_argument_errors(arrays):
         posenc.attention(q, k, v, heads=2, encoding=posenc.Alibi(num_heads=1))
     with pytest.raises(TypeError, match=r"Sinusoidal is an additive-input encoding"):
         posenc.attention(q, k, v, heads=2, encoding=posenc.Sinusoidal(dim=16))
-    with pytest.raises(TypeError, match=r"encoding must be None, Rope, Alibi, T5Bias or ShawRelative, got str"):
+    with pytest.raises(TypeError, match=r"encoding must be None, Rope, MRope, Alibi, T5Bias or ShawRelative, got str"):
         posenc.attention(q, k, v, heads=2, encoding="rope")
     with pytest.raises(ValueError, match=r"attention_params\.window_left = -2"):
         posenc.attention(q, k, v, heads=2, window=(-2, -1))

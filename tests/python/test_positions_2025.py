@@ -135,3 +135,52 @@ def test_query_temperature_values():
     np.testing.assert_allclose(posenc.query_temperature(pos), want, rtol=1e-15)
     with pytest.raises(ValueError):
         posenc.query_temperature(np.array([-1], dtype=np.int64))
+
+
+def test_mrope_prompt_with_an_image_then_paged_decode(rng):
+    """Qwen2-VL: [3 text tokens, a 2 x 3 image, 2 text tokens] prefilled with the tokens' three
+    positions (MRope.rotate, then attention without an encoding, causal in token order), stored in a
+    paged cache; two generated tokens appended and attended with the MRope in the call at their
+    text position. Against a float64 reference in token order."""
+    d, heads = 32, 2
+    axes = [(i, i, i) for i in range(3)] + [(3, 3 + r, 3 + c) for r in range(2) for c in range(3)]
+    axes += [(i, i, i) for i in range(6, 10)]
+    axes = np.array(axes, dtype=np.int64)
+    n, prefill, page = len(axes), 11, 4
+    enc = posenc.MRope(head_dim=d, mrope_section=[4, 6, 6], base=1e6)
+    q = rng.standard_normal((n, heads * d)).astype(np.float32)
+    k, v = (rng.standard_normal((n, d)).astype(np.float32) for _ in range(2))
+    axis = np.array([0] * 4 + [1] * 6 + [2] * 6)
+    angles = axes[:, axis] * (1e6 ** (-np.arange(16) * 2.0 / d))[None, :]
+    order = np.arange(n, dtype=np.int64)
+    kd, vd = np.tile(rotate_ref(k, angles, d), (1, heads)), np.tile(v.astype(np.float64), (1, heads))  # MQA
+    want = naive_attention(rotate_ref(q, angles, d), kd, vd, heads, order, order)
+
+    qr, kr = q[:prefill].copy(), k[:prefill].copy()
+    enc.rotate(qr, axes[:prefill])
+    enc.rotate(kr, axes[:prefill])
+    out = posenc.attention(qr, kr, v[:prefill], order[:prefill], order[:prefill], None, heads=heads, kv_heads=1,
+                           causal=True)
+    assert_close(out, want[:prefill], np.float32, "prefill", atol=2e-5)
+
+    table = np.array([[2, 0, 3, 1]], dtype=np.int32)
+    k_cache = np.full((4, page, d), np.nan, dtype=np.float32)
+    v_cache = np.full((4, page, d), np.nan, dtype=np.float32)
+    rows = np.array([table[0, j // page] * page + j % page for j in range(n)])
+    row_pos = np.zeros(4 * page, dtype=np.int64)
+    row_pos[rows] = axes.max(axis=1)  # a mask position no later than any later text token's
+    lengths = np.array([prefill], dtype=np.int32)
+    posenc.paged_append(k_cache, v_cache, table, lengths, kr, v[:prefill], [0, prefill], None, keys="rotated",
+                        positions=row_pos)
+    for i in range(prefill, n):
+        lengths[0] = i + 1
+        posenc.paged_append(k_cache, v_cache, table, lengths, k[i:i + 1], v[i:i + 1], [0, 1], enc, keys="rotated",
+                            positions=row_pos)
+        got = posenc.paged_attention(q[i:i + 1], k_cache, v_cache, table, lengths, [0, 1], axes[i:i + 1, 0], enc,
+                                     keys="rotated", positions=row_pos, heads=heads, kv_heads=1, causal=True)
+        assert_close(got, want[i:i + 1], np.float32, f"decoded token {i}", atol=2e-5)
+    # An MRope in the call is the RoPE of its text tokens, bit for bit.
+    rope = posenc.Rope(head_dim=d, base=1e6)
+    same = posenc.paged_attention(q[-1:], k_cache, v_cache, table, lengths, [0, 1], axes[-1:, 0], rope,
+                                  keys="rotated", positions=row_pos, heads=heads, kv_heads=1, causal=True)
+    np.testing.assert_array_equal(same, got)
