@@ -138,7 +138,7 @@ class ShawRelative(torch.nn.Module):
         return (g.get("key_table"), g.get("value_table"))
 
 
-_FIXED = (_posenc.Rope, _posenc.Alibi, _posenc.T5Bias, _posenc.ShawRelative)
+_FIXED = (_posenc.Rope, _posenc.MRope, _posenc.Alibi, _posenc.T5Bias, _posenc.ShawRelative)
 _LEARNED = (Alibi, T5Bias, ShawRelative)
 
 
@@ -237,10 +237,11 @@ def attention(q, k, v, qpos=None, kpos=None, encoding=None, *, heads=None, kv_he
         The position of each query; None = 0..tokens-1.
     kpos : None, range, int64 tensor or list of int
         The position of each key; None = 0..n_kv-1.
-    encoding : posenc.Rope, posenc.Alibi, posenc.T5Bias, posenc.ShawRelative, Alibi, T5Bias, ShawRelative or None
-        Applied in the kernel, as by posenc.attention (a Rope rotates copies of q and k; the gradients are
-        those of the unrotated q and k). The modules of posenc.torch (Alibi, T5Bias, ShawRelative) have
-        learned parameters and get their gradients; posenc's own encoders are fixed.
+    encoding : posenc encoder, posenc.torch module or None
+        posenc.Rope, posenc.MRope, posenc.Alibi, posenc.T5Bias or posenc.ShawRelative (fixed), or a module of
+        posenc.torch whose learned parameters get their gradients: Alibi, T5Bias, ShawRelative. Applied in the
+        kernel, as by posenc.attention (a Rope rotates copies of q and k, an MRope by its text RoPE; the
+        gradients are those of the unrotated q and k).
     heads : int or None
         Query heads; default the head axis of a 3-D q (required for a 2-D q).
     kv_heads : int or None
@@ -291,8 +292,8 @@ def attention(q, k, v, qpos=None, kpos=None, encoding=None, *, heads=None, kv_he
         if isinstance(encoding, _posenc.Sinusoidal):
             raise TypeError(f"{_WHERE}: Sinusoidal is an additive-input encoding: add it to the token embeddings "
                             "before the Q/K/V projections and pass encoding=None here")
-        raise TypeError(f"{_WHERE}: encoding must be None, posenc.Rope, posenc.Alibi, posenc.T5Bias, "
-                        "posenc.ShawRelative, posenc.torch.Alibi, posenc.torch.T5Bias or "
+        raise TypeError(f"{_WHERE}: encoding must be None, posenc.Rope, posenc.MRope, posenc.Alibi, "
+                        "posenc.T5Bias, posenc.ShawRelative, posenc.torch.Alibi, posenc.torch.T5Bias or "
                         f"posenc.torch.ShawRelative, got {type(encoding).__name__}")
     knobs = {"heads": heads, "kv_heads": kv_heads, "scale": scale, "softcap": softcap, "causal": causal,
              "window": window, "chunk_size": chunk_size, "threads": threads}

@@ -189,6 +189,18 @@ def test_gradcheck_batch_of_sequences():
         assert torch.allclose(got[i], sum(p[i] for p in parts), rtol=1e-12, atol=1e-14), name
 
 
+def test_gradcheck_mrope_text_positions():
+    """An MRope with one position per token is its text RoPE: the same output and gradients as the Rope."""
+    q, k, v = inputs(2, 1, 8, f64, seed=11)
+    mrope, rope = posenc.MRope(head_dim=8, mrope_section=[2, 1, 1], base=100.0), posenc.Rope(head_dim=8, base=100.0)
+    f = lambda q, k, v: pt.attention(q, k, v, QPOS, KPOS, mrope, causal=True)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (q, k, v), eps=1e-6, atol=1e-7, rtol=1e-6)
+    w = torch.randn(q.shape, dtype=f64)
+    got = torch.autograd.grad((f(q, k, v) * w).sum(), (q, k, v))
+    want = torch.autograd.grad((pt.attention(q, k, v, QPOS, KPOS, rope, causal=True) * w).sum(), (q, k, v))
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 def test_gradcheck_rope_defaults_and_self_attention_positions():
     """qpos and kpos left out (0..n-1), causal, RoPE with partial rotary dims."""
     q, k, v = inputs(2, 2, 8, f64, n=7, n_kv=7)
