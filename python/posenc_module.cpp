@@ -632,7 +632,7 @@ qpos : None, range, int64 array or list of int
     As for attention.
 kpos : None, range, int64 array or list of int
     As for attention.
-encoding : Rope, Alibi, T5Bias, ShawRelative or None
+encoding : Rope, MRope, Alibi, T5Bias, ShawRelative or None
     As for attention (the same encoder as the forward).
 heads : int or None
     As for attention.
