@@ -334,8 +334,12 @@ head_offset : int, default 0
 form : {'causal', 'symmetric'}, default 'causal'
     -slope * (qpos - kpos), or -slope * |qpos - kpos| (encoders).
 max_bias : float, default 8.0
-    The exponent scale of the slope rule (8 in the paper, BLOOM and MPT).)";
-constexpr const char* alibi_slopes = "The slopes of all num_heads global heads, a new float64 array [num_heads].";
+    The exponent scale of the slope rule (8 in the paper, BLOOM and MPT).
+slopes : list of float, 1-D array or None
+    The slopes of all num_heads global heads instead of the rule (learned slopes, a model's own; copied,
+    each finite); None = the rule.)";
+constexpr const char* alibi_slopes =
+    "The slopes of all num_heads global heads (by the rule, or as given), a new float64 array [num_heads].";
 constexpr const char* bias = R"(The bias (float64) of one head for a query at qpos and a key at kpos.
 
 Parameters
@@ -598,6 +602,76 @@ keys : {'rotated', 'raw'} or None
     With a Rope (required then): what the cache holds.
 positions : None, int64 array or list of int
     The position of every cache row; None = a token's index in its sequence.)";
+
+constexpr const char* backward = R"(Gradients of attention (the backward of attention, FlashAttention-2's algorithm): given dout =
+dL/dout, returns dL/dq, dL/dk, dL/dv and the gradients of the encoder's learned parameters and of the
+sinks. Logits are recomputed tile by tile from q, k and the forward's lse, so memory stays linear in
+the sequence length; the result is the same bits for any threads.
+
+Pass the forward's inputs and knobs unchanged (q and k as given to attention: with a Rope, not
+rotated; the backward rotates copies as the forward did and returns the gradients of the unrotated
+q and k), its output out and its log-sum-exp (attention(..., return_lse=True)).
+
+Parameters
+----------
+q : array
+    Queries, float32 or float64, 2-D [tokens, heads * head_dim] or 3-D [tokens, heads, head_dim], rows
+    any stride apart (a slice of rows of a C-contiguous array). Batched layouts ('htd', 'bhtd', 'bthd')
+    are not supported yet for the backward: call it once per sequence.
+k : array
+    Keys, the dtype of q, [n_kv, kv_heads * head_dim] or [n_kv, kv_heads, head_dim].
+v : array
+    Values, like k.
+out : array
+    The forward's output, q's shape and dtype.
+lse : array
+    The forward's log-sum-exp, [tokens, heads], float32 or float64 (-inf: the row saw no key).
+dout : array
+    dL/dout, q's shape and dtype.
+qpos : None, range, int64 array or list of int
+    As for attention.
+kpos : None, range, int64 array or list of int
+    As for attention.
+encoding : Rope, MRope, Alibi, T5Bias, ShawRelative or None
+    As for attention (the same encoder as the forward).
+heads : int or None
+    As for attention.
+kv_heads : int or None
+    As for attention; dk and dv sum the query heads of each kv head's group.
+scale : float or None
+    As for attention.
+softcap : float, default 0.0
+    As for attention.
+sinks : list of float, 1-D array or None
+    As for attention.
+causal : bool, default False
+    As for attention.
+window : (int, int), default (-1, -1)
+    As for attention.
+chunk_size : int or None, default None
+    As for attention.
+param_grads : bool, default True
+    Also compute the gradients of the learned parameters: 'sinks' (with sinks), 'slopes' (Alibi: [num_heads]
+    global heads, float64), 'table' (T5Bias: [num_buckets, num_heads]), 'key_table' and 'value_table'
+    (ShawRelative: [2K + 1, head_dim]); in q's dtype unless said. False: the dict is empty.
+dq : array or None
+    Written in place and returned: q's shape and dtype (rows any stride apart); None = a new array.
+dk : array or None
+    Like dq, k's shape.
+dv : array or None
+    Like dq, v's shape.
+threads : int, default 0
+    As for attention.
+q_tile : int, default 0
+    As for attention.
+k_tile : int, default 0
+    As for attention.
+
+Returns
+-------
+(dq, dk, dv, grads): dq, dk and dv overwritten (new arrays are torch tensors when q is one), grads a dict
+of new arrays (see param_grads). dq, dk and dv must not overlap the inputs. The GIL is released while it
+runs.)";
 
 }  // namespace docs
 
@@ -1884,7 +1958,20 @@ std::vector<float> sinks_of(py::handle obj, const std::string& w) {
   return out;
 }
 
-void read_knobs(attention_knobs& kn, const call_args& a, const std::string& w) {
+/// A list of numbers or a 1-D float array of any dtype (a torch tensor through __dlpack__), as doubles.
+std::vector<double> doubles_of(py::handle obj, const std::string& w, const char* arg) {
+  if (py::isinstance<py::list>(obj) || py::isinstance<py::tuple>(obj)) return floats_of(obj, w, arg);
+  if (!(py::isinstance<py::array>(obj) || py::hasattr(obj, "__dlpack__") || PyObject_CheckBuffer(obj.ptr())))
+    type_error(w, std::string(arg) + " must be a list of floats or a 1-D float array, got " + type_name(obj));
+  const auto a = float_array(obj, w, arg);
+  if (a.ndim() != 1) value_error(w, std::string(arg) + " must be 1-D, got shape " + shape_text(a));
+  std::vector<double> out;
+  for (py::ssize_t i = 0; i < a.shape[0]; ++i) out.push_back(element_at(a, a.data + i * a.strides[0]));
+  return out;
+}
+
+/// The knobs shared by the attention calls; `lse`: the call has return_lse= (the backward has not).
+void read_knobs(attention_knobs& kn, const call_args& a, const std::string& w, bool lse = true) {
   kn.p.scale = a.optional_float64("scale");
   kn.p.softcap = a.float64("softcap", 0.0);
   if (a.has("sinks")) {
@@ -1901,7 +1988,7 @@ void read_knobs(attention_knobs& kn, const call_args& a, const std::string& w) {
   kn.p.executor = &workers();
   kn.p.q_tile = a.int64("q_tile", 0);
   kn.p.k_tile = a.int64("k_tile", 0);
-  kn.want_lse = a.flag("return_lse", false);
+  kn.want_lse = lse && a.flag("return_lse", false);
 }
 
 /// The encoder's head_dim must be the one of q.
@@ -2488,6 +2575,158 @@ void paged_append(const call_args& a) {
                [&](auto t) { append_typed<decltype(t)>(a, arrays[0], arrays[1], arrays[2], arrays[3]); });
 }
 
+// ---------------------------------------------------------------------------------------------
+// The backward of attention, for the layouts of attention_varlen: [tokens, heads * head_dim] and
+// [tokens, heads, head_dim], float32 and float64 (the C++ backward's storage types).
+
+constexpr const char* backward_params_text =
+    "q, k, v, out, lse, dout, qpos=None, kpos=None, encoding=None, *, heads=None, kv_heads=None, scale=None, "
+    "softcap=0.0, sinks=None, causal=False, window=(-1, -1), chunk_size=None, param_grads=True, dq=None, dk=None, "
+    "dv=None, threads=0, q_tile=0, k_tile=0";
+
+/// A 2-D or 3-D argument of the backward: ValueError naming it for a batched layout.
+void backward_layout(const array_arg& a, const std::string& w, const char* name) {
+  if (a.ndim() != 2 && a.ndim() != 3)
+    value_error(w, std::string(name) + " has shape " + shape_text(a) +
+                       ": the backward takes 2-D [tokens, heads * head_dim] or 3-D [tokens, heads, head_dim]; "
+                       "batched layouts are not supported yet for the backward: call it once per sequence");
+}
+
+/// An array of `like`'s shape and dtype: `name` (checked, written in place) when given, else new.
+struct like_arg {
+  py::object obj;
+  array_arg arr;
+};
+like_arg shaped_like(const call_args& a, const std::string& w, const char* name, const array_arg& like, const char* of,
+                     bool output) {
+  like_arg r;
+  r.obj = output && !a.has(name) ? new_result(like.source, like.shape, like.type, w)
+                                 : py::reinterpret_borrow<py::object>(a[name]);
+  r.arr = float_array(r.obj, w, name, true);
+  require_dtype(r.arr, like, w, name, of);
+  if (r.arr.shape != like.shape)
+    value_error(
+        w, std::string(name) + " has shape " + shape_text(r.arr) + " but " + of + " has shape " + shape_text(like));
+  return r;
+}
+
+/// A new array (a torch tensor when `like` is one) of `shape` holding `values`, in dtype `e`.
+template <class X>
+py::object result_of(py::handle like, const std::vector<py::ssize_t>& shape, elem e, const std::vector<X>& values,
+                     const std::string& w) {
+  py::object obj = new_result(like, shape, e, w);
+  const array_arg arr = array_of(obj, w, "result");
+  for (std::size_t i = 0; i < values.size(); ++i) {
+    if (e == elem::f32) {
+      const auto f = static_cast<float>(values[i]);
+      std::memcpy(arr.data + i * sizeof f, &f, sizeof f);
+    } else {
+      const auto d = static_cast<double>(values[i]);
+      std::memcpy(arr.data + i * sizeof d, &d, sizeof d);
+    }
+  }
+  return obj;
+}
+
+template <class T>
+py::object backward_typed(const call_args& a, attention_knobs& kn, const array_arg& qa, const array_arg& ka,
+                          const array_arg& va) {
+  const std::string w = "attention_backward";
+  for (auto [arr, name] : {std::pair{&qa, "q"}, std::pair{&ka, "k"}, std::pair{&va, "v"}})
+    backward_layout(*arr, w, name);
+  const auto q = matrix_of<const T>(qa, w, "q", true);
+  const auto k = matrix_of<const T>(ka, w, "k", true);
+  const auto v = matrix_of<const T>(va, w, "v", true);
+  std::tie(kn.p.heads, kn.p.kv_heads) =
+      resolve_heads(w, qa, q, ka, k, va, v, a.optional_int64("heads"), a.optional_int64("kv_heads"));
+  const index_t h = kn.p.heads, n = q.view.rows, d = q.view.cols / h;
+  const position_arg qp(a["qpos"], n, w, "qpos");
+  const position_arg kp(a["kpos"], k.view.rows, w, "kpos");
+
+  const like_arg out = shaped_like(a, w, "out", qa, "q", false);
+  const like_arg dout = shaped_like(a, w, "dout", qa, "q", false);
+  const auto out_v = matrix_of<const T>(out.arr, w, "out", true).view;
+  const auto dout_v = matrix_of<const T>(dout.arr, w, "dout", true).view;
+  const array_arg la = float_array(a["lse"], w, "lse", true);
+  if (la.ndim() != 2 || la.shape[0] != n || la.shape[1] != h)
+    value_error(w, "lse has shape " + shape_text(la) + " but must be [tokens, heads] = [" + std::to_string(n) + ", " +
+                       std::to_string(h) + "] (attention's return_lse=True)");
+
+  const like_arg dq = shaped_like(a, w, "dq", qa, "q", true);
+  const like_arg dk = shaped_like(a, w, "dk", ka, "k", true);
+  const like_arg dv = shaped_like(a, w, "dv", va, "v", true);
+  const auto dq_v = matrix_of<T>(dq.arr, w, "dq", true).view;
+  const auto dk_v = matrix_of<T>(dk.arr, w, "dk", true).view;
+  const auto dv_v = matrix_of<T>(dv.arr, w, "dv", true).view;
+  const bool want = a.flag("param_grads", true);
+
+  py::dict grads;
+  with_encoding<T>(a["encoding"], w, h, d, [&](const auto& enc) {
+    using E = std::remove_cvref_t<decltype(enc)>;
+    posenc::parameter_gradients<E> g;
+    std::vector<float> dsinks;
+    if (want && !kn.sinks.empty()) {
+      dsinks.assign(kn.sinks.size(), 0.0f);
+      g.sinks = dsinks;
+    }
+    // Parameter gradients are added to zeros here, then copied into new arrays.
+    std::vector<double> dslopes;
+    std::vector<T> dtable, dkey, dvalue;
+    index_t rows = 0, cols = 0;
+    if constexpr (posenc::detail::is_alibi<E>::value) {
+      if (want) {
+        dslopes.assign(static_cast<std::size_t>(enc.params().num_heads), 0.0);
+        g.slopes = dslopes;
+      }
+    } else if constexpr (posenc::detail::is_t5<E>::value) {
+      rows = enc.params().num_buckets, cols = enc.params().num_heads;
+      if (want) {
+        dtable.assign(static_cast<std::size_t>(rows * cols), T(0));
+        g.table = posenc::strided_view<T>(dtable.data(), rows, cols);
+      }
+    } else if constexpr (posenc::relative_key_value<E>) {
+      rows = enc.num_relative(), cols = enc.head_dim();
+      if (want) {
+        dkey.assign(static_cast<std::size_t>(rows * cols), T(0));
+        dvalue.assign(static_cast<std::size_t>(rows * cols), T(0));
+        g.key_table = posenc::strided_view<T>(dkey.data(), rows, cols);
+        g.value_table = posenc::strided_view<T>(dvalue.data(), rows, cols);
+      }
+    }
+    const auto run = [&](auto lse) {
+      py::gil_scoped_release unlocked;
+      posenc::attention_backward(q.view, k.view, v.view, out_v, lse, dout_v, dq_v, dk_v, dv_v, qp.get(), kp.get(), enc,
+                                 kn.p, g);
+    };
+    if (la.type == elem::f32) {
+      run(matrix_of<const float>(la, w, "lse", false).view);
+    } else {
+      run(matrix_of<const double>(la, w, "lse", false).view);
+    }
+    if (!dsinks.empty()) grads["sinks"] = result_of(qa.source, {h}, qa.type, dsinks, w);
+    if (!dslopes.empty())
+      grads["slopes"] = result_of(qa.source, {static_cast<py::ssize_t>(dslopes.size())}, elem::f64, dslopes, w);
+    if (!dtable.empty()) grads["table"] = result_of(qa.source, {rows, cols}, qa.type, dtable, w);
+    if (!dkey.empty()) {
+      grads["key_table"] = result_of(qa.source, {rows, cols}, qa.type, dkey, w);
+      grads["value_table"] = result_of(qa.source, {rows, cols}, qa.type, dvalue, w);
+    }
+  });
+  return py::make_tuple(dq.obj, dk.obj, dv.obj, grads);
+}
+
+py::object attention_backward(const call_args& a) {
+  const std::string w = "attention_backward";
+  const auto arrays = same_dtype_arrays(a, w, {"q", "k", "v"});
+  if (arrays[0].type != elem::f32 && arrays[0].type != elem::f64)
+    type_error(w, "q has dtype " + arrays[0].type_name +
+                      "; the backward computes in float32 or float64 (convert q, k, v, out and dout)");
+  attention_knobs kn;
+  read_knobs(kn, a, w, false);
+  if (arrays[0].type == elem::f32) return backward_typed<float>(a, kn, arrays[0], arrays[1], arrays[2]);
+  return backward_typed<double>(a, kn, arrays[0], arrays[1], arrays[2]);
+}
+
 template <class R>
 py::array_t<double> to_numpy(const R& values) {
   py::array_t<double> a(static_cast<py::ssize_t>(std::size(values)));
@@ -2805,7 +3044,7 @@ PYBIND11_MODULE(_posenc, m) {
           "frequencies", [](const py_sinusoidal& s) { return to_numpy(s.d.frequencies()); },
           "The dim / 2 angular frequencies 1 / base^(2i / dim) (float64 copy).");
 
-  constexpr const char* alibi_params = "*, num_heads=8, head_offset=0, form='causal', max_bias=8.0";
+  constexpr const char* alibi_params = "*, num_heads=8, head_offset=0, form='causal', max_bias=8.0, slopes=None";
   py::class_<py_alibi> alibi_class(m, "Alibi", docs::alibi);
   alibi_class
       .def(init_of("Alibi", alibi_params,
@@ -2818,15 +3057,15 @@ PYBIND11_MODULE(_posenc, m) {
                              {{"causal", posenc::alibi_form::causal}, {"symmetric", posenc::alibi_form::symmetric}},
                              "Alibi", "form"),
                          .max_bias = a.float64("max_bias", 8.0)};
+                     if (a.has("slopes")) {
+                       const auto given = doubles_of(a["slopes"], "Alibi", "slopes");
+                       return py_alibi{posenc::alibi<float>(p, given), posenc::alibi<double>(p, given)};
+                     }
                      return py_alibi{posenc::alibi<float>(p), posenc::alibi<double>(p)};
                    }),
            doc_of("__init__", true, alibi_params, docs::alibi_init).c_str())
       .def_property_readonly(
-          "slopes",
-          [](const py_alibi& a) {
-            return to_numpy(posenc::alibi<double>::slopes(a.d.params().num_heads, a.d.params().max_bias));
-          },
-          docs::alibi_slopes);
+          "slopes", [](const py_alibi& a) { return to_numpy(a.d.global_slopes()); }, docs::alibi_slopes);
   def_bias_methods(alibi_class, "Alibi");
 
   constexpr const char* t5_params = "table, *, max_distance=128, bidirectional=True, head_offset=0";
@@ -2899,6 +3138,13 @@ PYBIND11_MODULE(_posenc, m) {
       },
       doc_of("paged_attention", false, paged_params_text, docs::paged)
           .c_str());
+
+  m.def(
+      "attention_backward",
+      [sig = sig_of("attention_backward", backward_params_text)](py::args args, py::kwargs kwargs) {
+        return attention_backward(call_args(sig, args, kwargs));
+      },
+      doc_of("attention_backward", false, backward_params_text, docs::backward).c_str());
 
   m.def(
       "paged_append",

@@ -219,6 +219,30 @@ TEST_CASE("alibi rejects invalid parameters, naming them", "[alibi]") {
   CHECK_NOTHROW(A({.num_heads = 8, .head_offset = 7}));
 }
 
+TEMPLATE_TEST_CASE("alibi with given slopes uses them for every global head", "[alibi]", float, double) {
+  const std::vector<double> given = {0.75, -0.5, 2.0, 1e-3};  // learned slopes need not follow the rule
+  const posenc::alibi<TestType> a({.num_heads = 4, .head_offset = 1}, given);
+  CHECK(std::vector<double>(a.global_slopes().begin(), a.global_slopes().end()) == given);
+  for (posenc::index_t h = 0; h < 3; ++h) {
+    CHECK(a.slope(h) == given[h + 1]);
+    CHECK(a.bias(h, 9, 2) == -given[h + 1] * 7.0);
+  }
+  posenc::row_matrix<TestType> tile = posenc::row_matrix<TestType>::Zero(2, 3);
+  a.add_bias_tile(tile, 2, posenc::arange(5, 2), posenc::arange(3, 3));
+  for (posenc::index_t i = 0; i < 2; ++i)
+    for (posenc::index_t j = 0; j < 3; ++j)
+      CHECK(tile(i, j) == static_cast<TestType>(-1e-3 * static_cast<double>(2 + i - j)));
+  const posenc::alibi<TestType> symmetric({.num_heads = 4, .form = posenc::alibi_form::symmetric}, given);
+  CHECK(symmetric.bias(1, 2, 9) == 3.5);  // -slope * |2 - 9| with slope -0.5
+  using A = posenc::alibi<TestType>;
+  const std::vector<double> three = {1.0, 2.0, 3.0}, bad = {1.0, std::nan(""), 1.0, 1.0};
+  CHECK_INVALID(A({.num_heads = 4}, three), "slopes.size() = 3: must equal num_heads (4)");
+  CHECK_INVALID(A({.num_heads = 4}, bad), "slopes[1] = nan");
+  CHECK_INVALID(A({.num_heads = 4, .head_offset = 4}, given), "head_offset = 4");
+  const A rule({.num_heads = 4});
+  CHECK(std::vector<double>(rule.global_slopes().begin(), rule.global_slopes().end()) == A::slopes(4));
+}
+
 TEST_CASE("alibi hot-path preconditions", "[alibi]") {
   posenc::alibi<double> a({.num_heads = 8, .head_offset = 4});
   posenc::row_matrix<float> tile(3, 5);

@@ -6,7 +6,9 @@ Encoders: ``Sinusoidal`` (added to token embeddings), ``Rope`` with its frequenc
 ``T5Bias`` and ``ShawRelative``; multi-axis ``MRope`` (Qwen VL) and ``AxialRope`` (image patches);
 ``layer_encoding`` reads a layer's encoding and mask from a model config (Gemma 3, Llama 4, Qwen VL),
 ``query_temperature`` is Llama 4's NoPE-layer query scale. Attention: ``attention`` (one sequence, or a batch of sequences of
-equal length), and the engine step ``attention_varlen``, ``paged_attention``, ``paged_append``.
+equal length), its gradients ``attention_backward``, and the engine step ``attention_varlen``, ``paged_attention``,
+``paged_append``. Training: ``posenc.torch`` (imported on first use, needs torch) has ``posenc.torch.attention``, a
+``torch.autograd.Function`` over the C++ forward and backward, and modules holding learned T5 and Shaw tables.
 
 Arrays are used in place, never copied: NumPy arrays, torch CPU tensors (through ``__dlpack__``) or
 any buffer, float16, bfloat16 (torch), float32 or float64. ``help(posenc.attention)`` lists the
@@ -30,6 +32,7 @@ from ._posenc import (
     YarnScaling,
     __version__,
     attention,
+    attention_backward,
     attention_varlen,
     layer_encoding,
     paged_append,
@@ -53,6 +56,7 @@ __all__ = [
     "T5Bias",
     "YarnScaling",
     "attention",
+    "attention_backward",
     "attention_varlen",
     "layer_encoding",
     "paged_append",
@@ -67,3 +71,12 @@ for _name in __all__:
     except (AttributeError, TypeError):  # pragma: no cover (an object whose __module__ is fixed)
         pass
 del _name
+
+
+def __getattr__(name):
+    # posenc.torch imports torch: loaded on first use, so that posenc imports without torch.
+    if name == "torch":
+        import importlib
+
+        return importlib.import_module(".torch", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -108,7 +108,7 @@ class Sinusoidal:
 
 class Alibi:
     def __init__(self, *, num_heads: int = 8, head_offset: int = 0, form: Literal["causal", "symmetric"] = "causal",
-                 max_bias: float = 8.0) -> None: ...
+                 max_bias: float = 8.0, slopes: Optional[Union[Sequence[float], Array]] = None) -> None: ...
     @property
     def slopes(self) -> Array: ...
     def bias(self, head: int, qpos: int, kpos: int) -> float: ...
@@ -142,6 +142,15 @@ def attention(q: Array, k: Array, v: Array, qpos: Positions = None, kpos: Positi
               causal: bool = False, window: Tuple[int, int] = (-1, -1), chunk_size: Optional[int] = None,
               return_lse: Literal[True],
               out: Optional[Array] = None, threads: int = 0, q_tile: int = 0, k_tile: int = 0) -> Tuple[Array, Array]: ...
+
+def attention_backward(q: Array, k: Array, v: Array, out: Array, lse: Array, dout: Array, qpos: Positions = None,
+                       kpos: Positions = None, encoding: Encoding = None, *, heads: Optional[int] = None,
+                       kv_heads: Optional[int] = None, scale: Optional[float] = None, softcap: float = 0.0,
+                       sinks: Optional[Union[Sequence[float], Array]] = None, causal: bool = False,
+                       window: Tuple[int, int] = (-1, -1), chunk_size: Optional[int] = None,
+                       param_grads: bool = True, dq: Optional[Array] = None, dk: Optional[Array] = None,
+                       dv: Optional[Array] = None, threads: int = 0, q_tile: int = 0,
+                       k_tile: int = 0) -> Tuple[Array, Array, Array, Dict[str, Array]]: ...
 
 @overload
 def attention_varlen(q: Array, k: Array, v: Array, cu_q: IndexArray, cu_k: IndexArray, qpos: Positions = None,

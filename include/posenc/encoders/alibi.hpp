@@ -27,6 +27,8 @@
 #include <cmath>
 #include <concepts>
 #include <cstdint>
+#include <span>
+#include <string>
 #include <string_view>
 #include <type_traits>
 #include <utility>
@@ -100,13 +102,20 @@ class alibi {
   /// Validates the parameters (throws `std::invalid_argument` naming the offending field) and
   /// precomputes the slopes of all `num_heads` global heads. Allocates `num_heads` doubles.
   explicit alibi(const alibi_params& p = {}) : params_(p) {
-    detail::require(p.num_heads > 0, "alibi_params.num_heads", p.num_heads, "must be positive");
-    detail::require(p.head_offset >= 0, "alibi_params.head_offset", p.head_offset, "must be non-negative");
-    detail::require(p.head_offset < p.num_heads, "alibi_params.head_offset", p.head_offset,
-                    "must be less than num_heads (" + detail::to_text(p.num_heads) + ")");
-    detail::require(p.form == alibi_form::causal || p.form == alibi_form::symmetric, "alibi_params.form",
-                    static_cast<int>(p.form), "unknown alibi_form");
+    check(p);
     slopes_ = slopes(p.num_heads, p.max_bias);
+  }
+
+  /// Slopes given instead of the rule (learned slopes, or a model's own): `given` holds the slopes
+  /// of all `num_heads` global heads, each finite; they are copied and `max_bias` is not used.
+  /// Throws `std::invalid_argument` naming the field. Allocates `num_heads` doubles.
+  alibi(const alibi_params& p, std::span<const double> given) : params_(p) {
+    check(p);
+    detail::require(static_cast<index_t>(given.size()) == p.num_heads, "alibi slopes.size()",
+                    static_cast<index_t>(given.size()), "must equal num_heads (" + detail::to_text(p.num_heads) + ")");
+    for (std::size_t h = 0; h < given.size(); ++h)
+      detail::require(std::isfinite(given[h]), "alibi slopes[" + std::to_string(h) + "]", given[h], "must be finite");
+    slopes_.assign(given.begin(), given.end());
   }
 
   /// "alibi".
@@ -132,6 +141,9 @@ class alibi {
       s[c + i] = std::exp2(-max_bias * static_cast<double>(2 * i + 1) / static_cast<double>(2 * c));
     return s;
   }
+
+  /// The slopes of all `num_heads` global heads this encoder uses (by the rule, or as given).
+  std::span<const double> global_slopes() const { return slopes_; }
 
   /// Slope of local head `local_head`, i.e. of global head `local_head + head_offset`.
   /// Precondition: `0 <= local_head` and `local_head + head_offset < num_heads`.
@@ -200,6 +212,15 @@ class alibi {
   }
 
  private:
+  static void check(const alibi_params& p) {
+    detail::require(p.num_heads > 0, "alibi_params.num_heads", p.num_heads, "must be positive");
+    detail::require(p.head_offset >= 0, "alibi_params.head_offset", p.head_offset, "must be non-negative");
+    detail::require(p.head_offset < p.num_heads, "alibi_params.head_offset", p.head_offset,
+                    "must be less than num_heads (" + detail::to_text(p.num_heads) + ")");
+    detail::require(p.form == alibi_form::causal || p.form == alibi_form::symmetric, "alibi_params.form",
+                    static_cast<int>(p.form), "unknown alibi_form");
+  }
+
   alibi_params params_;
   std::vector<double> slopes_;
 };
