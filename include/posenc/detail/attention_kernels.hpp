@@ -158,10 +158,15 @@ void qk_portable(const C* q, index_t ldq, index_t nq, index_t d, const C* kt, in
 
 // One body for keys and values of the compute type and of fp16 / bf16 (`widen` is a no-op for the
 // former), so that both compile to the same arithmetic: the half-precision versions give the bits
-// of the float ones on widened data, whatever contraction the includer's flags allow.
+// of the float ones on widened data. The dot product is strict: where fused multiply-add is part
+// of the target (aarch64, x86 built with -mfma), g++ contracts `dot += q * k` across statements
+// into `fmadd` in some unrolled or peeled iterations and not in others, differently for each key
+// type (seen on aarch64); `pv_portable`'s single-statement update is contracted the same way for
+// every value type.
 template <class C, class K = C>
-void qk_rows_portable(const C* q, index_t ldq, index_t nq, index_t d, const K* k, index_t ldk, index_t nk, C* s,
-                      index_t lds, const K*, index_t) {
+POSENC_STRICT_FP void qk_rows_portable(const C* q, index_t ldq, index_t nq, index_t d, const K* k, index_t ldk,
+                                       index_t nk, C* s, index_t lds, const K*, index_t) {
+  POSENC_STRICT_FP_BODY
   for (index_t i = 0; i < nq; ++i)
     for (index_t j = 0; j < nk; ++j) {
       C dot = 0;
