@@ -48,21 +48,21 @@ inline std::string skip_message(double bytes) {
 // ---- instruction set ----
 
 /// The names POSENC_SIMD_CAP takes, in the order of `posenc::detail::simd_level` (lowest first).
-inline constexpr std::string_view simd_names[] = {"portable", "avx2", "avx512"};
+inline constexpr std::string_view simd_names[] = {"portable", "avx2", "avx512", "neon"};
 
 inline std::string_view simd_name(posenc::detail::simd_level level) { return simd_names[static_cast<int>(level)]; }
 
-/// The highest SIMD level the kernels may use: POSENC_SIMD_CAP = portable, avx2 or avx512 (unset
-/// or empty: avx512, no cap). It only lowers the level: a CPU without the named set uses the best
+/// The highest SIMD level the kernels may use: POSENC_SIMD_CAP = portable, avx2, avx512 or neon
+/// (unset or empty: avx512, no cap; `neon` is the tier of `avx2`, see `posenc::detail::simd_tier`). It only lowers the level: a CPU without the named set uses the best
 /// it has. An unknown name ends the program with a message, so that a typo does not measure
 /// another instruction set than the one asked for.
 inline posenc::detail::simd_level simd_cap_setting() {
   const char* v = std::getenv("POSENC_SIMD_CAP");
   const std::string_view s = v != nullptr ? v : "";
   if (s.empty()) return posenc::detail::simd_level::avx512;
-  for (int i = 0; i < 3; ++i)
+  for (int i = 0; i < static_cast<int>(std::size(simd_names)); ++i)
     if (simd_names[i] == s) return static_cast<posenc::detail::simd_level>(i);
-  std::fprintf(stderr, "POSENC_SIMD_CAP=%s: expected portable, avx2 or avx512\n", v);
+  std::fprintf(stderr, "POSENC_SIMD_CAP=%s: expected portable, avx2, avx512 or neon\n", v);
   std::exit(2);
 }
 

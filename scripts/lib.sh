@@ -4,7 +4,10 @@
 # clang's sanitizer, fuzzer and OpenMP runtimes (the opt-in OpenMP executor is tested), Open MPI (ring attention), and for the Python
 # module, its tests and the plots: pybind11, NumPy, pytest, PyTorch (the tests' reference) and
 # Matplotlib; pip, venv, setuptools and wheel for `pip install --no-build-isolation .`; mypy checks the stubs.
+# The aarch64 cross compiler (it brings the arm64 libc and libstdc++) and qemu's user-mode emulator build
+# and run the test suite for ARM (NEON kernels); Eigen and Catch2 are header-only and serve both targets.
 POSENC_PACKAGES=(cmake make g++ clang libclang-rt-14-dev libomp-dev libeigen3-dev catch2 libbenchmark-dev
+                 g++-aarch64-linux-gnu qemu-user
                  openmpi-bin libopenmpi-dev
                  python3 python3-dev pybind11-dev python3-pybind11 python3-numpy python3-pytest python3-torch
                  python3-matplotlib python3-pip python3-venv python3-setuptools python3-wheel python3-mypy)

@@ -205,8 +205,7 @@ TEST_CASE("blockwise: every kernel set this CPU has equals the reference", "[att
   using posenc::detail::simd_level;
   const posenc::no_position<float> none_f;
   const posenc::no_position<double> none_d;
-  for (const simd_level level : {simd_level::portable, simd_level::avx2, simd_level::avx512}) {
-    if (level > posenc::detail::detected_simd_level()) continue;
+  for (const simd_level level : posenc::detail::available_simd_levels()) {
     const posenc::detail::scoped_simd_cap cap(level);
     INFO("kernels: " << posenc::detail::kernels_for<float>().name);
     // 56 and 120 leave 49..63 columns after the 64-column blocks (four vectors, the last partial).

@@ -30,10 +30,8 @@ constexpr double absolute_slack = 1e-6;  // float outputs are O(1); this is ~8 u
 
 /// The kernel sets this CPU has, lowest first.
 std::vector<simd_level> levels() {
-  std::vector<simd_level> out;
-  for (simd_level l : {simd_level::portable, simd_level::avx2, simd_level::avx512})
-    if (l <= posenc::detail::detected_simd_level()) out.push_back(l);
-  return out;
+  const auto all = posenc::detail::available_simd_levels();
+  return {all.begin(), all.end()};
 }
 
 template <class H>

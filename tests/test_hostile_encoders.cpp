@@ -58,10 +58,8 @@ std::vector<position> block_list(const key_block& b) {
 
 /// The SIMD levels this machine can run (each tile path is taken under each).
 std::vector<posenc::detail::simd_level> levels() {
-  std::vector<posenc::detail::simd_level> out = {posenc::detail::simd_level::portable};
-  if (posenc::detail::detected_simd_level() == posenc::detail::simd_level::avx512)
-    out.push_back(posenc::detail::simd_level::avx512);
-  return out;
+  const auto all = posenc::detail::available_simd_levels();
+  return {all.begin(), all.end()};
 }
 
 }  // namespace

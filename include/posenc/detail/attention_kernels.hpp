@@ -158,10 +158,15 @@ void qk_portable(const C* q, index_t ldq, index_t nq, index_t d, const C* kt, in
 
 // One body for keys and values of the compute type and of fp16 / bf16 (`widen` is a no-op for the
 // former), so that both compile to the same arithmetic: the half-precision versions give the bits
-// of the float ones on widened data, whatever contraction the includer's flags allow.
+// of the float ones on widened data. The dot product is strict: where fused multiply-add is part
+// of the target (aarch64, x86 built with -mfma), g++ contracts `dot += q * k` across statements
+// into `fmadd` in some unrolled or peeled iterations and not in others, differently for each key
+// type (seen on aarch64); `pv_portable`'s single-statement update is contracted the same way for
+// every value type.
 template <class C, class K = C>
-void qk_rows_portable(const C* q, index_t ldq, index_t nq, index_t d, const K* k, index_t ldk, index_t nk, C* s,
-                      index_t lds, const K*, index_t) {
+POSENC_STRICT_FP void qk_rows_portable(const C* q, index_t ldq, index_t nq, index_t d, const K* k, index_t ldk,
+                                       index_t nk, C* s, index_t lds, const K*, index_t) {
+  POSENC_STRICT_FP_BODY
   for (index_t i = 0; i < nq; ++i)
     for (index_t j = 0; j < nk; ++j) {
       C dot = 0;
@@ -255,6 +260,81 @@ const tile_kernels<C>& portable_kernels() {
   return k;
 }
 
+#if POSENC_HAVE_X86_KERNELS || POSENC_NEON_KERNELS
+
+/// Degree-6 Taylor coefficients of 2^f = sum (f ln 2)^k / k!, highest first, shared by the
+/// AVX-512, AVX2 and NEON exp (relative error about 1.5e-7 on [-1/2, 1/2]).
+inline constexpr float exp2_poly[7] = {1.540353039338161e-4f, 1.333355814642844e-3f, 9.618129107628477e-3f,
+                                       5.550410866482158e-2f, 2.402265069591007e-1f, 6.931471805599453e-1f,
+                                       1.0f};
+
+// ---------------------------------------------------------------------------------------------
+// Kernels written once over a vector helper type `V` (one per instruction set, float lanes):
+//   reg, width                    the register type and its number of floats
+//   zero(), set1(x)
+//   load(p), store(p, v)          `width` floats at `p`; load(h) of `width` fp16 / bf16 values,
+//                                 widened exactly (every fp16 and bf16 value is a float)
+//   load_part(p, n)               the first n < width values (float, fp16 or bf16), other lanes 0;
+//                                 reads nothing past them, so a tail never touches the next row
+//   load_or(p, n, fill)           the first n < width floats, other lanes `fill`
+//   store(p, v, n)                the first n < width lanes
+//   add, sub, mul, max            lane-wise; max is the instruction set's own (which operand a NaN
+//                                 yields differs between sets; the NaN policy rests on the sums)
+//   exp(x)                        e^x for x <= 0 from `exp2_poly`; below -87.3 (and -inf) exactly 0,
+//                                 NaN stays NaN
+//   reduce_add, reduce_max        across lanes, in a fixed order of the set
+// A target attribute cannot depend on a template argument, and GCC does not inline an intrinsic into
+// a function compiled without its target, so each body is a macro expanded in one function per
+// instruction set (as in detail/rope_kernels.hpp). Full vectors take plain loads and stores, the
+// tail of a row one partial load and store.
+
+/// The online-softmax step of `tile_kernels::softmax`: every row's maximum, then `exp(s - m_new)`
+/// and its sum. Masked-off lanes of a tail read -inf, whose exp is 0, so they add nothing.
+#define POSENC_SOFTMAX_ROWS_BODY(V)                                                          \
+  using reg = typename V::reg;                                                               \
+  constexpr index_t w = V::width;                                                            \
+  constexpr float neg_inf = -std::numeric_limits<float>::infinity();                         \
+  for (index_t i = 0; i < nq; ++i) {                                                         \
+    float* row = s + i * lds;                                                                \
+    reg mx = V::set1(neg_inf);                                                               \
+    index_t j = 0;                                                                           \
+    for (; j + w <= nk; j += w) mx = V::max(mx, V::load(row + j));                           \
+    if (j < nk) mx = V::max(mx, V::load_or(row + j, nk - j, neg_inf));                       \
+    const float m_new = softmax_row_begin<float>(V::reduce_max(mx), m[i], alpha[i]);         \
+    if (m_new == neg_inf) {                                                                  \
+      softmax_row_empty(row, nk, l[i], alpha[i]);                                            \
+      continue;                                                                              \
+    }                                                                                        \
+    const reg vm = V::set1(m_new);                                                           \
+    reg sum = V::zero();                                                                     \
+    for (j = 0; j + w <= nk; j += w) {                                                       \
+      const reg e = V::exp(V::sub(V::load(row + j), vm));                                    \
+      V::store(row + j, e);                                                                  \
+      sum = V::add(sum, e);                                                                  \
+    }                                                                                        \
+    if (j < nk) {                                                                            \
+      const reg e = V::exp(V::sub(V::load_or(row + j, nk - j, neg_inf), vm));                \
+      V::store(row + j, e, nk - j);                                                          \
+      sum = V::add(sum, e);                                                                  \
+    }                                                                                        \
+    l[i] = alpha[i] * l[i] + V::reduce_add(sum);                                             \
+  }
+
+/// `tile_kernels::convert_f16` / `convert_bf16`: `factor * x`, one rounding, as the portable loop.
+#define POSENC_CONVERT_ROWS_BODY(V)                                                          \
+  using reg = typename V::reg;                                                               \
+  constexpr index_t w = V::width;                                                            \
+  const reg f = V::set1(factor);                                                             \
+  for (index_t i = 0; i < n; ++i) {                                                          \
+    const S* from = src + i * lds;                                                           \
+    float* to = dst + i * ldd;                                                               \
+    index_t c = 0;                                                                           \
+    for (; c + w <= d; c += w) V::store(to + c, V::mul(f, V::load(from + c)));               \
+    if (c < d) V::store(to + c, V::mul(f, V::load_part(from + c, d - c)), d - c);            \
+  }
+
+#endif  // POSENC_HAVE_X86_KERNELS || POSENC_NEON_KERNELS
+
 #if POSENC_HAVE_X86_KERNELS
 
 /// Requests the `d` columns of row `j` of `pf` (row stride `ld`) when `j < npf`: the few-row kernels
@@ -274,12 +354,6 @@ template <class T>
 inline const T* advance_or_null(const T* p, index_t n) {
   return p ? p + n : nullptr;
 }
-
-/// Degree-6 Taylor coefficients of 2^f = sum (f ln 2)^k / k!, highest first, shared by the
-/// AVX-512 and AVX2 exp (relative error about 1.5e-7 on [-1/2, 1/2]).
-inline constexpr float exp2_poly[7] = {1.540353039338161e-4f, 1.333355814642844e-3f, 9.618129107628477e-3f,
-                                       5.550410866482158e-2f, 2.402265069591007e-1f, 6.931471805599453e-1f,
-                                       1.0f};
 
 POSENC_SIMD_WARNINGS_OFF
 #define POSENC_AVX512 POSENC_TARGET_AVX512
@@ -506,30 +580,38 @@ POSENC_AVX512 inline void qk_rows_avx512(const float* q, index_t ldq, index_t nq
   }
 }
 
+/// The vector helper type of AVX-512 (see POSENC_SOFTMAX_ROWS_BODY): 16 lanes, tails masked.
+struct avx512_f32x16 {
+  using reg = __m512;
+  static constexpr index_t width = 16;
+  POSENC_AVX512 static reg zero() { return _mm512_setzero_ps(); }
+  POSENC_AVX512 static reg set1(float x) { return _mm512_set1_ps(x); }
+  POSENC_AVX512 static reg load(const float* p) { return _mm512_loadu_ps(p); }
+  template <half_storage H>
+  POSENC_AVX512 static reg load(const H* p) {
+    return load16(p);
+  }
+  template <class S>
+  POSENC_AVX512 static reg load_part(const S* p, index_t n) {
+    return load16(p, tail_mask(n));
+  }
+  POSENC_AVX512 static reg load_or(const float* p, index_t n, float fill) {
+    return _mm512_mask_loadu_ps(_mm512_set1_ps(fill), tail_mask(n), p);
+  }
+  POSENC_AVX512 static void store(float* p, reg v) { _mm512_storeu_ps(p, v); }
+  POSENC_AVX512 static void store(float* p, reg v, index_t n) { _mm512_mask_storeu_ps(p, tail_mask(n), v); }
+  POSENC_AVX512 static reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
+  POSENC_AVX512 static reg sub(reg a, reg b) { return _mm512_sub_ps(a, b); }
+  POSENC_AVX512 static reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
+  POSENC_AVX512 static reg max(reg a, reg b) { return _mm512_max_ps(a, b); }
+  POSENC_AVX512 static reg exp(reg x) { return exp_avx512(x); }
+  POSENC_AVX512 static float reduce_add(reg x) { return _mm512_reduce_add_ps(x); }
+  POSENC_AVX512 static float reduce_max(reg x) { return _mm512_reduce_max_ps(x); }
+};
+
 POSENC_AVX512 inline void softmax_avx512(float* s, index_t lds, index_t nq, index_t nk, float* m, float* l,
                                          float* alpha) {
-  constexpr float neg_inf = -std::numeric_limits<float>::infinity();
-  const __m512 vneg_inf = _mm512_set1_ps(neg_inf);
-  for (index_t i = 0; i < nq; ++i) {
-    float* row = s + i * lds;
-    __m512 mx = vneg_inf;
-    for (index_t j = 0; j < nk; j += 16)
-      mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(vneg_inf, tail_mask(nk - j), row + j));
-    const float m_new = softmax_row_begin<float>(_mm512_reduce_max_ps(mx), m[i], alpha[i]);
-    if (m_new == neg_inf) {
-      softmax_row_empty(row, nk, l[i], alpha[i]);
-      continue;
-    }
-    const __m512 vm = _mm512_set1_ps(m_new);
-    __m512 sum = _mm512_setzero_ps();
-    for (index_t j = 0; j < nk; j += 16) {
-      const __mmask16 mk = tail_mask(nk - j);
-      const __m512 e = exp_avx512(_mm512_sub_ps(_mm512_mask_loadu_ps(vneg_inf, mk, row + j), vm));
-      _mm512_mask_storeu_ps(row + j, mk, e);
-      sum = _mm512_add_ps(sum, e);
-    }
-    l[i] = alpha[i] * l[i] + _mm512_reduce_add_ps(sum);
-  }
+  POSENC_SOFTMAX_ROWS_BODY(avx512_f32x16)
 }
 
 /// R rows of the accumulator, C vectors of 16 columns: R*C accumulators, C loads and R
@@ -602,20 +684,11 @@ POSENC_AVX512 inline void pv_avx512(const float* p, index_t ldp, index_t nq, ind
   }
 }
 
-/// `convert_f16` / `convert_bf16`: 16 columns per step, the tail masked. `factor * x` is one
-/// rounding, as in the portable loop.
+/// `convert_f16` / `convert_bf16`: 16 columns per step, the tail masked.
 template <class S>
 POSENC_AVX512 inline void convert_avx512(const S* src, index_t lds, index_t n, index_t d, float factor, float* dst,
                                          index_t ldd) {
-  const __m512 f = _mm512_set1_ps(factor);
-  const index_t d16 = d / 16 * 16;
-  const __mmask16 tail = tail_mask(d - d16);
-  for (index_t i = 0; i < n; ++i) {
-    const S* from = src + i * lds;
-    float* to = dst + i * ldd;
-    for (index_t c = 0; c < d16; c += 16) _mm512_storeu_ps(to + c, _mm512_mul_ps(f, load16(from + c)));
-    if (d16 < d) _mm512_mask_storeu_ps(to + d16, tail, _mm512_mul_ps(f, load16(from + d16, tail)));
-  }
+  POSENC_CONVERT_ROWS_BODY(avx512_f32x16)
 }
 
 #undef POSENC_AVX512
@@ -828,33 +901,40 @@ POSENC_AVX2 inline void qk_rows_avx2(const float* q, index_t ldq, index_t nq, in
   }
 }
 
+/// The vector helper type of AVX2 (see POSENC_SOFTMAX_ROWS_BODY): 8 lanes, float tails through
+/// `vmaskmovps`, half-precision tails through a zeroed vector on the stack.
+struct avx2_f32x8 {
+  using reg = __m256;
+  static constexpr index_t width = 8;
+  POSENC_AVX2 static reg zero() { return _mm256_setzero_ps(); }
+  POSENC_AVX2 static reg set1(float x) { return _mm256_set1_ps(x); }
+  POSENC_AVX2 static reg load(const float* p) { return _mm256_loadu_ps(p); }
+  template <half_storage H>
+  POSENC_AVX2 static reg load(const H* p) {
+    return load8(p);
+  }
+  template <class S>
+  POSENC_AVX2 static reg load_part(const S* p, index_t n) {
+    return load8(p, tail_mask_avx2(n), n);
+  }
+  POSENC_AVX2 static reg load_or(const float* p, index_t n, float fill) {
+    const __m256i mk = tail_mask_avx2(n);
+    return _mm256_blendv_ps(_mm256_set1_ps(fill), _mm256_maskload_ps(p, mk), _mm256_castsi256_ps(mk));
+  }
+  POSENC_AVX2 static void store(float* p, reg v) { _mm256_storeu_ps(p, v); }
+  POSENC_AVX2 static void store(float* p, reg v, index_t n) { _mm256_maskstore_ps(p, tail_mask_avx2(n), v); }
+  POSENC_AVX2 static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
+  POSENC_AVX2 static reg sub(reg a, reg b) { return _mm256_sub_ps(a, b); }
+  POSENC_AVX2 static reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
+  POSENC_AVX2 static reg max(reg a, reg b) { return _mm256_max_ps(a, b); }
+  POSENC_AVX2 static reg exp(reg x) { return exp_avx2(x); }
+  POSENC_AVX2 static float reduce_add(reg x) { return reduce_add_avx2(x); }
+  POSENC_AVX2 static float reduce_max(reg x) { return reduce_max_avx2(x); }
+};
+
 POSENC_AVX2 inline void softmax_avx2(float* s, index_t lds, index_t nq, index_t nk, float* m, float* l,
                                      float* alpha) {
-  constexpr float neg_inf = -std::numeric_limits<float>::infinity();
-  const __m256 vneg_inf = _mm256_set1_ps(neg_inf);
-  for (index_t i = 0; i < nq; ++i) {
-    float* row = s + i * lds;
-    __m256 mx = vneg_inf;
-    for (index_t j = 0; j < nk; j += 8) {
-      const __m256i mk = tail_mask_avx2(nk - j);
-      mx = _mm256_max_ps(mx, _mm256_blendv_ps(vneg_inf, _mm256_maskload_ps(row + j, mk), _mm256_castsi256_ps(mk)));
-    }
-    const float m_new = softmax_row_begin<float>(reduce_max_avx2(mx), m[i], alpha[i]);
-    if (m_new == neg_inf) {
-      softmax_row_empty(row, nk, l[i], alpha[i]);
-      continue;
-    }
-    const __m256 vm = _mm256_set1_ps(m_new);
-    __m256 sum = _mm256_setzero_ps();
-    for (index_t j = 0; j < nk; j += 8) {
-      const __m256i mk = tail_mask_avx2(nk - j);
-      const __m256 x = _mm256_blendv_ps(vneg_inf, _mm256_maskload_ps(row + j, mk), _mm256_castsi256_ps(mk));
-      const __m256 e = exp_avx2(_mm256_sub_ps(x, vm));
-      _mm256_maskstore_ps(row + j, mk, e);
-      sum = _mm256_add_ps(sum, e);
-    }
-    l[i] = alpha[i] * l[i] + reduce_add_avx2(sum);
-  }
+  POSENC_SOFTMAX_ROWS_BODY(avx2_f32x8)
 }
 
 /// R rows of the accumulator by 16 columns (two vectors): 2R accumulators.
@@ -936,19 +1016,11 @@ POSENC_AVX2 inline void pv_avx2(const float* p, index_t ldp, index_t nq, index_t
                  acc, ldacc, pf != nullptr && j0 < npf ? pf + j0 * ldv : nullptr, npf - j0);
 }
 
-/// `convert_f16` / `convert_bf16`: 8 columns per step, as `convert_avx512`.
+/// `convert_f16` / `convert_bf16`: 8 columns per step, the tail masked.
 template <class S>
 POSENC_AVX2 inline void convert_avx2(const S* src, index_t lds, index_t n, index_t d, float factor, float* dst,
                                      index_t ldd) {
-  const __m256 f = _mm256_set1_ps(factor);
-  const index_t d8 = d / 8 * 8;
-  const __m256i tail = tail_mask_avx2(d - d8);
-  for (index_t i = 0; i < n; ++i) {
-    const S* from = src + i * lds;
-    float* to = dst + i * ldd;
-    for (index_t c = 0; c < d8; c += 8) _mm256_storeu_ps(to + c, _mm256_mul_ps(f, load8(from + c)));
-    if (d8 < d) _mm256_maskstore_ps(to + d8, tail, _mm256_mul_ps(f, load8(from + d8, tail, d - d8)));
-  }
+  POSENC_CONVERT_ROWS_BODY(avx2_f32x8)
 }
 
 #undef POSENC_AVX2
@@ -973,8 +1045,101 @@ inline const tile_kernels<float>& avx2_float_kernels() {
 
 #endif  // POSENC_HAVE_X86_KERNELS
 
-/// The kernels for compute type `C`: for float, AVX-512 or AVX2 where the CPU has it and the
-/// process-wide cap allows it (`detail::scoped_simd_cap`); portable otherwise.
+#if POSENC_NEON_KERNELS
+
+// ---------------------------------------------------------------------------------------------
+// aarch64 Advanced SIMD (NEON): 4 lanes, 32 registers, every aarch64 CPU. Softmax and the
+// half-precision widening are NEON; the tile products are the portable loops for now (which GCC
+// and clang vectorise for NEON at -O2 and above).
+
+/// exp(x) for x <= 0, 4 lanes: `exp_avx2`'s steps (`frintn` rounds to nearest even, as
+/// `vroundps`; the polynomial by `fmla`), so the same value in every lane.
+inline float32x4_t exp_neon(float32x4_t x) {
+  const float32x4_t t = vmulq_f32(x, vdupq_n_f32(1.44269504088896341f));
+  // Lanes below -126 give 0; NaN is not below it, so it stays live and comes out NaN.
+  const uint32x4_t live = vmvnq_u32(vcltq_f32(t, vdupq_n_f32(-126.0f)));
+  const float32x4_t tc = vmaxq_f32(vdupq_n_f32(-126.0f), t);
+  const float32x4_t n = vrndnq_f32(tc);
+  const float32x4_t f = vsubq_f32(tc, n);
+  float32x4_t p = vdupq_n_f32(exp2_poly[0]);
+  for (int k = 1; k < 7; ++k) p = vfmaq_f32(vdupq_n_f32(exp2_poly[k]), p, f);
+  const int32x4_t bits = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23);
+  return vreinterpretq_f32_u32(vandq_u32(live, vreinterpretq_u32_f32(vmulq_f32(p, vreinterpretq_f32_s32(bits)))));
+}
+
+/// The vector helper type of NEON (see POSENC_SOFTMAX_ROWS_BODY): 4 lanes; no masked loads, so a
+/// tail goes through a 4-lane buffer on the stack. fp16 widens by `fcvtl`, bf16 by `shll #16`.
+struct neon_f32x4 {
+  using reg = float32x4_t;
+  static constexpr index_t width = 4;
+  static reg zero() { return vdupq_n_f32(0.0f); }
+  static reg set1(float x) { return vdupq_n_f32(x); }
+  static reg load(const float* p) { return vld1q_f32(p); }
+  static reg widen(uint16x4_t h, const Eigen::half*) { return vcvt_f32_f16(vreinterpret_f16_u16(h)); }
+  static reg widen(uint16x4_t h, const Eigen::bfloat16*) { return vreinterpretq_f32_u32(vshll_n_u16(h, 16)); }
+  template <half_storage H>
+  static reg load(const H* p) {
+    return widen(vld1_u16(reinterpret_cast<const std::uint16_t*>(p)), p);
+  }
+  static reg load_part(const float* p, index_t n) { return load_or(p, n, 0.0f); }
+  template <half_storage H>
+  static reg load_part(const H* p, index_t n) {
+    std::uint16_t lanes[4] = {0, 0, 0, 0};
+    std::memcpy(lanes, p, static_cast<std::size_t>(n) * sizeof(H));
+    return widen(vld1_u16(lanes), p);
+  }
+  static reg load_or(const float* p, index_t n, float fill) {
+    float lanes[4] = {fill, fill, fill, fill};
+    std::memcpy(lanes, p, static_cast<std::size_t>(n) * sizeof(float));
+    return vld1q_f32(lanes);
+  }
+  static void store(float* p, reg v) { vst1q_f32(p, v); }
+  static void store(float* p, reg v, index_t n) {
+    float lanes[4];
+    vst1q_f32(lanes, v);
+    std::memcpy(p, lanes, static_cast<std::size_t>(n) * sizeof(float));
+  }
+  static reg add(reg a, reg b) { return vaddq_f32(a, b); }
+  static reg sub(reg a, reg b) { return vsubq_f32(a, b); }
+  static reg mul(reg a, reg b) { return vmulq_f32(a, b); }
+  static reg max(reg a, reg b) { return vmaxq_f32(a, b); }
+  static reg exp(reg x) { return exp_neon(x); }
+  static float reduce_add(reg x) { return vaddvq_f32(x); }
+  static float reduce_max(reg x) { return vmaxvq_f32(x); }
+};
+
+inline void softmax_neon(float* s, index_t lds, index_t nq, index_t nk, float* m, float* l, float* alpha) {
+  POSENC_SOFTMAX_ROWS_BODY(neon_f32x4)
+}
+
+template <class S>
+inline void convert_neon(const S* src, index_t lds, index_t n, index_t d, float factor, float* dst, index_t ldd) {
+  POSENC_CONVERT_ROWS_BODY(neon_f32x4)
+}
+
+inline const tile_kernels<float>& neon_float_kernels() {
+  static const tile_kernels<float> k{pack_kt_portable<float>,
+                                     qk_portable<float>,
+                                     qk_rows_portable<float>,
+                                     softmax_neon,
+                                     pv_portable<float>,
+                                     qk_rows_portable<float, Eigen::half>,
+                                     qk_rows_portable<float, Eigen::bfloat16>,
+                                     pv_portable<float, Eigen::half>,
+                                     pv_portable<float, Eigen::bfloat16>,
+                                     convert_neon<Eigen::half>,
+                                     convert_neon<Eigen::bfloat16>,
+                                     "neon"};
+  return k;
+}
+
+#endif  // POSENC_NEON_KERNELS
+
+#undef POSENC_SOFTMAX_ROWS_BODY
+#undef POSENC_CONVERT_ROWS_BODY
+
+/// The kernels for compute type `C`: for float, AVX-512 or AVX2 (x86) or NEON (aarch64) where the
+/// CPU has it and the process-wide cap allows it (`detail::scoped_simd_cap`); portable otherwise.
 template <class C>
 const tile_kernels<C>& kernels_for() {
 #if POSENC_HAVE_X86_KERNELS
@@ -984,6 +1149,10 @@ const tile_kernels<C>& kernels_for() {
       case simd_level::avx2: return avx2_float_kernels();
       default: break;
     }
+  }
+#elif POSENC_NEON_KERNELS
+  if constexpr (std::same_as<C, float>) {
+    if (simd_level_in_use() == simd_level::neon) return neon_float_kernels();
   }
 #endif
   return portable_kernels<C>();

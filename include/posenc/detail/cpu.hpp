@@ -8,7 +8,9 @@
 /// (SSE2). Hot kernels therefore come in several versions: a portable one in plain C++, and x86
 /// versions compiled for AVX2 or AVX-512 through function-level target attributes
 /// (`POSENC_TARGET_AVX2`, `POSENC_TARGET_AVX512`). `simd_level_in_use()` picks one at run time
-/// from a CPU check, so one binary runs everywhere and uses what the machine has.
+/// from a CPU check, so one binary runs everywhere and uses what the machine has. On aarch64 the
+/// 128-bit Advanced SIMD unit (NEON) is part of the base architecture: every aarch64 CPU has it, so
+/// the NEON versions need neither a target attribute nor a CPU check.
 ///
 /// Every version of a kernel must give the same bits as the portable one: kernels are written
 /// without fused multiply-add (which rounds once instead of twice) and marked
@@ -20,6 +22,8 @@
 /// Define `POSENC_NO_SIMD_DISPATCH` to compile the portable paths only.
 
 #include <atomic>
+#include <cstddef>
+#include <span>
 
 #if !defined(POSENC_NO_SIMD_DISPATCH) && (defined(__x86_64__) || defined(__i386__)) && \
     (defined(__GNUC__) || defined(__clang__))
@@ -33,6 +37,15 @@
 #define POSENC_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")))
 #else
 #define POSENC_X86_DISPATCH 0
+#endif
+
+// NEON kernels: little-endian aarch64 (the lane shuffles assume its lane order), GCC or clang.
+#if !defined(POSENC_NO_SIMD_DISPATCH) && defined(__aarch64__) && defined(__AARCH64EL__) && defined(__ARM_NEON) && \
+    (defined(__GNUC__) || defined(__clang__))
+#define POSENC_NEON_KERNELS 1
+#include <arm_neon.h>
+#else
+#define POSENC_NEON_KERNELS 0
 #endif
 
 // GCC 12 reports its own `_mm*_undefined_*` placeholders as uninitialised when intrinsics are
@@ -64,12 +77,28 @@
 
 namespace posenc::detail {
 
-/// Code paths, in increasing order of capability.
+/// Code paths. On x86 they are in increasing order of capability (portable < avx2 < avx512); NEON
+/// is the aarch64 counterpart of AVX2 (see `simd_tier`). The values are stable: benchmarks and the
+/// test suite name levels by them.
 enum class simd_level : int {
   portable = 0,  ///< plain C++, any CPU
   avx2 = 1,      ///< AVX2 + FMA + F16C
   avx512 = 2,    ///< AVX-512 F, VL, BW, DQ
+  neon = 3,      ///< aarch64 Advanced SIMD (128-bit, with FMA and fp16 conversion)
 };
+
+/// The tier of a level, which is what a cap compares: 0 for portable, 1 for the first vector set of
+/// an architecture (AVX2 + FMA, NEON), 2 for AVX-512. So a cap of `avx2` (or `neon`) allows NEON on
+/// aarch64 and AVX2 on x86, and `portable` forces the portable path everywhere.
+constexpr int simd_tier(simd_level level) noexcept {
+  switch (level) {
+    case simd_level::portable: return 0;
+    case simd_level::avx2: return 1;
+    case simd_level::avx512: return 2;
+    case simd_level::neon: return 1;
+  }
+  return 0;
+}
 
 /// The best level this CPU (and operating system) supports and this build can target. Cached.
 inline simd_level detected_simd_level() noexcept {
@@ -90,6 +119,8 @@ inline simd_level detected_simd_level() noexcept {
     return simd_level::portable;
   }();
   return level;
+#elif POSENC_NEON_KERNELS
+  return simd_level::neon;
 #else
   return simd_level::portable;
 #endif
@@ -102,11 +133,30 @@ inline std::atomic<int> simd_cap{static_cast<int>(simd_level::avx512)};
 /// Process-wide; affects calls that start after it returns.
 inline void set_simd_cap(simd_level cap) noexcept { simd_cap.store(static_cast<int>(cap), std::memory_order_relaxed); }
 
-/// The level kernels use now: the detected level, lowered to the cap.
+/// The level kernels use now: the detected level, lowered to the cap's tier (`simd_tier`): the
+/// best level of this CPU's architecture whose tier is at most the cap's.
 inline simd_level simd_level_in_use() noexcept {
-  const int detected = static_cast<int>(detected_simd_level());
-  const int cap = simd_cap.load(std::memory_order_relaxed);
-  return static_cast<simd_level>(detected < cap ? detected : cap);
+  const simd_level detected = detected_simd_level();
+  const int cap = simd_tier(static_cast<simd_level>(simd_cap.load(std::memory_order_relaxed)));
+  if (simd_tier(detected) <= cap) return detected;
+  // Only AVX-512 (tier 2) has a level between it and portable.
+  return cap >= 1 && detected == simd_level::avx512 ? simd_level::avx2 : simd_level::portable;
+}
+
+/// The levels this CPU can run, lowest first (always `portable` first): each is the level in use
+/// under a cap of itself, so tests and benchmarks run every kernel set by capping to each in turn.
+inline std::span<const simd_level> available_simd_levels() noexcept {
+#if POSENC_X86_DISPATCH
+  static constexpr simd_level all[] = {simd_level::portable, simd_level::avx2, simd_level::avx512};
+#elif POSENC_NEON_KERNELS
+  static constexpr simd_level all[] = {simd_level::portable, simd_level::neon};
+#else
+  static constexpr simd_level all[] = {simd_level::portable};
+#endif
+  const simd_level top = detected_simd_level();
+  std::size_t n = 1;
+  while (n < std::size(all) && all[n - 1] != top) ++n;
+  return {all, all[n - 1] == top ? n : 1};
 }
 
 /// Sets the cap for the lifetime of the object and restores the previous one after.

@@ -13,7 +13,7 @@
 /// (`a cos + b (-sin)` is the same number): all versions give the same bits (no FMA; see
 /// detail/cpu.hpp).
 ///
-/// The x86 versions keep the cos/sin row in L1 across heads and stream the row once. (Peeling a
+/// The SIMD versions (AVX-512, AVX2, NEON) keep the cos/sin row in L1 across heads and stream the row once. (Peeling a
 /// head so the stores are aligned was measured slower on Zen 4 than the split stores it avoids,
 /// for 16-byte aligned rows of 128-dim heads.) The interleaved one
 /// expands the packed row once per call into `[c c ...]` and `[-s s ...]`, so each head costs
@@ -162,8 +162,59 @@ struct avx2_f64 {
   }
 };
 
+#endif  // POSENC_X86_DISPATCH
+
+#if POSENC_NEON_KERNELS
+
+// aarch64 Advanced SIMD: 128-bit registers, 4 floats or 2 doubles. No masked loads, so the tails
+// are scalar, as for AVX2. `vrev64q_f32` swaps the two floats of every 64-bit pair; `vtrn1q` /
+// `vtrn2q` of a register with itself broadcast the first / second element of every pair. GCC's
+// `vmulq` / `vaddq` are plain vector arithmetic that it would fuse into `fmla` under its default
+// contraction, hence `POSENC_STRICT_FP` here too (docs/isa.md lists the instructions the loops
+// compile to).
+
+struct neon_f32 {
+  using scalar = float;
+  using reg = float32x4_t;
+  static constexpr index_t width = 4;
+  static constexpr bool masked = false;
+  POSENC_STRICT_FP static reg load(const float* p) { return vld1q_f32(p); }
+  POSENC_STRICT_FP static void store(float* p, reg v) { vst1q_f32(p, v); }
+  POSENC_STRICT_FP static reg mul(reg a, reg b) { return vmulq_f32(a, b); }
+  POSENC_STRICT_FP static reg add(reg a, reg b) { return vaddq_f32(a, b); }
+  POSENC_STRICT_FP static reg sub(reg a, reg b) { return vsubq_f32(a, b); }
+  POSENC_STRICT_FP static reg swap(reg a) { return vrev64q_f32(a); }
+  POSENC_STRICT_FP static reg dup_even(reg a) { return vtrn1q_f32(a, a); }
+  POSENC_STRICT_FP static reg dup_odd(reg a) { return vtrn2q_f32(a, a); }
+  POSENC_STRICT_FP static reg neg_even(reg a) {
+    return vreinterpretq_f32_u64(veorq_u64(vreinterpretq_u64_f32(a), vdupq_n_u64(0x80000000ull)));
+  }
+};
+
+struct neon_f64 {
+  using scalar = double;
+  using reg = float64x2_t;
+  static constexpr index_t width = 2;
+  static constexpr bool masked = false;
+  POSENC_STRICT_FP static reg load(const double* p) { return vld1q_f64(p); }
+  POSENC_STRICT_FP static void store(double* p, reg v) { vst1q_f64(p, v); }
+  POSENC_STRICT_FP static reg mul(reg a, reg b) { return vmulq_f64(a, b); }
+  POSENC_STRICT_FP static reg add(reg a, reg b) { return vaddq_f64(a, b); }
+  POSENC_STRICT_FP static reg sub(reg a, reg b) { return vsubq_f64(a, b); }
+  POSENC_STRICT_FP static reg swap(reg a) { return vextq_f64(a, a, 1); }
+  POSENC_STRICT_FP static reg dup_even(reg a) { return vtrn1q_f64(a, a); }
+  POSENC_STRICT_FP static reg dup_odd(reg a) { return vtrn2q_f64(a, a); }
+  POSENC_STRICT_FP static reg neg_even(reg a) {
+    return vreinterpretq_f64_u64(veorq_u64(vreinterpretq_u64_f64(a), vcombine_u64(vdup_n_u64(1ull << 63), vdup_n_u64(0))));
+  }
+};
+
+#endif  // POSENC_NEON_KERNELS
+
+#if POSENC_X86_DISPATCH || POSENC_NEON_KERNELS
+
 // The kernels, once per instruction set (a target attribute cannot depend on a template
-// argument). The bodies are the same; the AVX-512 tails are masked, the AVX2 ones scalar.
+// argument). The bodies are the same; the AVX-512 tails are masked, the AVX2 and NEON ones scalar.
 
 #define POSENC_ROPE_HALF_STEP(V, k, m)                          \
   {                                                             \
@@ -247,6 +298,7 @@ struct avx2_f64 {
 
 #define POSENC_COMMA ,
 
+#if POSENC_X86_DISPATCH
 template <class V>
 POSENC_TARGET_AVX512 POSENC_STRICT_FP void rope_half_avx512(typename V::scalar* row, index_t heads, index_t head_dim,
                                                             index_t lo, index_t hi, index_t n,
@@ -280,6 +332,24 @@ POSENC_TARGET_AVX2 POSENC_STRICT_FP void rope_interleaved_avx2(typename V::scala
   POSENC_STRICT_FP_BODY
   POSENC_ROPE_INTERLEAVED_BODY(V)
 }
+#endif  // POSENC_X86_DISPATCH
+
+#if POSENC_NEON_KERNELS
+template <class V>
+POSENC_STRICT_FP void rope_half_neon(typename V::scalar* row, index_t heads, index_t head_dim, index_t lo, index_t hi,
+                                     index_t n, const typename V::scalar* c, const typename V::scalar* s) {
+  POSENC_STRICT_FP_BODY
+  POSENC_ROPE_HALF_BODY(V)
+}
+
+template <class V>
+POSENC_STRICT_FP void rope_interleaved_neon(typename V::scalar* row, index_t heads, index_t head_dim, index_t lo,
+                                            index_t /*hi*/, index_t n, const typename V::scalar* cs,
+                                            const typename V::scalar* /*unused*/) {
+  POSENC_STRICT_FP_BODY
+  POSENC_ROPE_INTERLEAVED_BODY(V)
+}
+#endif  // POSENC_NEON_KERNELS
 
 #undef POSENC_COMMA
 #undef POSENC_ROPE_HALF_SCALAR
@@ -289,7 +359,7 @@ POSENC_TARGET_AVX2 POSENC_STRICT_FP void rope_interleaved_avx2(typename V::scala
 #undef POSENC_ROPE_INTERLEAVED_STEP
 #undef POSENC_ROPE_INTERLEAVED_BODY
 
-#endif  // POSENC_X86_DISPATCH
+#endif  // POSENC_X86_DISPATCH || POSENC_NEON_KERNELS
 
 /// The row kernel for storage `S`, arithmetic `T` and the pair layout (`interleaved` or not),
 /// at the SIMD level in use now. bf16/fp16 storage takes the portable path.
@@ -304,9 +374,14 @@ rope_row_kernel<S, T> select_rope_kernel(bool interleaved) {
         return interleaved ? &rope_interleaved_avx512<f512> : &rope_half_avx512<f512>;
       case simd_level::avx2:
         return interleaved ? &rope_interleaved_avx2<f256> : &rope_half_avx2<f256>;
-      case simd_level::portable:
+      default:
         break;
     }
+  }
+#elif POSENC_NEON_KERNELS
+  if constexpr (std::same_as<S, T>) {
+    using f128 = std::conditional_t<std::same_as<T, float>, neon_f32, neon_f64>;
+    if (simd_level_in_use() == simd_level::neon) return interleaved ? &rope_interleaved_neon<f128> : &rope_half_neon<f128>;
   }
 #endif
   return interleaved ? &rope_interleaved_portable<S, T> : &rope_half_portable<S, T>;

@@ -613,8 +613,13 @@ class rope_tile_rotator {
   /// Writes row `i` of `src` rotated by `pos[i]` into row `i` of `dst` (both `[rows, head_dim]`;
   /// `src` of any storage type that computes in `T`; the two may be the same rows): an attention
   /// kernel loads and rotates a key tile in one pass. No allocation.
+  ///
+  /// Strict (no fused multiply-add), like the AVX-512 row: where fused multiply-add is part of the
+  /// target (aarch64), g++ would fuse this loop differently for each storage type, and a tile of
+  /// floats would be rotated to other bits than the same tile stored in fp16.
   template <class S>
-  void rotate(strided_view<const S> src, strided_view<T> dst, positions pos, T* scratch) const {
+  POSENC_STRICT_FP void rotate(strided_view<const S> src, strided_view<T> dst, positions pos, T* scratch) const {
+    POSENC_STRICT_FP_BODY
     static_assert(storage_for<S, T>, "rope_tile_rotator::rotate: the source must compute in T");
     POSENC_ASSERT(src.cols == head_dim_ && dst.cols == head_dim_ && src.rows == dst.rows,
                   "rope_tile_rotator::rotate: src is [", src.rows, ", ", src.cols, "] and dst [", dst.rows, ", ",

@@ -1,0 +1,137 @@
+// The tile kernels written once over per-instruction-set vector helpers (softmax rows and the
+// half-precision widening), on every kernel set this CPU has (NEON under emulation on x86), against
+// double-precision references written from the formulas. Row lengths sweep 1, each vector width
+// minus one, the width, plus one, and odd lengths; rows start at odd offsets; columns past a row's
+// end must keep their bits.
+
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <random>
+#include <sstream>
+#include <type_traits>
+#include <vector>
+
+#include "posenc/detail/attention_kernels.hpp"
+#include "posenc/detail/cpu.hpp"
+
+using posenc::index_t;
+
+namespace {
+
+constexpr float neg_inf = -std::numeric_limits<float>::infinity();
+constexpr float sentinel = 12345.0f;  // in the columns past a row; a kernel must not write there
+constexpr double eps = std::numeric_limits<float>::epsilon();
+
+// Row lengths around the widths 4 (NEON), 8 (AVX2) and 16 (AVX-512).
+constexpr index_t lengths[] = {1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 47, 64, 100};
+
+std::string where(const char* what, index_t n, index_t row, index_t col) {
+  std::ostringstream os;
+  os << what << ": length " << n << ", row " << row << ", column " << col << ", kernels "
+     << posenc::detail::kernels_for<float>().name;
+  return os.str();
+}
+
+}  // namespace
+
+TEST_CASE("softmax kernel of every kernel set equals the online-softmax formula", "[simd][softmax]") {
+  std::mt19937 gen(7);
+  std::uniform_real_distribution<float> logit(-30.0f, 8.0f);
+  std::bernoulli_distribution masked(0.3);
+  for (const auto level : posenc::detail::available_simd_levels()) {
+    const posenc::detail::scoped_simd_cap cap(level);
+    const auto& kern = posenc::detail::kernels_for<float>();
+    for (const index_t n : lengths) {
+      // Rows: 0 without a previous state, 1 with one, 2 fully masked with a previous state, 3 fully
+      // masked without one. One spare column before each row (odd start) and three after it.
+      const index_t rows = 4, lds = n + 4;
+      std::vector<float> s(static_cast<std::size_t>(rows * lds), sentinel);
+      for (index_t i = 0; i < rows; ++i)
+        for (index_t j = 0; j < n; ++j) {
+          float& x = s[static_cast<std::size_t>(i * lds + 1 + j)];
+          x = i >= 2 || (masked(gen) && j != n / 2) ? neg_inf : logit(gen);
+        }
+      const std::vector<float> before = s;
+      std::vector<float> m = {neg_inf, 1.5f, 0.25f, neg_inf}, l = {0.0f, 3.0f, 2.0f, 0.0f}, alpha(4, -1.0f);
+      const std::vector<float> m0 = m, l0 = l;
+      kern.softmax(s.data() + 1, lds, rows, n, m.data(), l.data(), alpha.data());
+
+      for (index_t i = 0; i < rows; ++i) {
+        const float* in = before.data() + i * lds + 1;
+        double tile_max = -std::numeric_limits<double>::infinity();
+        for (index_t j = 0; j < n; ++j) tile_max = std::max(tile_max, static_cast<double>(in[j]));
+        const double m_prev = m0[static_cast<std::size_t>(i)];
+        const double m_new = std::max(m_prev, tile_max);
+        INFO(where("softmax", n, i, -1));
+        if (std::isinf(m_new)) {  // nothing visible yet: weights 0, state kept
+          CHECK(alpha[static_cast<std::size_t>(i)] == 1.0f);
+          CHECK(m[static_cast<std::size_t>(i)] == m0[static_cast<std::size_t>(i)]);
+          CHECK(l[static_cast<std::size_t>(i)] == l0[static_cast<std::size_t>(i)]);
+          for (index_t j = 0; j < n; ++j) CHECK(s[static_cast<std::size_t>(i * lds + 1 + j)] == 0.0f);
+        } else {
+          const double a = std::isinf(m_prev) ? 0.0 : std::exp(m_prev - m_new);
+          double sum = 0;
+          for (index_t j = 0; j < n; ++j) {
+            const double p = std::isinf(in[j]) ? 0.0 : std::exp(static_cast<double>(in[j]) - m_new);
+            sum += p;
+            const double got = s[static_cast<std::size_t>(i * lds + 1 + j)];
+            INFO(where("softmax weight", n, i, j) << ": got " << got << ", expected " << p);
+            // exp's polynomial is within 1.5e-7 relative; the argument's rounding adds |x| eps.
+            CHECK(std::abs(got - p) <= 8 * eps * (1 + std::abs(static_cast<double>(in[j]) - m_new)) * std::max(p, 1e-30));
+            if (std::isinf(in[j])) CHECK(got == 0.0);
+          }
+          const double l_ref = a * l0[static_cast<std::size_t>(i)] + sum;
+          CHECK(m[static_cast<std::size_t>(i)] == static_cast<float>(m_new));
+          CHECK(std::abs(alpha[static_cast<std::size_t>(i)] - a) <= 8 * eps * std::max(a, 1e-30) * (1 + std::abs(m_prev - m_new)));
+          CHECK(std::abs(l[static_cast<std::size_t>(i)] - l_ref) <= 64 * eps * (1 + static_cast<double>(n)) * l_ref);
+        }
+        // Nothing before or after the row is written.
+        CHECK(s[static_cast<std::size_t>(i * lds)] == sentinel);
+        for (index_t j = n + 1; j < lds; ++j) CHECK(s[static_cast<std::size_t>(i * lds + j)] == sentinel);
+      }
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("convert kernel of every kernel set widens and scales with one rounding", "[simd][convert]",
+                   Eigen::half, Eigen::bfloat16) {
+  using H = TestType;
+  std::mt19937 gen(11);
+  std::uniform_real_distribution<float> value(-300.0f, 300.0f);
+  for (const auto level : posenc::detail::available_simd_levels()) {
+    const posenc::detail::scoped_simd_cap cap(level);
+    const auto& kern = posenc::detail::kernels_for<float>();
+    for (const index_t d : lengths) {
+      for (const float factor : {1.0f, 0.088388347f, -3.3f}) {
+        const index_t n = 3, lds = d + 3, ldd = d + 5;
+        std::vector<H> src(static_cast<std::size_t>(n * lds + 1));
+        for (auto& x : src) x = H(value(gen));
+        std::vector<float> dst(static_cast<std::size_t>(n * ldd + 1), sentinel);
+        if constexpr (std::is_same_v<H, Eigen::half>) {
+          kern.convert_f16(src.data() + 1, lds, n, d, factor, dst.data() + 1, ldd);
+        } else {
+          kern.convert_bf16(src.data() + 1, lds, n, d, factor, dst.data() + 1, ldd);
+        }
+        CHECK(dst[0] == sentinel);
+        for (index_t i = 0; i < n; ++i) {
+          for (index_t c = 0; c < ldd; ++c) {
+            const float got = dst[static_cast<std::size_t>(1 + i * ldd + c)];
+            INFO(where("convert", d, i, c) << ", factor " << factor);
+            if (c >= d) {
+              CHECK(got == sentinel);
+              continue;
+            }
+            // A half value is a float, the product of two floats is exact in double, so the one
+            // rounding of `factor * x` is this reference's rounding to float.
+            const double x = static_cast<double>(static_cast<float>(src[static_cast<std::size_t>(1 + i * lds + c)]));
+            CHECK(got == static_cast<float>(static_cast<double>(factor) * x));
+          }
+        }
+      }
+    }
+  }
+}
