@@ -2006,21 +2006,24 @@ void check_heads(const P& p, index_t heads, const char* what, const std::string&
                        " heads (num_heads - head_offset) but heads = " + std::to_string(heads));
 }
 
+/// The RoPE of a Rope, or of an MRope (one position per token: text tokens, the same on every axis,
+/// where M-RoPE is this RoPE exactly), and the class name; {nullptr, ""} for anything else.
+template <class C>
+std::pair<const posenc::rope<C>*, const char*> rope_of(py::handle e) {
+  if (py::isinstance<py_rope>(e)) return {&e.cast<const py_rope&>().get<C>(), "Rope"};
+  if (py::isinstance<py_mrope>(e)) return {&e.cast<const py_mrope&>().get<C>().text_rope(), "MRope"};
+  return {nullptr, ""};
+}
+
 /// Calls `f(encoder)` with the C++ encoder (compute type C) of the `encoding` argument, after
 /// checking that it fits `heads` heads of dimension `d`.
 template <class C, class F>
 void with_encoding(py::handle e, const std::string& w, index_t heads, index_t d, F&& f) {
   if (e.is_none()) {
     f(posenc::no_position<C>{});
-  } else if (py::isinstance<py_rope>(e)) {
-    const auto& r = e.cast<const py_rope&>().get<C>();
-    check_head_dim(r.head_dim(), d, "Rope", w);
-    f(r);
-  } else if (py::isinstance<py_mrope>(e)) {
-    // One position per token: text tokens, the same on every axis, where M-RoPE is this RoPE exactly.
-    const auto& m = e.cast<const py_mrope&>().get<C>();
-    check_head_dim(m.head_dim(), d, "MRope", w);
-    f(m.text_rope());
+  } else if (const auto rope = rope_of<C>(e); rope.first) {
+    check_head_dim(rope.first->head_dim(), d, rope.second, w);
+    f(*rope.first);
   } else if (py::isinstance<py_alibi>(e)) {
     const auto& a = e.cast<const py_alibi&>().get<C>();
     check_heads(a.params(), heads, "Alibi has slopes", w);
@@ -2443,7 +2446,7 @@ std::pair<index_arg, index_arg> tables_of(const call_args& a, const std::string&
 
 /// `keys=`: None, 'rotated' or 'raw'; required with a Rope.
 posenc::cached_keys keys_of(const call_args& a, const std::string& w) {
-  const bool rope = py::isinstance<py_rope>(a["encoding"]) || py::isinstance<py_mrope>(a["encoding"]);
+  const bool rope = rope_of<double>(a["encoding"]).first != nullptr;
   if (!a.has("keys")) {
     if (rope)
       value_error(w,
@@ -2550,16 +2553,10 @@ void append_typed(const call_args& a, const array_arg& ka, const array_arg& va, 
                                   .positions = rows_pos ? rows_pos->span() : std::span<const position>{},
                                   .keys = keys_of(a, w)};
   const py::handle e = a["encoding"];
-  if (py::isinstance<py_rope>(e)) {
-    const auto& r = e.cast<const py_rope&>().get<C>();
-    if (kc.head_dim4 > 0) check_head_dim(r.head_dim(), kc.head_dim4, "Rope", w);
+  if (const auto rope = rope_of<C>(e); rope.first) {
+    if (kc.head_dim4 > 0) check_head_dim(rope.first->head_dim(), kc.head_dim4, rope.second, w);
     py::gil_scoped_release unlocked;
-    posenc::paged_append(cache, kn.view, vn.view, cu_new.span(), r);
-  } else if (py::isinstance<py_mrope>(e)) {
-    const auto& r = e.cast<const py_mrope&>().get<C>().text_rope();
-    if (kc.head_dim4 > 0) check_head_dim(r.head_dim(), kc.head_dim4, "MRope", w);
-    py::gil_scoped_release unlocked;
-    posenc::paged_append(cache, kn.view, vn.view, cu_new.span(), r);
+    posenc::paged_append(cache, kn.view, vn.view, cu_new.span(), *rope.first);
   } else if (e.is_none() || py::isinstance<py_alibi>(e) || py::isinstance<py_t5>(e) || py::isinstance<py_shaw>(e)) {
     py::gil_scoped_release unlocked;  // a score bias acts in attention: the keys are stored as given
     posenc::paged_append(cache, kn.view, vn.view, cu_new.span(), posenc::no_position<C>{});

@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 
 import posenc  # noqa: E402
 import posenc.torch as pt  # noqa: E402
-from torch_reference import alibi_slopes, plain_inv_freq, t5_bucket  # noqa: E402
+from torch_reference import alibi_slopes, plain_inv_freq, t5_bucket, visible  # noqa: E402
 
 f64 = torch.float64
 
@@ -65,16 +65,7 @@ def reference(q, k, v, qpos, kpos, enc=None, *, scale=None, softcap=0.0, sinks=N
         s = s + enc[1][b].permute(2, 0, 1)
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
-    visible = torch.ones(len(qpos), len(kpos), dtype=torch.bool)
-    if causal:
-        visible &= kp <= qp
-    if window[0] >= 0:
-        visible &= kp >= qp - window[0]
-    if window[1] >= 0:
-        visible &= kp <= qp + window[1]
-    if chunk_size is not None:
-        visible &= torch.div(kp, chunk_size, rounding_mode="floor") == torch.div(qp, chunk_size, rounding_mode="floor")
-    s = s.masked_fill(~visible[None], -math.inf)
+    s = s.masked_fill(~visible(qp, kp, causal, window, chunk_size)[None], -math.inf)
     if sinks is not None:
         s = torch.cat([s, sinks.to(s.dtype)[:, None, None].expand(heads, n, 1)], -1)
     dead = torch.isinf(s).all(-1, keepdim=True)  # no visible key and no sink: zeros, not NaN

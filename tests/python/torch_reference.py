@@ -139,6 +139,22 @@ def t5_bias(table, qpos, kpos, num_buckets, max_distance, bidirectional):
 
 # --- Softmax attention -----------------------------------------------------------------------------
 
+def visible(qp, kp, causal=False, window=(-1, -1), chunk_size=None):
+    """[n_q, n_kv] bool: key j visible to query i, from qp = qpos[:, None] and kp = kpos[None, :]
+    (int64 tensors): causal kpos <= qpos, window kpos in [qpos - left, qpos + right] (-1 unbounded),
+    chunks floor(kpos / c) == floor(qpos / c)."""
+    vis = torch.ones(qp.shape[0], kp.shape[1], dtype=torch.bool)
+    if causal:
+        vis &= kp <= qp
+    if window[0] >= 0:
+        vis &= kp >= qp - window[0]
+    if window[1] >= 0:
+        vis &= kp <= qp + window[1]
+    if chunk_size is not None:
+        vis &= torch.div(kp, chunk_size, rounding_mode="floor") == torch.div(qp, chunk_size, rounding_mode="floor")
+    return vis
+
+
 def attention(q, k, v, heads, kv_heads, qpos, kpos, bias=None, causal=False, window=(-1, -1), scale=None,
               softcap=0.0, sinks=None):
     """Naive softmax attention in float64. q [n_q, heads * d], k, v [n_kv, kv_heads * d]; query head
@@ -163,14 +179,7 @@ def attention(q, k, v, heads, kv_heads, qpos, kpos, bias=None, causal=False, win
         s = softcap * torch.tanh(s / softcap)
     qp = torch.as_tensor(qpos)[:, None]
     kp = torch.as_tensor(kpos)[None, :]
-    visible = torch.ones(n_q, n_kv, dtype=torch.bool)
-    if causal:
-        visible &= kp <= qp
-    if window[0] >= 0:
-        visible &= kp >= qp - window[0]
-    if window[1] >= 0:
-        visible &= kp <= qp + window[1]
-    s = s.masked_fill(~visible[None], -math.inf)
+    s = s.masked_fill(~visible(qp, kp, causal, window)[None], -math.inf)
     if sinks is None:
         lse = torch.logsumexp(s, dim=-1)
     else:

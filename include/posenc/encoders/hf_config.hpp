@@ -52,7 +52,10 @@ using config_map = std::map<std::string, config_value, std::less<>>;
 
 namespace detail {
 
-inline std::string config_field(std::string_view key) { return "rope_scaling." + std::string(key); }
+/// The name of field `key` of the dict `dict` in error messages ("rope_scaling.factor").
+inline std::string config_field(std::string_view key, std::string_view dict = "rope_scaling") {
+  return std::string(dict) + "." + std::string(key);
+}
 
 /// `s` in double quotes for an error message, bytes outside printable ASCII written as `\xNN`
 /// (a NUL would otherwise cut the message short, and a control byte garble a log).
@@ -100,13 +103,14 @@ inline const config_value* config_find(const config_map& m, std::string_view key
   invalid(config_field(key), std::string_view("(missing)"), "required for rope_type \"" + std::string(type) + "\"");
 }
 
-/// A number field (an integer or a double), if present.
-inline std::optional<double> config_number(const config_map& m, std::string_view key) {
+/// A number field (an integer or a double), if present; errors name it as a field of `dict`.
+inline std::optional<double> config_number(const config_map& m, std::string_view key,
+                                           std::string_view dict = "rope_scaling") {
   const config_value* v = config_find(m, key);
   if (!v) return std::nullopt;
   if (const auto* d = std::get_if<double>(v)) return *d;
   if (const auto* i = std::get_if<std::int64_t>(v)) return static_cast<double>(*i);
-  invalid(config_field(key), config_text(*v), "must be a number");
+  invalid(config_field(key, dict), config_text(*v), "must be a number");
 }
 
 inline double config_required_number(const config_map& m, std::string_view key, std::string_view type) {
@@ -115,17 +119,19 @@ inline double config_required_number(const config_map& m, std::string_view key, 
   return *v;
 }
 
-/// A whole-number field (an integer, or a double with an integral value), if present.
-inline std::optional<position> config_integer(const config_map& m, std::string_view key) {
+/// A whole-number field (an integer, or a double with an integral value), if present; errors name
+/// it as a field of `dict`.
+inline std::optional<position> config_integer(const config_map& m, std::string_view key,
+                                              std::string_view dict = "rope_scaling") {
   const config_value* v = config_find(m, key);
   if (!v) return std::nullopt;
   if (const auto* i = std::get_if<std::int64_t>(v)) return *i;
   if (const auto* d = std::get_if<double>(v)) {
-    require(std::isfinite(*d) && std::floor(*d) == *d && std::abs(*d) < 9.0e18, config_field(key), *d,
+    require(std::isfinite(*d) && std::floor(*d) == *d && std::abs(*d) < 9.0e18, config_field(key, dict), *d,
             "must be a whole number");
     return static_cast<position>(*d);
   }
-  invalid(config_field(key), config_text(*v), "must be an integer");
+  invalid(config_field(key, dict), config_text(*v), "must be an integer");
 }
 
 inline std::optional<bool> config_bool(const config_map& m, std::string_view key) {

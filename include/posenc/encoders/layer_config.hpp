@@ -101,31 +101,19 @@ struct layer_encoding {
 
 namespace detail {
 
-inline std::string model_field(std::string_view key) { return "config." + std::string(key); }
+inline std::string model_field(std::string_view key) { return config_field(key, "config"); }
 
 [[noreturn]] inline void model_missing(std::string_view key, std::string_view why) {
   invalid(model_field(key), std::string_view("(missing)"), why);
 }
 
-/// A whole-number field of the model config, if present (integers, or doubles with integral values).
+/// A whole-number / number field of the model config, if present (hf_config.hpp's readers, named
+/// as fields of `config`).
 inline std::optional<position> model_integer(const config_map& m, std::string_view key) {
-  const config_value* v = config_find(m, key);
-  if (!v) return std::nullopt;
-  if (const auto* i = std::get_if<std::int64_t>(v)) return *i;
-  if (const auto* d = std::get_if<double>(v)) {
-    require(std::isfinite(*d) && std::floor(*d) == *d && std::abs(*d) < 9.0e18, model_field(key), *d,
-            "must be a whole number");
-    return static_cast<position>(*d);
-  }
-  invalid(model_field(key), config_text(*v), "must be an integer");
+  return config_integer(m, key, "config");
 }
-
 inline std::optional<double> model_number(const config_map& m, std::string_view key) {
-  const config_value* v = config_find(m, key);
-  if (!v) return std::nullopt;
-  if (const auto* d = std::get_if<double>(v)) return *d;
-  if (const auto* i = std::get_if<std::int64_t>(v)) return static_cast<double>(*i);
-  invalid(model_field(key), config_text(*v), "must be a number");
+  return config_number(m, key, "config");
 }
 
 /// A positive whole number, or `fallback` when absent (nullopt: required).
