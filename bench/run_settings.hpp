@@ -4,10 +4,12 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <stdexcept>
 #include <string>
 #include <string_view>
 
 #include "posenc/detail/cpu.hpp"
+#include "posenc/simd.hpp"
 
 namespace posenc_bench {
 
@@ -47,29 +49,28 @@ inline std::string skip_message(double bytes) {
 
 // ---- instruction set ----
 
-/// The names POSENC_SIMD_CAP takes, in the order of `posenc::detail::simd_level` (lowest first).
-inline constexpr std::string_view simd_names[] = {"portable", "avx2", "avx512", "neon"};
-
-inline std::string_view simd_name(posenc::detail::simd_level level) { return simd_names[static_cast<int>(level)]; }
+inline std::string_view simd_name(posenc::simd_level level) { return posenc::simd_level_name(level); }
 
 /// The highest SIMD level the kernels may use: POSENC_SIMD_CAP = portable, avx2, avx512 or neon
-/// (unset or empty: avx512, no cap; `neon` is the tier of `avx2`, see `posenc::detail::simd_tier`). It only lowers the level: a CPU without the named set uses the best
-/// it has. An unknown name ends the program with a message, so that a typo does not measure
-/// another instruction set than the one asked for.
-inline posenc::detail::simd_level simd_cap_setting() {
+/// (unset or empty: avx512, no cap; `neon` is the tier of `avx2`, see `posenc::simd_level_in_use`).
+/// It only lowers the level: a CPU without the named set uses the best it has. An unknown name
+/// ends the program with the library's message, so that a typo does not measure another
+/// instruction set than the one asked for.
+inline posenc::simd_level simd_cap_setting() {
   const char* v = std::getenv("POSENC_SIMD_CAP");
-  const std::string_view s = v != nullptr ? v : "";
-  if (s.empty()) return posenc::detail::simd_level::avx512;
-  for (int i = 0; i < static_cast<int>(std::size(simd_names)); ++i)
-    if (simd_names[i] == s) return static_cast<posenc::detail::simd_level>(i);
-  std::fprintf(stderr, "POSENC_SIMD_CAP=%s: expected portable, avx2, avx512 or neon\n", v);
-  std::exit(2);
+  if (v == nullptr || *v == '\0') return posenc::simd_level::avx512;
+  try {
+    return posenc::parse_simd_level(v, "POSENC_SIMD_CAP");
+  } catch (const std::invalid_argument& e) {
+    std::fprintf(stderr, "%s\n", e.what());
+    std::exit(2);
+  }
 }
 
-/// Applies POSENC_SIMD_CAP to the library (`posenc::detail::set_simd_cap`). Runs once at start-up,
+/// Applies POSENC_SIMD_CAP to the library (`posenc::set_simd_cap`). Runs once at start-up,
 /// through `simd_cap_applied`, before any benchmark is registered or run.
 inline bool apply_simd_cap() {
-  posenc::detail::set_simd_cap(simd_cap_setting());
+  posenc::set_simd_cap(simd_cap_setting());
   return true;
 }
 

@@ -35,6 +35,7 @@ struct request {
   index_t arrives = 0;  // the step at which it arrives
   index_t prompt = 0, new_tokens = 0;
   mat<float> x;         // embeddings of every token it will have: prompt, then generated
+  mat<float> q, k, v;   // their projections (a token's do not depend on the step it runs in)
   index_t done = 0;     // tokens whose keys are in the cache
   std::vector<std::int32_t> blocks;  // its pages, in order
   mat<float> out;       // the attention output of each of its tokens, as the loop computed it
@@ -56,6 +57,9 @@ int main() {
     req.prompt = prompt;
     req.new_tokens = new_tokens;
     req.x = random_rows(prompt + new_tokens, model, rng, 1.0f);
+    req.q = req.x * wq;
+    req.k = req.x * wk;
+    req.v = req.x * wv;
     req.out = mat<float>::Zero(prompt + new_tokens, heads * head_dim);
     reqs.push_back(std::move(req));
   }
@@ -104,9 +108,12 @@ int main() {
       std::copy(batch[b]->blocks.begin(), batch[b]->blocks.end(), table.begin() + static_cast<std::ptrdiff_t>(b * pages_per_seq));
       for (index_t t = 0; t < take[b]; ++t) qpos.push_back(batch[b]->done + t);
     }
-    mat<float> x(cu.back(), model);
-    for (std::size_t b = 0; b < batch.size(); ++b) x.middleRows(cu[b], take[b]) = batch[b]->x.middleRows(batch[b]->done, take[b]);
-    const mat<float> q = x * wq, k = x * wk, v = x * wv;
+    mat<float> q(cu.back(), heads * head_dim), k(cu.back(), kv_heads * head_dim), v(cu.back(), kv_heads * head_dim);
+    for (std::size_t b = 0; b < batch.size(); ++b) {
+      q.middleRows(cu[b], take[b]) = batch[b]->q.middleRows(batch[b]->done, take[b]);
+      k.middleRows(cu[b], take[b]) = batch[b]->k.middleRows(batch[b]->done, take[b]);
+      v.middleRows(cu[b], take[b]) = batch[b]->v.middleRows(batch[b]->done, take[b]);
+    }
     mat<float> out(q.rows(), q.cols());
 
     const posenc::paged_kv<Eigen::bfloat16> cache{posenc::view_of(k_pages), posenc::view_of(v_pages), page_size, table,
@@ -129,11 +136,11 @@ int main() {
   float worst = 0;
   for (const request& r : reqs) {
     const auto pos = posenc::arange(0, r.x.rows());
-    mat<float> q = r.x * wq, k = r.x * wk;
+    mat<float> q = r.q, k = r.k;
     rope.rotate(q, pos);
     rope.rotate(k, pos);
     k = k.cast<Eigen::bfloat16>().cast<float>();
-    const mat<float> v = (r.x * wv).cast<Eigen::bfloat16>().cast<float>();
+    const mat<float> v = r.v.cast<Eigen::bfloat16>().cast<float>();
     mat<float> ref(q.rows(), q.cols());
     posenc::attention_reference(q, k, v, ref, pos, pos, posenc::no_position<float>{},
                                 {.heads = heads, .kv_heads = kv_heads, .causal = true});

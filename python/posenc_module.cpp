@@ -289,6 +289,26 @@ floor_scale : int, default 8192
     Llama 4's floor_scale (> 0).
 attn_scale : float, default 0.1
     Llama 4's attn_scale (>= 0).)";
+constexpr const char* simd_level = R"(The kernel set posenc uses for calls that start now: 'portable', 'avx2', 'avx512' or 'neon'.
+
+The best set the CPU has, lowered by the cap (set_simd_cap, or the environment variable
+POSENC_SIMD_CAP read when the module is imported). Every set computes the same function (RoPE the
+same bits, attention within float rounding); the cap lets one machine test and time each.
+
+Parameters
+----------
+detected : bool, default False
+    True: the best set this CPU and build support, ignoring the cap.)";
+constexpr const char* set_simd_cap = R"(Caps the kernel set for the whole process and returns the set now in use.
+
+A cap only lowers the set: 'avx2' on an AVX-512 machine runs the AVX2 kernels; on a CPU without
+the named set the best it has runs. 'avx2' and 'neon' are the same tier (the first vector set of
+x86 and of aarch64); 'portable' forces plain C++; 'avx512' caps nothing.
+
+Parameters
+----------
+level : str
+    'portable', 'avx2', 'avx512' or 'neon' (ValueError for anything else).)";
 constexpr const char* sinusoidal = R"(Sinusoidal absolute position encoding (Vaswani et al. 2017), added to token embeddings
 before the Q/K/V projections: PE[pos, 2i] = sin(pos / base^(2i / dim)), PE[pos, 2i + 1] = cos(...).)";
 constexpr const char* sinusoidal_init = R"(Parameters
@@ -1640,13 +1660,8 @@ struct heads_arg {
     d = cols / h;
     sh = d;
   }
-  /// Head `h` of batch item `b`: [tokens, head_dim], rows st apart.
-  posenc::strided_view<S> head(index_t b, index_t h) const {
-    return {data + b * sb + h * sh, tokens, d, tokens <= 1 ? d : st};
-  }
-  /// Every token's heads lie head_dim apart in one row: batch item b is one [tokens, heads * d] view.
-  bool row_packed() const { return (heads <= 1 || sh == d) && (tokens <= 1 || st >= heads * d); }
-  posenc::strided_view<S> rows(index_t b) const { return {data + b * sb, tokens, heads * d, tokens <= 1 ? heads * d : st}; }
+  /// Every batch item and head, through the strides.
+  posenc::heads_view<S> view() const { return {data, batch, tokens, heads, d, sb, st, sh}; }
 };
 
 /// True when no two elements of the array (extents `e`, element strides `s`) share memory: sorted
@@ -1799,33 +1814,6 @@ std::pair<index_t, index_t> fit_heads(const std::string& w, layout_kind L, const
   return {h, hk};
 }
 
-/// A score bias (ALiBi, T5) whose local head 0 is the wrapped encoder's local head `shift`: one head
-/// attended alone keeps its global head index, so its slope or table column.
-template <class E>
-struct head_shifted {
-  using scalar_type = typename E::scalar_type;
-  static constexpr posenc::encoding_family family = E::family;
-  const E* enc;
-  index_t shift;
-
-  std::string_view name() const { return enc->name(); }
-  double bias(index_t h, position q, position k) const { return enc->bias(h + shift, q, k); }
-  template <class Tile>
-  void add_bias_tile(Tile&& tile, index_t h, posenc::positions q, posenc::positions k) const {
-    enc->add_bias_tile(std::forward<Tile>(tile), h + shift, q, k);
-  }
-};
-
-/// The encoder for query head `h` attended alone.
-template <class E>
-decltype(auto) for_head(const E& e, index_t h) {
-  if constexpr (posenc::position_bias<E>) {
-    return head_shifted<E>{&e, h};
-  } else {
-    return (e);
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Encoder methods, per element type.
 
@@ -1846,12 +1834,7 @@ void rope_rotate(const py_rope& r, const array_arg& a, py::handle pos, py::handl
   position_arg p(pos, x.tokens, w, "positions");
   const auto& rope = r.get<posenc::compute_t<T>>();
   py::gil_scoped_release unlocked;
-  if (x.row_packed()) {
-    for (index_t b = 0; b < x.batch; ++b) rope.rotate(x.rows(b), p.get(), &workers());
-  } else {
-    for (index_t b = 0; b < x.batch; ++b)
-      for (index_t h = 0; h < x.heads; ++h) rope.rotate(x.head(b, h), p.get(), &workers());
-  }
+  rope.rotate(x.view(), p.get(), &workers());
 }
 
 template <class T>
@@ -2200,7 +2183,6 @@ py::object attention_typed(const call_args& a, attention_knobs& kn, const array_
 
   py::object lse_obj;
   array_arg lse_arr;
-  std::vector<C> scratch;
   heads_arg<C> lse;
   if (kn.want_lse) {
     lse_obj = new_result(qa.source, lse_shape(L, batch, h, n), std::same_as<C, float> ? elem::f32 : elem::f64, w);
@@ -2220,60 +2202,18 @@ py::object attention_typed(const call_args& a, attention_knobs& kn, const array_
       default:
         lse.st = es(0), lse.sh = es(1);
     }
-  } else {
-    scratch.resize(static_cast<std::size_t>(batch * n * h));
-    lse.data = scratch.data();
-    lse.sb = n * h, lse.st = h, lse.sh = 1;
   }
-  lse.batch = batch, lse.heads = h, lse.tokens = n, lse.d = 1, lse.cols = h;
-  if (n <= 1) lse.st = h;  // a single row: any stride (torch gives 1) reads as a row of h values
 
-  const bool fused = q.row_packed() && k.row_packed() && v.row_packed() && out.row_packed();
-  // The fused calls write lse as rows [tokens, heads]; a head-major lse ('htd', 'bhtd') gets them
-  // from scratch rows afterwards (batch * tokens * heads values, a head_dim-th of out).
-  const bool lse_rows = (h <= 1 || lse.sh == 1) && (n <= 1 || lse.st >= h);
-  heads_arg<C> lse_out = lse;
-  if (fused && !lse_rows) {
-    scratch.resize(static_cast<std::size_t>(batch * n * h));
-    lse.data = scratch.data();
-    lse.sb = n * h, lse.st = h, lse.sh = 1;
-  }
   kn.p.heads = h;
   kn.p.kv_heads = hk;
-  posenc::detail::check_params(kn.p);  // here too: the per-head calls below see one head each
+  // One call over every batch item and head, in place through the arrays' strides.
   with_encoding<C>(a["encoding"], w, h, d, [&](const auto& enc) {
     py::gil_scoped_release unlocked;
-    if (fused) {
-      for (index_t b = 0; b < batch; ++b)
-        posenc::attention(q.rows(b), k.rows(b), v.rows(b), out.rows(b), qp.get(), kp.get(), enc, kn.p,
-                          posenc::strided_view<C>(lse.data + b * lse.sb, n, h, n <= 1 ? h : lse.st));
-      if (!lse_rows)
-        for (index_t b = 0; b < batch; ++b)
-          for (index_t i = 0; i < h; ++i)
-            for (index_t t = 0; t < n; ++t)
-              lse_out.data[b * lse_out.sb + i * lse_out.sh + t * lse_out.st] = lse.data[(b * n + t) * h + i];
-      return;
-    }
-    // One call per (batch item, query head) on [tokens, head_dim] views; query head i reads kv head
-    // i / (heads / kv_heads). Many items: spread over the workers, each call on its own thread (a
-    // nested call of the pool runs on the calling thread); few: one after another, each spread.
-    const index_t items = batch * h, group = h / hk;
-    posenc::executor& ex = workers();
-    const int conc = kn.p.threads > 0 ? std::min(kn.p.threads, ex.concurrency()) : ex.concurrency();
-    auto one = [&](index_t item, int) {
-      const index_t b = item / h, i = item % h;
-      posenc::attention_params p1 = kn.p;
-      p1.heads = 1;
-      p1.kv_heads = 1;
-      if (!kn.p.sinks.empty()) p1.sinks = kn.p.sinks.subspan(static_cast<std::size_t>(i), 1);
-      posenc::attention(q.head(b, i), k.head(b, i / group), v.head(b, i / group), out.head(b, i), qp.get(), kp.get(),
-                        for_head(enc, i), p1,
-                        posenc::strided_view<C>(lse.data + b * lse.sb + i * lse.sh, n, 1, n <= 1 ? 1 : lse.st));
-    };
-    if (items >= conc) {
-      ex.parallel_for(items, conc, one);
+    if (kn.want_lse) {
+      posenc::attention(q.view(), k.view(), v.view(), out.view(), qp.get(), kp.get(), enc, kn.p,
+                        posenc::heads_view<C>(lse.data, batch, n, h, 1, lse.sb, lse.st, lse.sh));
     } else {
-      for (index_t item = 0; item < items; ++item) one(item, 0);
+      posenc::attention(q.view(), k.view(), v.view(), out.view(), qp.get(), kp.get(), enc, kn.p);
     }
   });
   return kn.want_lse ? py::object(py::make_tuple(out_obj, lse_obj)) : out_obj;
@@ -2751,6 +2691,13 @@ PYBIND11_MODULE(_posenc, m) {
   m.attr("__version__") = std::to_string(POSENC_VERSION_MAJOR) + "." + std::to_string(POSENC_VERSION_MINOR) + "." +
                           std::to_string(POSENC_VERSION_PATCH);
   py::register_exception<posenc::precondition_error>(m, "PreconditionError", PyExc_ValueError);
+  // POSENC_SIMD_CAP caps the kernels from the start, as in posenc's C++ tests and benchmarks; an
+  // unknown name fails the import with the library's message.
+  try {
+    posenc::apply_simd_cap_from_environment();
+  } catch (const std::invalid_argument& e) {
+    throw py::value_error(e.what());
+  }
 
   // Frequency policies (docs/rope_scaling.md), keyword arguments with the C++ aggregates' names and defaults.
   constexpr const char* linear_params = "*, factor=1.0";
@@ -2994,6 +2941,30 @@ PYBIND11_MODULE(_posenc, m) {
         return out;
       },
       doc_of("query_temperature", false, temperature_params_text, docs::query_temperature).c_str());
+
+  m.def(
+      "simd_level",
+      [sig = sig_of("simd_level", "*, detected=False")](py::args args, py::kwargs kwargs) {
+        const call_args a(sig, args, kwargs);
+        const bool detected = a.has("detected") && py::cast<bool>(a["detected"]);
+        return std::string(posenc::simd_level_name(detected ? posenc::detected_simd_level() : posenc::simd_level_in_use()));
+      },
+      doc_of("simd_level", false, "*, detected=False", docs::simd_level).c_str());
+  m.def(
+      "set_simd_cap",
+      [sig = sig_of("set_simd_cap", "level")](py::args args, py::kwargs kwargs) {
+        const call_args a(sig, args, kwargs);
+        if (!py::isinstance<py::str>(a["level"]))
+          type_error("set_simd_cap", "level must be a str ('portable', 'avx2', 'avx512' or 'neon'), got " +
+                                         type_name(a["level"]));
+        try {
+          posenc::set_simd_cap(posenc::parse_simd_level(py::cast<std::string>(a["level"]), "level"));
+        } catch (const std::invalid_argument& e) {
+          value_error("set_simd_cap", std::string(e.what()).substr(8));  // without "posenc: "
+        }
+        return std::string(posenc::simd_level_name(posenc::simd_level_in_use()));
+      },
+      doc_of("set_simd_cap", false, "level", docs::set_simd_cap).c_str());
 
   constexpr const char* sinusoidal_params =
       "*, dim=512, base=10000.0, layout='interleaved', shifted_denominator=False, position_offset=0";

@@ -12,34 +12,27 @@
 
 #include <cstdio>
 #include <cstdlib>
-#include <string_view>
-#include <utility>
+#include <stdexcept>
+#include <string>
 
-#include "posenc/detail/cpu.hpp"
 #include "posenc/executor.hpp"
+#include "posenc/simd.hpp"
 
 namespace {
 
-/// Applies POSENC_SIMD_CAP; false (with a message) for a name it does not know.
+/// Applies POSENC_SIMD_CAP (`posenc::apply_simd_cap_from_environment`); false, with the library's
+/// message, for a name it does not know.
 bool apply_simd_cap() {
-  using posenc::detail::simd_level;
-  const char* v = std::getenv("POSENC_SIMD_CAP");
-  const std::string_view cap = v != nullptr ? v : "";
-  if (cap.empty()) return true;
-  constexpr std::pair<std::string_view, simd_level> names[] = {{"portable", simd_level::portable},
-                                                               {"avx2", simd_level::avx2},
-                                                               {"avx512", simd_level::avx512},
-                                                               {"neon", simd_level::neon}};
-  for (const auto& [name, level] : names) {
-    if (name == cap) {
-      posenc::detail::set_simd_cap(level);
-      std::fprintf(stderr, "POSENC_SIMD_CAP=%s: kernels at level %d by default\n", v,
-                  static_cast<int>(posenc::detail::simd_level_in_use()));
-      return true;
-    }
+  try {
+    const posenc::simd_level in_use = posenc::apply_simd_cap_from_environment();
+    if (const char* v = std::getenv("POSENC_SIMD_CAP"); v != nullptr && *v != '\0')
+      std::fprintf(stderr, "POSENC_SIMD_CAP=%s: kernels at level %s by default\n", v,
+                   std::string(posenc::simd_level_name(in_use)).c_str());
+    return true;
+  } catch (const std::invalid_argument& e) {
+    std::fprintf(stderr, "%s\n", e.what());
+    return false;
   }
-  std::fprintf(stderr, "POSENC_SIMD_CAP=%s: expected portable, avx2, avx512 or neon\n", v);
-  return false;
 }
 
 }  // namespace

@@ -17,6 +17,7 @@
 
 #include "posenc/detail/attention_kernels.hpp"
 #include "posenc/detail/cpu.hpp"
+#include "posenc/simd.hpp"
 
 using posenc::index_t;
 
@@ -134,4 +135,28 @@ TEMPLATE_TEST_CASE("convert kernel of every kernel set widens and scales with on
       }
     }
   }
+}
+
+TEST_CASE("the public cap: names, parsing, levels no higher than the cap, restored by scoped_simd_cap",
+          "[simd][cap]") {
+  using posenc::simd_level;
+  for (const simd_level l : {simd_level::portable, simd_level::avx2, simd_level::avx512, simd_level::neon})
+    CHECK(posenc::parse_simd_level(posenc::simd_level_name(l)) == l);
+  CHECK(posenc::simd_level_name(simd_level::avx2) == "avx2");
+  CHECK_THROWS_WITH(posenc::parse_simd_level("AVX2", "POSENC_SIMD_CAP"),
+                    "posenc: POSENC_SIMD_CAP = 'AVX2' is not a kernel set; expected portable, avx2, avx512 or neon");
+  const simd_level before = posenc::simd_cap();
+  {
+    const posenc::scoped_simd_cap cap(simd_level::portable);
+    CHECK(posenc::simd_cap() == simd_level::portable);
+    CHECK(posenc::simd_level_in_use() == simd_level::portable);
+    posenc::set_simd_cap(simd_level::avx2);
+    const simd_level in_use = posenc::simd_level_in_use();
+    // The first vector set of the architecture, or portable on a CPU without one.
+    CHECK((in_use == simd_level::portable || in_use == simd_level::avx2 || in_use == simd_level::neon));
+    CHECK(in_use != simd_level::avx512);
+    posenc::set_simd_cap(simd_level::avx512);
+    CHECK(posenc::simd_level_in_use() == posenc::detected_simd_level());
+  }
+  CHECK(posenc::simd_cap() == before);
 }

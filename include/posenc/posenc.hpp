@@ -8,6 +8,7 @@
 
 #include "posenc/config.hpp"
 #include "posenc/executor.hpp"
+#include "posenc/simd.hpp"
 #include "posenc/types.hpp"
 #include "posenc/concepts.hpp"
 

@@ -2,7 +2,8 @@
 #pragma once
 
 /// \file types.hpp
-/// Vocabulary types: strided row-major matrix views, per-token positions, storage types.
+/// Vocabulary types: strided row-major matrix views, views of heads with any strides (`heads_view`),
+/// per-token positions, storage types.
 ///
 /// Shape contract used throughout posenc: a sequence of tokens for several heads is a row-major
 /// matrix `[tokens, heads * head_dim]`; head `h` is the column block `[h*head_dim, (h+1)*head_dim)`.
@@ -10,13 +11,16 @@
 /// slice of a fused QKV buffer, is used in place. posenc never copies a matrix argument.
 
 #include <Eigen/Core>
+#include <algorithm>
 #include <concepts>
 #include <cstddef>
 #include <cstdint>
+#include <iterator>
 #include <limits>
 #include <ranges>
 #include <span>
 #include <type_traits>
+#include <utility>
 
 #include "posenc/config.hpp"
 
@@ -77,6 +81,88 @@ struct strided_view {
     POSENC_ASSERT(first >= 0 && count >= 0 && first <= cols && count <= cols - first, "strided_view: columns [",
                   first, ", ", first, " + ", count, ") are not inside the view's ", cols, " columns");
     return {data + first, rows, count, stride};
+  }
+};
+
+/// A non-owning view of a batch of equally long sequences of several heads, with any strides:
+/// the `head_dim` elements of batch item `b`, token `t`, head `h` start at
+/// `data + b * batch_stride + t * token_stride + h * head_stride` and are contiguous. It names
+/// every layout a framework hands over without a copy:
+/// - `[tokens, heads * head_dim]` with a row stride (posenc's matrices, a slice of a fused QKV
+///   projection): `heads_view::rows(data, tokens, heads, head_dim, row_stride)`;
+/// - `[batch, tokens, heads, head_dim]` (a projection's output viewed, FlashAttention's layout):
+///   `heads_view::bthd(...)`;
+/// - `[batch, heads, tokens, head_dim]` (PyTorch's `scaled_dot_product_attention`) and
+///   `[heads, tokens, head_dim]`: `heads_view::bhtd(...)` (batch 1 for the latter);
+/// - anything else (a transposed or sliced tensor) through the constructor with its strides.
+/// Strides are in elements and non-negative; a stride of 0 repeats an item, token or head (an
+/// expanded tensor): allowed for inputs, refused for outputs, whose elements must not overlap.
+template <class S>
+struct heads_view {
+  S* data = nullptr;
+  index_t batch = 1, tokens = 0, heads = 0, head_dim = 0;
+  index_t batch_stride = 0, token_stride = 0, head_stride = 0;
+
+  heads_view() = default;
+  heads_view(S* d, index_t batch_, index_t tokens_, index_t heads_, index_t head_dim_, index_t batch_stride_,
+             index_t token_stride_, index_t head_stride_)
+      : data(d), batch(batch_), tokens(tokens_), heads(heads_), head_dim(head_dim_), batch_stride(batch_stride_),
+        token_stride(token_stride_), head_stride(head_stride_) {
+    POSENC_ASSERT(batch_ >= 0 && tokens_ >= 0 && heads_ >= 0 && head_dim_ >= 0, "heads_view: negative shape [batch ",
+                  batch_, ", tokens ", tokens_, ", heads ", heads_, ", head_dim ", head_dim_, "]");
+    POSENC_ASSERT(batch_stride_ >= 0 && token_stride_ >= 0 && head_stride_ >= 0, "heads_view: negative stride (batch ",
+                  batch_stride_, ", token ", token_stride_, ", head ", head_stride_, ")");
+  }
+  /// A view of mutable elements converts to a view of const elements.
+  template <class U>
+    requires(std::is_const_v<S> && std::same_as<std::remove_const_t<S>, U>)
+  heads_view(const heads_view<U>& o)
+      : data(o.data), batch(o.batch), tokens(o.tokens), heads(o.heads), head_dim(o.head_dim),
+        batch_stride(o.batch_stride), token_stride(o.token_stride), head_stride(o.head_stride) {}
+
+  /// `[tokens, heads * head_dim]`, rows `row_stride` elements apart (>= heads * head_dim).
+  static heads_view rows(S* d, index_t tokens, index_t heads, index_t head_dim, index_t row_stride) {
+    POSENC_ASSERT(row_stride >= heads * head_dim || tokens <= 1, "heads_view::rows: row stride ", row_stride,
+                  " is smaller than heads * head_dim = ", heads * head_dim);
+    return {d, 1, tokens, heads, head_dim, tokens * row_stride, row_stride, head_dim};
+  }
+  /// A matrix `[tokens, heads * head_dim]` split into `heads` heads (which must divide its columns).
+  static heads_view rows(strided_view<S> m, index_t heads) {
+    POSENC_ASSERT(heads > 0 && m.cols % heads == 0, "heads_view::rows: ", m.cols, " columns are not ", heads,
+                  " heads of equal size");
+    return rows(m.data, m.rows, heads, m.cols / heads, m.rows <= 1 ? m.cols : m.stride);
+  }
+  /// Dense `[batch, tokens, heads, head_dim]`.
+  static heads_view bthd(S* d, index_t batch, index_t tokens, index_t heads, index_t head_dim) {
+    return {d, batch, tokens, heads, head_dim, tokens * heads * head_dim, heads * head_dim, head_dim};
+  }
+  /// Dense `[batch, heads, tokens, head_dim]` (batch 1: `[heads, tokens, head_dim]`).
+  static heads_view bhtd(S* d, index_t batch, index_t heads, index_t tokens, index_t head_dim) {
+    return {d, batch, tokens, heads, head_dim, heads * tokens * head_dim, head_dim, tokens * head_dim};
+  }
+
+  /// The first element of batch item `b`, token `t`, head `h` (`head_dim` contiguous elements).
+  S* at(index_t b, index_t t, index_t h) const { return data + (b * batch_stride + t * token_stride + h * head_stride); }
+  /// Head `h` of batch item `b` as a `[tokens, head_dim]` matrix.
+  strided_view<S> head(index_t b, index_t h) const {
+    return {at(b, 0, h), tokens, head_dim, tokens <= 1 ? head_dim : std::max(token_stride, head_dim)};
+  }
+  /// Whether every token's heads lie `head_dim` apart in one row of the `[tokens, heads * head_dim]`
+  /// matrix of each batch item.
+  bool row_packed() const { return (heads <= 1 || head_stride == head_dim) && (tokens <= 1 || token_stride >= heads * head_dim); }
+  /// Whether no two elements share memory (required of an output): sorted by stride, every axis
+  /// steps past the span of the axes below it.
+  bool disjoint() const {
+    if (batch == 0 || tokens == 0 || heads == 0 || head_dim == 0) return true;
+    std::pair<index_t, index_t> axes[3] = {{batch_stride, batch}, {token_stride, tokens}, {head_stride, heads}};
+    std::sort(std::begin(axes), std::end(axes));
+    index_t span = head_dim;
+    for (const auto& [stride, extent] : axes) {
+      if (extent <= 1) continue;
+      if (stride < span) return false;
+      span += stride * (extent - 1);
+    }
+    return true;
   }
 };
 
@@ -142,6 +228,13 @@ using eigen_plain_t = std::remove_cvref_t<M>;
 
 template <class M>
 concept eigen_dense = std::derived_from<eigen_plain_t<M>, Eigen::DenseBase<eigen_plain_t<M>>>;
+
+template <class M>
+struct is_heads_view : std::false_type {};
+template <class S>
+struct is_heads_view<heads_view<S>> : std::true_type {};
+template <class M>
+inline constexpr bool is_heads_view_v = is_heads_view<M>::value;
 
 template <class M>
 struct is_strided_view : std::false_type {};

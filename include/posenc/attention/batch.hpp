@@ -193,7 +193,10 @@ void attention_varlen(Q&& q, K&& k, V&& v, O&& out, std::span<const std::int32_t
   std::byte* const memory = (ws ? *ws : local).reserve(pl.workspace_bytes);
   detail::seq_plan* const plans = detail::plans_in(memory, pl);
   detail::plan_batch<C>(sh, p, enc, seqs, sizes, plans);
-  detail::run_batch<C>(qv, kv, vv, ov, lse_view, pl, plans, reinterpret_cast<C*>(memory), p, enc, true, seq_of);
+  const index_t d = sh.head_dim;
+  detail::run_batch<C>(detail::head_rows_of(qv, d), detail::head_rows_of(kv, d), detail::head_rows_of(vv, d),
+                       detail::head_rows_of(ov, d), detail::lse_rows(lse_view), pl, plans, reinterpret_cast<C*>(memory),
+                       p, enc, true, seq_of);
 }
 
 /// Attention of a batch of sequences whose keys and values are in a paged cache: sequence `b`
@@ -261,8 +264,10 @@ void paged_attention(Q&& q, const paged_kv<SC>& cache, O&& out, std::span<const 
   std::byte* const memory = (ws ? *ws : local).reserve(pl.workspace_bytes);
   detail::seq_plan* const plans = detail::plans_in(memory, pl);
   detail::plan_batch<C>(sh, p, enc, seqs, sizes, plans);
-  detail::run_batch<C>(qv, kc, vc, ov, lse_view, pl, plans, reinterpret_cast<C*>(memory), p, enc,
-                       cache.keys == cached_keys::raw, seq_of);
+  const index_t d = sh.head_dim;
+  detail::run_batch<C>(detail::head_rows_of(qv, d), detail::head_rows_of(kc, d), detail::head_rows_of(vc, d),
+                       detail::head_rows_of(ov, d), detail::lse_rows(lse_view), pl, plans, reinterpret_cast<C*>(memory),
+                       p, enc, cache.keys == cached_keys::raw, seq_of);
 }
 
 /// Writes a step's new keys and values into a paged cache: row `i` of sequence `b`'s new rows

@@ -43,19 +43,64 @@ namespace posenc {
 
 namespace detail {
 
-/// Copies `n` rows of columns `[col, col + d)` of `src` into `dst` (row stride `ld`), converting
+/// One operand of a call (q, k, v, out, lse) as the engine reads it: head `h` of row `r` (a row of
+/// the packed queries of a batch's sequences, or a K/V row) starts at `at(r, h)`. The rows of one
+/// sequence are `stride` apart; a batch of equally long sequences (`heads_view` with batch > 1)
+/// puts the rows `[b * seq_rows, (b + 1) * seq_rows)` of sequence `b` at `b * seq_stride`. A run
+/// of rows the engine reads at once never crosses from one sequence into the next.
+template <class S>
+struct head_rows {
+  S* data = nullptr;
+  index_t stride = 0, head_stride = 0;
+  index_t seq_rows = 0, seq_stride = 0;  ///< 0 rows: one sequence (or a cache's rows)
+
+  S* at(index_t r, index_t h) const {
+    index_t offset = h * head_stride;
+    if (seq_rows > 0) {
+      const index_t b = r / seq_rows;
+      offset += b * seq_stride;
+      r -= b * seq_rows;
+    }
+    return data + (offset + r * stride);
+  }
+};
+
+/// A `[rows, heads * d]` matrix, head h in columns `[h * d, (h + 1) * d)`.
+template <class S>
+head_rows<S> head_rows_of(strided_view<S> m, index_t d) {
+  return {m.data, m.stride, d};
+}
+/// Every batch item's tokens as consecutive rows.
+template <class S>
+head_rows<S> head_rows_of(const heads_view<S>& v) {
+  return {v.data, v.token_stride, v.head_stride, v.batch > 1 ? v.tokens : 0, v.batch_stride};
+}
+
+/// The optional log-sum-exp `[rows, heads]` matrix (0: none) as the engine writes it.
+template <class LV>
+auto lse_rows(const LV& v) {
+  if constexpr (std::same_as<LV, int>) {
+    return 0;
+  } else {
+    return head_rows_of(v, 1);
+  }
+}
+
+/// Copies `n` rows of head `head` (`d` columns) of `src` into `dst` (row stride `ld`), converting
 /// to the compute type and multiplying by `factor`. fp16 / bf16 rows are widened by the SIMD
 /// kernels (the same bits as the loop below).
 template <class C, class S>
-void load_rows(strided_view<S> src, index_t row, index_t n, index_t col, index_t d, C factor, C* dst, index_t ld) {
+void load_rows(head_rows<S> src, index_t row, index_t n, index_t head, index_t d, C factor, C* dst, index_t ld) {
   using SS = std::remove_const_t<S>;
+  const S* const first = src.at(row, head);
   if (std::same_as<SS, C> && factor == C(1)) {
-    for (index_t i = 0; i < n; ++i) std::memcpy(dst + i * ld, src.row(row + i) + col, static_cast<std::size_t>(d) * sizeof(C));
+    for (index_t i = 0; i < n; ++i)
+      std::memcpy(dst + i * ld, first + i * src.stride, static_cast<std::size_t>(d) * sizeof(C));
     return;
   }
   if constexpr (kernel_readable<C, SS> && !std::same_as<SS, C>) {
     const auto& kern = kernels_for<C>();
-    const SS* from = src.row(row) + col;
+    const SS* from = first;
     if constexpr (std::same_as<SS, Eigen::half>) {
       kern.convert_f16(from, src.stride, n, d, factor, dst, ld);
     } else {
@@ -64,7 +109,7 @@ void load_rows(strided_view<S> src, index_t row, index_t n, index_t col, index_t
     return;
   }
   for (index_t i = 0; i < n; ++i) {
-    const S* from = src.row(row + i) + col;
+    const S* from = first + i * src.stride;
     C* to = dst + i * ld;
     for (index_t c = 0; c < d; ++c) to[c] = factor * static_cast<C>(from[c]);
   }
@@ -94,17 +139,20 @@ struct key_map {
   index_t run(index_t j, index_t n) const { return pages ? std::min(n, page_size - j % page_size) : n; }
 };
 
-/// Asks for the cache lines of columns [col, col + cols) of rows [row, row + n) of `m` ahead of
-/// their use (a hint: it never faults and changes no result).
+/// Asks for the cache lines of heads [h0, h0 + heads) (`d` columns each) of rows [row, row + n)
+/// of `m` ahead of their use (a hint: it never faults and changes no result).
 template <class S>
-inline void prefetch_rows([[maybe_unused]] strided_view<S> m, [[maybe_unused]] index_t row,
-                          [[maybe_unused]] index_t n, [[maybe_unused]] index_t col, [[maybe_unused]] index_t cols) {
+inline void prefetch_rows([[maybe_unused]] head_rows<S> m, [[maybe_unused]] index_t row, [[maybe_unused]] index_t n,
+                          [[maybe_unused]] index_t h0, [[maybe_unused]] index_t heads, [[maybe_unused]] index_t d) {
 #if defined(__GNUC__)
   constexpr index_t per_line = 64 / static_cast<index_t>(sizeof(S));
-  for (index_t i = 0; i < n; ++i) {
-    const S* r = m.row(row + i) + col;
-    for (index_t c = 0; c < cols; c += per_line) __builtin_prefetch(r + c, 0, 3);
-  }
+  // Heads d apart in a row: one span of heads * d columns.
+  const index_t spans = m.head_stride == d ? 1 : heads, cols = m.head_stride == d ? heads * d : d;
+  for (index_t i = 0; i < n; ++i)
+    for (index_t h = 0; h < spans; ++h) {
+      const S* r = m.at(row + i, h0 + h);
+      for (index_t c = 0; c < cols; c += per_line) __builtin_prefetch(r + c, 0, 3);
+    }
 #endif
 }
 
@@ -121,7 +169,7 @@ struct batch_seq {
 /// encoder rotates the key tiles too (false: the keys were stored rotated, only the queries are
 /// rotated here). Every argument was checked; nothing here throws.
 template <class C, class SQ, class SK, class SV, class SO, class LV, class E, class SeqOf>
-void run_batch(strided_view<SQ> qv, strided_view<SK> kv, strided_view<SV> vv, strided_view<SO> ov, LV lse_view,
+void run_batch(head_rows<SQ> qv, head_rows<SK> kv, head_rows<SV> vv, head_rows<SO> ov, LV lse_view,
                const attention_plan& pl, const seq_plan* plans, C* base, const attention_params& p, const E& enc,
                bool rotate_keys, SeqOf&& seq_of) {
   constexpr bool want_lse = !std::same_as<LV, int>;
@@ -158,20 +206,20 @@ void run_batch(strided_view<SQ> qv, strided_view<SK> kv, strided_view<SV> vv, st
       return 0;
     }
   }();
-  // Rows [row, row + n) of columns [col, col + d) of `src` into the dense tile `dst` (stride d),
-  // times `factor`, rotated by `tp` when `rotate`. Unscaled tiles with a tile rotator are loaded
-  // and rotated in one pass.
-  auto load_tile = [&](auto src, index_t row, index_t n, index_t col, positions tp, C factor, C* dst, C* rot,
+  // Rows [row, row + n) of head `head` of `src` into the dense tile `dst` (stride d), times
+  // `factor`, rotated by `tp` when `rotate`. Unscaled tiles with a tile rotator are loaded and
+  // rotated in one pass.
+  auto load_tile = [&](auto src, index_t row, index_t n, index_t head, positions tp, C factor, C* dst, C* rot,
                        bool rotate) {
     using SS = std::remove_const_t<std::remove_pointer_t<decltype(src.data)>>;
     const strided_view<C> tile(dst, n, d, d);
     if constexpr (has_tile_rotator<E>) {
       if (rotate && factor == C(1)) {
-        rotator.rotate(strided_view<const SS>(src.row(row) + col, n, d, src.stride), tile, tp, rot);
+        rotator.rotate(strided_view<const SS>(src.at(row, head), n, d, n <= 1 ? d : src.stride), tile, tp, rot);
         return;
       }
     }
-    load_rows(src, row, n, col, d, factor, dst, d);
+    load_rows(src, row, n, head, d, factor, dst, d);
     if (!rotate) return;
     if constexpr (has_tile_rotator<E>) {
       rotator.rotate(tile, tp, rot);
@@ -185,7 +233,7 @@ void run_batch(strided_view<SQ> qv, strided_view<SK> kv, strided_view<SV> vv, st
   auto finish_row = [&](index_t g, index_t i0, index_t nq, index_t r, const C* a, C mr, C lr) {
     const index_t i = i0 + r % nq;
     const index_t h = g * group + r / nq;
-    SO* dst = ov.row(i) + h * d;
+    SO* dst = ov.at(i, h);
     C lse = lr == C(0) ? neg_inf : mr + std::log(lr);
     C weight = lr == C(0) ? C(0) : C(1) / lr;
     if (!p.sinks.empty()) {
@@ -199,7 +247,7 @@ void run_batch(strided_view<SQ> qv, strided_view<SK> kv, strided_view<SV> vv, st
     } else {
       for (index_t c = 0; c < d; ++c) dst[c] = static_cast<SO>(a[c] * weight);
     }
-    if constexpr (want_lse) lse_view(i, h) = static_cast<std::remove_reference_t<decltype(lse_view(0, 0))>>(lse);
+    if constexpr (want_lse) *lse_view.at(i, h) = static_cast<std::remove_pointer_t<decltype(lse_view.data)>>(lse);
   };
 
   // A work item of sequence `b`: kv heads [g0, g0 + sets), tokens [i0, i0 + nq), keys of chunk
@@ -235,7 +283,7 @@ void run_batch(strided_view<SQ> qv, strided_view<SK> kv, strided_view<SV> vv, st
       const index_t g = g0 + gs;
       C* const qt = at(plan.q, plan.bq * d, gs);
       for (index_t hh = 0; hh < group; ++hh)
-        load_tile(qv, sp.q0 + i0, nq, (g * group + hh) * d, qp, scale, qt + hh * nq * d, rot, rotation);
+        load_tile(qv, sp.q0 + i0, nq, g * group + hh, qp, scale, qt + hh * nq * d, rot, rotation);
       std::fill(at(plan.acc, plan.bq * plan.dpad, gs), at(plan.acc, plan.bq * plan.dpad, gs) + rows * plan.dpad, C(0));
       std::fill(at(plan.m, plan.bq, gs), at(plan.m, plan.bq, gs) + rows, neg_inf);
       std::fill(at(plan.l, plan.bq, gs), at(plan.l, plan.bq, gs) + rows, C(0));
@@ -300,7 +348,7 @@ void run_batch(strided_view<SQ> qv, strided_view<SK> kv, strided_view<SV> vv, st
     // next block's rows are on their way while the kernels work on this one.
     auto prefetch_block = [&](auto m, index_t j, index_t end) {
       const auto [row, n] = block_at(j, end);
-      prefetch_rows(m, row, n, g0 * d, sets * d);
+      prefetch_rows(m, row, n, g0, sets, d);
     };
     // Rows of keys [j, j + n) of `m` that the kernels request while they read another block:
     // the first row of kv head g's columns and how many follow it (a run at most; none past the
@@ -308,7 +356,7 @@ void run_batch(strided_view<SQ> qv, strided_view<SK> kv, strided_view<SV> vv, st
     auto ahead = [&](auto m, index_t j, index_t n, index_t g) {
       using T = std::remove_pointer_t<decltype(m.data)>;
       if (j >= seq.n_kv) return std::pair<T*, index_t>{nullptr, 0};
-      return std::pair<T*, index_t>{m.row(seq.keys.row(j)) + g * d, seq.keys.run(j, std::min(n, seq.n_kv - j))};
+      return std::pair<T*, index_t>{m.at(seq.keys.row(j), g), seq.keys.run(j, std::min(n, seq.n_kv - j))};
     };
     constexpr index_t k_ahead = decode_prefetch_keys<KS>, v_ahead = decode_prefetch_values<VS>;
     auto decode_tile = [&](index_t j0, index_t nk, positions kp, bool full) {
@@ -323,7 +371,7 @@ void run_batch(strided_view<SQ> qv, strided_view<SK> kv, strided_view<SV> vv, st
         for (index_t gs = 0; gs < sets; ++gs) {
           if constexpr (decode_readable) {
             const auto [pf, npf] = ahead(kv, j0 + j + k_ahead, n, g0 + gs);
-            qk_rows_of(kern, at(plan.q, plan.bq * d, gs), d, rows, d, kv.row(row) + (g0 + gs) * d, kv.stride, n,
+            qk_rows_of(kern, at(plan.q, plan.bq * d, gs), d, rows, d, kv.at(row, g0 + gs), kv.stride, n,
                        at(plan.s, plan.strip * plan.ldkt, gs) + j, plan.ldkt, pf, npf);
           }
         }
@@ -346,7 +394,7 @@ void run_batch(strided_view<SQ> qv, strided_view<SK> kv, strided_view<SV> vv, st
         for (index_t gs = 0; gs < sets; ++gs) {
           if constexpr (decode_readable) {
             const auto [pf, npf] = ahead(vv, j0 + j + v_ahead, n, g0 + gs);
-            pv_of(kern, at(plan.s, plan.strip * plan.ldkt, gs) + j, plan.ldkt, rows, n, vv.row(row) + (g0 + gs) * d,
+            pv_of(kern, at(plan.s, plan.strip * plan.ldkt, gs) + j, plan.ldkt, rows, n, vv.at(row, g0 + gs),
                   vv.stride, d, j == 0 ? at(plan.alpha, plan.bq, gs) : ones, at(plan.acc, plan.bq * plan.dpad, gs),
                   plan.dpad, pf, npf);
           }
@@ -391,13 +439,13 @@ void run_batch(strided_view<SQ> qv, strided_view<SK> kv, strided_view<SV> vv, st
         const C* krows = nullptr;
         index_t ldk = d;
         if (keys_in_place) {
-          kin = kv.row(row0) + g * d;
+          kin = kv.at(row0, g);
           ldk = kv.stride;
         } else {
           C* buf = scratch + plan.krows;
           for (index_t j = 0; j < nk;) {
             const index_t n = seq.keys.run(j0 + j, nk - j);
-            load_tile(kv, seq.keys.row(j0 + j), n, g * d, kp.subset(j, n), C(1), buf + j * d, rot, rotating_keys);
+            load_tile(kv, seq.keys.row(j0 + j), n, g, kp.subset(j, n), C(1), buf + j * d, rot, rotating_keys);
             j += n;
           }
           krows = buf;
@@ -413,13 +461,13 @@ void run_batch(strided_view<SQ> qv, strided_view<SK> kv, strided_view<SV> vv, st
         const C* vrows = nullptr;
         index_t ldv = plan.dpad;
         if (values_in_place) {
-          vin = vv.row(row0) + g * d;
+          vin = vv.at(row0, g);
           ldv = vv.stride;
         } else {
           C* buf = scratch + plan.v;
           for (index_t j = 0; j < nk;) {
             const index_t n = seq.keys.run(j0 + j, nk - j);
-            load_rows(vv, seq.keys.row(j0 + j), n, g * d, d, C(1), buf + j * plan.dpad, plan.dpad);
+            load_rows(vv, seq.keys.row(j0 + j), n, g, d, C(1), buf + j * plan.dpad, plan.dpad);
             j += n;
           }
           if (d != plan.dpad)
@@ -544,16 +592,125 @@ inline seq_plan* plans_in(std::byte* workspace, const attention_plan& pl) {
 
 }  // namespace detail
 
+namespace detail {
+
+/// `M` is a `heads_view` (of any constness).
+template <class M>
+inline constexpr bool heads_view_arg = is_heads_view_v<std::remove_cvref_t<M>>;
+
+/// An argument of `attention` as a `heads_view`: a `heads_view` as it is, a matrix
+/// `[tokens, heads * head_dim]` split into `heads` heads.
+template <class M>
+auto heads_of(M&& m, index_t heads, const char* name) {
+  if constexpr (heads_view_arg<M>) {
+    return std::remove_cvref_t<M>(m);
+  } else {
+    const auto v = view_of(std::forward<M>(m));
+    using S = std::remove_pointer_t<decltype(v.data)>;
+    POSENC_ASSERT(v.cols % heads == 0, "attention: ", name, " has ", v.cols, " columns, not a multiple of its ", heads,
+                  " heads");
+    return heads_view<S>::rows(v.data, v.rows, heads, v.cols / heads, v.rows <= 1 ? v.cols : v.stride);
+  }
+}
+
+/// The shape checks of `attention` when some argument is a `heads_view` (after `check_params`):
+/// every view has the heads the knobs say, one head_dim, one batch size; out has q's shape and
+/// no two of its elements overlap.
+template <class SQ, class SK, class SV, class SO>
+attention_shape check_heads_attention(const attention_params& p, index_t kvh, const heads_view<SQ>& q,
+                                      const heads_view<SK>& k, const heads_view<SV>& v, const heads_view<SO>& o,
+                                      index_t n_qpos, index_t n_kpos) {
+  POSENC_ASSERT(q.heads == p.heads, "attention: q has ", q.heads, " heads but attention_params.heads = ", p.heads);
+  POSENC_ASSERT(k.heads == kvh, "attention: k has ", k.heads, " heads but attention_params.kv_heads = ", p.kv_heads,
+                p.kv_heads == 0 ? " (0: heads = " + to_text(p.heads) + ")" : std::string());
+  POSENC_ASSERT(v.heads == kvh, "attention: v has ", v.heads, " heads but attention_params.kv_heads = ", p.kv_heads,
+                p.kv_heads == 0 ? " (0: heads = " + to_text(p.heads) + ")" : std::string());
+  const index_t d = q.head_dim;
+  POSENC_ASSERT(d > 0, "attention: q has head_dim 0");
+  POSENC_ASSERT(k.head_dim == d && v.head_dim == d, "attention: head_dim of q, k and v must agree, got ", d, ", ",
+                k.head_dim, " and ", v.head_dim);
+  POSENC_ASSERT(k.batch == q.batch && v.batch == q.batch, "attention: q, k and v must have one batch size, got ",
+                q.batch, ", ", k.batch, " and ", v.batch);
+  POSENC_ASSERT(v.tokens == k.tokens, "attention: k has ", k.tokens, " tokens but v has ", v.tokens);
+  POSENC_ASSERT(o.batch == q.batch && o.tokens == q.tokens && o.heads == q.heads && o.head_dim == d,
+                "attention: out is [batch, tokens, heads, head_dim] = [", o.batch, ", ", o.tokens, ", ", o.heads, ", ",
+                o.head_dim, "] but q is [", q.batch, ", ", q.tokens, ", ", q.heads, ", ", d, "]");
+  POSENC_ASSERT(o.disjoint(), "attention: elements of out overlap (strides: batch ", o.batch_stride, ", token ",
+                o.token_stride, ", head ", o.head_stride, "); every output element needs its own memory");
+  POSENC_ASSERT(n_qpos == q.tokens, "attention: ", n_qpos, " query positions for ", q.tokens,
+                " tokens of q (every batch item has these positions)");
+  POSENC_ASSERT(n_kpos == k.tokens, "attention: ", n_kpos, " key positions for ", k.tokens,
+                " tokens of k (every batch item has these positions)");
+  const double scale = p.scale ? *p.scale : 1.0 / std::sqrt(static_cast<double>(d));
+  return {q.tokens, k.tokens, p.heads, kvh, d, p.heads / kvh, scale, mask_rule_of(p)};
+}
+
+/// The optional log-sum-exp of a call with `batch` items, as the engine writes it: a
+/// `heads_view` of head_dim 1 (`[batch, tokens, heads]` with any strides), or a matrix
+/// `[batch * n_q, heads]` (the items' rows one after another); 0 for `nullptr`.
+template <class L>
+auto lse_heads_of(L&& lse, const attention_shape& sh, index_t batch) {
+  if constexpr (std::is_null_pointer_v<std::remove_cvref_t<L>>) {
+    return 0;
+  } else if constexpr (heads_view_arg<L>) {
+    const auto lv = std::remove_cvref_t<L>(lse);
+    static_assert(std::same_as<std::remove_pointer_t<decltype(lv.data)>, float> ||
+                      std::same_as<std::remove_pointer_t<decltype(lv.data)>, double>,
+                  "posenc::attention: lse must be a writable float or double view");
+    POSENC_ASSERT(lv.batch == batch && lv.tokens == sh.n_q && lv.heads == sh.heads && lv.head_dim == 1,
+                  "attention: lse is [batch, tokens, heads, head_dim] = [", lv.batch, ", ", lv.tokens, ", ", lv.heads,
+                  ", ", lv.head_dim, "] but must be [", batch, ", ", sh.n_q, ", ", sh.heads, ", 1]");
+    POSENC_ASSERT(lv.disjoint(), "attention: elements of lse overlap (strides: batch ", lv.batch_stride, ", token ",
+                  lv.token_stride, ", head ", lv.head_stride, ")");
+    return head_rows_of(lv);
+  } else {
+    attention_shape all = sh;
+    all.n_q = sh.n_q * batch;
+    return lse_rows(lse_view_of(std::forward<L>(lse), all));
+  }
+}
+
+/// Runs the engine over `batch` sequences of `sh.n_q` queries and `sh.n_kv` keys each (all
+/// checked), every one with the positions `qpos` and `kpos`.
+template <class C, class SQ, class SK, class SV, class SO, class LV, class E>
+void attention_run(head_rows<SQ> q, head_rows<SK> k, head_rows<SV> v, head_rows<SO> out, LV lse,
+                   const attention_shape& sh, index_t batch, positions qpos, positions kpos, const E& enc,
+                   const attention_params& p, attention_workspace* ws) {
+  if (sh.n_q == 0 || batch == 0) return;
+  const auto sizes = [&](index_t) { return std::pair{sh.n_q, sh.n_kv}; };
+  const auto seq_of = [&](index_t b) {
+    return batch_seq{qpos, sh.n_kv, key_map{.first = b * sh.n_kv, .kpos = kpos}};
+  };
+  const attention_plan pl = plan_batch<C>(sh, p, enc, batch, sizes);
+  attention_workspace local;
+  std::byte* const memory = (ws ? *ws : local).reserve(pl.workspace_bytes);
+  seq_plan* const plans = plans_in(memory, pl);
+  plan_batch<C>(sh, p, enc, batch, sizes, plans);
+  run_batch<C>(q, k, v, out, lse, pl, plans, reinterpret_cast<C*>(memory), p, enc, true, seq_of);
+}
+
+}  // namespace detail
+
 /// Blockwise softmax attention with any positional encoder; the same contract as
 /// `attention_reference` (see there for the formula, shapes, GQA and masking), computed tile by
 /// tile in `compute_t<S>` with memory linear in the sequence length.
 ///
+/// \param q, k, v, out  matrices `[tokens, heads * head_dim]` (any row stride), or `heads_view`s
+///             of any layout and strides (`[batch, heads, tokens, head_dim]` as PyTorch holds them,
+///             a transposed or sliced tensor): read and written in place, never copied. With
+///             `heads_view`s, their heads must be `p.heads` (q, out) and `p.kv_heads` (k, v),
+///             and a batch of `B > 1` items is `B` independent sequences of equal length, all with
+///             the positions `qpos` and `kpos`, in one call (one plan, the items' work shared by
+///             the workers). Matrices and views mix (a matrix is split into the knobs' heads).
 /// \param enc  applied by this call: a rotation encoder (RoPE) rotates copies of the query and
 ///             key tiles with their positions (the inputs stay untouched); a score bias is added
 ///             to the logits. Queries and keys the caller rotated already (a cache of rotated
 ///             keys) are attended with `posenc::no_position`: passing the rope here as well would
 ///             rotate them twice. The encoder's `scalar_type` must be the compute type of the
 ///             storage.
+/// \param lse  optional: nullptr, a float/double matrix `[n_q, heads]` (`[batch * n_q, heads]`
+///             for a batch of views), or a `heads_view` with head_dim 1 (`[batch, tokens, heads]`
+///             with any strides).
 /// \param ws   optional workspace reused across calls; without it the call allocates
 ///             `attention_workspace_bytes` once (never per tile). With a workspace that is large
 ///             enough (reused from an earlier call of the same plan), the call allocates nothing.
@@ -566,34 +723,46 @@ void attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, con
   static_assert(E::family != encoding_family::additive_input,
                 "posenc::attention: additive-input encoders (sinusoidal) act on token embeddings before the Q/K/V "
                 "projections; call enc.add_to(embeddings, positions) there and pass posenc::no_position here");
-  const auto qv = view_of(std::forward<Q>(q));
-  const auto kv = view_of(std::forward<K>(k));
-  const auto vv = view_of(std::forward<V>(v));
-  const auto ov = view_of(std::forward<O>(out));
-  using S = std::remove_const_t<std::remove_pointer_t<decltype(qv.data)>>;
-  using SO = std::remove_pointer_t<decltype(ov.data)>;
-  using C = compute_t<S>;
-  static_assert(!std::is_const_v<SO>, "posenc::attention: out must be writable");
-  static_assert(std::same_as<typename E::scalar_type, C> || E::family == encoding_family::none,
-                "posenc::attention: the encoder's scalar_type must be the compute type of q/k/v "
-                "(float for float, bf16 and fp16 storage; double for double)");
+  constexpr bool views = detail::heads_view_arg<Q> || detail::heads_view_arg<K> || detail::heads_view_arg<V> ||
+                         detail::heads_view_arg<O> || detail::heads_view_arg<L>;
+  if constexpr (views) {
+    const index_t kvh = detail::check_params(p);
+    const auto qh = detail::heads_of(std::forward<Q>(q), p.heads, "q");
+    const auto kh = detail::heads_of(std::forward<K>(k), kvh, "k");
+    const auto vh = detail::heads_of(std::forward<V>(v), kvh, "v");
+    const auto oh = detail::heads_of(std::forward<O>(out), p.heads, "out");
+    using S = std::remove_const_t<std::remove_pointer_t<decltype(qh.data)>>;
+    using C = compute_t<S>;
+    static_assert(!std::is_const_v<std::remove_pointer_t<decltype(oh.data)>>, "posenc::attention: out must be writable");
+    static_assert(std::same_as<typename E::scalar_type, C> || E::family == encoding_family::none,
+                  "posenc::attention: the encoder's scalar_type must be the compute type of q/k/v "
+                  "(float for float, bf16 and fp16 storage; double for double)");
+    const auto sh = detail::check_heads_attention(p, kvh, qh, kh, vh, oh, qpos.size(), kpos.size());
+    const auto lse_rows = detail::lse_heads_of(std::forward<L>(lse), sh, qh.batch);
+    detail::check_encoder_fits(enc, sh);
+    detail::attention_run<C>(detail::head_rows_of(qh), detail::head_rows_of(kh), detail::head_rows_of(vh),
+                             detail::head_rows_of(oh), lse_rows, sh, qh.batch, qpos, kpos, enc, p, ws);
+  } else {
+    const auto qv = view_of(std::forward<Q>(q));
+    const auto kv = view_of(std::forward<K>(k));
+    const auto vv = view_of(std::forward<V>(v));
+    const auto ov = view_of(std::forward<O>(out));
+    using S = std::remove_const_t<std::remove_pointer_t<decltype(qv.data)>>;
+    using SO = std::remove_pointer_t<decltype(ov.data)>;
+    using C = compute_t<S>;
+    static_assert(!std::is_const_v<SO>, "posenc::attention: out must be writable");
+    static_assert(std::same_as<typename E::scalar_type, C> || E::family == encoding_family::none,
+                  "posenc::attention: the encoder's scalar_type must be the compute type of q/k/v "
+                  "(float for float, bf16 and fp16 storage; double for double)");
 
-  const auto sh = detail::check_attention(p, qv.rows, qv.cols, kv.rows, kv.cols, vv.rows, vv.cols, ov.rows, ov.cols,
-                                          qpos.size(), kpos.size());
-  const auto lse_view = detail::lse_view_of(std::forward<L>(lse), sh);
-  detail::check_encoder_fits(enc, sh);
-  if (sh.n_q == 0) return;
-
-  const detail::batch_seq seq{qpos, sh.n_kv, detail::key_map{.kpos = kpos}};
-  const auto sizes = [&](index_t) { return std::pair{sh.n_q, sh.n_kv}; };
-  const detail::attention_plan pl = detail::plan_batch<C>(sh, p, enc, 1, sizes);
-  attention_workspace local;
-  attention_workspace& w = ws ? *ws : local;
-  std::byte* const memory = w.reserve(pl.workspace_bytes);
-  detail::seq_plan* const plans = detail::plans_in(memory, pl);
-  detail::plan_batch<C>(sh, p, enc, 1, sizes, plans);
-  detail::run_batch<C>(qv, kv, vv, ov, lse_view, pl, plans, reinterpret_cast<C*>(memory), p, enc, true,
-                       [&](index_t) { return seq; });
+    const auto sh = detail::check_attention(p, qv.rows, qv.cols, kv.rows, kv.cols, vv.rows, vv.cols, ov.rows, ov.cols,
+                                            qpos.size(), kpos.size());
+    const auto lse_view = detail::lse_view_of(std::forward<L>(lse), sh);
+    detail::check_encoder_fits(enc, sh);
+    const index_t d = sh.head_dim;
+    detail::attention_run<C>(detail::head_rows_of(qv, d), detail::head_rows_of(kv, d), detail::head_rows_of(vv, d),
+                             detail::head_rows_of(ov, d), detail::lse_rows(lse_view), sh, 1, qpos, kpos, enc, p, ws);
+  }
 }
 
 }  // namespace posenc

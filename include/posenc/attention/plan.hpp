@@ -313,17 +313,19 @@ attention_plan plan_batch(const attention_shape& sh, const attention_params& p, 
 /// (at most 16 query tokens, a few rows per tile), by the partial results of at most 16 key
 /// chunks; never with the sequence length otherwise. Throws `std::invalid_argument` for invalid
 /// knobs (as `attention`), a `head_dim <= 0`, or a workspace that would not fit in memory.
+/// `batch`: the items of a call on `heads_view`s (sequences of `n_q` queries and `n_kv` keys each).
 template <storage_scalar S, positional_encoding E>
 std::size_t attention_workspace_bytes(const attention_params& p, index_t n_q, index_t n_kv, index_t head_dim,
-                                      const E& enc) {
+                                      const E& enc, index_t batch = 1) {
   const index_t kvh = detail::check_params(p);
   detail::require(n_q >= 0, "attention_workspace_bytes n_q", n_q, "must be >= 0");
   detail::require(n_kv >= 0, "attention_workspace_bytes n_kv", n_kv, "must be >= 0");
   detail::require(head_dim > 0, "attention_workspace_bytes head_dim", head_dim, "must be > 0");
+  detail::require(batch >= 0, "attention_workspace_bytes batch", batch, "must be >= 0");
   const detail::attention_shape sh{n_q,      n_kv, p.heads, kvh, head_dim, p.heads / kvh, 1.0,
                                    detail::mask_rule_of(p)};
-  if (n_q == 0) return 0;
-  return detail::plan_batch<compute_t<S>>(sh, p, enc, 1, [&](index_t) { return std::pair{n_q, n_kv}; })
+  if (n_q == 0 || batch == 0) return 0;
+  return detail::plan_batch<compute_t<S>>(sh, p, enc, batch, [&](index_t) { return std::pair{n_q, n_kv}; })
       .workspace_bytes;
 }
 

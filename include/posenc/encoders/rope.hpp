@@ -340,22 +340,42 @@ class rope {
     rotate_by<true>(std::forward<M>(x), pos, ex, threads);
   }
 
+  /// Rotates every head of every batch item of `x` in place like `rotate(x, pos)`, for layouts
+  /// with any strides (`[batch, heads, tokens, head_dim]` as PyTorch holds queries, a transposed
+  /// or sliced tensor): token `t` of each item by `pos[t]`. The same bits as `rotate` on the
+  /// `[tokens, heads * head_dim]` matrix of each item. Throws `precondition_error` unless
+  /// `x.head_dim == head_dim()`, `pos.size() == x.tokens` and no two elements of `x` overlap.
+  template <class S>
+    requires(!std::is_const_v<S>)
+  void rotate(heads_view<S> x, positions pos, executor* ex = nullptr, int threads = 0) const {
+    rotate_by<false>(x, pos, ex, threads);
+  }
+  /// `rotate_backward` for a `heads_view` (see `rotate(heads_view, ...)`).
+  template <class S>
+    requires(!std::is_const_v<S>)
+  void rotate_backward(heads_view<S> x, positions pos, executor* ex = nullptr, int threads = 0) const {
+    rotate_by<true>(x, pos, ex, threads);
+  }
+
  private:
   template <bool Transposed, class M>
   void rotate_by(M&& x, positions pos, executor* ex, int threads) const {
-    const auto v = checked_view(std::forward<M>(x), pos);
+    const auto v = checked_heads(std::forward<M>(x), pos);
     using S = std::remove_pointer_t<decltype(v.data)>;
-    const index_t heads = v.cols / p_.head_dim;
-    if (v.rows == 0 || heads == 0) return;
+    const index_t rows = v.batch * v.tokens, heads = v.heads;
+    if (rows == 0 || heads == 0) return;
+    // Heads head_dim apart: one kernel call per row; otherwise one per head of the row.
+    const bool packed = heads == 1 || v.head_stride == p_.head_dim;
     const bool inter = p_.layout == rope_layout::interleaved;
     const auto kernel = detail::select_rope_kernel<S, T>(inter);
-    for_row_blocks(v.rows, ex, threads, [&](index_t first, index_t last) {
+    for_row_blocks(rows, ex, threads, [&](index_t first, index_t last) {
       constexpr index_t chunk = detail::k_rope_max_chunk / 2;  // pairs per stack buffer
       alignas(64) T a[2 * chunk];
       alignas(64) T b[chunk];
       const index_t half = r_ / 2;
       for (index_t i = first; i < last; ++i) {
-        const position p = pos[i];
+        const index_t item = i / v.tokens, t = i % v.tokens;
+        const position p = pos[t];
         for (index_t k0 = 0; k0 < half; k0 += chunk) {
           const index_t m = std::min(chunk, half - k0);
           for (index_t k = 0; k < m; ++k) {
@@ -371,10 +391,13 @@ class rope {
               b[k] = st;
             }
           }
-          if (inter) {
-            kernel(v.row(i), heads, p_.head_dim, 2 * k0, 0, 2 * m, a, b);
-          } else {
-            kernel(v.row(i), heads, p_.head_dim, k0, half + k0, m, a, b);
+          for (index_t h = 0; h < (packed ? 1 : heads); ++h) {
+            S* const row = v.at(item, t, h);
+            if (inter) {
+              kernel(row, packed ? heads : 1, p_.head_dim, 2 * k0, 0, 2 * m, a, b);
+            } else {
+              kernel(row, packed ? heads : 1, p_.head_dim, k0, half + k0, m, a, b);
+            }
           }
         }
       }
@@ -506,6 +529,28 @@ class rope {
                   "(float, bfloat16 or half for rope<float>; double for rope<double>)");
     check_shape(v.rows, v.cols, pos);
     return v;
+  }
+
+  /// `x` (a matrix or a `heads_view`) as a `heads_view`, checked like `checked_view`.
+  template <class M>
+  auto checked_heads(M&& x, const positions& pos) const {
+    if constexpr (detail::is_heads_view_v<std::remove_cvref_t<M>>) {
+      using S = std::remove_pointer_t<decltype(x.data)>;
+      static_assert(storage_for<S, T>,
+                    "posenc::rope<T>::rotate: the storage type must compute in T "
+                    "(float, bfloat16 or half for rope<float>; double for rope<double>)");
+      POSENC_ASSERT(x.head_dim == p_.head_dim, "rope::rotate: x has head_dim ", x.head_dim, " but the encoder has ",
+                    p_.head_dim);
+      POSENC_ASSERT(pos.size() == x.tokens, "rope::rotate: ", pos.size(), " positions for ", x.tokens,
+                    " tokens (one per token is needed; every batch item has these positions)");
+      POSENC_ASSERT(x.disjoint(), "rope::rotate: elements of x overlap (strides: batch ", x.batch_stride, ", token ",
+                    x.token_stride, ", head ", x.head_stride, "); x is rotated in place");
+      return x;
+    } else {
+      const auto v = checked_view(std::forward<M>(x), pos);
+      return heads_view<std::remove_pointer_t<decltype(v.data)>>::rows(v.data, v.rows, v.cols / p_.head_dim,
+                                                                       p_.head_dim, v.rows <= 1 ? v.cols : v.stride);
+    }
   }
 
   void check_shape(index_t rows, index_t cols, const positions& pos) const {

@@ -1,0 +1,64 @@
+"""The kernel-set cap from Python: posenc.simd_level, posenc.set_simd_cap and POSENC_SIMD_CAP at import."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import posenc
+
+LEVELS = ("portable", "avx2", "avx512", "neon")
+
+
+@pytest.fixture
+def restore_cap():
+    yield
+    posenc.set_simd_cap("avx512")  # no cap, as at import without POSENC_SIMD_CAP
+
+
+def test_each_cap_runs_a_set_no_higher_and_attention_agrees(restore_cap):
+    detected = posenc.simd_level(detected=True)
+    assert detected in LEVELS
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((40, 4 * 32)).astype(np.float32)
+    k = rng.standard_normal((40, 2 * 32)).astype(np.float32)
+    v = rng.standard_normal((40, 2 * 32)).astype(np.float32)
+    rope = posenc.Rope(head_dim=32)
+    results = {}
+    for cap in ("portable", "avx2", "avx512"):
+        in_use = posenc.set_simd_cap(cap)
+        assert in_use == posenc.simd_level()
+        rank = {"portable": 0, "avx2": 1, "neon": 1, "avx512": 2}
+        assert rank[in_use] <= rank[cap]
+        if cap == "portable":
+            assert in_use == "portable"
+        results[in_use] = posenc.attention(q, k, v, encoding=rope, heads=4, kv_heads=2, causal=True)
+    assert posenc.simd_level(detected=True) == detected  # the cap does not change what the CPU has
+    base = results["portable"]
+    for out in results.values():
+        np.testing.assert_allclose(out, base, atol=2e-5, rtol=0)
+
+
+def test_bad_levels_are_refused(restore_cap):
+    with pytest.raises(ValueError, match="level = 'sse4' is not a kernel set"):
+        posenc.set_simd_cap("sse4")
+    with pytest.raises(TypeError, match="level must be a str"):
+        posenc.set_simd_cap(2)
+
+
+def run_with_cap(value):
+    env = dict(os.environ, POSENC_SIMD_CAP=value,
+               PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(posenc.__file__)),
+                                           os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-c", "import posenc; print(posenc.simd_level())"], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_the_environment_variable_caps_from_the_import():
+    r = run_with_cap("portable")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "portable"
+    r = run_with_cap("avx3")
+    assert r.returncode != 0
+    assert "POSENC_SIMD_CAP = 'avx3' is not a kernel set" in r.stderr
