@@ -635,17 +635,19 @@ q and k), its output out and its log-sum-exp (attention(..., return_lse=True)).
 Parameters
 ----------
 q : array
-    Queries, float32 or float64, 2-D [tokens, heads * head_dim] or 3-D [tokens, heads, head_dim], rows
-    any stride apart (a slice of rows of a C-contiguous array). Batched layouts ('htd', 'bhtd', 'bthd')
-    are not supported yet for the backward: call it once per sequence.
+    Queries, float32 or float64, in any layout of attention (2-D [tokens, heads * head_dim], 'thd', 'htd',
+    'bhtd', 'bthd'; any strides with a unit-stride head_dim), read in place; a batch is sequences of equal
+    length in one call.
 k : array
-    Keys, the dtype of q, [n_kv, kv_heads * head_dim] or [n_kv, kv_heads, head_dim].
+    Keys, the dtype of q, in q's layout with kv_heads heads.
 v : array
     Values, like k.
 out : array
     The forward's output, q's shape and dtype.
 lse : array
-    The forward's log-sum-exp, [tokens, heads], float32 or float64 (-inf: the row saw no key).
+    The forward's log-sum-exp in q's layout without head_dim (as attention(..., return_lse=True) returns
+    it: [tokens, heads], [heads, tokens], [batch, heads, tokens] or [batch, tokens, heads]), float32 or
+    float64 (-inf: the row saw no key).
 dout : array
     dL/dout, q's shape and dtype.
 qpos : None, range, int64 array or list of int
@@ -658,6 +660,8 @@ heads : int or None
     As for attention.
 kv_heads : int or None
     As for attention; dk and dv sum the query heads of each kv head's group.
+layout : str or None
+    As for attention.
 scale : float or None
     As for attention.
 softcap : float, default 0.0
@@ -675,7 +679,7 @@ param_grads : bool, default True
     global heads, float64), 'table' (T5Bias: [num_buckets, num_heads]), 'key_table' and 'value_table'
     (ShawRelative: [2K + 1, head_dim]); in q's dtype unless said. False: the dict is empty.
 dq : array or None
-    Written in place and returned: q's shape and dtype (rows any stride apart); None = a new array.
+    Written in place and returned: q's shape, layout and dtype (any strides); None = a new array.
 dk : array or None
     Like dq, k's shape.
 dv : array or None
@@ -2517,17 +2521,9 @@ void paged_append(const call_args& a) {
 // [tokens, heads, head_dim], float32 and float64 (the C++ backward's storage types).
 
 constexpr const char* backward_params_text =
-    "q, k, v, out, lse, dout, qpos=None, kpos=None, encoding=None, *, heads=None, kv_heads=None, scale=None, "
+    "q, k, v, out, lse, dout, qpos=None, kpos=None, encoding=None, *, heads=None, kv_heads=None, layout=None, scale=None, "
     "softcap=0.0, sinks=None, causal=False, window=(-1, -1), chunk_size=None, param_grads=True, dq=None, dk=None, "
     "dv=None, threads=0, q_tile=0, k_tile=0";
-
-/// A 2-D or 3-D argument of the backward: ValueError naming it for a batched layout.
-void backward_layout(const array_arg& a, const std::string& w, const char* name) {
-  if (a.ndim() != 2 && a.ndim() != 3)
-    value_error(w, std::string(name) + " has shape " + shape_text(a) +
-                       ": the backward takes 2-D [tokens, heads * head_dim] or 3-D [tokens, heads, head_dim]; "
-                       "batched layouts are not supported yet for the backward: call it once per sequence");
-}
 
 /// An array of `like`'s shape and dtype: `name` (checked, written in place) when given, else new.
 struct like_arg {
@@ -2569,32 +2565,69 @@ template <class T>
 py::object backward_typed(const call_args& a, attention_knobs& kn, const array_arg& qa, const array_arg& ka,
                           const array_arg& va) {
   const std::string w = "attention_backward";
-  for (auto [arr, name] : {std::pair{&qa, "q"}, std::pair{&ka, "k"}, std::pair{&va, "v"}})
-    backward_layout(*arr, w, name);
-  const auto q = matrix_of<const T>(qa, w, "q", true);
-  const auto k = matrix_of<const T>(ka, w, "k", true);
-  const auto v = matrix_of<const T>(va, w, "v", true);
-  std::tie(kn.p.heads, kn.p.kv_heads) =
-      resolve_heads(w, qa, q, ka, k, va, v, a.optional_int64("heads"), a.optional_int64("kv_heads"));
-  const index_t h = kn.p.heads, n = q.view.rows, d = q.view.cols / h;
+  // Every layout of attention, through the strides: one C++ call over the whole batch.
+  const layout_kind L = layout_of(a["layout"], qa, w, "q");
+  const auto kind = [&](const array_arg& x) {
+    return x.ndim() == 2 && (L == layout_kind::thd || L == layout_kind::htd) ? layout_kind::flat : L;
+  };
+  auto q = heads_of<const T>(qa, L, w, "q");
+  auto k = heads_of<const T>(ka, kind(ka), w, "k");
+  auto v = heads_of<const T>(va, kind(va), w, "v");
+  const auto [h, hk] = fit_heads(w, L, qa, q, ka, k, va, v, a.optional_int64("heads"), a.optional_int64("kv_heads"));
+  kn.p.heads = h;
+  kn.p.kv_heads = hk;
+  const index_t n = q.tokens, batch = q.batch, d = q.d;
   const position_arg qp(a["qpos"], n, w, "qpos");
-  const position_arg kp(a["kpos"], k.view.rows, w, "kpos");
-
+  const position_arg kp(a["kpos"], k.tokens, w, "kpos");
+  // out, dout (read) and dq, dk, dv (written; new when not given): the shape of q or k, in place.
+  const auto like = [&]<class X>(const like_arg& x, const char* name, const heads_arg<const T>& of, index_t heads,
+                                 const char* of_name, X*) {
+    auto r = heads_of<X>(x.arr, kind(x.arr), w, name);
+    if (r.flat() && r.cols % heads == 0) r.split(heads);
+    if (r.batch != of.batch || r.tokens != of.tokens || r.heads != of.heads || r.d != of.d)
+      value_error(w, std::string(name) + " has shape " + shape_text(x.arr) + " but must be shaped like " + of_name);
+    return r;
+  };
   const like_arg out = shaped_like(a, w, "out", qa, "q", false);
   const like_arg dout = shaped_like(a, w, "dout", qa, "q", false);
-  const auto out_v = matrix_of<const T>(out.arr, w, "out", true).view;
-  const auto dout_v = matrix_of<const T>(dout.arr, w, "dout", true).view;
-  const array_arg la = float_array(a["lse"], w, "lse", true);
-  if (la.ndim() != 2 || la.shape[0] != n || la.shape[1] != h)
-    value_error(w, "lse has shape " + shape_text(la) + " but must be [tokens, heads] = [" + std::to_string(n) + ", " +
-                       std::to_string(h) + "] (attention's return_lse=True)");
-
   const like_arg dq = shaped_like(a, w, "dq", qa, "q", true);
   const like_arg dk = shaped_like(a, w, "dk", ka, "k", true);
   const like_arg dv = shaped_like(a, w, "dv", va, "v", true);
-  const auto dq_v = matrix_of<T>(dq.arr, w, "dq", true).view;
-  const auto dk_v = matrix_of<T>(dk.arr, w, "dk", true).view;
-  const auto dv_v = matrix_of<T>(dv.arr, w, "dv", true).view;
+  constexpr const T* read = nullptr;
+  constexpr T* written = nullptr;
+  const auto out_h = like(out, "out", q, h, "q", read), dout_h = like(dout, "dout", q, h, "q", read);
+  const auto dq_h = like(dq, "dq", q, h, "q", written), dk_h = like(dk, "dk", k, hk, "k", written),
+             dv_h = like(dv, "dv", k, hk, "k", written);
+  // lse: q's layout without head_dim, as attention(..., return_lse=True) returns it.
+  const array_arg la = float_array(a["lse"], w, "lse", true);
+  const std::vector<py::ssize_t> lse_want = lse_shape(L, batch, h, n);
+  if (la.shape != lse_want) {
+    std::string want;
+    for (const auto x : lse_want) want += (want.empty() ? "[" : ", ") + std::to_string(x);
+    value_error(w, "lse has shape " + shape_text(la) + " but must be " + want +
+                       "] (q's layout without head_dim, as attention(..., return_lse=True) returns it)");
+  }
+  const auto lse_view = [&](auto tag) {
+    using LS = decltype(tag);
+    const auto es = [&](int axis) {
+      return static_cast<index_t>(la.strides[static_cast<std::size_t>(axis)] / static_cast<py::ssize_t>(sizeof(LS)));
+    };
+    index_t sb = 0, sh = 0, st = 0;
+    switch (L) {
+      case layout_kind::htd:
+        sh = es(0), st = es(1);
+        break;
+      case layout_kind::bhtd:
+        sb = es(0), sh = es(1), st = es(2);
+        break;
+      case layout_kind::bthd:
+        sb = es(0), st = es(1), sh = es(2);
+        break;
+      default:
+        st = es(0), sh = es(1);
+    }
+    return posenc::heads_view<const LS>(reinterpret_cast<const LS*>(la.data), batch, n, h, 1, sb, st, sh);
+  };
   const bool want = a.flag("param_grads", true);
 
   py::dict grads;
@@ -2632,13 +2665,14 @@ py::object backward_typed(const call_args& a, attention_knobs& kn, const array_a
     }
     const auto run = [&](auto lse) {
       py::gil_scoped_release unlocked;
-      posenc::attention_backward(q.view, k.view, v.view, out_v, lse, dout_v, dq_v, dk_v, dv_v, qp.get(), kp.get(), enc,
-                                 kn.p, g);
+      posenc::attention_backward(q.view(), k.view(), v.view(), out_h.view(), lse, dout_h.view(), dq_h.view(),
+                                 dk_h.view(), dv_h.view(),
+                                 qp.get(), kp.get(), enc, kn.p, g);
     };
     if (la.type == elem::f32) {
-      run(matrix_of<const float>(la, w, "lse", false).view);
+      run(lse_view(float{}));
     } else {
-      run(matrix_of<const double>(la, w, "lse", false).view);
+      run(lse_view(double{}));
     }
     if (!dsinks.empty()) grads["sinks"] = result_of(qa.source, {h}, qa.type, dsinks, w);
     if (!dslopes.empty())

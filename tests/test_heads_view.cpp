@@ -1,4 +1,4 @@
-// Heads with any strides (posenc::heads_view): attention and RoPE on PyTorch's [batch, heads,
+// Heads with any strides (posenc::heads_view): attention, its backward and RoPE on PyTorch's [batch, heads,
 // tokens, head_dim], FlashAttention's [batch, tokens, heads, head_dim], a slice of a fused QKV
 // projection and an expanded (stride 0) key batch, read and written in place, against a double
 // reference computed per batch item on dense copies gathered by the test from the strides.
@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "posenc/attention/backward.hpp"
 #include "posenc/attention/blockwise.hpp"
 #include "posenc/attention/reference.hpp"
 #include "posenc/encoders/alibi.hpp"
@@ -334,4 +335,65 @@ TEST_CASE("rope.rotate on heads_view equals the per-pair formula in double, and 
                     Contains("2 positions for 3 tokens"));
   CHECK_THROWS_WITH(rope.rotate(heads_view<float>::bhtd(x.data(), 2, H, 6, D / 2), posenc::arange(0, 6)),
                     Contains("head_dim 8 but the encoder has 16"));
+}
+
+TEST_CASE("attention_backward on heads_views: the bits of per-item matrix calls, parameter gradients summed",
+          "[heads_view][backward]") {
+  const index_t batch = 2, n = 29;
+  // q, out, dout, dq in PyTorch's [batch, heads, tokens, D]; k, v, dk, dv in [batch, tokens, kv heads, D];
+  // lse [batch, heads, tokens].
+  const auto q = random_buffer<float>(batch * H * n * D, 21), k = random_buffer<float>(batch * n * HK * D, 22),
+             v = random_buffer<float>(batch * n * HK * D, 23), dout = random_buffer<float>(batch * H * n * D, 24);
+  const auto qh = heads_view<const float>::bhtd(q.data(), batch, H, n, D), gh = heads_view<const float>::bhtd(dout.data(), batch, H, n, D);
+  const auto kh = heads_view<const float>::bthd(k.data(), batch, n, HK, D), vh = heads_view<const float>::bthd(v.data(), batch, n, HK, D);
+  const posenc::attention_params p{.heads = H, .kv_heads = HK, .causal = true};
+  const auto pos = posenc::arange(0, n);
+  const posenc::t5_bias_params tp{.num_heads = H, .num_buckets = 16, .max_distance = 64};
+  const posenc::t5_relative_bias<float> t5(tp, posenc_test::random_normal<double>(16, H, 7).cast<float>().eval());
+  const posenc::rope<float> rope({.head_dim = D});
+  auto run = [&](const auto& enc, auto grads_for) {
+    std::vector<float> out(q.size()), lse(static_cast<std::size_t>(batch * H * n));
+    const heads_view<float> oh = heads_view<float>::bhtd(out.data(), batch, H, n, D);
+    const heads_view<float> lh(lse.data(), batch, n, H, 1, H * n, 1, n);
+    posenc::attention(qh, kh, vh, oh, pos, pos, enc, p, lh);
+    std::vector<float> dq(q.size(), 9.0f), dk(k.size(), 9.0f), dv(v.size(), 9.0f);
+    mat<float> table = mat<float>::Zero(16, H), table_items = mat<float>::Zero(16, H);
+    posenc::attention_backward(qh, kh, vh, heads_view<const float>(oh), heads_view<const float>(lh), gh,
+                               heads_view<float>::bhtd(dq.data(), batch, H, n, D),
+                               heads_view<float>::bthd(dk.data(), batch, n, HK, D),
+                               heads_view<float>::bthd(dv.data(), batch, n, HK, D), pos, pos, enc, p, grads_for(table));
+    bool same = true;
+    for (index_t b = 0; b < batch; ++b) {
+      auto dense = [&](const std::vector<float>& buf, heads_view<const float> h) {
+        mat<float> m(n, h.heads * D);
+        for (index_t t = 0; t < n; ++t)
+          for (index_t hh = 0; hh < h.heads; ++hh)
+            for (index_t c = 0; c < D; ++c) m(t, hh * D + c) = *(buf.data() + (h.at(b, t, hh) - h.data) + c);
+        return m;
+      };
+      const mat<float> qm = dense(q, qh), km = dense(k, kh), vm = dense(v, vh), gm = dense(dout, gh),
+                       om = dense(out, oh);
+      mat<float> lm(n, H), dqm(n, H * D), dkm(n, HK * D), dvm(n, HK * D);
+      for (index_t t = 0; t < n; ++t)
+        for (index_t hh = 0; hh < H; ++hh) lm(t, hh) = lse[static_cast<std::size_t>((b * H + hh) * n + t)];
+      posenc::attention_backward(qm, km, vm, om, lm, gm, dqm, dkm, dvm, pos, pos, enc, p, grads_for(table_items));
+      same = same && dqm == dense(dq, heads_view<const float>::bhtd(dq.data(), batch, H, n, D)) &&
+             dkm == dense(dk, heads_view<const float>::bthd(dk.data(), batch, n, HK, D)) &&
+             dvm == dense(dv, heads_view<const float>::bthd(dv.data(), batch, n, HK, D));
+    }
+    CHECK(same);
+    CHECK(table == table_items);  // the items' sums in the same order
+  };
+  run(rope, [](mat<float>&) { return posenc::parameter_gradients<posenc::rope<float>>{}; });
+  run(t5, [](mat<float>& t) {
+    return posenc::parameter_gradients<posenc::t5_relative_bias<float>>{.table = posenc::view_of(t)};
+  });
+  // Shapes that do not fit.
+  std::vector<float> lse(static_cast<std::size_t>(batch * H * n)), dq(q.size()), dk(k.size());
+  using Catch::Matchers::Contains;
+  CHECK_THROWS_WITH(posenc::attention_backward(qh, kh, vh, qh, heads_view<const float>(lse.data(), batch, n, H, 1, H * n, 1, n), gh,
+                                               heads_view<float>::bhtd(dq.data(), batch, H, n, D),
+                                               heads_view<float>::bthd(dk.data(), batch, n, HK, D),
+                                               heads_view<float>::bthd(dk.data(), batch, n - 1, HK, D), pos, pos, rope, p),
+                    Contains("dv is [batch, tokens, heads, head_dim] = [2, 28"));
 }

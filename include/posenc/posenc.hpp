@@ -34,3 +34,4 @@
 // Ring attention's schedule and simulator. The MPI driver, posenc/distributed/mpi_ring.hpp, needs
 // <mpi.h> and is included on its own.
 #include "posenc/distributed/ring.hpp"
+#include "posenc/distributed/ring_backward.hpp"

@@ -229,6 +229,39 @@ using eigen_plain_t = std::remove_cvref_t<M>;
 template <class M>
 concept eigen_dense = std::derived_from<eigen_plain_t<M>, Eigen::DenseBase<eigen_plain_t<M>>>;
 
+/// One operand of a call (q, k, v, out, lse) as the engine reads it: head `h` of row `r` (a row of
+/// the packed queries of a batch's sequences, or a K/V row) starts at `at(r, h)`. The rows of one
+/// sequence are `stride` apart; a batch of equally long sequences (`heads_view` with batch > 1)
+/// puts the rows `[b * seq_rows, (b + 1) * seq_rows)` of sequence `b` at `b * seq_stride`. A run
+/// of rows the engine reads at once never crosses from one sequence into the next.
+template <class S>
+struct head_rows {
+  S* data = nullptr;
+  index_t stride = 0, head_stride = 0;
+  index_t seq_rows = 0, seq_stride = 0;  ///< 0 rows: one sequence (or a cache's rows)
+
+  S* at(index_t r, index_t h) const {
+    index_t offset = h * head_stride;
+    if (seq_rows > 0) {
+      const index_t b = r / seq_rows;
+      offset += b * seq_stride;
+      r -= b * seq_rows;
+    }
+    return data + (offset + r * stride);
+  }
+};
+
+/// A `[rows, heads * d]` matrix, head h in columns `[h * d, (h + 1) * d)`.
+template <class S>
+head_rows<S> head_rows_of(strided_view<S> m, index_t d) {
+  return {m.data, m.stride, d};
+}
+/// Every batch item's tokens as consecutive rows.
+template <class S>
+head_rows<S> head_rows_of(const heads_view<S>& v) {
+  return {v.data, v.token_stride, v.head_stride, v.batch > 1 ? v.tokens : 0, v.batch_stride};
+}
+
 template <class M>
 struct is_heads_view : std::false_type {};
 template <class S>

@@ -145,7 +145,8 @@ def attention(q: Array, k: Array, v: Array, qpos: Positions = None, kpos: Positi
 
 def attention_backward(q: Array, k: Array, v: Array, out: Array, lse: Array, dout: Array, qpos: Positions = None,
                        kpos: Positions = None, encoding: Encoding = None, *, heads: Optional[int] = None,
-                       kv_heads: Optional[int] = None, scale: Optional[float] = None, softcap: float = 0.0,
+                       kv_heads: Optional[int] = None, layout: Optional[str] = None, scale: Optional[float] = None,
+                       softcap: float = 0.0,
                        sinks: Optional[Union[Sequence[float], Array]] = None, causal: bool = False,
                        window: Tuple[int, int] = (-1, -1), chunk_size: Optional[int] = None,
                        param_grads: bool = True, dq: Optional[Array] = None, dk: Optional[Array] = None,

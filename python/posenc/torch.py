@@ -143,36 +143,24 @@ _LEARNED = (Alibi, T5Bias, ShawRelative)
 
 
 def _rows(t):
-    """`t` itself when the C++ code reads it in place (2-D [tokens, cols], 3-D [tokens, heads, head_dim] or 4-D
-    [batch, tokens, heads, head_dim] whose tokens are rows of contiguous elements any stride apart), else a
-    contiguous copy (an expanded or transposed tensor, the gradient of a sum)."""
-    if t.numel() == 0:
+    """`t` itself when the C++ code reads it in place (head_dim, the last axis, with unit stride: any other strides,
+    transposes and expanded axes included), else a contiguous copy (a tensor transposed in its last axis)."""
+    if t.numel() == 0 or t.shape[-1] <= 1 or t.stride(-1) == 1:
         return t
-    shape, stride = t.shape[-3:] if t.dim() == 4 else t.shape, t.stride()[-3:] if t.dim() == 4 else t.stride()
-    ok = shape[-1] <= 1 or stride[-1] == 1
-    if len(shape) == 3:
-        ok = ok and (shape[1] <= 1 or stride[1] == shape[2])
-    cols = shape[1] * (shape[2] if len(shape) == 3 else 1)
-    ok = ok and (shape[0] <= 1 or stride[0] >= cols)
-    if t.dim() == 4:
-        ok = ok and (t.shape[0] <= 1 or t.stride(0) >= 0)
-    return t if ok else t.contiguous()
+    return t.contiguous()
 
 
-def _backward(q, k, v, out, lse, dout, call, enc, want, knobs):
-    """posenc.attention_backward of one call, or of each sequence of a batch (4-D), writing into views of one
-    gradient tensor per input; parameter gradients summed over the batch."""
-    qpos, kpos = call["qpos"], call["kpos"]
-    if q.dim() < 4:
-        return _posenc.attention_backward(q, k, v, out, lse, dout, qpos, kpos, enc, param_grads=want, **knobs)
-    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype) for t in (q, k, v))
-    grads = {}
-    for b in range(q.shape[0]):
-        _, _, _, g = _posenc.attention_backward(q[b], k[b], v[b], out[b], lse[b], dout[b], qpos, kpos, enc,
-                                                param_grads=want, dq=dq[b], dk=dk[b], dv=dv[b], **knobs)
-        for name, t in g.items():
-            grads[name] = grads[name] + t if name in grads else t
-    return dq, dk, dv, grads
+def _layout_of(q, layout):
+    """The posenc layout of a q of this many dimensions: `layout` when given, else 2-D [tokens, heads * head_dim],
+    3-D [tokens, heads, head_dim] ('thd'), 4-D [batch, tokens, heads, head_dim] ('bthd')."""
+    if layout is not None:
+        if layout not in ("thd", "htd", "bthd", "bhtd"):
+            raise ValueError(f"{_WHERE}: layout must be None, 'thd', 'htd', 'bthd' or 'bhtd', got {layout!r}")
+        want = 3 if layout in ("thd", "htd") else 4
+        if q.dim() != want:
+            raise ValueError(f"{_WHERE}: layout {layout!r} is {want}-D but q has shape {tuple(q.shape)}")
+        return layout
+    return {2: None, 3: "thd", 4: "bthd"}[q.dim()]
 
 
 class _Attention(torch.autograd.Function):
@@ -187,7 +175,7 @@ class _Attention(torch.autograd.Function):
         if sinks is not None:
             knobs["sinks"] = sinks.detach()
         out, lse = _posenc.attention(q.detach(), k.detach(), v.detach(), call["qpos"], call["kpos"], enc,
-                                     layout="bthd" if q.dim() == 4 else None, return_lse=True, **knobs)
+                                     layout=call["layout"], return_lse=True, **knobs)
         ctx.call, ctx.enc, ctx.knobs = call, enc, knobs
         ctx.sinks_dtype = None if sinks is None else sinks.dtype
         ctx.table_dtypes = [t.dtype for t in tables]
@@ -200,8 +188,11 @@ class _Attention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         call = ctx.call
         want = any(ctx.needs_input_grad[4:])
-        dq, dk, dv, g = _backward(q.detach(), k.detach(), v.detach(), out.detach(), lse, _rows(dout.to(q.dtype)),
-                                  call, ctx.enc, want, ctx.knobs)
+        # One call over the whole batch, every tensor through its strides (dout too: the gradient of a
+        # sum is expanded, stride 0).
+        dq, dk, dv, g = _posenc.attention_backward(q.detach(), k.detach(), v.detach(), out.detach(), lse,
+                                                   _rows(dout.to(q.dtype)), call["qpos"], call["kpos"], ctx.enc,
+                                                   layout=call["layout"], param_grads=want, **ctx.knobs)
         dsinks = g["sinks"].to(ctx.sinks_dtype) if want and ctx.sinks_dtype is not None else None
         dtables = ()
         if ctx.table_dtypes:
@@ -212,23 +203,22 @@ class _Attention(torch.autograd.Function):
                 dsinks if need[4] else None, *(t if n else None for t, n in zip(dtables, need[5:])))
 
 
-def attention(q, k, v, qpos=None, kpos=None, encoding=None, *, heads=None, kv_heads=None, scale=None, softcap=0.0,
-              sinks=None, causal=False, window=(-1, -1), chunk_size=None, threads=0):
+def attention(q, k, v, qpos=None, kpos=None, encoding=None, *, heads=None, kv_heads=None, layout=None, scale=None,
+              softcap=0.0, sinks=None, causal=False, window=(-1, -1), chunk_size=None, threads=0):
     """Softmax attention with autograd: out_i = sum_j softmax_j(scale q_i . k_j + bias_ij) v_j by posenc's
     blockwise kernel, whose backward (posenc.attention_backward) gives the gradients of q, k, v, of sinks
     that require grad and of the parameters of a posenc.torch.Alibi, T5Bias or ShawRelative.
 
-    q, k and v are used in place (a copy only of one whose token rows are not contiguous: an expanded or
-    transposed tensor); the forward keeps out and the log-sum-exp [tokens, heads] for the backward, which
-    runs once per sequence of a batch.
+    q, k and v are used in place through their strides, in every layout (a copy only of a tensor whose last
+    axis, head_dim, is not contiguous); the forward keeps out and the log-sum-exp for the backward, which runs
+    once for the whole batch.
 
     Parameters
     ----------
     q : torch.Tensor
         Queries on the CPU, float32 or float64, 2-D [tokens, heads * head_dim] (pass heads=), 3-D
         [tokens, heads, head_dim], or 4-D [batch, tokens, heads, head_dim] (sequences of equal length and
-        positions; a projection's output viewed, FlashAttention's layout). A [batch, heads, tokens, head_dim]
-        tensor (torch's) is copied when viewed as .transpose(1, 2).
+        positions; a projection's output viewed, FlashAttention's layout); other layouts with layout=.
     k : torch.Tensor
         Keys, the dtype of q, with kv_heads heads in q's layout ([n_kv, kv_heads * head_dim] beside a 2-D q).
     v : torch.Tensor
@@ -244,6 +234,9 @@ def attention(q, k, v, qpos=None, kpos=None, encoding=None, *, heads=None, kv_he
         gradients are those of the unrotated q and k).
     heads : int or None
         Query heads; default the head axis of a 3-D q (required for a 2-D q).
+    layout : str or None
+        None: as above by q's dimensions; 'bhtd': [batch, heads, tokens, head_dim] (torch's
+        scaled_dot_product_attention), 'htd': [heads, tokens, head_dim], 'thd', 'bthd'. Used in place.
     kv_heads : int or None
         Key/value heads dividing heads (GQA, MQA); default the head axis of k, or heads.
     scale : float or None
@@ -277,8 +270,8 @@ def attention(q, k, v, qpos=None, kpos=None, encoding=None, *, heads=None, kv_he
             raise ValueError(f"{_WHERE}: {name} has shape {tuple(t.shape)}"
                              f"{'' if name == 'q' else ' and q has shape ' + str(tuple(q.shape))}: "
                              "posenc.torch.attention takes 2-D [tokens, heads * head_dim], 3-D [tokens, heads, "
-                             "head_dim] or 4-D [batch, tokens, heads, head_dim], q, k and v alike (other layouts: "
-                             "transpose to one of these)")
+                             "head_dim] or 4-D [batch, tokens, heads, head_dim], q, k and v alike (layout='bhtd' or "
+                             "'htd' for head-major tensors)")
     if q.dim() == 2 and heads is None:
         raise ValueError(f"{_WHERE}: q is 2-D [tokens, heads * head_dim]: pass heads= (and kv_heads= for GQA/MQA)")
     if q.dtype not in (torch.float32, torch.float64):
@@ -305,5 +298,5 @@ def attention(q, k, v, qpos=None, kpos=None, encoding=None, *, heads=None, kv_he
     elif sinks is not None:
         knobs["sinks"] = sinks
     tables = encoding._learned() if isinstance(encoding, _LEARNED) else ()
-    call = {"encoder": encoding, "qpos": qpos, "kpos": kpos, "knobs": knobs}
+    call = {"encoder": encoding, "qpos": qpos, "kpos": kpos, "knobs": knobs, "layout": _layout_of(q, layout)}
     return _Attention.apply(call, _rows(q), _rows(k), _rows(v), learned_sinks, *tables)

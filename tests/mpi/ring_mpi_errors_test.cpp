@@ -160,6 +160,23 @@ int main(int argc, char** argv) {
     });
     valid_call(ring);
 
+    // The backward: the last rank's dk has the wrong shape; it throws its own error, the others
+    // a ring_error naming it, before any data moves.
+    const std::function<void()> bad_backward = [&] {
+      const mat<float> q = filled<float>(rows, 64, 0.1), k = filled<float>(rows, 32, 0.2),
+                       lse = filled<float>(rows, 4, 1.0);
+      mat<float> dq(rows, 64), dk(rows, rank == ring.size() - 1 ? 31 : 32), dv(rows, 32);
+      ring.attention_backward(q, k, k, q, lse, q, dq, dk, dv, pos, pos, none,
+                              {.heads = 4, .kv_heads = 2, .threads = 1});
+    };
+    if (rank == ring.size() - 1) {
+      expect<posenc::precondition_error>(rank, "backward dk shape here", "dk is [", bad_backward);
+    } else {
+      expect<posenc::ring_error>(rank, "backward dk shape elsewhere", "failed: posenc: ring attention backward",
+                                 bad_backward);
+    }
+    valid_call(ring);
+
     // gather: the last rank names a position outside the root's sequence.
     const std::function<void()> bad_gather = [&] {
       const mat<float> shard = filled<float>(2, 4, 1.0);

@@ -283,10 +283,14 @@ def test_strided_inputs_and_expanded_gradients():
     q3 = torch.randn(n, heads, d, dtype=f64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda q3, kv: pt.attention(q3, kv.expand(n, heads, d), kv.expand(n, heads, d)),
                                     (q3, kv), eps=1e-6, atol=1e-7, rtol=1e-6)
-    transposed = torch.randn(heads, n, d, dtype=f64).transpose(0, 1)  # [n, heads, d] with heads n * d apart: copied
+    transposed = torch.randn(heads, n, d, dtype=f64).transpose(0, 1)  # [n, heads, d], heads n * d apart: in place
     out = pt.attention(transposed, q3, q3)
-    assert out.grad_fn.saved_tensors[0].data_ptr() != transposed.data_ptr()
+    assert out.grad_fn.saved_tensors[0].data_ptr() == transposed.data_ptr()
     assert torch.allclose(out, pt.attention(transposed.contiguous(), q3, q3), rtol=0, atol=0)
+    last_axis = torch.randn(n, d, heads, dtype=f64).transpose(1, 2)  # head_dim not contiguous: copied
+    out = pt.attention(last_axis, q3, q3)
+    assert out.grad_fn.saved_tensors[0].data_ptr() != last_axis.data_ptr()
+    assert torch.allclose(out, pt.attention(last_axis.contiguous(), q3, q3), rtol=0, atol=0)
 
 
 def test_attention_backward_writes_into_views():
@@ -402,12 +406,11 @@ def test_bad_inputs_of_attention_backward():
     assert "the backward computes in float32 or float64" in message(lambda: bw(h, h, h, h, lse, h), TypeError)
     q4 = q[None]
     assert message(lambda: bw(q4, q4, q4, q4, lse, q4), ValueError) == (
-        "posenc.attention_backward: q has shape (1, 5, 2, 4): the backward takes 2-D [tokens, heads * head_dim] or "
-        "3-D [tokens, heads, head_dim]; batched layouts are not supported yet for the backward: call it once per "
-        "sequence")
+        "posenc.attention_backward: lse has shape (5, 2) but must be [1, 5, 2] (q's layout without head_dim, as "
+        "attention(..., return_lse=True) returns it)")
     assert message(lambda: bw(q, q, q, out, lse[:4], q), ValueError) == (
-        "posenc.attention_backward: lse has shape (4, 2) but must be [tokens, heads] = [5, 2] (attention's "
-        "return_lse=True)")
+        "posenc.attention_backward: lse has shape (4, 2) but must be [5, 2] (q's layout without head_dim, as "
+        "attention(..., return_lse=True) returns it)")
     assert message(lambda: bw(q, q, q, out, lse, q[:4]), ValueError) == \
         "posenc.attention_backward: dout has shape (4, 2, 4) but q has shape (5, 2, 4)"
     assert message(lambda: bw(q, q, q, out, lse, q, dk=np.zeros((5, 2, 3))), ValueError) == \
@@ -432,7 +435,7 @@ def test_bad_inputs_of_the_autograd_function():
     assert message(lambda: pt.attention(q, q[None], q), ValueError) == (
         "posenc.torch.attention: k has shape (1, 5, 2, 4) and q has shape (5, 2, 4): posenc.torch.attention takes "
         "2-D [tokens, heads * head_dim], 3-D [tokens, heads, head_dim] or 4-D [batch, tokens, heads, head_dim], q, "
-        "k and v alike (other layouts: transpose to one of these)")
+        "k and v alike (layout='bhtd' or 'htd' for head-major tensors)")
     q5 = q[None, None]
     assert "q has shape (1, 1, 5, 2, 4): posenc.torch.attention takes" in \
         message(lambda: pt.attention(q5, q5, q5), ValueError)
@@ -465,3 +468,59 @@ def test_posenc_torch_is_documented():
         want = {p for p in inspect.signature(f).parameters if p != "self"}
         assert documented(obj.__doc__) == want, obj.__name__
     assert sorted(pt.__all__) == ["Alibi", "ShawRelative", "T5Bias", "attention"]
+
+
+@pytest.mark.parametrize("layout", ["bhtd", "bthd", "htd"])
+def test_backward_takes_every_layout_in_place_like_one_call_per_sequence(layout):
+    """The backward reads and writes [batch, heads, tokens, d] (and the other layouts) through their strides:
+    the same gradients as 2-D calls per sequence, written into the given dq, dk, dv views."""
+    rng = np.random.default_rng(5)
+    b, h, hk, n, d = 2, 4, 2, 11, 8
+    rope = posenc.Rope(head_dim=d)
+    dense = {name: rng.standard_normal((b, n, heads, d)) for name, heads in
+             (("q", h), ("k", hk), ("v", hk), ("dout", h))}   # [b, t, heads, d]
+
+    def as_layout(x):   # a view in `layout` of the [b, t, heads, d] array (no copy)
+        if layout == "bhtd":
+            return x.transpose(0, 2, 1, 3)
+        if layout == "htd":
+            return x[0].transpose(1, 0, 2)
+        return x
+    nb = 1 if layout == "htd" else b
+    q, k, v, dout = (as_layout(dense[x]) for x in ("q", "k", "v", "dout"))
+    out, lse = posenc.attention(q, k, v, encoding=rope, causal=True, layout=layout, return_lse=True)
+    dq, dk, dv = (np.full_like(x, 7.0) for x in (q, k, v))
+    got = posenc.attention_backward(q, k, v, out, lse, dout, encoding=rope, causal=True, layout=layout,
+                                    dq=dq, dk=dk, dv=dv)
+    assert got[0] is dq and got[1] is dk and got[2] is dv
+    to_rows = {"bhtd": lambda x, i: x[i].transpose(1, 0, 2).reshape(n, -1),
+               "bthd": lambda x, i: x[i].reshape(n, -1),
+               "htd": lambda x, i: x.transpose(1, 0, 2).reshape(n, -1)}[layout]
+    for i in range(nb):
+        rows = [np.ascontiguousarray(to_rows(x, i)) for x in (q, k, v, dout)]
+        o1, l1 = posenc.attention(rows[0], rows[1], rows[2], encoding=rope, heads=h, kv_heads=hk, causal=True,
+                                  return_lse=True)
+        ref = posenc.attention_backward(rows[0], rows[1], rows[2], o1, l1, rows[3], encoding=rope, heads=h,
+                                        kv_heads=hk, causal=True)
+        for g, r in zip((dq, dk, dv), ref[:3]):
+            np.testing.assert_array_equal(to_rows(g, i), r)
+
+
+def test_torch_attention_on_head_major_tensors_needs_no_copy_and_matches_bthd():
+    """posenc.torch.attention with layout='bhtd' on torch's [batch, heads, tokens, d] (a transposed projection):
+    the same output and gradients as the same numbers in [batch, tokens, heads, d]."""
+    torch.manual_seed(3)
+    b, h, hk, n, d = 2, 4, 2, 9, 8
+    base = {name: torch.randn(b, n, heads, d, dtype=torch.float64) for name, heads in (("q", h), ("k", hk), ("v", hk))}
+    rope = posenc.Rope(head_dim=d)
+    grads = {}
+    for layout in ("bthd", "bhtd"):
+        leaves = {x: t.clone().requires_grad_(True) for x, t in base.items()}
+        view = {x: t.transpose(1, 2) if layout == "bhtd" else t for x, t in leaves.items()}  # no copy
+        out = pt.attention(view["q"], view["k"], view["v"], encoding=rope, causal=True, layout=layout)
+        (out if layout == "bthd" else out.transpose(1, 2)).pow(2).sum().backward()
+        grads[layout] = (out if layout == "bthd" else out.transpose(1, 2)).detach(), \
+            [leaves[x].grad for x in ("q", "k", "v")]
+    torch.testing.assert_close(grads["bhtd"][0], grads["bthd"][0], rtol=0, atol=1e-12)
+    for g1, g2 in zip(grads["bhtd"][1], grads["bthd"][1]):
+        torch.testing.assert_close(g1, g2, rtol=0, atol=1e-12)

@@ -235,109 +235,27 @@ std::size_t attention_backward_workspace_bytes(const attention_params& p, index_
   return detail::plan_backward<compute_t<S>>(sh, p, enc, params_wanted).bytes;
 }
 
-/// Gradients of softmax attention (`posenc::attention`, same formula, knobs, masks, GQA and
-/// encoders) with respect to q, k and v, and the learned parameters in `grads`, by the
-/// FlashAttention-2 backward (see the file comment).
-///
-/// \param q, k, v  the forward's inputs, as given to it (not rotated: a rotation encoder rotates
-///                 copies here, as the forward does). `[n_q, heads * d]`, `[n_kv, kv_heads * d]`.
-/// \param out      the forward's output `[n_q, heads * d]`.
-/// \param lse      the forward's log-sum-exp `[n_q, heads]`, float or double (`-inf`: the row saw
-///                 no key).
-/// \param dout     the gradient of the loss with respect to `out`, `[n_q, heads * d]`.
-/// \param dq, dk, dv  written: the gradients, shaped like q, k and v (with GQA, dk and dv sum the
-///                 group's query heads). They must not overlap the inputs.
-/// \param grads    optional parameter gradients, added to (see `parameter_gradients`).
-/// \param ws       optional workspace reused across calls (`attention_backward_workspace_bytes`);
-///                 without it the call allocates once. Its size grows linearly with n_q (and with
-///                 n_kv for a rotation encoder), never with n_q * n_kv.
-/// q, k, v, out, dout, dq, dk and dv hold one storage type, float or double, any row stride.
-/// Throws, before any work starts: `std::invalid_argument` for invalid knobs or an encoder that
-/// does not fit, `precondition_error` naming the argument for shapes that do not fit together.
-template <class Q, class K, class V, class O, class L, class DO, class DQ, class DK, class DV, positional_encoding E>
-void attention_backward(Q&& q, K&& k, V&& v, O&& out, L&& lse, DO&& dout, DQ&& dq, DK&& dk, DV&& dv, positions qpos,
-                        positions kpos, const E& enc, const attention_params& p,
-                        const parameter_gradients<E>& grads = {}, attention_workspace* ws = nullptr) {
-  static_assert(E::family != encoding_family::additive_input,
-                "posenc::attention_backward: additive-input encoders (sinusoidal) act on token embeddings before "
-                "the projections, whose gradient passes through them unchanged; pass posenc::no_position here");
-  const auto qv = view_of(std::forward<Q>(q));
-  const auto kv = view_of(std::forward<K>(k));
-  const auto vv = view_of(std::forward<V>(v));
-  const auto ov = view_of(std::forward<O>(out));
-  const auto lv = view_of(std::forward<L>(lse));
-  const auto gv = view_of(std::forward<DO>(dout));
-  const auto dqv = view_of(std::forward<DQ>(dq));
-  const auto dkv = view_of(std::forward<DK>(dk));
-  const auto dvv = view_of(std::forward<DV>(dv));
-  using S = std::remove_const_t<std::remove_pointer_t<decltype(qv.data)>>;
-  using C = S;
-  using LS = std::remove_const_t<std::remove_pointer_t<decltype(lv.data)>>;
-  static_assert(std::same_as<S, float> || std::same_as<S, double>,
-                "posenc::attention_backward: q, k, v, out and dout are float or double");
-  static_assert(std::same_as<std::remove_const_t<std::remove_pointer_t<decltype(kv.data)>>, S> &&
-                    std::same_as<std::remove_const_t<std::remove_pointer_t<decltype(vv.data)>>, S> &&
-                    std::same_as<std::remove_const_t<std::remove_pointer_t<decltype(ov.data)>>, S> &&
-                    std::same_as<std::remove_const_t<std::remove_pointer_t<decltype(gv.data)>>, S> &&
-                    std::same_as<std::remove_pointer_t<decltype(dqv.data)>, S> &&
-                    std::same_as<std::remove_pointer_t<decltype(dkv.data)>, S> &&
-                    std::same_as<std::remove_pointer_t<decltype(dvv.data)>, S>,
-                "posenc::attention_backward: q, k, v, out, dout and the gradients hold one storage type; dq, dk and "
-                "dv must be writable");
-  static_assert(std::same_as<LS, float> || std::same_as<LS, double>,
-                "posenc::attention_backward: lse is a float or double matrix");
-  static_assert(std::same_as<typename E::scalar_type, C> || E::family == encoding_family::none,
-                "posenc::attention_backward: the encoder's scalar_type must be the storage type (float or double)");
+namespace detail {
 
-  const auto sh = detail::check_attention(p, qv.rows, qv.cols, kv.rows, kv.cols, vv.rows, vv.cols, ov.rows, ov.cols,
-                                          qpos.size(), kpos.size());
-  POSENC_ASSERT(lv.rows == sh.n_q && lv.cols == sh.heads, "attention_backward: lse is [", lv.rows, ", ", lv.cols,
-                "] but must be [n_q, heads] = [", sh.n_q, ", ", sh.heads, "]");
-  POSENC_ASSERT(gv.rows == qv.rows && gv.cols == qv.cols, "attention_backward: dout is [", gv.rows, ", ", gv.cols,
-                "] but must be shaped like q, [", qv.rows, ", ", qv.cols, "]");
-  POSENC_ASSERT(dqv.rows == qv.rows && dqv.cols == qv.cols, "attention_backward: dq is [", dqv.rows, ", ", dqv.cols,
-                "] but must be shaped like q, [", qv.rows, ", ", qv.cols, "]");
-  POSENC_ASSERT(dkv.rows == kv.rows && dkv.cols == kv.cols, "attention_backward: dk is [", dkv.rows, ", ", dkv.cols,
-                "] but must be shaped like k, [", kv.rows, ", ", kv.cols, "]");
-  POSENC_ASSERT(dvv.rows == vv.rows && dvv.cols == vv.cols, "attention_backward: dv is [", dvv.rows, ", ", dvv.cols,
-                "] but must be shaped like v, [", vv.rows, ", ", vv.cols, "]");
-  detail::check_encoder_fits(enc, sh);
-  POSENC_ASSERT(grads.sinks.empty() || static_cast<index_t>(grads.sinks.size()) == sh.heads,
-                "attention_backward: grads.sinks has ", grads.sinks.size(), " values but heads = ", sh.heads);
+/// The backward of one sequence on checked operands (see `attention_backward`): every operand is
+/// read and written through its head accessor, so matrices `[tokens, heads * d]` and
+/// `heads_view`s with any strides take the same path.
+template <class S, class LS, class E>
+void backward_run(head_rows<const S> qv, head_rows<const S> kv, head_rows<const S> vv, head_rows<const S> ov,
+                  head_rows<const LS> lv, head_rows<const S> gv, head_rows<S> dqv, head_rows<S> dkv, head_rows<S> dvv,
+                  const attention_shape& sh, positions qpos, positions kpos, const E& enc, const attention_params& p,
+                  const parameter_gradients<E>& grads, attention_workspace* ws, bool params_wanted) {
+  using C = S;
   constexpr bool rotation = E::family == encoding_family::rotation;
   constexpr bool shaw = relative_key_value<E>;
-  bool params_wanted = false;
-  if constexpr (detail::is_alibi<E>::value) {
-    POSENC_ASSERT(grads.slopes.empty() || static_cast<index_t>(grads.slopes.size()) == enc.params().num_heads,
-                  "attention_backward: grads.slopes has ", grads.slopes.size(), " values but the encoder's num_heads = ",
-                  enc.params().num_heads);
-    params_wanted = !grads.slopes.empty();
-  } else if constexpr (detail::is_t5<E>::value) {
-    POSENC_ASSERT(grads.table.rows == 0 || (grads.table.rows == enc.params().num_buckets &&
-                                            grads.table.cols == enc.params().num_heads),
-                  "attention_backward: grads.table is [", grads.table.rows, ", ", grads.table.cols,
-                  "] but must be [num_buckets, num_heads] = [", enc.params().num_buckets, ", ",
-                  enc.params().num_heads, "]");
-    params_wanted = grads.table.rows != 0;
-  } else if constexpr (shaw) {
-    const index_t nr = enc.num_relative();
-    POSENC_ASSERT(grads.key_table.rows == 0 || (grads.key_table.rows == nr && grads.key_table.cols == sh.head_dim),
-                  "attention_backward: grads.key_table is [", grads.key_table.rows, ", ", grads.key_table.cols,
-                  "] but must be [2K+1, head_dim] = [", nr, ", ", sh.head_dim, "]");
-    POSENC_ASSERT(
-        grads.value_table.rows == 0 || (grads.value_table.rows == nr && grads.value_table.cols == sh.head_dim),
-        "attention_backward: grads.value_table is [", grads.value_table.rows, ", ", grads.value_table.cols,
-        "] but must be [2K+1, head_dim] = [", nr, ", ", sh.head_dim, "]");
-    params_wanted = grads.key_table.rows != 0 || grads.value_table.rows != 0;
-  }
-
   const index_t d = sh.head_dim, group = sh.group;
-  auto zero_rows = [](strided_view<S> m) {
-    for (index_t i = 0; i < m.rows; ++i) std::fill(m.row(i), m.row(i) + m.cols, S(0));
+  auto zero_rows = [&](head_rows<S> m, index_t rows, index_t heads) {
+    for (index_t i = 0; i < rows; ++i)
+      for (index_t h = 0; h < heads; ++h) std::fill(m.at(i, h), m.at(i, h) + d, S(0));
   };
   if (sh.n_q == 0 || sh.n_kv == 0) {
     // No pair of query and key: every gradient is zero (a row without keys has zero output).
-    zero_rows(dqv), zero_rows(dkv), zero_rows(dvv);
+    zero_rows(dqv, sh.n_q, sh.heads), zero_rows(dkv, sh.n_kv, sh.kv_heads), zero_rows(dvv, sh.n_kv, sh.kv_heads);
     return;
   }
 
@@ -352,16 +270,18 @@ void attention_backward(Q&& q, K&& k, V&& v, O&& out, L&& lse, DO&& dout, DQ&& d
   constexpr C neg_inf = -std::numeric_limits<C>::infinity();
 
   // Rotated copies of q and k (the forward rotates them the same way), read by both passes.
-  strided_view<const C> qs = qv, ks = kv;
+  head_rows<const C> qs = qv, ks = kv;
   if constexpr (rotation) {
     const strided_view<C> qr(base + pl.qrot, sh.n_q, sh.heads * d), kr(base + pl.krot, sh.n_kv, sh.kv_heads * d);
-    for (index_t i = 0; i < sh.n_q; ++i) std::copy(qv.row(i), qv.row(i) + qv.cols, qr.row(i));
-    for (index_t j = 0; j < sh.n_kv; ++j) std::copy(kv.row(j), kv.row(j) + kv.cols, kr.row(j));
+    for (index_t i = 0; i < sh.n_q; ++i)
+      for (index_t h = 0; h < sh.heads; ++h) std::copy(qv.at(i, h), qv.at(i, h) + d, qr.row(i) + h * d);
+    for (index_t j = 0; j < sh.n_kv; ++j)
+      for (index_t h = 0; h < sh.kv_heads; ++h) std::copy(kv.at(j, h), kv.at(j, h) + d, kr.row(j) + h * d);
     enc.rotate(qr, qpos, p.executor, p.threads);
     enc.rotate(kr, kpos, p.executor, p.threads);
-    qs = qr, ks = kr;
+    qs = head_rows_of(strided_view<const C>(qr), d), ks = head_rows_of(strided_view<const C>(kr), d);
   }
-  const strided_view<const C> vs = vv, os = ov, gs = gv;
+  const head_rows<const C> vs = vv, os = ov, gs = gv;
   C* const dsum = base + pl.dsum;  // [n_q, heads]
   const index_t nrel = pl.r;
   C* const gterms = base + pl.gterms;  // [heads][n_q][2K+1]: q~_i . aK[r]
@@ -375,8 +295,8 @@ void attention_backward(Q&& q, K&& k, V&& v, O&& out, L&& lse, DO&& dout, DQ&& d
       const index_t i0 = blk * rows_per, i1 = std::min(sh.n_q, i0 + rows_per);
       for (index_t i = i0; i < i1; ++i)
         for (index_t h = 0; h < sh.heads; ++h) {
-          const C* a = gs.row(i) + h * d;
-          const C* b = os.row(i) + h * d;
+          const C* a = gs.at(i, h);
+          const C* b = os.at(i, h);
           C sum = 0;
           for (index_t c = 0; c < d; ++c) sum += a[c] * b[c];
           dsum[i * sh.heads + h] = sum;
@@ -389,8 +309,8 @@ void attention_backward(Q&& q, K&& k, V&& v, O&& out, L&& lse, DO&& dout, DQ&& d
           for (index_t i = i0; i < i1; ++i)
             for (index_t r = 0; r < nrel; ++r) {
               C x = 0, y = 0;
-              const C* qi = qs.row(i) + h * d;
-              const C* gi = gs.row(i) + h * d;
+              const C* qi = qs.at(i, h);
+              const C* gi = gs.at(i, h);
               for (index_t c = 0; c < d; ++c) x += qi[c] * ak(r, c), y += gi[c] * av(r, c);
               gt(i - i0, r) = x;
               ht(i - i0, r) = y;
@@ -409,9 +329,9 @@ void attention_backward(Q&& q, K&& k, V&& v, O&& out, L&& lse, DO&& dout, DQ&& d
   const index_t ldkt = pl.ldkt, dpad = pl.dpad, ldt = pl.ldt;
   // Rows [row, row + n) of head column block `col` of `src` into a dense buffer `dpad` wide, the
   // padding zero (the kernels read up to dpad columns).
-  auto load = [&](strided_view<const C> src, index_t row, index_t n, index_t col, C* dst) {
+  auto load = [&](head_rows<const C> src, index_t row, index_t n, index_t head, C* dst) {
     for (index_t i = 0; i < n; ++i) {
-      const C* from = src.row(row + i) + col;
+      const C* from = src.at(row + i, head);
       std::copy(from, from + d, dst + i * dpad);
       std::fill(dst + i * dpad + d, dst + (i + 1) * dpad, C(0));
     }
@@ -422,9 +342,9 @@ void attention_backward(Q&& q, K&& k, V&& v, O&& out, L&& lse, DO&& dout, DQ&& d
     const C* p;
     index_t ld;
   };
-  auto rows = [&](strided_view<const C> src, index_t row, index_t n, index_t col, C* buf) {
-    if (d == dpad) return rows_at{src.row(row) + col, src.stride};
-    load(src, row, n, col, buf);
+  auto rows = [&](head_rows<const C> src, index_t row, index_t n, index_t head, C* buf) {
+    if (d == dpad) return rows_at{src.at(row, head), n <= 1 ? d : src.stride};
+    load(src, row, n, head, buf);
     return rows_at{buf, dpad};
   };
   // `dst[j][i] = src[i][j]` for i < nq, j < nk.
@@ -456,7 +376,7 @@ void attention_backward(Q&& q, K&& k, V&& v, O&& out, L&& lse, DO&& dout, DQ&& d
     // exp(t - lse) (0 for masked keys). A row that saw no key in the forward (lse = -inf) is
     // masked whole, so its probabilities are 0.
     for (index_t i = 0; i < nq; ++i) {
-      const C l = static_cast<C>(lv(i0 + i, h));
+      const C l = static_cast<C>(*lv.at(i0 + i, h));
       C* prow = pm + i * ldkt;
       rm[i] = l;
       rl[i] = 0;
@@ -535,8 +455,8 @@ void attention_backward(Q&& q, K&& k, V&& v, O&& out, L&& lse, DO&& dout, DQ&& d
     std::fill(dka, dka + nk * dpad, C(0));
     std::fill(dva, dva + nk * dpad, C(0));
     std::fill(ones, ones + std::max(pl.bq, pl.bk), C(1));
-    kern.pack_kt(ks.row(j0) + g * d, ks.stride, nk, d, scr + pl.kt, ldkt);
-    kern.pack_kt(vs.row(j0) + g * d, vs.stride, nk, d, scr + pl.vt, ldkt);
+    kern.pack_kt(ks.at(j0, g), ks.stride, nk, d, scr + pl.kt, ldkt);
+    kern.pack_kt(vs.at(j0, g), vs.stride, nk, d, scr + pl.vt, ldkt);
     for (index_t hh = 0; hh < group; ++hh) {
       const index_t h = g * group + hh;
       for (index_t it = 0; it < pl.q_tiles; ++it) {
@@ -545,7 +465,7 @@ void attention_backward(Q&& q, K&& k, V&& v, O&& out, L&& lse, DO&& dout, DQ&& d
         const positions qp = qpos.subset(i0, nq);
         const detail::position_span qbnd = detail::bounds_of(qp);
         if (!sh.mask.any_visible(qbnd, kbnd)) continue;
-        const rows_at qt = rows(qs, i0, nq, h * d, scr + pl.qt), gt = rows(gs, i0, nq, h * d, scr + pl.gt);
+        const rows_at qt = rows(qs, i0, nq, h, scr + pl.qt), gt = rows(gs, i0, nq, h, scr + pl.gt);
         tile(h, i0, nq, qp, nk, kp, sh.mask.all_visible(qbnd, kbnd), qt, gt, scr + pl.kt,
              scr + pl.vt, scr + pl.s, scr + pl.pr, scr + pl.ds, scr + pl.rm,
              scr + pl.rl, scr + pl.ra);
@@ -556,8 +476,8 @@ void attention_backward(Q&& q, K&& k, V&& v, O&& out, L&& lse, DO&& dout, DQ&& d
       }
     }
     for (index_t j = 0; j < nk; ++j) {
-      S* krow = dkv.row(j0 + j) + g * d;
-      S* vrow = dvv.row(j0 + j) + g * d;
+      S* krow = dkv.at(j0 + j, g);
+      S* vrow = dvv.at(j0 + j, g);
       for (index_t c = 0; c < d; ++c) krow[c] = scale * dka[j * dpad + c], vrow[c] = dva[j * dpad + c];
     }
   };
@@ -575,7 +495,7 @@ void attention_backward(Q&& q, K&& k, V&& v, O&& out, L&& lse, DO&& dout, DQ&& d
     C* const ones = scr + pl.ones;
     std::fill(dqa, dqa + nq * dpad, C(0));
     std::fill(ones, ones + std::max(pl.bq, pl.bk), C(1));
-    const rows_at qt = rows(qs, i0, nq, h * d, scr + pl.qt), gt = rows(gs, i0, nq, h * d, scr + pl.gt);
+    const rows_at qt = rows(qs, i0, nq, h, scr + pl.qt), gt = rows(gs, i0, nq, h, scr + pl.gt);
     double* const part = partials + item * pl.partial;
     std::fill(part, part + pl.partial, 0.0);
     [[maybe_unused]] const strided_view<C> wv(scr + pl.w, nq, nrel, nrel), uv(scr + pl.u, nq, nrel, nrel);
@@ -589,9 +509,9 @@ void attention_backward(Q&& q, K&& k, V&& v, O&& out, L&& lse, DO&& dout, DQ&& d
       const positions kp = kpos.subset(j0, nk);
       const detail::position_span kbnd = detail::bounds_of(kp);
       if (!sh.mask.any_visible(qbnd, kbnd)) continue;
-      kern.pack_kt(ks.row(j0) + g * d, ks.stride, nk, d, scr + pl.kt, ldkt);
-      kern.pack_kt(vs.row(j0) + g * d, vs.stride, nk, d, scr + pl.vt, ldkt);
-      const rows_at kr = rows(ks, j0, nk, g * d, scr + pl.kr);
+      kern.pack_kt(ks.at(j0, g), ks.stride, nk, d, scr + pl.kt, ldkt);
+      kern.pack_kt(vs.at(j0, g), vs.stride, nk, d, scr + pl.vt, ldkt);
+      const rows_at kr = rows(ks, j0, nk, g, scr + pl.kr);
       tile(h, i0, nq, qp, nk, kp, sh.mask.all_visible(qbnd, kbnd), qt, gt, scr + pl.kt,
            scr + pl.vt, scr + pl.s, scr + pl.pr, scr + pl.ds, scr + pl.rm,
              scr + pl.rl, scr + pl.ra);
@@ -627,7 +547,7 @@ void attention_backward(Q&& q, K&& k, V&& v, O&& out, L&& lse, DO&& dout, DQ&& d
       }
     }
     for (index_t i = 0; i < nq; ++i) {
-      S* row = dqv.row(i0 + i) + h * d;
+      S* row = dqv.at(i0 + i, h);
       for (index_t c = 0; c < d; ++c) row[c] = scale * dqa[i * dpad + c];
     }
   };
@@ -656,9 +576,9 @@ void attention_backward(Q&& q, K&& k, V&& v, O&& out, L&& lse, DO&& dout, DQ&& d
       const detail::position_span kbnd = detail::bounds_of(kp);
       std::fill(dka, dka + nk * dpad, C(0));
       std::fill(dva, dva + nk * dpad, C(0));
-      kern.pack_kt(ks.row(j0) + g * d, ks.stride, nk, d, scr + pl.kt, ldkt);
-      kern.pack_kt(vs.row(j0) + g * d, vs.stride, nk, d, scr + pl.vt, ldkt);
-      const rows_at kr = rows(ks, j0, nk, g * d, scr + pl.kr);
+      kern.pack_kt(ks.at(j0, g), ks.stride, nk, d, scr + pl.kt, ldkt);
+      kern.pack_kt(vs.at(j0, g), vs.stride, nk, d, scr + pl.vt, ldkt);
+      const rows_at kr = rows(ks, j0, nk, g, scr + pl.kr);
       for (index_t hh = 0; hh < group; ++hh) {
         const index_t h = g * group + hh;
         for (index_t it = 0; it < pl.q_tiles; ++it) {
@@ -667,7 +587,7 @@ void attention_backward(Q&& q, K&& k, V&& v, O&& out, L&& lse, DO&& dout, DQ&& d
           const positions qp = qpos.subset(i0, nq);
           const detail::position_span qbnd = detail::bounds_of(qp);
           if (!sh.mask.any_visible(qbnd, kbnd)) continue;
-          const rows_at qt = rows(qs, i0, nq, h * d, scr + pl.qt), gt = rows(gs, i0, nq, h * d, scr + pl.gt);
+          const rows_at qt = rows(qs, i0, nq, h, scr + pl.qt), gt = rows(gs, i0, nq, h, scr + pl.gt);
           tile(h, i0, nq, qp, nk, kp, sh.mask.all_visible(qbnd, kbnd), qt, gt, scr + pl.kt, scr + pl.vt, scr + pl.s,
                scr + pl.pr, scr + pl.ds, scr + pl.rm, scr + pl.rl, scr + pl.ra);
           transpose(scr + pl.pr, nq, nk, scr + pl.pt);
@@ -681,8 +601,8 @@ void attention_backward(Q&& q, K&& k, V&& v, O&& out, L&& lse, DO&& dout, DQ&& d
         }
       }
       for (index_t j = 0; j < nk; ++j) {
-        S* krow = dkv.row(j0 + j) + g * d;
-        S* vrow = dvv.row(j0 + j) + g * d;
+        S* krow = dkv.at(j0 + j, g);
+        S* vrow = dvv.at(j0 + j, g);
         for (index_t c = 0; c < d; ++c) krow[c] = scale * dka[j * dpad + c], vrow[c] = dva[j * dpad + c];
       }
     }
@@ -692,7 +612,7 @@ void attention_backward(Q&& q, K&& k, V&& v, O&& out, L&& lse, DO&& dout, DQ&& d
         q_tile_of(it, i0, nq);
         const C* dqa = dqacc + (hh * pl.q_tiles + it) * pl.bq * dpad;
         for (index_t i = 0; i < nq; ++i) {
-          S* row = dqv.row(i0 + i) + (g * group + hh) * d;
+          S* row = dqv.at(i0 + i, g * group + hh);
           for (index_t c = 0; c < d; ++c) row[c] = scale * dqa[i * dpad + c];
         }
       }
@@ -735,7 +655,7 @@ void attention_backward(Q&& q, K&& k, V&& v, O&& out, L&& lse, DO&& dout, DQ&& d
       if (z == -std::numeric_limits<double>::infinity()) continue;
       double sum = 0;
       for (index_t i = 0; i < sh.n_q; ++i) {
-        const double l = static_cast<double>(lv(i, h));
+        const double l = static_cast<double>(*lv.at(i, h));
         if (l == -std::numeric_limits<double>::infinity()) continue;
         sum -= std::exp(z - l) * static_cast<double>(dsum[i * sh.heads + h]);
       }
@@ -744,8 +664,204 @@ void attention_backward(Q&& q, K&& k, V&& v, O&& out, L&& lse, DO&& dout, DQ&& d
   }
   // Back from the rotated frame: the transposed rotation, with the forward's positions.
   if constexpr (rotation) {
-    enc.rotate_backward(dqv, qpos, p.executor, p.threads);
-    enc.rotate_backward(dkv, kpos, p.executor, p.threads);
+    enc.rotate_backward(heads_view<S>(dqv.data, 1, sh.n_q, sh.heads, d, 0, dqv.stride, dqv.head_stride), qpos,
+                        p.executor, p.threads);
+    enc.rotate_backward(heads_view<S>(dkv.data, 1, sh.n_kv, sh.kv_heads, d, 0, dkv.stride, dkv.head_stride), kpos,
+                        p.executor, p.threads);
+  }
+}
+
+}  // namespace detail
+
+/// Gradients of softmax attention (`posenc::attention`, same formula, knobs, masks, GQA and
+/// encoders) with respect to q, k and v, and the learned parameters in `grads`, by the
+/// FlashAttention-2 backward (see the file comment).
+///
+/// \param q, k, v  the forward's inputs, as given to it (not rotated: a rotation encoder rotates
+///                 copies here, as the forward does). `[n_q, heads * d]`, `[n_kv, kv_heads * d]`.
+/// \param out      the forward's output `[n_q, heads * d]`.
+/// \param lse      the forward's log-sum-exp `[n_q, heads]`, float or double (`-inf`: the row saw
+///                 no key).
+/// \param dout     the gradient of the loss with respect to `out`, `[n_q, heads * d]`.
+/// \param dq, dk, dv  written: the gradients, shaped like q, k and v (with GQA, dk and dv sum the
+///                 group's query heads). They must not overlap the inputs.
+/// \param grads    optional parameter gradients, added to (see `parameter_gradients`).
+/// \param ws       optional workspace reused across calls (`attention_backward_workspace_bytes`);
+///                 without it the call allocates once. Its size grows linearly with n_q (and with
+///                 n_kv for a rotation encoder), never with n_q * n_kv.
+/// q, k, v, out, dout, dq, dk and dv hold one storage type, float or double, any row stride.
+/// Throws, before any work starts: `std::invalid_argument` for invalid knobs or an encoder that
+/// does not fit, `precondition_error` naming the argument for shapes that do not fit together.
+namespace detail {
+
+/// The checks of `attention_backward` that do not depend on the operands' layout: the encoder
+/// against the call, and the shapes of the wanted parameter gradients. Returns whether some
+/// parameter gradient is wanted.
+template <class E>
+bool backward_param_checks(const E& enc, const parameter_gradients<E>& grads, const attention_shape& sh) {
+  detail::check_encoder_fits(enc, sh);
+  POSENC_ASSERT(grads.sinks.empty() || static_cast<index_t>(grads.sinks.size()) == sh.heads,
+                "attention_backward: grads.sinks has ", grads.sinks.size(), " values but heads = ", sh.heads);
+  constexpr bool shaw = relative_key_value<E>;
+  bool params_wanted = false;
+  if constexpr (detail::is_alibi<E>::value) {
+    POSENC_ASSERT(grads.slopes.empty() || static_cast<index_t>(grads.slopes.size()) == enc.params().num_heads,
+                  "attention_backward: grads.slopes has ", grads.slopes.size(), " values but the encoder's num_heads = ",
+                  enc.params().num_heads);
+    params_wanted = !grads.slopes.empty();
+  } else if constexpr (detail::is_t5<E>::value) {
+    POSENC_ASSERT(grads.table.rows == 0 || (grads.table.rows == enc.params().num_buckets &&
+                                            grads.table.cols == enc.params().num_heads),
+                  "attention_backward: grads.table is [", grads.table.rows, ", ", grads.table.cols,
+                  "] but must be [num_buckets, num_heads] = [", enc.params().num_buckets, ", ",
+                  enc.params().num_heads, "]");
+    params_wanted = grads.table.rows != 0;
+  } else if constexpr (shaw) {
+    const index_t nr = enc.num_relative();
+    POSENC_ASSERT(grads.key_table.rows == 0 || (grads.key_table.rows == nr && grads.key_table.cols == sh.head_dim),
+                  "attention_backward: grads.key_table is [", grads.key_table.rows, ", ", grads.key_table.cols,
+                  "] but must be [2K+1, head_dim] = [", nr, ", ", sh.head_dim, "]");
+    POSENC_ASSERT(
+        grads.value_table.rows == 0 || (grads.value_table.rows == nr && grads.value_table.cols == sh.head_dim),
+        "attention_backward: grads.value_table is [", grads.value_table.rows, ", ", grads.value_table.cols,
+        "] but must be [2K+1, head_dim] = [", nr, ", ", sh.head_dim, "]");
+    params_wanted = grads.key_table.rows != 0 || grads.value_table.rows != 0;
+  }
+
+  return params_wanted;
+}
+
+}  // namespace detail
+
+template <class Q, class K, class V, class O, class L, class DO, class DQ, class DK, class DV, positional_encoding E>
+void attention_backward(Q&& q, K&& k, V&& v, O&& out, L&& lse, DO&& dout, DQ&& dq, DK&& dk, DV&& dv, positions qpos,
+                        positions kpos, const E& enc, const attention_params& p,
+                        const parameter_gradients<E>& grads = {}, attention_workspace* ws = nullptr) {
+  static_assert(E::family != encoding_family::additive_input,
+                "posenc::attention_backward: additive-input encoders (sinusoidal) act on token embeddings before "
+                "the projections, whose gradient passes through them unchanged; pass posenc::no_position here");
+  constexpr bool views = detail::heads_view_arg<Q> || detail::heads_view_arg<K> || detail::heads_view_arg<V> ||
+                         detail::heads_view_arg<O> || detail::heads_view_arg<L> || detail::heads_view_arg<DO> ||
+                         detail::heads_view_arg<DQ> || detail::heads_view_arg<DK> || detail::heads_view_arg<DV>;
+  if constexpr (views) {
+    // heads_views of any strides (matrices beside them are split into the knobs' heads): every
+    // batch item is one sequence with the positions qpos and kpos.
+    const index_t kvh = detail::check_params(p);
+    const auto qh = detail::heads_of(std::forward<Q>(q), p.heads, "q");
+    const auto kh = detail::heads_of(std::forward<K>(k), kvh, "k");
+    const auto vh = detail::heads_of(std::forward<V>(v), kvh, "v");
+    const auto oh = detail::heads_of(std::forward<O>(out), p.heads, "out");
+    const auto gh = detail::heads_of(std::forward<DO>(dout), p.heads, "dout");
+    const auto dqh = detail::heads_of(std::forward<DQ>(dq), p.heads, "dq");
+    const auto dkh = detail::heads_of(std::forward<DK>(dk), kvh, "dk");
+    const auto dvh = detail::heads_of(std::forward<DV>(dv), kvh, "dv");
+    using S = std::remove_const_t<std::remove_pointer_t<decltype(qh.data)>>;
+    static_assert(std::same_as<S, float> || std::same_as<S, double>,
+                  "posenc::attention_backward: q, k, v, out and dout are float or double");
+    static_assert(std::same_as<std::remove_const_t<std::remove_pointer_t<decltype(kh.data)>>, S> &&
+                      std::same_as<std::remove_const_t<std::remove_pointer_t<decltype(vh.data)>>, S> &&
+                      std::same_as<std::remove_const_t<std::remove_pointer_t<decltype(oh.data)>>, S> &&
+                      std::same_as<std::remove_const_t<std::remove_pointer_t<decltype(gh.data)>>, S>,
+                  "posenc::attention_backward: q, k, v, out and dout hold one storage type");
+    static_assert(std::same_as<std::remove_pointer_t<decltype(dqh.data)>, S> &&
+                      std::same_as<std::remove_pointer_t<decltype(dkh.data)>, S> &&
+                      std::same_as<std::remove_pointer_t<decltype(dvh.data)>, S>,
+                  "posenc::attention_backward: q and the gradients hold one storage type; dq, dk and dv must be writable");
+    static_assert(std::same_as<typename E::scalar_type, S> || E::family == encoding_family::none,
+                  "posenc::attention_backward: the encoder's scalar_type must be the storage type (float or double)");
+    const auto sh = detail::check_heads_attention(p, kvh, qh, kh, vh, oh, qpos.size(), kpos.size());
+    auto like = [](const auto& a, const auto& b, const char* name, const char* other) {
+      POSENC_ASSERT(a.batch == b.batch && a.tokens == b.tokens && a.heads == b.heads && a.head_dim == b.head_dim,
+                    "attention_backward: ", name, " is [batch, tokens, heads, head_dim] = [", a.batch, ", ", a.tokens,
+                    ", ", a.heads, ", ", a.head_dim, "] but must be shaped like ", other, ", [", b.batch, ", ", b.tokens,
+                    ", ", b.heads, ", ", b.head_dim, "]");
+    };
+    like(gh, qh, "dout", "q");
+    like(dqh, qh, "dq", "q");
+    like(dkh, kh, "dk", "k");
+    like(dvh, kh, "dv", "k");
+    POSENC_ASSERT(dqh.disjoint() && dkh.disjoint() && dvh.disjoint(),
+                  "attention_backward: elements of dq, dk or dv overlap; every gradient element needs its own memory");
+    // lse: a heads_view of head_dim 1, or a matrix [batch * n_q, heads] (the items' rows in turn).
+    const auto lh = [&] {
+      if constexpr (detail::heads_view_arg<L>) {
+        return std::remove_cvref_t<L>(lse);
+      } else {
+        const auto lm = view_of(std::forward<L>(lse));
+        POSENC_ASSERT(lm.rows == qh.batch * sh.n_q && lm.cols == sh.heads, "attention_backward: lse is [", lm.rows,
+                      ", ", lm.cols, "] but must be [batch * n_q, heads] = [", qh.batch * sh.n_q, ", ", sh.heads, "]");
+        using LT = std::remove_pointer_t<decltype(lm.data)>;
+        return heads_view<LT>(lm.data, qh.batch, sh.n_q, sh.heads, 1, sh.n_q * lm.stride, lm.stride, 1);
+      }
+    }();
+    using LS = std::remove_const_t<std::remove_pointer_t<decltype(lh.data)>>;
+    static_assert(std::same_as<LS, float> || std::same_as<LS, double>,
+                  "posenc::attention_backward: lse is float or double");
+    POSENC_ASSERT(lh.batch == qh.batch && lh.tokens == sh.n_q && lh.heads == sh.heads && lh.head_dim == 1,
+                  "attention_backward: lse is [batch, tokens, heads, head_dim] = [", lh.batch, ", ", lh.tokens, ", ",
+                  lh.heads, ", ", lh.head_dim, "] but must be [", qh.batch, ", ", sh.n_q, ", ", sh.heads, ", 1]");
+    const bool params_wanted = detail::backward_param_checks(enc, grads, sh);
+    // Batch item b of a view, as the accessor of one sequence.
+    auto item = [](const auto& h, index_t b) {
+      return detail::head_rows<std::remove_pointer_t<decltype(h.data)>>{h.data + b * h.batch_stride, h.token_stride,
+                                                                         h.head_stride};
+    };
+    auto in = [&](const auto& h, index_t b) {
+      const auto r = item(h, b);
+      return detail::head_rows<const std::remove_const_t<std::remove_pointer_t<decltype(h.data)>>>{r.data, r.stride,
+                                                                                                   r.head_stride};
+    };
+    for (index_t b = 0; b < qh.batch; ++b)
+      detail::backward_run<S, LS>(in(qh, b), in(kh, b), in(vh, b), in(oh, b), in(lh, b), in(gh, b), item(dqh, b),
+                                  item(dkh, b), item(dvh, b), sh, qpos, kpos, enc, p, grads, ws, params_wanted);
+  } else {
+  const auto qv = view_of(std::forward<Q>(q));
+  const auto kv = view_of(std::forward<K>(k));
+  const auto vv = view_of(std::forward<V>(v));
+  const auto ov = view_of(std::forward<O>(out));
+  const auto lv = view_of(std::forward<L>(lse));
+  const auto gv = view_of(std::forward<DO>(dout));
+  const auto dqv = view_of(std::forward<DQ>(dq));
+  const auto dkv = view_of(std::forward<DK>(dk));
+  const auto dvv = view_of(std::forward<DV>(dv));
+  using S = std::remove_const_t<std::remove_pointer_t<decltype(qv.data)>>;
+  using C = S;
+  using LS = std::remove_const_t<std::remove_pointer_t<decltype(lv.data)>>;
+  static_assert(std::same_as<S, float> || std::same_as<S, double>,
+                "posenc::attention_backward: q, k, v, out and dout are float or double");
+  static_assert(std::same_as<std::remove_const_t<std::remove_pointer_t<decltype(kv.data)>>, S> &&
+                    std::same_as<std::remove_const_t<std::remove_pointer_t<decltype(vv.data)>>, S> &&
+                    std::same_as<std::remove_const_t<std::remove_pointer_t<decltype(ov.data)>>, S> &&
+                    std::same_as<std::remove_const_t<std::remove_pointer_t<decltype(gv.data)>>, S> &&
+                    std::same_as<std::remove_pointer_t<decltype(dqv.data)>, S> &&
+                    std::same_as<std::remove_pointer_t<decltype(dkv.data)>, S> &&
+                    std::same_as<std::remove_pointer_t<decltype(dvv.data)>, S>,
+                "posenc::attention_backward: q, k, v, out, dout and the gradients hold one storage type; dq, dk and "
+                "dv must be writable");
+  static_assert(std::same_as<LS, float> || std::same_as<LS, double>,
+                "posenc::attention_backward: lse is a float or double matrix");
+  static_assert(std::same_as<typename E::scalar_type, C> || E::family == encoding_family::none,
+                "posenc::attention_backward: the encoder's scalar_type must be the storage type (float or double)");
+
+  const auto sh = detail::check_attention(p, qv.rows, qv.cols, kv.rows, kv.cols, vv.rows, vv.cols, ov.rows, ov.cols,
+                                          qpos.size(), kpos.size());
+  POSENC_ASSERT(lv.rows == sh.n_q && lv.cols == sh.heads, "attention_backward: lse is [", lv.rows, ", ", lv.cols,
+                "] but must be [n_q, heads] = [", sh.n_q, ", ", sh.heads, "]");
+  POSENC_ASSERT(gv.rows == qv.rows && gv.cols == qv.cols, "attention_backward: dout is [", gv.rows, ", ", gv.cols,
+                "] but must be shaped like q, [", qv.rows, ", ", qv.cols, "]");
+  POSENC_ASSERT(dqv.rows == qv.rows && dqv.cols == qv.cols, "attention_backward: dq is [", dqv.rows, ", ", dqv.cols,
+                "] but must be shaped like q, [", qv.rows, ", ", qv.cols, "]");
+  POSENC_ASSERT(dkv.rows == kv.rows && dkv.cols == kv.cols, "attention_backward: dk is [", dkv.rows, ", ", dkv.cols,
+                "] but must be shaped like k, [", kv.rows, ", ", kv.cols, "]");
+  POSENC_ASSERT(dvv.rows == vv.rows && dvv.cols == vv.cols, "attention_backward: dv is [", dvv.rows, ", ", dvv.cols,
+                "] but must be shaped like v, [", vv.rows, ", ", vv.cols, "]");
+  const bool params_wanted = detail::backward_param_checks(enc, grads, sh);
+
+  const index_t d = sh.head_dim;
+  const auto in = [d](strided_view<const S> m) { return detail::head_rows_of(m, d); };
+  detail::backward_run<S, LS>(in(qv), in(kv), in(vv), in(ov), detail::head_rows_of(strided_view<const LS>(lv), 1), in(gv),
+                              detail::head_rows_of(dqv, d), detail::head_rows_of(dkv, d), detail::head_rows_of(dvv, d),
+                              sh, qpos, kpos, enc, p, grads, ws, params_wanted);
   }
 }
 

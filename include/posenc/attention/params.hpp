@@ -139,6 +139,57 @@ inline attention_shape check_attention(const attention_params& p, index_t q_rows
   return {q_rows, k_rows, p.heads, kvh, d, p.heads / kvh, scale, mask_rule_of(p)};
 }
 
+/// `M` is a `heads_view` (of any constness).
+template <class M>
+inline constexpr bool heads_view_arg = is_heads_view_v<std::remove_cvref_t<M>>;
+
+/// An argument of `attention` as a `heads_view`: a `heads_view` as it is, a matrix
+/// `[tokens, heads * head_dim]` split into `heads` heads.
+template <class M>
+auto heads_of(M&& m, index_t heads, const char* name) {
+  if constexpr (heads_view_arg<M>) {
+    return std::remove_cvref_t<M>(m);
+  } else {
+    const auto v = view_of(std::forward<M>(m));
+    using S = std::remove_pointer_t<decltype(v.data)>;
+    POSENC_ASSERT(v.cols % heads == 0, "attention: ", name, " has ", v.cols, " columns, not a multiple of its ", heads,
+                  " heads");
+    return heads_view<S>::rows(v.data, v.rows, heads, v.cols / heads, v.rows <= 1 ? v.cols : v.stride);
+  }
+}
+
+/// The shape checks of `attention` when some argument is a `heads_view` (after `check_params`):
+/// every view has the heads the knobs say, one head_dim, one batch size; out has q's shape and
+/// no two of its elements overlap.
+template <class SQ, class SK, class SV, class SO>
+attention_shape check_heads_attention(const attention_params& p, index_t kvh, const heads_view<SQ>& q,
+                                      const heads_view<SK>& k, const heads_view<SV>& v, const heads_view<SO>& o,
+                                      index_t n_qpos, index_t n_kpos) {
+  POSENC_ASSERT(q.heads == p.heads, "attention: q has ", q.heads, " heads but attention_params.heads = ", p.heads);
+  POSENC_ASSERT(k.heads == kvh, "attention: k has ", k.heads, " heads but attention_params.kv_heads = ", p.kv_heads,
+                p.kv_heads == 0 ? " (0: heads = " + to_text(p.heads) + ")" : std::string());
+  POSENC_ASSERT(v.heads == kvh, "attention: v has ", v.heads, " heads but attention_params.kv_heads = ", p.kv_heads,
+                p.kv_heads == 0 ? " (0: heads = " + to_text(p.heads) + ")" : std::string());
+  const index_t d = q.head_dim;
+  POSENC_ASSERT(d > 0, "attention: q has head_dim 0");
+  POSENC_ASSERT(k.head_dim == d && v.head_dim == d, "attention: head_dim of q, k and v must agree, got ", d, ", ",
+                k.head_dim, " and ", v.head_dim);
+  POSENC_ASSERT(k.batch == q.batch && v.batch == q.batch, "attention: q, k and v must have one batch size, got ",
+                q.batch, ", ", k.batch, " and ", v.batch);
+  POSENC_ASSERT(v.tokens == k.tokens, "attention: k has ", k.tokens, " tokens but v has ", v.tokens);
+  POSENC_ASSERT(o.batch == q.batch && o.tokens == q.tokens && o.heads == q.heads && o.head_dim == d,
+                "attention: out is [batch, tokens, heads, head_dim] = [", o.batch, ", ", o.tokens, ", ", o.heads, ", ",
+                o.head_dim, "] but q is [", q.batch, ", ", q.tokens, ", ", q.heads, ", ", d, "]");
+  POSENC_ASSERT(o.disjoint(), "attention: elements of out overlap (strides: batch ", o.batch_stride, ", token ",
+                o.token_stride, ", head ", o.head_stride, "); every output element needs its own memory");
+  POSENC_ASSERT(n_qpos == q.tokens, "attention: ", n_qpos, " query positions for ", q.tokens,
+                " tokens of q (every batch item has these positions)");
+  POSENC_ASSERT(n_kpos == k.tokens, "attention: ", n_kpos, " key positions for ", k.tokens,
+                " tokens of k (every batch item has these positions)");
+  const double scale = p.scale ? *p.scale : 1.0 / std::sqrt(static_cast<double>(d));
+  return {q.tokens, k.tokens, p.heads, kvh, d, p.heads / kvh, scale, mask_rule_of(p)};
+}
+
 /// The optional `[n_q, heads]` log-sum-exp argument as a view (checked once), or 0 when the
 /// caller passed `nullptr`.
 template <class L>

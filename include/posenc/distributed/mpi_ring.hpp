@@ -18,6 +18,10 @@
 /// docs/ring_attention.md). The result equals `ring_attention_simulate` with the same shards and
 /// options, bit for bit.
 ///
+/// `mpi_ring::attention_backward` is the backward of the same ring (`distributed/ring_backward.hpp`):
+/// keys, values and their gradients travel, dQ stays; it equals `ring_attention_backward_simulate`
+/// bit for bit.
+///
 /// Mistakes fail on every rank, never hang: each collective call first checks its arguments on
 /// every rank and exchanges the verdicts with one small `MPI_Allgather` (fixed-size records, so
 /// ranks that disagree on the element type cannot truncate a message). If a rank's arguments are
@@ -38,6 +42,7 @@
 #include <ctime>
 #include <limits>
 #include <optional>
+#include <span>
 #include <exception>
 #include <stdexcept>
 #include <string>
@@ -46,6 +51,7 @@
 #include <vector>
 
 #include "posenc/distributed/ring.hpp"
+#include "posenc/distributed/ring_backward.hpp"
 
 namespace posenc {
 
@@ -85,7 +91,7 @@ struct ring_fact {
 /// own exception, rethrown here when it failed. Returns every rank's verdict.
 inline std::vector<ring_verdict> ring_exchange(MPI_Comm comm, int size, int rank, const ring_verdict& mine,
                                                const std::exception_ptr& local, std::string_view call,
-                                               std::initializer_list<ring_fact> agree) {
+                                               std::span<const ring_fact> agree) {
   std::vector<ring_verdict> all(static_cast<std::size_t>(size));
   MPI_Allgather(&mine, static_cast<int>(sizeof(ring_verdict)), MPI_BYTE, all.data(),
                 static_cast<int>(sizeof(ring_verdict)), MPI_BYTE, comm);
@@ -107,6 +113,12 @@ inline std::vector<ring_verdict> ring_exchange(MPI_Comm comm, int size, int rank
     }
   }
   return all;
+}
+
+inline std::vector<ring_verdict> ring_exchange(MPI_Comm comm, int size, int rank, const ring_verdict& mine,
+                                               const std::exception_ptr& local, std::string_view call,
+                                               std::initializer_list<ring_fact> agree) {
+  return ring_exchange(comm, size, rank, mine, local, call, std::span<const ring_fact>(agree.begin(), agree.size()));
 }
 
 /// The message of the exception in flight (inside a catch block).
@@ -169,6 +181,91 @@ constexpr std::int64_t storage_code() {
   if constexpr (std::same_as<S, double>) return 2;
   if constexpr (std::same_as<S, Eigen::bfloat16>) return 3;
   return 4;
+}
+
+/// Writes the facts every rank of a ring call must share into `v.field` (and this rank's key rows
+/// into field 13, which is not compared): storage type, heads, head_dim, the key and value widths,
+/// the mask, the scale, the encoder, the options, soft-cap and sinks.
+template <class S, class E>
+void ring_shared_facts(ring_verdict& v, const E& enc, const attention_params& p, index_t head_dim, index_t k_rows,
+                       index_t k_cols, index_t v_cols, index_t query_blocks) {
+  const double scale = p.scale ? *p.scale : 1.0 / std::sqrt(static_cast<double>(head_dim));
+  v.field[0] = storage_code<S>();
+  v.field[1] = p.heads;
+  v.field[2] = p.kv_heads == 0 ? p.heads : p.kv_heads;
+  v.field[3] = head_dim;
+  v.field[4] = k_cols;
+  v.field[5] = v_cols;
+  v.field[6] = p.causal;
+  v.field[7] = p.window_left;
+  v.field[8] = p.window_right;
+  v.field[9] = std::bit_cast<std::int64_t>(scale);
+  v.field[10] = static_cast<std::int64_t>(E::family);
+  v.field[11] = static_cast<std::int64_t>(encoder_digest(enc));
+  v.field[12] = query_blocks;
+  v.field[13] = k_rows;
+  v.field[14] = std::bit_cast<std::int64_t>(p.softcap);
+  std::uint64_t sink_hash = 0xcbf29ce484222325ull;
+  for (const float z : p.sinks) sink_hash = ring_hash(sink_hash, &z, sizeof z);
+  v.field[15] = static_cast<std::int64_t>(sink_hash ^ p.sinks.size());
+  v.field[16] = p.chunk_size.value_or(0);
+}
+
+/// The names of the facts `ring_shared_facts` writes, for `ring_exchange`.
+inline constexpr ring_fact ring_shared_fact_names[] = {
+    {0, "the element type of q, k and v (1 float, 2 double, 3 bfloat16, 4 half)"},
+    {1, "attention_params.heads"},
+    {2, "kv_heads"},
+    {3, "head_dim (q columns / heads)"},
+    {4, "the columns of k"},
+    {5, "the columns of v"},
+    {6, "attention_params.causal"},
+    {7, "attention_params.window_left"},
+    {8, "attention_params.window_right"},
+    {9, "the logit scale (bits of the double)"},
+    {10, "the encoder's family"},
+    {11, "the encoder (a digest of its parameters)"},
+    {12, "ring_options.query_blocks"},
+    {14, "attention_params.softcap (bits of the double)"},
+    {15, "attention_params.sinks (a digest of the values)"},
+    {16, "attention_params.chunk_size (0 for none)"}};
+
+/// The message of the backward: a `ring_message` of keys, values and positions (keys not
+/// rotated: the backward rotates copies), followed by the gradients dK and dV that travel with
+/// them, each part 64-byte aligned.
+template <class S>
+struct ring_grad_message {
+  static std::size_t bytes(index_t rows, index_t k_cols, index_t v_cols) {
+    const auto r = static_cast<std::size_t>(rows);
+    return ring_message<S>::bytes(rows, k_cols, v_cols) + ring_round(r * static_cast<std::size_t>(k_cols) * sizeof(S)) +
+           ring_round(r * static_cast<std::size_t>(v_cols) * sizeof(S));
+  }
+  explicit ring_grad_message(std::byte* buf) : m(buf) {}
+  ring_message<S> m;
+  std::size_t bytes() const { return bytes(m.rows, m.k_cols, m.v_cols); }
+  S* dk() const { return reinterpret_cast<S*>(m.base + ring_message<S>::bytes(m.rows, m.k_cols, m.v_cols)); }
+  S* dv() const {
+    return reinterpret_cast<S*>(reinterpret_cast<std::byte*>(dk()) +
+                                ring_round(static_cast<std::size_t>(m.rows * m.k_cols) * sizeof(S)));
+  }
+  strided_view<S> dk_view() const { return {dk(), m.rows, m.k_cols, m.k_cols}; }
+  strided_view<S> dv_view() const { return {dv(), m.rows, m.v_cols, m.v_cols}; }
+  /// Packs keys, values and positions, and zero gradients (padding zeroed too).
+  template <class SK>
+  static ring_grad_message pack(std::byte* buf, strided_view<SK> k, strided_view<SK> v, positions kpos) {
+    ring_message<S>::pack(buf, k, v, kpos, no_position<compute_t<S>>{});
+    ring_grad_message g(buf);
+    const std::size_t at = ring_message<S>::bytes(g.m.rows, g.m.k_cols, g.m.v_cols);
+    std::memset(buf + at, 0, g.bytes() - at);
+    return g;
+  }
+};
+
+/// Sums `n` values of `x` over the ring's ranks into `x` (MPI_Allreduce in place).
+template <class T>
+void ring_allreduce_sum(MPI_Comm comm, T* x, std::size_t n) {
+  if (n == 0) return;
+  MPI_Allreduce(MPI_IN_PLACE, x, static_cast<int>(n), std::same_as<T, float> ? MPI_FLOAT : MPI_DOUBLE, MPI_SUM, comm);
 }
 
 }  // namespace detail
@@ -275,48 +372,13 @@ class mpi_ring {
         POSENC_ASSERT(lv.rows == qv.rows && lv.cols == p.heads, "mpi_ring::attention: lse is [", lv.rows, ", ",
                       lv.cols, "] but must be [n_q, heads] = [", qv.rows, ", ", p.heads, "]");
       }
-      const double scale = p.scale ? *p.scale : 1.0 / std::sqrt(static_cast<double>(head_dim));
-      mine.field[0] = detail::storage_code<S>();
-      mine.field[1] = p.heads;
-      mine.field[2] = p.kv_heads == 0 ? p.heads : p.kv_heads;
-      mine.field[3] = head_dim;
-      mine.field[4] = kv.cols;
-      mine.field[5] = vv.cols;
-      mine.field[6] = p.causal;
-      mine.field[7] = p.window_left;
-      mine.field[8] = p.window_right;
-      mine.field[9] = std::bit_cast<std::int64_t>(scale);
-      mine.field[10] = static_cast<std::int64_t>(E::family);
-      mine.field[11] = static_cast<std::int64_t>(detail::encoder_digest(enc));
-      mine.field[12] = o.query_blocks;
-      mine.field[13] = kv.rows;
-      mine.field[14] = std::bit_cast<std::int64_t>(p.softcap);
-      std::uint64_t sink_hash = 0xcbf29ce484222325ull;
-      for (const float z : p.sinks) sink_hash = detail::ring_hash(sink_hash, &z, sizeof z);
-      mine.field[15] = static_cast<std::int64_t>(sink_hash ^ p.sinks.size());
-      mine.field[16] = p.chunk_size.value_or(0);
+      detail::ring_shared_facts<S>(mine, enc, p, head_dim, kv.rows, kv.cols, vv.cols, o.query_blocks);
     } catch (...) {
       local = std::current_exception();
       mine.fail(detail::ring_what());
     }
-    const std::vector<detail::ring_verdict> all = detail::ring_exchange(
-        comm_, size_, rank_, mine, local, call,
-        {{0, "the element type of q, k and v (1 float, 2 double, 3 bfloat16, 4 half)"},
-         {1, "attention_params.heads"},
-         {2, "kv_heads"},
-         {3, "head_dim (q columns / heads)"},
-         {4, "the columns of k"},
-         {5, "the columns of v"},
-         {6, "attention_params.causal"},
-         {7, "attention_params.window_left"},
-         {8, "attention_params.window_right"},
-         {9, "the logit scale (bits of the double)"},
-         {10, "the encoder's family"},
-         {11, "the encoder (a digest of its parameters)"},
-         {12, "ring_options.query_blocks"},
-         {14, "attention_params.softcap (bits of the double)"},
-         {15, "attention_params.sinks (a digest of the values)"},
-         {16, "attention_params.chunk_size (0 for none)"}});
+    const std::vector<detail::ring_verdict> all =
+        detail::ring_exchange(comm_, size_, rank_, mine, local, call, detail::ring_shared_fact_names);
     std::int64_t widest = 0;
     for (const detail::ring_verdict& r : all) widest = std::max(widest, r.field[13]);
 
@@ -385,6 +447,161 @@ class mpi_ring {
     detail::ring_exchange(comm_, size_, rank_, mine, local, call, {});
     worker->finish(ov, std::forward<L>(lse));
     st.bytes = st.message_bytes * buf.size() + worker->bytes();
+    st.total_s = MPI_Wtime() - start;
+    return st;
+  }
+
+  /// The gradients of ring attention (the backward of `attention`; docs/ring_attention.md): this
+  /// rank's dq, dk and dv (overwritten), collective over the ring. The keys and values travel the
+  /// ring as in the forward, with their gradients dK and dV, to which each rank adds its queries'
+  /// share; dQ stays here; a last hop brings dK and dV home. Every rank passes its shards:
+  ///
+  /// \param q, k, v   the forward's inputs (not rotated: a rotation encoder rotates copies here).
+  /// \param out, lse  the forward's output `[n_q, heads * d]` and log-sum-exp `[n_q, heads]` over all
+  ///                  keys (`attention(..., lse)` writes it).
+  /// \param dout      the gradient of the loss with respect to `out`.
+  /// \param dq, dk, dv  written: shaped like q, k and v.
+  /// \param grads     optional parameter gradients: the sum over every rank's queries is added to
+  ///                  them on every rank (an `MPI_Allreduce`), as the simulator adds every device's.
+  /// Float or double storage. dq, dk and dv equal `ring_attention_backward_simulate` with the same
+  /// shards bit for bit; the parameter gradients within float rounding (the ranks' sums are
+  /// reduced in MPI's order). Throws on every rank, before any data moves, when some rank's
+  /// arguments are invalid or the ranks disagree (as `attention`). Allocates two messages (the
+  /// largest shard's keys, values, positions, dK and dV each), dQ and the backward's workspace.
+  template <matrix_argument Q, matrix_argument K, matrix_argument V, matrix_argument O, matrix_argument L,
+            matrix_argument DO, matrix_argument DQ, matrix_argument DK, matrix_argument DV, positional_encoding E>
+  ring_stats attention_backward(Q&& q, K&& k, V&& v, O&& out, L&& lse, DO&& dout, DQ&& dq, DK&& dk, DV&& dv,
+                                positions qpos, positions kpos, const E& enc, const attention_params& p,
+                                const parameter_gradients<E>& grads = {}) const {
+    static_assert(E::family != encoding_family::additive_input,
+                  "posenc::mpi_ring::attention_backward: additive-input encoders (sinusoidal) act on token "
+                  "embeddings before the projections; pass posenc::no_position here");
+    const double start = MPI_Wtime();
+    const ring_backward_device<std::remove_const_t<std::remove_pointer_t<decltype(view_of(q).data)>>> dev{
+        view_of(std::as_const(q)), view_of(std::as_const(k)),    view_of(std::as_const(v)),
+        view_of(std::as_const(out)), view_of(std::as_const(lse)), view_of(std::as_const(dout)),
+        qpos,                       kpos,                        view_of(dq),
+        view_of(dk),                view_of(dv)};
+    using S = std::remove_const_t<std::remove_pointer_t<decltype(dev.q.data)>>;
+    static_assert(std::same_as<S, float> || std::same_as<S, double>,
+                  "posenc::mpi_ring::attention_backward: the backward computes in float or double");
+    using msg = detail::ring_grad_message<S>;
+    constexpr const char* call = "mpi_ring::attention_backward";
+
+    // 1. Every rank checks its own arguments; the verdicts and the shared facts are exchanged.
+    detail::ring_verdict mine;
+    std::exception_ptr local;
+    try {
+      index_t head_dim = 0;
+      detail::ring_check_device(enc, p, dev.q.rows, dev.q.cols, qpos.size(), dev.out.rows, dev.out.cols, dev.k.rows,
+                                dev.k.cols, dev.v.rows, dev.v.cols, kpos.size(), head_dim);
+      detail::ring_check_backward_device(dev, p.heads, rank_);
+      detail::ring_shared_facts<S>(mine, enc, p, head_dim, dev.k.rows, dev.k.cols, dev.v.cols, 0);
+    } catch (...) {
+      local = std::current_exception();
+      mine.fail(detail::ring_what());
+    }
+    const std::vector<detail::ring_verdict> all =
+        detail::ring_exchange(comm_, size_, rank_, mine, local, call, detail::ring_shared_fact_names);
+    std::int64_t widest = 0;
+    for (const detail::ring_verdict& r : all) widest = std::max(widest, r.field[13]);
+
+    // 2. Buffers, this rank's message, the worker and its own parameter gradients.
+    ring_stats st;
+    st.steps = size_;
+    std::vector<detail::ring_buffer> buf;
+    std::optional<detail::ring_backward_worker<S, E>> worker;
+    parameter_gradients<E> mine_grads = grads;
+    std::vector<float> sinks;
+    std::vector<double> slopes;
+    row_matrix<S> table, key_table, value_table;
+    try {
+      const auto row_bytes = static_cast<std::int64_t>(sizeof(position)) +
+                             2 * static_cast<std::int64_t>(dev.k.cols + dev.v.cols) * static_cast<std::int64_t>(sizeof(S));
+      if (widest > (std::int64_t{std::numeric_limits<int>::max()} - 8) * 64 / row_bytes)
+        detail::invalid("mpi_ring::attention_backward key rows", widest,
+                        "a message of the largest shard would exceed 2^31 blocks of 64 bytes");
+      st.message_bytes = msg::bytes(widest, dev.k.cols, dev.v.cols);
+      buf.emplace_back(st.message_bytes);
+      if (size_ > 1) buf.emplace_back(st.message_bytes);
+      msg::pack(buf[0].get(), dev.k, dev.v, kpos);
+      worker.emplace(dev, enc, p);
+      // This rank's shares start from zero; their sum over the ranks is added to `grads` at the end.
+      sinks.assign(grads.sinks.size(), 0.0f);
+      mine_grads.sinks = sinks;
+      if constexpr (detail::is_alibi<E>::value) {
+        slopes.assign(grads.slopes.size(), 0.0);
+        mine_grads.slopes = slopes;
+      } else if constexpr (detail::is_t5<E>::value) {
+        table = row_matrix<S>::Zero(grads.table.rows, grads.table.cols);
+        mine_grads.table = view_of(table);
+      } else if constexpr (relative_key_value<E>) {
+        key_table = row_matrix<S>::Zero(grads.key_table.rows, grads.key_table.cols);
+        value_table = row_matrix<S>::Zero(grads.value_table.rows, grads.value_table.cols);
+        mine_grads.key_table = view_of(key_table);
+        mine_grads.value_table = view_of(value_table);
+      }
+    } catch (...) {
+      local = std::current_exception();
+      mine.fail(detail::ring_what());
+    }
+    detail::ring_exchange(comm_, size_, rank_, mine, local, call, {});
+
+    // 3. The ring: compute on the message held, then pass it on (it carries the gradients just
+    // added, so it moves after the compute). P steps and P hops: the last hop brings each rank its
+    // own keys' dK and dV. A failure while computing stops the computing, never the transfers.
+    MPI_Datatype block;
+    MPI_Type_contiguous(static_cast<int>(detail::ring_align), MPI_BYTE, &block);
+    MPI_Type_commit(&block);
+    const int next = (rank_ + 1) % size_, prev = (rank_ + size_ - 1) % size_;
+    const auto blocks = [](std::size_t bytes) { return static_cast<int>(bytes / detail::ring_align); };
+    for (int s = 0; s < size_; ++s) {
+      const msg cur(buf[static_cast<std::size_t>(s % 2)].get());
+      const double t0 = MPI_Wtime();
+      const std::clock_t c0 = std::clock();
+      if (!local) {
+        try {
+          worker->step(cur.m.keys(), cur.m.values(), cur.m.kpos(), cur.dk_view(), cur.dv_view(), mine_grads);
+        } catch (...) {
+          local = std::current_exception();
+          mine.fail(detail::ring_what());
+        }
+      }
+      st.compute_cpu_s += static_cast<double>(std::clock() - c0) / CLOCKS_PER_SEC;
+      const double t1 = MPI_Wtime();
+      if (size_ > 1)
+        MPI_Sendrecv(cur.m.base, blocks(cur.bytes()), block, next, s, buf[static_cast<std::size_t>((s + 1) % 2)].get(),
+                     blocks(st.message_bytes), block, prev, s, comm_, MPI_STATUS_IGNORE);
+      st.compute_s += t1 - t0;
+      st.wait_s += MPI_Wtime() - t1;
+    }
+    MPI_Type_free(&block);
+    detail::ring_exchange(comm_, size_, rank_, mine, local, call, {});
+
+    // 4. dQ, this rank's keys' dK and dV, and the parameter gradients summed over the ranks.
+    worker->finish();
+    const msg home(buf[static_cast<std::size_t>(size_ > 1 ? size_ % 2 : 0)].get());
+    for (index_t j = 0; j < dev.k.rows; ++j) {
+      std::copy(home.dk() + j * dev.k.cols, home.dk() + (j + 1) * dev.k.cols, dev.dk.row(j));
+      std::copy(home.dv() + j * dev.v.cols, home.dv() + (j + 1) * dev.v.cols, dev.dv.row(j));
+    }
+    detail::ring_allreduce_sum(comm_, sinks.data(), sinks.size());
+    for (std::size_t h = 0; h < sinks.size(); ++h) grads.sinks[h] += sinks[h];
+    auto add_matrix = [&](row_matrix<S>& part, strided_view<S> to) {
+      detail::ring_allreduce_sum(comm_, part.data(), static_cast<std::size_t>(part.size()));
+      for (index_t r = 0; r < to.rows; ++r)
+        for (index_t c = 0; c < to.cols; ++c) to(r, c) += part(r, c);
+    };
+    if constexpr (detail::is_alibi<E>::value) {
+      detail::ring_allreduce_sum(comm_, slopes.data(), slopes.size());
+      for (std::size_t h = 0; h < slopes.size(); ++h) grads.slopes[h] += slopes[h];
+    } else if constexpr (detail::is_t5<E>::value) {
+      add_matrix(table, grads.table);
+    } else if constexpr (relative_key_value<E>) {
+      add_matrix(key_table, grads.key_table);
+      add_matrix(value_table, grads.value_table);
+    }
+    st.bytes = st.message_bytes * buf.size();
     st.total_s = MPI_Wtime() - start;
     return st;
   }

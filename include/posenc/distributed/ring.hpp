@@ -445,12 +445,15 @@ class ring_worker {
 /// positions, and where its output goes.
 ///
 /// `q`, `out`: `[n_q, heads * d]`; `k`, `v`: `[n_kv, kv_heads * d]`, row-major, any row stride;
-/// `qpos`/`kpos` one position per row. Shards may be empty and of any sizes.
+/// `qpos`/`kpos` one position per row. Shards may be empty and of any sizes. `lse`, optional
+/// (empty: not written): `[n_q, heads]`, the log-sum-exp over all keys, which the backward
+/// (`ring_attention_backward_simulate`) takes.
 template <storage_scalar S, storage_scalar SO = S>
 struct ring_device {
   strided_view<const S> q, k, v;
   positions qpos, kpos;
   strided_view<SO> out;
+  strided_view<compute_t<S>> lse{};
 };
 
 /// Ring attention of P devices simulated in one process: the schedule of the MPI driver
@@ -473,9 +476,13 @@ void ring_attention_simulate(std::span<const ring_device<S, SO>> devices, const 
   detail::require(o.query_blocks >= 1, "ring_options.query_blocks", o.query_blocks, "must be positive");
   detail::check_params(p);
   index_t head_dim = 0;
-  for (const auto& d : devices)
+  for (const auto& d : devices) {
     detail::ring_check_device(enc, p, d.q.rows, d.q.cols, d.qpos.size(), d.out.rows, d.out.cols, d.k.rows, d.k.cols,
                               d.v.rows, d.v.cols, d.kpos.size(), head_dim);
+    POSENC_ASSERT((d.lse.data == nullptr && d.lse.rows == 0) || (d.lse.rows == d.q.rows && d.lse.cols == p.heads),
+                  "ring attention: a device's lse is [", d.lse.rows, ", ", d.lse.cols, "] but must be [n_q, heads] = [",
+                  d.q.rows, ", ", p.heads, "]");
+  }
   const auto P = static_cast<index_t>(devices.size());
   std::vector<detail::ring_buffer> buffers;
   std::vector<detail::ring_message<S>> messages;
@@ -490,7 +497,13 @@ void ring_attention_simulate(std::span<const ring_device<S, SO>> devices, const 
   }
   for (index_t s = 0; s < P; ++s)
     for (index_t r = 0; r < P; ++r) workers[r].attend(messages[(r - s + P) % P], [] {});
-  for (index_t r = 0; r < P; ++r) workers[r].finish(devices[r].out);
+  for (index_t r = 0; r < P; ++r) {
+    if (devices[r].lse.data != nullptr || devices[r].lse.rows != 0) {
+      workers[r].finish(devices[r].out, devices[r].lse);
+    } else {
+      workers[r].finish(devices[r].out);
+    }
+  }
 }
 
 /// Ring attention over a whole sequence (positions `0 .. n-1`) simulated with `ranks` devices in
