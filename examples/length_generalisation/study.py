@@ -57,9 +57,9 @@ LABELS = {"none": "NoPE", "sinusoidal": "sinusoidal", "rope": "RoPE", "alibi": "
 
 # The configurations. steps: training steps at L; ft_steps: fine-tune steps at 4L; eval: sequences per length.
 CONFIGS = {
-    "quick": {"seeds": 1, "recall": {"L": 32, "pairs": 2, "steps": 200, "batch": 32, "lr": 3e-3, "eval": 64,
+    "quick": {"seeds": 1, "recall": {"L": 32, "pairs": 2, "steps": 150, "batch": 32, "lr": 3e-3, "eval": 64,
                                      "ft_steps": 20, "ft_batch": 8, "factors": [1, 2, 4, 8, 16]},
-              "lm": {"L": 32, "steps": 100, "batch": 16, "lr": 3e-3, "ft_steps": 10, "ft_batch": 4,
+              "lm": {"L": 32, "steps": 80, "batch": 16, "lr": 3e-3, "ft_steps": 10, "ft_batch": 4,
                      "factors": [1, 2, 4, 8, 16], "eval_chars": 8192}},
     "full": {"seeds": 3, "recall": {"L": 32, "pairs": 2, "steps": 1200, "batch": 32, "lr": 3e-3, "eval": 256,
                                     "ft_steps": 100, "ft_batch": 8, "factors": [1, 2, 4, 8, 16]},
@@ -157,8 +157,8 @@ def train(model, batches, steps, lr, loss_fn, warmup=50):
         opt.zero_grad()
         loss.backward()
         if not all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None):
-            # Seen rarely (about once in a few thousand steps, not reproducibly): see
-            # docs/length_generalisation.md. The step is skipped and counted.
+            # A guard, counted in the results: a non-finite gradient skips the step instead of spoiling
+            # the weights (none in the committed runs; see docs/length_generalisation.md).
             skipped.append(step)
         else:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -229,10 +229,14 @@ def recall_eval(model, n, count, pairs, seed, chunk=32):
     return float(correct.mean()), correct, depth
 
 
-def run_recall(cfg, seeds, threads, log, encodings=ENCODINGS):
+def run_recall(cfg, seeds, threads, log, encodings=ENCODINGS, save=lambda res: None):
     L, pairs, factors = cfg["L"], cfg["pairs"], cfg["factors"]
     lengths = [f * L for f in factors]
     out = {"config": cfg, "lengths": lengths, "runs": []}
+
+    def add(run):  # each run is saved as it ends (save), so that a stopped study keeps what it measured
+        out["runs"].append(run)
+        save(out)
     bins = np.linspace(0, 1, 11)
 
     def depth_curve(correct, depth):
@@ -258,8 +262,8 @@ def run_recall(cfg, seeds, threads, log, encodings=ENCODINGS):
                            recall_loss)
             train_s = time.time() - t0
             accs, curve = evaluate(model, seed)
-            out["runs"].append({"encoding": kind, "seed": seed, "train_seconds": train_s, "losses": losses, "skipped_steps": skipped,
-                                "accuracy": accs, "depth_accuracy_4L": curve})
+            add({"encoding": kind, "seed": seed, "train_seconds": train_s, "losses": losses, "skipped_steps": skipped,
+                 "accuracy": accs, "depth_accuracy_4L": curve})
             log(f"recall seed {seed} {kind:10s} loss {np.mean(losses[:20]):.3f} -> {np.mean(losses[-20:]):.3f} "
                 f"({train_s:.0f} s) acc " + " ".join(f"{n}:{a:.3f}" for n, a in accs.items()))
             if kind != "rope":
@@ -272,7 +276,7 @@ def run_recall(cfg, seeds, threads, log, encodings=ENCODINGS):
                     model = clone(trained)
                     model.encoding = rope_variant(model, variant, L)
                     accs, curve = evaluate(model, seed)
-                    out["runs"].append({"encoding": name, "seed": seed, "accuracy": accs, "depth_accuracy_4L": curve})
+                    add({"encoding": name, "seed": seed, "accuracy": accs, "depth_accuracy_4L": curve})
                     log(f"recall seed {seed} {name:10s} no fine-tune acc "
                         + " ".join(f"{n}:{a:.3f}" for n, a in accs.items()))
                 model = clone(trained)
@@ -283,8 +287,9 @@ def run_recall(cfg, seeds, threads, log, encodings=ENCODINGS):
                                   cfg["ft_steps"], cfg["lr"] / 3, recall_loss)
                 ft_s = time.time() - t0
                 accs, curve = evaluate(model, seed)
-                out["runs"].append({"encoding": name + "_ft", "seed": seed, "train_seconds": ft_s,
-                                    "losses": ft_losses, "skipped_steps": ft_skipped, "accuracy": accs, "depth_accuracy_4L": curve})
+                add({"encoding": name + "_ft", "seed": seed, "train_seconds": ft_s,
+                     "losses": ft_losses, "skipped_steps": ft_skipped, "accuracy": accs,
+                     "depth_accuracy_4L": curve})
                 log(f"recall seed {seed} {name + '_ft':10s} ({ft_s:.0f} s) acc "
                     + " ".join(f"{n}:{a:.3f}" for n, a in accs.items()))
     return out
@@ -311,7 +316,7 @@ def license_texts():
     return "\n".join(train_text), "\n".join(test_text)
 
 
-def run_lm(cfg, seeds, threads, log, encodings=ENCODINGS):
+def run_lm(cfg, seeds, threads, log, encodings=ENCODINGS, save=lambda res: None):
     train_text, test_text = license_texts()
     chars = sorted(set(train_text) | set(test_text))
     index = {c: i for i, c in enumerate(chars)}
@@ -321,6 +326,10 @@ def run_lm(cfg, seeds, threads, log, encodings=ENCODINGS):
     lengths = [f * L for f in cfg["factors"]]
     out = {"config": cfg, "lengths": lengths, "train_chars": len(train_text), "test_chars": int(test_ids.numel()),
            "vocab": vocab, "runs": []}
+
+    def add(run):
+        out["runs"].append(run)
+        save(out)
 
     def batches(rng, batch, n):
         def get(step):
@@ -354,12 +363,13 @@ def run_lm(cfg, seeds, threads, log, encodings=ENCODINGS):
             torch.manual_seed(seed)
             model = Model(kind, vocab, threads=threads)
             t0 = time.time()
-            losses, skipped = train(model, batches(np.random.default_rng(seed), cfg["batch"], L), cfg["steps"], cfg["lr"],
+            losses, skipped = train(model, batches(np.random.default_rng(seed), cfg["batch"], L), cfg["steps"],
+                                    cfg["lr"],
                            lm_loss)
             train_s = time.time() - t0
             ppl = perplexity(model)
-            out["runs"].append({"encoding": kind, "seed": seed, "train_seconds": train_s, "losses": losses, "skipped_steps": skipped,
-                                "perplexity": ppl})
+            add({"encoding": kind, "seed": seed, "train_seconds": train_s, "losses": losses, "skipped_steps": skipped,
+                 "perplexity": ppl})
             log(f"lm seed {seed} {kind:10s} loss {np.mean(losses[:20]):.3f} -> {np.mean(losses[-20:]):.3f} "
                 f"({train_s:.0f} s) ppl " + " ".join(f"{n}:{p:.2f}" for n, p in ppl.items()))
             if kind != "rope":
@@ -368,7 +378,7 @@ def run_lm(cfg, seeds, threads, log, encodings=ENCODINGS):
             model = clone(trained)
             model.encoding = rope_variant(model, "pi", L)
             ppl = perplexity(model)
-            out["runs"].append({"encoding": "rope_pi", "seed": seed, "perplexity": ppl})
+            add({"encoding": "rope_pi", "seed": seed, "perplexity": ppl})
             log(f"lm seed {seed} rope_pi    no fine-tune ppl " + " ".join(f"{n}:{p:.2f}" for n, p in ppl.items()))
             model = clone(trained)
             model.encoding = rope_variant(model, "pi", L)
@@ -377,8 +387,8 @@ def run_lm(cfg, seeds, threads, log, encodings=ENCODINGS):
                               cfg["ft_steps"], cfg["lr"] / 3, lm_loss)
             ft_s = time.time() - t0
             ppl = perplexity(model)
-            out["runs"].append({"encoding": "rope_pi_ft", "seed": seed, "train_seconds": ft_s, "losses": ft_losses, "skipped_steps": ft_skipped,
-                                "perplexity": ppl})
+            add({"encoding": "rope_pi_ft", "seed": seed, "train_seconds": ft_s, "losses": ft_losses,
+                 "skipped_steps": ft_skipped, "perplexity": ppl})
             log(f"lm seed {seed} rope_pi_ft ({ft_s:.0f} s) ppl " + " ".join(f"{n}:{p:.2f}" for n, p in ppl.items()))
     return out
 
@@ -443,7 +453,8 @@ def plot(images, recall=None, lm=None, prefix="length_generalisation"):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         centres = np.arange(10) / 10 + 0.05
         for name in ENCODINGS + ["rope_pi_ft", "rope_yarn_ft"]:
-            curves = [r["depth_accuracy_4L"] for r in recall["runs"] if r["encoding"] == name and r["depth_accuracy_4L"]]
+            curves = [r["depth_accuracy_4L"] for r in recall["runs"]
+                      if r["encoding"] == name and r["depth_accuracy_4L"]]
             if not curves:
                 continue
             arr = np.array([[np.nan if v is None else v for v in c] for c in curves])
@@ -476,6 +487,38 @@ def plot(images, recall=None, lm=None, prefix="length_generalisation"):
     return written
 
 
+def tables(recall=None, lm=None):
+    """Markdown tables of the results: mean +- standard deviation over seeds."""
+    lines = []
+
+    def table(res, names, key, fmt, title):
+        L = res["config"]["L"]
+        lines.append(f"{title}\n")
+        lines.append("| encoding | " + " | ".join(f"{n // L}L = {n}" for n in res["lengths"]) + " |")
+        lines.append("|---|" + "---|" * len(res["lengths"]))
+        for name in names:
+            cells = [stats(res["runs"], name, key, n) for n in res["lengths"]]
+            if any(c is None for c in cells):
+                continue
+            lines.append(f"| {LABELS[name]} | " + " | ".join(fmt.format(m, s) for m, s, _ in cells) + " |")
+        lines.append("")
+
+    if recall is not None:
+        table(recall, ENCODINGS + ["rope_pi", "rope_yarn", "rope_ft", "rope_pi_ft", "rope_yarn_ft"], "accuracy",
+              "{:.2f} ± {:.2f}", "Recall accuracy")
+    if lm is not None:
+        table(lm, ["none", "sinusoidal", "rope", "rope_pi", "rope_pi_ft", "alibi", "t5"], "perplexity",
+              "{:.2f} ± {:.2f}", "Held-out perplexity")
+    for res, part in ((recall, "recall"), (lm, "lm")):
+        if res is None:
+            continue
+        train = [r["train_seconds"] for r in res["runs"] if "train_seconds" in r and not r["encoding"].endswith("_ft")]
+        skipped = sum(len(r.get("skipped_steps", [])) for r in res["runs"])
+        lines.append(f"{part}: {res['seconds']:.0f} s in all, {np.mean(train):.0f} s per training run at L, "
+                     f"{skipped} steps skipped for non-finite gradients")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     mode = p.add_mutually_exclusive_group()
@@ -491,6 +534,7 @@ def main(argv=None):
     p.add_argument("--out", help="folder of the JSON results (and, with --quick, the plots)")
     p.add_argument("--images", help="folder of the plots")
     p.add_argument("--plot-only", action="store_true", help="redraw the plots from the JSON results in --out")
+    p.add_argument("--table", action="store_true", help="with --plot-only: also print the results as Markdown tables")
     args = p.parse_args(argv)
 
     name = "full" if args.full else "quick"
@@ -523,11 +567,16 @@ def main(argv=None):
         t0 = time.time()
         for part in parts:
             t1 = time.time()
-            res = (run_recall if part == "recall" else run_lm)(cfg[part], seeds, args.threads, log, encodings)
-            res.update({"mode": name, "seeds": seeds, "threads": args.threads, "seconds": time.time() - t1,
-                        "torch": torch.__version__, "posenc": posenc.__version__})
-            with open(paths[part], "w") as f:
-                json.dump(res, f, indent=1)
+
+            def save(res, complete=False):
+                res.update({"mode": name, "seeds": seeds, "threads": args.threads, "seconds": time.time() - t1,
+                            "complete": complete, "torch": torch.__version__, "posenc": posenc.__version__})
+                with open(paths[part] + ".tmp", "w") as f:
+                    json.dump(res, f, indent=1)
+                os.replace(paths[part] + ".tmp", paths[part])
+
+            res = (run_recall if part == "recall" else run_lm)(cfg[part], seeds, args.threads, log, encodings, save)
+            save(res, complete=True)
             log(f"{part}: {res['seconds']:.0f} s, results in {paths[part]}")
         log(f"total {time.time() - t0:.0f} s")
     loaded = {}
@@ -537,6 +586,8 @@ def main(argv=None):
                 loaded[part] = json.load(f)
     for path in plot(images, loaded.get("recall"), loaded.get("lm")):
         log(f"plot {path}")
+    if args.table:
+        print(tables(loaded.get("recall"), loaded.get("lm")))
     return 0
 
 

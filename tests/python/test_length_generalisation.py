@@ -1,5 +1,5 @@
 """examples/length_generalisation/study.py: its task generator, and a reduced --quick run (two encodings, a few
-dozen steps, about half a minute on one core) that must train (the loss falls), finish, and write its JSON
+dozen steps, under a minute on one core) that must train (the loss falls), finish, and write its JSON
 results and plots."""
 
 import importlib.util
