@@ -7,11 +7,11 @@ and backward (posenc.torch.attention), then read at L, 2L, 4L, 8L and 16L:
 - none (NoPE: the causal mask is the only source of order), sinusoidal (posenc.Sinusoidal's table
   added to the token embeddings), RoPE (posenc.Rope as encoding=, base 1e4), ALiBi (posenc.Alibi,
   the paper's fixed slopes) and a learned T5 bias (posenc.torch.T5Bias, 32 buckets, max_distance 128);
-- recall: key-value retrieval. A haystack of random filler tokens holds P key-value pairs ("needles":
-  a key token followed by its value token) at random depths; after a separator the P keys come again in
-  a random order, and the model must give each key's value. Only those P answers are scored. Finding
-  the token that follows a key is an induction step that needs relative positions (a previous-token
-  head), so the encodings differ;
+- recall: key-value retrieval. A haystack of random tokens holds P key-value pairs ("needles": a key
+  token followed by a value drawn from the filler's symbols) at random depths; after a separator come P
+  queries, keys drawn from the P with replacement, and the model must give each key's value. Only those
+  P answers are scored. Finding the token that follows a key is an induction step that needs relative
+  positions (a previous-token head), so the encodings differ;
 - RoPE read at 4L by position interpolation (posenc.LinearScaling(factor=4)) and by YaRN
   (posenc.YarnScaling(factor=4, original_max_position=L)), without and with a short fine-tune at 4L;
   plain RoPE fine-tuned at 4L as a control;
@@ -57,11 +57,11 @@ LABELS = {"none": "NoPE", "sinusoidal": "sinusoidal", "rope": "RoPE", "alibi": "
 
 # The configurations. steps: training steps at L; ft_steps: fine-tune steps at 4L; eval: sequences per length.
 CONFIGS = {
-    "quick": {"seeds": 1, "recall": {"L": 32, "pairs": 2, "steps": 150, "batch": 32, "lr": 3e-3, "eval": 64,
+    "quick": {"seeds": 1, "recall": {"L": 32, "pairs": 4, "steps": 150, "batch": 32, "lr": 3e-3, "eval": 64,
                                      "ft_steps": 20, "ft_batch": 8, "factors": [1, 2, 4, 8, 16]},
               "lm": {"L": 32, "steps": 80, "batch": 16, "lr": 3e-3, "ft_steps": 10, "ft_batch": 4,
                      "factors": [1, 2, 4, 8, 16], "eval_chars": 8192}},
-    "full": {"seeds": 3, "recall": {"L": 32, "pairs": 2, "steps": 1200, "batch": 32, "lr": 3e-3, "eval": 256,
+    "full": {"seeds": 3, "recall": {"L": 32, "pairs": 4, "steps": 800, "batch": 32, "lr": 3e-3, "eval": 128,
                                     "ft_steps": 100, "ft_batch": 8, "factors": [1, 2, 4, 8, 16]},
              "lm": {"L": 64, "steps": 1000, "batch": 16, "lr": 3e-3, "ft_steps": 100, "ft_batch": 4,
                     "factors": [1, 2, 4, 8, 16], "eval_chars": 16384}},
@@ -170,40 +170,43 @@ def train(model, batches, steps, lr, loss_fn, warmup=50):
 
 # --- Recall: key-value retrieval at random depths -------------------------------------------------------
 
-FILLER, KEYS, VALUES = 32, 16, 16
-SEP = FILLER + KEYS + VALUES
+SYMBOLS, KEYS = 32, 16  # filler and value tokens share SYMBOLS symbols (0..31); keys are 32..47
+SEP = SYMBOLS + KEYS
 RECALL_VOCAB = SEP + 1
 
 
 def recall_batch(rng, batch, n, pairs):
     """tokens [batch, n] int64, answer positions [pairs] (the same for every row: the query keys, whose
-    next token is the value), answers [batch, pairs], depths [batch, pairs] (needle position / haystack
-    length, in [0, 1)). Layout: haystack (n - 1 - 2 pairs tokens, pairs needles inside) SEP queries."""
+    next token is the value), answers [batch, pairs], depths [batch, pairs] (the queried needle's position /
+    haystack length, in [0, 1)). Layout: haystack (n - 1 - 2 pairs tokens, `pairs` needles inside), SEP,
+    `pairs` queries. Values are drawn from the filler's symbols, so that a value cannot be told from filler
+    but by the key before it; the queries draw their keys with replacement, so that no answer follows from
+    the others by elimination."""
     hay = n - 1 - 2 * pairs
     fill = hay - 2 * pairs
     tokens = np.empty((batch, n), dtype=np.int64)
     answers = np.empty((batch, pairs), dtype=np.int64)
     depths = np.empty((batch, pairs))
     for b in range(batch):
-        keys = FILLER + rng.choice(KEYS, pairs, replace=False)
-        values = FILLER + KEYS + rng.integers(0, VALUES, pairs)
+        keys = SYMBOLS + rng.choice(KEYS, pairs, replace=False)
+        values = rng.integers(0, SYMBOLS, pairs)
         # The haystack as fill filler items and pairs needle items in a random order.
         slots = np.sort(rng.choice(fill + pairs, pairs, replace=False))
-        row, at = [], 0
-        filler = rng.integers(0, FILLER, fill)
+        row, at, where = [], 0, np.empty(pairs)
+        filler = rng.integers(0, SYMBOLS, fill)
         for i in range(fill + pairs):
             if at < pairs and slots[at] == i:
-                depths[b, at] = len(row) / hay
+                where[at] = len(row) / hay
                 row += [keys[at], values[at]]
                 at += 1
             else:
                 row.append(filler[i - at])
-        order = rng.permutation(pairs)
+        asked = rng.integers(0, pairs, pairs)
         row.append(SEP)
-        for j in order:
+        for j in asked:
             row += [keys[j], values[j]]
         tokens[b] = row
-        answers[b], depths[b] = values[order], depths[b, order]
+        answers[b], depths[b] = values[asked], where[asked]
     ask = hay + 1 + 2 * np.arange(pairs)
     return torch.from_numpy(tokens), torch.from_numpy(ask), torch.from_numpy(answers), depths
 
@@ -429,7 +432,7 @@ def plot(images, recall=None, lm=None, prefix="length_generalisation"):
         sub = f"{seeds} seed{'s' if seeds > 1 else ''}, mean and standard deviation"
         fig, ax = plt.subplots(figsize=(7, 4.5))
         lines(ax, recall, ENCODINGS, "accuracy", "key-value recall accuracy")
-        ax.axhline(1 / VALUES, color="gray", ls=":", label="chance")
+        ax.axhline(1 / SYMBOLS, color="gray", ls=":", label="chance")
         ax.set_ylim(-0.02, 1.02)
         ax.set_title(f"Trained at L, read at longer lengths ({sub})", fontsize=10)
         ax.legend(fontsize=8)

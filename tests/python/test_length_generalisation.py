@@ -29,24 +29,23 @@ def load_study():
 def test_recall_batches_hold_each_queried_value_after_its_key_in_the_haystack():
     study = load_study()
     rng = np.random.default_rng(3)
-    for n, pairs in ((32, 2), (128, 2), (64, 4)):
+    for n, pairs in ((32, 2), (128, 2), (32, 4), (64, 4)):
         tokens, ask, answers, depths = study.recall_batch(rng, 16, n, pairs)
         assert tokens.shape == (16, n) and answers.shape == (16, pairs) and depths.shape == (16, pairs)
         hay = n - 1 - 2 * pairs
-        assert (tokens[:, hay] == study.SEP).all()
+        assert (tokens[:, hay] == study.SEP).all() and int((tokens == study.SEP).sum()) == 16
+        is_key = (tokens >= study.SYMBOLS) & (tokens < study.SYMBOLS + study.KEYS)
+        assert (is_key[:, :hay].sum(1) == pairs).all()  # keys appear in the haystack only as needles
+        assert (answers < study.SYMBOLS).all()  # values are drawn from the filler's symbols
         for b in range(16):
             row = tokens[b].tolist()
             for j, at in enumerate(ask.tolist()):
                 key = row[at]
-                assert study.FILLER <= key < study.FILLER + study.KEYS
-                assert row[at + 1] == answers[b, j]  # the query's answer is the next token
+                assert is_key[b, at] and row[at + 1] == answers[b, j]  # a query, then its answer
                 first = row.index(key)  # the needle: the key's only occurrence in the haystack
                 assert first < hay - 1 and row[first + 1] == answers[b, j]
                 assert row[:hay].count(key) == 1
                 assert depths[b, j] == pytest.approx(first / hay)
-        # Only needles carry key and value tokens in the haystack.
-        hay_tokens = tokens[:, :hay]
-        assert int((hay_tokens >= study.FILLER).sum()) == 16 * 2 * pairs
 
 
 def test_a_reduced_quick_run_trains_and_writes_results_and_plots(tmp_path):
