@@ -25,7 +25,7 @@ Every configuration runs on the CPU with one thread by default (--threads).
     python3 study.py --quick                 # 1 seed, short training: about 2 minutes on 1 core
     python3 study.py --full                  # 3 seeds: about 40 minutes on 1 core (both parts)
     python3 study.py --full --parts recall   # one part (results/length_generalisation_recall.json)
-    python3 study.py --plot-only             # redraw the plots of --full from its JSON results
+    python3 study.py --full --plot-only      # redraw the plots of --full from its JSON results
 
 --quick writes its JSON and plots into --out (default ./length_generalisation_quick); --full writes the
 JSON into results/ beside this script and the plots into the repository's docs/images. Measured on a
@@ -232,7 +232,7 @@ def recall_eval(model, n, count, pairs, seed, chunk=32):
     return float(correct.mean()), correct, depth
 
 
-def run_recall(cfg, seeds, threads, log, encodings=ENCODINGS, save=lambda res: None):
+def run_recall(cfg, seeds, threads, log, encodings=ENCODINGS, save=lambda res: None, first_seed=0):
     L, pairs, factors = cfg["L"], cfg["pairs"], cfg["factors"]
     lengths = [f * L for f in factors]
     out = {"config": cfg, "lengths": lengths, "runs": []}
@@ -255,7 +255,7 @@ def run_recall(cfg, seeds, threads, log, encodings=ENCODINGS, save=lambda res: N
                 curve = depth_curve(correct, depth)
         return accs, curve
 
-    for seed in range(seeds):
+    for seed in range(first_seed, first_seed + seeds):
         for kind in encodings:
             torch.manual_seed(seed)
             rng = np.random.default_rng(seed)
@@ -319,7 +319,7 @@ def license_texts():
     return "\n".join(train_text), "\n".join(test_text)
 
 
-def run_lm(cfg, seeds, threads, log, encodings=ENCODINGS, save=lambda res: None):
+def run_lm(cfg, seeds, threads, log, encodings=ENCODINGS, save=lambda res: None, first_seed=0):
     train_text, test_text = license_texts()
     chars = sorted(set(train_text) | set(test_text))
     index = {c: i for i, c in enumerate(chars)}
@@ -361,7 +361,7 @@ def run_lm(cfg, seeds, threads, log, encodings=ENCODINGS, save=lambda res: None)
             ppl[n] = math.exp(total / (windows * n))
         return ppl
 
-    for seed in range(seeds):
+    for seed in range(first_seed, first_seed + seeds):
         for kind in encodings:
             torch.manual_seed(seed)
             model = Model(kind, vocab, threads=threads)
@@ -427,9 +427,14 @@ def plot(images, recall=None, lm=None, prefix="length_generalisation"):
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
 
+    def seed_count(res):
+        """'3 seeds', or '2-3 seeds' when a stopped study has fewer runs of some encodings."""
+        counts = [sum(1 for r in res["runs"] if r["encoding"] == name) for name in {r["encoding"] for r in res["runs"]}]
+        lo, hi = min(counts), max(counts)
+        return f"{lo}-{hi} seeds" if lo != hi else f"{hi} seed{'s' if hi > 1 else ''}"
+
     if recall is not None:
-        seeds = len({r["seed"] for r in recall["runs"]})
-        sub = f"{seeds} seed{'s' if seeds > 1 else ''}, mean and standard deviation"
+        sub = f"{seed_count(recall)}, mean and standard deviation"
         fig, ax = plt.subplots(figsize=(7, 4.5))
         lines(ax, recall, ENCODINGS, "accuracy", "key-value recall accuracy")
         ax.axhline(1 / SYMBOLS, color="gray", ls=":", label="chance")
@@ -453,7 +458,7 @@ def plot(images, recall=None, lm=None, prefix="length_generalisation"):
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
 
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(9, 4.5))
         centres = np.arange(10) / 10 + 0.05
         for name in ENCODINGS + ["rope_pi_ft", "rope_yarn_ft"]:
             curves = [r["depth_accuracy_4L"] for r in recall["runs"]
@@ -468,20 +473,18 @@ def plot(images, recall=None, lm=None, prefix="length_generalisation"):
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
         ax.set_title(f"Accuracy against needle depth at 4L ({sub})", fontsize=10)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
         written.append(os.path.join(images, f"{prefix}_depth.png"))
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
 
     if lm is not None:
-        seeds = len({r["seed"] for r in lm["runs"]})
         fig, ax = plt.subplots(figsize=(7, 4.5))
         lines(ax, lm, ["none", "sinusoidal", "rope", "rope_pi", "rope_pi_ft", "alibi", "t5"], "perplexity",
               "held-out perplexity (characters)")
         ax.set_yscale("log")
-        ax.set_title(f"Character LM on Debian's license texts, trained at L ({seeds} seed{'s' if seeds > 1 else ''})",
-                     fontsize=10)
+        ax.set_title(f"Character LM on Debian's license texts, trained at L ({seed_count(lm)})", fontsize=10)
         ax.legend(fontsize=8)
         fig.tight_layout()
         written.append(os.path.join(images, f"{prefix}_lm.png"))
@@ -497,13 +500,14 @@ def tables(recall=None, lm=None):
     def table(res, names, key, fmt, title):
         L = res["config"]["L"]
         lines.append(f"{title}\n")
-        lines.append("| encoding | " + " | ".join(f"{n // L}L = {n}" for n in res["lengths"]) + " |")
-        lines.append("|---|" + "---|" * len(res["lengths"]))
+        lines.append("| encoding | seeds | " + " | ".join(f"{n // L}L = {n}" for n in res["lengths"]) + " |")
+        lines.append("|---|---|" + "---|" * len(res["lengths"]))
         for name in names:
             cells = [stats(res["runs"], name, key, n) for n in res["lengths"]]
             if any(c is None for c in cells):
                 continue
-            lines.append(f"| {LABELS[name]} | " + " | ".join(fmt.format(m, s) for m, s, _ in cells) + " |")
+            lines.append(f"| {LABELS[name]} | {cells[0][2]} | " + " | ".join(fmt.format(m, s) for m, s, _ in cells)
+                         + " |")
         lines.append("")
 
     if recall is not None:
@@ -529,6 +533,7 @@ def main(argv=None):
     mode.add_argument("--full", action="store_true", help="the whole study, 3 seeds")
     p.add_argument("--parts", default="recall,lm", help="comma-separated: recall, lm")
     p.add_argument("--seeds", type=int, help="override the configuration's seed count")
+    p.add_argument("--first-seed", type=int, default=0, help="the first seed (to run seeds in several processes)")
     p.add_argument("--steps", type=int, help="override the training steps of both parts")
     p.add_argument("--ft-steps", type=int, help="override the fine-tune steps of both parts")
     p.add_argument("--eval", type=int, help="override the recall evaluation sequences per length")
@@ -537,7 +542,7 @@ def main(argv=None):
     p.add_argument("--out", help="folder of the JSON results (and, with --quick, the plots)")
     p.add_argument("--images", help="folder of the plots")
     p.add_argument("--plot-only", action="store_true", help="redraw the plots from the JSON results in --out")
-    p.add_argument("--table", action="store_true", help="with --plot-only: also print the results as Markdown tables")
+    p.add_argument("--table", action="store_true", help="also print the results as Markdown tables")
     args = p.parse_args(argv)
 
     name = "full" if args.full else "quick"
@@ -578,7 +583,8 @@ def main(argv=None):
                     json.dump(res, f, indent=1)
                 os.replace(paths[part] + ".tmp", paths[part])
 
-            res = (run_recall if part == "recall" else run_lm)(cfg[part], seeds, args.threads, log, encodings, save)
+            res = (run_recall if part == "recall" else run_lm)(cfg[part], seeds, args.threads, log, encodings, save,
+                                                               args.first_seed)
             save(res, complete=True)
             log(f"{part}: {res['seconds']:.0f} s, results in {paths[part]}")
         log(f"total {time.time() - t0:.0f} s")
