@@ -22,7 +22,7 @@ and backward (posenc.torch.attention), then read at L, 2L, 4L, 8L and 16L:
 
 Every configuration runs on the CPU with one thread by default (--threads).
 
-    python3 study.py --quick                 # 1 seed, short training: a few minutes on 1 core
+    python3 study.py --quick                 # 1 seed, short training: about 2 minutes on 1 core
     python3 study.py --full                  # 3 seeds: about 40 minutes on an idle 2-core machine
     python3 study.py --full --parts recall   # one part (results/length_generalisation_recall.json)
     python3 study.py --full --plot-only      # redraw the plots of --full from its JSON results
@@ -30,7 +30,7 @@ Every configuration runs on the CPU with one thread by default (--threads).
 --quick writes its JSON and plots into --out (default ./length_generalisation_quick); --full writes the
 JSON into results/ beside this script and the plots into the repository's docs/images, each run saved as
 it ends. Measured on a 2-core x86-64 machine shared with a compiler, under nice, one thread: --quick
-223 s (an earlier configuration of 200 and 100 steps); --full --parts lm 60 minutes, --parts recall
+137 s (its recall models only begin to learn: a check that everything runs); --full --parts lm 60 minutes, --parts recall
 46 minutes for 2 of its 3 seeds, run side by side (docs/length_generalisation.md).
 """
 
