@@ -3148,6 +3148,19 @@ PYBIND11_MODULE(_posenc, m) {
       },
       doc_of("attention_backward", false, backward_params_text, docs::backward).c_str());
 
+  // Encoders and frequency policies are immutable (every attribute read-only, tables copied at
+  // construction): a copy is the object itself, so copy.deepcopy of a model holding one works.
+  for (const char* name : {"Rope", "MRope", "AxialRope", "Sinusoidal", "Alibi", "T5Bias", "ShawRelative",
+                           "LinearScaling", "NtkAwareScaling", "DynamicNtkScaling", "YarnScaling", "Llama3Scaling",
+                           "LongRopeScaling"}) {
+    const py::object cls = m.attr(name);
+    cls.attr("__copy__") = py::cpp_function([](py::object self) { return self; }, py::is_method(cls),
+                                            py::name("__copy__"), "The object itself: it is immutable.");
+    cls.attr("__deepcopy__") =
+        py::cpp_function([](py::object self, py::object) { return self; }, py::is_method(cls), py::name("__deepcopy__"),
+                         py::arg("memo"), "The object itself: it is immutable.");
+  }
+
   m.def(
       "paged_append",
       [sig = sig_of("paged_append", append_params_text)](py::args args, py::kwargs kwargs) {

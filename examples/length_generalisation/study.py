@@ -122,16 +122,8 @@ class Model(torch.nn.Module):
 
 
 def clone(model):
-    """A deep copy of the model. posenc's encoder objects cannot be pickled (deepcopy fails on them): they
-    are set aside during the copy and shared (they are immutable)."""
-    enc, sin, tables = model.encoding, model.sinusoidal, model._tables
-    model.encoding = model.sinusoidal = None
-    try:
-        twin = copy.deepcopy(model)
-    finally:
-        model.encoding, model.sinusoidal = enc, sin
-    twin.encoding, twin.sinusoidal, twin._tables = enc, sin, tables
-    return twin
+    """A deep copy of the model (posenc's encoders are immutable: the copy shares them)."""
+    return copy.deepcopy(model)
 
 
 def rope_variant(model, variant, L):

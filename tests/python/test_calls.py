@@ -174,3 +174,21 @@ def test_signatures_are_the_python_ones():
     assert posenc.Rope.rotate.__doc__.startswith("Rotates every head of x")
     assert str(inspect.signature(posenc.MRope)).startswith("(*, head_dim=128, mrope_section, rotary_dim=0,")
     assert str(inspect.signature(posenc.layer_encoding)) == "(config, layer)"
+
+
+def test_encoders_are_immutable_so_copies_are_the_objects_themselves():
+    """copy.copy and copy.deepcopy (of a model holding an encoder: EMA copies, torch.nn.Module clones) work and
+    return the encoder itself; attributes cannot be assigned."""
+    import copy
+
+    encoders = [posenc.Rope(head_dim=8), posenc.Alibi(num_heads=4), posenc.Sinusoidal(dim=8),
+                posenc.T5Bias(np.zeros((8, 2)), max_distance=16),
+                posenc.ShawRelative(np.zeros((5, 8)), np.zeros((5, 8))), posenc.YarnScaling(factor=4.0)]
+    held = {"layers": [{"enc": e} for e in encoders]}
+    cloned = copy.deepcopy(held)
+    assert cloned is not held and cloned["layers"][0] is not held["layers"][0]
+    for e, c in zip(encoders, cloned["layers"]):
+        assert c["enc"] is e
+        assert copy.copy(e) is e
+    with pytest.raises(AttributeError):
+        encoders[0].head_dim = 16
