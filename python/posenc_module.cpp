@@ -2158,16 +2158,40 @@ std::vector<py::ssize_t> lse_shape(layout_kind L, index_t b, index_t h, index_t 
   }
 }
 
+/// The batch, head and token element strides of a log-sum-exp array `a` of elements of `bytes`
+/// bytes in layout `L` (q's layout without head_dim; see `lse_shape`).
+struct lse_strides {
+  index_t sb = 0, sh = 0, st = 0;
+};
+lse_strides lse_strides_of(layout_kind L, const array_arg& a, std::size_t bytes) {
+  const auto es = [&](int axis) {
+    return static_cast<index_t>(a.strides[static_cast<std::size_t>(axis)] / static_cast<py::ssize_t>(bytes));
+  };
+  switch (L) {
+    case layout_kind::htd:
+      return {0, es(0), es(1)};
+    case layout_kind::bhtd:
+      return {es(0), es(1), es(2)};
+    case layout_kind::bthd:
+      return {es(0), es(2), es(1)};
+    default:
+      return {0, es(1), es(0)};
+  }
+}
+
+/// The layout of k, v or out beside a q in layout `L`: a 2-D array beside a 3-D q is
+/// [tokens, kv_heads * head_dim] (a slice of a fused projection).
+layout_kind layout_beside(layout_kind L, const array_arg& x) {
+  return x.ndim() == 2 && (L == layout_kind::thd || L == layout_kind::htd) ? layout_kind::flat : L;
+}
+
 template <class T>
 py::object attention_typed(const call_args& a, attention_knobs& kn, const array_arg& qa, const array_arg& ka,
                            const array_arg& va) {
   using C = posenc::compute_t<T>;
   const std::string w = "attention";
   const layout_kind L = layout_of(a["layout"], qa, w, "q");
-  // A 2-D k, v or out beside a 3-D q is [tokens, kv_heads * head_dim] (a slice of a fused projection).
-  const auto kind = [&](const array_arg& x) {
-    return x.ndim() == 2 && (L == layout_kind::thd || L == layout_kind::htd) ? layout_kind::flat : L;
-  };
+  const auto kind = [&](const array_arg& x) { return layout_beside(L, x); };
   auto q = heads_of<const T>(qa, L, w, "q");
   auto k = heads_of<const T>(ka, kind(ka), w, "k");
   auto v = heads_of<const T>(va, kind(va), w, "v");
@@ -2191,21 +2215,9 @@ py::object attention_typed(const call_args& a, attention_knobs& kn, const array_
   if (kn.want_lse) {
     lse_obj = new_result(qa.source, lse_shape(L, batch, h, n), std::same_as<C, float> ? elem::f32 : elem::f64, w);
     lse_arr = array_of(lse_obj, w, "lse");
-    const auto es = [&](int axis) { return static_cast<index_t>(lse_arr.strides[axis] / sizeof(C)); };
     lse.data = reinterpret_cast<C*>(lse_arr.data);
-    switch (L) {
-      case layout_kind::htd:
-        lse.sh = es(0), lse.st = es(1);
-        break;
-      case layout_kind::bhtd:
-        lse.sb = es(0), lse.sh = es(1), lse.st = es(2);
-        break;
-      case layout_kind::bthd:
-        lse.sb = es(0), lse.st = es(1), lse.sh = es(2);
-        break;
-      default:
-        lse.st = es(0), lse.sh = es(1);
-    }
+    const lse_strides ls = lse_strides_of(L, lse_arr, sizeof(C));
+    lse.sb = ls.sb, lse.sh = ls.sh, lse.st = ls.st;
   }
 
   kn.p.heads = h;
@@ -2567,9 +2579,7 @@ py::object backward_typed(const call_args& a, attention_knobs& kn, const array_a
   const std::string w = "attention_backward";
   // Every layout of attention, through the strides: one C++ call over the whole batch.
   const layout_kind L = layout_of(a["layout"], qa, w, "q");
-  const auto kind = [&](const array_arg& x) {
-    return x.ndim() == 2 && (L == layout_kind::thd || L == layout_kind::htd) ? layout_kind::flat : L;
-  };
+  const auto kind = [&](const array_arg& x) { return layout_beside(L, x); };
   auto q = heads_of<const T>(qa, L, w, "q");
   auto k = heads_of<const T>(ka, kind(ka), w, "k");
   auto v = heads_of<const T>(va, kind(va), w, "v");
@@ -2609,24 +2619,8 @@ py::object backward_typed(const call_args& a, attention_knobs& kn, const array_a
   }
   const auto lse_view = [&](auto tag) {
     using LS = decltype(tag);
-    const auto es = [&](int axis) {
-      return static_cast<index_t>(la.strides[static_cast<std::size_t>(axis)] / static_cast<py::ssize_t>(sizeof(LS)));
-    };
-    index_t sb = 0, sh = 0, st = 0;
-    switch (L) {
-      case layout_kind::htd:
-        sh = es(0), st = es(1);
-        break;
-      case layout_kind::bhtd:
-        sb = es(0), sh = es(1), st = es(2);
-        break;
-      case layout_kind::bthd:
-        sb = es(0), st = es(1), sh = es(2);
-        break;
-      default:
-        st = es(0), sh = es(1);
-    }
-    return posenc::heads_view<const LS>(reinterpret_cast<const LS*>(la.data), batch, n, h, 1, sb, st, sh);
+    const lse_strides ls = lse_strides_of(L, la, sizeof(LS));
+    return posenc::heads_view<const LS>(reinterpret_cast<const LS*>(la.data), batch, n, h, 1, ls.sb, ls.st, ls.sh);
   };
   const bool want = a.flag("param_grads", true);
 

@@ -740,9 +740,7 @@ void attention_backward(Q&& q, K&& k, V&& v, O&& out, L&& lse, DO&& dout, DQ&& d
   static_assert(E::family != encoding_family::additive_input,
                 "posenc::attention_backward: additive-input encoders (sinusoidal) act on token embeddings before "
                 "the projections, whose gradient passes through them unchanged; pass posenc::no_position here");
-  constexpr bool views = detail::heads_view_arg<Q> || detail::heads_view_arg<K> || detail::heads_view_arg<V> ||
-                         detail::heads_view_arg<O> || detail::heads_view_arg<L> || detail::heads_view_arg<DO> ||
-                         detail::heads_view_arg<DQ> || detail::heads_view_arg<DK> || detail::heads_view_arg<DV>;
+  constexpr bool views = detail::any_heads_view<Q, K, V, O, L, DO, DQ, DK, DV>;
   if constexpr (views) {
     // heads_views of any strides (matrices beside them are split into the knobs' heads): every
     // batch item is one sequence with the positions qpos and kpos.

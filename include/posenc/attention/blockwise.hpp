@@ -639,8 +639,7 @@ void attention(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions kpos, con
   static_assert(E::family != encoding_family::additive_input,
                 "posenc::attention: additive-input encoders (sinusoidal) act on token embeddings before the Q/K/V "
                 "projections; call enc.add_to(embeddings, positions) there and pass posenc::no_position here");
-  constexpr bool views = detail::heads_view_arg<Q> || detail::heads_view_arg<K> || detail::heads_view_arg<V> ||
-                         detail::heads_view_arg<O> || detail::heads_view_arg<L>;
+  constexpr bool views = detail::any_heads_view<Q, K, V, O, L>;
   if constexpr (views) {
     const index_t kvh = detail::check_params(p);
     const auto qh = detail::heads_of(std::forward<Q>(q), p.heads, "q");

@@ -142,6 +142,9 @@ inline attention_shape check_attention(const attention_params& p, index_t q_rows
 /// `M` is a `heads_view` (of any constness).
 template <class M>
 inline constexpr bool heads_view_arg = is_heads_view_v<std::remove_cvref_t<M>>;
+/// Some argument among `M...` is a `heads_view` (the call then takes the heads_view path).
+template <class... M>
+inline constexpr bool any_heads_view = (heads_view_arg<M> || ...);
 
 /// An argument of `attention` as a `heads_view`: a `heads_view` as it is, a matrix
 /// `[tokens, heads * head_dim]` split into `heads` heads.

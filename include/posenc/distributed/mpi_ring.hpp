@@ -261,6 +261,21 @@ struct ring_grad_message {
   }
 };
 
+/// The MPI type the ring's messages travel as: 64-byte blocks (a message is a whole number of
+/// them), freed at the end of its scope.
+struct ring_block_type {
+  MPI_Datatype type;
+  ring_block_type() {
+    MPI_Type_contiguous(static_cast<int>(ring_align), MPI_BYTE, &type);
+    MPI_Type_commit(&type);
+  }
+  ~ring_block_type() { MPI_Type_free(&type); }
+  ring_block_type(const ring_block_type&) = delete;
+  ring_block_type& operator=(const ring_block_type&) = delete;
+  /// The blocks of a message of `bytes` bytes (a count past INT_MAX blocks is refused before).
+  static int count(std::size_t bytes) { return static_cast<int>(bytes / ring_align); }
+};
+
 /// Sums `n` values of `x` over the ring's ranks into `x` (MPI_Allreduce in place).
 template <class T>
 void ring_allreduce_sum(MPI_Comm comm, T* x, std::size_t n) {
@@ -407,19 +422,16 @@ class mpi_ring {
     detail::ring_exchange(comm_, size_, rank_, mine, local, call, {});
 
     // 3. The ring. A failure while computing stops the computing, never the transfers.
-    MPI_Datatype block;
-    MPI_Type_contiguous(static_cast<int>(detail::ring_align), MPI_BYTE, &block);
-    MPI_Type_commit(&block);
+    const detail::ring_block_type blocks;  // a count past INT_MAX blocks (128 GiB) is refused above
+    const MPI_Datatype block = blocks.type;
     const int next = (rank_ + 1) % size_, prev = (rank_ + size_ - 1) % size_;
-    // Messages are whole 64-byte blocks; a count past INT_MAX blocks (128 GiB) is refused above.
-    const auto blocks = [](std::size_t bytes) { return static_cast<int>(bytes / detail::ring_align); };
     for (int s = 0; s < size_; ++s) {
       const msg cur(buf[static_cast<std::size_t>(s % 2)].get());
       MPI_Request req[2] = {MPI_REQUEST_NULL, MPI_REQUEST_NULL};
       if (s + 1 < size_) {
-        MPI_Irecv(buf[static_cast<std::size_t>((s + 1) % 2)].get(), blocks(st.message_bytes), block, prev, s, comm_,
+        MPI_Irecv(buf[static_cast<std::size_t>((s + 1) % 2)].get(), blocks.count(st.message_bytes), block, prev, s, comm_,
                   &req[0]);
-        MPI_Isend(cur.base, blocks(cur.bytes()), block, next, s, comm_, &req[1]);
+        MPI_Isend(cur.base, blocks.count(cur.bytes()), block, next, s, comm_, &req[1]);
       }
       const double t0 = MPI_Wtime();
       const std::clock_t c0 = std::clock();
@@ -443,7 +455,6 @@ class mpi_ring {
       st.compute_s += t1 - t0;
       st.wait_s += MPI_Wtime() - t1;
     }
-    MPI_Type_free(&block);
     detail::ring_exchange(comm_, size_, rank_, mine, local, call, {});
     worker->finish(ov, std::forward<L>(lse));
     st.bytes = st.message_bytes * buf.size() + worker->bytes();
@@ -550,11 +561,9 @@ class mpi_ring {
     // 3. The ring: compute on the message held, then pass it on (it carries the gradients just
     // added, so it moves after the compute). P steps and P hops: the last hop brings each rank its
     // own keys' dK and dV. A failure while computing stops the computing, never the transfers.
-    MPI_Datatype block;
-    MPI_Type_contiguous(static_cast<int>(detail::ring_align), MPI_BYTE, &block);
-    MPI_Type_commit(&block);
+    const detail::ring_block_type blocks;
+    const MPI_Datatype block = blocks.type;
     const int next = (rank_ + 1) % size_, prev = (rank_ + size_ - 1) % size_;
-    const auto blocks = [](std::size_t bytes) { return static_cast<int>(bytes / detail::ring_align); };
     for (int s = 0; s < size_; ++s) {
       const msg cur(buf[static_cast<std::size_t>(s % 2)].get());
       const double t0 = MPI_Wtime();
@@ -570,12 +579,11 @@ class mpi_ring {
       st.compute_cpu_s += static_cast<double>(std::clock() - c0) / CLOCKS_PER_SEC;
       const double t1 = MPI_Wtime();
       if (size_ > 1)
-        MPI_Sendrecv(cur.m.base, blocks(cur.bytes()), block, next, s, buf[static_cast<std::size_t>((s + 1) % 2)].get(),
-                     blocks(st.message_bytes), block, prev, s, comm_, MPI_STATUS_IGNORE);
+        MPI_Sendrecv(cur.m.base, blocks.count(cur.bytes()), block, next, s, buf[static_cast<std::size_t>((s + 1) % 2)].get(),
+                     blocks.count(st.message_bytes), block, prev, s, comm_, MPI_STATUS_IGNORE);
       st.compute_s += t1 - t0;
       st.wait_s += MPI_Wtime() - t1;
     }
-    MPI_Type_free(&block);
     detail::ring_exchange(comm_, size_, rank_, mine, local, call, {});
 
     // 4. dQ, this rank's keys' dK and dV, and the parameter gradients summed over the ranks.
