@@ -230,6 +230,14 @@ TEST_CASE("query temperature: values at chosen positions and scaled queries", "[
     const ld want = ref_temperature(p, 8192, 0.1L);
     CHECK(std::abs(ld(t.factor(p)) - want) <= 4 * ld(std::numeric_limits<double>::epsilon()) * want);
   }
+  // Small floor scales at the largest position: floor_scale 1 gives 2^63 steps (past int64).
+  for (position f : {position{1}, position{2}, position{3}, position{7}})
+    for (position p : {position{0}, f - 1, f, big - 1, big}) {
+      INFO("floor_scale " << f << ", position " << p);
+      const posenc::query_temperature small({.floor_scale = f, .attn_scale = 0.5});
+      const ld want = ref_temperature(p, f, 0.5L);
+      CHECK(std::abs(ld(small.factor(p)) - want) <= 4 * ld(std::numeric_limits<double>::epsilon()) * want);
+    }
   CHECK(t.factor(8190) == 1.0);  // floor(8191 / 8192) = 0
   CHECK(t.factor(8191) > 1.06);  // 1 + 0.1 ln 2
 

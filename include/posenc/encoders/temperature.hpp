@@ -16,6 +16,7 @@
 /// not an encoder of its own: the layer has no position encoding (`no_position`).
 
 #include <cmath>
+#include <cstdint>
 #include <string_view>
 #include <type_traits>
 #include <utility>
@@ -51,8 +52,9 @@ class query_temperature {
   /// `t(p)` for a position `p >= 0` (a negative position has no temperature: `precondition_error`).
   double factor(position p) const {
     POSENC_ASSERT(p >= 0, "query_temperature::factor: position ", p, " is negative");
-    // floor((p + 1) / f) without forming p + 1 (which overflows at the largest position).
-    const position steps = p / p_.floor_scale + (p % p_.floor_scale == p_.floor_scale - 1 ? 1 : 0);
+    // floor((p + 1) / f) in 64-bit unsigned arithmetic: p + 1 <= 2^63 fits there (in int64 it
+    // overflows at the largest position, where floor_scale = 1 gives 2^63 steps).
+    const auto steps = (static_cast<std::uint64_t>(p) + 1) / static_cast<std::uint64_t>(p_.floor_scale);
     return std::log(static_cast<double>(steps) + 1.0) * p_.attn_scale + 1.0;
   }
 
