@@ -348,6 +348,7 @@ class Results:
                 row["gb_per_s"] = b["bytes_per_second"] / 1e9
                 self.set_ratio(row, "ratio_cache_copy", b["bytes_per_second"], self.cache_copy, self.cache_why)
             rows.append(row)
+        rows += self.backward_rows()
         for p in self.probes:
             ok = p.get("status") == "ok"
             rows.append({
@@ -370,6 +371,28 @@ class Results:
                 "time_s": rec.get("step_time_s"), "rss_peak_bytes": rec.get("peak_rss_bytes_max"),
                 "rss_growth_bytes": rec.get("rss_above_baseline_bytes_max"),
                 "kernel_peak_bytes": rec.get("ring_bytes_max")})
+        return rows
+
+    def backward_rows(self):
+        """bench_backward: group "backward" (no encoder, full and causal; path "backward" or "forward",
+        the forward of the same shape) and "backward_encoder" (causal, each encoder). GFLOP/s count
+        2.5x the forward's FLOP for the backward (FlashAttention's convention)."""
+        rows = []
+        for b in self.gb.get("bench_backward", []):
+            if b["name"].startswith("posenc_bench::"):
+                continue
+            row = self.base_row(b, "bench_backward")
+            lab = parse_label(b.get("label"))
+            row.update({"group": "backward_encoder" if lab.get("group") == "encoder" else "backward",
+                        "path": lab.get("pass"), "encoder": lab.get("enc"), "storage": "fp32"})
+            row.update({k: lab.get(k) for k in ("mask", "n_q", "n_kv", "heads", "kv_heads", "d")})
+            if row["status"] == "ok":
+                self.rate_ratios(row, b)
+                row.pop("gb_per_s", None)
+                row.pop("ratio_copy", None)
+                row["tokens_per_s"] = b.get("tokens_per_second")
+                row["workspace_bytes"] = b.get("workspace_bytes")
+            rows.append(row)
         return rows
 
     @staticmethod
@@ -671,7 +694,7 @@ def plots(res, folder, inspect=None):
     limit = (res.meta.get("mem_limit_gib") or 8) * GIB
     first_pts = {}
     for enc in enc_names:
-        for path, style, marker in (("blockwise", "-", "o"), ("naive", "--", "s")):
+        for path, style, marker in (("blockwise", "-", "o"), ("naive", "--", "s"), ("backward", ":", "^")):
             xs, ys = series([r for r in probes if r["encoder"] == enc and r["path"] == path and r["status"] == "ok"],
                             "n_kv", "rss_growth_bytes")
             if xs:
@@ -697,7 +720,8 @@ def plots(res, folder, inspect=None):
     shape = res.meta.get("probe_shape", {})
     ax.set_ylabel("peak RSS of a fresh process minus its RSS at start")
     ax.set_title(f"Peak resident memory, one process per point ({shape.get('heads', 1)} head, "
-                 f"d = {shape.get('d', 128)}, causal)\nblockwise solid, naive dashed; the encoders' lines coincide")
+                 f"d = {shape.get('d', 128)}, causal)\nblockwise solid, naive dashed, backward dotted; the encoders' lines "
+                 "coincide")
     if first_pts:
         legend(ax, fontsize=7, loc="lower right", ncol=2)
 
@@ -756,6 +780,44 @@ def plots(res, folder, inspect=None):
     ax.set_title("Encoders on their own: sinusoidal add, RoPE rotate per policy\n(cos/sin cache solid, direct angles dashed)")
     legend(ax, fontsize=7, loc="lower left", ncol=2)
     save(fig, "bandwidth.png")
+
+    # ---- backward ----
+    bwd = res.select(group="backward", status="ok")
+    if bwd:
+        fig, axes = plt.subplots(1, 2, figsize=(15, 5.8))
+        ax = axes[0]
+        for mask, color in (("full", "tab:blue"), ("causal", "tab:orange")):
+            for pas, style, marker in (("backward", "-", "o"), ("forward", "--", "s")):
+                xs, ys = series([r for r in bwd if r["mask"] == mask and r["path"] == pas], "n_kv", "gflops")
+                if xs:
+                    ax.plot(xs, ys, linestyle=style, marker=marker, markersize=4, color=color, label=f"{pas}, {mask}")
+        hline(ax, res.fma and res.fma / 1e9, f"{res.fma_name} {fmt(res.fma / 1e9 if res.fma else 0)} GFLOP/s",
+              "black", "-.")
+        hline(ax, res.fma and res.fma / 1e9 * BACKWARD_GOAL, f"goal: {BACKWARD_GOAL} of the peak", "gray", ":")
+        n_axis(ax)
+        rate_axis(ax, "GFLOP/s (backward: 2.5x the forward's FLOP)")
+        ax.set_title("Attention backward (solid) and forward (dashed), 8 heads, d = 128")
+        legend(ax, fontsize=8, loc="lower left")
+        ax = axes[1]
+        probes = [r for r in res.select(group="memory_probe", path="backward") if r["status"] == "ok"]
+        for enc in enc_names:
+            xs, ys = series([r for r in probes if r["encoder"] == enc], "n_kv", "rss_growth_bytes")
+            if xs:
+                ax.plot(xs, ys, marker="^", markersize=4, color=enc_color[enc], label=enc)
+        if probes:
+            x0 = min(r["n_kv"] for r in probes)
+            y0 = min(r["rss_growth_bytes"] for r in probes if r["n_kv"] == x0)
+            gx = sorted({r["n_kv"] for r in probes})
+            ax.plot(gx, [y0 * x / x0 * 0.5 for x in gx], color="gray", linestyle=":", linewidth=1)
+            ax.annotate("slope 1 (linear)", xy=(gx[-1], y0 * gx[-1] / x0 * 0.5), xytext=(-4, 4),
+                        textcoords="offset points", ha="right", fontsize=8, color="gray")
+        n_axis(ax)
+        bytes_axis(ax)
+        ax.set_ylabel("peak RSS of a fresh process minus its RSS at start")
+        ax.set_title("Backward peak resident memory, one process per point\n(1 head, d = 128, causal; "
+                     "inputs and gradients included)")
+        legend(ax, fontsize=8, loc="upper left")
+        save(fig, "backward.png")
 
     # ---- ring ----
     mem = res.ring_memory()
@@ -859,10 +921,11 @@ def headline(res):
         r = max(rope, key=lambda r: r["n_q"])
         lines.append(f"RoPE rotate with a cos/sin cache, {fmt_n(r['n_q'])} tokens x 32 heads x 128: "
                      f"{fmt(r['gb_per_s'])} GB/s = {ratio_cell(r, 'ratio_copy')}x the copy bandwidth")
+    lines += backward_headline(res)
     probes = res.select(group="memory_probe", encoder="none")
     if probes:
         parts = []
-        for path in ("blockwise", "naive"):
+        for path in ("blockwise", "naive", "backward"):
             ok = sorted((r["n_kv"], r["rss_growth_bytes"]) for r in probes if r["path"] == path and r["status"] == "ok")
             s = slope(ok[-4:])
             if s is not None:
@@ -1286,6 +1349,18 @@ def memory_section(res):
     probes = res.select(group="memory_probe")
     if not probes:
         return "_No memory probes in this run._"
+    forward = [r for r in probes if r["path"] != "backward"]
+    backward = [r for r in probes if r["path"] == "backward"]
+    text = memory_table(res, forward) if forward else ""
+    if backward:
+        text += ("\n\n**Backward** (posenc::attention_backward after a forward that is not measured): the same "
+                 "shape, each cell the peak resident set minus the resident set at start, so it includes q, k, v, "
+                 "out, dout, dq, dk, dv (8 · n · d · 4 bytes) and the log-sum-exp. O(n) memory shows as a slope "
+                 "of at most 1.05 (the goal; no n × n buffer).\n\n" + memory_table(res, backward, goal=1.05))
+    return text
+
+
+def memory_table(res, probes, goal=None):
     ns = sorted({r["n_kv"] for r in probes})
     cols = []
     for r in probes:
@@ -1309,17 +1384,20 @@ def memory_section(res):
         pts = sorted((r["n_kv"], r["rss_growth_bytes"]) for r in probes
                      if r["path"] == path and r["encoder"] == enc and r["status"] == "ok")
         s = slope(pts[-4:])
-        slopes.append("" if s is None else f"**{s:.2f}**")
+        cell = "" if s is None else f"**{s:.2f}**"
+        if goal is not None and s is not None:
+            cell += f" (≤ {goal}: {goal_cell(s, goal, False, '')})"
+        slopes.append(cell)
     table.append(slopes)
     shape = res.meta.get("probe_shape", {})
-    text = (f"One process per point: {shape.get('heads', 1)} head, d = {shape.get('d', 128)}, causal prefill, "
+    text = "" if goal is not None else (f"One process per point: {shape.get('heads', 1)} head, d = {shape.get('d', 128)}, causal prefill, "
             "no workspace passed (the call allocates its own). Each cell is the peak resident set of the process "
             "(VmHWM of /proc/self/status) minus its resident set at start, so the inputs q, k, v and out "
             f"(4 · n · d · 4 bytes) are included. Naive points whose memory would pass the limit "
             f"({res.meta.get('mem_limit_gib', 8)} GiB) are not run.\n\n")
     text += md_table(["n"] + [f"{p}, {e}" for p, e in cols], table)
     heap = []
-    for path in ("blockwise", "naive"):
+    for path in ("blockwise", "naive", "backward"):
         pts = sorted((r["n_kv"], r["kernel_peak_bytes"]) for r in probes
                      if r["path"] == path and r["encoder"] == "none" and r["status"] == "ok")
         if pts:
@@ -1327,6 +1405,75 @@ def memory_section(res):
     if heap:
         text += ("\n\nThe call's own heap allocations in the same processes (encoder none): " + "; ".join(heap) + ".")
     return text
+
+
+BACKWARD_GOAL = 0.5  # of the FMA peak, counting 2.5x the forward's FLOP
+
+
+def backward_section(res):
+    rows = res.select(group="backward")
+    if not rows and not res.select(group="backward_encoder"):
+        return "_No backward points in this run (bench_backward was not built or was filtered out)._"
+    fwd = {(r["mask"], r["n_kv"], r["d"]): r for r in rows if r["path"] == "forward"}
+    table = []
+    for r in sorted((r for r in rows if r["path"] == "backward"), key=lambda r: (r["mask"] or "", r["n_kv"] or 0)):
+        f = fwd.get((r["mask"], r["n_kv"], r["d"]))
+        over = (r["time_s"] / f["time_s"] if f and f.get("time_s") and r.get("time_s") else None)
+        table.append((r["mask"], r["d"], fmt_n(r["n_kv"]), fmt_time(r.get("time_s")),
+                      fmt_time(f.get("time_s")) if f else "not run", fmt(over, 2) if over else "",
+                      fmt(r.get("gflops")), ratio_cell(r, "ratio_fma"),
+                      goal_cell(r.get("ratio_fma"), BACKWARD_GOAL, True, ratio_cell(r, "ratio_fma")),
+                      fmt_bytes(r.get("workspace_bytes")), status_cell(r)))
+    text = ("posenc::attention_backward (dq, dk, dv from q, k, v, out, the log-sum-exp and dout; 8 heads) beside the "
+            "forward of the same shape. GFLOP/s count 2.5x the forward's FLOP (FlashAttention's convention: five "
+            "tile products against the forward's two), whatever the kernel recomputes; the goal is "
+            f"≥ {BACKWARD_GOAL} of the {res.fma_name}.\n\n")
+    text += md_table(["mask", "d", "n", "backward", "forward", "backward / forward", "GFLOP/s",
+                      f"x {res.fma_name}", f"goal ≥ {BACKWARD_GOAL}", "workspace", "status"], table)
+    enc = res.select(group="backward_encoder")
+    if enc:
+        none = {r["n_kv"]: r for r in rows if r["path"] == "backward" and r["mask"] == "causal" and r["d"] == 128
+                and r.get("time_s")}
+        ns = sorted({r["n_kv"] for r in enc})
+        names = []
+        for r in enc:
+            if r["encoder"] not in names:
+                names.append(r["encoder"])
+        cells = []
+        for e in names:
+            line = [e]
+            for n in ns:
+                hit = [r for r in enc if r["encoder"] == e and r["n_kv"] == n]
+                if not hit:
+                    line.append("not run")
+                elif hit[0]["status"] != "ok":
+                    line.append(hit[0]["status"])
+                else:
+                    r = hit[0]
+                    cost = (f", {100 * (r['time_s'] / none[n]['time_s'] - 1):+.0f}% time" if n in none else "")
+                    line.append(f"{fmt(r['gflops'])} ({ratio_cell(r, 'ratio_fma')}{cost})")
+            cells.append(line)
+        text += ("\n\n**Encoders in the causal backward** (d = 128): GFLOP/s (ratio to the "
+                 f"{res.fma_name}, time against the backward without an encoder at the same n). The gradients of "
+                 "learned parameters (T5's table, Shaw's aK and aV) are not asked for here.\n\n")
+        text += md_table(["encoder"] + [f"n = {fmt_n(n)}" for n in ns], cells)
+    return text
+
+
+def backward_headline(res):
+    lines = []
+    for mask in ("causal", "full"):
+        rows = [r for r in res.select(group="backward", path="backward", mask=mask, status="ok")
+                if r.get("gflops") is not None]
+        if not rows:
+            continue
+        r = max(rows, key=lambda r: r["n_kv"] or 0)
+        f = [x for x in res.select(group="backward", path="forward", mask=mask, status="ok")
+             if x["n_kv"] == r["n_kv"] and x["d"] == r["d"] and x.get("time_s")]
+        over = f"; {fmt(r['time_s'] / f[0]['time_s'], 2)}x the forward's time" if f else ""
+        lines.append(f"Backward, {mask}, n = {fmt_n(r['n_kv'])} (8 heads, d = {r['d']}): {fmt(r['gflops'])} GFLOP/s "
+                     f"(2.5x the forward's FLOP) {res.of_peak(r)}{over}")
+    return lines
 
 
 def ring_section(res):
@@ -1427,6 +1574,7 @@ def main():
         "## Encoders on their own (bandwidth bound)\n\n" + apply_section(res),
         "## RoPE kernels by layout and SIMD level (bench_rope)\n\n" + rope_section(res),
         "## Bias tiles (bench_bias)\n\n" + bias_section(res),
+        "## Attention backward (training; 8 heads, d = 128)\n\n" + backward_section(res),
         "## Peak memory against sequence length\n\n" + memory_section(res),
         "## Ring attention (P = 1, 2, 4)\n\n" + ring_section(res),
         failures_section(res),

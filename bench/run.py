@@ -14,7 +14,8 @@ Writes into --out:
                              instruction set the kernels ran with ("simd")
   <executable>.json / .txt   Google Benchmark JSON of every point, and the console log
   ceilings_end.json          the FMA peak, copy and read bandwidth measured again at the end
-  probe_memory.jsonl         one fresh process per (path, encoder, n): peak RSS and heap
+  probe_memory.jsonl         one fresh process per (path, encoder, n): peak RSS and heap; paths naive,
+                             blockwise (the forward) and backward (attention_backward)
   ring_P<P>.json             the MPI ring benchmark's records, P = 1, 2, 4 (when it is built)
   steps.json                 every step: its command, status and wall time
 """
@@ -43,6 +44,7 @@ MIN_TIME = {"quick": 0.01, "default": 0.25, "full": 0.5}
 # n = 1024 .. PROBE_MAX_N (powers of two). A naive point past the memory limit is not run: the
 # probe prints "skipped: would need X GiB" at once.
 PROBE_ENCODERS = ("none", "rope_llama3", "alibi", "t5", "shaw")
+PROBE_PATHS = ("blockwise", "naive", "backward")
 PROBE_MAX_N = {"quick": 4096, "default": 65536, "full": 262144}
 PROBE_SHAPE = {"heads": 1, "d": 128, "causal": 1}
 
@@ -137,7 +139,7 @@ class Runner:
             print(f"bench/run.py: no {probe}, no fresh-process memory figures", file=sys.stderr)
             return
         n_max = PROBE_MAX_N[self.args.mode]
-        for path in ("blockwise", "naive"):
+        for path in PROBE_PATHS:
             for enc in PROBE_ENCODERS:
                 n = 1024
                 while n <= n_max:
