@@ -1420,7 +1420,7 @@ def backward_section(res):
         f = fwd.get((r["mask"], r["n_kv"], r["d"]))
         over = (r["time_s"] / f["time_s"] if f and f.get("time_s") and r.get("time_s") else None)
         table.append((r["mask"], r["d"], fmt_n(r["n_kv"]), fmt_time(r.get("time_s")),
-                      fmt_time(f.get("time_s")) if f else "not run", fmt(over, 2) if over else "",
+                      fmt_time(f.get("time_s")) if f else "not run", fmt_ratio(over) if over else "",
                       fmt(r.get("gflops")), ratio_cell(r, "ratio_fma"),
                       goal_cell(r.get("ratio_fma"), BACKWARD_GOAL, True, ratio_cell(r, "ratio_fma")),
                       fmt_bytes(r.get("workspace_bytes")), status_cell(r)))
@@ -1470,7 +1470,7 @@ def backward_headline(res):
         r = max(rows, key=lambda r: r["n_kv"] or 0)
         f = [x for x in res.select(group="backward", path="forward", mask=mask, status="ok")
              if x["n_kv"] == r["n_kv"] and x["d"] == r["d"] and x.get("time_s")]
-        over = f"; {fmt(r['time_s'] / f[0]['time_s'], 2)}x the forward's time" if f else ""
+        over = f"; {fmt_ratio(r['time_s'] / f[0]['time_s'])}x the forward's time" if f else ""
         lines.append(f"Backward, {mask}, n = {fmt_n(r['n_kv'])} (8 heads, d = {r['d']}): {fmt(r['gflops'])} GFLOP/s "
                      f"(2.5x the forward's FLOP) {res.of_peak(r)}{over}")
     return lines

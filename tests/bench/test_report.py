@@ -135,6 +135,37 @@ def serving_points():
     return pts
 
 
+def backward_label(n, mask, pas, enc="none", group="backward"):
+    return (f"group={group} pass={pas} enc={enc} mask={mask} n_q={n} n_kv={n} heads=8 kv_heads=8 d=128")
+
+
+def backward_points(peak):
+    """bench_backward at n = 4096: causal at 0.55 of the peak (2.5x the forward's time), full at 0.45
+    (missing the 0.5 goal), RoPE's causal backward 10% slower than none's, Shaw's point failed."""
+    return [
+        gb_point("backward/4096/128/1", 200.0, backward_label(4096, "causal", "backward"), FLOPS=0.55 * peak,
+                 tokens_per_second=2e4, workspace_bytes=5e6),
+        gb_point("backward_forward/4096/128/1", 80.0, backward_label(4096, "causal", "forward"), FLOPS=0.55 * peak),
+        gb_point("backward/4096/128/0", 400.0, backward_label(4096, "full", "backward"), FLOPS=0.45 * peak),
+        gb_point("backward_forward/4096/128/0", 100.0, backward_label(4096, "full", "forward"), FLOPS=0.7 * peak),
+        gb_point("backward/encoder/rope/4096", 220.0, backward_label(4096, "causal", "backward", "rope", "encoder"),
+                 FLOPS=0.5 * peak),
+        gb_point("backward/encoder/shaw/4096", 0.0, backward_label(4096, "causal", "backward", "shaw", "encoder"),
+                 error="out of memory"),
+    ]
+
+
+def backward_probes():
+    """probe_memory --path backward: none grows linearly in n (slope 1), t5 quadratically (slope 2)."""
+    out = []
+    for n in (1024, 2048, 4096):
+        for enc, growth in (("none", 10 * n / 1024), ("t5", 10 * (n / 1024) ** 2)):
+            out.append({"path": "backward", "encoder": enc, "n": n, "status": "ok", "causal": 1, "heads": 1,
+                        "d": 128, "seconds": 0.01, "heap_peak_bytes": 600 << 10, "rss_start_bytes": 30 << 20,
+                        "rss_peak_bytes": (30 << 20) + int(growth * (1 << 20))})
+    return out
+
+
 def write(folder, name, data):
     with open(os.path.join(folder, name), "w") as f:
         if name.endswith(".jsonl"):
@@ -169,6 +200,7 @@ def results_folder(folder, peak_label, peak=1.4e11, ceilings=True, simd=None):
         start = [gb_point("posenc_bench::fma_peak", 0.0, error="no AVX-512 on this CPU")]
     write(folder, "bench_attention.json", {"context": {}, "benchmarks": start + attention_points(0.6 * peak)})
     write(folder, "bench_serving.json", {"context": {}, "benchmarks": serving_points()})
+    write(folder, "bench_backward.json", {"context": {}, "benchmarks": backward_points(peak)})
     write(folder, "bench_encoders.json", {"context": {}, "benchmarks": [
         gb_point("encoders/rope/cache/4096", 1.0, "enc=rope variant=cache tokens=4096", bytes_per_second=3e10,
                  tokens_per_second=4e6)]})
@@ -179,7 +211,8 @@ def results_folder(folder, peak_label, peak=1.4e11, ceilings=True, simd=None):
     write(folder, "probe_memory.jsonl", [
         {"path": "blockwise", "encoder": "none", "n": 1024, "status": "ok", "causal": 1, "heads": 1, "d": 128,
          "seconds": 0.01, "heap_peak_bytes": 1 << 20, "rss_peak_bytes": 40 << 20, "rss_start_bytes": 30 << 20},
-        {"path": "naive", "encoder": "none", "n": 1024, "status": "skipped: would need 9 GiB", "causal": 1}])
+        {"path": "naive", "encoder": "none", "n": 1024, "status": "skipped: would need 9 GiB", "causal": 1}] +
+        backward_probes())
     write(folder, "ring_P2.json", [
         {"name": "ring_memory", "P": 2, "n_total": 4096, "heads": 8, "kv_heads": 8, "head_dim": 64,
          "peak_rss_bytes_max": 5e7, "rss_above_baseline_bytes_max": 3e7, "ring_bytes_max": 2.5e7},
@@ -405,6 +438,59 @@ class NoCeiling(unittest.TestCase):
             for row in rows:
                 for col, cell in zip(header, row):
                     self.assertTrue(cell, f"blank '{col}' in the ceilings row '{row[0]}'")
+
+
+class Backward(unittest.TestCase):
+    """bench_backward's points and the backward memory probes, with an AVX2+FMA peak."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.md = make_report(results_folder(cls.tmp.name, AVX2_LABEL))
+        cls.part = section(cls.md, "Attention backward")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def test_ratio_goal_and_forward(self):
+        rows = {r["mask"]: r for r in table_after(self.part, "goal is")}
+        peak = "x AVX2+FMA peak (2 threads)"
+        self.assertEqual(rows["causal"][peak], "0.55")  # over the higher of the two peaks (start, end)
+        self.assertEqual(rows["causal"]["goal ≥ 0.5"], "met")
+        self.assertEqual(rows["causal"]["backward / forward"], "2.50")
+        self.assertEqual(rows["causal"]["GFLOP/s"], "77.0")
+        self.assertEqual(rows["full"][peak], "0.45")
+        self.assertEqual(rows["full"]["goal ≥ 0.5"], "missed by 0.05")
+        self.assertEqual(rows["full"]["backward / forward"], "4.00")
+
+    def test_encoders_against_none(self):
+        rows = {r["encoder"]: r for r in table_after(self.part, "**Encoders in the causal backward**")}
+        self.assertEqual(rows["rope"]["n = 4k"], "70.0 (0.50, +10% time)")
+        self.assertEqual(rows["shaw"]["n = 4k"], "out of memory")
+
+    def test_memory_slope_against_its_goal(self):
+        mem = section(self.md, "Peak memory against sequence length")
+        rows = table_after(mem, "**Backward**")
+        slopes = rows[-1]
+        self.assertEqual(slopes["backward, none"], "**1.00** (≤ 1.05: met)")
+        self.assertEqual(slopes["backward, t5"], "**2.00** (≤ 1.05: missed by 0.95)")
+        self.assertEqual(rows[0]["backward, none"], "10.0 MiB")
+        self.assertIn("backward: 1k → 600 KiB", mem)
+
+    def test_headline(self):
+        lines = [h for h in headline(self.md) if h.startswith("Backward")]
+        self.assertEqual(len(lines), 2)
+        self.assertIn("Backward, causal, n = 4k (8 heads, d = 128): 77.0 GFLOP/s", lines[0])
+        self.assertIn("= 0.55 of the AVX2+FMA peak (2 threads); 2.50x the forward's time", lines[0])
+        probe = next(h for h in headline(self.md) if h.startswith("Peak RSS"))
+        self.assertIn("backward slope 1.00", probe)
+
+    def test_plot(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            res = report.Results(results_folder(tmp, AVX2_LABEL))
+            self.assertIn("backward.png", report.plots(res, tmp))
+            self.assertGreater(os.path.getsize(os.path.join(tmp, "backward.png")), 10000)
 
 
 def section(md, title):
