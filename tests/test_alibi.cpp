@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "posenc/encoders/alibi.hpp"
+#include "posenc/simd.hpp"
 
 using posenc::index_t;
 using posenc::position;
@@ -255,19 +256,38 @@ TEST_CASE("alibi hot-path preconditions", "[alibi]") {
   CHECK_NOTHROW(a.add_bias_tile(tile, 3, posenc::arange(0, 3), posenc::arange(0, 5)));
 }
 
-TEST_CASE("alibi: the vector and the portable tile paths give the same bits", "[alibi]") {
-  for (auto form : {posenc::alibi_form::causal, posenc::alibi_form::symmetric}) {
-    const posenc::alibi<float> enc({.num_heads = 12, .form = form});
-    for (posenc::index_t n : {1, 7, 8, 9, 130}) {
-      posenc::row_matrix<float> fast = posenc::row_matrix<float>::Constant(5, n, 0.25f);
-      posenc::row_matrix<float> portable = fast;
-      const auto q = posenc::arange(1000, 5), k = posenc::arange(990, n);
-      enc.add_bias_tile(fast, 7, q, k);
-      {
-        const posenc::detail::scoped_simd_cap cap(posenc::detail::simd_level::portable);
-        enc.add_bias_tile(portable, 7, q, k);
+TEST_CASE("alibi: every SIMD level's tile path gives the bits of the formula", "[alibi][simd]") {
+  // Row j of a float tile gets float(-slope * (q - k_j)) (or of |q - k_j|) added: the product in
+  // double, rounded once to float, then the float sum. Lengths around the widths 2, 4 and 8 (the
+  // double lanes of NEON, AVX2 and AVX-512); key ranges before, around and after the queries, and
+  // far away (2^40); columns past the tile keep their bits.
+  const float sentinel = 777.0f;
+  for (const auto level : posenc::detail::available_simd_levels()) {
+    const posenc::detail::scoped_simd_cap cap(level);
+    for (auto form : {posenc::alibi_form::causal, posenc::alibi_form::symmetric}) {
+      const posenc::alibi<float> enc({.num_heads = 12, .form = form});
+      for (posenc::index_t n : {1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 130}) {
+        for (position k0 : {position{990}, position{1002}, position{1010}, position{1} << 40}) {
+          posenc::row_matrix<float> tile = posenc::row_matrix<float>::Constant(5, n + 3, sentinel);
+          for (posenc::index_t i = 0; i < 5; ++i)
+            for (posenc::index_t j = 0; j < n; ++j) tile(i, j) = 0.25f * static_cast<float>(i - j);
+          const posenc::row_matrix<float> before = tile;
+          const auto q = posenc::arange(1000, 5), k = posenc::arange(k0, n);
+          enc.add_bias_tile(tile.leftCols(n), 7, q, k);
+          // Head 7 of 12: 2^(-8 (h + 1) / c) with c = 8, the largest power of two <= 12.
+          const double slope = std::exp2(-8.0);
+          for (posenc::index_t i = 0; i < 5; ++i) {
+            for (posenc::index_t j = 0; j < n; ++j) {
+              const double dist = static_cast<double>(1000 + i) - static_cast<double>(k0 + j);
+              const double b = -slope * (form == posenc::alibi_form::symmetric ? std::abs(dist) : dist);
+              INFO("level " << posenc::simd_level_name(level) << ", n " << n << ", k0 " << k0 << ", row " << i
+                            << ", column " << j);
+              CHECK(tile(i, j) == before(i, j) + static_cast<float>(b));
+            }
+            for (posenc::index_t j = n; j < n + 3; ++j) CHECK(tile(i, j) == sentinel);
+          }
+        }
       }
-      CHECK(fast == portable);
     }
   }
 }

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "posenc/encoders/rope.hpp"
+#include "posenc/simd.hpp"
 
 using posenc::index_t;
 using posenc::position;
@@ -606,4 +607,52 @@ TEST_CASE("rope shape bugs fail POSENC_ASSERT", "[rope][errors]") {
   CHECK(negative.contains(4));
   CHECK_THROWS_AS(cache.cos(9, 0), posenc::precondition_error);
   CHECK_THROWS_AS(cache.sin(10, 4), posenc::precondition_error);
+}
+
+TEST_CASE("rope tile rotator: every SIMD level gives the portable bits, within float of the formula",
+          "[rope][simd][tile]") {
+  // The half-split float rows of an attention kernel's key tiles: pair counts around the widths
+  // 4, 8 and 16, partial rotary (the pass-through columns copied), positions across several
+  // 256-position blocks and negative ones, in place and into another buffer.
+  namespace d = posenc::detail;
+  for (index_t half : {1, 3, 4, 5, 7, 8, 9, 15, 16, 17, 33, 64}) {
+    const index_t hd = 2 * half + 3;
+    const posenc::rope<float> rope({.head_dim = hd, .rotary_dim = 2 * half, .base = 1e4});
+    const auto rot = rope.tile_rotator();
+    std::vector<float> scratch(static_cast<std::size_t>(rot.scratch_size()));
+    const auto pos = random_positions(9, -300, 2000, static_cast<unsigned>(half));
+    const auto x = random_matrix<float>(9, hd, static_cast<unsigned>(300 + half));
+    auto run = [&](d::simd_level level, bool in_place) {
+      const d::scoped_simd_cap cap(level);
+      posenc::row_matrix<float> y = x;
+      if (in_place) {
+        rot.rotate(posenc::view_of(y), posenc::positions(pos), scratch.data());
+      } else {
+        posenc::row_matrix<float> to = posenc::row_matrix<float>::Constant(9, hd, 5.0f);
+        rot.rotate(posenc::strided_view<const float>(posenc::view_of(x)), posenc::view_of(to), posenc::positions(pos),
+                   scratch.data());
+        y = to;
+      }
+      return y;
+    };
+    const auto ref = run(d::simd_level::portable, true);
+    // Against the rotation in double: each factor is rounded a few times in float.
+    for (index_t i = 0; i < 9; ++i)
+      for (index_t k = 0; k < half; ++k) {
+        const double theta = static_cast<double>(pos[static_cast<std::size_t>(i)]) *
+                             std::pow(1e4, -2.0 * static_cast<double>(k) / static_cast<double>(2 * half));
+        const double a = x(i, k), b = x(i, half + k);
+        INFO("pairs " << half << ", row " << i << ", pair " << k);
+        CHECK(std::abs(ref(i, k) - (a * std::cos(theta) - b * std::sin(theta))) <= 2e-5 * (std::abs(a) + std::abs(b)));
+        CHECK(std::abs(ref(i, half + k) - (b * std::cos(theta) + a * std::sin(theta))) <=
+              2e-5 * (std::abs(a) + std::abs(b)));
+      }
+    for (index_t i = 0; i < 9; ++i)
+      for (index_t k = 2 * half; k < hd; ++k) CHECK(ref(i, k) == x(i, k));
+    for (const d::simd_level level : d::available_simd_levels())
+      for (bool in_place : {true, false}) {
+        INFO("pairs " << half << ", level " << posenc::simd_level_name(level) << ", in place " << in_place);
+        CHECK(bitwise_equal(run(level, in_place), ref));
+      }
+  }
 }

@@ -23,6 +23,7 @@
 #include <concepts>
 
 #include "posenc/detail/cpu.hpp"
+#include "posenc/detail/simd_traits.hpp"
 #include "posenc/types.hpp"
 
 namespace posenc::detail {
@@ -35,6 +36,25 @@ inline constexpr index_t k_rope_max_chunk = 256;
 template <class S, class T>
 using rope_row_kernel = void (*)(S* row, index_t heads, index_t head_dim, index_t lo, index_t hi, index_t n, const T* a,
                                  const T* b);
+
+/// One half-split float row of `rope_tile_rotator`, pairs `k0 <= k < half` (see
+/// `POSENC_ROPE_TILE_ROW_BODY` below).
+POSENC_STRICT_FP inline void rope_tile_row_portable(const float* from, float* to, const float* hc, const float* hs,
+                                                    const float* lc, index_t half, index_t k0 = 0) {
+  POSENC_STRICT_FP_BODY
+  const float* ls = lc + half;
+  for (index_t k = k0; k < half; ++k) {
+    const float c = hc[k] * lc[k] - hs[k] * ls[k];
+    const float s = hs[k] * lc[k] + hc[k] * ls[k];
+    const float a = from[k], b = from[half + k];
+    to[k] = a * c - b * s;
+    to[half + k] = b * c + a * s;
+  }
+}
+
+/// A half-split float row kernel of `rope_tile_rotator` (null: the rotator's own loop).
+using rope_tile_row_kernel = void (*)(const float* from, float* to, const float* hc, const float* hs, const float* lc,
+                                      index_t half);
 
 template <class S, class T>
 POSENC_STRICT_FP void rope_half_portable(S* row, index_t heads, index_t head_dim, index_t lo, index_t hi, index_t n,
@@ -67,149 +87,6 @@ POSENC_STRICT_FP void rope_interleaved_portable(S* row, index_t heads, index_t h
   }
 }
 
-#if POSENC_X86_DISPATCH
-
-// One traits struct per (instruction set, scalar): the few operations the kernels need.
-// (The AVX-512 shuffles use the zero-masked intrinsics with a full mask: the same instructions,
-// without g++ 12's false -Wmaybe-uninitialized on `_mm512_undefined_ps`.)
-// `swap` exchanges the two elements of every pair; `dup_even` / `dup_odd` broadcast the first /
-// second element of every pair; `neg_even` flips the sign of the even lanes (exact).
-
-struct avx512_f32 {
-  using scalar = float;
-  using reg = __m512;
-  static constexpr index_t width = 16;
-  static constexpr bool masked = true;
-  static constexpr __mmask16 all = 0xFFFF;
-  POSENC_TARGET_AVX512 POSENC_STRICT_FP static reg load(const float* p) { return _mm512_loadu_ps(p); }
-  POSENC_TARGET_AVX512 POSENC_STRICT_FP static void store(float* p, reg v) { _mm512_storeu_ps(p, v); }
-  POSENC_TARGET_AVX512 POSENC_STRICT_FP static reg load(const float* p, index_t n) {
-    return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
-  }
-  POSENC_TARGET_AVX512 POSENC_STRICT_FP static void store(float* p, reg v, index_t n) {
-    _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), v);
-  }
-  POSENC_TARGET_AVX512 POSENC_STRICT_FP static reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
-  POSENC_TARGET_AVX512 POSENC_STRICT_FP static reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
-  POSENC_TARGET_AVX512 POSENC_STRICT_FP static reg sub(reg a, reg b) { return _mm512_sub_ps(a, b); }
-  POSENC_TARGET_AVX512 POSENC_STRICT_FP static reg swap(reg a) { return _mm512_maskz_permute_ps(all, a, 0xB1); }
-  POSENC_TARGET_AVX512 POSENC_STRICT_FP static reg dup_even(reg a) { return _mm512_maskz_moveldup_ps(all, a); }
-  POSENC_TARGET_AVX512 POSENC_STRICT_FP static reg dup_odd(reg a) { return _mm512_maskz_movehdup_ps(all, a); }
-  POSENC_TARGET_AVX512 POSENC_STRICT_FP static reg neg_even(reg a) {
-    return _mm512_xor_ps(a, _mm512_castsi512_ps(_mm512_set1_epi64(0x80000000ll)));
-  }
-};
-
-struct avx512_f64 {
-  using scalar = double;
-  using reg = __m512d;
-  static constexpr index_t width = 8;
-  static constexpr bool masked = true;
-  static constexpr __mmask8 all = 0xFF;
-  POSENC_TARGET_AVX512 POSENC_STRICT_FP static reg load(const double* p) { return _mm512_loadu_pd(p); }
-  POSENC_TARGET_AVX512 POSENC_STRICT_FP static void store(double* p, reg v) { _mm512_storeu_pd(p, v); }
-  POSENC_TARGET_AVX512 POSENC_STRICT_FP static reg load(const double* p, index_t n) {
-    return _mm512_maskz_loadu_pd(static_cast<__mmask8>((1u << n) - 1), p);
-  }
-  POSENC_TARGET_AVX512 POSENC_STRICT_FP static void store(double* p, reg v, index_t n) {
-    _mm512_mask_storeu_pd(p, static_cast<__mmask8>((1u << n) - 1), v);
-  }
-  POSENC_TARGET_AVX512 POSENC_STRICT_FP static reg mul(reg a, reg b) { return _mm512_mul_pd(a, b); }
-  POSENC_TARGET_AVX512 POSENC_STRICT_FP static reg add(reg a, reg b) { return _mm512_add_pd(a, b); }
-  POSENC_TARGET_AVX512 POSENC_STRICT_FP static reg sub(reg a, reg b) { return _mm512_sub_pd(a, b); }
-  POSENC_TARGET_AVX512 POSENC_STRICT_FP static reg swap(reg a) { return _mm512_maskz_permute_pd(all, a, 0x55); }
-  POSENC_TARGET_AVX512 POSENC_STRICT_FP static reg dup_even(reg a) { return _mm512_maskz_movedup_pd(all, a); }
-  POSENC_TARGET_AVX512 POSENC_STRICT_FP static reg dup_odd(reg a) { return _mm512_maskz_permute_pd(all, a, 0xFF); }
-  POSENC_TARGET_AVX512 POSENC_STRICT_FP static reg neg_even(reg a) {
-    return _mm512_xor_pd(a,
-                         _mm512_castsi512_pd(_mm512_set_epi64(0, 1ll << 63, 0, 1ll << 63, 0, 1ll << 63, 0, 1ll << 63)));
-  }
-};
-
-struct avx2_f32 {
-  using scalar = float;
-  using reg = __m256;
-  static constexpr index_t width = 8;
-  static constexpr bool masked = false;
-  POSENC_TARGET_AVX2 POSENC_STRICT_FP static reg load(const float* p) { return _mm256_loadu_ps(p); }
-  POSENC_TARGET_AVX2 POSENC_STRICT_FP static void store(float* p, reg v) { _mm256_storeu_ps(p, v); }
-  POSENC_TARGET_AVX2 POSENC_STRICT_FP static reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
-  POSENC_TARGET_AVX2 POSENC_STRICT_FP static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
-  POSENC_TARGET_AVX2 POSENC_STRICT_FP static reg sub(reg a, reg b) { return _mm256_sub_ps(a, b); }
-  POSENC_TARGET_AVX2 POSENC_STRICT_FP static reg swap(reg a) { return _mm256_permute_ps(a, 0xB1); }
-  POSENC_TARGET_AVX2 POSENC_STRICT_FP static reg dup_even(reg a) { return _mm256_moveldup_ps(a); }
-  POSENC_TARGET_AVX2 POSENC_STRICT_FP static reg dup_odd(reg a) { return _mm256_movehdup_ps(a); }
-  POSENC_TARGET_AVX2 POSENC_STRICT_FP static reg neg_even(reg a) {
-    return _mm256_xor_ps(a, _mm256_castsi256_ps(_mm256_set1_epi64x(0x80000000ll)));
-  }
-};
-
-struct avx2_f64 {
-  using scalar = double;
-  using reg = __m256d;
-  static constexpr index_t width = 4;
-  static constexpr bool masked = false;
-  POSENC_TARGET_AVX2 POSENC_STRICT_FP static reg load(const double* p) { return _mm256_loadu_pd(p); }
-  POSENC_TARGET_AVX2 POSENC_STRICT_FP static void store(double* p, reg v) { _mm256_storeu_pd(p, v); }
-  POSENC_TARGET_AVX2 POSENC_STRICT_FP static reg mul(reg a, reg b) { return _mm256_mul_pd(a, b); }
-  POSENC_TARGET_AVX2 POSENC_STRICT_FP static reg add(reg a, reg b) { return _mm256_add_pd(a, b); }
-  POSENC_TARGET_AVX2 POSENC_STRICT_FP static reg sub(reg a, reg b) { return _mm256_sub_pd(a, b); }
-  POSENC_TARGET_AVX2 POSENC_STRICT_FP static reg swap(reg a) { return _mm256_permute_pd(a, 0x5); }
-  POSENC_TARGET_AVX2 POSENC_STRICT_FP static reg dup_even(reg a) { return _mm256_movedup_pd(a); }
-  POSENC_TARGET_AVX2 POSENC_STRICT_FP static reg dup_odd(reg a) { return _mm256_permute_pd(a, 0xF); }
-  POSENC_TARGET_AVX2 POSENC_STRICT_FP static reg neg_even(reg a) {
-    return _mm256_xor_pd(a, _mm256_castsi256_pd(_mm256_set_epi64x(0, 1ll << 63, 0, 1ll << 63)));
-  }
-};
-
-#endif  // POSENC_X86_DISPATCH
-
-#if POSENC_NEON_KERNELS
-
-// aarch64 Advanced SIMD: 128-bit registers, 4 floats or 2 doubles. No masked loads, so the tails
-// are scalar, as for AVX2. `vrev64q_f32` swaps the two floats of every 64-bit pair; `vtrn1q` /
-// `vtrn2q` of a register with itself broadcast the first / second element of every pair. GCC's
-// `vmulq` / `vaddq` are plain vector arithmetic that it would fuse into `fmla` under its default
-// contraction, hence `POSENC_STRICT_FP` here too (docs/isa.md lists the instructions the loops
-// compile to).
-
-struct neon_f32 {
-  using scalar = float;
-  using reg = float32x4_t;
-  static constexpr index_t width = 4;
-  static constexpr bool masked = false;
-  POSENC_STRICT_FP static reg load(const float* p) { return vld1q_f32(p); }
-  POSENC_STRICT_FP static void store(float* p, reg v) { vst1q_f32(p, v); }
-  POSENC_STRICT_FP static reg mul(reg a, reg b) { return vmulq_f32(a, b); }
-  POSENC_STRICT_FP static reg add(reg a, reg b) { return vaddq_f32(a, b); }
-  POSENC_STRICT_FP static reg sub(reg a, reg b) { return vsubq_f32(a, b); }
-  POSENC_STRICT_FP static reg swap(reg a) { return vrev64q_f32(a); }
-  POSENC_STRICT_FP static reg dup_even(reg a) { return vtrn1q_f32(a, a); }
-  POSENC_STRICT_FP static reg dup_odd(reg a) { return vtrn2q_f32(a, a); }
-  POSENC_STRICT_FP static reg neg_even(reg a) {
-    return vreinterpretq_f32_u64(veorq_u64(vreinterpretq_u64_f32(a), vdupq_n_u64(0x80000000ull)));
-  }
-};
-
-struct neon_f64 {
-  using scalar = double;
-  using reg = float64x2_t;
-  static constexpr index_t width = 2;
-  static constexpr bool masked = false;
-  POSENC_STRICT_FP static reg load(const double* p) { return vld1q_f64(p); }
-  POSENC_STRICT_FP static void store(double* p, reg v) { vst1q_f64(p, v); }
-  POSENC_STRICT_FP static reg mul(reg a, reg b) { return vmulq_f64(a, b); }
-  POSENC_STRICT_FP static reg add(reg a, reg b) { return vaddq_f64(a, b); }
-  POSENC_STRICT_FP static reg sub(reg a, reg b) { return vsubq_f64(a, b); }
-  POSENC_STRICT_FP static reg swap(reg a) { return vextq_f64(a, a, 1); }
-  POSENC_STRICT_FP static reg dup_even(reg a) { return vtrn1q_f64(a, a); }
-  POSENC_STRICT_FP static reg dup_odd(reg a) { return vtrn2q_f64(a, a); }
-  POSENC_STRICT_FP static reg neg_even(reg a) {
-    return vreinterpretq_f64_u64(veorq_u64(vreinterpretq_u64_f64(a), vcombine_u64(vdup_n_u64(1ull << 63), vdup_n_u64(0))));
-  }
-};
-
-#endif  // POSENC_NEON_KERNELS
 
 #if POSENC_X86_DISPATCH || POSENC_NEON_KERNELS
 
@@ -351,6 +228,61 @@ POSENC_STRICT_FP void rope_interleaved_neon(typename V::scalar* row, index_t hea
 }
 #endif  // POSENC_NEON_KERNELS
 
+// One half-split row of `rope_tile_rotator` (encoders/rope.hpp), `half` pairs of floats:
+//   c = hc lc - hs ls,  s = hs lc + hc ls  (the angle addition; ls = lc + half),
+//   (a, b) = (from[k], from[half + k])  ->  (a c - b s, b c + a s)  into `to` (may be `from`),
+// each product rounded, then the sum: the bits of the rotator's scalar loop.
+#define POSENC_ROPE_TILE_STEP(V, k, m)                                               \
+  {                                                                                 \
+    const reg vhc = V::load(hc + (k)m), vhs = V::load(hs + (k)m);                   \
+    const reg vlc = V::load(lc + (k)m), vls = V::load(ls + (k)m);                   \
+    const reg c = V::sub(V::mul(vhc, vlc), V::mul(vhs, vls));                       \
+    const reg s = V::add(V::mul(vhs, vlc), V::mul(vhc, vls));                       \
+    const reg a = V::load(from + (k)m), b = V::load(from + half + (k)m);            \
+    V::store(to + (k), V::sub(V::mul(a, c), V::mul(b, s)) m);                       \
+    V::store(to + half + (k), V::add(V::mul(b, c), V::mul(a, s)) m);                \
+  }
+
+#define POSENC_ROPE_TILE_ROW_BODY(V)                                                 \
+  using reg = typename V::reg;                                                      \
+  constexpr index_t w = V::width;                                                   \
+  const float* ls = lc + half;                                                      \
+  index_t k = 0;                                                                    \
+  for (; k + w <= half; k += w) POSENC_ROPE_TILE_STEP(V, k, )                       \
+  if constexpr (V::masked) {                                                        \
+    if (k < half) POSENC_ROPE_TILE_STEP(V, k, POSENC_COMMA half - k)                \
+  } else if (k < half) {                                                            \
+    rope_tile_row_portable(from, to, hc, hs, lc, half, k);                          \
+  }
+
+#if POSENC_X86_DISPATCH
+template <class V>
+POSENC_TARGET_AVX512 POSENC_STRICT_FP void rope_tile_row_avx512(const float* from, float* to, const float* hc,
+                                                                       const float* hs, const float* lc,
+                                                                       index_t half) {
+  POSENC_STRICT_FP_BODY
+  POSENC_ROPE_TILE_ROW_BODY(V)
+}
+
+template <class V>
+POSENC_TARGET_AVX2 POSENC_STRICT_FP void rope_tile_row_avx2(const float* from, float* to, const float* hc,
+                                                                   const float* hs, const float* lc, index_t half) {
+  POSENC_STRICT_FP_BODY
+  POSENC_ROPE_TILE_ROW_BODY(V)
+}
+#endif  // POSENC_X86_DISPATCH
+
+#if POSENC_NEON_KERNELS
+template <class V>
+POSENC_STRICT_FP void rope_tile_row_neon(const float* from, float* to, const float* hc, const float* hs,
+                                                const float* lc, index_t half) {
+  POSENC_STRICT_FP_BODY
+  POSENC_ROPE_TILE_ROW_BODY(V)
+}
+#endif  // POSENC_NEON_KERNELS
+
+#undef POSENC_ROPE_TILE_STEP
+#undef POSENC_ROPE_TILE_ROW_BODY
 #undef POSENC_COMMA
 #undef POSENC_ROPE_HALF_SCALAR
 #undef POSENC_ROPE_INTERLEAVED_SCALAR
@@ -360,6 +292,21 @@ POSENC_STRICT_FP void rope_interleaved_neon(typename V::scalar* row, index_t hea
 #undef POSENC_ROPE_INTERLEAVED_BODY
 
 #endif  // POSENC_X86_DISPATCH || POSENC_NEON_KERNELS
+
+/// The half-split float row kernel of `rope_tile_rotator` at the SIMD level in use now, or null
+/// where there is none (the rotator's scalar loop; chosen once per call).
+inline rope_tile_row_kernel select_rope_tile_row_kernel() {
+#if POSENC_X86_DISPATCH
+  switch (simd_level_in_use()) {
+    case simd_level::avx512: return &rope_tile_row_avx512<avx512_f32>;
+    case simd_level::avx2: return &rope_tile_row_avx2<avx2_f32>;
+    default: break;
+  }
+#elif POSENC_NEON_KERNELS
+  if (simd_level_in_use() == simd_level::neon) return &rope_tile_row_neon<neon_f32>;
+#endif
+  return nullptr;
+}
 
 /// The row kernel for storage `S`, arithmetic `T` and the pair layout (`interleaved` or not),
 /// at the SIMD level in use now. bf16/fp16 storage takes the portable path.

@@ -36,37 +36,12 @@
 
 #include "posenc/concepts.hpp"
 #include "posenc/detail/check.hpp"
+#include "posenc/detail/alibi_kernels.hpp"
 #include "posenc/detail/cpu.hpp"
 #include "posenc/detail/position_math.hpp"
 #include "posenc/types.hpp"
 
 namespace posenc {
-
-namespace detail {
-#if POSENC_X86_DISPATCH
-POSENC_SIMD_WARNINGS_OFF
-/// `row[j] += float(neg_slope * (d0 - j))` (or of `|d0 - j|`), 8 lanes of double at a time: the
-/// same operations and roundings as the scalar loop, so the same bits, at the speed an attention
-/// kernel needs (the bias is added to every logit).
-POSENC_TARGET_AVX512 inline void alibi_row_avx512(float* row, index_t n, double neg_slope, double d0, bool symmetric) {
-  const __m512d vs = _mm512_set1_pd(neg_slope);
-  const __m512d vd0 = _mm512_set1_pd(d0);
-  const __m512d step = _mm512_set1_pd(8.0);
-  __m512d j = _mm512_set_pd(7, 6, 5, 4, 3, 2, 1, 0);
-  for (index_t c = 0; c < n; c += 8) {
-    __m512d diff = _mm512_sub_pd(vd0, j);
-    if (symmetric) diff = _mm512_abs_pd(diff);
-    const __m256 b = _mm512_cvtpd_ps(_mm512_mul_pd(vs, diff));
-    const index_t left = n - c;
-    const __mmask8 m = left >= 8 ? __mmask8(0xff) : static_cast<__mmask8>((1u << left) - 1u);
-    const __m256 x = _mm256_maskz_loadu_ps(m, row + c);
-    _mm256_mask_storeu_ps(row + c, m, _mm256_add_ps(x, b));
-    j = _mm512_add_pd(j, step);
-  }
-}
-POSENC_SIMD_WARNINGS_ON
-#endif
-}  // namespace detail
 
 /// Which distance ALiBi penalises.
 enum class alibi_form {
@@ -183,20 +158,19 @@ class alibi {
     const auto exact_in_double = [](position a, position b) {
       return detail::position_distance(a, b) <= static_cast<std::uint64_t>(exact_limit);
     };
+    // The float row kernel of the SIMD level in use, chosen once per call.
+    [[maybe_unused]] const detail::alibi_row_kernel row_kernel =
+        std::same_as<E, float> ? detail::select_alibi_row_kernel() : nullptr;
     for (index_t i = 0; i < t.rows; ++i) {
       E* row = t.row(i);
       const position qi = q[i];
       if (k.is_range() && n > 0 && exact_in_double(qi, k.start()) && exact_in_double(qi, k[n - 1])) {
         // q - k[j] = (qi - k0) - j, monotone in j: every term and difference is exact in double.
         const double d0 = static_cast<double>(qi - k.start());
-#if POSENC_X86_DISPATCH
         if constexpr (std::same_as<E, float>) {
-          if (detail::simd_level_in_use() == detail::simd_level::avx512) {
-            detail::alibi_row_avx512(row, n, neg_slope, d0, symmetric);
-            continue;
-          }
+          row_kernel(row, n, neg_slope, d0, symmetric);
+          continue;
         }
-#endif
         if (symmetric) {
           for (index_t j = 0; j < n; ++j) row[j] += static_cast<E>(neg_slope * std::abs(d0 - static_cast<double>(j)));
         } else {

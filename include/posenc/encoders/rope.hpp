@@ -592,35 +592,6 @@ class rope {
   std::vector<detail::rope_turns> turns_;
 };
 
-namespace detail {
-#if POSENC_X86_DISPATCH
-POSENC_SIMD_WARNINGS_OFF
-/// One half-split row of `rope_tile_rotator`, 16 pairs at a time: the angle addition and the
-/// rotation with the scalar code's operations (no fused multiply-add; strict, or g++ fuses the
-/// `_mm512_mul_ps` / `_mm512_sub_ps` pairs under its default contraction, and a tile of floats
-/// would be rotated to other bits than the same tile stored in fp16 / bf16, which takes the
-/// scalar path).
-POSENC_TARGET_AVX512 POSENC_STRICT_FP inline void rope_tile_row_avx512(const float* from, float* to, const float* hc,
-                                                                       const float* hs, const float* lc,
-                                                                       index_t half) {
-  POSENC_STRICT_FP_BODY
-  const float* ls = lc + half;
-  for (index_t k = 0; k < half; k += 16) {
-    const index_t left = half - k;
-    const __mmask16 m = left >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
-    const __m512 vhc = _mm512_maskz_loadu_ps(m, hc + k), vhs = _mm512_maskz_loadu_ps(m, hs + k);
-    const __m512 vlc = _mm512_maskz_loadu_ps(m, lc + k), vls = _mm512_maskz_loadu_ps(m, ls + k);
-    const __m512 c = _mm512_sub_ps(_mm512_mul_ps(vhc, vlc), _mm512_mul_ps(vhs, vls));
-    const __m512 s = _mm512_add_ps(_mm512_mul_ps(vhs, vlc), _mm512_mul_ps(vhc, vls));
-    const __m512 a = _mm512_maskz_loadu_ps(m, from + k), b = _mm512_maskz_loadu_ps(m, from + half + k);
-    _mm512_mask_storeu_ps(to + k, m, _mm512_sub_ps(_mm512_mul_ps(a, c), _mm512_mul_ps(b, s)));
-    _mm512_mask_storeu_ps(to + half + k, m, _mm512_add_ps(_mm512_mul_ps(b, c), _mm512_mul_ps(a, s)));
-  }
-}
-POSENC_SIMD_WARNINGS_ON
-#endif
-}  // namespace detail
-
 /// Rotates single-head tiles (`[rows, head_dim]`, one position per row) the way `rope::rotate`
 /// does, with memory that does not grow with the positions' range: an attention kernel rotates
 /// each key tile once per query tile, so the cos/sin must be cheap, and a cache of every position
@@ -679,6 +650,11 @@ class rope_tile_rotator {
     position cached_hi = 0;
     const bool inter = layout_ == rope_layout::interleaved;
     const index_t r = 2 * half_;
+    // Float rows, half-split: the SIMD row kernel of the level in use, chosen once per call.
+    [[maybe_unused]] detail::rope_tile_row_kernel row_kernel = nullptr;
+    if constexpr (std::same_as<T, float> && std::same_as<S, float>) {
+      if (!inter) row_kernel = detail::select_rope_tile_row_kernel();
+    }
     for (index_t i = 0; i < dst.rows; ++i) {
       const position p = pos[i];
       const position hi = p & ~(block - 1);  // floor to a multiple of 256, negatives included
@@ -699,15 +675,13 @@ class rope_tile_rotator {
       const T* lc = table_ + lo * 2 * half_;
       const S* from = src.row(i);
       T* to = dst.row(i);
-#if POSENC_X86_DISPATCH
       if constexpr (std::same_as<T, float> && std::same_as<S, float>) {
-        if (!inter && detail::simd_level_in_use() == detail::simd_level::avx512) {
-          detail::rope_tile_row_avx512(from, to, hc, hs, lc, half_);
+        if (row_kernel != nullptr) {
+          row_kernel(from, to, hc, hs, lc, half_);
           for (index_t k = r; k < head_dim_; ++k) to[k] = from[k];
           continue;
         }
       }
-#endif
       const T* ls = lc + half_;
       for (index_t k = 0; k < half_; ++k) {
         c[k] = hc[k] * lc[k] - hs[k] * ls[k];
