@@ -205,12 +205,10 @@ class shaw_relative {
         index_t j1, j2;
         position r0;
         segments(k.start() - qi, n, j1, j2, r0);
-        A left = 0, right = 0;
-        for (index_t j = 0; j < j1; ++j) left += static_cast<A>(pi[j]);
         for (index_t j = j1; j < j2; ++j) wi[r0 + j + kk] += static_cast<A>(pi[j]);
-        for (index_t j = j2; j < n; ++j) right += static_cast<A>(pi[j]);
-        wi[0] += left;
-        wi[2 * kk] += right;
+        // Most keys of a long context clip to -K or +K: their sums are the tile's long reductions.
+        wi[0] += sum_of<A>(pi, j1);
+        wi[2 * kk] += sum_of<A>(pi + j2, n - j2);
       } else {
         for (index_t j = 0; j < n; ++j) wi[relative_index(qi, k[j])] += static_cast<A>(pi[j]);
       }
@@ -243,6 +241,20 @@ class shaw_relative {
   }
 
  private:
+  /// `p[0] + ... + p[n - 1]` in `A`, over eight interleaved partial sums combined pairwise: eight
+  /// independent additions per step, which the compiler may also put in vector lanes (a single
+  /// running sum is one dependent addition per element). A fixed order, so the same bits on every
+  /// machine and for any number of threads.
+  template <class A, class S>
+  static A sum_of(const S* p, index_t n) {
+    A part[8] = {};
+    index_t j = 0;
+    for (; j + 8 <= n; j += 8)
+      for (int t = 0; t < 8; ++t) part[t] += static_cast<A>(p[j + t]);
+    for (int t = 0; j < n; ++j, ++t) part[t] += static_cast<A>(p[j]);
+    return ((part[0] + part[4]) + (part[2] + part[6])) + ((part[1] + part[5]) + (part[3] + part[7]));
+  }
+
   template <class V, bool Writable>
   static constexpr void check_logits() {
     using E = std::remove_pointer_t<decltype(V::data)>;
