@@ -31,6 +31,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "posenc/types.hpp"
 
@@ -333,9 +334,9 @@ inline constexpr float exp2_poly[7] = {1.540353039338161e-4f, 1.333355814642844e
     if (c < d) V::store(to + c, V::mul(f, V::load_part(from + c, d - c)), d - c);            \
   }
 
-#endif  // POSENC_HAVE_X86_KERNELS || POSENC_NEON_KERNELS
-
-#if POSENC_HAVE_X86_KERNELS
+// The register blocks below must be unrolled completely, or their accumulator arrays live on the
+// stack and every FMA becomes a load and a store.
+#define POSENC_UNROLL _Pragma("GCC unroll 16")
 
 /// Requests the `d` columns of row `j` of `pf` (row stride `ld`) when `j < npf`: the few-row kernels
 /// call it as they read row j of their own keys or values, so that later rows (of the same head,
@@ -345,8 +346,7 @@ template <class T>
 __attribute__((always_inline)) inline void prefetch_row(const T* pf, index_t ld, index_t j, index_t npf, index_t d) {
   if (pf == nullptr || j >= npf) return;
   const T* row = pf + j * ld;
-  for (index_t c = 0; c < d; c += 64 / static_cast<index_t>(sizeof(T)))
-    _mm_prefetch(reinterpret_cast<const char*>(row + c), _MM_HINT_T0);
+  for (index_t c = 0; c < d; c += 64 / static_cast<index_t>(sizeof(T))) __builtin_prefetch(row + c, 0, 3);
 }
 
 /// `p + n`, or null for a null `p` (an absent prefetch target).
@@ -355,11 +355,167 @@ inline const T* advance_or_null(const T* p, index_t n) {
   return p ? p + n : nullptr;
 }
 
+/// The register block of `tile_kernels::qk`, in a function `template <int R, int C>` with the
+/// arguments (q, ldq, d, kt, ldkt, s): R query rows against C vectors of packed keys, R * C
+/// accumulators, C loads and R broadcasts per column of q.
+#define POSENC_QK_BLOCK_BODY(V)                                                              \
+  using reg = typename V::reg;                                                               \
+  constexpr index_t w = V::width;                                                            \
+  reg acc[R][C];                                                                             \
+  POSENC_UNROLL                                                                              \
+  for (int r = 0; r < R; ++r) {                                                              \
+    POSENC_UNROLL                                                                            \
+    for (int c = 0; c < C; ++c) acc[r][c] = V::zero();                                       \
+  }                                                                                          \
+  for (index_t col = 0; col < d; ++col) {                                                    \
+    reg b[C];                                                                                \
+    POSENC_UNROLL                                                                            \
+    for (int c = 0; c < C; ++c) b[c] = V::load(kt + col * ldkt + c * w);                     \
+    POSENC_UNROLL                                                                            \
+    for (int r = 0; r < R; ++r) {                                                            \
+      const reg a = V::set1(q[r * ldq + col]);                                               \
+      POSENC_UNROLL                                                                          \
+      for (int c = 0; c < C; ++c) acc[r][c] = V::fma(a, b[c], acc[r][c]);                    \
+    }                                                                                        \
+  }                                                                                          \
+  POSENC_UNROLL                                                                              \
+  for (int r = 0; r < R; ++r) {                                                              \
+    POSENC_UNROLL                                                                            \
+    for (int c = 0; c < C; ++c) V::store(s + r * ldkt + c * w, acc[r][c]);                   \
+  }
+
+/// The register block of `tile_kernels::pv`, in a function `template <int R, int C, class S>` with
+/// the arguments (p, ldp, nk, v, ldv, alpha, acc, ldacc, pf, npf): R rows of the accumulator, C
+/// vectors of columns, R * C accumulators, C loads (values of float, fp16 or bf16, widened as
+/// they load) and R broadcasts per key.
+#define POSENC_PV_BLOCK_BODY(V)                                                              \
+  using reg = typename V::reg;                                                               \
+  constexpr index_t w = V::width;                                                            \
+  reg a[R][C];                                                                               \
+  POSENC_UNROLL                                                                              \
+  for (int r = 0; r < R; ++r) {                                                              \
+    const reg al = V::set1(alpha[r]);                                                        \
+    POSENC_UNROLL                                                                            \
+    for (int c = 0; c < C; ++c) a[r][c] = V::mul(al, V::load(acc + r * ldacc + c * w));      \
+  }                                                                                          \
+  for (index_t j = 0; j < nk; ++j) {                                                         \
+    prefetch_row(pf, ldv, j, npf, C * w);                                                    \
+    reg b[C];                                                                                \
+    POSENC_UNROLL                                                                            \
+    for (int c = 0; c < C; ++c) b[c] = V::load(v + j * ldv + c * w);                         \
+    POSENC_UNROLL                                                                            \
+    for (int r = 0; r < R; ++r) {                                                            \
+      const reg x = V::set1(p[r * ldp + j]);                                                 \
+      POSENC_UNROLL                                                                          \
+      for (int c = 0; c < C; ++c) a[r][c] = V::fma(x, b[c], a[r][c]);                        \
+    }                                                                                        \
+  }                                                                                          \
+  POSENC_UNROLL                                                                              \
+  for (int r = 0; r < R; ++r) {                                                              \
+    POSENC_UNROLL                                                                            \
+    for (int c = 0; c < C; ++c) V::store(acc + r * ldacc + c * w, a[r][c]);                  \
+  }
+
+// The register blocks are inlined where they are called (a call per block costs a prologue and
+// an epilogue, which the few-row kernels, a block per 16 keys, feel).
+#define POSENC_INLINE_BLOCK __attribute__((always_inline)) inline
+
+/// The prefill tile products of one instruction set, from the two bodies above: `qk_<ISA>` and
+/// `pv_<ISA>_tiles<S>` (values of float, fp16 or bf16), with their register blocks and the
+/// blocking around them, every function marked `TARGET` (the set's target attribute, or nothing)
+/// so that the blocks inline into the loops that call them. QK^T takes `QK_ROWS` query rows
+/// against `QK_VECS` vectors of keys at a time; PV `PV_ROWS` rows by `PV_VECS` vectors of columns,
+/// then the rest of the columns in whole vectors (the buffers are readable and writable up to d
+/// rounded up to 16). Smaller row and column counts at the edges come from template recursion.
+#define POSENC_TILE_PRODUCTS(ISA, TARGET, V, QK_ROWS, QK_VECS, PV_ROWS, PV_VECS)                               \
+  template <int R, int C>                                                                                      \
+  TARGET POSENC_INLINE_BLOCK void qk_block_##ISA(const float* q, index_t ldq, index_t d, const float* kt, index_t ldkt,      \
+                                    float* s) {                                                                \
+    POSENC_QK_BLOCK_BODY(V)                                                                                    \
+  }                                                                                                            \
+  /* `rows` <= R query rows: the block of exactly that many. */                                                \
+  template <int R>                                                                                             \
+  TARGET inline void qk_rows_of_##ISA(index_t rows, const float* q, index_t ldq, index_t d, const float* kt,    \
+                                      index_t ldkt, float* s) {                                                \
+    if constexpr (R > 1) {                                                                                     \
+      if (rows < R) {                                                                                          \
+        qk_rows_of_##ISA<R - 1>(rows, q, ldq, d, kt, ldkt, s);                                                 \
+        return;                                                                                                \
+      }                                                                                                        \
+    }                                                                                                          \
+    qk_block_##ISA<R, QK_VECS>(q, ldq, d, kt, ldkt, s);                                                        \
+  }                                                                                                            \
+  TARGET inline void qk_##ISA(const float* q, index_t ldq, index_t nq, index_t d, const float* kt, index_t ldkt, \
+                              float* s) {                                                                      \
+    constexpr index_t keys = QK_VECS * V::width;                                                               \
+    for (index_t i0 = 0; i0 < nq; i0 += QK_ROWS)                                                               \
+      for (index_t j0 = 0; j0 < ldkt; j0 += keys)                                                              \
+        qk_rows_of_##ISA<QK_ROWS>(std::min<index_t>(QK_ROWS, nq - i0), q + i0 * ldq, ldq, d, kt + j0, ldkt,     \
+                                  s + i0 * ldkt + j0);                                                         \
+  }                                                                                                            \
+  template <int R, int C, class S>                                                                             \
+  TARGET POSENC_INLINE_BLOCK void pv_block_##ISA(const float* p, index_t ldp, index_t nk, const S* v, index_t ldv,           \
+                                    const float* alpha, float* acc, index_t ldacc, const S* pf, index_t npf) {  \
+    POSENC_PV_BLOCK_BODY(V)                                                                                    \
+  }                                                                                                            \
+  /* `rows` <= R rows, C vectors of columns. */                                                                \
+  template <int R, int C, class S>                                                                             \
+  TARGET inline void pv_rows_of_##ISA(index_t rows, const float* p, index_t ldp, index_t nk, const S* v,        \
+                                      index_t ldv, const float* alpha, float* acc, index_t ldacc, const S* pf,  \
+                                      index_t npf) {                                                           \
+    if constexpr (R > 1) {                                                                                     \
+      if (rows < R) {                                                                                          \
+        pv_rows_of_##ISA<R - 1, C, S>(rows, p, ldp, nk, v, ldv, alpha, acc, ldacc, pf, npf);                    \
+        return;                                                                                                \
+      }                                                                                                        \
+    }                                                                                                          \
+    pv_block_##ISA<R, C, S>(p, ldp, nk, v, ldv, alpha, acc, ldacc, pf, npf);                                    \
+  }                                                                                                            \
+  /* Every row, C vectors of columns; only the first block of rows requests the rows ahead. */                 \
+  template <int C, class S>                                                                                    \
+  TARGET inline void pv_cols_##ISA(const float* p, index_t ldp, index_t nq, index_t nk, const S* v, index_t ldv, \
+                                   const float* alpha, float* acc, index_t ldacc, const S* pf, index_t npf) {   \
+    index_t i = 0;                                                                                             \
+    for (; i + PV_ROWS <= nq; i += PV_ROWS)                                                                    \
+      pv_block_##ISA<PV_ROWS, C, S>(p + i * ldp, ldp, nk, v, ldv, alpha + i, acc + i * ldacc, ldacc,            \
+                                    i == 0 ? pf : nullptr, npf);                                               \
+    if (i < nq)                                                                                                \
+      pv_rows_of_##ISA<PV_ROWS - 1, C, S>(nq - i, p + i * ldp, ldp, nk, v, ldv, alpha + i, acc + i * ldacc,     \
+                                          ldacc, i == 0 ? pf : nullptr, npf);                                  \
+  }                                                                                                            \
+  /* `vecs` <= C vectors of columns. */                                                                        \
+  template <int C, class S>                                                                                    \
+  TARGET inline void pv_vecs_of_##ISA(index_t vecs, const float* p, index_t ldp, index_t nq, index_t nk,        \
+                                      const S* v, index_t ldv, const float* alpha, float* acc, index_t ldacc,   \
+                                      const S* pf, index_t npf) {                                              \
+    if constexpr (C > 1) {                                                                                     \
+      if (vecs < C) {                                                                                          \
+        pv_vecs_of_##ISA<C - 1, S>(vecs, p, ldp, nq, nk, v, ldv, alpha, acc, ldacc, pf, npf);                   \
+        return;                                                                                                \
+      }                                                                                                        \
+    }                                                                                                          \
+    pv_cols_##ISA<C, S>(p, ldp, nq, nk, v, ldv, alpha, acc, ldacc, pf, npf);                                    \
+  }                                                                                                            \
+  template <class S>                                                                                           \
+  TARGET inline void pv_##ISA##_tiles(const float* p, index_t ldp, index_t nq, index_t nk, const S* v,          \
+                                      index_t ldv, index_t d, const float* alpha, float* acc, index_t ldacc,    \
+                                      const S* pf, index_t npf) {                                              \
+    constexpr index_t w = V::width, step = PV_VECS * w;                                                        \
+    index_t c0 = 0;                                                                                            \
+    for (; c0 + step <= d; c0 += step)                                                                         \
+      pv_cols_##ISA<PV_VECS, S>(p, ldp, nq, nk, v + c0, ldv, alpha, acc + c0, ldacc, advance_or_null(pf, c0),   \
+                                npf);                                                                          \
+    if (c0 < d)                                                                                                \
+      pv_vecs_of_##ISA<PV_VECS, S>((d - c0 + w - 1) / w, p, ldp, nq, nk, v + c0, ldv, alpha, acc + c0, ldacc,   \
+                                   advance_or_null(pf, c0), npf);                                              \
+  }
+
+#endif  // POSENC_HAVE_X86_KERNELS || POSENC_NEON_KERNELS
+
+#if POSENC_HAVE_X86_KERNELS
+
 POSENC_SIMD_WARNINGS_OFF
 #define POSENC_AVX512 POSENC_TARGET_AVX512
-// The register blocks below must be unrolled completely, or their accumulator arrays live on the
-// stack and every FMA becomes a load and a store.
-#define POSENC_UNROLL _Pragma("GCC unroll 16")
 
 /// exp(x) for x <= 0 (logits minus their running max), 16 lanes: 2^(x log2 e) split into an
 /// integer power, applied with scalef, and a degree-6 polynomial for 2^f on [-1/2, 1/2]
@@ -451,51 +607,6 @@ POSENC_AVX512 inline void pack_kt_avx512(const float* k, index_t ldk, index_t nk
     float* dst = kt + c * ldkt;
     for (index_t j = nk16; j < nk; ++j) dst[j] = k[j * ldk + c];
     for (index_t j = nk; j < ldkt; ++j) dst[j] = 0.0f;
-  }
-}
-
-/// R query rows against 32 keys: 2R accumulators, 2 loads and R broadcasts per FMA pair.
-template <int R>
-POSENC_AVX512 inline void qk_block_avx512(const float* q, index_t ldq, index_t d, const float* kt, index_t ldkt,
-                                          float* s) {
-  __m512 acc0[R], acc1[R];
-  POSENC_UNROLL
-  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
-  for (index_t c = 0; c < d; ++c) {
-    const __m512 b0 = _mm512_loadu_ps(kt + c * ldkt);
-    const __m512 b1 = _mm512_loadu_ps(kt + c * ldkt + 16);
-    POSENC_UNROLL
-    for (int r = 0; r < R; ++r) {
-      const __m512 a = _mm512_set1_ps(q[r * ldq + c]);
-      acc0[r] = _mm512_fmadd_ps(a, b0, acc0[r]);
-      acc1[r] = _mm512_fmadd_ps(a, b1, acc1[r]);
-    }
-  }
-  POSENC_UNROLL
-  for (int r = 0; r < R; ++r) {
-    _mm512_storeu_ps(s + r * ldkt, acc0[r]);
-    _mm512_storeu_ps(s + r * ldkt + 16, acc1[r]);
-  }
-}
-
-POSENC_AVX512 inline void qk_avx512(const float* q, index_t ldq, index_t nq, index_t d, const float* kt, index_t ldkt,
-                                    float* s) {
-  for (index_t i0 = 0; i0 < nq; i0 += 8) {
-    const index_t rows = std::min<index_t>(8, nq - i0);
-    const float* qi = q + i0 * ldq;
-    float* si = s + i0 * ldkt;
-    for (index_t j0 = 0; j0 < ldkt; j0 += 32) {
-      switch (rows) {
-        case 8: qk_block_avx512<8>(qi, ldq, d, kt + j0, ldkt, si + j0); break;
-        case 7: qk_block_avx512<7>(qi, ldq, d, kt + j0, ldkt, si + j0); break;
-        case 6: qk_block_avx512<6>(qi, ldq, d, kt + j0, ldkt, si + j0); break;
-        case 5: qk_block_avx512<5>(qi, ldq, d, kt + j0, ldkt, si + j0); break;
-        case 4: qk_block_avx512<4>(qi, ldq, d, kt + j0, ldkt, si + j0); break;
-        case 3: qk_block_avx512<3>(qi, ldq, d, kt + j0, ldkt, si + j0); break;
-        case 2: qk_block_avx512<2>(qi, ldq, d, kt + j0, ldkt, si + j0); break;
-        default: qk_block_avx512<1>(qi, ldq, d, kt + j0, ldkt, si + j0); break;
-      }
-    }
   }
 }
 
@@ -603,6 +714,7 @@ struct avx512_f32x16 {
   POSENC_AVX512 static reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
   POSENC_AVX512 static reg sub(reg a, reg b) { return _mm512_sub_ps(a, b); }
   POSENC_AVX512 static reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
+  POSENC_AVX512 static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
   POSENC_AVX512 static reg max(reg a, reg b) { return _mm512_max_ps(a, b); }
   POSENC_AVX512 static reg exp(reg x) { return exp_avx512(x); }
   POSENC_AVX512 static float reduce_add(reg x) { return _mm512_reduce_add_ps(x); }
@@ -614,75 +726,9 @@ POSENC_AVX512 inline void softmax_avx512(float* s, index_t lds, index_t nq, inde
   POSENC_SOFTMAX_ROWS_BODY(avx512_f32x16)
 }
 
-/// R rows of the accumulator, C vectors of 16 columns: R*C accumulators, C loads and R
-/// broadcasts per key. Values of float, fp16 or bf16 (`V`).
-template <int R, int C, class V>
-POSENC_AVX512 inline void pv_block_avx512(const float* p, index_t ldp, index_t nk, const V* v, index_t ldv,
-                                          const float* alpha, float* acc, index_t ldacc, const V* pf, index_t npf) {
-  __m512 a[R][C];
-  POSENC_UNROLL
-  for (int r = 0; r < R; ++r) {
-    const __m512 al = _mm512_set1_ps(alpha[r]);
-    POSENC_UNROLL
-    for (int c = 0; c < C; ++c) a[r][c] = _mm512_mul_ps(al, _mm512_loadu_ps(acc + r * ldacc + 16 * c));
-  }
-  for (index_t j = 0; j < nk; ++j) {
-    prefetch_row(pf, ldv, j, npf, 16 * C);
-    __m512 b[C];
-    POSENC_UNROLL
-    for (int c = 0; c < C; ++c) b[c] = load16(v + j * ldv + 16 * c);
-    POSENC_UNROLL
-    for (int r = 0; r < R; ++r) {
-      const __m512 w = _mm512_set1_ps(p[r * ldp + j]);
-      POSENC_UNROLL
-      for (int c = 0; c < C; ++c) a[r][c] = _mm512_fmadd_ps(w, b[c], a[r][c]);
-    }
-  }
-  POSENC_UNROLL
-  for (int r = 0; r < R; ++r)
-    POSENC_UNROLL
-    for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc + r * ldacc + 16 * c, a[r][c]);
-}
-
-template <int C, class V>
-POSENC_AVX512 inline void pv_cols_avx512(const float* p, index_t ldp, index_t nq, index_t nk, const V* v,
-                                         index_t ldv, const float* alpha, float* acc, index_t ldacc, const V* pf,
-                                         index_t npf) {
-  index_t i = 0;
-  // Only the first block of rows requests the rows ahead.
-  const V* const first = nq < 6 ? pf : nullptr;
-  for (; i + 6 <= nq; i += 6)
-    pv_block_avx512<6, C>(p + i * ldp, ldp, nk, v, ldv, alpha + i, acc + i * ldacc, ldacc, i == 0 ? pf : nullptr, npf);
-  switch (nq - i) {
-    case 5: pv_block_avx512<5, C>(p + i * ldp, ldp, nk, v, ldv, alpha + i, acc + i * ldacc, ldacc, first, npf); break;
-    case 4: pv_block_avx512<4, C>(p + i * ldp, ldp, nk, v, ldv, alpha + i, acc + i * ldacc, ldacc, first, npf); break;
-    case 3: pv_block_avx512<3, C>(p + i * ldp, ldp, nk, v, ldv, alpha + i, acc + i * ldacc, ldacc, first, npf); break;
-    case 2: pv_block_avx512<2, C>(p + i * ldp, ldp, nk, v, ldv, alpha + i, acc + i * ldacc, ldacc, first, npf); break;
-    case 1: pv_block_avx512<1, C>(p + i * ldp, ldp, nk, v, ldv, alpha + i, acc + i * ldacc, ldacc, first, npf); break;
-    default: break;
-  }
-}
-
-template <class V>
-POSENC_AVX512 inline void pv_avx512(const float* p, index_t ldp, index_t nq, index_t nk, const V* v, index_t ldv,
-                                    index_t d, const float* alpha, float* acc, index_t ldacc, const V* pf,
-                                    index_t npf) {
-  // Columns in blocks of 64 (4 vectors), then what is left in whole vectors: the buffers are
-  // readable and writable up to d rounded up to 16.
-  index_t c0 = 0;
-  for (; c0 + 64 <= d; c0 += 64) {
-    const V* const ahead = advance_or_null(pf, c0);
-    pv_cols_avx512<4>(p, ldp, nq, nk, v + c0, ldv, alpha, acc + c0, ldacc, ahead, npf);
-  }
-  const V* const ahead = advance_or_null(pf, c0);
-  switch ((d - c0 + 15) / 16) {
-    case 4: pv_cols_avx512<4>(p, ldp, nq, nk, v + c0, ldv, alpha, acc + c0, ldacc, ahead, npf); break;
-    case 3: pv_cols_avx512<3>(p, ldp, nq, nk, v + c0, ldv, alpha, acc + c0, ldacc, ahead, npf); break;
-    case 2: pv_cols_avx512<2>(p, ldp, nq, nk, v + c0, ldv, alpha, acc + c0, ldacc, ahead, npf); break;
-    case 1: pv_cols_avx512<1>(p, ldp, nq, nk, v + c0, ldv, alpha, acc + c0, ldacc, ahead, npf); break;
-    default: break;
-  }
-}
+// QK^T: 8 query rows against 32 keys (16 accumulators of the 32 registers); PV: 6 rows by 64
+// columns (24 accumulators).
+POSENC_TILE_PRODUCTS(avx512, POSENC_AVX512, avx512_f32x16, 8, 2, 6, 4)
 
 /// `convert_f16` / `convert_bf16`: 16 columns per step, the tail masked.
 template <class S>
@@ -698,11 +744,11 @@ inline const tile_kernels<float>& avx512_float_kernels() {
                                      qk_avx512,
                                      qk_rows_avx512<float>,
                                      softmax_avx512,
-                                     pv_avx512<float>,
+                                     pv_avx512_tiles<float>,
                                      qk_rows_avx512<Eigen::half>,
                                      qk_rows_avx512<Eigen::bfloat16>,
-                                     pv_avx512<Eigen::half>,
-                                     pv_avx512<Eigen::bfloat16>,
+                                     pv_avx512_tiles<Eigen::half>,
+                                     pv_avx512_tiles<Eigen::bfloat16>,
                                      convert_avx512<Eigen::half>,
                                      convert_avx512<Eigen::bfloat16>,
                                      "avx512"};
@@ -812,49 +858,6 @@ POSENC_AVX2 inline void pack_kt_avx2(const float* k, index_t ldk, index_t nk, in
   }
 }
 
-/// R query rows against 16 keys: 2R accumulators (at most 12 of the 16 registers).
-template <int R>
-POSENC_AVX2 inline void qk_block_avx2(const float* q, index_t ldq, index_t d, const float* kt, index_t ldkt,
-                                      float* s) {
-  __m256 acc0[R], acc1[R];
-  POSENC_UNROLL
-  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps();
-  for (index_t c = 0; c < d; ++c) {
-    const __m256 b0 = _mm256_loadu_ps(kt + c * ldkt);
-    const __m256 b1 = _mm256_loadu_ps(kt + c * ldkt + 8);
-    POSENC_UNROLL
-    for (int r = 0; r < R; ++r) {
-      const __m256 a = _mm256_broadcast_ss(q + r * ldq + c);
-      acc0[r] = _mm256_fmadd_ps(a, b0, acc0[r]);
-      acc1[r] = _mm256_fmadd_ps(a, b1, acc1[r]);
-    }
-  }
-  POSENC_UNROLL
-  for (int r = 0; r < R; ++r) {
-    _mm256_storeu_ps(s + r * ldkt, acc0[r]);
-    _mm256_storeu_ps(s + r * ldkt + 8, acc1[r]);
-  }
-}
-
-POSENC_AVX2 inline void qk_avx2(const float* q, index_t ldq, index_t nq, index_t d, const float* kt, index_t ldkt,
-                                float* s) {
-  for (index_t i0 = 0; i0 < nq; i0 += 6) {
-    const float* qi = q + i0 * ldq;
-    float* si = s + i0 * ldkt;
-    const index_t rows = std::min<index_t>(6, nq - i0);
-    for (index_t j0 = 0; j0 < ldkt; j0 += 16) {
-      switch (rows) {
-        case 6: qk_block_avx2<6>(qi, ldq, d, kt + j0, ldkt, si + j0); break;
-        case 5: qk_block_avx2<5>(qi, ldq, d, kt + j0, ldkt, si + j0); break;
-        case 4: qk_block_avx2<4>(qi, ldq, d, kt + j0, ldkt, si + j0); break;
-        case 3: qk_block_avx2<3>(qi, ldq, d, kt + j0, ldkt, si + j0); break;
-        case 2: qk_block_avx2<2>(qi, ldq, d, kt + j0, ldkt, si + j0); break;
-        default: qk_block_avx2<1>(qi, ldq, d, kt + j0, ldkt, si + j0); break;
-      }
-    }
-  }
-}
-
 /// Up to 8 query rows against keys read in place (decode), as `qk_rows_block_avx512`.
 template <int R, class K>
 POSENC_AVX2 inline void qk_rows_block_avx2(const float* q, index_t ldq, index_t d, const K* k, index_t ldk,
@@ -926,6 +929,7 @@ struct avx2_f32x8 {
   POSENC_AVX2 static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
   POSENC_AVX2 static reg sub(reg a, reg b) { return _mm256_sub_ps(a, b); }
   POSENC_AVX2 static reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
+  POSENC_AVX2 static reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
   POSENC_AVX2 static reg max(reg a, reg b) { return _mm256_max_ps(a, b); }
   POSENC_AVX2 static reg exp(reg x) { return exp_avx2(x); }
   POSENC_AVX2 static float reduce_add(reg x) { return reduce_add_avx2(x); }
@@ -937,58 +941,9 @@ POSENC_AVX2 inline void softmax_avx2(float* s, index_t lds, index_t nq, index_t 
   POSENC_SOFTMAX_ROWS_BODY(avx2_f32x8)
 }
 
-/// R rows of the accumulator by 16 columns (two vectors): 2R accumulators.
-template <int R, class V>
-POSENC_AVX2 inline void pv_block_avx2(const float* p, index_t ldp, index_t nk, const V* v, index_t ldv,
-                                      const float* alpha, float* acc, index_t ldacc, const V* pf, index_t npf) {
-  __m256 a0[R], a1[R];
-  POSENC_UNROLL
-  for (int r = 0; r < R; ++r) {
-    const __m256 al = _mm256_set1_ps(alpha[r]);
-    a0[r] = _mm256_mul_ps(al, _mm256_loadu_ps(acc + r * ldacc));
-    a1[r] = _mm256_mul_ps(al, _mm256_loadu_ps(acc + r * ldacc + 8));
-  }
-  for (index_t j = 0; j < nk; ++j) {
-    prefetch_row(pf, ldv, j, npf, 16);
-    const __m256 b0 = load8(v + j * ldv);
-    const __m256 b1 = load8(v + j * ldv + 8);
-    POSENC_UNROLL
-    for (int r = 0; r < R; ++r) {
-      const __m256 w = _mm256_broadcast_ss(p + r * ldp + j);
-      a0[r] = _mm256_fmadd_ps(w, b0, a0[r]);
-      a1[r] = _mm256_fmadd_ps(w, b1, a1[r]);
-    }
-  }
-  POSENC_UNROLL
-  for (int r = 0; r < R; ++r) {
-    _mm256_storeu_ps(acc + r * ldacc, a0[r]);
-    _mm256_storeu_ps(acc + r * ldacc + 8, a1[r]);
-  }
-}
-
-template <class V>
-POSENC_AVX2 inline void pv_keys_avx2(const float* p, index_t ldp, index_t nq, index_t nk, const V* v, index_t ldv,
-                                     index_t d, const float* alpha, float* acc, index_t ldacc, const V* pf,
-                                     index_t npf) {
-  // Whole 16-column blocks: the buffers are readable and writable up to d rounded up to 16.
-  for (index_t c0 = 0; c0 < d; c0 += 16) {
-    index_t i = 0;
-    const V* const pfc = advance_or_null(pf, c0);
-    for (; i + 6 <= nq; i += 6)
-      pv_block_avx2<6>(p + i * ldp, ldp, nk, v + c0, ldv, alpha + i, acc + i * ldacc + c0, ldacc,
-                       i == 0 ? pfc : nullptr, npf);
-    const float* pi = p + i * ldp;
-    float* ai = acc + i * ldacc + c0;
-    switch (nq - i) {
-      case 5: pv_block_avx2<5>(pi, ldp, nk, v + c0, ldv, alpha + i, ai, ldacc, i == 0 ? pfc : nullptr, npf); break;
-      case 4: pv_block_avx2<4>(pi, ldp, nk, v + c0, ldv, alpha + i, ai, ldacc, i == 0 ? pfc : nullptr, npf); break;
-      case 3: pv_block_avx2<3>(pi, ldp, nk, v + c0, ldv, alpha + i, ai, ldacc, i == 0 ? pfc : nullptr, npf); break;
-      case 2: pv_block_avx2<2>(pi, ldp, nk, v + c0, ldv, alpha + i, ai, ldacc, i == 0 ? pfc : nullptr, npf); break;
-      case 1: pv_block_avx2<1>(pi, ldp, nk, v + c0, ldv, alpha + i, ai, ldacc, i == 0 ? pfc : nullptr, npf); break;
-      default: break;
-    }
-  }
-}
+// QK^T: 6 query rows against 16 keys (12 accumulators of the 16 registers); PV: 6 rows by 16
+// columns (12 accumulators).
+POSENC_TILE_PRODUCTS(avx2, POSENC_AVX2, avx2_f32x8, 6, 2, 6, 2)
 
 /// `pv_avx2` goes over the keys in chunks of `pv_chunk_keys` when it has at most `pv_chunk_rows`
 /// query rows.
@@ -999,7 +954,7 @@ template <class V>
 POSENC_AVX2 inline void pv_avx2(const float* p, index_t ldp, index_t nq, index_t nk, const V* v, index_t ldv,
                                 index_t d, const float* alpha, float* acc, index_t ldacc, const V* pf, index_t npf) {
   if (nq > pv_chunk_rows) {
-    pv_keys_avx2(p, ldp, nq, nk, v, ldv, d, alpha, acc, ldacc, pf, npf);
+    pv_avx2_tiles(p, ldp, nq, nk, v, ldv, d, alpha, acc, ldacc, pf, npf);
     return;
   }
   // Few rows (decode): the keys in chunks, every 16-column block of a chunk before the next chunk,
@@ -1012,7 +967,7 @@ POSENC_AVX2 inline void pv_avx2(const float* p, index_t ldp, index_t nq, index_t
   // 1 query, 128k keys, GQA 8/2, one thread on Zen 5: fp32 15.9 -> 11.1 ms, bf16 8.3 -> 6.6 ms.
   const float ones[pv_chunk_rows] = {1.0f, 1.0f, 1.0f, 1.0f};
   for (index_t j0 = 0; j0 < nk; j0 += pv_chunk_keys)
-    pv_keys_avx2(p + j0, ldp, nq, std::min(pv_chunk_keys, nk - j0), v + j0 * ldv, ldv, d, j0 == 0 ? alpha : ones,
+    pv_avx2_tiles(p + j0, ldp, nq, std::min(pv_chunk_keys, nk - j0), v + j0 * ldv, ldv, d, j0 == 0 ? alpha : ones,
                  acc, ldacc, pf != nullptr && j0 < npf ? pf + j0 * ldv : nullptr, npf - j0);
 }
 
@@ -1024,7 +979,6 @@ POSENC_AVX2 inline void convert_avx2(const S* src, index_t lds, index_t n, index
 }
 
 #undef POSENC_AVX2
-#undef POSENC_UNROLL
 POSENC_SIMD_WARNINGS_ON
 
 inline const tile_kernels<float>& avx2_float_kernels() {
@@ -1048,9 +1002,10 @@ inline const tile_kernels<float>& avx2_float_kernels() {
 #if POSENC_NEON_KERNELS
 
 // ---------------------------------------------------------------------------------------------
-// aarch64 Advanced SIMD (NEON): 4 lanes, 32 registers, every aarch64 CPU. Softmax and the
-// half-precision widening are NEON; the tile products are the portable loops for now (which GCC
-// and clang vectorise for NEON at -O2 and above).
+// aarch64 Advanced SIMD (NEON): 4 lanes, 32 registers, every aarch64 CPU. The prefill tile
+// products, softmax and the half-precision widening are NEON, from the bodies the x86 sets use; the
+// few-row (decode) products are the portable loops (which GCC and clang vectorise for NEON at -O2
+// and above).
 
 /// exp(x) for x <= 0, 4 lanes: `exp_avx2`'s steps (`frintn` rounds to nearest even, as
 /// `vroundps`; the polynomial by `fmla`), so the same value in every lane.
@@ -1102,6 +1057,7 @@ struct neon_f32x4 {
   static reg add(reg a, reg b) { return vaddq_f32(a, b); }
   static reg sub(reg a, reg b) { return vsubq_f32(a, b); }
   static reg mul(reg a, reg b) { return vmulq_f32(a, b); }
+  static reg fma(reg a, reg b, reg c) { return vfmaq_f32(c, a, b); }
   static reg max(reg a, reg b) { return vmaxq_f32(a, b); }
   static reg exp(reg x) { return exp_neon(x); }
   static float reduce_add(reg x) { return vaddvq_f32(x); }
@@ -1117,16 +1073,21 @@ inline void convert_neon(const S* src, index_t lds, index_t n, index_t d, float 
   POSENC_CONVERT_ROWS_BODY(neon_f32x4)
 }
 
+// QK^T: 5 query rows against 16 keys; PV: 5 rows by 16 columns. Either takes 20 accumulators, 4
+// key or value vectors and 5 query values or weights (multiplied by lane, `fmla v.4s, v.4s, v.s[0]`)
+// of the 32 registers; with 6 rows GCC spills two accumulators in the loop.
+POSENC_TILE_PRODUCTS(neon, , neon_f32x4, 5, 4, 5, 4)
+
 inline const tile_kernels<float>& neon_float_kernels() {
   static const tile_kernels<float> k{pack_kt_portable<float>,
-                                     qk_portable<float>,
+                                     qk_neon,
                                      qk_rows_portable<float>,
                                      softmax_neon,
-                                     pv_portable<float>,
+                                     pv_neon_tiles<float>,
                                      qk_rows_portable<float, Eigen::half>,
                                      qk_rows_portable<float, Eigen::bfloat16>,
-                                     pv_portable<float, Eigen::half>,
-                                     pv_portable<float, Eigen::bfloat16>,
+                                     pv_neon_tiles<Eigen::half>,
+                                     pv_neon_tiles<Eigen::bfloat16>,
                                      convert_neon<Eigen::half>,
                                      convert_neon<Eigen::bfloat16>,
                                      "neon"};
@@ -1137,6 +1098,11 @@ inline const tile_kernels<float>& neon_float_kernels() {
 
 #undef POSENC_SOFTMAX_ROWS_BODY
 #undef POSENC_CONVERT_ROWS_BODY
+#undef POSENC_QK_BLOCK_BODY
+#undef POSENC_PV_BLOCK_BODY
+#undef POSENC_UNROLL
+#undef POSENC_TILE_PRODUCTS
+#undef POSENC_INLINE_BLOCK
 
 /// The kernels for compute type `C`: for float, AVX-512 or AVX2 (x86) or NEON (aarch64) where the
 /// CPU has it and the process-wide cap allows it (`detail::scoped_simd_cap`); portable otherwise.
