@@ -1143,7 +1143,8 @@ def goal_cell(value, goal, at_least, why):
         return why
     if (value >= goal) if at_least else (value <= goal):
         return "met"
-    return f"missed by {abs(value - goal):.2f}"
+    gap = abs(value - goal)
+    return f"missed by {gap:.2f}" if gap >= 0.005 else f"missed by {gap:.2g}"
 
 
 def lengths_text(r):
@@ -1407,6 +1408,78 @@ def memory_table(res, probes, goal=None):
     return text
 
 
+def span(values, form=lambda v: f"{v:.2f}"):
+    """'0.80-0.86' (one value when both ends read the same), empty without values."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return ""
+    lo, hi = form(min(vals)), form(max(vals))
+    return lo if lo == hi else f"{lo} to {hi}" if lo.startswith(("+", "-")) else f"{lo}-{hi}"
+
+
+def percent(v):
+    return f"{100 * v:+.0f}%"
+
+
+def goals_section(res):
+    """The speed goals of the kernels, each against the ceiling of the instruction set in use (the
+    FMA peak and read bandwidth of this run): met, or missed by how much, or why there is no figure."""
+    rows = []
+
+    def add(goal, figure, values, target, at_least, missing, form=lambda v: f"{v:.2f}"):
+        """`values`: (value, where) pairs; the goal holds when every value does."""
+        vals = [(v, w) for v, w in values if v is not None]
+        if not vals:
+            rows.append((goal, figure, "not in this run", missing))
+            return
+        worst = min(vals) if at_least else max(vals)
+        cell = goal_cell(worst[0], target, at_least, "")
+        if form is percent and cell.startswith("missed"):
+            pts_off = round(100 * abs(worst[0] - target))
+            cell = f"missed by {pts_off} point{'' if pts_off == 1 else 's'}"
+        rows.append((goal, figure, span((v for v, _ in vals), form) + f" (worst: {worst[1]})", cell))
+
+    for d, target in ((128, 0.8), (64, 0.75)):
+        pts = [(r["ratio_fma"], f"{r['mask']} {fmt_n(r['n_kv'])}") for r in res.select(group="prefill", path="blockwise",
+                                                                                    status="ok")
+               if r["d"] == d and 4096 <= (r["n_kv"] or 0) <= 16384]
+        add(f"prefill, full and causal, 8 heads, d = {d}, n = 4k-16k: ≥ {target} of the {res.fma_name}",
+            "GFLOP/s over the peak", pts, target, True, "no blockwise prefill points of 4k-16k")
+    full = {(r["d"], r["n_kv"]): r for r in res.select(group="prefill", path="blockwise", mask="full", status="ok")}
+    pts = [(r["time_s"] / full[(r["d"], r["n_kv"])]["time_s"], f"d = {r['d']}, {fmt_n(r['n_kv'])}")
+           for r in res.select(group="prefill", path="blockwise", mask="causal", status="ok")
+           if (r["d"], r["n_kv"]) in full and (r["n_kv"] or 0) >= 4096]
+    add("causal prefill time ≤ 0.53 of full (n ≥ 4k)", "causal time / full time", pts, 0.53, False,
+        "no pair of full and causal points from 4k")
+    enc = res.select(group="encoder", path="blockwise", status="ok")
+    n_enc = 8192 if any(r["n_kv"] == 8192 for r in enc) else max((r["n_kv"] for r in enc), default=None)
+    at = {r["encoder"]: r for r in enc if r["n_kv"] == n_enc}
+    for names, target in ((("rope", "rope_llama3"), 0.03), (("alibi", "t5"), 0.05), (("shaw",), 0.10)):
+        pts = [(at[e]["time_s"] / at["none"]["time_s"] - 1, e) for e in names if e in at and "none" in at]
+        add(f"{' and '.join(names)} inside causal prefill at n = {fmt_n(n_enc) if n_enc else '8k'}: "
+            f"≤ +{100 * target:.0f}% over none", "time over none's", pts, target, False,
+            "no encoder points with none beside them", percent)
+    pts = [(r["speedup_vs_fp32"], f"{r['storage']} {fmt_n(r['n_kv'])}") for r in res.select(group="storage",
+                                                                                          path="blockwise",
+                                                                                          status="ok")
+           if r["storage"] != "fp32" and r.get("speedup_vs_fp32")]
+    add("half-precision K/V prefill ≥ 0.95 of the fp32 speed", "fp32 time / half-precision time", pts, 0.95,
+        True, "no bf16 / fp16 storage points beside fp32")
+    dec = [r for r in res.select(group="decode", path="blockwise", status="ok") if r["n_q"] == 1]
+    n_dec = max((r["n_kv"] for r in dec), default=None)
+    pts = [(r["speedup_vs_fp32"], f"{r['storage']} {fmt_n(r['n_kv'])}") for r in dec
+           if r["storage"] != "fp32" and r["n_kv"] == n_dec and r.get("speedup_vs_fp32")]
+    add(f"half-precision decode (1 query, GQA 8/2, d = 128, {fmt_n(n_dec) if n_dec else 'longest'} cached): ≥ 1.8x "
+        "the fp32 tokens/s", "per-token speed-up over fp32", pts, 1.8, True, "no bf16 / fp16 decode points")
+    pts = [(r["ratio_read"], fmt_n(r["n_kv"])) for r in dec
+           if r["storage"] == "fp32" and 32768 <= r["n_kv"] <= 131072 and r.get("ratio_read") is not None]
+    add("fp32 decode (1 query, GQA 8/2, d = 128, 32k-128k cached): ≥ 0.8 of the read bandwidth",
+        "K/V GB/s over the read bandwidth", pts, 0.8, True, "no fp32 decode points of 32k-128k, or no read ceiling")
+    return (f"Each goal against this run's ceilings of the instruction set in use ({res.fma_name}); "
+            "`scripts/bench --simd-cap avx2` measures the AVX2 kernels on an AVX-512 machine.\n\n" +
+            md_table(["goal", "figure", "measured", "met?"], rows))
+
+
 BACKWARD_GOAL = 0.5  # of the FMA peak, counting 2.5x the forward's FLOP
 
 
@@ -1566,6 +1639,7 @@ def main():
         "the contiguous call; the step over its prefill and decode parts run alone).\n"
         "- Time is wall time per call (Google Benchmark real time), with all cores (a posenc::thread_pool) unless "
         "stated.",
+        "## Speed goals of the kernels\n\n" + goals_section(res),
         "## Attention prefill: full, causal, sliding window, GQA (8 heads)\n\n" + prefill_section(res),
         "## Encoders inside causal prefill (8 heads, d = 128)\n\n" + encoder_section(res),
         "## Decode against a KV cache (GQA 8/2, d = 128; K and V in fp32, bf16, fp16)\n\n" + decode_section(res),

@@ -440,6 +440,65 @@ class NoCeiling(unittest.TestCase):
                     self.assertTrue(cell, f"blank '{col}' in the ceilings row '{row[0]}'")
 
 
+class Goals(unittest.TestCase):
+    """The kernels' speed goals, from points added to a quick run's folder."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        folder = results_folder(cls.tmp.name, AVX2_LABEL)
+        path = os.path.join(folder, "bench_attention.json")
+        with open(path) as f:
+            data = json.load(f)
+        peak = 1.4e11
+        for n, mask, ratio, ms in ((4096, "full", 0.85, 100.0), (4096, "causal", 0.83, 52.0),
+                                   (8192, "full", 0.84, 400.0), (8192, "causal", 0.79, 212.0)):
+            data["benchmarks"].append(gb_point(f"attention/blockwise/{n}/128/{int(mask == 'causal')}", ms,
+                                               attention_label("prefill", "blockwise", n, mask=mask),
+                                               FLOPS=ratio * peak))
+        for enc, ms in (("none", 100.0), ("alibi", 104.0), ("t5", 106.0)):
+            data["benchmarks"].append(gb_point(f"attention/encoder/{enc}/blockwise/8192", ms,
+                                               attention_label("encoder", "blockwise", 8192, enc=enc),
+                                               FLOPS=0.8 * peak * 100.0 / ms))
+        write(folder, "bench_attention.json", data)
+        cls.rows = {r["goal"].split(":")[0]: r
+                    for r in table_after(section(make_report(folder), "Speed goals"), "ceilings of the instruction")}
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def row(self, start):
+        return next(r for g, r in self.rows.items() if g.startswith(start))
+
+    def test_prefill_against_the_peak_of_the_set_in_use(self):
+        r = self.row("prefill, full and causal, 8 heads, d = 128")
+        self.assertIn("AVX2+FMA peak", r["goal"])
+        self.assertEqual(r["measured"], "0.79-0.85 (worst: causal 8k)")
+        self.assertEqual(r["met?"], "missed by 0.01")
+        self.assertEqual(self.row("prefill, full and causal, 8 heads, d = 64")["measured"], "not in this run")
+
+    def test_causal_over_full(self):
+        r = self.row("causal prefill time")
+        self.assertEqual(r["measured"], "0.52-0.53 (worst: d = 128, 8k)")
+        self.assertEqual(r["met?"], "met")
+
+    def test_encoders_over_none(self):
+        r = self.row("alibi and t5")
+        self.assertEqual(r["measured"], "+4% to +6% (worst: t5)")
+        self.assertEqual(r["met?"], "missed by 1 point")
+        self.assertEqual(self.row("rope and rope_llama3")["measured"], "not in this run")
+
+    def test_half_precision(self):
+        r = self.row("half-precision K/V prefill")
+        self.assertEqual(r["measured"], "0.91 (worst: bf16 1k)")
+        self.assertEqual(r["met?"], "missed by 0.04")
+        r = self.row("half-precision decode")
+        self.assertEqual(r["measured"], "2.00 (worst: bf16 4k)")
+        self.assertEqual(r["met?"], "met")
+        self.assertEqual(self.row("fp32 decode")["measured"], "not in this run")
+
+
 class Backward(unittest.TestCase):
     """bench_backward's points and the backward memory probes, with an AVX2+FMA peak."""
 
