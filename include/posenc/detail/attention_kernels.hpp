@@ -416,12 +416,24 @@ inline const T* advance_or_null(const T* p, index_t n) {
     for (int c = 0; c < C; ++c) V::store(acc + r * ldacc + c * w, a[r][c]);                  \
   }
 
-// The register blocks are inlined where they are called (a call per block costs a prologue and
-// an epilogue, which the few-row kernels, a block per 16 keys, feel).
+// The register blocks and the row and column dispatch around them are inlined into the loop
+// that calls them (a call per block costs a prologue and an epilogue, which the few-row kernels,
+// a block per 16 keys, feel: AVX2 bf16 decode took 6% longer with calls).
 #define POSENC_INLINE_BLOCK __attribute__((always_inline)) inline
 
+/// `tile_kernels::pv` with at most `pv_chunk_rows` query rows (decode) goes over the keys in chunks
+/// of `pv_chunk_keys`, every column block of a chunk before the next chunk, so that the chunk's
+/// value rows are read from memory once and stay in L1 for the other column blocks. Going over the
+/// whole tile once per block re-reads it from L2 each time: an engine's value rows are 1-4 KiB
+/// apart, a stride at which rows share a few L1 sets, so not even 128 of them stay in L1. The
+/// accumulators go through memory between chunks (exactly: the sums are the same), and the previous
+/// state's rescale factor applies to the first chunk only. AVX2 (16-column blocks), 1 query, 128k
+/// keys, GQA 8/2, one thread on Zen 5: fp32 15.9 -> 11.1 ms, bf16 8.3 -> 6.6 ms.
+inline constexpr index_t pv_chunk_rows = 4;
+inline constexpr index_t pv_chunk_keys = 16;
+
 /// The prefill tile products of one instruction set, from the two bodies above: `qk_<ISA>` and
-/// `pv_<ISA>_tiles<S>` (values of float, fp16 or bf16), with their register blocks and the
+/// `pv_<ISA><S>` (values of float, fp16 or bf16), with their register blocks and the
 /// blocking around them, every function marked `TARGET` (the set's target attribute, or nothing)
 /// so that the blocks inline into the loops that call them. QK^T takes `QK_ROWS` query rows
 /// against `QK_VECS` vectors of keys at a time; PV `PV_ROWS` rows by `PV_VECS` vectors of columns,
@@ -435,7 +447,7 @@ inline const T* advance_or_null(const T* p, index_t n) {
   }                                                                                                            \
   /* `rows` <= R query rows: the block of exactly that many. */                                                \
   template <int R>                                                                                             \
-  TARGET inline void qk_rows_of_##ISA(index_t rows, const float* q, index_t ldq, index_t d, const float* kt,    \
+  TARGET POSENC_INLINE_BLOCK void qk_rows_of_##ISA(index_t rows, const float* q, index_t ldq, index_t d, const float* kt,    \
                                       index_t ldkt, float* s) {                                                \
     if constexpr (R > 1) {                                                                                     \
       if (rows < R) {                                                                                          \
@@ -460,7 +472,7 @@ inline const T* advance_or_null(const T* p, index_t n) {
   }                                                                                                            \
   /* `rows` <= R rows, C vectors of columns. */                                                                \
   template <int R, int C, class S>                                                                             \
-  TARGET inline void pv_rows_of_##ISA(index_t rows, const float* p, index_t ldp, index_t nk, const S* v,        \
+  TARGET POSENC_INLINE_BLOCK void pv_rows_of_##ISA(index_t rows, const float* p, index_t ldp, index_t nk, const S* v,        \
                                       index_t ldv, const float* alpha, float* acc, index_t ldacc, const S* pf,  \
                                       index_t npf) {                                                           \
     if constexpr (R > 1) {                                                                                     \
@@ -473,7 +485,7 @@ inline const T* advance_or_null(const T* p, index_t n) {
   }                                                                                                            \
   /* Every row, C vectors of columns; only the first block of rows requests the rows ahead. */                 \
   template <int C, class S>                                                                                    \
-  TARGET inline void pv_cols_##ISA(const float* p, index_t ldp, index_t nq, index_t nk, const S* v, index_t ldv, \
+  TARGET POSENC_INLINE_BLOCK void pv_cols_##ISA(const float* p, index_t ldp, index_t nq, index_t nk, const S* v, index_t ldv, \
                                    const float* alpha, float* acc, index_t ldacc, const S* pf, index_t npf) {   \
     index_t i = 0;                                                                                             \
     for (; i + PV_ROWS <= nq; i += PV_ROWS)                                                                    \
@@ -485,7 +497,7 @@ inline const T* advance_or_null(const T* p, index_t n) {
   }                                                                                                            \
   /* `vecs` <= C vectors of columns. */                                                                        \
   template <int C, class S>                                                                                    \
-  TARGET inline void pv_vecs_of_##ISA(index_t vecs, const float* p, index_t ldp, index_t nq, index_t nk,        \
+  TARGET POSENC_INLINE_BLOCK void pv_vecs_of_##ISA(index_t vecs, const float* p, index_t ldp, index_t nq, index_t nk,        \
                                       const S* v, index_t ldv, const float* alpha, float* acc, index_t ldacc,   \
                                       const S* pf, index_t npf) {                                              \
     if constexpr (C > 1) {                                                                                     \
@@ -508,6 +520,21 @@ inline const T* advance_or_null(const T* p, index_t n) {
     if (c0 < d)                                                                                                \
       pv_vecs_of_##ISA<PV_VECS, S>((d - c0 + w - 1) / w, p, ldp, nq, nk, v + c0, ldv, alpha, acc + c0, ldacc,   \
                                    advance_or_null(pf, c0), npf);                                              \
+  }                                                                                                            \
+  /* `tile_kernels::pv`: few rows (decode) go over the keys in chunks (see pv_chunk_keys). */                  \
+  template <class S>                                                                                           \
+  TARGET inline void pv_##ISA(const float* p, index_t ldp, index_t nq, index_t nk, const S* v, index_t ldv,     \
+                              index_t d, const float* alpha, float* acc, index_t ldacc, const S* pf,           \
+                              index_t npf) {                                                                   \
+    if (nq > pv_chunk_rows) {                                                                                  \
+      pv_##ISA##_tiles<S>(p, ldp, nq, nk, v, ldv, d, alpha, acc, ldacc, pf, npf);                              \
+      return;                                                                                                  \
+    }                                                                                                          \
+    const float ones[pv_chunk_rows] = {1.0f, 1.0f, 1.0f, 1.0f};                                                \
+    for (index_t j0 = 0; j0 < nk; j0 += pv_chunk_keys)                                                         \
+      pv_##ISA##_tiles<S>(p + j0, ldp, nq, std::min(pv_chunk_keys, nk - j0), v + j0 * ldv, ldv, d,             \
+                          j0 == 0 ? alpha : ones, acc, ldacc, pf != nullptr && j0 < npf ? pf + j0 * ldv : nullptr, \
+                          npf - j0);                                                                           \
   }
 
 #endif  // POSENC_HAVE_X86_KERNELS || POSENC_NEON_KERNELS
@@ -744,11 +771,11 @@ inline const tile_kernels<float>& avx512_float_kernels() {
                                      qk_avx512,
                                      qk_rows_avx512<float>,
                                      softmax_avx512,
-                                     pv_avx512_tiles<float>,
+                                     pv_avx512<float>,
                                      qk_rows_avx512<Eigen::half>,
                                      qk_rows_avx512<Eigen::bfloat16>,
-                                     pv_avx512_tiles<Eigen::half>,
-                                     pv_avx512_tiles<Eigen::bfloat16>,
+                                     pv_avx512<Eigen::half>,
+                                     pv_avx512<Eigen::bfloat16>,
                                      convert_avx512<Eigen::half>,
                                      convert_avx512<Eigen::bfloat16>,
                                      "avx512"};
@@ -945,32 +972,6 @@ POSENC_AVX2 inline void softmax_avx2(float* s, index_t lds, index_t nq, index_t 
 // columns (12 accumulators).
 POSENC_TILE_PRODUCTS(avx2, POSENC_AVX2, avx2_f32x8, 6, 2, 6, 2)
 
-/// `pv_avx2` goes over the keys in chunks of `pv_chunk_keys` when it has at most `pv_chunk_rows`
-/// query rows.
-inline constexpr index_t pv_chunk_rows = 4;
-inline constexpr index_t pv_chunk_keys = 16;
-
-template <class V>
-POSENC_AVX2 inline void pv_avx2(const float* p, index_t ldp, index_t nq, index_t nk, const V* v, index_t ldv,
-                                index_t d, const float* alpha, float* acc, index_t ldacc, const V* pf, index_t npf) {
-  if (nq > pv_chunk_rows) {
-    pv_avx2_tiles(p, ldp, nq, nk, v, ldv, d, alpha, acc, ldacc, pf, npf);
-    return;
-  }
-  // Few rows (decode): the keys in chunks, every 16-column block of a chunk before the next chunk,
-  // so that the chunk's value rows are read from memory once and stay in L1 for the other seven
-  // blocks (d = 128). Going over the whole tile once per block re-reads it from L2 each time: an
-  // engine's value rows are 1-4 KiB apart, a stride at which rows share a few L1 sets, so not even
-  // 128 of them stay in L1. The accumulators go through memory between chunks (exactly: the sums
-  // are the same), and the previous state's rescale factor applies to the first chunk only. (The
-  // AVX-512 kernel takes 64 columns per pass, a quarter of the passes, and gains nothing from it.)
-  // 1 query, 128k keys, GQA 8/2, one thread on Zen 5: fp32 15.9 -> 11.1 ms, bf16 8.3 -> 6.6 ms.
-  const float ones[pv_chunk_rows] = {1.0f, 1.0f, 1.0f, 1.0f};
-  for (index_t j0 = 0; j0 < nk; j0 += pv_chunk_keys)
-    pv_avx2_tiles(p + j0, ldp, nq, std::min(pv_chunk_keys, nk - j0), v + j0 * ldv, ldv, d, j0 == 0 ? alpha : ones,
-                 acc, ldacc, pf != nullptr && j0 < npf ? pf + j0 * ldv : nullptr, npf - j0);
-}
-
 /// `convert_f16` / `convert_bf16`: 8 columns per step, the tail masked.
 template <class S>
 POSENC_AVX2 inline void convert_avx2(const S* src, index_t lds, index_t n, index_t d, float factor, float* dst,
@@ -1083,11 +1084,11 @@ inline const tile_kernels<float>& neon_float_kernels() {
                                      qk_neon,
                                      qk_rows_portable<float>,
                                      softmax_neon,
-                                     pv_neon_tiles<float>,
+                                     pv_neon<float>,
                                      qk_rows_portable<float, Eigen::half>,
                                      qk_rows_portable<float, Eigen::bfloat16>,
-                                     pv_neon_tiles<Eigen::half>,
-                                     pv_neon_tiles<Eigen::bfloat16>,
+                                     pv_neon<Eigen::half>,
+                                     pv_neon<Eigen::bfloat16>,
                                      convert_neon<Eigen::half>,
                                      convert_neon<Eigen::bfloat16>,
                                      "neon"};
