@@ -1418,7 +1418,9 @@ def span(values, form=lambda v: f"{v:.2f}"):
 
 
 def percent(v):
-    return f"{100 * v:+.0f}%"
+    """'+4%', '-1%'; a change that rounds to zero is '+0%'."""
+    text = f"{100 * v:+.0f}%"
+    return "+0%" if text == "-0%" else text
 
 
 def goals_section(res):
