@@ -656,3 +656,23 @@ TEST_CASE("rope tile rotator: every SIMD level gives the portable bits, within f
       }
   }
 }
+
+TEST_CASE("rope tile rotator: positions just above -2^52, whose block starts at -2^52, agree with rotate",
+          "[rope][tile][edges]") {
+  // The rotator splits p into a multiple of 256 (the floor) and the rest, so positions in
+  // (-2^52, -2^52 + 256) start their block at -2^52 itself, which must be reduced exactly too.
+  const position b = position{1} << 52;
+  const posenc::rope<float> rope({.head_dim = 16, .base = 1e4});
+  const auto rot = rope.tile_rotator();
+  std::vector<float> scratch(static_cast<std::size_t>(rot.scratch_size()));
+  const std::vector<position> pos{-b, -b + 1, -b + 2, -b + 255, -b + 256, b - 1, b - 255};
+  const auto x = random_matrix<float>(static_cast<index_t>(pos.size()), 16, 77);
+  posenc::row_matrix<float> direct = x, tile = x;
+  rope.rotate(direct, posenc::positions(pos));
+  rot.rotate(posenc::view_of(tile), posenc::positions(pos), scratch.data());
+  for (index_t i = 0; i < direct.rows(); ++i)
+    for (index_t k = 0; k < 16; ++k) {
+      INFO("position " << pos[static_cast<std::size_t>(i)] << ", column " << k);
+      CHECK(std::abs(tile(i, k) - direct(i, k)) <= 1e-5f * (1.0f + x.row(i).cwiseAbs().maxCoeff()));
+    }
+}

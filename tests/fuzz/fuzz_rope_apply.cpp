@@ -170,7 +170,7 @@ void run_valid_case(const posenc::rope<T>& rope, const case_spec& c) {
         // Past 2^52 an angle is the plain double product (rope.hpp), meaningless to within
         // radians: the rotator's hi + lo split and rotate's product then differ. Norms are
         // checked above for every position.
-        if (pos[i] >= (position{1} << 52) || pos[i] <= -(position{1} << 52)) continue;
+        if (pos[i] >= (position{1} << 52) || pos[i] < -(position{1} << 52)) continue;
         double row_norm = 0;
         for (index_t t = 0; t < d; ++t) row_norm = std::max(row_norm, std::abs(double(x0(i, h * d + t))));
         for (index_t t = 0; t < d; ++t) {

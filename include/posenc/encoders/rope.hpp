@@ -96,11 +96,13 @@ POSENC_STRICT_FP inline void two_sum(double a, double b, double& s, double& e) {
 }
 
 /// cos and sin of `p * inv_freq` for one pair. `exact` (all turns below 2^10) allows the exact
-/// reduction; past 2^52, or without it, the angle is the plain double product.
+/// reduction for `-2^52 <= p < 2^52`; past that, or without it, the angle is the plain double
+/// product. (-2^52 itself is reduced exactly: it is a multiple of 2^26, so its products are exact,
+/// and the tile rotator takes it as the block start of positions just above it.)
 POSENC_STRICT_FP inline void rope_cos_sin(position p, const rope_turns& t, bool exact, double& c, double& s) {
   POSENC_STRICT_FP_BODY
   constexpr position limit = position{1} << 52;
-  if (!exact || p >= limit || p <= -limit) {
+  if (!exact || p >= limit || p < -limit) {
     const double angle = static_cast<double>(p) * t.inv;
     c = std::cos(angle);
     s = std::sin(angle);
