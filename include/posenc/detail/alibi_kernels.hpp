@@ -22,12 +22,14 @@ namespace posenc::detail {
 /// A bias-row kernel (see the file comment).
 using alibi_row_kernel = void (*)(float* row, index_t n, double neg_slope, double d0, bool symmetric);
 
-POSENC_STRICT_FP inline void alibi_row_portable(float* row, index_t n, double neg_slope, double d0, bool symmetric) {
+/// The portable bias row, for float and double logits (`E`).
+template <class E>
+POSENC_STRICT_FP void alibi_row_portable(E* row, index_t n, double neg_slope, double d0, bool symmetric) {
   POSENC_STRICT_FP_BODY
   if (symmetric) {
-    for (index_t j = 0; j < n; ++j) row[j] += static_cast<float>(neg_slope * std::abs(d0 - static_cast<double>(j)));
+    for (index_t j = 0; j < n; ++j) row[j] += static_cast<E>(neg_slope * std::abs(d0 - static_cast<double>(j)));
   } else {
-    for (index_t j = 0; j < n; ++j) row[j] += static_cast<float>(neg_slope * (d0 - static_cast<double>(j)));
+    for (index_t j = 0; j < n; ++j) row[j] += static_cast<E>(neg_slope * (d0 - static_cast<double>(j)));
   }
 }
 
@@ -96,7 +98,7 @@ inline alibi_row_kernel select_alibi_row_kernel() {
 #elif POSENC_NEON_KERNELS
   if (simd_level_in_use() == simd_level::neon) return &alibi_row_neon<neon_f64>;
 #endif
-  return &alibi_row_portable;
+  return &alibi_row_portable<float>;
 }
 
 }  // namespace posenc::detail

@@ -169,12 +169,8 @@ class alibi {
         const double d0 = static_cast<double>(qi - k.start());
         if constexpr (std::same_as<E, float>) {
           row_kernel(row, n, neg_slope, d0, symmetric);
-          continue;
-        }
-        if (symmetric) {
-          for (index_t j = 0; j < n; ++j) row[j] += static_cast<E>(neg_slope * std::abs(d0 - static_cast<double>(j)));
         } else {
-          for (index_t j = 0; j < n; ++j) row[j] += static_cast<E>(neg_slope * (d0 - static_cast<double>(j)));
+          detail::alibi_row_portable(row, n, neg_slope, d0, symmetric);
         }
       } else if (symmetric) {
         for (index_t j = 0; j < n; ++j)
