@@ -39,10 +39,18 @@ enum class path { blockwise, naive };
 enum class workspace_use { reused, per_call };
 
 /// The element type of q, k, v and out: fp32, or the half-precision caches engines keep (the
-/// kernel computes in float for all three).
-enum class storage { fp32, bf16, fp16 };
+/// kernel computes in float for all three); `bf16_qk`: bf16 storage with
+/// `attention_params::bf16_qk` (Q K^T from bf16 products, `vdpbf16ps` where the CPU has it).
+enum class storage { fp32, bf16, fp16, bf16_qk };
 
-const char* storage_name(storage st) { return st == storage::bf16 ? "bf16" : st == storage::fp16 ? "fp16" : "fp32"; }
+const char* storage_name(storage st) {
+  switch (st) {
+    case storage::bf16: return "bf16";
+    case storage::fp16: return "fp16";
+    case storage::bf16_qk: return "bf16_qk";
+    default: return "fp32";
+  }
+}
 
 std::size_t storage_bytes(storage st) { return st == storage::fp32 ? 4 : 2; }
 
@@ -75,7 +83,8 @@ void run_attention_as(benchmark::State& state, const char* group, path p, encode
   const posenc::row_matrix<S> k = posenc_bench::random_matrix(s.n_kv, s.kv_heads * s.d, 2).cast<S>();
   const posenc::row_matrix<S> v = posenc_bench::random_matrix(s.n_kv, s.kv_heads * s.d, 3).cast<S>();
   posenc::row_matrix<S> out(s.n_q, s.heads * s.d);
-  const auto prm = s.params();
+  auto prm = s.params();
+  prm.bf16_qk = st == storage::bf16_qk;
   double workspace = 0;
   posenc_bench::with_encoder(e, s.heads, s.d, s.n_kv, [&](const auto& enc) {
     posenc::attention_workspace ws;
@@ -103,12 +112,15 @@ void run_attention_as(benchmark::State& state, const char* group, path p, encode
   state.counters["bytes_per_second"] = benchmark::Counter(kv_bytes * iters, benchmark::Counter::kIsRate);
   state.counters["workspace_bytes"] = workspace;
   state.counters["input_bytes"] = posenc_bench::input_bytes(s);
+  // 1 where Q K^T ran on the AVX512_BF16 pair kernels (bf16_qk on a CPU that has them).
+  state.counters["vdpbf16ps"] = prm.bf16_qk && posenc::detail::bf16_pair_kernels_in_use() != nullptr ? 1 : 0;
 }
 
 void run_attention(benchmark::State& state, const char* group, path p, encoder e, shape s,
                    workspace_use wu = workspace_use::reused, storage st = storage::fp32) {
   switch (st) {
-    case storage::bf16: run_attention_as<Eigen::bfloat16>(state, group, p, e, s, wu, st); break;
+    case storage::bf16:
+    case storage::bf16_qk: run_attention_as<Eigen::bfloat16>(state, group, p, e, s, wu, st); break;
     case storage::fp16: run_attention_as<Eigen::half>(state, group, p, e, s, wu, st); break;
     default: run_attention_as<float>(state, group, p, e, s, wu, st); break;
   }
@@ -222,8 +234,8 @@ bool register_all() {
   }
 
   // Causal GQA prefill with each storage type: half-precision tiles are converted to float once
-  // per query tile, which costs next to the products.
-  for (storage st : {storage::fp32, storage::bf16, storage::fp16})
+  // per query tile, which costs next to the products. bf16_qk: bf16 storage with bf16 products.
+  for (storage st : {storage::fp32, storage::bf16, storage::fp16, storage::bf16_qk})
     for (long n : powers_of_two(by_mode(1024, 4096, 4096), by_mode(1024, 4096, 16384)))
       add(std::string("attention/storage/") + storage_name(st) + "/" + std::to_string(n), "storage", path::blockwise,
           encoder::none, prefill(n, 128, true, 8, 2), workspace_use::reused, st);

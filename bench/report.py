@@ -298,6 +298,8 @@ class Results:
                                                  "window")})
             row["encoder"] = lab.get("enc")
             row["storage"] = lab.get("storage", "fp32")  # runs before bf16/fp16 points were all fp32
+            if row["storage"] == "bf16_qk":  # bf16 storage, bf16 Q K^T products: which kernels ran them
+                row["variant"] = "vdpbf16ps" if b.get("vdpbf16ps") else "float kernels"
             if row["status"] == "ok":
                 self.rate_ratios(row, b)
                 row["tokens_per_s"] = b.get("tokens_per_second")
@@ -907,7 +909,7 @@ def headline(res):
             lines.append(f"Decode, 1 query against {fmt_n(dec['n_kv'])} cached tokens in {storage} (GQA 8/2, "
                          f"d = 128): {fmt(dec['gb_per_s'])} GB/s of K and V = {ratio_cell(dec, 'ratio_read')} of the "
                          f"read bandwidth{speed}")
-    st = [r for r in res.select(group="storage", path="blockwise", status="ok") if r["storage"] != "fp32"]
+    st = [r for r in res.select(group="storage", path="blockwise", status="ok") if r["storage"] in ("bf16", "fp16")]
     if st:
         n = max(r["n_kv"] for r in st)
         parts = [f"{r['storage']} {100 * (1 / r['speedup_vs_fp32'] - 1):+.0f}%" for r in st
@@ -915,6 +917,11 @@ def headline(res):
         if parts:
             lines.append(f"Causal GQA 8/2 prefill at n = {fmt_n(n)}, time of half-precision storage against fp32: "
                          + ", ".join(parts))
+    gains = bf16_qk_gains(res)
+    if gains:
+        g = gains[-1]
+        lines.append(f"bf16 Q K^T products (`bf16_qk`, {g[2]}) in causal GQA 8/2 prefill at n = {fmt_n(g[1])} on "
+                     f"a bf16 cache: {fmt_ratio(g[0])}x the speed of float products")
     lines += serving_headline(res)
     rope = [r for r in res.select(group="encoder_apply", encoder="rope", variant="cache", status="ok")]
     if rope:
@@ -1072,6 +1079,25 @@ def ceilings_section(res):
     return text
 
 
+def storage_text(r):
+    """'bf16 storage'; for bf16_qk points 'bf16 storage, bf16 Q K^T (vdpbf16ps)'."""
+    if r.get("storage") == "bf16_qk":
+        return f"bf16 storage, bf16 Q K^T ({r.get('variant') or 'float kernels'})"
+    return f"{r.get('storage')} storage"
+
+
+def bf16_qk_gains(res):
+    """(bf16 time / bf16_qk time, n, kernels) of every causal GQA prefill point of bf16_qk beside a
+    bf16 one of the same n: the gain of bf16 Q K^T products over float products on the same cache."""
+    bf16 = {r["n_kv"]: r for r in res.select(group="storage", path="blockwise", storage="bf16", status="ok")}
+    out = []
+    for r in res.select(group="storage", path="blockwise", storage="bf16_qk", status="ok"):
+        b = bf16.get(r["n_kv"])
+        if b and b.get("time_s") and r.get("time_s"):
+            out.append((b["time_s"] / r["time_s"], r["n_kv"], r.get("variant") or "float kernels"))
+    return sorted(out, key=lambda g: g[1])
+
+
 def prefill_section(res):
     rows = []
     for group in ("prefill", "window", "gqa", "storage"):
@@ -1079,7 +1105,7 @@ def prefill_section(res):
                                                                  r["path"] or "")):
             what = {"prefill": r["mask"], "window": f"causal, window {fmt_n(r['window'] or 0)}",
                     "gqa": f"causal, GQA {r['heads']}/{r['kv_heads']}",
-                    "storage": f"causal, GQA {r['heads']}/{r['kv_heads']}, {r['storage']} storage"}[group]
+                    "storage": f"causal, GQA {r['heads']}/{r['kv_heads']}, {storage_text(r)}"}[group]
             rows.append((what, r["d"], fmt_n(r["n_kv"]), r["path"], fmt_time(r.get("time_s")),
                          fmt(r.get("tokens_per_s")), fmt(r.get("gflops")), ratio_cell(r, "ratio_fma"),
                          ratio_cell(r, "ratio_sgemm"), fmt_bytes(r.get("kernel_peak_bytes")),
@@ -1464,9 +1490,14 @@ def goals_section(res):
     pts = [(r["speedup_vs_fp32"], f"{r['storage']} {fmt_n(r['n_kv'])}") for r in res.select(group="storage",
                                                                                           path="blockwise",
                                                                                           status="ok")
-           if r["storage"] != "fp32" and r.get("speedup_vs_fp32")]
+           if r["storage"] in ("bf16", "fp16") and r.get("speedup_vs_fp32")]
     add("half-precision K/V prefill ≥ 0.95 of the fp32 speed", "fp32 time / half-precision time", pts, 0.95,
         True, "no bf16 / fp16 storage points beside fp32")
+    gains = bf16_qk_gains(res)
+    rows.append(("bf16 Q K^T products (`bf16_qk`) on a bf16 cache, causal GQA prefill: the gain over float "
+                 "products (reported; vdpbf16ps where the CPU has AVX512_BF16)", "bf16 time / bf16_qk time",
+                 (span(g[0] for g in gains) + " (" + ", ".join(sorted({g[2] for g in gains})) + ")") if gains
+                 else "not in this run", "no goal set" if gains else "no bf16_qk points beside bf16"))
     dec = [r for r in res.select(group="decode", path="blockwise", status="ok") if r["n_q"] == 1]
     n_dec = max((r["n_kv"] for r in dec), default=None)
     pts = [(r["speedup_vs_fp32"], f"{r['storage']} {fmt_n(r['n_kv'])}") for r in dec

@@ -309,6 +309,10 @@ Parameters
 ----------
 level : str
     'portable', 'avx2', 'avx512' or 'neon' (ValueError for anything else).)";
+constexpr const char* cpu_has_avx512_bf16 = R"(Whether this CPU has AVX512_BF16.
+
+Where it has and the kernel set in use is 'avx512', attention(..., bf16_qk=True) computes Q K^T
+with its bf16 dot products (vdpbf16ps); elsewhere the float kernels multiply the rounded values.)";
 constexpr const char* sinusoidal = R"(Sinusoidal absolute position encoding (Vaswani et al. 2017), added to token embeddings
 before the Q/K/V projections: PE[pos, 2i] = sin(pos / base^(2i / dim)), PE[pos, 2i + 1] = cos(...).)";
 constexpr const char* sinusoidal_init = R"(Parameters
@@ -475,6 +479,11 @@ q_tile : int, default 0
     Query rows per tile; 0 = the kernel's choice.
 k_tile : int, default 0
     Key rows per tile; 0 = the kernel's choice.
+bf16_qk : bool, default False
+    Q K^T as a bf16 model computes it: q and k, after the encoding's rotation, rounded to bf16,
+    their exact products summed in float32 and then scaled. For bf16 q and k that need no rotation
+    the result is as accurate as without it; CPUs with AVX512_BF16 compute these products with
+    vdpbf16ps (faster prefill). Forward only: attention_backward computes float logits.
 
 Returns
 -------
@@ -534,6 +543,8 @@ threads : int, default 0
 q_tile : int, default 0
     As for attention.
 k_tile : int, default 0
+    As for attention.
+bf16_qk : bool, default False
     As for attention.)";
 
 constexpr const char* paged = R"(Attention of a batch of sequences whose keys and values are in a paged cache (vLLM's layout):
@@ -592,6 +603,8 @@ threads : int, default 0
 q_tile : int, default 0
     As for attention.
 k_tile : int, default 0
+    As for attention.
+bf16_qk : bool, default False
     As for attention.)";
 
 constexpr const char* append = R"(Writes a step's new keys and values into a paged cache, in place: row i of sequence b's new rows
@@ -1976,6 +1989,7 @@ void read_knobs(attention_knobs& kn, const call_args& a, const std::string& w, b
   kn.p.q_tile = a.int64("q_tile", 0);
   kn.p.k_tile = a.int64("k_tile", 0);
   kn.want_lse = lse && a.flag("return_lse", false);
+  if (lse) kn.p.bf16_qk = a.flag("bf16_qk", false);
 }
 
 /// The encoder's head_dim must be the one of q.
@@ -2249,7 +2263,7 @@ std::vector<array_arg> same_dtype_arrays(const call_args& a, const std::string& 
 constexpr const char* attention_params_text =
     "q, k, v, qpos=None, kpos=None, encoding=None, *, heads=None, kv_heads=None, layout=None, scale=None, "
     "softcap=0.0, sinks=None, causal=False, window=(-1, -1), chunk_size=None, return_lse=False, out=None, threads=0, "
-    "q_tile=0, k_tile=0";
+    "q_tile=0, k_tile=0, bf16_qk=False";
 
 py::object attention(const call_args& a) {
   const std::string w = "attention";
@@ -2278,7 +2292,7 @@ position_arg per_sequence_positions(const index_arg& cu) {
 constexpr const char* varlen_params_text =
     "q, k, v, cu_q, cu_k, qpos=None, kpos=None, encoding=None, *, heads=None, kv_heads=None, scale=None, "
     "softcap=0.0, sinks=None, causal=False, window=(-1, -1), chunk_size=None, return_lse=False, out=None, threads=0, "
-    "q_tile=0, k_tile=0";
+    "q_tile=0, k_tile=0, bf16_qk=False";
 
 template <class T>
 py::object varlen_typed(const call_args& a, attention_knobs& kn, const array_arg& qa, const array_arg& ka,
@@ -2417,7 +2431,7 @@ posenc::cached_keys keys_of(const call_args& a, const std::string& w) {
 constexpr const char* paged_params_text =
     "q, k_cache, v_cache, block_table, lengths, cu_q, qpos, encoding=None, *, page_size=None, keys=None, "
     "positions=None, heads=None, kv_heads=None, scale=None, softcap=0.0, sinks=None, causal=False, "
-    "window=(-1, -1), chunk_size=None, return_lse=False, out=None, threads=0, q_tile=0, k_tile=0";
+    "window=(-1, -1), chunk_size=None, return_lse=False, out=None, threads=0, q_tile=0, k_tile=0, bf16_qk=False";
 
 template <class T>
 py::object paged_typed(const call_args& a, attention_knobs& kn, const array_arg& qa, const array_arg& ka,
@@ -2993,6 +3007,13 @@ PYBIND11_MODULE(_posenc, m) {
         return std::string(posenc::simd_level_name(posenc::simd_level_in_use()));
       },
       doc_of("set_simd_cap", false, "level", docs::set_simd_cap).c_str());
+  m.def(
+      "cpu_has_avx512_bf16",
+      [sig = sig_of("cpu_has_avx512_bf16", "")](py::args args, py::kwargs kwargs) {
+        const call_args a(sig, args, kwargs);
+        return posenc::cpu_has_avx512_bf16();
+      },
+      doc_of("cpu_has_avx512_bf16", false, "", docs::cpu_has_avx512_bf16).c_str());
 
   constexpr const char* sinusoidal_params =
       "*, dim=512, base=10000.0, layout='interleaved', shifted_denominator=False, position_offset=0";

@@ -53,6 +53,10 @@ inline simd_level parse_simd_level(std::string_view name, std::string_view what 
 /// The best level this CPU and build support (the cap does not change it).
 inline simd_level detected_simd_level() noexcept { return detail::detected_simd_level(); }
 
+/// Whether this CPU has AVX512_BF16: where it does and the level in use is `avx512`, attention with
+/// `attention_params::bf16_qk` computes Q K^T with its bf16 dot products (`vdpbf16ps`).
+inline bool cpu_has_avx512_bf16() noexcept { return detail::cpu_has_avx512_bf16(); }
+
 /// The level kernels use for calls that start now: the detected level lowered to the cap's tier.
 /// A cap of `avx2` or `neon` allows the first vector set of either architecture (AVX2 on x86, NEON
 /// on aarch64); `portable` forces the portable kernels; `avx512` (the default) caps nothing.

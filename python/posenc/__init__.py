@@ -7,8 +7,8 @@ Encoders: ``Sinusoidal`` (added to token embeddings), ``Rope`` with its frequenc
 ``layer_encoding`` reads a layer's encoding and mask from a model config (Gemma 3, Llama 4, Qwen VL),
 ``query_temperature`` is Llama 4's NoPE-layer query scale. Attention: ``attention`` (one sequence, or a batch of sequences of
 equal length), its gradients ``attention_backward``, and the engine step ``attention_varlen``, ``paged_attention``,
-``paged_append``. Kernel sets: ``simd_level`` and ``set_simd_cap`` (or the environment variable
-``POSENC_SIMD_CAP``). Training: ``posenc.torch`` (imported on first use, needs torch) has ``posenc.torch.attention``, a
+``paged_append``. Kernel sets: ``simd_level``, ``set_simd_cap`` (or the environment variable
+``POSENC_SIMD_CAP``), ``cpu_has_avx512_bf16`` (``bf16_qk=True`` then multiplies with ``vdpbf16ps``). Training: ``posenc.torch`` (imported on first use, needs torch) has ``posenc.torch.attention``, a
 ``torch.autograd.Function`` over the C++ forward and backward, and modules holding learned T5 and Shaw tables.
 
 Arrays are used in place, never copied: NumPy arrays, torch CPU tensors (through ``__dlpack__``) or
@@ -39,6 +39,7 @@ from ._posenc import (
     paged_append,
     paged_attention,
     query_temperature,
+    cpu_has_avx512_bf16,
     set_simd_cap,
     simd_level,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "attention",
     "attention_backward",
     "attention_varlen",
+    "cpu_has_avx512_bf16",
     "layer_encoding",
     "paged_append",
     "paged_attention",

@@ -134,14 +134,16 @@ def attention(q: Array, k: Array, v: Array, qpos: Positions = None, kpos: Positi
               layout: Layout = None, scale: Optional[float] = None, softcap: float = 0.0, sinks: Optional[Union[Sequence[float], Array]] = None,
               causal: bool = False, window: Tuple[int, int] = (-1, -1), chunk_size: Optional[int] = None,
               return_lse: Literal[False] = False,
-              out: Optional[Array] = None, threads: int = 0, q_tile: int = 0, k_tile: int = 0) -> Array: ...
+              out: Optional[Array] = None, threads: int = 0, q_tile: int = 0, k_tile: int = 0,
+              bf16_qk: bool = False) -> Array: ...
 @overload
 def attention(q: Array, k: Array, v: Array, qpos: Positions = None, kpos: Positions = None,
               encoding: Encoding = None, *, heads: Optional[int] = None, kv_heads: Optional[int] = None,
               layout: Layout = None, scale: Optional[float] = None, softcap: float = 0.0, sinks: Optional[Union[Sequence[float], Array]] = None,
               causal: bool = False, window: Tuple[int, int] = (-1, -1), chunk_size: Optional[int] = None,
               return_lse: Literal[True],
-              out: Optional[Array] = None, threads: int = 0, q_tile: int = 0, k_tile: int = 0) -> Tuple[Array, Array]: ...
+              out: Optional[Array] = None, threads: int = 0, q_tile: int = 0, k_tile: int = 0,
+              bf16_qk: bool = False) -> Tuple[Array, Array]: ...
 
 def attention_backward(q: Array, k: Array, v: Array, out: Array, lse: Array, dout: Array, qpos: Positions = None,
                        kpos: Positions = None, encoding: Encoding = None, *, heads: Optional[int] = None,
@@ -160,7 +162,8 @@ def attention_varlen(q: Array, k: Array, v: Array, cu_q: IndexArray, cu_k: Index
                      sinks: Optional[Union[Sequence[float], Array]] = None, causal: bool = False,
                      window: Tuple[int, int] = (-1, -1), chunk_size: Optional[int] = None,
                      return_lse: Literal[False] = False,
-                     out: Optional[Array] = None, threads: int = 0, q_tile: int = 0, k_tile: int = 0) -> Array: ...
+                     out: Optional[Array] = None, threads: int = 0, q_tile: int = 0, k_tile: int = 0,
+              bf16_qk: bool = False) -> Array: ...
 @overload
 def attention_varlen(q: Array, k: Array, v: Array, cu_q: IndexArray, cu_k: IndexArray, qpos: Positions = None,
                      kpos: Positions = None, encoding: Encoding = None, *, heads: Optional[int] = None,
@@ -169,7 +172,7 @@ def attention_varlen(q: Array, k: Array, v: Array, cu_q: IndexArray, cu_k: Index
                      window: Tuple[int, int] = (-1, -1), chunk_size: Optional[int] = None,
                      return_lse: Literal[True],
                      out: Optional[Array] = None, threads: int = 0, q_tile: int = 0,
-                     k_tile: int = 0) -> Tuple[Array, Array]: ...
+                     k_tile: int = 0, bf16_qk: bool = False) -> Tuple[Array, Array]: ...
 
 @overload
 def paged_attention(q: Array, k_cache: Array, v_cache: Array, block_table: IndexArray, lengths: IndexArray,
@@ -179,7 +182,8 @@ def paged_attention(q: Array, k_cache: Array, v_cache: Array, block_table: Index
                     softcap: float = 0.0, sinks: Optional[Union[Sequence[float], Array]] = None,
                     causal: bool = False, window: Tuple[int, int] = (-1, -1), chunk_size: Optional[int] = None,
                     return_lse: Literal[False] = False,
-                    out: Optional[Array] = None, threads: int = 0, q_tile: int = 0, k_tile: int = 0) -> Array: ...
+                    out: Optional[Array] = None, threads: int = 0, q_tile: int = 0, k_tile: int = 0,
+              bf16_qk: bool = False) -> Array: ...
 @overload
 def paged_attention(q: Array, k_cache: Array, v_cache: Array, block_table: IndexArray, lengths: IndexArray,
                     cu_q: IndexArray, qpos: Positions, encoding: Encoding = None, *, page_size: Optional[int] = None,
@@ -189,7 +193,7 @@ def paged_attention(q: Array, k_cache: Array, v_cache: Array, block_table: Index
                     causal: bool = False, window: Tuple[int, int] = (-1, -1), chunk_size: Optional[int] = None,
                     return_lse: Literal[True],
                     out: Optional[Array] = None, threads: int = 0, q_tile: int = 0,
-                    k_tile: int = 0) -> Tuple[Array, Array]: ...
+                    k_tile: int = 0, bf16_qk: bool = False) -> Tuple[Array, Array]: ...
 
 def paged_append(k_cache: Array, v_cache: Array, block_table: IndexArray, lengths: IndexArray, k_new: Array,
                  v_new: Array, cu_new: IndexArray, encoding: Encoding = None, *, page_size: Optional[int] = None,
@@ -202,3 +206,5 @@ def query_temperature(positions: Positions, *, floor_scale: int = 8192, attn_sca
 def simd_level(*, detected: bool = False) -> str: ...
 
 def set_simd_cap(level: str) -> str: ...
+
+def cpu_has_avx512_bf16() -> bool: ...

@@ -154,11 +154,11 @@ def test_signatures_are_the_python_ones():
     assert str(inspect.signature(posenc.attention)) == (
         "(q, k, v, qpos=None, kpos=None, encoding=None, *, heads=None, kv_heads=None, layout=None, scale=None, "
         "softcap=0.0, sinks=None, causal=False, window=(-1, -1), chunk_size=None, return_lse=False, out=None, threads=0, "
-        "q_tile=0, k_tile=0)")
+        "q_tile=0, k_tile=0, bf16_qk=False)")
     assert str(inspect.signature(posenc.attention_varlen)) == (
         "(q, k, v, cu_q, cu_k, qpos=None, kpos=None, encoding=None, *, heads=None, kv_heads=None, scale=None, "
         "softcap=0.0, sinks=None, causal=False, window=(-1, -1), chunk_size=None, return_lse=False, out=None, "
-        "threads=0, q_tile=0, k_tile=0)")
+        "threads=0, q_tile=0, k_tile=0, bf16_qk=False)")
     assert str(inspect.signature(posenc.paged_attention)).startswith(
         "(q, k_cache, v_cache, block_table, lengths, cu_q, qpos, encoding=None, *, page_size=None, keys=None, "
         "positions=None, heads=None,")

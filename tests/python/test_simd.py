@@ -62,3 +62,48 @@ def test_the_environment_variable_caps_from_the_import():
     r = run_with_cap("avx3")
     assert r.returncode != 0
     assert "POSENC_SIMD_CAP = 'avx3' is not a kernel set" in r.stderr
+
+
+def bf16_round(x):
+    """float32 values rounded to the nearest bfloat16 (ties to even), from the bits."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+    return u.astype(np.uint32).view(np.float32)
+
+
+def softmax_attention(q, k, v, heads, kv_heads, causal):
+    """float64 attention of [tokens, heads * d] rows, positions 0..n-1 (query rows at the end)."""
+    n_q, d = q.shape[0], q.shape[1] // heads
+    n_kv = k.shape[0]
+    out = np.zeros((n_q, heads * d))
+    for h in range(heads):
+        g = h // (heads // kv_heads)
+        s = q[:, h * d:(h + 1) * d].astype(np.float64) @ k[:, g * d:(g + 1) * d].astype(np.float64).T / np.sqrt(d)
+        if causal:
+            s[np.arange(n_kv)[None, :] > (n_kv - n_q + np.arange(n_q))[:, None]] = -np.inf
+        w = np.exp(s - s.max(axis=1, keepdims=True))
+        out[:, h * d:(h + 1) * d] = (w / w.sum(axis=1, keepdims=True)) @ v[:, g * d:(g + 1) * d]
+    return out
+
+
+@pytest.mark.parametrize("n_q", [1, 70])
+def test_bf16_qk_rounds_q_and_k_on_every_set(restore_cap, n_q):
+    assert isinstance(posenc.cpu_has_avx512_bf16(), bool)
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((n_q, 4 * 48)).astype(np.float32)
+    k = rng.standard_normal((90, 2 * 48)).astype(np.float32)
+    v = rng.standard_normal((90, 2 * 48)).astype(np.float32)
+    ref = softmax_attention(bf16_round(q), bf16_round(k), v, 4, 2, True)
+    qpos = np.arange(90 - n_q, 90)
+    for cap in ("portable", "avx2", "avx512"):
+        posenc.set_simd_cap(cap)
+        out = posenc.attention(q, k, v, qpos, heads=4, kv_heads=2, causal=True, bf16_qk=True)
+        np.testing.assert_allclose(out, ref, atol=2e-6, rtol=0)
+        # The rounded inputs are the same operands: the same bits.
+        same = posenc.attention(bf16_round(q), bf16_round(k), v, qpos, heads=4, kv_heads=2, causal=True,
+                                bf16_qk=True)
+        np.testing.assert_array_equal(out, same)
+    # Forward only: the backward refuses the knob by name.
+    with pytest.raises(TypeError, match="bf16_qk"):
+        posenc.attention_backward(q, k, v, out, np.zeros((n_q, 4), np.float32), out, heads=4, kv_heads=2,
+                                  bf16_qk=True)

@@ -45,7 +45,9 @@
 #include <cstddef>
 #include <limits>
 #include <span>
+#include <stdexcept>
 #include <string>
+#include <string_view>
 #include <type_traits>
 
 #include "posenc/attention/mask.hpp"
@@ -149,6 +151,13 @@ index_t partial_values(const E& enc, bool wanted, index_t d) {
   }
 }
 
+/// `attention_params::bf16_qk` is forward only: the backward's logits are float products.
+inline void refuse_bf16_qk(const attention_params& p, std::string_view call) {
+  if (p.bf16_qk)
+    throw std::invalid_argument("posenc: attention_params::bf16_qk = true: " + std::string(call) +
+                                " computes float logits (bf16_qk is for the forward only)");
+}
+
 template <class C, class E>
 backward_plan plan_backward(const attention_shape& sh, const attention_params& p, const E& enc, bool params_wanted) {
   backward_plan b;
@@ -227,6 +236,7 @@ template <storage_scalar S, positional_encoding E>
 std::size_t attention_backward_workspace_bytes(const attention_params& p, index_t n_q, index_t n_kv, index_t head_dim,
                                                const E& enc, bool params_wanted = false) {
   const index_t kvh = detail::check_params(p);
+  detail::refuse_bf16_qk(p, "attention_backward_workspace_bytes");
   detail::require(n_q >= 0, "attention_backward_workspace_bytes n_q", n_q, "must be >= 0");
   detail::require(n_kv >= 0, "attention_backward_workspace_bytes n_kv", n_kv, "must be >= 0");
   detail::require(head_dim > 0, "attention_backward_workspace_bytes head_dim", head_dim, "must be > 0");
@@ -740,6 +750,7 @@ void attention_backward(Q&& q, K&& k, V&& v, O&& out, L&& lse, DO&& dout, DQ&& d
   static_assert(E::family != encoding_family::additive_input,
                 "posenc::attention_backward: additive-input encoders (sinusoidal) act on token embeddings before "
                 "the projections, whose gradient passes through them unchanged; pass posenc::no_position here");
+  detail::refuse_bf16_qk(p, "attention_backward");
   constexpr bool views = detail::any_heads_view<Q, K, V, O, L, DO, DQ, DK, DV>;
   if constexpr (views) {
     // heads_views of any strides (matrices beside them are split into the knobs' heads): every

@@ -153,6 +153,17 @@ void run_batch(head_rows<SQ> qv, head_rows<SK> kv, head_rows<SV> vv, head_rows<S
   const auto& kern = kernels_for<C>();
   constexpr bool rotation = E::family == encoding_family::rotation;
   const bool rotating_keys = rotation && rotate_keys;
+  // bf16 Q K^T (`attention_params::bf16_qk`): queries loaded unscaled and rounded to bf16, keys
+  // rounded unless they are bf16 already (stored as bf16, not rotated), the logits scaled after
+  // the products. With AVX512_BF16 prefill multiplies pairs of bf16 (`pairs`).
+  const bool bf16_qk = p.bf16_qk;
+  const bool round_keys = bf16_qk && (rotating_keys || !std::same_as<std::remove_const_t<SK>, Eigen::bfloat16>);
+  const bf16_pair_kernels* const pairs = [&]() -> const bf16_pair_kernels* {
+    if constexpr (std::same_as<C, float>) {
+      if (bf16_qk) return bf16_pair_kernels_in_use();
+    }
+    return nullptr;
+  }();
   // Keys and values are read in place when they already have the compute type, need no
   // rotation, lie in consecutive rows, and (for values) may be read up to head_dim rounded up to
   // 16 columns.
@@ -164,6 +175,7 @@ void run_batch(head_rows<SQ> qv, head_rows<SK> kv, head_rows<SV> vv, head_rows<S
   constexpr bool keys_readable = kernel_readable<C, KS>;
   constexpr bool values_readable = kernel_readable<C, VS>;
   constexpr bool decode_readable = keys_readable && values_readable && !relative_key_value<E>;
+  const index_t half_d = (d + 1) / 2;  // pairs of bf16 in a row (`pairs`)
 
   // The rotator reads the encoder's table (made on its first use), shared read-only by every worker.
   const auto rotator = [&] {
@@ -246,11 +258,13 @@ void run_batch(head_rows<SQ> qv, head_rows<SK> kv, head_rows<SV> vv, head_rows<S
     auto* const kpos_buf = reinterpret_cast<position*>(scratch + plan.kpos);
 
     // The scale is folded into the query tile: rotation and Shaw's query terms are linear in q.
+    // Under bf16_qk the tile holds the rounded query and the logits are scaled instead.
     for (index_t gs = 0; gs < sets; ++gs) {
       const index_t g = g0 + gs;
       C* const qt = at(plan.q, plan.bq * d, gs);
       for (index_t hh = 0; hh < group; ++hh)
-        load_tile(qv, sp.q0 + i0, nq, g * group + hh, qp, scale, qt + hh * nq * d, rot, rotation);
+        load_tile(qv, sp.q0 + i0, nq, g * group + hh, qp, bf16_qk ? C(1) : scale, qt + hh * nq * d, rot, rotation);
+      if (bf16_qk) round_rows_to_bf16(qt, rows, d, d);
       std::fill(at(plan.acc, plan.bq * plan.dpad, gs), at(plan.acc, plan.bq * plan.dpad, gs) + rows * plan.dpad, C(0));
       std::fill(at(plan.m, plan.bq, gs), at(plan.m, plan.bq, gs) + rows, neg_inf);
       std::fill(at(plan.l, plan.bq, gs), at(plan.l, plan.bq, gs) + rows, C(0));
@@ -278,6 +292,12 @@ void run_batch(head_rows<SQ> qv, head_rows<SK> kv, head_rows<SV> vv, head_rows<S
           enc.add_bias_tile(sv.middle_rows(at_row, n), terms.middle_rows(r0 + at_row, n), hp, kp);
         });
       }
+      if (bf16_qk) {
+        for (index_t r = 0; r < nr; ++r) {
+          C* row = sv.row(r);
+          for (index_t j = 0; j < nk; ++j) row[j] *= scale;
+        }
+      }
       if constexpr (position_bias<E>) {
         heads_of_strip(r0, nr, [&](index_t hh, index_t at_row, index_t n, positions hp) {
           enc.add_bias_tile(sv.middle_rows(at_row, n), g * group + hh, hp, kp);
@@ -303,7 +323,13 @@ void run_batch(head_rows<SQ> qv, head_rows<SK> kv, head_rows<SV> vv, head_rows<S
     // tile in blocks of consecutive rows (a page, or `decode_block` keys), every kv head of the
     // item on one block before the next block, so K and V are read in address order while the
     // next block is requested ahead of its use.
-    const bool decode_in_place = decode_readable && plan.bq <= decode_rows && !rotating_keys && d == plan.dpad;
+    const bool decode_in_place =
+        decode_readable && plan.bq <= decode_rows && !rotating_keys && !round_keys && d == plan.dpad;
+    // Prefill with the bf16 pair kernels multiplies rows of pairs of the rounded query.
+    if constexpr (std::same_as<C, float>) {
+      if (pairs && !few_rows && !decode_in_place)
+        for (index_t gs = 0; gs < sets; ++gs) pair_dense_rows(at(plan.q, plan.bq * d, gs), rows, d);
+    }
     C* const ones = scratch + plan.ones;
     if (decode_in_place) std::fill(ones, ones + decode_rows, C(1));
     // The block of keys that starts at key j, before key `end`: its first K/V row and its length.
@@ -389,7 +415,8 @@ void run_batch(head_rows<SQ> qv, head_rows<SK> kv, head_rows<SV> vv, head_rows<S
       // Rows of the tile's keys in K/V: one run, or several (a tile over page boundaries).
       const bool one_run = seq.keys.run(j0, nk) == nk;
       const index_t row0 = seq.keys.row(j0);
-      const bool keys_in_place = (keys_compute_type || (few_rows && keys_readable)) && !rotating_keys && one_run;
+      const bool keys_in_place =
+          (keys_compute_type || (few_rows && keys_readable)) && !rotating_keys && !round_keys && one_run;
       const bool values_in_place = few_rows && values_readable && d == plan.dpad && one_run;
 
       for (index_t gs = 0; gs < sets; ++gs) {
@@ -415,6 +442,7 @@ void run_batch(head_rows<SQ> qv, head_rows<SK> kv, head_rows<SV> vv, head_rows<S
             load_tile(kv, seq.keys.row(j0 + j), n, g, kp.subset(j, n), C(1), buf + j * d, rot, rotating_keys);
             j += n;
           }
+          if (round_keys) round_rows_to_bf16(buf, nk, d, d);
           krows = buf;
         }
         if (!few_rows) {
@@ -422,6 +450,9 @@ void run_batch(head_rows<SQ> qv, head_rows<SK> kv, head_rows<SV> vv, head_rows<S
             kern.pack_kt(kin ? kin : krows, ldk, nk, d, scratch + plan.kt, plan.ldkt);
           } else {
             kern.pack_kt(krows, ldk, nk, d, scratch + plan.kt, plan.ldkt);
+          }
+          if constexpr (std::same_as<C, float>) {
+            if (pairs) pairs->pair_rows(scratch + plan.kt, plan.ldkt, d);
           }
         }
         const VS* vin = nullptr;
@@ -454,6 +485,9 @@ void run_batch(head_rows<SQ> qv, head_rows<SK> kv, head_rows<SV> vv, head_rows<S
               if (kin) qk_rows_of(kern, qt + r0 * d, d, nr, d, kin, ldk, nk, s, plan.ldkt);
             }
             if (!kin) kern.qk_rows(qt + r0 * d, d, nr, d, krows, ldk, nk, s, plan.ldkt, nullptr, 0);
+          } else if (pairs) {
+            if constexpr (std::same_as<C, float>)
+              pairs->qk(qt + r0 * half_d, half_d, nr, half_d, scratch + plan.kt, plan.ldkt, s);
           } else {
             kern.qk(qt + r0 * d, d, nr, d, scratch + plan.kt, plan.ldkt, s);
           }

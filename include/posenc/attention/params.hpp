@@ -45,6 +45,15 @@ struct attention_params {
   /// and `lse_i = log(e^(z_h) + sum_j e^(s_ij))`. `heads` values (local heads), or empty for none;
   /// borrowed, not copied. A row that sees no key gives zeros and `lse = z_h`.
   std::span<const float> sinks{};
+  /// bf16 products for Q K^T, as a bf16 model computes its logits: the query and the key, after the
+  /// encoder's rotation, are rounded to bf16 (to nearest even); their products (exact in float) are
+  /// summed in float and the sum is scaled. Keys stored as bf16 that need no rotation are already
+  /// bf16, and queries given in bf16 too, so for inputs of a bf16 model rotated by the caller (or
+  /// encoders without a rotation) the logits are as accurate as in the float path. Where the CPU has
+  /// AVX512_BF16, prefill computes Q K^T with its `vdpbf16ps` dot products (two products per float
+  /// lane, about 1.85x the multiply-adds per second of float FMA); elsewhere the float kernels
+  /// multiply the rounded values. Forward only: `attention_backward` refuses it.
+  bool bf16_qk = false;
   bool causal = false;            ///< mask keys after the query's position
   position window_left = -1;      ///< sliding window: keys at most this far behind the query; -1 = unbounded
   position window_right = -1;     ///< keys at most this far ahead of the query; -1 = unbounded

@@ -14,6 +14,7 @@
 #include "posenc/attention/params.hpp"
 #include "posenc/attention/plan.hpp"
 #include "posenc/concepts.hpp"
+#include "posenc/detail/attention_kernels.hpp"
 #include "posenc/types.hpp"
 
 namespace posenc {
@@ -85,6 +86,11 @@ void attention_reference(Q&& q, K&& k, V&& v, O&& out, positions qpos, positions
         qh = qe.template cast<C>();
         kh = ke.template cast<C>();
       }
+    }
+    if (p.bf16_qk) {
+      // attention_params::bf16_qk: the products of the rotated query and key rounded to bf16.
+      qh = qh.unaryExpr([](C x) { return detail::round_to_bf16(x); });
+      kh = kh.unaryExpr([](C x) { return detail::round_to_bf16(x); });
     }
     scores.noalias() = qh * kh.transpose();
     if constexpr (relative_key_value<E>) {

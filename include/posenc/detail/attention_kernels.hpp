@@ -85,6 +85,15 @@ struct tile_kernels {
   const char* name;
 };
 
+/// The bf16 Q K^T of `attention_params::bf16_qk` where the CPU has AVX512_BF16: rows of
+/// pairs of bf16 (a 32-bit word each, the even column in its low half).
+struct bf16_pair_kernels {
+  /// A packed key tile of bf16 values into rows of pairs, in place.
+  void (*pair_rows)(float* kt, index_t ldkt, index_t d);
+  /// `tile_kernels::qk` on rows of pairs: `d` is the number of pairs, `ldq` in words.
+  void (*qk)(const float* q, index_t ldq, index_t nq, index_t d, const float* kt, index_t ldkt, float* s);
+};
+
 /// Half-precision storage types, which the float kernels widen as they load.
 template <class S>
 concept half_storage = std::same_as<S, Eigen::half> || std::same_as<S, Eigen::bfloat16>;
@@ -180,6 +189,35 @@ template <class C, class S>
 void convert_portable(const S* src, index_t lds, index_t n, index_t d, C factor, C* dst, index_t ldd) {
   for (index_t i = 0; i < n; ++i)
     for (index_t c = 0; c < d; ++c) dst[i * ldd + c] = factor * widen<C>(src[i * lds + c]);
+}
+
+/// `x` rounded to the nearest bf16 (ties to even; through float for a double `x`), NaN kept NaN:
+/// the operands of `attention_params::bf16_qk`.
+template <class C>
+C round_to_bf16(C x) {
+  return static_cast<C>(static_cast<float>(Eigen::bfloat16(static_cast<float>(x))));
+}
+
+/// `round_to_bf16` on rows `[n, d]` of stride `ld`, in place.
+template <class C>
+void round_rows_to_bf16(C* p, index_t n, index_t d, index_t ld) {
+  for (index_t i = 0; i < n; ++i)
+    for (index_t c = 0; c < d; ++c) p[i * ld + c] = round_to_bf16(p[i * ld + c]);
+}
+
+/// Dense rows `[n, d]` of float bf16 values into rows of pairs (`(d + 1) / 2` words each, the even
+/// column in the low half, 0 past `d`), in place: word (i, c) is written after the floats it
+/// reads, (i, 2c) and (i, 2c + 1), which lie at or after it.
+inline void pair_dense_rows(float* p, index_t n, index_t d) {
+  const index_t pairs = (d + 1) / 2;
+  for (index_t i = 0; i < n; ++i)
+    for (index_t c = 0; c < pairs; ++c) {
+      std::uint32_t even = 0, odd = 0;
+      std::memcpy(&even, p + i * d + 2 * c, sizeof even);
+      if (2 * c + 1 < d) std::memcpy(&odd, p + i * d + 2 * c + 1, sizeof odd);
+      const std::uint32_t word = (even >> 16) | (odd & 0xffff0000u);
+      std::memcpy(p + i * pairs + c, &word, sizeof word);
+    }
 }
 
 /// Shared by every version: the scalar part of the online-softmax update of one row, given the
@@ -783,6 +821,48 @@ inline const tile_kernels<float>& avx512_float_kernels() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// AVX512_BF16: Q K^T on bf16 values (`attention_params::bf16_qk`) from pairs. A 32-bit word holds
+// two bf16 values, the even column in its low half; `vdpbf16ps` multiplies the two pairs of each
+// lane and adds both products (exact in float) to the float accumulator, so the QK^T block body
+// runs unchanged on rows of pairs: the query's pairs broadcast, 16 keys' pairs per vector, half
+// the instructions of the float block for the same products.
+#define POSENC_AVX512_BF16 POSENC_TARGET_AVX512_BF16
+
+/// `avx512_f32x16` whose lanes hold bf16 pairs, `fma` the pairs' dot product.
+struct avx512_bf16_pairs : avx512_f32x16 {
+  POSENC_AVX512_BF16 static reg fma(reg a, reg b, reg c) {
+    return _mm512_dpbf16_ps(c, reinterpret_cast<__m512bh>(a), reinterpret_cast<__m512bh>(b));
+  }
+};
+
+// 8 query rows against 32 keys, as the float block; the PV products are not used.
+POSENC_TILE_PRODUCTS(avx512bf16, POSENC_AVX512_BF16, avx512_bf16_pairs, 8, 2, 6, 4)
+
+/// The packed key tile `kt` (`[d, ldkt]`, `ldkt` a multiple of 16, every value a bf16 already)
+/// into rows of pairs, in place: row c of the result holds the pairs of rows 2c and 2c + 1 (0 past
+/// `d`), the high halves of their floats. Row c is written after rows 2c and 2c + 1 are read.
+POSENC_AVX512_BF16 inline void pair_rows_avx512bf16(float* kt, index_t ldkt, index_t d) {
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+  for (index_t c = 0; 2 * c < d; ++c) {
+    const float* even = kt + 2 * c * ldkt;
+    const float* odd = 2 * c + 1 < d ? even + ldkt : nullptr;
+    for (index_t j = 0; j < ldkt; j += 16) {
+      const __m512i lo = _mm512_srli_epi32(_mm512_castps_si512(_mm512_loadu_ps(even + j)), 16);
+      const __m512i hi = odd ? _mm512_and_si512(_mm512_castps_si512(_mm512_loadu_ps(odd + j)), high)
+                             : _mm512_setzero_si512();
+      _mm512_storeu_ps(kt + c * ldkt + j, _mm512_castsi512_ps(_mm512_or_si512(lo, hi)));
+    }
+  }
+}
+
+#undef POSENC_AVX512_BF16
+
+inline const bf16_pair_kernels& avx512bf16_pair_kernels() {
+  static const bf16_pair_kernels k{pair_rows_avx512bf16, qk_avx512bf16};
+  return k;
+}
+
+// ---------------------------------------------------------------------------------------------
 // AVX2 + FMA: 8 lanes, 16 registers.
 #define POSENC_AVX2 POSENC_TARGET_AVX2
 
@@ -1104,6 +1184,15 @@ inline const tile_kernels<float>& neon_float_kernels() {
 #undef POSENC_UNROLL
 #undef POSENC_TILE_PRODUCTS
 #undef POSENC_INLINE_BLOCK
+
+/// The bf16 pair kernels when the CPU has AVX512_BF16 and the level in use is AVX-512; null
+/// otherwise (the float kernels then multiply the rounded values).
+inline const bf16_pair_kernels* bf16_pair_kernels_in_use() {
+#if POSENC_HAVE_X86_KERNELS
+  if (simd_level_in_use() == simd_level::avx512 && cpu_has_avx512_bf16()) return &avx512bf16_pair_kernels();
+#endif
+  return nullptr;
+}
 
 /// The kernels for compute type `C`: for float, AVX-512 or AVX2 (x86) or NEON (aarch64) where the
 /// CPU has it and the process-wide cap allows it (`detail::scoped_simd_cap`); portable otherwise.

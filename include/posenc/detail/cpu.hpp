@@ -35,6 +35,10 @@
 #define POSENC_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 /// Marks a function compiled for AVX-512 F/VL/BW/DQ (Skylake-SP and later, Zen 4).
 #define POSENC_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")))
+/// Marks a function compiled for AVX-512 with AVX512_BF16 (`vdpbf16ps`; Cooper Lake, Sapphire
+/// Rapids, Zen 4 and later).
+#define POSENC_TARGET_AVX512_BF16 \
+  __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx512bf16,avx2,fma,f16c")))
 #else
 #define POSENC_X86_DISPATCH 0
 #endif
@@ -123,6 +127,21 @@ inline simd_level detected_simd_level() noexcept {
   return simd_level::neon;
 #else
   return simd_level::portable;
+#endif
+}
+
+/// Whether the CPU has AVX512_BF16 (CPUID leaf 7, sub-leaf 1, EAX bit 5) besides the `avx512`
+/// level (whose check includes the operating system's support of the AVX-512 registers). Cached.
+inline bool cpu_has_avx512_bf16() noexcept {
+#if POSENC_X86_DISPATCH
+  static const bool has = [] {
+    if (detected_simd_level() != simd_level::avx512) return false;
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    return __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) != 0 && (eax & (1u << 5)) != 0;
+  }();
+  return has;
+#else
+  return false;
 #endif
 }
 

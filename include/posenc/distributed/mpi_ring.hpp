@@ -67,7 +67,7 @@ namespace detail {
 /// What a rank tells the others before (and after) a collective ring call: whether its part is
 /// fine, the facts every rank must share, and its error message.
 struct ring_verdict {
-  static constexpr int fields = 17;
+  static constexpr int fields = 18;
   std::int64_t ok = 1;
   std::int64_t field[fields] = {};
   char text[400] = {};
@@ -209,6 +209,7 @@ void ring_shared_facts(ring_verdict& v, const E& enc, const attention_params& p,
   for (const float z : p.sinks) sink_hash = ring_hash(sink_hash, &z, sizeof z);
   v.field[15] = static_cast<std::int64_t>(sink_hash ^ p.sinks.size());
   v.field[16] = p.chunk_size.value_or(0);
+  v.field[17] = p.bf16_qk;
 }
 
 /// The names of the facts `ring_shared_facts` writes, for `ring_exchange`.
@@ -228,7 +229,8 @@ inline constexpr ring_fact ring_shared_fact_names[] = {
     {12, "ring_options.query_blocks"},
     {14, "attention_params.softcap (bits of the double)"},
     {15, "attention_params.sinks (a digest of the values)"},
-    {16, "attention_params.chunk_size (0 for none)"}};
+    {16, "attention_params.chunk_size (0 for none)"},
+    {17, "attention_params.bf16_qk"}};
 
 /// The message of the backward: a `ring_message` of keys, values and positions (keys not
 /// rotated: the backward rotates copies), followed by the gradients dK and dV that travel with
@@ -507,6 +509,7 @@ class mpi_ring {
       detail::ring_check_device(enc, p, dev.q.rows, dev.q.cols, qpos.size(), dev.out.rows, dev.out.cols, dev.k.rows,
                                 dev.k.cols, dev.v.rows, dev.v.cols, kpos.size(), head_dim);
       detail::ring_check_backward_device(dev, p.heads, rank_);
+      detail::refuse_bf16_qk(p, call);
       detail::ring_shared_facts<S>(mine, enc, p, head_dim, dev.k.rows, dev.k.cols, dev.v.cols, 0);
     } catch (...) {
       local = std::current_exception();

@@ -131,6 +131,7 @@ void ring_attention_backward_simulate(std::span<const ring_backward_device<S>> d
                 "posenc::ring_attention_backward_simulate: additive-input encoders (sinusoidal) act on token "
                 "embeddings before the projections; pass posenc::no_position here");
   detail::check_params(p);
+  detail::refuse_bf16_qk(p, "ring_attention_backward_simulate");
   index_t head_dim = 0;
   const auto P = static_cast<index_t>(devices.size());
   for (index_t r = 0; r < P; ++r) {
