@@ -65,6 +65,27 @@ constexpr shape shapes[] = {{4, 2, 64, 200, 333}, {2, 1, 33, 97, 150}, {8, 2, 12
 
 }  // namespace
 
+TEST_CASE("the bf16 rounding of bf16_qk is Eigen's round-to-nearest-even on every float", "[attention][bf16_qk]") {
+  // Every 61st bit pattern (all exponents and signs, mantissas spread) and the edges: zeros,
+  // subnormals, ties at both parities, the largest bf16 and the values that round past it, inf, NaN.
+  std::vector<std::uint32_t> bits = {0x00000000u, 0x80000000u, 0x00000001u, 0x00008000u, 0x00018000u,
+                                     0x3f808000u, 0x3f818000u, 0x3f807fffu, 0x7f7f0000u, 0x7f7f7fffu,
+                                     0x7f7f8000u, 0x7f7fffffu, 0x7f800000u, 0xff800000u, 0x7fc00000u,
+                                     0x7f800001u, 0xffc00001u, 0x7fbfffffu};
+  for (std::uint64_t u = 0; u <= 0xffffffffu; u += 61) bits.push_back(static_cast<std::uint32_t>(u));
+  index_t wrong = 0;
+  std::uint32_t first = 0;
+  for (const std::uint32_t u : bits) {
+    const float x = std::bit_cast<float>(u);
+    const float got = posenc::detail::round_to_bf16(x);
+    const float want = static_cast<float>(Eigen::bfloat16(x));
+    const bool ok = std::isnan(x) ? std::isnan(got) : std::bit_cast<std::uint32_t>(got) == std::bit_cast<std::uint32_t>(want);
+    if (!ok && wrong++ == 0) first = u;
+  }
+  INFO("first wrong pattern 0x" << std::hex << first);
+  CHECK(wrong == 0);
+}
+
 TEST_CASE("bf16_qk on bf16 inputs has the float path's accuracy, on every kernel set", "[attention][bf16_qk]") {
   if (!posenc::cpu_has_avx512_bf16())
     WARN("this CPU has no AVX512_BF16: the vdpbf16ps pair kernels are not tested here (the float kernels on the "

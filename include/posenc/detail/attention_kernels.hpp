@@ -26,6 +26,7 @@
 /// float first. `convert_f16` / `convert_bf16` widen whole tiles for the other paths.
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <concepts>
 #include <cstdint>
@@ -191,12 +192,19 @@ void convert_portable(const S* src, index_t lds, index_t n, index_t d, C factor,
     for (index_t c = 0; c < d; ++c) dst[i * ldd + c] = factor * widen<C>(src[i * lds + c]);
 }
 
-/// `x` rounded to the nearest bf16 (ties to even; through float for a double `x`), NaN kept NaN:
-/// the operands of `attention_params::bf16_qk`.
-template <class C>
-C round_to_bf16(C x) {
-  return static_cast<C>(static_cast<float>(Eigen::bfloat16(static_cast<float>(x))));
+/// `x` rounded to the nearest bf16 (ties to even; past the largest bf16 to infinity), a NaN kept a
+/// (quiet) NaN: the operands of `attention_params::bf16_qk`. From the bits, branch-free, so row
+/// loops vectorise: adding 0x7fff plus the lowest kept bit carries into the kept half exactly
+/// when the dropped half is above one half, or equal to it with the kept half odd.
+inline float round_to_bf16(float x) {
+  const std::uint32_t u = std::bit_cast<std::uint32_t>(x);
+  const std::uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+  const std::uint32_t nan = (u | 0x00400000u) & 0xffff0000u;
+  return std::bit_cast<float>((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
 }
+
+/// A double through float: the value the float kernels would round.
+inline double round_to_bf16(double x) { return round_to_bf16(static_cast<float>(x)); }
 
 /// `round_to_bf16` on rows `[n, d]` of stride `ld`, in place.
 template <class C>
