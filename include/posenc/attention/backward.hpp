@@ -369,7 +369,7 @@ void backward_run(head_rows<const S> qv, head_rows<const S> kv, head_rows<const 
   auto tile = [&](index_t h, index_t i0, index_t nq, positions qp, index_t nk, positions kp, bool full, rows_at qt,
                   rows_at gt, const C* kt, const C* vt, C* t, C* pm, C* dsb, C* rm, C* rl, C* ra) {
     const strided_view<C> tv(t, nq, nk, ldkt), dsv(dsb, nq, nk, ldkt);
-    kern.qk(qt.p, qt.ld, nq, d, kt, ldkt, t);
+    kern.qk(qt.p, qt.ld, nq, d, kt, ldkt, ldkt, t);
     if constexpr (shaw) {
       enc.add_bias_tile(tv, strided_view<const C>(gterms + (h * sh.n_q + i0) * nrel, nq, nrel, nrel), qp, kp);
     }
@@ -398,7 +398,7 @@ void backward_run(head_rows<const S> qv, head_rows<const S> kv, head_rows<const 
       if (!full) sh.mask.mask_row(qp[i], kp, prow);
     }
     kern.softmax(pm, ldkt, nq, nk, rm, rl, ra);
-    kern.qk(gt.p, gt.ld, nq, d, vt, ldkt, dsb);
+    kern.qk(gt.p, gt.ld, nq, d, vt, ldkt, ldkt, dsb);
     if constexpr (shaw) {
       enc.add_bias_tile(dsv, strided_view<const C>(hterms + (h * sh.n_q + i0) * nrel, nq, nrel, nrel), qp, kp);
     }

@@ -556,35 +556,42 @@ void tile_worker<C, SQ, SK, SV, SO, LV, E, SeqOf>::prefill_tile(const work& w, i
       const index_t nr = std::min(plan.strip, w.rows - r0);
       // A strip that sees none of the tile's keys (above the diagonal of a causal tile,
       // outside a window) skips it: its rows' state is unchanged, as if the tile were skipped.
-      if (!full && !sh_.mask.any_visible(strip_bounds(w.qp, w.qb, r0, nr), kb)) continue;
+      const position_span sb = strip_bounds(w.qp, w.qb, r0, nr);
+      if (!full && !sh_.mask.any_visible(sb, kb)) continue;
+      // Keys past the last one a row of the strip sees (on the diagonal of a causal tile) are left
+      // out, as a skipped tile is: each would add exp(-inf) = 0. Keys of consecutive positions.
+      const index_t nv =
+          full || !kp.is_range() ? nk : count_upto(sh_.mask.keys_for(sb.hi).hi, kp.start(), nk);
+      const index_t ncols = std::min(plan.ldkt, (nv + 31) / 32 * 32);
+      const positions kpv = kp.subset(0, nv);
       C* const s = scratch + plan.s;
       if (w.few_rows) {
         if constexpr (keys_readable) {
-          if (kin) qk_rows_of(kern_, qt + r0 * d, d, nr, d, kin, ldk, nk, s, plan.ldkt);
+          if (kin) qk_rows_of(kern_, qt + r0 * d, d, nr, d, kin, ldk, nv, s, plan.ldkt);
         }
-        if (!kin) kern_.qk_rows(qt + r0 * d, d, nr, d, krows, ldk, nk, s, plan.ldkt, nullptr, 0);
+        if (!kin) kern_.qk_rows(qt + r0 * d, d, nr, d, krows, ldk, nv, s, plan.ldkt, nullptr, 0);
       } else if (pairs_) {
         if constexpr (std::same_as<C, float>)
-          pairs_->qk(qt + r0 * half_d, half_d, nr, half_d, scratch + plan.kt, plan.ldkt, s);
+          pairs_->qk(qt + r0 * half_d, half_d, nr, half_d, scratch + plan.kt, plan.ldkt, ncols, s);
       } else {
-        kern_.qk(qt + r0 * d, d, nr, d, scratch + plan.kt, plan.ldkt, s);
+        kern_.qk(qt + r0 * d, d, nr, d, scratch + plan.kt, plan.ldkt, ncols, s);
       }
-      const strided_view<C> sv(s, nr, nk, plan.ldkt);
-      modify_scores(w, sv, r0, nr, g, kp, full, strided_view<const C>(terms));
-      kern_.softmax(s, plan.ldkt, nr, nk, m + r0, l + r0, alpha + r0);
+      const strided_view<C> sv(s, nr, nv, plan.ldkt);
+      modify_scores(w, sv, r0, nr, g, kpv, full, strided_view<const C>(terms));
+      kern_.softmax(s, plan.ldkt, nr, nv, m + r0, l + r0, alpha + r0);
       if constexpr (relative_key_value<E>) {
         for (index_t r = r0; r < r0 + nr; ++r)
           if (alpha[r] != C(1))
             for (index_t c = 0; c < plan.r; ++c) wts(r, c) *= alpha[r];
         heads_of_strip(w, r0, nr, [&](index_t, index_t at_row, index_t n, positions hp) {
-          enc_.accumulate_value_weights(strided_view<const C>(sv.middle_rows(at_row, n)), hp, kp,
+          enc_.accumulate_value_weights(strided_view<const C>(sv.middle_rows(at_row, n)), hp, kpv,
                                         wts.middle_rows(r0 + at_row, n));
         });
       }
       if constexpr (values_readable) {
-        if (vin) pv_of(kern_, s, plan.ldkt, nr, nk, vin, ldv, d, alpha + r0, acc + r0 * plan.dpad, plan.dpad);
+        if (vin) pv_of(kern_, s, plan.ldkt, nr, nv, vin, ldv, d, alpha + r0, acc + r0 * plan.dpad, plan.dpad);
       }
-      if (!vin) kern_.pv(s, plan.ldkt, nr, nk, vrows, ldv, d, alpha + r0, acc + r0 * plan.dpad, plan.dpad, nullptr, 0);
+      if (!vin) kern_.pv(s, plan.ldkt, nr, nv, vrows, ldv, d, alpha + r0, acc + r0 * plan.dpad, plan.dpad, nullptr, 0);
     }
   }
 }

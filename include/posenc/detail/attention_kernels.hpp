@@ -53,8 +53,10 @@ template <class C>
 struct tile_kernels {
   /// `kt[c][j] = k[j][c]` for `j < nk`, zero for `nk <= j < ldkt`.
   void (*pack_kt)(const C* k, index_t ldk, index_t nk, index_t d, C* kt, index_t ldkt);
-  /// `s[i][j] = sum_c q[i][c] kt[c][j]` for `i < nq`, `j < ldkt`.
-  void (*qk)(const C* q, index_t ldq, index_t nq, index_t d, const C* kt, index_t ldkt, C* s);
+  /// `s[i][j] = sum_c q[i][c] kt[c][j]` for `i < nq`, `j < ncols` (a multiple of 32, at most
+  /// `ldkt`: a strip that sees only the first keys of the tile computes only those); row stride of
+  /// `s` `ldkt`.
+  void (*qk)(const C* q, index_t ldq, index_t nq, index_t d, const C* kt, index_t ldkt, index_t ncols, C* s);
   /// `s[i][j] = sum_c q[i][c] k[j][c]` for `i < nq`, `j < nk`, reading the key rows in place (row
   /// stride `ldk`): for a few query rows (decode) transposing the key tile costs more than it saves.
   /// `pf`: rows of later keys (same stride), of which the call requests row j's `d` columns ahead of
@@ -92,7 +94,8 @@ struct bf16_pair_kernels {
   /// A packed key tile of bf16 values into rows of pairs, in place.
   void (*pair_rows)(float* kt, index_t ldkt, index_t d);
   /// `tile_kernels::qk` on rows of pairs: `d` is the number of pairs, `ldq` in words.
-  void (*qk)(const float* q, index_t ldq, index_t nq, index_t d, const float* kt, index_t ldkt, float* s);
+  void (*qk)(const float* q, index_t ldq, index_t nq, index_t d, const float* kt, index_t ldkt, index_t ncols,
+             float* s);
 };
 
 /// Half-precision storage types, which the float kernels widen as they load.
@@ -155,14 +158,14 @@ void pack_kt_portable(const C* k, index_t ldk, index_t nk, index_t d, C* kt, ind
 }
 
 template <class C>
-void qk_portable(const C* q, index_t ldq, index_t nq, index_t d, const C* kt, index_t ldkt, C* s) {
+void qk_portable(const C* q, index_t ldq, index_t nq, index_t d, const C* kt, index_t ldkt, index_t ncols, C* s) {
   for (index_t i = 0; i < nq; ++i) {
     C* srow = s + i * ldkt;
-    for (index_t j = 0; j < ldkt; ++j) srow[j] = C(0);
+    for (index_t j = 0; j < ncols; ++j) srow[j] = C(0);
     for (index_t c = 0; c < d; ++c) {
       const C a = q[i * ldq + c];
       const C* krow = kt + c * ldkt;
-      for (index_t j = 0; j < ldkt; ++j) srow[j] += a * krow[j];
+      for (index_t j = 0; j < ncols; ++j) srow[j] += a * krow[j];
     }
   }
 }
@@ -504,10 +507,10 @@ inline constexpr index_t pv_chunk_keys = 16;
     qk_block_##ISA<R, QK_VECS>(q, ldq, d, kt, ldkt, s);                                                        \
   }                                                                                                            \
   TARGET inline void qk_##ISA(const float* q, index_t ldq, index_t nq, index_t d, const float* kt, index_t ldkt, \
-                              float* s) {                                                                      \
+                              index_t ncols, float* s) {                                                       \
     constexpr index_t keys = QK_VECS * V::width;                                                               \
     for (index_t i0 = 0; i0 < nq; i0 += QK_ROWS)                                                               \
-      for (index_t j0 = 0; j0 < ldkt; j0 += keys)                                                              \
+      for (index_t j0 = 0; j0 < ncols; j0 += keys)                                                             \
         qk_rows_of_##ISA<QK_ROWS>(std::min<index_t>(QK_ROWS, nq - i0), q + i0 * ldq, ldq, d, kt + j0, ldkt,     \
                                   s + i0 * ldkt + j0);                                                         \
   }                                                                                                            \
