@@ -333,6 +333,9 @@ inline constexpr float exp2_poly[7] = {1.540353039338161e-4f, 1.333355814642844e
 //   exp(x)                        e^x for x <= 0 from `exp2_poly`; below -87.3 (and -inf) exactly 0,
 //                                 NaN stays NaN
 //   reduce_add, reduce_max        across lanes, in a fixed order of the set
+//   reduce_add4(a0, a1, a2, a3, p, n)  the sums across lanes of four vectors, each in one fixed
+//                                 order of the set, the first n <= 4 of them stored at p
+//   transpose(r)                  `width` registers of `width` lanes transposed in place
 // A target attribute cannot depend on a template argument, and GCC does not inline an intrinsic into
 // a function compiled without its target, so each body is a macro expanded in one function per
 // instruction set (as in detail/rope_kernels.hpp). Full vectors take plain loads and stores, the
@@ -469,6 +472,127 @@ inline const T* advance_or_null(const T* p, index_t n) {
 // that calls them (a call per block costs a prologue and an epilogue, which the few-row kernels,
 // a block per 16 keys, feel: AVX2 bf16 decode took 6% longer with calls).
 #define POSENC_INLINE_BLOCK __attribute__((always_inline)) inline
+
+/// `tile_kernels::pack_kt`, in a function with the arguments (k, ldk, nk, d, kt, ldkt): blocks of
+/// `width` keys by `width` columns loaded as rows, transposed in registers (`V::transpose`) and
+/// stored as columns; the columns past the last whole block of columns, the keys past the last
+/// whole block of keys and the zeros past `nk` element by element.
+#define POSENC_PACK_KT_BODY(V)                                                               \
+  using reg = typename V::reg;                                                               \
+  constexpr index_t w = V::width;                                                            \
+  const index_t nkw = nk / w * w, dw = d / w * w;                                            \
+  for (index_t j0 = 0; j0 < nkw; j0 += w) {                                                  \
+    for (index_t c0 = 0; c0 < dw; c0 += w) {                                                 \
+      reg r[w];                                                                              \
+      POSENC_UNROLL                                                                          \
+      for (int i = 0; i < int{w}; ++i) r[i] = V::load(k + (j0 + i) * ldk + c0);              \
+      V::transpose(r);                                                                       \
+      POSENC_UNROLL                                                                          \
+      for (int i = 0; i < int{w}; ++i) V::store(kt + (c0 + i) * ldkt + j0, r[i]);            \
+    }                                                                                        \
+    for (index_t c = dw; c < d; ++c)                                                         \
+      for (index_t j = j0; j < j0 + w; ++j) kt[c * ldkt + j] = k[j * ldk + c];               \
+  }                                                                                          \
+  for (index_t c = 0; c < d; ++c) {                                                          \
+    float* dst = kt + c * ldkt;                                                              \
+    for (index_t j = nkw; j < nk; ++j) dst[j] = k[j * ldk + c];                              \
+    for (index_t j = nk; j < ldkt; ++j) dst[j] = 0.0f;                                       \
+  }
+
+/// The register block of `tile_kernels::qk_rows` (decode), in a function `template <int R, class K>`
+/// with the arguments (q, ldq, d, k, ldk, nk, s, lds, pf, npf): R query rows against the key rows
+/// read in place (float, fp16 or bf16, widened as they load), KEYS (at most 4) keys at a time, each
+/// key vector loaded once and multiplied into every query row: R * KEYS accumulators. Every dot
+/// product accumulates its columns in order (whole vectors, then the tail through `load_part`, zero
+/// past the row in q and in the key) and is summed across lanes by `V::reduce_add4`, which reduces
+/// each of its four vectors in the same fixed order: a key's sum has the same bits whichever keys and
+/// how many query rows share its call. Missing keys of the last group read the group's first row
+/// again (nothing past the key rows); their sums are not stored. The rows requested ahead (`pf`) are
+/// spread over the loop, one cache line of each at a time beside the loads.
+#define POSENC_QK_ROWS_BLOCK_BODY(V, KEYS)                                                   \
+  using reg = typename V::reg;                                                               \
+  constexpr index_t w = V::width;                                                            \
+  constexpr int nkeys = KEYS;                                                                \
+  static_assert(nkeys >= 1 && nkeys <= 4, "qk_rows: at most 4 keys per group");              \
+  constexpr index_t per_line = 64 / static_cast<index_t>(sizeof(K));                         \
+  const index_t dw = d / w * w;                                                              \
+  for (index_t j = 0; j < nk; j += nkeys) {                                                  \
+    const index_t keys = std::min<index_t>(nkeys, nk - j);                                   \
+    reg acc[R][nkeys];                                                                       \
+    POSENC_UNROLL                                                                            \
+    for (int r = 0; r < R; ++r) {                                                            \
+      POSENC_UNROLL                                                                          \
+      for (int t = 0; t < nkeys; ++t) acc[r][t] = V::zero();                                 \
+    }                                                                                        \
+    const K* kr[nkeys];                                                                      \
+    POSENC_UNROLL                                                                            \
+    for (int t = 0; t < nkeys; ++t) kr[t] = k + (t < keys ? j + t : j) * ldk;                \
+    const K* ahead = pf != nullptr && j < npf ? pf + j * ldk : nullptr;                      \
+    const index_t ahead_rows = ahead ? std::min(keys, npf - j) : 0;                          \
+    for (index_t c = 0; c < dw; c += w) {                                                    \
+      if (c % per_line == 0)                                                                 \
+        for (index_t t = 0; t < ahead_rows; ++t) __builtin_prefetch(ahead + t * ldk + c, 0, 3); \
+      reg qv[R];                                                                             \
+      POSENC_UNROLL                                                                          \
+      for (int r = 0; r < R; ++r) qv[r] = V::load(q + r * ldq + c);                          \
+      POSENC_UNROLL                                                                          \
+      for (int t = 0; t < nkeys; ++t) {                                                      \
+        const reg kv = V::load(kr[t] + c);                                                   \
+        POSENC_UNROLL                                                                        \
+        for (int r = 0; r < R; ++r) acc[r][t] = V::fma(qv[r], kv, acc[r][t]);                \
+      }                                                                                      \
+    }                                                                                        \
+    for (index_t t = 0; t < ahead_rows; ++t) prefetch_row(ahead + t * ldk + dw, ldk, 0, 1, d - dw); \
+    if (dw < d) {                                                                            \
+      POSENC_UNROLL                                                                          \
+      for (int t = 0; t < nkeys; ++t) {                                                      \
+        const reg kv = V::load_part(kr[t] + dw, d - dw);                                     \
+        POSENC_UNROLL                                                                        \
+        for (int r = 0; r < R; ++r)                                                          \
+          acc[r][t] = V::fma(V::load_part(q + r * ldq + dw, d - dw), kv, acc[r][t]);         \
+      }                                                                                      \
+    }                                                                                        \
+    /* Fewer than four keys per group: the last one fills the other operands (not stored). */ \
+    POSENC_UNROLL                                                                            \
+    for (int r = 0; r < R; ++r)                                                              \
+      V::reduce_add4(acc[r][0], acc[r][std::min(1, nkeys - 1)], acc[r][std::min(2, nkeys - 1)], \
+                     acc[r][std::min(3, nkeys - 1)], s + r * lds + j, keys);                 \
+  }
+
+/// The key kernels of one instruction set, from the two bodies above: `pack_kt_<ISA>` and
+/// `qk_rows_<ISA><K>` (keys of float, fp16 or bf16), every function marked `TARGET`. `qk_rows`
+/// takes `QKR_ROWS` query rows against `QKR_KEYS` keys at a time (fewer rows at the end from
+/// template recursion); only the first block of rows requests the rows ahead.
+#define POSENC_KEY_KERNELS(ISA, TARGET, V, QKR_ROWS, QKR_KEYS)                                                 \
+  TARGET inline void pack_kt_##ISA(const float* k, index_t ldk, index_t nk, index_t d, float* kt, index_t ldkt) { \
+    POSENC_PACK_KT_BODY(V)                                                                                     \
+  }                                                                                                            \
+  template <int R, class K>                                                                                    \
+  TARGET inline void qk_rows_block_##ISA(const float* q, index_t ldq, index_t d, const K* k,                   \
+                                                      index_t ldk, index_t nk, float* s, index_t lds,          \
+                                                      const K* pf, index_t npf) {                              \
+    POSENC_QK_ROWS_BLOCK_BODY(V, QKR_KEYS)                                                                     \
+  }                                                                                                            \
+  /* `rows` <= R query rows: the block of exactly that many. */                                                \
+  template <int R, class K>                                                                                    \
+  TARGET POSENC_INLINE_BLOCK void qk_rows_fewer_##ISA(index_t rows, const float* q, index_t ldq, index_t d,     \
+                                                      const K* k, index_t ldk, index_t nk, float* s,           \
+                                                      index_t lds, const K* pf, index_t npf) {                 \
+    if constexpr (R > 1) {                                                                                     \
+      if (rows < R) {                                                                                          \
+        qk_rows_fewer_##ISA<R - 1, K>(rows, q, ldq, d, k, ldk, nk, s, lds, pf, npf);                           \
+        return;                                                                                                \
+      }                                                                                                        \
+    }                                                                                                          \
+    qk_rows_block_##ISA<R, K>(q, ldq, d, k, ldk, nk, s, lds, pf, npf);                                         \
+  }                                                                                                            \
+  template <class K>                                                                                           \
+  TARGET inline void qk_rows_##ISA(const float* q, index_t ldq, index_t nq, index_t d, const K* k, index_t ldk, \
+                                   index_t nk, float* s, index_t lds, const K* pf, index_t npf) {              \
+    for (index_t i0 = 0; i0 < nq; i0 += QKR_ROWS)                                                              \
+      qk_rows_fewer_##ISA<QKR_ROWS, K>(std::min<index_t>(QKR_ROWS, nq - i0), q + i0 * ldq, ldq, d, k, ldk, nk, \
+                                       s + i0 * lds, lds, i0 == 0 ? pf : nullptr, npf);                        \
+  }
 
 /// `tile_kernels::pv` with at most `pv_chunk_rows` query rows (decode) goes over the keys in chunks
 /// of `pv_chunk_keys`, every column block of a chunk before the next chunk, so that the chunk's
@@ -664,28 +788,6 @@ POSENC_AVX512 __attribute__((always_inline)) inline void transpose16(__m512 r[16
   }
 }
 
-POSENC_AVX512 inline void pack_kt_avx512(const float* k, index_t ldk, index_t nk, index_t d, float* kt,
-                                         index_t ldkt) {
-  const index_t nk16 = nk / 16 * 16, d16 = d / 16 * 16;
-  for (index_t j0 = 0; j0 < nk16; j0 += 16) {
-    for (index_t c0 = 0; c0 < d16; c0 += 16) {
-      __m512 r[16];
-      POSENC_UNROLL
-      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(k + (j0 + i) * ldk + c0);
-      transpose16(r);
-      POSENC_UNROLL
-      for (int i = 0; i < 16; ++i) _mm512_storeu_ps(kt + (c0 + i) * ldkt + j0, r[i]);
-    }
-    for (index_t c = d16; c < d; ++c)
-      for (index_t j = j0; j < j0 + 16; ++j) kt[c * ldkt + j] = k[j * ldk + c];
-  }
-  for (index_t c = 0; c < d; ++c) {
-    float* dst = kt + c * ldkt;
-    for (index_t j = nk16; j < nk; ++j) dst[j] = k[j * ldk + c];
-    for (index_t j = nk; j < ldkt; ++j) dst[j] = 0.0f;
-  }
-}
-
 /// The sums of four vectors, in lanes 0-3 of the result: each one as ((x0 + x8) + (x4 + x12)),
 /// then the four partial sums pairwise, (t0 + t2) + (t1 + t3), in every lane of the same arithmetic,
 /// so a key's sum is the same bits whichever keys share its call (pages and blocks of any length).
@@ -697,74 +799,6 @@ POSENC_AVX512 inline __m128 sum4_avx512(__m512 a0, __m512 a1, __m512 a2, __m512 
   const __m512 x = _mm512_add_ps(w, _mm512_permute_ps(w, 0xB1));
   const __m512i lanes = _mm512_setr_epi32(0, 4, 8, 12, 0, 4, 8, 12, 0, 4, 8, 12, 0, 4, 8, 12);
   return _mm512_castps512_ps128(_mm512_permutexvar_ps(lanes, x));
-}
-
-/// Up to 4 query rows against keys read in place (decode): four keys at a time, each key row loaded
-/// once (in 16-column vectors) and multiplied into every query row, then the 4 x 4 dot products
-/// summed across lanes together (sum4_avx512). Keys of float, fp16 or bf16 (`K`).
-template <int R, class K>
-POSENC_AVX512 inline void qk_rows_block_avx512(const float* q, index_t ldq, index_t d, const K* k, index_t ldk,
-                                               index_t nk, float* s, index_t lds, const K* pf, index_t npf) {
-  const index_t d16 = d / 16 * 16;
-  const __mmask16 tail = tail_mask(d - d16);
-  for (index_t j = 0; j < nk; j += 4) {
-    const index_t keys = std::min<index_t>(4, nk - j);
-    __m512 acc[R][4];
-    POSENC_UNROLL
-    for (int r = 0; r < R; ++r)
-      POSENC_UNROLL
-      for (int t = 0; t < 4; ++t) acc[r][t] = _mm512_setzero_ps();
-    // Missing keys of the last group (fewer than four) read row 0 again; their sums are not stored.
-    const K* kr[4];
-    POSENC_UNROLL
-    for (int t = 0; t < 4; ++t) kr[t] = k + (t < keys ? j + t : j) * ldk;
-    // The rows requested ahead are spread over the loop, one line at a time beside the loads.
-    const K* ahead = pf != nullptr && j < npf ? pf + j * ldk : nullptr;
-    const index_t ahead_rows = ahead ? std::min(keys, npf - j) : 0;
-    constexpr index_t per_line = 64 / static_cast<index_t>(sizeof(K));
-    for (index_t c = 0; c < d16; c += 16) {
-      if (c % per_line == 0)
-        for (index_t t = 0; t < ahead_rows; ++t)
-          _mm_prefetch(reinterpret_cast<const char*>(ahead + t * ldk + c), _MM_HINT_T0);
-      POSENC_UNROLL
-      for (int t = 0; t < 4; ++t) {
-        const __m512 kv = load16(kr[t] + c);
-        POSENC_UNROLL
-        for (int r = 0; r < R; ++r) acc[r][t] = _mm512_fmadd_ps(_mm512_loadu_ps(q + r * ldq + c), kv, acc[r][t]);
-      }
-    }
-    if (ahead)
-      for (index_t t = 0; t < ahead_rows; ++t) prefetch_row(ahead + t * ldk + d16, ldk, 0, 1, d - d16);
-    if (d16 < d) {
-      POSENC_UNROLL
-      for (int t = 0; t < 4; ++t) {
-        const __m512 kv = load16(kr[t] + d16, tail);
-        POSENC_UNROLL
-        for (int r = 0; r < R; ++r)
-          acc[r][t] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, q + r * ldq + d16), kv, acc[r][t]);
-      }
-    }
-    const __mmask8 store = static_cast<__mmask8>((1u << keys) - 1u);
-    POSENC_UNROLL
-    for (int r = 0; r < R; ++r)
-      _mm_mask_storeu_ps(s + r * lds + j, store, sum4_avx512(acc[r][0], acc[r][1], acc[r][2], acc[r][3]));
-  }
-}
-
-template <class K>
-POSENC_AVX512 inline void qk_rows_avx512(const float* q, index_t ldq, index_t nq, index_t d, const K* k, index_t ldk,
-                                         index_t nk, float* s, index_t lds, const K* pf, index_t npf) {
-  for (index_t i0 = 0; i0 < nq; i0 += 4) {
-    const float* qi = q + i0 * ldq;
-    float* si = s + i0 * lds;
-    const K* p0 = i0 == 0 ? pf : nullptr;
-    switch (std::min<index_t>(4, nq - i0)) {
-      case 4: qk_rows_block_avx512<4>(qi, ldq, d, k, ldk, nk, si, lds, p0, npf); break;
-      case 3: qk_rows_block_avx512<3>(qi, ldq, d, k, ldk, nk, si, lds, p0, npf); break;
-      case 2: qk_rows_block_avx512<2>(qi, ldq, d, k, ldk, nk, si, lds, p0, npf); break;
-      default: qk_rows_block_avx512<1>(qi, ldq, d, k, ldk, nk, si, lds, p0, npf); break;
-    }
-  }
 }
 
 /// The vector helper type of AVX-512 (see POSENC_SOFTMAX_ROWS_BODY): 16 lanes, tails masked.
@@ -795,6 +829,12 @@ struct avx512_f32x16 {
   POSENC_AVX512 static reg exp(reg x) { return exp_avx512(x); }
   POSENC_AVX512 static float reduce_add(reg x) { return _mm512_reduce_add_ps(x); }
   POSENC_AVX512 static float reduce_max(reg x) { return _mm512_reduce_max_ps(x); }
+  POSENC_AVX512 __attribute__((always_inline)) static void transpose(reg r[16]) { transpose16(r); }
+  /// The sums of `a0` .. `a3` (`sum4_avx512`'s order), the first `n` of them stored at `p`.
+  POSENC_AVX512 __attribute__((always_inline)) static void reduce_add4(reg a0, reg a1, reg a2, reg a3, float* p,
+                                                                       index_t n) {
+    _mm_mask_storeu_ps(p, static_cast<__mmask8>((1u << n) - 1u), sum4_avx512(a0, a1, a2, a3));
+  }
 };
 
 POSENC_AVX512 inline void softmax_avx512(float* s, index_t lds, index_t nq, index_t nk, float* m, float* l,
@@ -805,6 +845,9 @@ POSENC_AVX512 inline void softmax_avx512(float* s, index_t lds, index_t nq, inde
 // QK^T: 8 query rows against 32 keys (16 accumulators of the 32 registers); PV: 6 rows by 64
 // columns (24 accumulators).
 POSENC_TILE_PRODUCTS(avx512, POSENC_AVX512, avx512_f32x16, 8, 2, 6, 4)
+
+// Decode QK^T: 4 query rows against 4 keys (16 accumulators, 4 query vectors and a key vector).
+POSENC_KEY_KERNELS(avx512, POSENC_AVX512, avx512_f32x16, 4, 4)
 
 /// `convert_f16` / `convert_bf16`: 16 columns per step, the tail masked.
 template <class S>
@@ -955,73 +998,6 @@ POSENC_AVX2 __attribute__((always_inline)) inline void transpose8(__m256 r[8]) {
   }
 }
 
-POSENC_AVX2 inline void pack_kt_avx2(const float* k, index_t ldk, index_t nk, index_t d, float* kt, index_t ldkt) {
-  const index_t nk8 = nk / 8 * 8, d8 = d / 8 * 8;
-  for (index_t j0 = 0; j0 < nk8; j0 += 8) {
-    for (index_t c0 = 0; c0 < d8; c0 += 8) {
-      __m256 r[8];
-      POSENC_UNROLL
-      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(k + (j0 + i) * ldk + c0);
-      transpose8(r);
-      POSENC_UNROLL
-      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(kt + (c0 + i) * ldkt + j0, r[i]);
-    }
-    for (index_t c = d8; c < d; ++c)
-      for (index_t j = j0; j < j0 + 8; ++j) kt[c * ldkt + j] = k[j * ldk + c];
-  }
-  for (index_t c = 0; c < d; ++c) {
-    float* dst = kt + c * ldkt;
-    for (index_t j = nk8; j < nk; ++j) dst[j] = k[j * ldk + c];
-    for (index_t j = nk; j < ldkt; ++j) dst[j] = 0.0f;
-  }
-}
-
-/// Up to 8 query rows against keys read in place (decode), as `qk_rows_block_avx512`.
-template <int R, class K>
-POSENC_AVX2 inline void qk_rows_block_avx2(const float* q, index_t ldq, index_t d, const K* k, index_t ldk,
-                                           index_t nk, float* s, index_t lds, const K* pf, index_t npf) {
-  const index_t d8 = d / 8 * 8;
-  const __m256i tail = tail_mask_avx2(d - d8);
-  for (index_t j = 0; j < nk; ++j) {
-    const K* kr = k + j * ldk;
-    prefetch_row(pf, ldk, j, npf, d);
-    __m256 acc[R];
-    POSENC_UNROLL
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-    for (index_t c = 0; c < d8; c += 8) {
-      const __m256 kv = load8(kr + c);
-      POSENC_UNROLL
-      for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * ldq + c), kv, acc[r]);
-    }
-    if (d8 < d) {
-      const __m256 kv = load8(kr + d8, tail, d - d8);
-      POSENC_UNROLL
-      for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(_mm256_maskload_ps(q + r * ldq + d8, tail), kv, acc[r]);
-    }
-    POSENC_UNROLL
-    for (int r = 0; r < R; ++r) s[r * lds + j] = reduce_add_avx2(acc[r]);
-  }
-}
-
-template <class K>
-POSENC_AVX2 inline void qk_rows_avx2(const float* q, index_t ldq, index_t nq, index_t d, const K* k, index_t ldk,
-                                     index_t nk, float* s, index_t lds, const K* pf, index_t npf) {
-  for (index_t i0 = 0; i0 < nq; i0 += 8) {
-    const float* qi = q + i0 * ldq;
-    float* si = s + i0 * lds;
-    switch (std::min<index_t>(8, nq - i0)) {
-      case 8: qk_rows_block_avx2<8>(qi, ldq, d, k, ldk, nk, si, lds, i0 == 0 ? pf : nullptr, npf); break;
-      case 7: qk_rows_block_avx2<7>(qi, ldq, d, k, ldk, nk, si, lds, i0 == 0 ? pf : nullptr, npf); break;
-      case 6: qk_rows_block_avx2<6>(qi, ldq, d, k, ldk, nk, si, lds, i0 == 0 ? pf : nullptr, npf); break;
-      case 5: qk_rows_block_avx2<5>(qi, ldq, d, k, ldk, nk, si, lds, i0 == 0 ? pf : nullptr, npf); break;
-      case 4: qk_rows_block_avx2<4>(qi, ldq, d, k, ldk, nk, si, lds, i0 == 0 ? pf : nullptr, npf); break;
-      case 3: qk_rows_block_avx2<3>(qi, ldq, d, k, ldk, nk, si, lds, i0 == 0 ? pf : nullptr, npf); break;
-      case 2: qk_rows_block_avx2<2>(qi, ldq, d, k, ldk, nk, si, lds, i0 == 0 ? pf : nullptr, npf); break;
-      default: qk_rows_block_avx2<1>(qi, ldq, d, k, ldk, nk, si, lds, i0 == 0 ? pf : nullptr, npf); break;
-    }
-  }
-}
-
 /// The vector helper type of AVX2 (see POSENC_SOFTMAX_ROWS_BODY): 8 lanes, float tails through
 /// `vmaskmovps`, half-precision tails through a zeroed vector on the stack.
 struct avx2_f32x8 {
@@ -1052,6 +1028,26 @@ struct avx2_f32x8 {
   POSENC_AVX2 static reg exp(reg x) { return exp_avx2(x); }
   POSENC_AVX2 static float reduce_add(reg x) { return reduce_add_avx2(x); }
   POSENC_AVX2 static float reduce_max(reg x) { return reduce_max_avx2(x); }
+  POSENC_AVX2 __attribute__((always_inline)) static void transpose(reg r[8]) { transpose8(r); }
+  /// The sums of `a0` .. `a3`, the first `n` of them stored at `p`: each one in `reduce_add_avx2`'s
+  /// order, ((x0 + x4) + (x2 + x6)) + ((x1 + x5) + (x3 + x7)), so a key's sum has the bits of one
+  /// vector's reduction. The 128-bit halves of all four are added (c = lo + hi), then c0 + c2 and
+  /// c1 + c3 of the four together by unpacking, then their sums.
+  POSENC_AVX2 __attribute__((always_inline)) static void reduce_add4(reg a0, reg a1, reg a2, reg a3, float* p,
+                                                                     index_t n) {
+    // [c(a0) | c(a1)], [c(a2) | c(a3)]
+    const __m256 u01 = _mm256_add_ps(_mm256_permute2f128_ps(a0, a1, 0x20), _mm256_permute2f128_ps(a0, a1, 0x31));
+    const __m256 u23 = _mm256_add_ps(_mm256_permute2f128_ps(a2, a3, 0x20), _mm256_permute2f128_ps(a2, a3, 0x31));
+    // Lanes (e0, e2, o0, o2 | e1, e3, o1, o3): e_k = c_k[0] + c_k[2], o_k = c_k[1] + c_k[3] of key k.
+    const __m256 eo = _mm256_add_ps(_mm256_unpacklo_ps(u01, u23), _mm256_unpackhi_ps(u01, u23));
+    const __m128 lo = _mm256_castps256_ps128(eo), hi = _mm256_extractf128_ps(eo, 1);
+    const __m128 sums = _mm_add_ps(_mm_unpacklo_ps(lo, hi), _mm_unpackhi_ps(lo, hi));  // e_k + o_k
+    if (n >= 4) {
+      _mm_storeu_ps(p, sums);
+    } else {
+      _mm_maskstore_ps(p, _mm_cmpgt_epi32(_mm_set1_epi32(static_cast<int>(n)), _mm_setr_epi32(0, 1, 2, 3)), sums);
+    }
+  }
 };
 
 POSENC_AVX2 inline void softmax_avx2(float* s, index_t lds, index_t nq, index_t nk, float* m, float* l,
@@ -1062,6 +1058,10 @@ POSENC_AVX2 inline void softmax_avx2(float* s, index_t lds, index_t nq, index_t 
 // QK^T: 6 query rows against 16 keys (12 accumulators of the 16 registers); PV: 6 rows by 16
 // columns (12 accumulators).
 POSENC_TILE_PRODUCTS(avx2, POSENC_AVX2, avx2_f32x8, 6, 2, 6, 2)
+
+// Decode QK^T: 3 query rows against 4 keys (12 accumulators, 3 query vectors and a key vector: all
+// 16 registers, none spilled; 4 rows would need 16 accumulators).
+POSENC_KEY_KERNELS(avx2, POSENC_AVX2, avx2_f32x8, 3, 4)
 
 /// `convert_f16` / `convert_bf16`: 8 columns per step, the tail masked.
 template <class S>
@@ -1094,10 +1094,9 @@ inline const tile_kernels<float>& avx2_float_kernels() {
 #if POSENC_NEON_KERNELS
 
 // ---------------------------------------------------------------------------------------------
-// aarch64 Advanced SIMD (NEON): 4 lanes, 32 registers, every aarch64 CPU. The prefill tile
-// products, softmax and the half-precision widening are NEON, from the bodies the x86 sets use; the
-// few-row (decode) products are the portable loops (which GCC and clang vectorise for NEON at -O2
-// and above).
+// aarch64 Advanced SIMD (NEON): 4 lanes, 32 registers, every aarch64 CPU. Every tile operation
+// (the prefill tile products, the key transpose, the few-row (decode) dot products, softmax and the
+// half-precision widening) is NEON, from the bodies the x86 sets use.
 
 /// exp(x) for x <= 0, 4 lanes: `exp_avx2`'s steps (`frintn` rounds to nearest even, as
 /// `vroundps`; the polynomial by `fmla`), so the same value in every lane.
@@ -1154,6 +1153,24 @@ struct neon_f32x4 {
   static reg exp(reg x) { return exp_neon(x); }
   static float reduce_add(reg x) { return vaddvq_f32(x); }
   static float reduce_max(reg x) { return vmaxvq_f32(x); }
+  /// 4 x 4 in registers: `trn1` / `trn2` of row pairs, then 64-bit halves recombined.
+  __attribute__((always_inline)) static void transpose(reg r[4]) {
+    const float32x4x2_t t01 = vtrnq_f32(r[0], r[1]), t23 = vtrnq_f32(r[2], r[3]);
+    r[0] = vcombine_f32(vget_low_f32(t01.val[0]), vget_low_f32(t23.val[0]));
+    r[1] = vcombine_f32(vget_low_f32(t01.val[1]), vget_low_f32(t23.val[1]));
+    r[2] = vcombine_f32(vget_high_f32(t01.val[0]), vget_high_f32(t23.val[0]));
+    r[3] = vcombine_f32(vget_high_f32(t01.val[1]), vget_high_f32(t23.val[1]));
+  }
+  /// The sums of `a0` .. `a3`, the first `n` of them stored at `p`: each (x0 + x1) + (x2 + x3)
+  /// (`faddp` twice, the order of `vaddvq_f32`).
+  __attribute__((always_inline)) static void reduce_add4(reg a0, reg a1, reg a2, reg a3, float* p, index_t n) {
+    const reg sums = vpaddq_f32(vpaddq_f32(a0, a1), vpaddq_f32(a2, a3));
+    if (n >= 4) {
+      vst1q_f32(p, sums);
+    } else {
+      store(p, sums, n);
+    }
+  }
 };
 
 inline void softmax_neon(float* s, index_t lds, index_t nq, index_t nk, float* m, float* l, float* alpha) {
@@ -1170,14 +1187,18 @@ inline void convert_neon(const S* src, index_t lds, index_t n, index_t d, float 
 // of the 32 registers; with 6 rows GCC spills two accumulators in the loop.
 POSENC_TILE_PRODUCTS(neon, , neon_f32x4, 5, 4, 5, 4)
 
+// Decode QK^T: 4 query rows against 4 keys: 16 accumulators, 4 key and 4 query vectors (`fmla`
+// takes no memory operand) of the 32 registers.
+POSENC_KEY_KERNELS(neon, , neon_f32x4, 4, 4)
+
 inline const tile_kernels<float>& neon_float_kernels() {
-  static const tile_kernels<float> k{pack_kt_portable<float>,
+  static const tile_kernels<float> k{pack_kt_neon,
                                      qk_neon,
-                                     qk_rows_portable<float>,
+                                     qk_rows_neon<float>,
                                      softmax_neon,
                                      pv_neon<float>,
-                                     qk_rows_portable<float, Eigen::half>,
-                                     qk_rows_portable<float, Eigen::bfloat16>,
+                                     qk_rows_neon<Eigen::half>,
+                                     qk_rows_neon<Eigen::bfloat16>,
                                      pv_neon<Eigen::half>,
                                      pv_neon<Eigen::bfloat16>,
                                      convert_neon<Eigen::half>,
@@ -1192,6 +1213,9 @@ inline const tile_kernels<float>& neon_float_kernels() {
 #undef POSENC_CONVERT_ROWS_BODY
 #undef POSENC_QK_BLOCK_BODY
 #undef POSENC_PV_BLOCK_BODY
+#undef POSENC_PACK_KT_BODY
+#undef POSENC_QK_ROWS_BLOCK_BODY
+#undef POSENC_KEY_KERNELS
 #undef POSENC_UNROLL
 #undef POSENC_TILE_PRODUCTS
 #undef POSENC_INLINE_BLOCK
