@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <sstream>
@@ -159,4 +160,114 @@ TEST_CASE("the public cap: names, parsing, levels no higher than the cap, restor
     CHECK(posenc::simd_level_in_use() == posenc::detected_simd_level());
   }
   CHECK(posenc::simd_cap() == before);
+}
+
+TEST_CASE("pack_kt of every kernel set is the plain transpose, zero past the keys", "[simd][pack_kt]") {
+  std::mt19937 gen(5);
+  std::uniform_real_distribution<float> value(-4.0f, 4.0f);
+  std::vector<index_t> sizes;  // around every width: 1 .. 2 * 16 + 1, and 128
+  for (index_t n = 1; n <= 33; ++n) sizes.push_back(n);
+  sizes.push_back(128);
+  for (const auto level : posenc::detail::available_simd_levels()) {
+    const posenc::detail::scoped_simd_cap cap(level);
+    const auto& kern = posenc::detail::kernels_for<float>();
+    for (const index_t nk : sizes)
+      for (const index_t d : sizes) {
+        const index_t ldk = d + 1, ldkt = (nk + 31) / 32 * 32;
+        std::vector<float> k(static_cast<std::size_t>(nk * ldk));
+        for (auto& x : k) x = value(gen);
+        std::vector<float> kt(static_cast<std::size_t>(d * ldkt + 32), sentinel);
+        kern.pack_kt(k.data(), ldk, nk, d, kt.data(), ldkt);
+        index_t wrong = 0;
+        for (index_t c = 0; c < d; ++c)
+          for (index_t j = 0; j < ldkt; ++j)
+            wrong += kt[static_cast<std::size_t>(c * ldkt + j)] != (j < nk ? k[static_cast<std::size_t>(j * ldk + c)] : 0.0f);
+        for (std::size_t i = static_cast<std::size_t>(d * ldkt); i < kt.size(); ++i) wrong += kt[i] != sentinel;
+        INFO(where("pack_kt", d, -1, -1) << ", keys " << nk);
+        CHECK(wrong == 0);
+      }
+  }
+}
+
+TEST_CASE("qk_rows of every kernel set: dot products, the same bits in any call, fp16/bf16 keys as float",
+          "[simd][qk_rows]") {
+  std::mt19937 gen(9);
+  std::uniform_real_distribution<float> value(-1.0f, 1.0f);
+  std::uniform_int_distribution<int> small(-255, 255);
+  const index_t max_rows = 9, max_keys = 64 + 3;
+  std::vector<index_t> key_counts;
+  for (index_t n = 1; n <= 13; ++n) key_counts.push_back(n);
+  key_counts.push_back(64);
+  for (const auto level : posenc::detail::available_simd_levels()) {
+    const posenc::detail::scoped_simd_cap cap(level);
+    const auto& kern = posenc::detail::kernels_for<float>();
+    for (const index_t d : {1, 3, 4, 5, 8, 15, 16, 17, 64, 128, 130}) {
+      // Rows start at odd offsets. Keys are m / 64 with |m| < 256: exact in fp16 and bf16, so the
+      // half-precision kernels must give the float kernel's bits on the same values.
+      const index_t ldq = d + 1, ldk = d + 3;
+      std::vector<float> q(static_cast<std::size_t>(max_rows * ldq + 1)), k(static_cast<std::size_t>(max_keys * ldk + 1));
+      for (auto& x : q) x = value(gen);
+      for (auto& x : k) x = static_cast<float>(small(gen)) / 64.0f;
+      std::vector<Eigen::half> kh(k.size());
+      std::vector<Eigen::bfloat16> kb(k.size());
+      for (std::size_t i = 0; i < k.size(); ++i) {
+        kh[i] = Eigen::half(k[i]);
+        kb[i] = Eigen::bfloat16(k[i]);
+      }
+      const float* q0 = q.data() + 1;
+      auto key = [&](index_t j) { return k.data() + 1 + j * ldk; };
+      // Every (row, key) alone: one row, one key.
+      std::vector<float> alone(static_cast<std::size_t>(max_rows * max_keys));
+      for (index_t i = 0; i < max_rows; ++i)
+        for (index_t j = 0; j < max_keys; ++j)
+          kern.qk_rows(q0 + i * ldq, ldq, 1, d, key(j), ldk, 1, &alone[static_cast<std::size_t>(i * max_keys + j)], 1,
+                       nullptr, 0);
+      for (index_t i = 0; i < max_rows; ++i)
+        for (index_t j = 0; j < max_keys; ++j) {
+          double dot = 0, mag = 0;
+          for (index_t c = 0; c < d; ++c) {
+            const double p = static_cast<double>(q0[i * ldq + c]) * key(j)[c];
+            dot += p;
+            mag += std::abs(p);
+          }
+          const double got = alone[static_cast<std::size_t>(i * max_keys + j)];
+          INFO(where("qk_rows", d, i, j) << ": got " << got << ", expected " << dot);
+          CHECK(std::abs(got - dot) <= static_cast<double>(d + 4) * eps * mag);
+        }
+      // Calls of 1 .. 9 rows and 1 .. 13 or 64 keys, from key 0 or 3, with and without rows to
+      // request ahead, keys of float, fp16 and bf16: each value is its row and key's bits alone;
+      // nothing past a row's keys is written.
+      for (index_t nq = 1; nq <= max_rows; ++nq)
+        for (const index_t nk : key_counts)
+          for (const index_t j0 : {index_t{0}, index_t{3}}) {
+            if (j0 + nk > max_keys) continue;
+            const index_t lds = nk + 2;
+            const index_t off = 1 + j0 * ldk;
+            for (int type = 0; type < 3; ++type) {
+              std::vector<float> s(static_cast<std::size_t>(nq * lds), sentinel);
+              const bool ahead = (nq + nk) % 2 == 0;
+              if (type == 0) {
+                kern.qk_rows(q0, ldq, nq, d, k.data() + off, ldk, nk, s.data(), lds, ahead ? k.data() + 1 : nullptr,
+                             ahead ? nk : 0);
+              } else if (type == 1) {
+                kern.qk_rows_f16(q0, ldq, nq, d, kh.data() + off, ldk, nk, s.data(), lds,
+                                 ahead ? kh.data() + 1 : nullptr, ahead ? nk : 0);
+              } else {
+                kern.qk_rows_bf16(q0, ldq, nq, d, kb.data() + off, ldk, nk, s.data(), lds,
+                                  ahead ? kb.data() + 1 : nullptr, ahead ? nk : 0);
+              }
+              index_t wrong = 0;
+              for (index_t i = 0; i < nq; ++i)
+                for (index_t j = 0; j < lds; ++j) {
+                  const float got = s[static_cast<std::size_t>(i * lds + j)];
+                  const float want = j < nk ? alone[static_cast<std::size_t>(i * max_keys + j0 + j)] : sentinel;
+                  wrong += std::memcmp(&got, &want, sizeof(float)) != 0;
+                }
+              INFO(where("qk_rows", d, nq, nk) << ", first key " << j0 << ", keys stored as "
+                                               << (type == 0 ? "float" : type == 1 ? "fp16" : "bf16"));
+              CHECK(wrong == 0);
+            }
+          }
+    }
+  }
 }
