@@ -1153,13 +1153,16 @@ struct neon_f32x4 {
   static reg exp(reg x) { return exp_neon(x); }
   static float reduce_add(reg x) { return vaddvq_f32(x); }
   static float reduce_max(reg x) { return vmaxvq_f32(x); }
-  /// 4 x 4 in registers: `trn1` / `trn2` of row pairs, then 64-bit halves recombined.
+  /// 4 x 4 in registers: `trn1` / `trn2` of 32-bit lanes of row pairs, then of 64-bit halves.
   __attribute__((always_inline)) static void transpose(reg r[4]) {
-    const float32x4x2_t t01 = vtrnq_f32(r[0], r[1]), t23 = vtrnq_f32(r[2], r[3]);
-    r[0] = vcombine_f32(vget_low_f32(t01.val[0]), vget_low_f32(t23.val[0]));
-    r[1] = vcombine_f32(vget_low_f32(t01.val[1]), vget_low_f32(t23.val[1]));
-    r[2] = vcombine_f32(vget_high_f32(t01.val[0]), vget_high_f32(t23.val[0]));
-    r[3] = vcombine_f32(vget_high_f32(t01.val[1]), vget_high_f32(t23.val[1]));
+    const float64x2_t a0 = vreinterpretq_f64_f32(vtrn1q_f32(r[0], r[1]));  // r0[0] r1[0] r0[2] r1[2]
+    const float64x2_t a1 = vreinterpretq_f64_f32(vtrn2q_f32(r[0], r[1]));  // r0[1] r1[1] r0[3] r1[3]
+    const float64x2_t b0 = vreinterpretq_f64_f32(vtrn1q_f32(r[2], r[3]));
+    const float64x2_t b1 = vreinterpretq_f64_f32(vtrn2q_f32(r[2], r[3]));
+    r[0] = vreinterpretq_f32_f64(vtrn1q_f64(a0, b0));
+    r[1] = vreinterpretq_f32_f64(vtrn1q_f64(a1, b1));
+    r[2] = vreinterpretq_f32_f64(vtrn2q_f64(a0, b0));
+    r[3] = vreinterpretq_f32_f64(vtrn2q_f64(a1, b1));
   }
   /// The sums of `a0` .. `a3`, the first `n` of them stored at `p`: each (x0 + x1) + (x2 + x3)
   /// (`faddp` twice, the order of `vaddvq_f32`).
