@@ -1463,8 +1463,10 @@ def goals_section(res):
         worst = min(vals) if at_least else max(vals)
         cell = goal_cell(worst[0], target, at_least, "")
         if form is percent and cell.startswith("missed"):
-            pts_off = round(100 * abs(worst[0] - target))
-            cell = f"missed by {pts_off} point{'' if pts_off == 1 else 's'}"
+            pts = 100 * abs(worst[0] - target)
+            pts_off = round(pts)
+            cell = (f"missed by {pts_off} point{'' if pts_off == 1 else 's'}" if pts_off >= 1
+                    else f"missed by {pts:.1f} point")
         rows.append((goal, figure, span((v for v, _ in vals), form) + f" (worst: {worst[1]})", cell))
 
     for d, target in ((128, 0.8), (64, 0.75)):
