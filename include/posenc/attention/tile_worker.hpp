@@ -223,6 +223,16 @@ class tile_worker {
   void load_queries(const work& w) const;
   template <class F>
   void heads_of_strip(const work& w, index_t r0, index_t nr, F&& f) const;
+  /// Keys [j0, j0 + nk) of `seq` as runs of consecutive K/V rows (one run, or one per page): one
+  /// call of f(first key - j0, first row, keys in the run) per run.
+  template <class F>
+  static void for_each_run(const batch_seq& seq, index_t j0, index_t nk, F&& f) {
+    for (index_t j = 0; j < nk;) {
+      const index_t n = seq.keys.run(j0 + j, nk - j);
+      f(j, seq.keys.row(j0 + j), n);
+      j += n;
+    }
+  }
   void modify_scores(const work& w, strided_view<C> sv, index_t r0, index_t nr, index_t g, positions kp, bool full,
                      strided_view<const C> terms) const;
   void decode_tile(const work& w, index_t j0, index_t nk, positions kp, bool full) const;
@@ -515,11 +525,9 @@ void tile_worker<C, SQ, SK, SV, SO, LV, E, SeqOf>::prefill_tile(const work& w, i
       ldk = kv_.stride;
     } else {
       C* buf = scratch + plan.krows;
-      for (index_t j = 0; j < nk;) {
-        const index_t n = seq.keys.run(j0 + j, nk - j);
-        load_tile(kv_, seq.keys.row(j0 + j), n, g, kp.subset(j, n), C(1), buf + j * d, w.rot(), rotating_keys_);
-        j += n;
-      }
+      for_each_run(seq, j0, nk, [&](index_t j, index_t row, index_t n) {
+        load_tile(kv_, row, n, g, kp.subset(j, n), C(1), buf + j * d, w.rot(), rotating_keys_);
+      });
       if (round_keys_) round_rows_to_bf16(buf, nk, d, d);
       krows = buf;
     }
@@ -541,11 +549,9 @@ void tile_worker<C, SQ, SK, SV, SO, LV, E, SeqOf>::prefill_tile(const work& w, i
       ldv = vv_.stride;
     } else {
       C* buf = scratch + plan.v;
-      for (index_t j = 0; j < nk;) {
-        const index_t n = seq.keys.run(j0 + j, nk - j);
-        load_rows(vv_, seq.keys.row(j0 + j), n, g, d, C(1), buf + j * plan.dpad, plan.dpad);
-        j += n;
-      }
+      for_each_run(seq, j0, nk, [&](index_t j, index_t row, index_t n) {
+        load_rows(vv_, row, n, g, d, C(1), buf + j * plan.dpad, plan.dpad);
+      });
       if (d != plan.dpad)
         for (index_t j = 0; j < nk; ++j) std::fill(buf + j * plan.dpad + d, buf + (j + 1) * plan.dpad, C(0));
       vrows = buf;
