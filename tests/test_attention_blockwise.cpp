@@ -374,6 +374,51 @@ TEST_CASE("blockwise decode over a long cache: key chunks merged, every encoder"
           {.heads = 8, .kv_heads = 1, .causal = true, .window_left = 5000}, e.t5_f, e.t5_d);
 }
 
+TEST_CASE("blockwise Shaw: key chunks, soft cap, sinks, scattered positions and large far terms",
+          "[attention][blockwise][bias]") {
+  // The kernel moves each query row's logits by its far-left term q . aK[0] and puts the row's
+  // max back at the end; the far-left value weight is the row's total less the others. Every
+  // place that could see the moved logits is compared with the double reference here.
+  const bias_encoders e;
+  for (index_t nq : {1, 2}) {  // decode over several key chunks, merged
+    const problem pr{.heads = 8, .kv_heads = 2, .d = 16, .n_q = nq, .n_kv = 20000, .q0 = 20000 - nq};
+    compare(pr, {.heads = 8, .kv_heads = 2, .causal = true}, e.shaw_f, e.shaw_d);
+    compare(pr, {.heads = 8, .kv_heads = 2, .causal = true, .window_left = 5000}, e.shaw_f, e.shaw_d);
+  }
+  const std::vector<float> sinks{0.5f, -1.0f, 2.0f, -std::numeric_limits<float>::infinity(), 0.f, 1.f, 3.f, -2.f};
+  const problem pr{.heads = 8, .kv_heads = 2, .d = 16, .n_q = 300, .n_kv = 300};
+  for (const double cap : {0.0, 2.0}) {
+    for (const bool causal : {true, false}) {
+      posenc::attention_params p{.heads = 8, .kv_heads = 2, .softcap = cap, .causal = causal, .q_tile = 64,
+                                 .k_tile = 64};
+      compare(pr, p, e.shaw_f, e.shaw_d);
+      p.sinks = sinks;
+      compare(pr, p, e.shaw_f, e.shaw_d);
+    }
+  }
+  // Positions that are not a range (gaps, repeats, out of order), so no tile is a range.
+  std::vector<position> qpos(300), kpos(300);
+  for (index_t i = 0; i < 300; ++i) qpos[i] = (i * 37) % 300 + (i % 3 == 0 ? 1000 : 0), kpos[i] = (i * 7) % 301;
+  compare(pr, {.heads = 8, .kv_heads = 2, .q_tile = 32, .k_tile = 32}, e.shaw_f, e.shaw_d, &qpos, &kpos);
+  // Far terms that dominate the logits: aK[0] large, so a row's shift is most of its logits.
+  posenc::row_matrix<double> ak = e.ak, av = e.av;
+  ak.row(0) *= 8.0;
+  const posenc::shaw_params sp{.head_dim = 16, .max_relative_position = 5};
+  const posenc::shaw_relative<float> big_f(sp, posenc::row_matrix<float>(ak.cast<float>()),
+                                           posenc::row_matrix<float>(av.cast<float>()));
+  const posenc::shaw_relative<double> big_d(sp, ak, av);
+  compare(pr, {.heads = 8, .kv_heads = 2, .causal = true, .q_tile = 64, .k_tile = 64}, big_f, big_d);
+  compare(pr, {.heads = 8, .kv_heads = 2, .sinks = sinks, .causal = true}, big_f, big_d);
+  // A head_dim that is not a multiple of 16 (the value term is not a whole-vector product).
+  const posenc::shaw_params sp24{.head_dim = 24, .max_relative_position = 3};
+  const auto ak24 = random_matrix<double>(7, 24, 44), av24 = random_matrix<double>(7, 24, 45);
+  const posenc::shaw_relative<float> f24(sp24, posenc::row_matrix<float>(ak24.cast<float>()),
+                                         posenc::row_matrix<float>(av24.cast<float>()));
+  const posenc::shaw_relative<double> d24(sp24, ak24, av24);
+  compare({.heads = 4, .kv_heads = 2, .d = 24, .n_q = 200, .n_kv = 200}, {.heads = 4, .kv_heads = 2, .causal = true},
+          f24, d24);
+}
+
 TEST_CASE("blockwise decode gives the same bits for any thread count", "[attention][blockwise][decode]") {
   const index_t n_kv = 20000, heads = 8, kvh = 2, d = 32;
   const auto q = random_matrix<float>(1, heads * d, 71);

@@ -4,6 +4,7 @@
 
 #include "support.hpp"
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <vector>
@@ -247,6 +248,36 @@ TEMPLATE_TEST_CASE("shaw steps are shift-invariant", "[shaw]", float, double) {
     CHECK(t1 == t0);
     CHECK(w1 == w0);
   }
+}
+
+TEST_CASE("shaw near value weights: every column but the far-left one, as the full step", "[shaw]") {
+  std::mt19937_64 rng(6);
+  const index_t d = 4, K = 3, nq = 6, nk = 40;
+  const auto ak = random_matrix<float>(rng, 2 * K + 1, d);
+  posenc::shaw_relative<float> enc({.head_dim = d, .max_relative_position = K}, ak, ak);
+  const auto p = random_matrix<float>(rng, nq, nk);
+  std::vector<position> ql(nq), kl(nk);
+  for (index_t i = 0; i < nq; ++i) ql[i] = 10 + 5 * i;
+  for (index_t j = 0; j < nk; ++j) kl[j] = (j * 13) % 41;
+  const posenc::positions q(ql);
+  for (const posenc::positions k : {posenc::arange(0, nk), posenc::positions(kl)}) {  // a range, scattered
+    mat<float> full = mat<float>::Constant(nq, 2 * K + 1, 0.5f), near = full;
+    enc.accumulate_value_weights(p, q, k, full);
+    enc.accumulate_near_value_weights(p, q, k, near);
+    CHECK(near.rightCols(2 * K) == full.rightCols(2 * K));
+    // Column 0 by hand: the keys at least K before the query.
+    for (index_t i = 0; i < nq; ++i) {
+      double far = 0.5;
+      for (index_t j = 0; j < nk; ++j) far += k[j] - q[i] <= -K ? p(i, j) : 0.0;
+      CHECK(full(i, 0) == Approx(far).margin(1e-5));
+    }
+  }
+  // A zero term adds nothing: the tile keeps its bits, a -0 included.
+  mat<float> tile = random_matrix<float>(rng, nq, nk), g = mat<float>::Zero(nq, 2 * K + 1);
+  tile(0, 0) = -0.0f;
+  const mat<float> before = tile;
+  enc.add_bias_tile(tile, g, q, posenc::arange(0, nk));
+  CHECK(std::memcmp(tile.data(), before.data(), sizeof(float) * static_cast<std::size_t>(tile.size())) == 0);
 }
 
 TEST_CASE("shaw strided tiles leave the padding untouched", "[shaw]") {

@@ -85,6 +85,17 @@ index_t relative_columns(const E& enc) {
   }
 }
 
+/// Columns of the forward kernel's per-row Shaw workspace (terms and weights): the `2K + 1`
+/// relative columns and one more, the row's logit shift (see `tile_worker::load_queries`).
+template <class E>
+index_t forward_relative_columns(const E& enc) {
+  const index_t r = relative_columns(enc);
+  if (r == 0) return 0;
+  detail::require(r < std::numeric_limits<index_t>::max(), "shaw_params.max_relative_position",
+                  (r - 1) / 2, "is too large for the attention workspace");
+  return r + 1;
+}
+
 /// Checks that the encoder fits the call, before any work item runs: a per-head encoder (ALiBi,
 /// T5) must cover local heads 0..heads-1 from its `head_offset`, and an encoder that acts on head
 /// vectors (RoPE, Shaw) must have the call's head_dim. Throws `std::invalid_argument`.
@@ -244,7 +255,7 @@ attention_plan plan_batch(const attention_shape& sh, const attention_params& p, 
   // A key tile never exceeds the keys: a large k_tile means "all keys in one tile", and sizes
   // its buffers by the keys, not by the number asked for.
   pl.bk = std::min(p.k_tile > 0 ? p.k_tile : default_k_tile, longest);
-  const index_t r = relative_columns(enc), nrot = rotator_scratch(enc);
+  const index_t r = forward_relative_columns(enc), nrot = rotator_scratch(enc);
   checked_index c;
   bool tiles_overflow = false;
   index_t q0 = 0;

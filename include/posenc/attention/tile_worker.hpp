@@ -145,7 +145,7 @@ class tile_worker {
         seq_of_(seq_of),
         d_(pl.sh.head_dim),
         group_(pl.sh.group),
-        rel_cols_(relative_columns(enc)),
+        rel_cols_(forward_relative_columns(enc)),
         rot_scratch_(rotator_scratch(enc)),
         scale_(static_cast<C>(pl.sh.scale)),
         softcap_(static_cast<C>(p.softcap)),
@@ -238,6 +238,41 @@ class tile_worker {
   void decode_tile(const work& w, index_t j0, index_t nk, positions kp, bool full) const;
   void prefill_tile(const work& w, index_t j0, index_t nk, positions kp, position_span kb, bool full) const;
   void finish_item(const work& w) const;
+  /// Shaw's own encoder with tables of the compute type: its query terms and value term are
+  /// products the tile kernels make (`query_terms` and `add_value_term` otherwise).
+  static constexpr bool tables_of_compute_type = requires(const E& e) {
+    { e.key_table() } -> std::same_as<strided_view<const C>>;
+    { e.value_table() } -> std::same_as<strided_view<const C>>;
+  };
+  /// Shaw: every key whose relative index clips to -K (most keys of a long context) adds the
+  /// same term G(i, 0) to the logits of query row i. A constant per row leaves the softmax as it
+  /// is, so the rows carry G(i, r) - G(i, 0): those keys get nothing added (the encoder skips a
+  /// zero term), the row's running max is moved back by G(i, 0) when the item ends, and their
+  /// column of value weights is then the row's total less the other columns, so no tile sums it.
+  /// Not under a soft cap, which a shift would change. `terms` has the 2K + 1 columns; the
+  /// shift, scaled as the logits are, is kept after them.
+  void shift_relative_terms(strided_view<C> terms) const {
+    const index_t nrel = terms.cols;
+    for (index_t r = 0; r < terms.rows; ++r) {
+      C* t = terms.row(r);
+      const C shift = softcap_ > C(0) ? C(0) : t[0];
+      for (index_t c = 0; c < nrel; ++c) t[c] -= shift;
+      t[nrel] = bf16_qk_ ? shift * scale_ : shift;
+    }
+  }
+  /// The end of `shift_relative_terms`: column 0 of the weights of each row that saw a key, and
+  /// the row's running max moved back by its shift.
+  static void finish_relative_rows(strided_view<const C> terms, strided_view<C> wts, C* m, const C* l) {
+    const index_t nrel = wts.cols;
+    for (index_t r = 0; r < wts.rows; ++r) {
+      if (!(l[r] > C(0))) continue;
+      C* wr = wts.row(r);
+      C rest = 0;
+      for (index_t c = 1; c < nrel; ++c) rest += wr[c];
+      wr[0] = std::max(l[r] - rest, C(0));
+      m[r] += terms(r, nrel);
+    }
+  }
   void finish_row(index_t g, index_t i0, index_t nq, index_t r, const C* a, C mr, C lr) const;
 
   head_rows<SQ> qv_;
@@ -358,8 +393,16 @@ void tile_worker<C, SQ, SK, SV, SO, LV, E, SeqOf>::load_queries(const work& w) c
     std::fill(w.m(gs), w.m(gs) + w.rows, neg_inf);
     std::fill(w.l(gs), w.l(gs) + w.rows, C(0));
     if constexpr (relative_key_value<E>) {
-      const strided_view<C> terms(w.terms(gs), w.rows, w.plan.r, w.plan.r);
-      enc_.query_terms(strided_view<const C>(qt, w.rows, d, d), terms);
+      const index_t nrel = w.plan.r - 1;
+      const strided_view<C> terms(w.terms(gs), w.rows, nrel, w.plan.r);
+      if constexpr (tables_of_compute_type) {
+        // Shaw's own tables: G = Q aK^T by the decode products, aK read in place.
+        const auto ak = enc_.key_table();
+        kern_.qk_rows(qt, d, w.rows, d, ak.data, ak.stride, ak.rows, terms.data, terms.stride, nullptr, 0);
+      } else {
+        enc_.query_terms(strided_view<const C>(qt, w.rows, d, d), terms);
+      }
+      shift_relative_terms(terms);
       std::fill(w.weights(gs), w.weights(gs) + w.rows * w.plan.r, C(0));
     }
   }
@@ -513,8 +556,9 @@ void tile_worker<C, SQ, SK, SV, SO, LV, E, SeqOf>::prefill_tile(const work& w, i
     C* const acc = w.acc(gs);
     C* const m = w.m(gs);
     C* const l = w.l(gs);
-    [[maybe_unused]] const strided_view<C> terms(w.terms(gs), w.rows, plan.r, plan.r);
-    [[maybe_unused]] const strided_view<C> wts(w.weights(gs), w.rows, plan.r, plan.r);
+    // Shaw's terms and weights: the 2K + 1 relative columns (the row's shift follows them).
+    [[maybe_unused]] const strided_view<C> terms(w.terms(gs), w.rows, std::max<index_t>(plan.r - 1, 0), plan.r);
+    [[maybe_unused]] const strided_view<C> wts(w.weights(gs), w.rows, std::max<index_t>(plan.r - 1, 0), plan.r);
 
     // Key rows in place (`kin`, in their storage type) or as a dense tile (`krows`).
     const KS* kin = nullptr;
@@ -588,10 +632,15 @@ void tile_worker<C, SQ, SK, SV, SO, LV, E, SeqOf>::prefill_tile(const work& w, i
       if constexpr (relative_key_value<E>) {
         for (index_t r = r0; r < r0 + nr; ++r)
           if (alpha[r] != C(1))
-            for (index_t c = 0; c < plan.r; ++c) wts(r, c) *= alpha[r];
+            for (index_t c = 1; c < wts.cols; ++c) wts(r, c) *= alpha[r];
         heads_of_strip(w, r0, nr, [&](index_t, index_t at_row, index_t n, positions hp) {
-          enc_.accumulate_value_weights(strided_view<const C>(sv.middle_rows(at_row, n)), hp, kpv,
-                                        wts.middle_rows(r0 + at_row, n));
+          const strided_view<const C> pv(sv.middle_rows(at_row, n));
+          // Column 0 is set once at the end (finish_relative_rows); Shaw's own encoder skips it.
+          if constexpr (requires { enc_.accumulate_near_value_weights(pv, hp, kpv, wts); }) {
+            enc_.accumulate_near_value_weights(pv, hp, kpv, wts.middle_rows(r0 + at_row, n));
+          } else {
+            enc_.accumulate_value_weights(pv, hp, kpv, wts.middle_rows(r0 + at_row, n));
+          }
         });
       }
       if constexpr (values_readable) {
@@ -610,11 +659,25 @@ void tile_worker<C, SQ, SK, SV, SO, LV, E, SeqOf>::finish_item(const work& w) co
   for (index_t gs = 0; gs < w.sets; ++gs) {
     const index_t g = w.g0 + gs;
     C* const acc = w.acc(gs);
-    const C* const m = w.m(gs);
+    C* const m = w.m(gs);
     const C* const l = w.l(gs);
-    if constexpr (relative_key_value<E>)
-      enc_.add_value_term(strided_view<const C>(w.weights(gs), w.rows, plan.r, plan.r),
-                          strided_view<C>(acc, w.rows, d_, plan.dpad));
+    if constexpr (relative_key_value<E>) {
+      const strided_view<C> wts(w.weights(gs), w.rows, plan.r - 1, plan.r);
+      finish_relative_rows(strided_view<const C>(w.terms(gs), w.rows, plan.r, plan.r), wts, m, l);
+      bool done = false;
+      if constexpr (tables_of_compute_type) {
+        // acc += W aV by the P V product, aV read in place (its rows are whole vectors when d is
+        // a multiple of 16), with a rescale factor of 1 (the tile's alpha is no longer needed).
+        if (d_ == plan.dpad) {
+          const auto av = enc_.value_table();
+          C* const ones = w.at(plan.alpha, plan.bq, gs);
+          std::fill(ones, ones + w.rows, C(1));
+          kern_.pv(wts.data, wts.stride, w.rows, wts.cols, av.data, av.stride, d_, ones, acc, plan.dpad, nullptr, 0);
+          done = true;
+        }
+      }
+      if (!done) enc_.add_value_term(strided_view<const C>(wts), strided_view<C>(acc, w.rows, d_, plan.dpad));
+    }
     if (w.sp->chunks > 1) {
       // Keep the chunk's state; the merge finishes the rows.
       C* part = partials_ + w.sp->partial0 + (w.local * w.sets + gs) * partial_stride_of(plan);

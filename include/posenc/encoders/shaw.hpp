@@ -47,6 +47,12 @@
 ///
 /// If the kernel prefers scaled logits before adding the bias, it passes `G` computed from
 /// `tau * q` (or scales `G`); the steps themselves never scale.
+///
+/// Most keys of a long context clip to -K, so the kernel in posenc::attention subtracts each row's
+/// `G(i, 0)` from its terms (the softmax of a row does not change when every logit moves by the
+/// same amount; `add_bias_tile` skips a zero term), adds `G(i, 0)` to the row's running max at the
+/// end, and sets `w_i(0) = l_i - sum_{r > 0} w_i(r)` there, after summing the other columns with
+/// `accumulate_near_value_weights`. Not under a soft cap, which does not commute with the shift.
 
 #include <algorithm>
 #include <concepts>
@@ -171,10 +177,13 @@ class shaw_relative {
         index_t j1, j2;
         position r0;
         segments(k.start() - qi, n, j1, j2, r0);
+        // A zero term (a kernel that shifts each row by its -K term) leaves its keys as they are.
         const E left = static_cast<E>(gi[0]), right = static_cast<E>(gi[2 * kk]);
-        for (index_t j = 0; j < j1; ++j) row[j] += left;
+        if (left != E(0))
+          for (index_t j = 0; j < j1; ++j) row[j] += left;
         for (index_t j = j1; j < j2; ++j) row[j] += static_cast<E>(gi[r0 + j + kk]);
-        for (index_t j = j2; j < n; ++j) row[j] += right;
+        if (right != E(0))
+          for (index_t j = j2; j < n; ++j) row[j] += right;
       } else {
         for (index_t j = 0; j < n; ++j) row[j] += static_cast<E>(gi[relative_index(qi, k[j])]);
       }
@@ -185,34 +194,16 @@ class shaw_relative {
   /// (`[q.size(), k.size()]`) of one key tile; `w` is `[q.size(), 2K+1]`. Both float or double.
   template <matrix_argument P, matrix_argument W>
   void accumulate_value_weights(P&& p, positions q, positions k, W&& w) const {
-    auto pv = view_of(std::forward<P>(p));
-    auto wv = view_of(std::forward<W>(w));
-    check_logits<decltype(pv), false>();
-    check_logits<decltype(wv), true>();
-    using A = std::remove_pointer_t<decltype(wv.data)>;
-    POSENC_ASSERT(pv.rows == q.size() && pv.cols == k.size(), "shaw_relative::accumulate_value_weights: p is [",
-                  pv.rows, ", ", pv.cols, "] but there are ", q.size(), " query and ", k.size(), " key positions");
-    POSENC_ASSERT(wv.rows == q.size() && wv.cols == num_relative(), "shaw_relative::accumulate_value_weights: w is [",
-                  wv.rows, ", ", wv.cols, "] but must be [query positions, 2K+1] = [", q.size(), ", ", num_relative(),
-                  "]");
-    const position kk = params_.max_relative_position;
-    const index_t n = pv.cols;
-    for (index_t i = 0; i < pv.rows; ++i) {
-      const auto* pi = pv.row(i);
-      A* wi = wv.row(i);
-      const position qi = q[i];
-      if (k.is_range() && detail::difference_fits(k.start(), qi)) {
-        index_t j1, j2;
-        position r0;
-        segments(k.start() - qi, n, j1, j2, r0);
-        for (index_t j = j1; j < j2; ++j) wi[r0 + j + kk] += static_cast<A>(pi[j]);
-        // Most keys of a long context clip to -K or +K: their sums are the tile's long reductions.
-        wi[0] += sum_of<A>(pi, j1);
-        wi[2 * kk] += sum_of<A>(pi + j2, n - j2);
-      } else {
-        for (index_t j = 0; j < n; ++j) wi[relative_index(qi, k[j])] += static_cast<A>(pi[j]);
-      }
-    }
+    accumulate_weights<true>(view_of(std::forward<P>(p)), q, k, view_of(std::forward<W>(w)));
+  }
+
+  /// Step 3 for a kernel that sets column 0 itself at the end (each row's total weight less its
+  /// other columns): as `accumulate_value_weights`, but the keys clipped to -K may be left out
+  /// of `w(i, 0)`, which is then undefined. Most keys of a long context clip to -K, so this
+  /// skips the tile's longest sum.
+  template <matrix_argument P, matrix_argument W>
+  void accumulate_near_value_weights(P&& p, positions q, positions k, W&& w) const {
+    accumulate_weights<false>(view_of(std::forward<P>(p)), q, k, view_of(std::forward<W>(w)));
   }
 
   /// Step 4: `out_i += sum_r w(i, r) aV[r]`. `w` is `[n_q, 2K+1]`, `out` the `[n_q, head_dim]`
@@ -241,6 +232,36 @@ class shaw_relative {
   }
 
  private:
+  template <bool FarLeft, class PV, class WV>
+  void accumulate_weights(PV pv, positions q, positions k, WV wv) const {
+    check_logits<decltype(pv), false>();
+    check_logits<decltype(wv), true>();
+    using A = std::remove_pointer_t<decltype(wv.data)>;
+    POSENC_ASSERT(pv.rows == q.size() && pv.cols == k.size(), "shaw_relative::accumulate_value_weights: p is [",
+                  pv.rows, ", ", pv.cols, "] but there are ", q.size(), " query and ", k.size(), " key positions");
+    POSENC_ASSERT(wv.rows == q.size() && wv.cols == num_relative(), "shaw_relative::accumulate_value_weights: w is [",
+                  wv.rows, ", ", wv.cols, "] but must be [query positions, 2K+1] = [", q.size(), ", ", num_relative(),
+                  "]");
+    const position kk = params_.max_relative_position;
+    const index_t n = pv.cols;
+    for (index_t i = 0; i < pv.rows; ++i) {
+      const auto* pi = pv.row(i);
+      A* wi = wv.row(i);
+      const position qi = q[i];
+      if (k.is_range() && detail::difference_fits(k.start(), qi)) {
+        index_t j1, j2;
+        position r0;
+        segments(k.start() - qi, n, j1, j2, r0);
+        for (index_t j = j1; j < j2; ++j) wi[r0 + j + kk] += static_cast<A>(pi[j]);
+        // Most keys of a long context clip to -K or +K: their sums are the tile's long reductions.
+        if constexpr (FarLeft) wi[0] += sum_of<A>(pi, j1);
+        wi[2 * kk] += sum_of<A>(pi + j2, n - j2);
+      } else {
+        for (index_t j = 0; j < n; ++j) wi[relative_index(qi, k[j])] += static_cast<A>(pi[j]);
+      }
+    }
+  }
+
   /// `p[0] + ... + p[n - 1]` in `A`, over eight interleaved partial sums combined pairwise: eight
   /// independent additions per step, which the compiler may also put in vector lanes (a single
   /// running sum is one dependent addition per element). A fixed order, so the same bits on every
