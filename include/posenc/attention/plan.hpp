@@ -209,6 +209,12 @@ struct seq_plan {
   index_t partial0 = 0;    ///< where its chunks' partial results start (chunked sequences)
   index_t unit0 = 0;       ///< the first of its merge units (head set, query tile) among the call's; a
                            ///< sequence without key chunks has none, and the next one's unit0
+
+  // Unit u (a head set and a query tile; its items are u * chunks + chunk) takes the query tiles
+  // from the last: under a causal mask a later tile sees more keys, and the workers, which take
+  // items in order, finish together when the longest items come first.
+  index_t tile_of_unit(index_t u) const { return q_tiles - 1 - u / head_sets; }  ///< query tile of unit u
+  index_t set_of_unit(index_t u) const { return u % head_sets; }                 ///< head set of unit u
 };
 
 /// Everything one blockwise attention call does, decided before it starts: per-sequence plans

@@ -356,8 +356,8 @@ auto tile_worker<C, SQ, SK, SV, SO, LV, E, SeqOf>::item_of(index_t item, C* scra
   w.local = item - sp.item0;
   w.sets = sp.sets;
   w.chunk = w.local % sp.chunks;
-  w.g0 = (w.local / sp.chunks / sp.q_tiles) * w.sets;
-  w.i0 = ((w.local / sp.chunks) % sp.q_tiles) * sp.tq;
+  w.g0 = sp.set_of_unit(w.local / sp.chunks) * w.sets;
+  w.i0 = sp.tile_of_unit(w.local / sp.chunks) * sp.tq;
   w.nq = std::min(sp.tq, sp.nq - w.i0);
   w.rows = w.nq * group_;
   w.d = d_;
@@ -729,11 +729,11 @@ void tile_worker<C, SQ, SK, SV, SO, LV, E, SeqOf>::merge(index_t unit) const {
   const index_t stride = partial_stride_of(plan);
   const index_t local = unit - sp.unit0;
   const index_t chunks = sp.chunks, sets = sp.sets;
-  const index_t i0 = (local % sp.q_tiles) * sp.tq;
+  const index_t i0 = sp.tile_of_unit(local) * sp.tq;
   const index_t nq = std::min(sp.tq, sp.nq - i0);
   const index_t rows = nq * group_;
   for (index_t gs = 0; gs < sets; ++gs) {
-    const index_t g = (local / sp.q_tiles) * sets + gs;
+    const index_t g = sp.set_of_unit(local) * sets + gs;
     C* first = partials_ + sp.partial0 + (local * chunks * sets + gs) * stride;
     for (index_t c = 1; c < chunks; ++c) {
       const C* part = partials_ + sp.partial0 + ((local * chunks + c) * sets + gs) * stride;
