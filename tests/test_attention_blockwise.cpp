@@ -374,6 +374,36 @@ TEST_CASE("blockwise decode over a long cache: key chunks merged, every encoder"
           {.heads = 8, .kv_heads = 1, .causal = true, .window_left = 5000}, e.t5_f, e.t5_d);
 }
 
+namespace {
+
+// A relative_key_value encoder that is not Shaw's own (it has only the four protocol steps): the
+// kernel must run them as the protocol states, without Shaw's shortcuts.
+template <class T>
+struct protocol_only {
+  using scalar_type = T;
+  static constexpr posenc::encoding_family family = posenc::encoding_family::score_bias;
+  static constexpr bool has_value_term = true;
+  const posenc::shaw_relative<T>* inner = nullptr;
+  std::string_view name() const { return "protocol_only"; }
+  index_t head_dim() const { return inner->head_dim(); }
+  index_t num_relative() const { return inner->num_relative(); }
+  template <class Q, class O>
+  void query_terms(Q&& q, O&& out) const { inner->query_terms(std::forward<Q>(q), std::forward<O>(out)); }
+  template <class Tile, class G>
+  void add_bias_tile(Tile&& t, G&& g, posenc::positions q, posenc::positions k) const {
+    inner->add_bias_tile(std::forward<Tile>(t), std::forward<G>(g), q, k);
+  }
+  template <class P, class W>
+  void accumulate_value_weights(P&& p, posenc::positions q, posenc::positions k, W&& w) const {
+    inner->accumulate_value_weights(std::forward<P>(p), q, k, std::forward<W>(w));
+  }
+  template <class W, class O>
+  void add_value_term(W&& w, O&& out) const { inner->add_value_term(std::forward<W>(w), std::forward<O>(out)); }
+};
+static_assert(posenc::relative_key_value<protocol_only<float>>);
+
+}  // namespace
+
 TEST_CASE("blockwise Shaw: key chunks, soft cap, sinks, scattered positions and large far terms",
           "[attention][blockwise][bias]") {
   // The kernel moves each query row's logits by its far-left term q . aK[0] and puts the row's
@@ -417,6 +447,11 @@ TEST_CASE("blockwise Shaw: key chunks, soft cap, sinks, scattered positions and 
   const posenc::shaw_relative<double> d24(sp24, ak24, av24);
   compare({.heads = 4, .kv_heads = 2, .d = 24, .n_q = 200, .n_kv = 200}, {.heads = 4, .kv_heads = 2, .causal = true},
           f24, d24);
+  // The same steps through an encoder that has only the protocol.
+  const protocol_only<float> plain_f{&e.shaw_f};
+  compare(pr, {.heads = 8, .kv_heads = 2, .causal = true, .q_tile = 64, .k_tile = 64}, plain_f, e.shaw_d);
+  compare(pr, {.heads = 8, .kv_heads = 2, .sinks = sinks, .q_tile = 64, .k_tile = 64}, plain_f, e.shaw_d, &qpos,
+          &kpos);
 }
 
 TEST_CASE("blockwise decode gives the same bits for any thread count", "[attention][blockwise][decode]") {

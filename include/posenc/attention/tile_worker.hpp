@@ -244,18 +244,24 @@ class tile_worker {
     { e.key_table() } -> std::same_as<strided_view<const C>>;
     { e.value_table() } -> std::same_as<strided_view<const C>>;
   };
-  /// Shaw: every key whose relative index clips to -K (most keys of a long context) adds the
-  /// same term G(i, 0) to the logits of query row i. A constant per row leaves the softmax as it
-  /// is, so the rows carry G(i, r) - G(i, 0): those keys get nothing added (the encoder skips a
-  /// zero term), the row's running max is moved back by G(i, 0) when the item ends, and their
-  /// column of value weights is then the row's total less the other columns, so no tile sums it.
-  /// Not under a soft cap, which a shift would change. `terms` has the 2K + 1 columns; the
-  /// shift, scaled as the logits are, is kept after them.
+  /// Shaw's own encoder: every key whose relative index clips to -K (most keys of a long context)
+  /// adds the same term G(i, 0) to the logits of query row i. A constant per row leaves the
+  /// softmax as it is, so the rows carry G(i, r) - G(i, 0): those keys get nothing added (the
+  /// encoder skips a zero term), the row's running max is moved back by G(i, 0) when the item
+  /// ends, and their column of value weights is then the row's total less the other columns
+  /// (`accumulate_near_value_weights` leaves it out), so no tile sums it. Not under a soft cap,
+  /// which a shift would change. Another relative_key_value encoder gets the four steps as its
+  /// protocol states them. `terms` has the 2K + 1 columns; the shift, scaled as the logits are,
+  /// is kept after them.
+  static constexpr bool near_weights =
+      requires(const E& e, strided_view<const C> p, positions q, strided_view<C> w) {
+        e.accumulate_near_value_weights(p, q, q, w);
+      };
   void shift_relative_terms(strided_view<C> terms) const {
     const index_t nrel = terms.cols;
     for (index_t r = 0; r < terms.rows; ++r) {
       C* t = terms.row(r);
-      const C shift = softcap_ > C(0) ? C(0) : t[0];
+      const C shift = !near_weights || softcap_ > C(0) ? C(0) : t[0];
       for (index_t c = 0; c < nrel; ++c) t[c] -= shift;
       t[nrel] = bf16_qk_ ? shift * scale_ : shift;
     }
@@ -263,6 +269,7 @@ class tile_worker {
   /// The end of `shift_relative_terms`: column 0 of the weights of each row that saw a key, and
   /// the row's running max moved back by its shift.
   static void finish_relative_rows(strided_view<const C> terms, strided_view<C> wts, C* m, const C* l) {
+    if constexpr (!near_weights) return;
     const index_t nrel = wts.cols;
     for (index_t r = 0; r < wts.rows; ++r) {
       if (!(l[r] > C(0))) continue;
@@ -632,11 +639,11 @@ void tile_worker<C, SQ, SK, SV, SO, LV, E, SeqOf>::prefill_tile(const work& w, i
       if constexpr (relative_key_value<E>) {
         for (index_t r = r0; r < r0 + nr; ++r)
           if (alpha[r] != C(1))
-            for (index_t c = 1; c < wts.cols; ++c) wts(r, c) *= alpha[r];
+            for (index_t c = near_weights ? 1 : 0; c < wts.cols; ++c) wts(r, c) *= alpha[r];
         heads_of_strip(w, r0, nr, [&](index_t, index_t at_row, index_t n, positions hp) {
           const strided_view<const C> pv(sv.middle_rows(at_row, n));
-          // Column 0 is set once at the end (finish_relative_rows); Shaw's own encoder skips it.
-          if constexpr (requires { enc_.accumulate_near_value_weights(pv, hp, kpv, wts); }) {
+          // Shaw's own encoder leaves column 0 out: finish_relative_rows sets it.
+          if constexpr (near_weights) {
             enc_.accumulate_near_value_weights(pv, hp, kpv, wts.middle_rows(r0 + at_row, n));
           } else {
             enc_.accumulate_value_weights(pv, hp, kpv, wts.middle_rows(r0 + at_row, n));
