@@ -736,5 +736,39 @@ class SinglePointPlots(unittest.TestCase):
         return count
 
 
+class BestOfRepetitions(unittest.TestCase):
+    """bench/run.py: the points a goal compares closely run as repetitions, and keep the fastest."""
+
+    def setUp(self):
+        import run  # bench/run.py, on the path above
+        self.run = run
+
+    def test_the_goal_points_are_grouped_and_no_others(self):
+        grouped = ["attention/blockwise/4096/128/1/real_time", "attention/blockwise/16384/64/0/real_time",
+                   "attention/encoder/none/blockwise/8192/real_time", "attention/encoder/rope_llama3/blockwise/8192/real_time"]
+        alone = ["attention/blockwise/1024/128/1/real_time", "attention/naive/4096/128/1/real_time",
+                 "attention/encoder/shaw/blockwise/4096/real_time", "attention/encoder/none/naive/8192/real_time"]
+        for n in grouped:
+            self.assertTrue(any(g.search(n) for g in self.run.BEST_OF_GROUPS), n)
+        for n in alone:
+            self.assertFalse(any(g.search(n) for g in self.run.BEST_OF_GROUPS), n)
+        self.assertEqual(self.run.BEST_OF["quick"], 1)
+        self.assertGreater(self.run.BEST_OF["default"], 1)
+
+    def test_fastest_repetition_kept_aggregates_dropped(self):
+        a, b = "attention/encoder/none/blockwise/8192/real_time", "attention/encoder/t5/blockwise/8192/real_time"
+        runs = [dict(gb_point(a[:-10], t), repetition_index=i) for i, t in enumerate((330.0, 321.0, 340.0))]
+        runs += [dict(gb_point(b[:-10], t), repetition_index=i) for i, t in enumerate((350.0, 360.0, 345.0))]
+        runs.append({"name": a + "_mean", "run_type": "aggregate", "aggregate_name": "mean", "real_time": 1.0})
+        kept = self.run.fastest_repetitions(runs, {"seconds": 9.0, "best_of": 3})
+        self.assertEqual(sorted(x["name"] for x in kept), [a, b])
+        self.assertEqual({x["name"]: x["real_time"] for x in kept}, {a: 321.0, b: 345.0})
+        self.assertTrue(all(x["best_of"] == 3 and x["wall_seconds"] == 9.0 for x in kept))
+        # A single run is kept as it is.
+        one = self.run.fastest_repetitions([gb_point(a[:-10], 330.0)], {"seconds": 1.0})
+        self.assertEqual(len(one), 1)
+        self.assertNotIn("best_of", one[0])
+
+
 if __name__ == "__main__":
     unittest.main()
