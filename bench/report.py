@@ -1016,7 +1016,7 @@ def machine_section(res):
         ("run", f"{m.get('date', '?')} on {m.get('host', '?')}, mode `{m.get('mode', '?')}`, "
                 f"{fmt(m.get('run_seconds', 0) / 60, 2)} min after the build, min time per point "
                 f"{m.get('min_time_s', '?')} s"
-                f"{best_of_text(m.get('best_of', 1))}, memory limit {m.get('mem_limit_gib', '?')} GiB"
+                f"{best_of_text(m)}, memory limit {m.get('mem_limit_gib', '?')} GiB"
                 f"{', filter `' + m['filter'] + '`' if m.get('filter') else ''}"),
         ("load average", f"{' '.join(m.get('load_average_start', []))} at start, "
                          f"{' '.join(m.get('load_average_end', []))} at end"),
@@ -1024,19 +1024,20 @@ def machine_section(res):
     return md_table(["", ""], [(f"**{a}**", b) for a, b in rows])
 
 
-def best_of_text(n):
+def best_of_text(m):
     """How the points a goal compares closely were run (bench/run.py BEST_OF_GROUPS)."""
-    if not n or n <= 1:
+    n, points = m.get("best_of", 1), m.get("best_of_points") or []
+    if not n or n <= 1 or not points:
         return ""
-    return (f"; prefill at d = 64 and 128 (n = 4k-16k) and the encoders inside causal prefill at 8k: "
-            f"the fastest of {n} repetitions run in a random interleaving")
+    return f"; {', '.join(points)}: the fastest of {n} repetitions run in a random interleaving"
 
 
-def best_of_goals_text(n):
-    if not n or n <= 1:
+def best_of_goals_text(m):
+    n, points = m.get("best_of", 1), m.get("best_of_points") or []
+    if not n or n <= 1 or not points:
         return ""
-    return (f" The prefill and encoder points the goals compare are each the fastest of {n} repetitions, "
-            "run in a random interleaving in one process.")
+    return (f" The points of {', '.join(points)} are each the fastest of {n} repetitions, run in a random "
+            "interleaving in one process.")
 
 
 def simd_text(res):
@@ -1528,7 +1529,7 @@ def goals_section(res):
         "K/V GB/s over the read bandwidth", pts, 0.8, True, "no fp32 decode points of 32k-128k, or no read ceiling")
     return (f"Each goal against this run's ceilings of the instruction set in use ({res.fma_name}); "
             "`scripts/bench --simd-cap avx2` measures the AVX2 kernels on an AVX-512 machine."
-            f"{best_of_goals_text(res.meta.get('best_of', 1))}\n\n" +
+            f"{best_of_goals_text(res.meta)}\n\n" +
             md_table(["goal", "figure", "measured", "met?"], rows))
 
 

@@ -40,15 +40,19 @@ SIMD_CAPS = ("avx512", "avx2", "portable")
 # (one call is enough for the long ones).
 MIN_TIME = {"quick": 0.01, "default": 0.25, "full": 0.5}
 
-# The points a speed goal compares within a few percent (prefill at d = 64 and 128 against the
-# FMA peak and causal against full; each encoder inside causal prefill against none, at 8k) run as
-# one process per group, BEST_OF repetitions in a random interleaving (Google Benchmark's
+# The points a speed goal compares closely (prefill at d = 64 and 128 against the FMA peak and
+# causal against full; each encoder inside causal prefill against none, at 8k; decode from fp32,
+# bf16 and fp16 caches of 32k-128k tokens against each other) run as one process per group,
+# BEST_OF repetitions in a random interleaving (Google Benchmark's
 # --benchmark_enable_random_interleaving), and each keeps its fastest repetition: a single run of
 # an 8k point is one or two calls, and on a shared machine one of them can be slowed by a few
-# percent, as large as the goals' margins.
+# percent, as large as the goals' margins; the DRAM bandwidth decode sees moves by more.
 BEST_OF = {"quick": 1, "default": 3, "full": 5}
 BEST_OF_GROUPS = (re.compile(r"^attention/blockwise/(4096|8192|16384)/(64|128)/[01]/"),
-                  re.compile(r"^attention/encoder/[a-z0-9_]+/blockwise/8192/"))
+                  re.compile(r"^attention/encoder/[a-z0-9_]+/blockwise/8192/"),
+                  re.compile(r"^attention/decode(_bf16|_fp16)?/n_kv:(32768|65536|131072)/n_q:1/"))
+BEST_OF_TEXT = ("prefill at d = 64 and 128, n = 4k-16k", "the encoders inside causal prefill at 8k",
+                "decode of 32k-128k tokens")
 
 # Fresh-process memory probes: one head of d = 128, causal prefill, for these encoders, at
 # n = 1024 .. PROBE_MAX_N (powers of two). A naive point past the memory limit is not run: the
@@ -280,10 +284,16 @@ class Runner:
                        for s in self.steps if "rc" in s], f, indent=1)
 
 
+# Google Benchmark's MemoryManager figures. With repetitions, Google Benchmark 1.7 reports them
+# correctly for a point's last repetition only (the earlier ones point into a vector that has
+# grown since, and read garbage), so a point's fastest repetition takes them from its last.
+MEMORY_FIELDS = ("max_bytes_used", "total_allocated_bytes", "net_heap_growth", "allocs_per_iter")
+
+
 def fastest_repetitions(benchmarks, step):
     """The step's points, one entry per name: of repetitions, the fastest (the aggregates dropped),
-    with how many there were."""
-    best = {}
+    with how many there were and the memory figures of the last repetition."""
+    best, last = {}, {}
     for b in benchmarks:
         if b.get("run_type", "iteration") != "iteration":
             continue
@@ -291,9 +301,19 @@ def fastest_repetitions(benchmarks, step):
         if step.get("best_of", 1) > 1:
             b["best_of"] = step["best_of"]
         name = b["name"]
+        if name not in last or b.get("repetition_index", 0) >= last[name].get("repetition_index", 0):
+            last[name] = b
         if name not in best or (not b.get("error_occurred") and b.get("real_time", 0) < best[name].get("real_time", 0)):
             best[name] = b
-    return list(best.values())
+    out = []
+    for name, b in best.items():
+        b = dict(b)
+        for f in MEMORY_FIELDS:
+            b.pop(f, None)
+            if f in last[name]:
+                b[f] = last[name][f]
+        out.append(b)
+    return out
 
 
 # ---- machine description ----
@@ -360,6 +380,7 @@ def machine(args, cache):
         "mem_limit_gib": args.mem_limit,
         "min_time_s": args.min_time if args.min_time is not None else MIN_TIME[args.mode],
         "best_of": BEST_OF[args.mode],
+        "best_of_points": list(BEST_OF_TEXT) if BEST_OF[args.mode] > 1 else [],
         "filter": args.filter,
         "bench_args": args.bench_args,
         "commit": commit + (" (with uncommitted changes)" if dirty else ""),

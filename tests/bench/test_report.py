@@ -745,9 +745,11 @@ class BestOfRepetitions(unittest.TestCase):
 
     def test_the_goal_points_are_grouped_and_no_others(self):
         grouped = ["attention/blockwise/4096/128/1/real_time", "attention/blockwise/16384/64/0/real_time",
-                   "attention/encoder/none/blockwise/8192/real_time", "attention/encoder/rope_llama3/blockwise/8192/real_time"]
+                   "attention/encoder/none/blockwise/8192/real_time", "attention/encoder/rope_llama3/blockwise/8192/real_time",
+                   "attention/decode/n_kv:131072/n_q:1/real_time", "attention/decode_bf16/n_kv:32768/n_q:1/real_time"]
         alone = ["attention/blockwise/1024/128/1/real_time", "attention/naive/4096/128/1/real_time",
-                 "attention/encoder/shaw/blockwise/4096/real_time", "attention/encoder/none/naive/8192/real_time"]
+                 "attention/encoder/shaw/blockwise/4096/real_time", "attention/encoder/none/naive/8192/real_time",
+                 "attention/decode/n_kv:131072/n_q:16/real_time", "attention/decode_naive/n_kv:65536/n_q:1/real_time"]
         for n in grouped:
             self.assertTrue(any(g.search(n) for g in self.run.BEST_OF_GROUPS), n)
         for n in alone:
@@ -764,6 +766,18 @@ class BestOfRepetitions(unittest.TestCase):
         self.assertEqual(sorted(x["name"] for x in kept), [a, b])
         self.assertEqual({x["name"]: x["real_time"] for x in kept}, {a: 321.0, b: 345.0})
         self.assertTrue(all(x["best_of"] == 3 and x["wall_seconds"] == 9.0 for x in kept))
+        # The memory figures come from each point's last repetition (Google Benchmark 1.7 reports
+        # garbage for the earlier ones).
+        runs = [dict(gb_point(a[:-10], t), repetition_index=i, max_bytes_used=m, allocs_per_iter=0.5)
+                for i, (t, m) in enumerate(((330.0, 7022085305137982323), (321.0, 3473468769751146604),
+                                            (340.0, 1569032)))]
+        kept = self.run.fastest_repetitions(runs, {"seconds": 3.0, "best_of": 3})
+        self.assertEqual((kept[0]["real_time"], kept[0]["max_bytes_used"]), (321.0, 1569032))
+        # The report names the points run so, and says nothing when none were.
+        text = report.best_of_goals_text({"best_of": 3, "best_of_points": ["prefill at d = 64", "decode"]})
+        self.assertIn("prefill at d = 64, decode are each the fastest of 3 repetitions", text)
+        self.assertEqual(report.best_of_goals_text({"best_of": 1, "best_of_points": []}), "")
+        self.assertEqual(report.best_of_text({}), "")
         # A single run is kept as it is.
         one = self.run.fastest_repetitions([gb_point(a[:-10], 330.0)], {"seconds": 1.0})
         self.assertEqual(len(one), 1)
