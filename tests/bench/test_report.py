@@ -784,5 +784,24 @@ class BestOfRepetitions(unittest.TestCase):
         self.assertNotIn("best_of", one[0])
 
 
+class CommittedReportLinks(unittest.TestCase):
+    """README.md and docs/*.md link committed reports (bench/results is ignored by git, so a report
+    is committed with `git add -f`): every bench/results path they name is a file of the checkout."""
+
+    def test_every_linked_report_file_exists(self):
+        root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+        docs = [os.path.join(root, "README.md")] + sorted(
+            os.path.join(root, "docs", f) for f in os.listdir(os.path.join(root, "docs")) if f.endswith(".md"))
+        seen = 0
+        for doc in docs:
+            with open(doc) as f:
+                text = f.read()
+            for m in re.finditer(r"\]\(((?:\.\./)?bench/results/[^)\s#]+)", text):
+                path = os.path.normpath(os.path.join(os.path.dirname(doc), m.group(1)))
+                self.assertTrue(os.path.isfile(path), f"{os.path.relpath(doc, root)} links {m.group(1)}, not in the checkout")
+                seen += 1
+        self.assertGreater(seen, 0, "README.md links no committed report")
+
+
 if __name__ == "__main__":
     unittest.main()
