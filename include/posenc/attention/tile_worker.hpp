@@ -674,10 +674,11 @@ void tile_worker<C, SQ, SK, SV, SO, LV, E, SeqOf>::finish_item(const work& w) co
       bool done = false;
       if constexpr (tables_of_compute_type) {
         // acc += W aV by the P V product, aV read in place (its rows are whole vectors when d is
-        // a multiple of 16), with a rescale factor of 1 (the tile's alpha is no longer needed).
+        // a multiple of 16), with a rescale factor of 1 in the first set's alpha buffer (at least
+        // bq rows; no tile needs it any more).
         if (d_ == plan.dpad) {
           const auto av = enc_.value_table();
-          C* const ones = w.at(plan.alpha, plan.bq, gs);
+          C* const ones = w.scratch + plan.alpha;
           std::fill(ones, ones + w.rows, C(1));
           kern_.pv(wts.data, wts.stride, w.rows, wts.cols, av.data, av.stride, d_, ones, acc, plan.dpad, nullptr, 0);
           done = true;
