@@ -213,6 +213,11 @@ class tile_worker {
     C* s(index_t set) const { return at(plan.s, plan.strip * plan.ldkt, set); }
     C* terms(index_t set) const { return at(plan.terms, plan.bq * plan.r, set); }
     C* weights(index_t set) const { return at(plan.w, plan.bq * plan.r, set); }
+    /// Shaw's terms or weights of a set, `terms(set)` or `weights(set)`: the 2K + 1 relative
+    /// columns of each row (the row's shift follows them, see `shift_relative_terms`).
+    strided_view<C> relative_columns_of(C* base) const {
+      return {base, rows, std::max<index_t>(plan.r - 1, 0), plan.r};
+    }
     C* rot() const { return scratch + plan.rot; }
   };
 
@@ -400,8 +405,7 @@ void tile_worker<C, SQ, SK, SV, SO, LV, E, SeqOf>::load_queries(const work& w) c
     std::fill(w.m(gs), w.m(gs) + w.rows, neg_inf);
     std::fill(w.l(gs), w.l(gs) + w.rows, C(0));
     if constexpr (relative_key_value<E>) {
-      const index_t nrel = w.plan.r - 1;
-      const strided_view<C> terms(w.terms(gs), w.rows, nrel, w.plan.r);
+      const strided_view<C> terms = w.relative_columns_of(w.terms(gs));
       if constexpr (tables_of_compute_type) {
         // Shaw's own tables: G = Q aK^T by the decode products, aK read in place.
         const auto ak = enc_.key_table();
@@ -563,9 +567,8 @@ void tile_worker<C, SQ, SK, SV, SO, LV, E, SeqOf>::prefill_tile(const work& w, i
     C* const acc = w.acc(gs);
     C* const m = w.m(gs);
     C* const l = w.l(gs);
-    // Shaw's terms and weights: the 2K + 1 relative columns (the row's shift follows them).
-    [[maybe_unused]] const strided_view<C> terms(w.terms(gs), w.rows, std::max<index_t>(plan.r - 1, 0), plan.r);
-    [[maybe_unused]] const strided_view<C> wts(w.weights(gs), w.rows, std::max<index_t>(plan.r - 1, 0), plan.r);
+    [[maybe_unused]] const strided_view<C> terms = w.relative_columns_of(w.terms(gs));
+    [[maybe_unused]] const strided_view<C> wts = w.relative_columns_of(w.weights(gs));
 
     // Key rows in place (`kin`, in their storage type) or as a dense tile (`krows`).
     const KS* kin = nullptr;
@@ -669,7 +672,7 @@ void tile_worker<C, SQ, SK, SV, SO, LV, E, SeqOf>::finish_item(const work& w) co
     C* const m = w.m(gs);
     const C* const l = w.l(gs);
     if constexpr (relative_key_value<E>) {
-      const strided_view<C> wts(w.weights(gs), w.rows, plan.r - 1, plan.r);
+      const strided_view<C> wts = w.relative_columns_of(w.weights(gs));
       finish_relative_rows(strided_view<const C>(w.terms(gs), w.rows, plan.r, plan.r), wts, m, l);
       bool done = false;
       if constexpr (tables_of_compute_type) {
