@@ -5,6 +5,7 @@
 #include <cmath>
 #include <limits>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "posenc/encoders/alibi.hpp"
@@ -259,32 +260,55 @@ TEST_CASE("alibi hot-path preconditions", "[alibi]") {
 TEST_CASE("alibi: every SIMD level's tile path gives the bits of the formula", "[alibi][simd]") {
   // Row j of a float tile gets float(-slope * (q - k_j)) (or of |q - k_j|) added: the product in
   // double, rounded once to float, then the float sum. Lengths around the widths 2, 4 and 8 (the
-  // double lanes of NEON, AVX2 and AVX-512); key ranges before, around and after the queries, and
-  // far away (2^40); columns past the tile keep their bits.
+  // double lanes of NEON, AVX2 and AVX-512) and 16 (float lanes); key ranges before, around and
+  // after the queries, and far away (2^40); columns past the tile keep their bits. Rows that share
+  // a table of biases (4 or more within a spread of 1024 - n positions, keys in chunks of 512),
+  // rows that do not (fewer, or scattered), unsorted query lists, and a slope that is not a power
+  // of two (head 9 of 12: 2^-1.5) all give the same bits.
   const float sentinel = 777.0f;
+  struct tile_case {
+    std::vector<position> q;  // empty: the range [q0, q0 + rows)
+    position q0;
+    index_t rows;
+  };
+  std::mt19937_64 rng(11);
+  std::vector<position> unsorted = random_positions(rng, 50, 1000, 60);
+  std::vector<position> scattered = {5, 1000000, 6, 7, 8, 9, 2000000, 3, 4, 1000001, -70000, 12};
+  const std::vector<tile_case> cases = {
+      {{}, 1000, 5}, {{}, 1000, 3}, {{}, 1000, 40}, {{}, 0, 900}, {unsorted, 0, 50}, {scattered, 0, 12}};
   for (const auto level : posenc::detail::available_simd_levels()) {
     const posenc::detail::scoped_simd_cap cap(level);
     for (auto form : {posenc::alibi_form::causal, posenc::alibi_form::symmetric}) {
       const posenc::alibi<float> enc({.num_heads = 12, .form = form});
-      for (posenc::index_t n : {1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 130}) {
-        for (position k0 : {position{990}, position{1002}, position{1010}, position{1} << 40}) {
-          posenc::row_matrix<float> tile = posenc::row_matrix<float>::Constant(5, n + 3, sentinel);
-          for (posenc::index_t i = 0; i < 5; ++i)
-            for (posenc::index_t j = 0; j < n; ++j) tile(i, j) = 0.25f * static_cast<float>(i - j);
-          const posenc::row_matrix<float> before = tile;
-          const auto q = posenc::arange(1000, 5), k = posenc::arange(k0, n);
-          enc.add_bias_tile(tile.leftCols(n), 7, q, k);
-          // Head 7 of 12: 2^(-8 (h + 1) / c) with c = 8, the largest power of two <= 12.
-          const double slope = std::exp2(-8.0);
-          for (posenc::index_t i = 0; i < 5; ++i) {
-            for (posenc::index_t j = 0; j < n; ++j) {
-              const double dist = static_cast<double>(1000 + i) - static_cast<double>(k0 + j);
-              const double b = -slope * (form == posenc::alibi_form::symmetric ? std::abs(dist) : dist);
-              INFO("level " << posenc::simd_level_name(level) << ", n " << n << ", k0 " << k0 << ", row " << i
-                            << ", column " << j);
-              CHECK(tile(i, j) == before(i, j) + static_cast<float>(b));
+      // Heads 7 and 9 of 12: 2^(-8 (h + 1) / 8) for h < 8, then 2^(-8 (2i + 1) / 16) for i = h - 8.
+      for (const auto& [h, slope] : {std::pair<index_t, double>{7, std::exp2(-8.0)}, {9, std::exp2(-1.5)}}) {
+        for (const tile_case& c : cases) {
+          const posenc::positions q = c.q.empty() ? posenc::arange(c.q0, c.rows) : posenc::positions(c.q);
+          const index_t rows = q.size();
+          for (index_t n : {1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 130, 511, 512, 513, 1100}) {
+            if (rows > 100 && n != 130 && n != 513) continue;  // 900 rows: two table groups either way
+            for (position k0 : {position{990}, position{1002}, position{1010}, position{1} << 40}) {
+              posenc::row_matrix<float> tile = posenc::row_matrix<float>::Constant(rows, n + 3, sentinel);
+              for (index_t i = 0; i < rows; ++i)
+                for (index_t j = 0; j < n; ++j) tile(i, j) = 0.25f * static_cast<float>((i - j) % 13);
+              const posenc::row_matrix<float> before = tile;
+              const auto k = posenc::arange(k0, n);
+              enc.add_bias_tile(tile.leftCols(n), h, q, k);
+              index_t bad = 0, first_i = -1, first_j = -1;
+              for (index_t i = 0; i < rows; ++i) {
+                for (index_t j = 0; j < n; ++j) {
+                  const double dist = static_cast<double>(q[i] - (k0 + j));
+                  const double b = -slope * (form == posenc::alibi_form::symmetric ? std::abs(dist) : dist);
+                  if (tile(i, j) != before(i, j) + static_cast<float>(b) && bad++ == 0) first_i = i, first_j = j;
+                }
+                for (index_t j = n; j < n + 3; ++j)
+                  if (tile(i, j) != sentinel && bad++ == 0) first_i = i, first_j = j;
+              }
+              INFO("level " << posenc::simd_level_name(level) << ", form " << static_cast<int>(form) << ", head " << h
+                            << ", rows " << rows << " (range " << q.is_range() << "), n " << n << ", k0 " << k0
+                            << ", first wrong element (" << first_i << ", " << first_j << ")");
+              CHECK(bad == 0);
             }
-            for (posenc::index_t j = n; j < n + 3; ++j) CHECK(tile(i, j) == sentinel);
           }
         }
       }

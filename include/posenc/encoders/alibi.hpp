@@ -24,6 +24,7 @@
 /// The causal form gives future keys (`k > q`) a positive bias; masking them is the attention
 /// kernel's job, not the bias's.
 
+#include <algorithm>
 #include <cmath>
 #include <concepts>
 #include <cstdint>
@@ -152,36 +153,91 @@ class alibi {
     const double neg_slope = -slope(local_head);
     const bool symmetric = params_.form == alibi_form::symmetric;
     const index_t n = t.cols;
-    // Distances up to 2^53 are exact in double; a key range whose distances all are takes the
-    // fast path below, anything farther is rounded key by key.
-    constexpr position exact_limit = position{1} << 53;
-    const auto exact_in_double = [](position a, position b) {
-      return detail::position_distance(a, b) <= static_cast<std::uint64_t>(exact_limit);
-    };
-    // The float row kernel of the SIMD level in use, chosen once per call.
-    [[maybe_unused]] const detail::alibi_row_kernel row_kernel =
-        std::same_as<E, float> ? detail::select_alibi_row_kernel() : nullptr;
-    for (index_t i = 0; i < t.rows; ++i) {
-      E* row = t.row(i);
-      const position qi = q[i];
-      if (k.is_range() && n > 0 && exact_in_double(qi, k.start()) && exact_in_double(qi, k[n - 1])) {
-        // q - k[j] = (qi - k0) - j, monotone in j: every term and difference is exact in double.
-        const double d0 = static_cast<double>(qi - k.start());
-        if constexpr (std::same_as<E, float>) {
-          row_kernel(row, n, neg_slope, d0, symmetric);
-        } else {
-          detail::alibi_row_portable(row, n, neg_slope, d0, symmetric);
+    if (n == 0) return;
+    if constexpr (std::same_as<E, float>) {
+      if (k.is_range()) {
+        // Columns in chunks a bias table can serve (see add_float_rows_by_table).
+        for (index_t j0 = 0; j0 < n; j0 += table_keys) {
+          const index_t nc = std::min(table_keys, n - j0);
+          add_float_rows_by_table(t, j0, nc, q, k.start() + static_cast<position>(j0), neg_slope, symmetric);
         }
-      } else if (symmetric) {
-        for (index_t j = 0; j < n; ++j)
-          row[j] += static_cast<E>(neg_slope * static_cast<double>(detail::position_distance(qi, k[j])));
-      } else {
-        for (index_t j = 0; j < n; ++j) row[j] += static_cast<E>(neg_slope * detail::position_difference(qi, k[j]));
+        return;
       }
     }
+    for (index_t i = 0; i < t.rows; ++i) add_row_key_by_key(t.row(i), n, q[i], k, neg_slope, symmetric);
   }
 
  private:
+  // add_float_rows_by_table's table holds up to table_floats biases; a chunk of table_keys keys
+  // leaves room for rows whose positions spread over table_floats - table_keys.
+  static constexpr index_t table_floats = 1024;
+  static constexpr index_t table_keys = 512;
+  // Fewer rows than this share a table: each row takes the bias row kernel instead.
+  static constexpr index_t table_min_rows = 4;
+
+  // Distances up to 2^53 are exact in double.
+  static bool exact_in_double(position a, position b) {
+    return detail::position_distance(a, b) <= (std::uint64_t{1} << 53);
+  }
+
+  // row[j] += bias of query qi and key k[j], j < n: the float row kernel where the keys are a
+  // range within 2^53 of qi (q - k[j] = (qi - k0) - j, monotone in j, every term and difference
+  // exact in double), else key by key.
+  template <class E>
+  static void add_row_key_by_key(E* row, index_t n, position qi, positions k, double neg_slope, bool symmetric) {
+    if (k.is_range() && exact_in_double(qi, k.start()) && exact_in_double(qi, k[n - 1])) {
+      const double d0 = static_cast<double>(qi - k.start());
+      if constexpr (std::same_as<E, float>) {
+        detail::select_alibi_row_kernel()(row, n, neg_slope, d0, symmetric);
+      } else {
+        detail::alibi_row_portable(row, n, neg_slope, d0, symmetric);
+      }
+    } else if (symmetric) {
+      for (index_t j = 0; j < n; ++j)
+        row[j] += static_cast<E>(neg_slope * static_cast<double>(detail::position_distance(qi, k[j])));
+    } else {
+      for (index_t j = 0; j < n; ++j) row[j] += static_cast<E>(neg_slope * detail::position_difference(qi, k[j]));
+    }
+  }
+
+  // Columns [j0, j0 + n) of a float tile whose keys are the range k0 .. k0 + n - 1, n <= table_keys.
+  // The bias of row i, column j depends only on D = q[i] - k0 - j. Consecutive rows whose positions
+  // lie within table_floats - n of each other (lo .. hi) meet the distances hi - k0 down to
+  // lo - k0 - (n - 1); their biases are computed once, as table[v] = -slope * (hi - k0 - v), by the
+  // same double products and roundings as key by key, and row i adds table[hi - q[i] + j]: the
+  // same bits as the row kernel, at one addition per logit. Allocates nothing (the table is on
+  // the stack).
+  template <class View>
+  static void add_float_rows_by_table(View& t, index_t j0, index_t n, positions q, position k0, double neg_slope,
+                                      bool symmetric) {
+    const positions keys = positions::range(k0, n);
+    const position k_last = k0 + static_cast<position>(n - 1);
+    const detail::alibi_row_kernel bias_row = detail::select_alibi_row_kernel();
+    const detail::add_row_kernel add_row = detail::select_add_row_kernel();
+    alignas(64) float table[table_floats];
+    const std::uint64_t spread = static_cast<std::uint64_t>(table_floats - n);
+    for (index_t i = 0; i < t.rows;) {
+      position lo = q[i], hi = q[i];
+      index_t e = i + 1;
+      for (; e < t.rows; ++e) {
+        const position p = q[e];
+        const position nlo = p < lo ? p : lo, nhi = p > hi ? p : hi;
+        if (detail::position_distance(nhi, nlo) > spread) break;
+        lo = nlo;
+        hi = nhi;
+      }
+      if (e - i < table_min_rows || !exact_in_double(lo, k_last) || !exact_in_double(hi, k0)) {
+        for (; i < e; ++i) add_row_key_by_key(t.row(i) + j0, n, q[i], keys, neg_slope, symmetric);
+        continue;
+      }
+      const index_t span = static_cast<index_t>(hi - lo) + n;
+      // -0.0f + x is x for every x, zeros included: the table holds the roundings themselves.
+      std::fill(table, table + span, -0.0f);
+      bias_row(table, span, neg_slope, static_cast<double>(hi - k0), symmetric);
+      for (; i < e; ++i) add_row(t.row(i) + j0, table + (hi - q[i]), n);
+    }
+  }
+
   static void check(const alibi_params& p) {
     detail::require(p.num_heads > 0, "alibi_params.num_heads", p.num_heads, "must be positive");
     detail::require(p.head_offset >= 0, "alibi_params.head_offset", p.head_offset, "must be non-negative");
