@@ -1,8 +1,9 @@
 // Google Benchmark's MemoryManager on top of bench/alloc_counter.hpp: after timing a point, the
 // library runs it once more between Start() and Stop() and reports "max_bytes_used" and
 // "allocs_per_iter" in its JSON. A benchmark calls kernel_begins() right before its timed loop
-// and kernel_ends() right after it, so the figures count the kernel's own allocations, not the
-// inputs the benchmark set up nor the bookkeeping after the loop.
+// (or before an untimed warm-up call, then timed_loop_begins() before the loop) and kernel_ends()
+// right after it, so the figures count the kernel's own allocations, not the inputs the benchmark
+// set up nor the bookkeeping after the loop.
 // Include in exactly one translation unit per executable (it includes alloc_counter.hpp).
 #pragma once
 
@@ -20,6 +21,7 @@ struct heap_figures {
   std::int64_t allocs = 0, allocated = 0, peak = 0;
 };
 inline heap_figures at_end{};
+inline heap_figures at_loop{};  // the counts when the timed loop began (peak unused)
 inline bool ended = false;
 }  // namespace detail
 
@@ -27,13 +29,20 @@ inline bool ended = false;
 inline void kernel_begins() {
   detail::heap_base = heap::current();
   heap::reset();
+  detail::at_loop = {};
   detail::ended = false;
 }
+
+/// Marks the start of the timed loop where untimed warm-up calls come between it and
+/// kernel_begins(): the heap peak still covers them (a reused workspace they allocate is the
+/// kernel's), the allocation counts start here (so a reused workspace counts 0 allocations).
+inline void timed_loop_begins() { detail::at_loop = {heap::allocations(), heap::allocated(), 0}; }
 
 /// Marks the end of the timed loop: what the benchmark and the library allocate afterwards (its
 /// counters, its results) is not the kernel's.
 inline void kernel_ends() {
-  detail::at_end = {heap::allocations(), heap::allocated(), heap::peak()};
+  detail::at_end = {heap::allocations() - detail::at_loop.allocs, heap::allocated() - detail::at_loop.allocated,
+                    heap::peak()};
   detail::ended = true;
 }
 
