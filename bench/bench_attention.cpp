@@ -110,6 +110,7 @@ void run_attention_as(benchmark::State& state, const char* group, path p, encode
     }
     posenc_bench::kernel_ends();
   });
+  posenc_bench::heap_counters(state);
   const double iters = static_cast<double>(state.iterations());
   state.counters["FLOPS"] = benchmark::Counter(posenc_bench::attention_flop(s) * iters, benchmark::Counter::kIsRate);
   state.counters["tokens_per_second"] =

@@ -266,8 +266,10 @@ class Results:
         if not err:
             row["time_s"] = b.get("real_time", 0) * unit
             row["iterations"] = b.get("iterations")
-            row["kernel_peak_bytes"] = b.get("max_bytes_used")
-            row["allocs_per_iter"] = b.get("allocs_per_iter")
+            # Google Benchmark's MemoryManager figures, or where a point ran with repetitions (and
+            # without it), the benchmark's own heap counters of the same quantities.
+            row["kernel_peak_bytes"] = b.get("max_bytes_used", b.get("heap_peak_bytes"))
+            row["allocs_per_iter"] = b.get("allocs_per_iter", b.get("allocs_per_call"))
         return row
 
     @staticmethod

@@ -225,7 +225,7 @@ class Runner:
             elapsed = fmt_duration(time.time() - self.start)
             shown = step["name"].removesuffix("/real_time")
             print(f"[{i}/{total} {elapsed}] {step['exe']} {shown}", file=sys.stderr, flush=True)
-            env = dict(self.env, **MPI_ENV) if step["kind"] == "ring" else self.env
+            env = step_env(self.env, step)
             if "raw" in step:
                 os.makedirs(os.path.dirname(step["raw"]), exist_ok=True)
             t0 = time.time()
@@ -286,8 +286,20 @@ class Runner:
 
 # Google Benchmark's MemoryManager figures. With repetitions, Google Benchmark 1.7 reports them
 # correctly for a point's last repetition only (the earlier ones point into a vector that has
-# grown since, and read garbage), so a point's fastest repetition takes them from its last.
+# grown since, and read garbage; it can crash), so repeated steps run without the MemoryManager
+# and report the benchmark's own heap counters with every repetition. Should the figures be there
+# anyway (a run by hand), a point's fastest repetition takes them from its last.
 MEMORY_FIELDS = ("max_bytes_used", "total_allocated_bytes", "net_heap_growth", "allocs_per_iter")
+
+
+def step_env(base, step):
+    """The environment of a step: MPI's settings for the ring; for repeated points, no Google
+    Benchmark MemoryManager (unsafe with repetitions in 1.7, see bench/memory_manager.hpp: these
+    points report their heap figures as counters)."""
+    env = dict(base, **MPI_ENV) if step["kind"] == "ring" else dict(base)
+    if step.get("best_of", 1) > 1:
+        env["POSENC_BENCH_MEMORY_MANAGER"] = "0"
+    return env
 
 
 def fastest_repetitions(benchmarks, step):

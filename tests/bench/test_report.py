@@ -784,6 +784,27 @@ class BestOfRepetitions(unittest.TestCase):
         self.assertNotIn("best_of", one[0])
 
 
+    def test_repeated_points_run_without_the_memory_manager_and_keep_heap_figures(self):
+        # Google Benchmark 1.7's MemoryManager crashed a process of nine points at three
+        # repetitions: repeated steps turn it off, single ones keep it.
+        base = {"POSENC_BENCH_MODE": "default"}
+        self.assertEqual(self.run.step_env(base, {"kind": "bench", "best_of": 3})["POSENC_BENCH_MEMORY_MANAGER"], "0")
+        self.assertNotIn("POSENC_BENCH_MEMORY_MANAGER", self.run.step_env(base, {"kind": "bench", "best_of": 1}))
+        self.assertNotIn("POSENC_BENCH_MEMORY_MANAGER", base)
+        # Their heap figures come from the benchmark's own counters.
+        with tempfile.TemporaryDirectory() as d:
+            folder = results_folder(d, "peak")
+            name = "attention/encoder/none/blockwise/8192"
+            points = [gb_point(name, 400.0, attention_label("encoder", "blockwise", 8192), FLOPS=3e11,
+                               tokens_per_second=2e4, heap_peak_bytes=3010824.0, allocs_per_call=0.0)]
+            res = report.Results(folder)
+            rows = [res.base_row(b, "bench_attention") for b in points]
+            self.assertEqual((rows[0]["kernel_peak_bytes"], rows[0]["allocs_per_iter"]), (3010824.0, 0.0))
+            with_mm = dict(points[0], max_bytes_used=1 << 20, allocs_per_iter=1.0)
+            row = res.base_row(with_mm, "bench_attention")
+            self.assertEqual((row["kernel_peak_bytes"], row["allocs_per_iter"]), (1 << 20, 1.0))
+
+
 class CommittedReportLinks(unittest.TestCase):
     """README.md and docs/*.md link committed reports (bench/results is ignored by git, so a report
     is committed with `git add -f`): every bench/results path they name is a file of the checkout."""
