@@ -1685,15 +1685,18 @@ def main():
         "copy bandwidth; in-place kernels can pass it, because memcpy also reads every destination line before "
         "writing it.\n"
         "- Kernel heap peak: Google Benchmark's MemoryManager runs each point once more and reports the highest "
-        "heap use above what was held when the timed loop started (the inputs), so it counts the kernel's own "
-        "allocations: the blockwise workspace, the naive scores and copies, Eigen's buffers.\n"
+        "heap use above what was held once the inputs were set up, so it counts the kernel's own "
+        "allocations: the blockwise workspace, the naive scores and copies, Eigen's buffers. Points run with "
+        "repetitions report the same figure from the benchmark's own heap counter (the MemoryManager of Google "
+        "Benchmark 1.7 is unsafe with repetitions).\n"
         "- Peak RSS: a fresh process per size (bench/probe_memory.cpp), see the memory section.\n"
         "- Serving: GB/s counts the cached K and V of every sequence of the call, 2 · keys · kv_heads · d · "
         "(4 or 2), over the read bandwidth; the multi-token roofline is max(K/V bytes / read bandwidth, FLOP / "
         "multiply-add peak); paged and mixed points are also compared with points of the same run (time over "
         "the contiguous call; the step over its prefill and decode parts run alone).\n"
         "- Time is wall time per call (Google Benchmark real time), with all cores (a posenc::thread_pool) unless "
-        "stated.",
+        "stated. The output is written before timing and each blockwise point makes one untimed call first, so "
+        "first-touch page faults of buffers an engine reuses are not timed.",
         "## Speed goals of the kernels\n\n" + goals_section(res),
         "## Attention prefill: full, causal, sliding window, GQA (8 heads)\n\n" + prefill_section(res),
         "## Encoders inside causal prefill (8 heads, d = 128)\n\n" + encoder_section(res),
