@@ -154,17 +154,21 @@ class alibi {
     const bool symmetric = params_.form == alibi_form::symmetric;
     const index_t n = t.cols;
     if (n == 0) return;
+    // The float row kernel of the SIMD level in use, chosen once per call.
+    const detail::alibi_row_kernel bias_row = std::same_as<E, float> ? detail::select_alibi_row_kernel() : nullptr;
     if constexpr (std::same_as<E, float>) {
       if (k.is_range()) {
         // Columns in chunks a bias table can serve (see add_float_rows_by_table).
+        const detail::add_row_kernel add_row = detail::select_add_row_kernel();
         for (index_t j0 = 0; j0 < n; j0 += table_keys) {
           const index_t nc = std::min(table_keys, n - j0);
-          add_float_rows_by_table(t, j0, nc, q, k.start() + static_cast<position>(j0), neg_slope, symmetric);
+          add_float_rows_by_table(t, j0, nc, q, k.start() + static_cast<position>(j0), neg_slope, symmetric,
+                                  bias_row, add_row);
         }
         return;
       }
     }
-    for (index_t i = 0; i < t.rows; ++i) add_row_key_by_key(t.row(i), n, q[i], k, neg_slope, symmetric);
+    for (index_t i = 0; i < t.rows; ++i) add_row_key_by_key(t.row(i), n, q[i], k, neg_slope, symmetric, bias_row);
   }
 
  private:
@@ -184,11 +188,12 @@ class alibi {
   // range within 2^53 of qi (q - k[j] = (qi - k0) - j, monotone in j, every term and difference
   // exact in double), else key by key.
   template <class E>
-  static void add_row_key_by_key(E* row, index_t n, position qi, positions k, double neg_slope, bool symmetric) {
+  static void add_row_key_by_key(E* row, index_t n, position qi, positions k, double neg_slope, bool symmetric,
+                                 detail::alibi_row_kernel bias_row) {
     if (k.is_range() && exact_in_double(qi, k.start()) && exact_in_double(qi, k[n - 1])) {
       const double d0 = static_cast<double>(qi - k.start());
       if constexpr (std::same_as<E, float>) {
-        detail::select_alibi_row_kernel()(row, n, neg_slope, d0, symmetric);
+        bias_row(row, n, neg_slope, d0, symmetric);
       } else {
         detail::alibi_row_portable(row, n, neg_slope, d0, symmetric);
       }
@@ -209,11 +214,10 @@ class alibi {
   // the stack).
   template <class View>
   static void add_float_rows_by_table(View& t, index_t j0, index_t n, positions q, position k0, double neg_slope,
-                                      bool symmetric) {
+                                      bool symmetric, detail::alibi_row_kernel bias_row,
+                                      detail::add_row_kernel add_row) {
     const positions keys = positions::range(k0, n);
     const position k_last = k0 + static_cast<position>(n - 1);
-    const detail::alibi_row_kernel bias_row = detail::select_alibi_row_kernel();
-    const detail::add_row_kernel add_row = detail::select_add_row_kernel();
     alignas(64) float table[table_floats];
     const std::uint64_t spread = static_cast<std::uint64_t>(table_floats - n);
     for (index_t i = 0; i < t.rows;) {
@@ -227,7 +231,7 @@ class alibi {
         hi = nhi;
       }
       if (e - i < table_min_rows || !exact_in_double(lo, k_last) || !exact_in_double(hi, k0)) {
-        for (; i < e; ++i) add_row_key_by_key(t.row(i) + j0, n, q[i], keys, neg_slope, symmetric);
+        for (; i < e; ++i) add_row_key_by_key(t.row(i) + j0, n, q[i], keys, neg_slope, symmetric, bias_row);
         continue;
       }
       const index_t span = static_cast<index_t>(hi - lo) + n;
