@@ -3,12 +3,14 @@
 
 #include "support.hpp"
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <map>
 #include <random>
 #include <vector>
 
 #include "posenc/encoders/t5_bias.hpp"
+#include "posenc/simd.hpp"
 
 using posenc::index_t;
 using posenc::position;
@@ -351,4 +353,90 @@ TEST_CASE("t5 hot-path preconditions", "[t5]") {
   CHECK_THROWS_AS(enc.add_bias_tile(tile, 2, posenc::arange(0, 3), posenc::arange(0, 5)), posenc::precondition_error);
   CHECK_THROWS_AS(enc.bias(-1, 0, 0), posenc::precondition_error);
   CHECK_NOTHROW(enc.add_bias_tile(tile, 1, posenc::arange(0, 3), posenc::arange(0, 5)));
+}
+
+TEST_CASE("t5: every SIMD level's float tile path gives the bits of the lookup", "[t5][simd]") {
+  // Element (i, j) of a float tile gets float(table[bucket(k_j - q_i), head]) added: the table
+  // entry rounded once to float, then the float sum. Rows that share a table of biases (4 or more
+  // within a spread of 1024 - n positions, keys in chunks of 512), rows that do not (fewer, or
+  // scattered), unsorted query lists, 900 rows (two tables), keys near, far (2^40) and at the ends
+  // of the int64 range (where distances pass 2^62 and rows go one by one), a lookup window that
+  // saturates and one that does not (max distance 5000, past the 4096 window), float and double
+  // tables: every SIMD level gives the same bits.
+  const float sentinel = 777.0f;
+  constexpr position top = std::numeric_limits<position>::max(), bottom = std::numeric_limits<position>::min();
+  struct tile_case {
+    std::vector<position> q;  // empty: the range [q0, q0 + rows)
+    position q0;
+    index_t rows;
+  };
+  std::mt19937_64 rng(17);
+  const std::vector<position> unsorted = random_positions(rng, 50, 1000, 60);
+  const std::vector<position> scattered = {5, 1000000, 6, 7, 8, 9, 2000000, 3, 4, 1000001, -70000, 12};
+  const std::vector<tile_case> cases = {{{}, 1000, 5},      {{}, 1000, 3},      {{}, 1000, 40},
+                                        {{}, 0, 900},       {unsorted, 0, 50},  {scattered, 0, 12},
+                                        {{}, top - 1000, 40}, {{}, bottom + 7, 6}};
+  struct table_case {
+    config c;
+    bool double_table;
+  };
+  for (const table_case& tc : {table_case{{32, 128, true}, false}, table_case{{32, 128, true}, true},
+                               table_case{{9, 128, false}, false}, table_case{{64, 5000, true}, false}}) {
+    const config& c = tc.c;
+    const index_t heads = 4, h = 2;
+    const auto table_d = random_table<double>(rng, c.buckets, heads);
+    const posenc::row_matrix<float> table_f = table_d.cast<float>();
+    const posenc::t5_bias_params params{.num_heads = heads, .num_buckets = c.buckets, .max_distance = c.max_distance,
+                                        .bidirectional = c.bidirectional};
+    const posenc::t5_relative_bias<float> enc_f(params, table_f);
+    const posenc::t5_relative_bias<double> enc_d(params, table_d);
+    // The expected addend of every relative position within max_distance; past it the bucket is the
+    // last of its side (ln(d / me) / ln(md / me) >= 1), that of +-max_distance.
+    std::vector<float> addend(static_cast<std::size_t>(2 * c.max_distance + 1));
+    for (position r = -c.max_distance; r <= c.max_distance; ++r) {
+      // The float table holds float(entry): either way one rounding of the double entry.
+      addend[static_cast<std::size_t>(r + c.max_distance)] = static_cast<float>(table_d(ref_bucket(r, c), h));
+    }
+    auto expected = [&](position q, position k) {
+      const std::uint64_t d = k >= q ? static_cast<std::uint64_t>(k) - static_cast<std::uint64_t>(q)
+                                     : static_cast<std::uint64_t>(q) - static_cast<std::uint64_t>(k);
+      const position r = d >= static_cast<std::uint64_t>(c.max_distance) ? c.max_distance : static_cast<position>(d);
+      return addend[static_cast<std::size_t>((k >= q ? r : -r) + c.max_distance)];
+    };
+    for (const auto level : posenc::detail::available_simd_levels()) {
+      const posenc::detail::scoped_simd_cap cap(level);
+      for (const tile_case& tc2 : cases) {
+        const posenc::positions q = tc2.q.empty() ? posenc::arange(tc2.q0, tc2.rows) : posenc::positions(tc2.q);
+        const index_t rows = q.size();
+        for (index_t n : {1, 3, 8, 16, 17, 130, 511, 513, 1100}) {
+          if (rows > 100 && n != 130 && n != 513) continue;  // 900 rows: two table groups either way
+          for (position k0 : {position{990}, position{1010}, position{1} << 40, top - 1200, bottom + 3}) {
+            if (rows > 100 && k0 != 990) continue;
+            posenc::row_matrix<float> tile = posenc::row_matrix<float>::Constant(rows, n + 3, sentinel);
+            for (index_t i = 0; i < rows; ++i)
+              for (index_t j = 0; j < n; ++j) tile(i, j) = 0.25f * static_cast<float>((i - j) % 13);
+            const posenc::row_matrix<float> before = tile;
+            const auto k = posenc::arange(k0, n);
+            if (tc.double_table) {
+              enc_d.add_bias_tile(tile.leftCols(n), h, q, k);
+            } else {
+              enc_f.add_bias_tile(tile.leftCols(n), h, q, k);
+            }
+            index_t bad = 0, first_i = -1, first_j = -1;
+            for (index_t i = 0; i < rows; ++i) {
+              for (index_t j = 0; j < n; ++j)
+                if (tile(i, j) != before(i, j) + expected(q[i], k0 + j) && bad++ == 0) first_i = i, first_j = j;
+              for (index_t j = n; j < n + 3; ++j)
+                if (tile(i, j) != sentinel && bad++ == 0) first_i = i, first_j = j;
+            }
+            INFO("level " << posenc::simd_level_name(level) << ", buckets " << c.buckets << ", max_distance "
+                          << c.max_distance << ", double table " << tc.double_table << ", rows " << rows
+                          << " from " << q[0] << " (range " << q.is_range() << "), n " << n << ", k0 " << k0
+                          << ", first wrong element (" << first_i << ", " << first_j << ")");
+            CHECK(bad == 0);
+          }
+        }
+      }
+    }
+  }
 }

@@ -10,10 +10,7 @@
 /// needs (the bias is added to every logit). One body over the double traits of
 /// detail/simd_traits.hpp: AVX-512 (8 lanes, masked tail), AVX2 (4 lanes) and NEON (2 lanes),
 /// scalar tails for the last two.
-///
-/// Also the add-row kernel, `row[j] += src[j]` on floats (the second pass of `alibi::add_bias_tile`,
-/// which computes a row of biases once for the rows that share them), one body over the float
-/// traits: an addition per element, the bits of the scalar loop.
+/// The same kernel fills the table of biases that rows share (detail/bias_table.hpp).
 
 #include <cmath>
 
@@ -87,42 +84,7 @@ POSENC_STRICT_FP void alibi_row_neon(float* row, index_t n, double neg_slope, do
 }
 #endif  // POSENC_NEON_KERNELS
 
-#define POSENC_ADD_ROW_BODY(V)                                                              \
-  constexpr index_t w = V::width;                                                           \
-  index_t c = 0;                                                                            \
-  for (; c + w <= n; c += w) V::store(row + c, V::add(V::load(row + c), V::load(src + c)));  \
-  if constexpr (V::masked) {                                                                \
-    if (c < n) V::store(row + c, V::add(V::load(row + c, n - c), V::load(src + c, n - c)), n - c); \
-  } else {                                                                                  \
-    for (; c < n; ++c) row[c] += src[c];                                                    \
-  }
-
-#if POSENC_X86_DISPATCH
-POSENC_SIMD_WARNINGS_OFF
-template <class V>
-POSENC_TARGET_AVX512 POSENC_STRICT_FP void add_row_avx512(float* row, const float* src, index_t n) {
-  POSENC_STRICT_FP_BODY
-  POSENC_ADD_ROW_BODY(V)
-}
-
-template <class V>
-POSENC_TARGET_AVX2 POSENC_STRICT_FP void add_row_avx2(float* row, const float* src, index_t n) {
-  POSENC_STRICT_FP_BODY
-  POSENC_ADD_ROW_BODY(V)
-}
-POSENC_SIMD_WARNINGS_ON
-#endif  // POSENC_X86_DISPATCH
-
-#if POSENC_NEON_KERNELS
-template <class V>
-POSENC_STRICT_FP void add_row_neon(float* row, const float* src, index_t n) {
-  POSENC_STRICT_FP_BODY
-  POSENC_ADD_ROW_BODY(V)
-}
-#endif  // POSENC_NEON_KERNELS
-
 #undef POSENC_ALIBI_ROW_BODY
-#undef POSENC_ADD_ROW_BODY
 
 #endif  // POSENC_X86_DISPATCH || POSENC_NEON_KERNELS
 
@@ -138,29 +100,6 @@ inline alibi_row_kernel select_alibi_row_kernel() {
   if (simd_level_in_use() == simd_level::neon) return &alibi_row_neon<neon_f64>;
 #endif
   return &alibi_row_portable<float>;
-}
-
-/// An add-row kernel: `row[j] += src[j]` for `j < n` (see the file comment).
-using add_row_kernel = void (*)(float* row, const float* src, index_t n);
-
-/// The portable add-row kernel.
-POSENC_STRICT_FP inline void add_row_portable(float* row, const float* src, index_t n) {
-  POSENC_STRICT_FP_BODY
-  for (index_t j = 0; j < n; ++j) row[j] += src[j];
-}
-
-/// The add-row kernel of the SIMD level in use now.
-inline add_row_kernel select_add_row_kernel() {
-#if POSENC_X86_DISPATCH
-  switch (simd_level_in_use()) {
-    case simd_level::avx512: return &add_row_avx512<avx512_f32>;
-    case simd_level::avx2: return &add_row_avx2<avx2_f32>;
-    default: break;
-  }
-#elif POSENC_NEON_KERNELS
-  if (simd_level_in_use() == simd_level::neon) return &add_row_neon<neon_f32>;
-#endif
-  return &add_row_portable;
 }
 
 }  // namespace posenc::detail

@@ -38,6 +38,7 @@
 #include "posenc/concepts.hpp"
 #include "posenc/detail/check.hpp"
 #include "posenc/detail/alibi_kernels.hpp"
+#include "posenc/detail/bias_table.hpp"
 #include "posenc/detail/cpu.hpp"
 #include "posenc/detail/position_math.hpp"
 #include "posenc/types.hpp"
@@ -158,13 +159,21 @@ class alibi {
     const detail::alibi_row_kernel bias_row = std::same_as<E, float> ? detail::select_alibi_row_kernel() : nullptr;
     if constexpr (std::same_as<E, float>) {
       if (k.is_range()) {
-        // Columns in chunks a bias table can serve (see add_float_rows_by_table).
-        const detail::add_row_kernel add_row = detail::select_add_row_kernel();
-        for (index_t j0 = 0; j0 < n; j0 += table_keys) {
-          const index_t nc = std::min(table_keys, n - j0);
-          add_float_rows_by_table(t, j0, nc, q, k.start() + static_cast<position>(j0), neg_slope, symmetric,
-                                  bias_row, add_row);
-        }
+        // Rows share tables of biases (detail/bias_table.hpp) where every distance they meet is
+        // exact in double, so a table entry is the product the row kernel would compute.
+        detail::add_bias_by_table(
+            t, q, k.start(), detail::select_add_row_kernel(),
+            [](position lo, position hi, position kf, position kl) {
+              return exact_in_double(lo, kl) && exact_in_double(hi, kf);
+            },
+            [&](float* table, index_t span, position hi, position kf) {
+              // -0.0f + x is x for every x, zeros included: the table holds the roundings themselves.
+              std::fill(table, table + span, -0.0f);
+              bias_row(table, span, neg_slope, static_cast<double>(hi - kf), symmetric);
+            },
+            [&](index_t i, index_t j0, index_t nc, position kf) {
+              add_row_key_by_key(t.row(i) + j0, nc, q[i], positions::range(kf, nc), neg_slope, symmetric, bias_row);
+            });
         return;
       }
     }
@@ -172,13 +181,6 @@ class alibi {
   }
 
  private:
-  // add_float_rows_by_table's table holds up to table_floats biases; a chunk of table_keys keys
-  // leaves room for rows whose positions spread over table_floats - table_keys.
-  static constexpr index_t table_floats = 1024;
-  static constexpr index_t table_keys = 512;
-  // Fewer rows than this share a table: each row takes the bias row kernel instead.
-  static constexpr index_t table_min_rows = 4;
-
   // Distances up to 2^53 are exact in double.
   static bool exact_in_double(position a, position b) {
     return detail::position_distance(a, b) <= (std::uint64_t{1} << 53);
@@ -202,43 +204,6 @@ class alibi {
         row[j] += static_cast<E>(neg_slope * static_cast<double>(detail::position_distance(qi, k[j])));
     } else {
       for (index_t j = 0; j < n; ++j) row[j] += static_cast<E>(neg_slope * detail::position_difference(qi, k[j]));
-    }
-  }
-
-  // Columns [j0, j0 + n) of a float tile whose keys are the range k0 .. k0 + n - 1, n <= table_keys.
-  // The bias of row i, column j depends only on D = q[i] - k0 - j. Consecutive rows whose positions
-  // lie within table_floats - n of each other (lo .. hi) meet the distances hi - k0 down to
-  // lo - k0 - (n - 1); their biases are computed once, as table[v] = -slope * (hi - k0 - v), by the
-  // same double products and roundings as key by key, and row i adds table[hi - q[i] + j]: the
-  // same bits as the row kernel, at one addition per logit. Allocates nothing (the table is on
-  // the stack).
-  template <class View>
-  static void add_float_rows_by_table(View& t, index_t j0, index_t n, positions q, position k0, double neg_slope,
-                                      bool symmetric, detail::alibi_row_kernel bias_row,
-                                      detail::add_row_kernel add_row) {
-    const positions keys = positions::range(k0, n);
-    const position k_last = k0 + static_cast<position>(n - 1);
-    alignas(64) float table[table_floats];
-    const std::uint64_t spread = static_cast<std::uint64_t>(table_floats - n);
-    for (index_t i = 0; i < t.rows;) {
-      position lo = q[i], hi = q[i];
-      index_t e = i + 1;
-      for (; e < t.rows; ++e) {
-        const position p = q[e];
-        const position nlo = p < lo ? p : lo, nhi = p > hi ? p : hi;
-        if (detail::position_distance(nhi, nlo) > spread) break;
-        lo = nlo;
-        hi = nhi;
-      }
-      if (e - i < table_min_rows || !exact_in_double(lo, k_last) || !exact_in_double(hi, k0)) {
-        for (; i < e; ++i) add_row_key_by_key(t.row(i) + j0, n, q[i], keys, neg_slope, symmetric, bias_row);
-        continue;
-      }
-      const index_t span = static_cast<index_t>(hi - lo) + n;
-      // -0.0f + x is x for every x, zeros included: the table holds the roundings themselves.
-      std::fill(table, table + span, -0.0f);
-      bias_row(table, span, neg_slope, static_cast<double>(hi - k0), symmetric);
-      for (; i < e; ++i) add_row(t.row(i) + j0, table + (hi - q[i]), n);
     }
   }
 

@@ -43,6 +43,7 @@
 #include <vector>
 
 #include "posenc/concepts.hpp"
+#include "posenc/detail/bias_table.hpp"
 #include "posenc/detail/check.hpp"
 #include "posenc/detail/position_math.hpp"
 #include "posenc/types.hpp"
@@ -194,38 +195,71 @@ class t5_relative_bias {
                   "t5_relative_bias::add_bias_tile: the tile is [", t.rows, ", ", t.cols, "] but there are ",
                   q.size(), " query and ", k.size(), " key positions");
     const T* bias_h = head_table(local_head);
-    const std::int32_t* near_mid = near_.data() + reach_ + 1;  // near_mid[r] for r in [-reach_-1, reach_+1]
-    const position lim = reach_ + 1;
-    const index_t n = t.cols;
-    const bool saturated = reach_ == saturation_;
-    for (index_t i = 0; i < t.rows; ++i) {
-      E* row = t.row(i);
-      const position qi = q[i];
-      if (!saturated) {
-        for (index_t j = 0; j < n; ++j)
-          row[j] += static_cast<E>(bias_h[bucket(detail::saturating_difference(k[j], qi))]);
-      } else if (k.is_range() && detail::difference_fits(k.start(), qi)) {
-        // rel = r0 + j runs through three segments: all beyond -reach_ (one bucket), the lookup
-        // window, all beyond +reach_ (one bucket). The bounds -lim - r0 and lim - r0 may pass the
-        // int64 range; saturated, they still clamp to the same column.
-        const position r0 = k.start() - qi;
-        const index_t j1 = static_cast<index_t>(std::clamp<position>(detail::saturating_difference(-reach_, r0), 0, n));
-        const index_t j2 = static_cast<index_t>(std::clamp<position>(detail::saturating_difference(lim, r0), j1, n));
-        const E below = static_cast<E>(bias_h[near_mid[-lim]]);
-        const E above = static_cast<E>(bias_h[near_mid[lim]]);
-        for (index_t j = 0; j < j1; ++j) row[j] += below;
-        for (index_t j = j1; j < j2; ++j) row[j] += static_cast<E>(bias_h[near_mid[r0 + j]]);
-        for (index_t j = j2; j < n; ++j) row[j] += above;
-      } else {
-        // Every distance past saturation shares the end entries: a clamp, no branch.
-        for (index_t j = 0; j < n; ++j)
-          row[j] += static_cast<E>(
-              bias_h[near_mid[std::clamp<position>(detail::saturating_difference(k[j], qi), -lim, lim)]]);
+    if constexpr (std::same_as<E, float>) {
+      if (k.is_range() && t.cols > 0) {
+        // Rows share tables of biases (detail/bias_table.hpp) where every relative position they
+        // meet lies within 2^62 (so k - q and its offsets are plain int64 arithmetic).
+        constexpr std::uint64_t close = std::uint64_t{1} << 62;
+        detail::add_bias_by_table(
+            t, q, k.start(), detail::select_add_row_kernel(),
+            [](position lo, position hi, position kf, position kl) {
+              return detail::position_distance(kf, hi) < close && detail::position_distance(kl, lo) < close;
+            },
+            [&](float* table, index_t span, position hi, position kf) { fill_table(table, span, kf - hi, bias_h); },
+            [&](index_t i, index_t j0, index_t nc, position kf) {
+              add_row(t.row(i) + j0, nc, q[i], positions::range(kf, nc), bias_h);
+            });
+        return;
       }
     }
+    for (index_t i = 0; i < t.rows; ++i) add_row(t.row(i), t.cols, q[i], k, bias_h);
   }
 
  private:
+  // row[j] += table entry of the bucket of k[j] - qi, j < n (the row path of add_bias_tile).
+  template <class E>
+  void add_row(E* row, index_t n, position qi, positions k, const T* bias_h) const {
+    const std::int32_t* near_mid = near_.data() + reach_ + 1;  // near_mid[r] for r in [-reach_-1, reach_+1]
+    const position lim = reach_ + 1;
+    if (reach_ != saturation_) {
+      for (index_t j = 0; j < n; ++j) row[j] += static_cast<E>(bias_h[bucket(detail::saturating_difference(k[j], qi))]);
+    } else if (k.is_range() && detail::difference_fits(k.start(), qi)) {
+      // rel = r0 + j runs through three segments: all beyond -reach_ (one bucket), the lookup
+      // window, all beyond +reach_ (one bucket). The bounds -lim - r0 and lim - r0 may pass the
+      // int64 range; saturated, they still clamp to the same column.
+      const position r0 = k.start() - qi;
+      const index_t j1 = static_cast<index_t>(std::clamp<position>(detail::saturating_difference(-reach_, r0), 0, n));
+      const index_t j2 = static_cast<index_t>(std::clamp<position>(detail::saturating_difference(lim, r0), j1, n));
+      const E below = static_cast<E>(bias_h[near_mid[-lim]]);
+      const E above = static_cast<E>(bias_h[near_mid[lim]]);
+      for (index_t j = 0; j < j1; ++j) row[j] += below;
+      for (index_t j = j1; j < j2; ++j) row[j] += static_cast<E>(bias_h[near_mid[r0 + j]]);
+      for (index_t j = j2; j < n; ++j) row[j] += above;
+    } else {
+      // Every distance past saturation shares the end entries: a clamp, no branch.
+      for (index_t j = 0; j < n; ++j)
+        row[j] += static_cast<E>(
+            bias_h[near_mid[std::clamp<position>(detail::saturating_difference(k[j], qi), -lim, lim)]]);
+    }
+  }
+
+  // table[v] = float(bias_h[bucket(r0 + v)]) for v < span, |r0| < 2^62 (a shared table of
+  // add_bias_tile). When saturated, the same three segments as add_row: one entry below the lookup
+  // window, the window, one entry above it.
+  void fill_table(float* table, index_t span, position r0, const T* bias_h) const {
+    if (reach_ != saturation_) {
+      for (index_t v = 0; v < span; ++v) table[v] = static_cast<float>(bias_h[bucket(r0 + static_cast<position>(v))]);
+      return;
+    }
+    const std::int32_t* near_mid = near_.data() + reach_ + 1;
+    const position lim = reach_ + 1;
+    const index_t v1 = static_cast<index_t>(std::clamp<position>(-reach_ - r0, 0, span));
+    const index_t v2 = static_cast<index_t>(std::clamp<position>(lim - r0, v1, span));
+    std::fill(table, table + v1, static_cast<float>(bias_h[near_mid[-lim]]));
+    for (index_t v = v1; v < v2; ++v) table[v] = static_cast<float>(bias_h[near_mid[r0 + v]]);
+    std::fill(table + v2, table + span, static_cast<float>(bias_h[near_mid[lim]]));
+  }
+
   static constexpr position lookup_cap = 4096;
 
   static void validate(index_t num_buckets, position max_distance, bool bidirectional) {
