@@ -361,8 +361,8 @@ TEST_CASE("t5: every SIMD level's float tile path gives the bits of the lookup",
   // within a spread of 1024 - n positions, keys in chunks of 512), rows that do not (fewer, or
   // scattered), unsorted query lists, 900 rows (two tables), keys near, far (2^40) and at the ends
   // of the int64 range (where distances pass 2^62 and rows go one by one), a lookup window that
-  // saturates and one that does not (max distance 5000, past the 4096 window), float and double
-  // tables: every SIMD level gives the same bits.
+  // saturates and one that does not (64 buckets to distance 20000 saturate at 12808, past the
+  // 4096-entry window), float and double tables: every SIMD level gives the same bits.
   const float sentinel = 777.0f;
   constexpr position top = std::numeric_limits<position>::max(), bottom = std::numeric_limits<position>::min();
   struct tile_case {
@@ -381,7 +381,7 @@ TEST_CASE("t5: every SIMD level's float tile path gives the bits of the lookup",
     bool double_table;
   };
   for (const table_case& tc : {table_case{{32, 128, true}, false}, table_case{{32, 128, true}, true},
-                               table_case{{9, 128, false}, false}, table_case{{64, 5000, true}, false}}) {
+                               table_case{{9, 128, false}, false}, table_case{{64, 20000, true}, false}}) {
     const config& c = tc.c;
     const index_t heads = 4, h = 2;
     const auto table_d = random_table<double>(rng, c.buckets, heads);
