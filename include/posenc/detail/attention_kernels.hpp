@@ -38,6 +38,20 @@
 
 #include "posenc/detail/cpu.hpp"
 
+// Where the SIMD kernel tables are compiled (README, "Compile time"). By default every
+// translation unit that calls attention compiles them (inline functions, merged by the linker).
+// A program whose translation units all define POSENC_EXTERN_KERNELS sees only their declarations,
+// and the one translation unit that also defines POSENC_DEFINE_KERNELS compiles them once.
+#if defined(POSENC_DEFINE_KERNELS)
+#define POSENC_KERNEL_TABLES 1
+#define POSENC_KERNEL_TABLE
+#elif defined(POSENC_EXTERN_KERNELS)
+#define POSENC_KERNEL_TABLES 0
+#else
+#define POSENC_KERNEL_TABLES 1
+#define POSENC_KERNEL_TABLE inline
+#endif
+
 #if POSENC_X86_DISPATCH
 #define POSENC_HAVE_X86_KERNELS 1
 #include <immintrin.h>
@@ -858,7 +872,8 @@ POSENC_AVX512 inline void convert_avx512(const S* src, index_t lds, index_t n, i
 
 #undef POSENC_AVX512
 
-inline const tile_kernels<float>& avx512_float_kernels() {
+#if POSENC_KERNEL_TABLES
+POSENC_KERNEL_TABLE const tile_kernels<float>& avx512_float_kernels() {
   static const tile_kernels<float> k{pack_kt_avx512,
                                      qk_avx512,
                                      qk_rows_avx512<float>,
@@ -873,6 +888,9 @@ inline const tile_kernels<float>& avx512_float_kernels() {
                                      "avx512"};
   return k;
 }
+#else
+const tile_kernels<float>& avx512_float_kernels();
+#endif
 
 // ---------------------------------------------------------------------------------------------
 // AVX512_BF16: Q K^T on bf16 values (`attention_params::bf16_qk`) from pairs. A 32-bit word holds
@@ -911,10 +929,14 @@ POSENC_AVX512_BF16 inline void pair_rows_avx512bf16(float* kt, index_t ldkt, ind
 
 #undef POSENC_AVX512_BF16
 
-inline const bf16_pair_kernels& avx512bf16_pair_kernels() {
+#if POSENC_KERNEL_TABLES
+POSENC_KERNEL_TABLE const bf16_pair_kernels& avx512bf16_pair_kernels() {
   static const bf16_pair_kernels k{pair_rows_avx512bf16, qk_avx512bf16};
   return k;
 }
+#else
+const bf16_pair_kernels& avx512bf16_pair_kernels();
+#endif
 
 // ---------------------------------------------------------------------------------------------
 // AVX2 + FMA: 8 lanes, 16 registers.
@@ -1073,7 +1095,8 @@ POSENC_AVX2 inline void convert_avx2(const S* src, index_t lds, index_t n, index
 #undef POSENC_AVX2
 POSENC_SIMD_WARNINGS_ON
 
-inline const tile_kernels<float>& avx2_float_kernels() {
+#if POSENC_KERNEL_TABLES
+POSENC_KERNEL_TABLE const tile_kernels<float>& avx2_float_kernels() {
   static const tile_kernels<float> k{pack_kt_avx2,
                                      qk_avx2,
                                      qk_rows_avx2<float>,
@@ -1088,6 +1111,9 @@ inline const tile_kernels<float>& avx2_float_kernels() {
                                      "avx2"};
   return k;
 }
+#else
+const tile_kernels<float>& avx2_float_kernels();
+#endif
 
 #endif  // POSENC_HAVE_X86_KERNELS
 
@@ -1194,7 +1220,8 @@ POSENC_TILE_PRODUCTS(neon, , neon_f32x4, 5, 4, 5, 4)
 // takes no memory operand) of the 32 registers.
 POSENC_KEY_KERNELS(neon, , neon_f32x4, 4, 4)
 
-inline const tile_kernels<float>& neon_float_kernels() {
+#if POSENC_KERNEL_TABLES
+POSENC_KERNEL_TABLE const tile_kernels<float>& neon_float_kernels() {
   static const tile_kernels<float> k{pack_kt_neon,
                                      qk_neon,
                                      qk_rows_neon<float>,
@@ -1209,6 +1236,9 @@ inline const tile_kernels<float>& neon_float_kernels() {
                                      "neon"};
   return k;
 }
+#else
+const tile_kernels<float>& neon_float_kernels();
+#endif
 
 #endif  // POSENC_NEON_KERNELS
 
@@ -1222,6 +1252,8 @@ inline const tile_kernels<float>& neon_float_kernels() {
 #undef POSENC_UNROLL
 #undef POSENC_TILE_PRODUCTS
 #undef POSENC_INLINE_BLOCK
+#undef POSENC_KERNEL_TABLES
+#undef POSENC_KERNEL_TABLE
 
 /// The bf16 pair kernels when the CPU has AVX512_BF16 and the level in use is AVX-512; null
 /// otherwise (the float kernels then multiply the rounded values).
