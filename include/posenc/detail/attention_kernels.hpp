@@ -338,6 +338,8 @@ inline constexpr float exp2_poly[7] = {1.540353039338161e-4f, 1.333355814642844e
 //   zero(), set1(x)
 //   load(p), store(p, v)          `width` floats at `p`; load(h) of `width` fp16 / bf16 values,
 //                                 widened exactly (every fp16 and bf16 value is a float)
+//   load_spare(p)                 load(p) for loops with a vector register to spare: the same
+//                                 values, in fewer operations where that needs a constant register
 //   load_part(p, n)               the first n < width values (float, fp16 or bf16), other lanes 0;
 //                                 reads nothing past them, so a tail never touches the next row
 //   load_or(p, n, fill)           the first n < width floats, other lanes `fill`
@@ -515,8 +517,9 @@ inline const T* advance_or_null(const T* p, index_t n) {
 
 /// The register block of `tile_kernels::qk_rows` (decode), in a function `template <int R, class K>`
 /// with the arguments (q, ldq, d, k, ldk, nk, s, lds, pf, npf): R query rows against the key rows
-/// read in place (float, fp16 or bf16, widened as they load), KEYS (at most 4) keys at a time, each
-/// key vector loaded once and multiplied into every query row: R * KEYS accumulators. Every dot
+/// read in place (float, fp16 or bf16, widened as they load, by `V::load_spare`), KEYS (1-4, or 8:
+/// two reductions of four) keys at a time, each key vector loaded once and multiplied into every
+/// query row: R * KEYS accumulators. Every dot
 /// product accumulates its columns in order (whole vectors, then the tail through `load_part`, zero
 /// past the row in q and in the key) and is summed across lanes by `V::reduce_add4`, which reduces
 /// each of its four vectors in the same fixed order: a key's sum has the same bits whichever keys and
@@ -527,7 +530,7 @@ inline const T* advance_or_null(const T* p, index_t n) {
   using reg = typename V::reg;                                                               \
   constexpr index_t w = V::width;                                                            \
   constexpr int nkeys = KEYS;                                                                \
-  static_assert(nkeys >= 1 && nkeys <= 4, "qk_rows: at most 4 keys per group");              \
+  static_assert((nkeys >= 1 && nkeys <= 4) || nkeys == 8, "qk_rows: 1-4 or 8 keys per group"); \
   constexpr index_t per_line = 64 / static_cast<index_t>(sizeof(K));                         \
   const index_t dw = d / w * w;                                                              \
   for (index_t j = 0; j < nk; j += nkeys) {                                                  \
@@ -551,7 +554,7 @@ inline const T* advance_or_null(const T* p, index_t n) {
       for (int r = 0; r < R; ++r) qv[r] = V::load(q + r * ldq + c);                          \
       POSENC_UNROLL                                                                          \
       for (int t = 0; t < nkeys; ++t) {                                                      \
-        const reg kv = V::load(kr[t] + c);                                                   \
+        const reg kv = V::load_spare(kr[t] + c);                                             \
         POSENC_UNROLL                                                                        \
         for (int r = 0; r < R; ++r) acc[r][t] = V::fma(qv[r], kv, acc[r][t]);                \
       }                                                                                      \
@@ -568,15 +571,24 @@ inline const T* advance_or_null(const T* p, index_t n) {
     }                                                                                        \
     /* Fewer than four keys per group: the last one fills the other operands (not stored). */ \
     POSENC_UNROLL                                                                            \
-    for (int r = 0; r < R; ++r)                                                              \
-      V::reduce_add4(acc[r][0], acc[r][std::min(1, nkeys - 1)], acc[r][std::min(2, nkeys - 1)], \
-                     acc[r][std::min(3, nkeys - 1)], s + r * lds + j, keys);                 \
+    for (int r = 0; r < R; ++r) {                                                            \
+      POSENC_UNROLL                                                                          \
+      for (int t0 = 0; t0 < nkeys; t0 += 4) {                                                \
+        const int last = std::min(t0 + 3, nkeys - 1);                                        \
+        if (t0 < keys)                                                                       \
+          V::reduce_add4(acc[r][t0], acc[r][std::min(t0 + 1, last)], acc[r][std::min(t0 + 2, last)], \
+                         acc[r][last], s + r * lds + j + t0, std::min<index_t>(4, keys - t0)); \
+      }                                                                                      \
+    }                                                                                        \
   }
 
 /// The key kernels of one instruction set, from the two bodies above: `pack_kt_<ISA>` and
 /// `qk_rows_<ISA><K>` (keys of float, fp16 or bf16), every function marked `TARGET`. `qk_rows`
 /// takes `QKR_ROWS` query rows against `QKR_KEYS` keys at a time (fewer rows at the end from
-/// template recursion); only the first block of rows requests the rows ahead.
+/// template recursion); a block of one row takes 8 keys, whose 8 accumulators keep the set's
+/// multiply-adds in flight where 4 would wait on their latency (AVX2, 4 query rows as 3 + 1, 16
+/// keys in L1: float keys 0.83 -> 0.86 of the multiply-add peak, fp16 0.80 -> 0.84). Only the first
+/// block of rows requests the rows ahead.
 #define POSENC_KEY_KERNELS(ISA, TARGET, V, QKR_ROWS, QKR_KEYS)                                                 \
   TARGET inline void pack_kt_##ISA(const float* k, index_t ldk, index_t nk, index_t d, float* kt, index_t ldkt) { \
     POSENC_PACK_KT_BODY(V)                                                                                     \
@@ -585,7 +597,7 @@ inline const T* advance_or_null(const T* p, index_t n) {
   TARGET inline void qk_rows_block_##ISA(const float* q, index_t ldq, index_t d, const K* k,                   \
                                                       index_t ldk, index_t nk, float* s, index_t lds,          \
                                                       const K* pf, index_t npf) {                              \
-    POSENC_QK_ROWS_BLOCK_BODY(V, QKR_KEYS)                                                                     \
+    POSENC_QK_ROWS_BLOCK_BODY(V, (R == 1 ? 8 : QKR_KEYS))                                                      \
   }                                                                                                            \
   /* `rows` <= R query rows: the block of exactly that many. */                                                \
   template <int R, class K>                                                                                    \
@@ -625,8 +637,11 @@ inline constexpr index_t pv_chunk_keys = 16;
 /// so that the blocks inline into the loops that call them. QK^T takes `QK_ROWS` query rows
 /// against `QK_VECS` vectors of keys at a time; PV `PV_ROWS` rows by `PV_VECS` vectors of columns,
 /// then the rest of the columns in whole vectors (the buffers are readable and writable up to d
-/// rounded up to 16). Smaller row and column counts at the edges come from template recursion.
-#define POSENC_TILE_PRODUCTS(ISA, TARGET, V, QK_ROWS, QK_VECS, PV_ROWS, PV_VECS)                               \
+/// rounded up to 16); the chunks of decode (`pv_chunk_rows` rows or fewer) take `PVD_VECS` vectors of
+/// columns instead. Smaller row and column counts at the edges come from template recursion, and
+/// one vector more than a block (3 + 1) goes as two blocks of about half (2 + 2): a block of a
+/// single vector has too few accumulators to keep the multiply-adds in flight.
+#define POSENC_TILE_PRODUCTS(ISA, TARGET, V, QK_ROWS, QK_VECS, PV_ROWS, PV_VECS, PVD_VECS)                     \
   template <int R, int C>                                                                                      \
   TARGET POSENC_INLINE_BLOCK void qk_block_##ISA(const float* q, index_t ldq, index_t d, const float* kt, index_t ldkt,      \
                                     float* s) {                                                                \
@@ -695,18 +710,26 @@ inline constexpr index_t pv_chunk_keys = 16;
     }                                                                                                          \
     pv_cols_##ISA<C, S>(p, ldp, nq, nk, v, ldv, alpha, acc, ldacc, pf, npf);                                    \
   }                                                                                                            \
-  template <class S>                                                                                           \
+  template <int C, class S>                                                                                    \
   TARGET inline void pv_##ISA##_tiles(const float* p, index_t ldp, index_t nq, index_t nk, const S* v,          \
                                       index_t ldv, index_t d, const float* alpha, float* acc, index_t ldacc,    \
                                       const S* pf, index_t npf) {                                              \
-    constexpr index_t w = V::width, step = PV_VECS * w;                                                        \
+    constexpr index_t w = V::width, step = C * w;                                                              \
     index_t c0 = 0;                                                                                            \
-    for (; c0 + step <= d; c0 += step)                                                                         \
-      pv_cols_##ISA<PV_VECS, S>(p, ldp, nq, nk, v + c0, ldv, alpha, acc + c0, ldacc, advance_or_null(pf, c0),   \
-                                npf);                                                                          \
+    for (; c0 + step <= d; c0 += step) {                                                                       \
+      if (C >= 3 && d - c0 == step + w) {                                                                      \
+        constexpr int half = (C + 1) / 2;                                                                      \
+        pv_cols_##ISA<half, S>(p, ldp, nq, nk, v + c0, ldv, alpha, acc + c0, ldacc, advance_or_null(pf, c0), npf); \
+        c0 += half * w;                                                                                        \
+        pv_cols_##ISA<C + 1 - half, S>(p, ldp, nq, nk, v + c0, ldv, alpha, acc + c0, ldacc, advance_or_null(pf, c0), \
+                                       npf);                                                                   \
+        return;                                                                                                \
+      }                                                                                                        \
+      pv_cols_##ISA<C, S>(p, ldp, nq, nk, v + c0, ldv, alpha, acc + c0, ldacc, advance_or_null(pf, c0), npf);   \
+    }                                                                                                          \
     if (c0 < d)                                                                                                \
-      pv_vecs_of_##ISA<PV_VECS, S>((d - c0 + w - 1) / w, p, ldp, nq, nk, v + c0, ldv, alpha, acc + c0, ldacc,   \
-                                   advance_or_null(pf, c0), npf);                                              \
+      pv_vecs_of_##ISA<C, S>((d - c0 + w - 1) / w, p, ldp, nq, nk, v + c0, ldv, alpha, acc + c0, ldacc,         \
+                             advance_or_null(pf, c0), npf);                                                    \
   }                                                                                                            \
   /* `tile_kernels::pv`: few rows (decode) go over the keys in chunks (see pv_chunk_keys). */                  \
   template <class S>                                                                                           \
@@ -714,12 +737,12 @@ inline constexpr index_t pv_chunk_keys = 16;
                               index_t d, const float* alpha, float* acc, index_t ldacc, const S* pf,           \
                               index_t npf) {                                                                   \
     if (nq > pv_chunk_rows) {                                                                                  \
-      pv_##ISA##_tiles<S>(p, ldp, nq, nk, v, ldv, d, alpha, acc, ldacc, pf, npf);                              \
+      pv_##ISA##_tiles<PV_VECS, S>(p, ldp, nq, nk, v, ldv, d, alpha, acc, ldacc, pf, npf);                     \
       return;                                                                                                  \
     }                                                                                                          \
     const float ones[pv_chunk_rows] = {1.0f, 1.0f, 1.0f, 1.0f};                                                \
     for (index_t j0 = 0; j0 < nk; j0 += pv_chunk_keys)                                                         \
-      pv_##ISA##_tiles<S>(p + j0, ldp, nq, std::min(pv_chunk_keys, nk - j0), v + j0 * ldv, ldv, d,             \
+      pv_##ISA##_tiles<PVD_VECS, S>(p + j0, ldp, nq, std::min(pv_chunk_keys, nk - j0), v + j0 * ldv, ldv, d,   \
                           j0 == 0 ? alpha : ones, acc, ldacc, pf != nullptr && j0 < npf ? pf + j0 * ldv : nullptr, \
                           npf - j0);                                                                           \
   }
@@ -827,6 +850,10 @@ struct avx512_f32x16 {
     return load16(p);
   }
   template <class S>
+  POSENC_AVX512 static reg load_spare(const S* p) {
+    return load(p);
+  }
+  template <class S>
   POSENC_AVX512 static reg load_part(const S* p, index_t n) {
     return load16(p, tail_mask(n));
   }
@@ -858,7 +885,7 @@ POSENC_AVX512 inline void softmax_avx512(float* s, index_t lds, index_t nq, inde
 
 // QK^T: 8 query rows against 32 keys (16 accumulators of the 32 registers); PV: 6 rows by 64
 // columns (24 accumulators).
-POSENC_TILE_PRODUCTS(avx512, POSENC_AVX512, avx512_f32x16, 8, 2, 6, 4)
+POSENC_TILE_PRODUCTS(avx512, POSENC_AVX512, avx512_f32x16, 8, 2, 6, 4, 4)
 
 // Decode QK^T: 4 query rows against 4 keys (16 accumulators, 4 query vectors and a key vector).
 POSENC_KEY_KERNELS(avx512, POSENC_AVX512, avx512_f32x16, 4, 4)
@@ -908,7 +935,7 @@ struct avx512_bf16_pairs : avx512_f32x16 {
 };
 
 // 8 query rows against 32 keys, as the float block; the PV products are not used.
-POSENC_TILE_PRODUCTS(avx512bf16, POSENC_AVX512_BF16, avx512_bf16_pairs, 8, 2, 6, 4)
+POSENC_TILE_PRODUCTS(avx512bf16, POSENC_AVX512_BF16, avx512_bf16_pairs, 8, 2, 6, 4, 4)
 
 /// The packed key tile `kt` (`[d, ldkt]`, `ldkt` a multiple of 16, every value a bf16 already)
 /// into rows of pairs, in place: row c of the result holds the pairs of rows 2c and 2c + 1 (0 past
@@ -974,6 +1001,17 @@ template <half_storage H>
 POSENC_AVX2 inline __m256 load8(const H* p) {
   return widen8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), p);
 }
+/// `load8` of bf16 in one shuffle instead of two operations: the 16 bytes broadcast to both
+/// halves (a load, no arithmetic) and `vpshufb` moving each value to the top of its lane, zeros
+/// below. The same floats, one operation fewer per 8 values, but the shuffle's control takes a
+/// register (see `avx2_f32x8::load_spare`).
+POSENC_AVX2 inline __m256 load8_shuffled(const Eigen::bfloat16* p) {
+  const __m256i x = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256i to_high = _mm256_setr_epi8(-1, -1, 0, 1, -1, -1, 2, 3, -1, -1, 4, 5, -1, -1, 6, 7,  //
+                                           -1, -1, 8, 9, -1, -1, 10, 11, -1, -1, 12, 13, -1, -1, 14, 15);
+  return _mm256_castsi256_ps(_mm256_shuffle_epi8(x, to_high));
+}
+POSENC_AVX2 inline __m256 load8_shuffled(const Eigen::half* p) { return load8(p); }
 /// The first `n` < 8 values at `p` (`mask` = `tail_mask_avx2(n)`), the other lanes 0, reading
 /// nothing past them.
 POSENC_AVX2 inline __m256 load8(const float* p, __m256i mask, index_t) { return _mm256_maskload_ps(p, mask); }
@@ -1032,6 +1070,11 @@ struct avx2_f32x8 {
   POSENC_AVX2 static reg load(const H* p) {
     return load8(p);
   }
+  POSENC_AVX2 static reg load_spare(const float* p) { return load(p); }
+  template <half_storage H>
+  POSENC_AVX2 static reg load_spare(const H* p) {
+    return load8_shuffled(p);
+  }
   template <class S>
   POSENC_AVX2 static reg load_part(const S* p, index_t n) {
     return load8(p, tail_mask_avx2(n), n);
@@ -1078,11 +1121,16 @@ POSENC_AVX2 inline void softmax_avx2(float* s, index_t lds, index_t nq, index_t 
 }
 
 // QK^T: 6 query rows against 16 keys (12 accumulators of the 16 registers); PV: 6 rows by 16
-// columns (12 accumulators).
-POSENC_TILE_PRODUCTS(avx2, POSENC_AVX2, avx2_f32x8, 6, 2, 6, 2)
+// columns (12 accumulators); the PV of decode 4 rows by 24 columns (12 accumulators, 3 value
+// vectors, a broadcast: 16 registers; d = 128 as 24 x 4 + 16 x 2 columns). Against 4 x 16
+// columns: float, fp16 and bf16 values 0.73-0.74 -> 0.88 of the multiply-add peak (4 rows, 16
+// keys in L1, Zen 5).
+POSENC_TILE_PRODUCTS(avx2, POSENC_AVX2, avx2_f32x8, 6, 2, 6, 2, 3)
 
 // Decode QK^T: 3 query rows against 4 keys (12 accumulators, 3 query vectors and a key vector: all
-// 16 registers, none spilled; 4 rows would need 16 accumulators).
+// 16 registers, none spilled; 4 rows would need 16 accumulators). The compiler takes one query
+// row from memory, leaving a register for the bf16 shuffle of `load_spare` (bf16 keys 0.67 -> 0.76
+// of the multiply-add peak with the one-row blocks of 8 keys).
 POSENC_KEY_KERNELS(avx2, POSENC_AVX2, avx2_f32x8, 3, 4)
 
 /// `convert_f16` / `convert_bf16`: 8 columns per step, the tail masked.
@@ -1153,6 +1201,10 @@ struct neon_f32x4 {
   static reg load(const H* p) {
     return widen(vld1_u16(reinterpret_cast<const std::uint16_t*>(p)), p);
   }
+  template <class S>
+  static reg load_spare(const S* p) {
+    return load(p);
+  }
   static reg load_part(const float* p, index_t n) { return load_or(p, n, 0.0f); }
   template <half_storage H>
   static reg load_part(const H* p, index_t n) {
@@ -1214,7 +1266,7 @@ inline void convert_neon(const S* src, index_t lds, index_t n, index_t d, float 
 // QK^T: 5 query rows against 16 keys; PV: 5 rows by 16 columns. Either takes 20 accumulators, 4
 // key or value vectors and 5 query values or weights (multiplied by lane, `fmla v.4s, v.4s, v.s[0]`)
 // of the 32 registers; with 6 rows GCC spills two accumulators in the loop.
-POSENC_TILE_PRODUCTS(neon, , neon_f32x4, 5, 4, 5, 4)
+POSENC_TILE_PRODUCTS(neon, , neon_f32x4, 5, 4, 5, 4, 4)
 
 // Decode QK^T: 4 query rows against 4 keys: 16 accumulators, 4 key and 4 query vectors (`fmla`
 // takes no memory operand) of the 32 registers.
