@@ -1468,6 +1468,9 @@ def percent(v):
     return "+0%" if text == "-0%" else text
 
 
+FP32_DECODE_GOAL = 0.8  # of the read bandwidth
+
+
 def goals_section(res):
     """The speed goals of the kernels, each against the ceiling of the instruction set in use (the
     FMA peak and read bandwidth of this run): met, or missed by how much, or why there is no figure."""
@@ -1525,10 +1528,20 @@ def goals_section(res):
            if r["storage"] != "fp32" and r["n_kv"] == n_dec and r.get("speedup_vs_fp32")]
     add(f"half-precision decode (1 query, GQA 8/2, d = 128, {fmt_n(n_dec) if n_dec else 'longest'} cached): ≥ 1.8x "
         "the fp32 tokens/s", "per-token speed-up over fp32", pts, 1.8, True, "no bf16 / fp16 decode points")
+    # fp32 decode is bound by the read bandwidth and half-precision decode, at twice the tokens per
+    # byte, much less so: when a neighbour takes bandwidth, the fp32 point slows more and the speed-up
+    # grows. Against an fp32 point under its own bandwidth goal the speed-up is not evidence.
+    ref = [r for r in dec if r["storage"] == "fp32" and r["n_kv"] == n_dec and r.get("ratio_read") is not None]
+    if pts and ref and ref[0]["ratio_read"] < FP32_DECODE_GOAL:
+        goal, figure, measured, cell = rows[-1]
+        cell = "met only against a slowed fp32 point" if cell == "met" else cell
+        rows[-1] = (goal, figure, measured + f"; fp32 there at {ref[0]['ratio_read']:.2f} of the read bandwidth, "
+                    f"under its {FP32_DECODE_GOAL} goal, so the speed-up is overstated", cell)
     pts = [(r["ratio_read"], fmt_n(r["n_kv"])) for r in dec
            if r["storage"] == "fp32" and 32768 <= r["n_kv"] <= 131072 and r.get("ratio_read") is not None]
-    add("fp32 decode (1 query, GQA 8/2, d = 128, 32k-128k cached): ≥ 0.8 of the read bandwidth",
-        "K/V GB/s over the read bandwidth", pts, 0.8, True, "no fp32 decode points of 32k-128k, or no read ceiling")
+    add(f"fp32 decode (1 query, GQA 8/2, d = 128, 32k-128k cached): ≥ {FP32_DECODE_GOAL} of the read bandwidth",
+        "K/V GB/s over the read bandwidth", pts, FP32_DECODE_GOAL, True,
+        "no fp32 decode points of 32k-128k, or no read ceiling")
     return (f"Each goal against this run's ceilings of the instruction set in use ({res.fma_name}); "
             "`scripts/bench --simd-cap avx2` measures the AVX2 kernels on an AVX-512 machine."
             f"{best_of_goals_text(res.meta)}\n\n" +

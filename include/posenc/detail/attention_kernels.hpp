@@ -587,8 +587,8 @@ inline const T* advance_or_null(const T* p, index_t n) {
 /// takes `QKR_ROWS` query rows against `QKR_KEYS` keys at a time (fewer rows at the end from
 /// template recursion); a block of one row takes 8 keys, whose 8 accumulators keep the set's
 /// multiply-adds in flight where 4 would wait on their latency (AVX2, 4 query rows as 3 + 1, 16
-/// keys in L1: float keys 0.83 -> 0.86 of the multiply-add peak, fp16 0.80 -> 0.84). Only the first
-/// block of rows requests the rows ahead.
+/// keys in L1, Zen 5: float keys 0.83 -> 0.85 of the multiply-add peak, fp16 0.80 -> 0.84). Only the
+/// first block of rows requests the rows ahead.
 #define POSENC_KEY_KERNELS(ISA, TARGET, V, QKR_ROWS, QKR_KEYS)                                                 \
   TARGET inline void pack_kt_##ISA(const float* k, index_t ldk, index_t nk, index_t d, float* kt, index_t ldkt) { \
     POSENC_PACK_KT_BODY(V)                                                                                     \
@@ -626,7 +626,7 @@ inline const T* advance_or_null(const T* p, index_t n) {
 /// whole tile once per block re-reads it from L2 each time: an engine's value rows are 1-4 KiB
 /// apart, a stride at which rows share a few L1 sets, so not even 128 of them stay in L1. The
 /// accumulators go through memory between chunks (exactly: the sums are the same), and the previous
-/// state's rescale factor applies to the first chunk only. AVX2 (16-column blocks), 1 query, 128k
+/// state's rescale factor applies to the first chunk only. AVX2 (then 16-column blocks), 1 query, 128k
 /// keys, GQA 8/2, one thread on Zen 5: fp32 15.9 -> 11.1 ms, bf16 8.3 -> 6.6 ms.
 inline constexpr index_t pv_chunk_rows = 4;
 inline constexpr index_t pv_chunk_keys = 16;
@@ -1123,14 +1123,14 @@ POSENC_AVX2 inline void softmax_avx2(float* s, index_t lds, index_t nq, index_t 
 // QK^T: 6 query rows against 16 keys (12 accumulators of the 16 registers); PV: 6 rows by 16
 // columns (12 accumulators); the PV of decode 4 rows by 24 columns (12 accumulators, 3 value
 // vectors, a broadcast: 16 registers; d = 128 as 24 x 4 + 16 x 2 columns). Against 4 x 16
-// columns: float, fp16 and bf16 values 0.73-0.74 -> 0.88 of the multiply-add peak (4 rows, 16
-// keys in L1, Zen 5).
+// columns: float, fp16 and bf16 values 0.77-0.80 -> 0.84-0.87 of the multiply-add peak (4 rows,
+// 16 keys in L1, Zen 5).
 POSENC_TILE_PRODUCTS(avx2, POSENC_AVX2, avx2_f32x8, 6, 2, 6, 2, 3)
 
 // Decode QK^T: 3 query rows against 4 keys (12 accumulators, 3 query vectors and a key vector: all
 // 16 registers, none spilled; 4 rows would need 16 accumulators). The compiler takes one query
-// row from memory, leaving a register for the bf16 shuffle of `load_spare` (bf16 keys 0.67 -> 0.76
-// of the multiply-add peak with the one-row blocks of 8 keys).
+// row from memory, leaving a register for the bf16 shuffle of `load_spare` (bf16 keys 0.69 -> 0.75
+// of the multiply-add peak with the one-row blocks of 8 keys; 0.72 with them alone).
 POSENC_KEY_KERNELS(avx2, POSENC_AVX2, avx2_f32x8, 3, 4)
 
 /// `convert_f16` / `convert_bf16`: 8 columns per step, the tail masked.
