@@ -219,6 +219,13 @@ TEST_CASE("blockwise: every kernel set this CPU has equals the reference", "[att
       compare({.heads = 4, .kv_heads = 2, .d = 72, .n_q = nq, .n_kv = 9000, .q0 = 9000 - nq},
               {.heads = 4, .kv_heads = 2, .causal = true}, none_f, none_d);
     }
+    // Decode with keys and values read in place (d a multiple of 16), GQA 8/2: 4 query rows per kv
+    // head, the column blocks of decode's P V (AVX2: 32 columns as 2 + 2 vectors, 128 as
+    // 3 + 3 + 3 + 3 + 2 + 2) and the one-row key products.
+    for (index_t d : {32, 48, 128}) {
+      compare({.heads = 8, .kv_heads = 2, .d = d, .n_q = 1, .n_kv = 3000, .q0 = 2999},
+              {.heads = 8, .kv_heads = 2, .causal = true}, none_f, none_d);
+    }
   }
 }
 
