@@ -1476,8 +1476,9 @@ def goals_section(res):
     FMA peak and read bandwidth of this run): met, or missed by how much, or why there is no figure."""
     rows = []
 
-    def add(goal, figure, values, target, at_least, missing, form=lambda v: f"{v:.2f}"):
-        """`values`: (value, where) pairs; the goal holds when every value does."""
+    def add(goal, figure, values, target, at_least, missing, form=lambda v: f"{v:.2f}", caveat=None):
+        """`values`: (value, where) pairs; the goal holds when every value does. `caveat`: a note for
+        the measured figures and what a met goal says instead of "met" (the figures are not evidence)."""
         vals = [(v, w) for v, w in values if v is not None]
         if not vals:
             rows.append((goal, figure, "not in this run", missing))
@@ -1489,7 +1490,11 @@ def goals_section(res):
             pts_off = round(pts)
             cell = (f"missed by {pts_off} point{'' if pts_off == 1 else 's'}" if pts_off >= 1
                     else f"missed by {pts:.1f} point")
-        rows.append((goal, figure, span((v for v, _ in vals), form) + f" (worst: {worst[1]})", cell))
+        measured = span((v for v, _ in vals), form) + f" (worst: {worst[1]})"
+        if caveat:
+            measured += "; " + caveat[0]
+            cell = caveat[1] if cell == "met" else cell
+        rows.append((goal, figure, measured, cell))
 
     for d, target in ((128, 0.8), (64, 0.75)):
         pts = [(r["ratio_fma"], f"{r['mask']} {fmt_n(r['n_kv'])}") for r in res.select(group="prefill", path="blockwise",
@@ -1526,17 +1531,15 @@ def goals_section(res):
     n_dec = max((r["n_kv"] for r in dec), default=None)
     pts = [(r["speedup_vs_fp32"], f"{r['storage']} {fmt_n(r['n_kv'])}") for r in dec
            if r["storage"] != "fp32" and r["n_kv"] == n_dec and r.get("speedup_vs_fp32")]
-    add(f"half-precision decode (1 query, GQA 8/2, d = 128, {fmt_n(n_dec) if n_dec else 'longest'} cached): ≥ 1.8x "
-        "the fp32 tokens/s", "per-token speed-up over fp32", pts, 1.8, True, "no bf16 / fp16 decode points")
     # fp32 decode is bound by the read bandwidth and half-precision decode, at twice the tokens per
     # byte, much less so: when a neighbour takes bandwidth, the fp32 point slows more and the speed-up
     # grows. Against an fp32 point under its own bandwidth goal the speed-up is not evidence.
     ref = [r for r in dec if r["storage"] == "fp32" and r["n_kv"] == n_dec and r.get("ratio_read") is not None]
-    if pts and ref and ref[0]["ratio_read"] < FP32_DECODE_GOAL:
-        goal, figure, measured, cell = rows[-1]
-        cell = "met only against a slowed fp32 point" if cell == "met" else cell
-        rows[-1] = (goal, figure, measured + f"; fp32 there at {ref[0]['ratio_read']:.2f} of the read bandwidth, "
-                    f"under its {FP32_DECODE_GOAL} goal, so the speed-up is overstated", cell)
+    slow = ref and ref[0]["ratio_read"] < FP32_DECODE_GOAL
+    add(f"half-precision decode (1 query, GQA 8/2, d = 128, {fmt_n(n_dec) if n_dec else 'longest'} cached): ≥ 1.8x "
+        "the fp32 tokens/s", "per-token speed-up over fp32", pts, 1.8, True, "no bf16 / fp16 decode points",
+        caveat=(f"fp32 there at {ref[0]['ratio_read']:.2f} of the read bandwidth, under its {FP32_DECODE_GOAL} "
+                "goal, so the speed-up is overstated", "met only against a slowed fp32 point") if slow else None)
     pts = [(r["ratio_read"], fmt_n(r["n_kv"])) for r in dec
            if r["storage"] == "fp32" and 32768 <= r["n_kv"] <= 131072 and r.get("ratio_read") is not None]
     add(f"fp32 decode (1 query, GQA 8/2, d = 128, 32k-128k cached): ≥ {FP32_DECODE_GOAL} of the read bandwidth",

@@ -515,10 +515,13 @@ inline const T* advance_or_null(const T* p, index_t n) {
     for (index_t j = nk; j < ldkt; ++j) dst[j] = 0.0f;                                       \
   }
 
+/// Keys per group of the one-row block of `tile_kernels::qk_rows` (see POSENC_KEY_KERNELS).
+inline constexpr int qk_rows_one_row_keys = 8;
+
 /// The register block of `tile_kernels::qk_rows` (decode), in a function `template <int R, class K>`
 /// with the arguments (q, ldq, d, k, ldk, nk, s, lds, pf, npf): R query rows against the key rows
-/// read in place (float, fp16 or bf16, widened as they load, by `V::load_spare`), KEYS (1-4, or 8:
-/// two reductions of four) keys at a time, each key vector loaded once and multiplied into every
+/// read in place (float, fp16 or bf16, widened as they load, by `V::load_spare`), KEYS (1-3, or a
+/// multiple of 4: a reduction per four) keys at a time, each key vector loaded once and multiplied into every
 /// query row: R * KEYS accumulators. Every dot
 /// product accumulates its columns in order (whole vectors, then the tail through `load_part`, zero
 /// past the row in q and in the key) and is summed across lanes by `V::reduce_add4`, which reduces
@@ -530,7 +533,7 @@ inline const T* advance_or_null(const T* p, index_t n) {
   using reg = typename V::reg;                                                               \
   constexpr index_t w = V::width;                                                            \
   constexpr int nkeys = KEYS;                                                                \
-  static_assert((nkeys >= 1 && nkeys <= 4) || nkeys == 8, "qk_rows: 1-4 or 8 keys per group"); \
+  static_assert(nkeys >= 1 && (nkeys < 4 || nkeys % 4 == 0), "qk_rows: 1-3 keys or a multiple of 4"); \
   constexpr index_t per_line = 64 / static_cast<index_t>(sizeof(K));                         \
   const index_t dw = d / w * w;                                                              \
   for (index_t j = 0; j < nk; j += nkeys) {                                                  \
@@ -597,7 +600,7 @@ inline const T* advance_or_null(const T* p, index_t n) {
   TARGET inline void qk_rows_block_##ISA(const float* q, index_t ldq, index_t d, const K* k,                   \
                                                       index_t ldk, index_t nk, float* s, index_t lds,          \
                                                       const K* pf, index_t npf) {                              \
-    POSENC_QK_ROWS_BLOCK_BODY(V, (R == 1 ? 8 : QKR_KEYS))                                                      \
+    POSENC_QK_ROWS_BLOCK_BODY(V, (R == 1 ? qk_rows_one_row_keys : QKR_KEYS))                                   \
   }                                                                                                            \
   /* `rows` <= R query rows: the block of exactly that many. */                                                \
   template <int R, class K>                                                                                    \
@@ -1005,13 +1008,12 @@ POSENC_AVX2 inline __m256 load8(const H* p) {
 /// halves (a load, no arithmetic) and `vpshufb` moving each value to the top of its lane, zeros
 /// below. The same floats, one operation fewer per 8 values, but the shuffle's control takes a
 /// register (see `avx2_f32x8::load_spare`).
-POSENC_AVX2 inline __m256 load8_shuffled(const Eigen::bfloat16* p) {
+POSENC_AVX2 inline __m256 load8_bf16_shuffled(const Eigen::bfloat16* p) {
   const __m256i x = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   const __m256i to_high = _mm256_setr_epi8(-1, -1, 0, 1, -1, -1, 2, 3, -1, -1, 4, 5, -1, -1, 6, 7,  //
                                            -1, -1, 8, 9, -1, -1, 10, 11, -1, -1, 12, 13, -1, -1, 14, 15);
   return _mm256_castsi256_ps(_mm256_shuffle_epi8(x, to_high));
 }
-POSENC_AVX2 inline __m256 load8_shuffled(const Eigen::half* p) { return load8(p); }
 /// The first `n` < 8 values at `p` (`mask` = `tail_mask_avx2(n)`), the other lanes 0, reading
 /// nothing past them.
 POSENC_AVX2 inline __m256 load8(const float* p, __m256i mask, index_t) { return _mm256_maskload_ps(p, mask); }
@@ -1070,10 +1072,13 @@ struct avx2_f32x8 {
   POSENC_AVX2 static reg load(const H* p) {
     return load8(p);
   }
-  POSENC_AVX2 static reg load_spare(const float* p) { return load(p); }
-  template <half_storage H>
-  POSENC_AVX2 static reg load_spare(const H* p) {
-    return load8_shuffled(p);
+  template <class S>
+  POSENC_AVX2 static reg load_spare(const S* p) {
+    if constexpr (std::same_as<S, Eigen::bfloat16>) {
+      return load8_bf16_shuffled(p);
+    } else {
+      return load(p);
+    }
   }
   template <class S>
   POSENC_AVX2 static reg load_part(const S* p, index_t n) {
