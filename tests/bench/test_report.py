@@ -504,8 +504,13 @@ class Goals(unittest.TestCase):
         # The fp32 decode point beside it reads 24 GB/s against a read bandwidth of 32: under its own
         # goal of 0.8, so the speed-up over it is flagged, not counted as met.
         r = self.row("half-precision decode")
+        # bf16: 1.2 MB (24 GB/s for 0.05 ms) at 32 GB/s = 37.5 us, its 8.4e5 FLOP (16.8 GFLOP/s) at the
+        # peak of 140 GFLOP/s 6 us (0.16 of it): 0.1 ms of the fp32 point over 37.5 us = 2.67; 37.5 us over
+        # 0.05 ms = 0.75 of it.
         self.assertEqual(r["measured"], "2.00 (worst: bf16 4k); fp32 there at 0.75 of the read bandwidth, under "
-                                        "its 0.8 goal, so the speed-up is overstated")
+                                        "its 0.8 goal, so the speed-up is overstated; its roofline here allows 2.67 "
+                                        "(read-bound; its multiply-adds at the peak take 0.16 of that time), reached "
+                                        "0.75 of it")
         self.assertEqual(r["met?"], "met only against a slowed fp32 point")
         self.assertEqual(self.row("fp32 decode")["measured"], "not in this run")
 
@@ -523,7 +528,9 @@ class Goals(unittest.TestCase):
 class HalfDecodeAgainstFp32(unittest.TestCase):
     """The half-precision decode goal against an fp32 point at its bandwidth goal, and missed."""
 
-    def goal_row(self, fp32_bytes_per_second, bf16_ms):
+    def goal_row(self, fp32_bytes_per_second, bf16_ms, bf16_flop=None):
+        """The goal's row with the fp32 point at `fp32_bytes_per_second` and the bf16 point (1.2 MB of
+        K and V, `bf16_flop` FLOP, else 8.4e5 as in attention_points) in `bf16_ms`."""
         with tempfile.TemporaryDirectory() as tmp:
             folder = results_folder(tmp, AVX2_LABEL)
             path = os.path.join(folder, "bench_attention.json")
@@ -534,18 +541,41 @@ class HalfDecodeAgainstFp32(unittest.TestCase):
                     b["bytes_per_second"] = fp32_bytes_per_second
                 if b["name"].startswith("attention/decode_bf16/n_kv:4096/"):
                     b["real_time"] = b["cpu_time"] = bf16_ms
+                    b["bytes_per_second"] = 1.2e6 / (bf16_ms * 1e-3)
+                    b["FLOPS"] = (bf16_flop or 8.4e5) / (bf16_ms * 1e-3)
             write(folder, "bench_attention.json", data)
             rows = table_after(section(make_report(folder), "Speed goals"), "ceilings of the instruction")
         return next(r for r in rows if r["goal"].startswith("half-precision decode"))
 
     def test_fp32_at_its_goal(self):
         # fp32 at 28 GB/s of a read bandwidth of 32 (0.875): the speed-up (0.1 ms over 0.05) counts.
+        # The bf16 point's roofline: 1.2 MB at the read bandwidth of 32 GB/s, 37.5 us (its FLOP take 6 us
+        # at the peak): 0.1 ms / 37.5 us = 2.67 against the fp32 point.
         r = self.goal_row(2.8e10, 0.05)
-        self.assertEqual(r["measured"], "2.00 (worst: bf16 4k)")
+        self.assertEqual(r["measured"], "2.00 (worst: bf16 4k); its roofline here allows 2.67 (read-bound; its "
+                                        "multiply-adds at the peak take 0.16 of that time), reached 0.75 of it")
         self.assertEqual(r["met?"], "met")
         r = self.goal_row(2.8e10, 0.0625)
-        self.assertEqual(r["measured"], "1.60 (worst: bf16 4k)")
+        self.assertEqual(r["measured"], "1.60 (worst: bf16 4k); its roofline here allows 2.67 (read-bound; its "
+                                        "multiply-adds at the peak take 0.16 of that time), reached 0.60 of it")
         self.assertEqual(r["met?"], "missed by 0.20")
+
+    def test_roofline_of_a_half_point_bound_by_its_multiply_adds(self):
+        # 7e6 FLOP at the peak of 140 GFLOP/s take 50 us, more than its bytes' 37.5 us: the roofline
+        # allows 0.1 ms / 50 us = 2.00 against the fp32 point, and 50 us of 62.5 is 0.80 of it.
+        r = self.goal_row(2.8e10, 0.0625, bf16_flop=7e6)
+        self.assertEqual(r["measured"], "1.60 (worst: bf16 4k); its roofline here allows 2.00 (FMA-bound; its bytes "
+                                        "at the read bandwidth take 0.75 of that time), reached 0.80 of it")
+        self.assertEqual(r["met?"], "missed by 0.20")
+        # The decode table gives the same roofline beside the point.
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = results_folder(tmp, AVX2_LABEL)
+            md = make_report(folder)
+        rows = {r["K/V storage"]: r for r in table_after(section(md, "Decode against a KV cache"), "roofline")
+                if r["path"] == "blockwise"}
+        self.assertEqual(rows["bf16"]["roofline (bound)"], "37.5 µs (read)")
+        self.assertEqual(rows["bf16"]["x roofline"], "0.75")
+        self.assertEqual(rows["fp32"]["roofline (bound)"], "75.0 µs (read)")
 
     def test_a_miss_stays_a_miss_against_a_slow_fp32_point(self):
         r = self.goal_row(2.4e10, 0.0625)
