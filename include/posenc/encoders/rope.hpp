@@ -676,6 +676,14 @@ class rope_tile_rotator {
       }
       const T* lc = table_ + lo * 2 * half_;
       const S* from = src.row(i);
+#if defined(__GNUC__)
+      // Row i + ahead requested now: a head's slice of the K rows of a [tokens, heads * head_dim]
+      // cache lies a page apart for 8 heads of 128, where the hardware's prefetchers stop.
+      if (i + ahead < src.rows) {
+        const char* next = reinterpret_cast<const char*>(src.row(i + ahead));
+        for (index_t b = 0; b < head_dim_ * static_cast<index_t>(sizeof(S)); b += 64) __builtin_prefetch(next + b, 0, 3);
+      }
+#endif
       T* to = dst.row(i);
       if constexpr (std::same_as<T, float> && std::same_as<S, float>) {
         if (row_kernel != nullptr) {
@@ -708,6 +716,10 @@ class rope_tile_rotator {
 
  private:
   static constexpr index_t chunk = 32;
+  /// Rows requested ahead of the row rotated. Causal prefill, 8 heads, d = 128, n = 8k, AVX2
+  /// kernels on Zen 5: the rotation's share of the run 2.4% -> 1.4% with 8 rows ahead (2.1% with
+  /// 16, 2.1% with one line of each row 8 ahead).
+  static constexpr index_t ahead = 8;
   index_t head_dim_, half_;
   rope_layout layout_;
   const T* table_;  // [block, 2 * half]: cos then sin, magnitude included (owned by the rope)
