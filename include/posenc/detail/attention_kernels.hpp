@@ -37,6 +37,7 @@
 #include "posenc/types.hpp"
 
 #include "posenc/detail/cpu.hpp"
+#include "posenc/detail/simd_traits.hpp"
 
 // Where the SIMD kernel tables are compiled (README, "Compile time"). By default every
 // translation unit that calls attention compiles them (inline functions, merged by the linker).
@@ -405,17 +406,6 @@ inline constexpr float exp2_poly[7] = {1.540353039338161e-4f, 1.333355814642844e
 // The register blocks below must be unrolled completely, or their accumulator arrays live on the
 // stack and every FMA becomes a load and a store.
 #define POSENC_UNROLL _Pragma("GCC unroll 16")
-
-/// Requests the `d` columns of row `j` of `pf` (row stride `ld`) when `j < npf`: the few-row kernels
-/// call it as they read row j of their own keys or values, so that later rows (of the same head,
-/// wherever the caller's block table puts them) arrive while this one is computed on.
-/// Always inlined: a call from a kernel's loop would spill every vector register it holds.
-template <class T>
-__attribute__((always_inline)) inline void prefetch_row(const T* pf, index_t ld, index_t j, index_t npf, index_t d) {
-  if (pf == nullptr || j >= npf) return;
-  const T* row = pf + j * ld;
-  for (index_t c = 0; c < d; c += 64 / static_cast<index_t>(sizeof(T))) __builtin_prefetch(row + c, 0, 3);
-}
 
 /// `p + n`, or null for a null `p` (an absent prefetch target).
 template <class T>

@@ -15,6 +15,25 @@
 
 namespace posenc::detail {
 
+/// Requests the `d` columns of row `j` of `pf` (row stride `ld`) when `j < npf` (a hint: it never
+/// faults and changes no result). The few-row attention kernels call it as they read row j of
+/// their own keys or values, so that later rows (of the same head, wherever the caller's block
+/// table puts them) arrive while this one is computed on; RoPE's tile rotator, for the row it
+/// rotates a few rows later. Always inlined: a call from a kernel's loop would spill every vector
+/// register it holds.
+template <class T>
+#if defined(__GNUC__)
+__attribute__((always_inline))
+#endif
+inline void prefetch_row([[maybe_unused]] const T* pf, [[maybe_unused]] index_t ld, [[maybe_unused]] index_t j,
+                         [[maybe_unused]] index_t npf, [[maybe_unused]] index_t d) {
+#if defined(__GNUC__)
+  if (pf == nullptr || j >= npf) return;
+  const T* row = pf + j * ld;
+  for (index_t c = 0; c < d; c += 64 / static_cast<index_t>(sizeof(T))) __builtin_prefetch(row + c, 0, 3);
+#endif
+}
+
 #if POSENC_X86_DISPATCH
 
 // One traits struct per (instruction set, scalar): the few operations the kernels need.

@@ -50,6 +50,7 @@
 #include "posenc/config.hpp"
 #include "posenc/detail/check.hpp"
 #include "posenc/detail/rope_kernels.hpp"
+#include "posenc/detail/simd_traits.hpp"
 #include "posenc/encoders/hf_config.hpp"
 #include "posenc/executor.hpp"
 #include "posenc/encoders/rope_scaling.hpp"
@@ -676,14 +677,9 @@ class rope_tile_rotator {
       }
       const T* lc = table_ + lo * 2 * half_;
       const S* from = src.row(i);
-#if defined(__GNUC__)
       // Row i + ahead requested now: a head's slice of the K rows of a [tokens, heads * head_dim]
       // cache lies a page apart for 8 heads of 128, where the hardware's prefetchers stop.
-      if (i + ahead < src.rows) {
-        const char* next = reinterpret_cast<const char*>(src.row(i + ahead));
-        for (index_t b = 0; b < head_dim_ * static_cast<index_t>(sizeof(S)); b += 64) __builtin_prefetch(next + b, 0, 3);
-      }
-#endif
+      detail::prefetch_row(src.data, src.stride, i + ahead, src.rows, head_dim_);
       T* to = dst.row(i);
       if constexpr (std::same_as<T, float> && std::same_as<S, float>) {
         if (row_kernel != nullptr) {
